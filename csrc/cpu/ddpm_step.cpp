@@ -1,0 +1,199 @@
+// ddpm_step on the CPU: predicted x0, optional clip, posterior mean and sigma_t z
+// in one pass. With noise_mode 2 the normals are generated in the loop (Philox,
+// then a vectorised Box-Muller), so z never touches memory.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "fastddpm/checks.h"
+#include "fastddpm/cpu_vec.h"
+#include "fastddpm/elementwise.h"
+#include "fastddpm/philox_cpu.h"
+
+namespace fastddpm {
+namespace {
+
+constexpr int64_t kGrain = 16384;
+
+struct StepArgs {
+  int64_t noise_mode, prediction_type, variance_type;
+  float clip_range;
+  uint64_t seed, offset;
+};
+
+template <typename scalar_t>
+void ddpm_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* z, const scalar_t* pv,
+                    scalar_t* out, scalar_t* pred, const std::vector<StepCoeffs>& coeffs,
+                    const StepArgs& a, int64_t B, int64_t M) {
+  using Block = FloatBlock<scalar_t>;
+  at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
+    alignas(64) float bx[kBlock], bm[kBlock], bz[kBlock], bp[kBlock], bo[kBlock], b0[kBlock];
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t b = i / M;
+      const int64_t seg_end = std::min(end, (b + 1) * M);
+      const StepCoeffs c = coeffs[b];
+      while (i < seg_end) {
+        const int64_t n = std::min(kBlock, seg_end - i);
+        const float* px = Block::load(x + i, bx, n);
+        const float* pm = Block::load(m + i, bm, n);
+        float* px0 = pred != nullptr ? Block::out(pred + i, b0) : b0;
+        // Predicted x0 (diffusers step 2) and clip (step 3).
+        const Vec sab(c.sqrt_ab), s1m(c.sqrt_1mab), isab(c.inv_sqrt_ab);
+        if (a.prediction_type == kEpsilon) {
+          at::vec::map2([=](Vec xv, Vec mv) { return (xv - s1m * mv) * isab; }, px0, px, pm, n);
+        } else if (a.prediction_type == kSample) {
+          std::copy(pm, pm + n, px0);
+        } else {
+          at::vec::map2([=](Vec xv, Vec mv) { return sab * xv - s1m * mv; }, px0, px, pm, n);
+        }
+        if (a.clip_range > 0.0f) {
+          const Vec lo(-a.clip_range), hi(a.clip_range);
+          at::vec::map([=](Vec v) { return at::vec::clamp(v, lo, hi); }, px0, px0, n);
+        }
+        if (pred != nullptr) Block::store(pred + i, px0, n);
+        // Posterior mean (steps 4-5).
+        float* po = Block::out(out + i, bo);
+        const Vec cx0(c.c_x0), cxt(c.c_xt);
+        at::vec::map2([=](Vec x0v, Vec xv) { return cx0 * x0v + cxt * xv; }, po, px0, px, n);
+        // sigma_t z where t > 0 (step 6).
+        if (c.add_noise && a.noise_mode != kNoNoise) {
+          const float* pz;
+          if (a.noise_mode == kNoiseTensor) {
+            pz = Block::load(z + i, bz, n);
+          } else {
+            philox_normal_block(a.seed, a.offset + static_cast<uint64_t>(i), n, bz);
+            pz = bz;
+          }
+          if (a.variance_type == kLearned || a.variance_type == kLearnedRange) {
+            const float* pp = Block::load(pv + i, bp, n);
+            for (int64_t j = 0; j < n; ++j) po[j] += ddpm_sigma(c, a.variance_type, pp[j]) * pz[j];
+          } else {
+            const Vec sd(c.std);
+            at::vec::map2([=](Vec o, Vec zv) { return o + sd * zv; }, po, po, pz, n);
+          }
+        }
+        Block::store(out + i, po, n);
+        i += n;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
+    const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
+    const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& predicted_variance,
+    int64_t seed, int64_t offset, int64_t noise_mode, int64_t prediction_type,
+    int64_t variance_type, double clip_range, bool return_pred) {
+  check_float_tensor(sample, "sample");
+  TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
+  check_like(model_output, sample, "model_output", "sample");
+  check_timesteps(t, sample, "t");
+  check_timesteps(prev_t, sample, "prev_t");
+  check_table(alphas_cumprod, sample, "alphas_cumprod");
+  TORCH_CHECK(noise_mode >= 0 && noise_mode <= 2, "noise_mode: expected 0, 1 or 2, got ", noise_mode);
+  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2,
+              "prediction_type: expected 0 (epsilon), 1 (sample) or 2 (v_prediction), got ",
+              prediction_type);
+  TORCH_CHECK(variance_type == kFixedSmall || variance_type == kFixedSmallLog ||
+                  variance_type == kFixedLarge || variance_type == kLearned ||
+                  variance_type == kLearnedRange,
+              "variance_type: expected 0, 1, 2, 4 or 5, got ", variance_type);
+  const bool learned = variance_type == kLearned || variance_type == kLearnedRange;
+  if (noise_mode == kNoiseTensor) {
+    TORCH_CHECK(noise.has_value() && noise->defined(), "noise: required when noise_mode is 1");
+    check_like(*noise, sample, "noise", "sample");
+  }
+  if (learned) {
+    TORCH_CHECK(predicted_variance.has_value() && predicted_variance->defined(),
+                "predicted_variance: required for the learned variance types");
+    check_like(*predicted_variance, sample, "predicted_variance", "sample");
+  }
+  TORCH_CHECK(seed >= 0, "seed: expected a non-negative integer, got ", seed);
+  TORCH_CHECK(offset >= 0, "offset: expected a non-negative integer, got ", offset);
+
+  const int64_t B = sample.size(0);
+  const int64_t T = alphas_cumprod.size(0);
+  const auto tc = t.contiguous(), pc = prev_t.contiguous(), ac = alphas_cumprod.contiguous();
+  const float* abar = ac.data_ptr<float>();
+  std::vector<StepCoeffs> coeffs(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
+    TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
+    TORCH_CHECK(pb >= -1 && pb < tb, "prev_t: expected -1 <= prev_t < t (", tb, "), got ", pb,
+                " at index ", b);
+    coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0);
+  }
+
+  // Philox noise is indexed by the row-major (NCHW) position, so layouts other
+  // than contiguous go through a contiguous copy to keep the numbers layout-free.
+  const at::Tensor& noise_t = noise_mode == kNoiseTensor ? *noise : at::Tensor();
+  const at::Tensor& pv_t = learned ? *predicted_variance : at::Tensor();
+  bool direct = batch_major_dense({sample, model_output, noise_t, pv_t});
+  if (noise_mode == kNoisePhilox && !sample.is_contiguous()) direct = false;
+  auto prep = [&](const at::Tensor& x) { return (direct || !x.defined()) ? x : x.contiguous(); };
+  const at::Tensor xs = prep(sample), ms = prep(model_output), zs = prep(noise_t), ps = prep(pv_t);
+  at::Tensor out = at::empty_like(xs);
+  at::Tensor pred = return_pred ? at::empty_like(xs) : at::empty({0}, sample.options());
+  const StepArgs args{noise_mode, prediction_type, variance_type, static_cast<float>(clip_range),
+                      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
+  if (B > 0 && sample.numel() > 0) {
+    const int64_t M = sample.numel() / B;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sample.scalar_type(), "ddpm_step_cpu", [&] {
+      ddpm_step_loop<scalar_t>(xs.data_ptr<scalar_t>(), ms.data_ptr<scalar_t>(),
+                               zs.defined() ? zs.data_ptr<scalar_t>() : nullptr,
+                               ps.defined() ? ps.data_ptr<scalar_t>() : nullptr,
+                               out.data_ptr<scalar_t>(),
+                               return_pred ? pred.data_ptr<scalar_t>() : nullptr, coeffs, args, B, M);
+    });
+  }
+  if (!direct) {
+    const auto fmt = sample.suggest_memory_format();
+    out = out.contiguous(fmt);
+    if (return_pred) pred = pred.contiguous(fmt);
+  }
+  return {out, pred};
+}
+
+void philox_normal_cpu(const at::Tensor& out, int64_t seed, int64_t offset) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(),
+              "out: expected a contiguous float32 tensor");
+  TORCH_CHECK(seed >= 0 && offset >= 0, "seed, offset: expected non-negative integers");
+  float* p = out.data_ptr<float>();
+  at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += kBlock) {
+      philox_normal_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset + i),
+                          std::min(kBlock, end - i), p + i);
+    }
+  });
+}
+
+void philox_bits_cpu(const at::Tensor& out, int64_t seed, int64_t offset) {
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(1) == 4,
+              "out: expected a contiguous int32 tensor of shape (n, 4)");
+  TORCH_CHECK(seed >= 0 && offset >= 0, "seed, offset: expected non-negative integers");
+  auto* p = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  for (int64_t i = 0; i < out.size(0); ++i) {
+    const uint64_t ctr = static_cast<uint64_t>(offset + i);
+    uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
+    philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    p[4 * i] = c0;
+    p[4 * i + 1] = c1;
+    p[4 * i + 2] = c2;
+    p[4 * i + 3] = c3;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
+  m.impl("ddpm_step", &ddpm_step_cpu);
+  m.impl("philox_normal_", &philox_normal_cpu);
+  m.impl("philox_bits_", &philox_bits_cpu);
+}
+
+}  // namespace fastddpm

@@ -1,0 +1,171 @@
+// Per-element math of the fused elementwise ops (q_sample, ddpm_step) and the
+// in-kernel Philox4x32-10 normal generator. Host and device: the CPU kernels,
+// the CUDA kernels and the C++ unit tests (csrc/tests) all use these functions,
+// so the CPU tests cover the formulas the GPU runs.
+//
+// No torch headers here: the CUDA translation units include this file without
+// pulling in ATen, which keeps nvcc fast.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTDDPM_HD __host__ __device__ __forceinline__
+#else
+#define FASTDDPM_HD inline
+#endif
+
+namespace fastddpm {
+
+// Integer codes shared with Python (fastddpm/ops/_codes.py mirrors them).
+enum PredictionType : int64_t { kEpsilon = 0, kSample = 1, kVPrediction = 2 };
+enum VarianceType : int64_t {
+  kFixedSmall = 0,     // sigma_t^2 = posterior variance (Ho et al. eq. 7)
+  kFixedSmallLog = 1,  // same, through exp(0.5 log var) as diffusers does
+  kFixedLarge = 2,     // sigma_t^2 = beta_t
+  kLearned = 4,        // sigma_t^2 = model's predicted variance
+  kLearnedRange = 5,   // log sigma_t^2 interpolated between the two (Nichol & Dhariwal)
+};
+enum NoiseMode : int64_t { kNoNoise = 0, kNoiseTensor = 1, kNoisePhilox = 2 };
+
+// ---------------------------------------------------------------------------
+// Philox4x32-10 (Salmon et al. 2011), with the exact conventions of Triton's
+// tl.randn(seed, offset): counter = (offset_lo, offset_hi, 0, 0), key =
+// (seed_lo, seed_hi), first two words -> uniforms -> one Box-Muller normal.
+// ---------------------------------------------------------------------------
+FASTDDPM_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+FASTDDPM_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
+                               uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
+  constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t p0 = c0, p2 = c2;
+    c0 = umulhi32(kRoundB, p2) ^ c1 ^ k0;
+    c2 = umulhi32(kRoundA, p0) ^ c3 ^ k1;
+    c1 = kRoundB * p2;
+    c3 = kRoundA * p0;
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+}
+
+// Triton's uint_to_uniform_float for 32-bit words: [0, 1).
+FASTDDPM_HD float uint_to_uniform(uint32_t x) {
+  int32_t xi = static_cast<int32_t>(x);
+  if (xi < 0) xi = ~xi;
+  return static_cast<float>(xi) * 4.6566127342e-10f;
+}
+
+// The standard normal of element `offset` of stream `seed`.
+FASTDDPM_HD float philox_normal(uint64_t seed, uint64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  float u1 = uint_to_uniform(c0);
+  const float u2 = uint_to_uniform(c1);
+  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
+  const float th = 6.283185307179586f * u2;
+  const float r = sqrtf(-2.0f * logf(u1));
+  return r * cosf(th);
+}
+
+// ---------------------------------------------------------------------------
+// q_sample (Ho et al. eq. 4): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+// and the v target (Salimans & Ho 2022): v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0.
+// ---------------------------------------------------------------------------
+FASTDDPM_HD float q_sample_xt(float x0, float eps, float sqrt_ab, float sqrt_1mab) {
+  return sqrt_ab * x0 + sqrt_1mab * eps;
+}
+FASTDDPM_HD float q_sample_v(float x0, float eps, float sqrt_ab, float sqrt_1mab) {
+  return sqrt_ab * eps - sqrt_1mab * x0;
+}
+
+// ---------------------------------------------------------------------------
+// ddpm_step: diffusers' DDPMScheduler.step, i.e. the posterior q(x_{t-1} | x_t, x0)
+// of Ho et al. eqs. 6-7 evaluated at the predicted x0.
+//
+// Coefficients depend only on (abar_t, abar_prev), so kernels compute them once
+// per sample. Differences such as 1 - abar_t / abar_prev are written as
+// (abar_prev - abar_t) / abar_prev: the subtraction of two nearby floats is exact
+// (Sterbenz), so fp32 coefficients stay within a few ulp of the float64 values
+// even where beta_t ~ 1e-4.
+// ---------------------------------------------------------------------------
+struct StepCoeffs {
+  float sqrt_ab;        // sqrt(abar_t)
+  float sqrt_1mab;      // sqrt(1 - abar_t)
+  float inv_sqrt_ab;    // 1 / sqrt(abar_t)
+  float c_x0;           // posterior mean coefficient of x0 (eq. 7)
+  float c_xt;           // posterior mean coefficient of x_t (eq. 7)
+  float std;            // sigma_t for the fixed variance types
+  float log_var_small;  // log posterior variance (learned_range)
+  float log_var_large;  // log beta_t (learned_range)
+  bool add_noise;       // t > 0
+};
+
+// ab_t = abar_t; ab_prev = abar_{prev_t}, or 1 where prev_t < 0.
+FASTDDPM_HD StepCoeffs ddpm_step_coeffs(float ab_t, float ab_prev, int64_t variance_type,
+                                        bool add_noise) {
+  StepCoeffs c;
+  const float beta_prod_t = 1.0f - ab_t;
+  const float beta_prod_prev = 1.0f - ab_prev;
+  const float cur_beta = (ab_prev - ab_t) / ab_prev;  // 1 - alpha_t
+  const float cur_alpha = ab_t / ab_prev;             // alpha_t
+  c.sqrt_ab = sqrtf(ab_t);
+  c.sqrt_1mab = sqrtf(beta_prod_t);
+  c.inv_sqrt_ab = 1.0f / c.sqrt_ab;
+  c.c_x0 = sqrtf(ab_prev) * cur_beta / beta_prod_t;
+  c.c_xt = sqrtf(cur_alpha) * beta_prod_prev / beta_prod_t;
+  float var = beta_prod_prev / beta_prod_t * cur_beta;  // posterior variance, eq. 7
+  var = var > 1e-20f ? var : 1e-20f;
+  c.log_var_small = logf(var);
+  c.log_var_large = logf(cur_beta > 1e-20f ? cur_beta : 1e-20f);
+  if (variance_type == kFixedLarge) {
+    c.std = sqrtf(cur_beta);
+  } else {
+    c.std = sqrtf(var);
+  }
+  c.add_noise = add_noise;
+  return c;
+}
+
+FASTDDPM_HD float ddpm_pred_x0(float x, float m, const StepCoeffs& c, int64_t prediction_type,
+                               float clip_range) {
+  float x0;
+  if (prediction_type == kEpsilon) {
+    x0 = (x - c.sqrt_1mab * m) * c.inv_sqrt_ab;
+  } else if (prediction_type == kSample) {
+    x0 = m;
+  } else {
+    x0 = c.sqrt_ab * x - c.sqrt_1mab * m;
+  }
+  if (clip_range > 0.0f) {
+    x0 = x0 < -clip_range ? -clip_range : (x0 > clip_range ? clip_range : x0);
+  }
+  return x0;
+}
+
+// sigma_t for one element; pv is the model's predicted variance channel
+// (learned: sigma^2 itself; learned_range: a value in [-1, 1]).
+FASTDDPM_HD float ddpm_sigma(const StepCoeffs& c, int64_t variance_type, float pv) {
+  if (variance_type == kLearned) return sqrtf(pv);
+  if (variance_type == kLearnedRange) {
+    const float frac = 0.5f * (pv + 1.0f);
+    return expf(0.5f * (frac * c.log_var_large + (1.0f - frac) * c.log_var_small));
+  }
+  return c.std;
+}
+
+// x_{t-1} from the predicted x0 and x_t, plus sigma z where t > 0.
+FASTDDPM_HD float ddpm_prev_sample(float x, float x0, float sigma, float z, const StepCoeffs& c) {
+  const float mean = c.c_x0 * x0 + c.c_xt * x;
+  return c.add_noise ? mean + sigma * z : mean;
+}
+
+}  // namespace fastddpm

@@ -1,0 +1,37 @@
+// Every op of the fastddpm library, declared once. Kernels register with
+// TORCH_LIBRARY_IMPL in csrc/cpu/<op>.cpp and csrc/cuda/<op>_cuda.cpp; Python
+// adds fake (meta) implementations and autograd in fastddpm/ops/_library.py.
+#include <torch/library.h>
+
+#ifndef FASTDDPM_NO_PYTHON
+#include <Python.h>
+extern "C" {
+// Importing fastddpm._C loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+TORCH_LIBRARY(fastddpm, m) {
+  // x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, per-sample t; with with_v also
+  // v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 in the same pass (else an empty tensor).
+  m.def(
+      "q_sample(Tensor x0, Tensor noise, Tensor t, Tensor sqrt_alphas_cumprod, "
+      "Tensor sqrt_one_minus_alphas_cumprod, bool with_v) -> (Tensor, Tensor)");
+  // One reverse step of DDPM (diffusers' DDPMScheduler.step). noise_mode: 0 none,
+  // 1 the noise tensor, 2 in-kernel Philox (seed, offset). Codes in elementwise.h.
+  // Returns (prev_sample, pred_original_sample or an empty tensor).
+  m.def(
+      "ddpm_step(Tensor sample, Tensor model_output, Tensor t, Tensor prev_t, "
+      "Tensor alphas_cumprod, Tensor? noise, Tensor? predicted_variance, int seed, int offset, "
+      "int noise_mode, int prediction_type, int variance_type, float clip_range, "
+      "bool return_pred) -> (Tensor, Tensor)");
+  // Fills a float32 tensor with the Philox normals that ddpm_step's noise_mode 2
+  // adds: element i (row-major) gets normal(seed, offset + i).
+  m.def("philox_normal_(Tensor(a!) out, int seed, int offset) -> ()");
+  // The raw Philox4x32-10 words of counters offset .. offset + n - 1 into an
+  // int32 tensor of shape (n, 4).
+  m.def("philox_bits_(Tensor(a!) out, int seed, int offset) -> ()");
+}

@@ -1,0 +1,21 @@
+"""The fused ops of fastddpm, each with a backend argument.
+
+Every function takes ``backend="auto"|"cpu"|"cuda"|"triton"|"torch"``; see
+:mod:`fastddpm.ops._dispatch` for how ``auto`` chooses. ``reference`` holds the
+plain-torch float64-correct versions.
+"""
+
+from . import reference
+from ._dispatch import BACKENDS, BackendNotSupported, available_backends
+from .ddpm_step import ddpm_step, philox_randn
+from .q_sample import q_sample
+
+__all__ = [
+    "BACKENDS",
+    "BackendNotSupported",
+    "available_backends",
+    "ddpm_step",
+    "philox_randn",
+    "q_sample",
+    "reference",
+]

@@ -1,0 +1,61 @@
+"""Argument checks of the public op functions: errors name the argument."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(x, name: str, min_dim: int = 1) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+    return x
+
+
+def check_like(x, ref: torch.Tensor, name: str, ref_name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (that of {ref_name}), got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {x.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {x.dtype}")
+    return x
+
+
+def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allow_minus_one: bool = False):
+    """``t`` as an int64 tensor of shape (batch,) on ``device``, range-checked.
+
+    Accepts a Python int, a 0-d tensor (broadcast over the batch) or a tensor of
+    shape (batch,). The range is checked on the host for CPU tensors and with an
+    asynchronous device assertion (no host synchronisation) for CUDA tensors.
+    """
+    lo = -1 if allow_minus_one else 0
+    if isinstance(t, bool):
+        raise TypeError(f"{name}: expected an integer timestep, got bool")
+    if isinstance(t, int):
+        if not lo <= t < T:
+            raise ValueError(f"{name}: expected a timestep in [{lo}, {T}), got {t}")
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected an int or an integer tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor (int64 or int32), got {t.dtype}")
+    if t.dim() == 0:
+        t = t.reshape(1).expand(batch)
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name}: expected shape ({batch},) (one timestep per sample) or a scalar, got {tuple(t.shape)}")
+    t = t.to(device=device, dtype=torch.int64).contiguous()
+    if t.device.type == "cpu":
+        if t.numel() and (int(t.min()) < lo or int(t.max()) >= T):
+            bad = t[(t < lo) | (t >= T)][0].item()
+            raise ValueError(f"{name}: expected timesteps in [{lo}, {T}), got {bad}")
+    elif not torch.compiler.is_compiling():
+        torch._assert_async(((t >= lo) & (t < T)).all(), f"{name}: timesteps outside [{lo}, {T})")
+    return t

@@ -1,0 +1,75 @@
+"""Loading of the compiled extension and the Python side of its op registrations.
+
+The schemas live in csrc/ops.cpp. Here each op gets a fake (meta)
+implementation, so torch.compile(fullgraph=True) traces through it, and, where
+training needs one, an autograd formula. Ops of other modules register theirs
+next to their public functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_C = None
+C_IMPORT_ERROR: str | None = None
+try:
+    from .. import _C  # noqa: F811  (loads libfastddpm ops into torch.ops.fastddpm)
+except Exception as exc:  # pragma: no cover - depends on the build
+    C_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def has_c() -> bool:
+    """Whether fastddpm._C (the C++ kernels) imported."""
+    return _C is not None
+
+
+def has_kernel(op: str, key: str) -> bool:
+    """Whether op ``fastddpm::<op>`` has a kernel for dispatch key ``key`` ("CPU", "CUDA")."""
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{op}", key)
+
+
+if _C is not None:
+
+    @torch.library.register_fake("fastddpm::q_sample")
+    def _q_sample_fake(x0, noise, t, sqrt_ab, sqrt_1mab, with_v):
+        xt = torch.empty_like(x0)
+        v = torch.empty_like(x0) if with_v else x0.new_empty(0)
+        return xt, v
+
+    @torch.library.register_fake("fastddpm::ddpm_step")
+    def _ddpm_step_fake(sample, model_output, t, prev_t, ac, noise, pv, seed, offset, noise_mode,
+                        prediction_type, variance_type, clip_range, return_pred):
+        out = torch.empty_like(sample)
+        pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
+        return out, pred
+
+    @torch.library.register_fake("fastddpm::philox_normal_")
+    def _philox_normal_fake(out, seed, offset):
+        return None
+
+    @torch.library.register_fake("fastddpm::philox_bits_")
+    def _philox_bits_fake(out, seed, offset):
+        return None
+
+    def _q_sample_setup(ctx, inputs, output):
+        x0, noise, t, sqrt_ab, sqrt_1mab, with_v = inputs
+        ctx.save_for_backward(t, sqrt_ab, sqrt_1mab)
+        ctx.with_v = with_v
+
+    def _q_sample_backward(ctx, grad_xt, grad_v):
+        # x_t = a x0 + s eps and v = a eps - s x0 are linear in (x0, eps).
+        t, sqrt_ab, sqrt_1mab = ctx.saved_tensors
+        shape = (-1,) + (1,) * (grad_xt.dim() - 1)
+        a = sqrt_ab[t].reshape(shape).to(grad_xt.dtype)
+        s = sqrt_1mab[t].reshape(shape).to(grad_xt.dtype)
+        g_x0, g_eps = a * grad_xt, s * grad_xt
+        if ctx.with_v and grad_v is not None and grad_v.numel() > 0:
+            g_x0 = g_x0 - s * grad_v
+            g_eps = g_eps + a * grad_v
+        return g_x0, g_eps, None, None, None, None
+
+    torch.library.register_autograd(
+        "fastddpm::q_sample", _q_sample_backward, setup_context=_q_sample_setup
+    )

@@ -1,0 +1,179 @@
+"""ddpm_step: one reverse step of DDPM, fused into one pass over memory."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..schedule import NoiseSchedule
+from . import _checks, _dispatch, _library, reference
+from ._codes import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, PREDICTION_TYPES, VARIANCE_TYPES
+
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
+
+
+def _impl(backend: str):
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fastddpm.ddpm_step
+    if backend == "triton":
+        from ..triton_kernels.ddpm_step import ddpm_step_triton
+
+        return ddpm_step_triton
+    return reference.ddpm_step
+
+
+def ddpm_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    t: torch.Tensor | int,
+    schedule: NoiseSchedule,
+    prev_t: torch.Tensor | int | None = None,
+    noise: torch.Tensor | Literal["philox", "none"] | None = None,
+    generator: torch.Generator | None = None,
+    prediction_type: PredictionType = "epsilon",
+    variance_type: VarianceType = "fixed_small",
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    *,
+    seed: int | None = None,
+    offset: int = 0,
+    predicted_variance: torch.Tensor | None = None,
+    return_pred_original: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x_{t-1} from x_t and the model's output, exactly as diffusers' DDPMScheduler.step.
+
+    Predicted x0 (Ho et al. eq. 15), optional clip to ``[-clip_sample_range,
+    clip_sample_range]``, posterior mean (eq. 7), plus sigma_t z where t > 0. With
+    epsilon prediction and no clipping this is
+    x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) + sigma_t z.
+
+    Args:
+        sample: x_t, (B, ...), float32/float16/bfloat16, any strides.
+        model_output: the model's prediction, same shape/dtype/device.
+        t: per-sample timesteps (int64 (B,), or an int for all), in [0, T).
+        schedule: the :class:`~fastddpm.NoiseSchedule`.
+        prev_t: the timestep stepped to (default t - 1; respaced schedules pass
+            their own; -1 means the end of the chain, abar = 1).
+        noise: z. A tensor (same shape as ``sample``); None to draw
+            ``torch.randn(sample.shape, generator=generator)`` as diffusers does;
+            "philox" to generate z inside the kernel from ``seed`` and ``offset``
+            (element i gets normal(seed, offset + i), the same on every backend);
+            "none" for the posterior mean alone.
+        generator: the torch.Generator for noise=None.
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        variance_type: "fixed_small", "fixed_small_log", "fixed_large", "learned"
+            or "learned_range" (the last two need ``predicted_variance``).
+        clip_sample, clip_sample_range: clip the predicted x0.
+        seed, offset: the Philox stream for noise="philox".
+        predicted_variance: the model's variance output for the learned types.
+        return_pred_original: also return the predicted x0.
+        backend: "auto", "cpu", "cuda", "triton" or "torch".
+
+    Returns:
+        x_{t-1}, or (x_{t-1}, predicted x0) with ``return_pred_original``.
+    """
+    _checks.check_tensor(sample, "sample")
+    _checks.check_like(model_output, sample, "model_output", "sample")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type: expected one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
+    if variance_type in ("learned", "learned_range"):
+        if predicted_variance is None:
+            raise ValueError(f"predicted_variance: required for variance_type={variance_type!r}")
+        _checks.check_like(predicted_variance, sample, "predicted_variance", "sample")
+    elif predicted_variance is not None:
+        raise ValueError(f"predicted_variance: only used by the learned variance types, not {variance_type!r}")
+    T = schedule.num_train_timesteps
+    B = sample.shape[0]
+    tt = _checks.timesteps(t, B, sample.device, T)
+    if prev_t is None:
+        pt = tt - 1
+    else:
+        pt = _checks.timesteps(prev_t, B, sample.device, T, name="prev_t", allow_minus_one=True)
+        if pt.device.type == "cpu" and bool((pt >= tt).any()):
+            raise ValueError("prev_t: expected prev_t < t for every sample")
+    if clip_sample and not clip_sample_range > 0:
+        raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
+    clip = float(clip_sample_range) if clip_sample else 0.0
+
+    z = None
+    mode = NOISE_TENSOR
+    if isinstance(noise, str):
+        if noise == "philox":
+            if seed is None:
+                raise ValueError("seed: required with noise='philox'")
+            if not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
+            if not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
+            mode = NOISE_PHILOX
+        elif noise == "none":
+            mode = NOISE_NONE
+        else:
+            raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
+    elif noise is None:
+        # As diffusers' randn_tensor: drawn on the generator's device, then moved.
+        gen_device = generator.device if generator is not None else sample.device
+        z = torch.randn(sample.shape, generator=generator, device=gen_device, dtype=sample.dtype)
+        z = z.to(sample.device)
+    else:
+        _checks.check_like(noise, sample, "noise", "sample")
+        z = noise
+
+    b = _dispatch.resolve("ddpm_step", backend, sample.device, sample.dtype)
+    if b == "torch" and sample.dtype == torch.float64:
+        ac = schedule.table("alphas_cumprod", sample.device, torch.float64)
+    else:
+        ac = schedule.tables(sample.device)["alphas_cumprod"]
+    prev, pred = _impl(b)(
+        sample,
+        model_output,
+        tt,
+        pt,
+        ac,
+        z,
+        predicted_variance,
+        int(seed or 0),
+        int(offset),
+        mode,
+        PREDICTION_TYPES[prediction_type],
+        VARIANCE_TYPES[variance_type],
+        clip,
+        return_pred_original,
+    )
+    return (prev, pred) if return_pred_original else prev
+
+
+def philox_randn(
+    shape: tuple[int, ...] | torch.Size,
+    seed: int,
+    offset: int = 0,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The normals that ``ddpm_step(noise="philox")`` adds: element i is normal(seed, offset + i)."""
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
+    device = torch.device(device)
+    b = _dispatch.resolve("philox_normal_", backend, device, torch.float32)
+    if b == "torch":
+        return reference.philox_normal(shape, seed, offset, device, torch.float32)
+    if b == "triton":
+        from ..triton_kernels.ddpm_step import philox_normal_triton
+
+        return philox_normal_triton(tuple(shape), seed, offset, device)
+    out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+    torch.ops.fastddpm.philox_normal_(out, seed, offset)
+    return out
+
+
+__all__ = ["ddpm_step", "philox_randn"]
+_ = _library

@@ -1,0 +1,180 @@
+"""Plain-torch references of every op: correct in float64, and the ``torch`` backend.
+
+Each function computes in float64 when given float64 inputs and in float32
+otherwise (returning the input dtype). They follow the papers and diffusers
+literally; tests and benchmarks compare the kernels against them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._codes import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR
+
+__all__ = [
+    "q_sample",
+    "ddpm_step",
+    "philox_bits",
+    "philox_normal",
+]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+    # (B,) gathered and shaped to broadcast over (B, ...)
+    return table.to(dtype)[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+def q_sample(
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    sqrt_alphas_cumprod: torch.Tensor,
+    sqrt_one_minus_alphas_cumprod: torch.Tensor,
+    with_v: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. eq. 4), and v if asked."""
+    cd = _compute_dtype(x0)
+    a = _per_sample(sqrt_alphas_cumprod, t, x0.dim(), cd)
+    s = _per_sample(sqrt_one_minus_alphas_cumprod, t, x0.dim(), cd)
+    x, e = x0.to(cd), noise.to(cd)
+    xt = (a * x + s * e).to(x0.dtype)
+    v = (a * e - s * x).to(x0.dtype) if with_v else x0.new_empty(0)
+    return xt, v
+
+
+# ---------------------------------------------------------------------------
+# Philox4x32-10 in int64 arithmetic (each word kept in [0, 2^32)), with the
+# conventions of Triton's tl.randn; see csrc/include/fastddpm/elementwise.h.
+# ---------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # 32x32 -> 64-bit product of a constant and a tensor without int64 overflow.
+    ah, al = a >> 16, a & 0xFFFF
+    hi_part = ah * b  # < 2^48
+    lo_part = al * b  # < 2^48
+    mid = hi_part + (lo_part >> 16)
+    hi = (mid >> 16) & _M32
+    lo = (lo_part + ((hi_part & 0xFFFF) << 16)) & _M32
+    return hi, lo
+
+
+def philox_bits(n: int, seed: int, offset: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The four Philox4x32-10 words of counters offset .. offset+n-1, as int64 (n, 4)."""
+    ctr = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    c0, c1 = ctr & _M32, (ctr >> 32) & _M32
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mul_hi_lo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return torch.stack([c0, c1, c2, c3], dim=1)
+
+
+def _uniform(word: torch.Tensor) -> torch.Tensor:
+    # Triton's uint_to_uniform_float: as int32, negatives folded by ~x, times 2^-31 (in fp32).
+    x = torch.where(word >= 2**31, word - 2**32, word)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def philox_normal(
+    shape: tuple[int, ...] | torch.Size,
+    seed: int,
+    offset: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The in-kernel noise: element i (row-major) is normal(seed, offset + i).
+
+    The uniforms are formed exactly as the kernels form them (fp32); the
+    Box-Muller transform runs in ``dtype`` (float64 by default, the reference).
+    """
+    n = 1
+    for s in shape:
+        n *= int(s)
+    bits = philox_bits(n, seed, offset, device)
+    u1 = torch.clamp(_uniform(bits[:, 0]), min=1.0e-7).to(dtype)
+    u2 = _uniform(bits[:, 1]).to(dtype)
+    th = (u2 * 6.283185307179586) if dtype == torch.float64 else (u2 * torch.tensor(6.283185307179586))
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
+    return z.reshape(tuple(shape))
+
+
+def ddpm_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    t: torch.Tensor,
+    prev_t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    noise: torch.Tensor | None,
+    predicted_variance: torch.Tensor | None,
+    seed: int,
+    offset: int,
+    noise_mode: int,
+    prediction_type: int,
+    variance_type: int,
+    clip_range: float,
+    return_pred: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' DDPMScheduler.step, per sample, with diffusers' own formulas.
+
+    Codes as in fastddpm/ops/_codes.py; clip_range <= 0 disables clipping.
+    """
+    cd = _compute_dtype(sample)
+    nd = sample.dim()
+    ac = alphas_cumprod.to(cd)
+    ab_t = ac[t].reshape(-1, *([1] * (nd - 1)))
+    one = torch.ones((), dtype=cd, device=sample.device)
+    ab_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], one).reshape(-1, *([1] * (nd - 1)))
+    beta_prod_t = 1 - ab_t
+    beta_prod_prev = 1 - ab_prev
+    cur_alpha = ab_t / ab_prev
+    cur_beta = 1 - cur_alpha
+    x, m = sample.to(cd), model_output.to(cd)
+    # 2. predicted x0 (Ho et al. eq. 15)
+    if prediction_type == 0:
+        x0 = (x - beta_prod_t**0.5 * m) / ab_t**0.5
+    elif prediction_type == 1:
+        x0 = m
+    else:
+        x0 = ab_t**0.5 * x - beta_prod_t**0.5 * m
+    # 3. clip
+    if clip_range > 0:
+        x0 = x0.clamp(-clip_range, clip_range)
+    # 4-5. posterior mean (eq. 7)
+    c_x0 = ab_prev**0.5 * cur_beta / beta_prod_t
+    c_xt = cur_alpha**0.5 * beta_prod_prev / beta_prod_t
+    prev = c_x0 * x0 + c_xt * x
+    # 6. sigma_t z where t > 0
+    if noise_mode != NOISE_NONE:
+        if noise_mode == NOISE_TENSOR:
+            z = noise.to(cd)
+        elif noise_mode == NOISE_PHILOX:
+            z = philox_normal(sample.shape, seed, offset, sample.device, cd)
+        else:
+            raise ValueError(f"noise_mode: expected 0, 1 or 2, got {noise_mode}")
+        var = (beta_prod_prev / beta_prod_t * cur_beta).clamp(min=1e-20)
+        if variance_type in (0, 1):
+            sigma = var**0.5
+        elif variance_type == 2:
+            sigma = cur_beta**0.5
+        elif variance_type == 4:
+            sigma = predicted_variance.to(cd) ** 0.5
+        elif variance_type == 5:
+            frac = (predicted_variance.to(cd) + 1) / 2
+            sigma = torch.exp(0.5 * (frac * torch.log(cur_beta) + (1 - frac) * torch.log(var)))
+        else:
+            raise ValueError(f"variance_type: expected 0, 1, 2, 4 or 5, got {variance_type}")
+        mask = (t > 0).to(cd).reshape(-1, *([1] * (nd - 1)))
+        prev = prev + mask * sigma * z
+    pred = x0.to(sample.dtype) if return_pred else sample.new_empty(0)
+    return prev.to(sample.dtype), pred

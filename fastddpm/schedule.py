@@ -1,0 +1,195 @@
+"""Noise schedules of DDPM: every table the samplers and training need.
+
+Tables are computed in float64 (as the original DDPM code does) and stored as
+float32 on the target device; the float64 originals stay available through
+:meth:`NoiseSchedule.table` for references and tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["NoiseSchedule", "BETA_SCHEDULES"]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+# Names of the float32 tables, each also an attribute of the schedule.
+TABLES = (
+    "betas",
+    "alphas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "sqrt_recip_alphas",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+
+def _cosine_betas(T: int, max_beta: float = 0.999) -> np.ndarray:
+    # Nichol & Dhariwal 2021, eq. 17, as diffusers' betas_for_alpha_bar("cosine").
+    def alpha_bar(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)])
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_schedule: str,
+    beta_start: float,
+    beta_end: float,
+    trained_betas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray:
+    """The float64 betas of a named schedule (diffusers' names and formulas)."""
+    T = num_train_timesteps
+    if trained_betas is not None:
+        betas = np.asarray(
+            trained_betas.detach().cpu().double().numpy()
+            if isinstance(trained_betas, torch.Tensor)
+            else trained_betas,
+            dtype=np.float64,
+        )
+        if betas.ndim != 1 or betas.shape[0] != T:
+            raise ValueError(
+                f"trained_betas: expected a 1-D sequence of num_train_timesteps={T} values, "
+                f"got shape {betas.shape}"
+            )
+        return betas
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return _cosine_betas(T)
+    if beta_schedule == "sigmoid":
+        x = np.linspace(-6, 6, T, dtype=np.float64)
+        return 1 / (1 + np.exp(-x)) * (beta_end - beta_start) + beta_start
+    raise ValueError(f"beta_schedule: expected one of {', '.join(BETA_SCHEDULES)}, got {beta_schedule!r}")
+
+
+class NoiseSchedule:
+    """The forward-process noise schedule of a DDPM (Ho et al. 2020, sec. 2).
+
+    Args:
+        num_train_timesteps: T, the number of diffusion steps (>= 1).
+        beta_schedule: "linear", "scaled_linear", "squaredcos_cap_v2" (cosine) or "sigmoid".
+        beta_start: beta_1 of the linear-type schedules.
+        beta_end: beta_T of the linear-type schedules.
+        trained_betas: explicit betas (T values in (0, 1)); overrides beta_schedule.
+        device: where the float32 tables live.
+
+    Attributes named in ``TABLES`` (``betas``, ``alphas_cumprod``,
+    ``posterior_variance``, ...) are float32 tensors of shape (T,) on ``device``.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        trained_betas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)):
+            raise ValueError(f"num_train_timesteps: expected an integer >= 1, got {num_train_timesteps!r}")
+        if num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps: expected an integer >= 1, got {num_train_timesteps}")
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.beta_schedule = beta_schedule
+        self.beta_start = float(beta_start)
+        self.beta_end = float(beta_end)
+        betas = make_betas(self.num_train_timesteps, beta_schedule, beta_start, beta_end, trained_betas)
+        if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
+            bad = betas[~((betas > 0) & (betas < 1))]
+            name = "trained_betas" if trained_betas is not None else "beta_start/beta_end"
+            raise ValueError(f"{name}: every beta must lie in (0, 1), got {bad[:4].tolist()}")
+        self._f64 = self._compute_tables(betas)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+        for name, value in self._tables_on(self.device).items():
+            setattr(self, name, value)
+
+    @staticmethod
+    def _compute_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
+        alphas = 1.0 - betas
+        ac = np.cumprod(alphas)
+        ac_prev = np.append(1.0, ac[:-1])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)  # beta~_t, eq. 7
+        # The original code clips the log variance at t=0 (where it is 0) to its t=1 value.
+        if len(betas) > 1:
+            post_log_var = np.log(np.append(post_var[1], post_var[1:]))
+        else:
+            post_log_var = np.log(np.maximum(post_var, 1e-20))
+        return {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": ac,
+            "alphas_cumprod_prev": ac_prev,
+            "sqrt_alphas_cumprod": np.sqrt(ac),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+            "sqrt_recip_alphas": np.sqrt(1.0 / alphas),
+            "posterior_variance": post_var,
+            "posterior_log_variance_clipped": post_log_var,
+            "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+            "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+        }
+
+    def _tables_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._by_device:
+            self._by_device[device] = {
+                k: torch.from_numpy(v).to(torch.float32).to(device) for k, v in self._f64.items()
+            }
+        return self._by_device[device]
+
+    def table(self, name: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        """Table ``name`` on ``device`` (default: the schedule's) in ``dtype``.
+
+        float64 gives the unrounded values the float32 tables were made from.
+        """
+        if name not in TABLES:
+            raise ValueError(f"name: expected one of {', '.join(TABLES)}, got {name!r}")
+        device = torch.device(device) if device is not None else self.device
+        if dtype == torch.float64:
+            return torch.from_numpy(self._f64[name]).to(device)
+        return self._tables_on(device)[name].to(dtype)
+
+    def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """All float32 tables on ``device`` (cached: no copy after the first call)."""
+        return self._tables_on(torch.device(device))
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """This schedule with its tables on ``device`` (shares the cached copies)."""
+        new = object.__new__(NoiseSchedule)
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in TABLES})
+        new.device = torch.device(device)
+        for name, value in self._tables_on(new.device).items():
+            setattr(new, name, value)
+        return new
+
+    def __len__(self) -> int:
+        return self.num_train_timesteps
+
+    def __repr__(self) -> str:
+        return (
+            f"NoiseSchedule(num_train_timesteps={self.num_train_timesteps}, "
+            f"beta_schedule={self.beta_schedule!r}, beta_start={self.beta_start}, "
+            f"beta_end={self.beta_end}, device={str(self.device)!r})"
+        )

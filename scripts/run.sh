@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One entry point for set-up, the main job and the tests.
+#   bash scripts/run.sh demo    set up .venv, build, run `fastddpm info` and the demo
+#   bash scripts/run.sh test    set up .venv, build, run ruff, ctest and pytest
+#   bash scripts/run.sh setup   set up .venv and build only
+# Extra arguments after `test` go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${FASTDDPM_VENV:-.venv}"
+PY="$VENV/bin/python"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    echo "== creating $VENV"
+    python3 -m venv "$VENV"
+  fi
+  echo "== installing dependencies"
+  "$PY" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  echo "== building fastddpm (FASTDDPM_CUDA=${FASTDDPM_CUDA:-auto})"
+  # One build at a time on this machine, whoever starts it.
+  flock /tmp/fastddpm-build.lock "$PY" -m pip install -q --disable-pip-version-check \
+    --no-build-isolation --no-deps -e . 2>&1 | grep -E "fastddpm build|error|Error" || true
+  "$PY" -c "import fastddpm._C" || { echo "fastddpm._C failed to import"; exit 1; }
+}
+
+ctest_run() {
+  echo "== C++ tests (CMake + ctest)"
+  local torch_prefix
+  torch_prefix="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+  cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$torch_prefix" -DPython3_EXECUTABLE="$PY" \
+    -DCMAKE_BUILD_TYPE=Release > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
+  cmake --build build/cmake -j "$MAX_JOBS" > build/cmake-build.log 2>&1 || { tail -50 build/cmake-build.log; exit 1; }
+  (cd build/cmake && ctest --output-on-failure)
+}
+
+cmd="${1:-test}"
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo)
+    setup
+    "$VENV/bin/fastddpm" info
+    "$VENV/bin/fastddpm" demo --out demo_forward.png
+    ;;
+  test)
+    setup
+    echo "== ruff"
+    "$VENV/bin/ruff" check .
+    mkdir -p build
+    ctest_run
+    echo "== pytest"
+    "$PY" -m pytest -q "$@"
+    ;;
+  *) echo "usage: bash scripts/run.sh demo|test|setup" >&2; exit 2 ;;
+esac
