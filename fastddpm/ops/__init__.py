@@ -8,6 +8,7 @@ plain-torch float64-correct versions.
 from . import reference
 from ._dispatch import BACKENDS, BackendNotSupported, available_backends
 from .ddpm_step import ddpm_step, philox_randn
+from .group_norm_silu import group_norm_silu
 from .q_sample import q_sample
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "BackendNotSupported",
     "available_backends",
     "ddpm_step",
+    "group_norm_silu",
     "philox_randn",
     "q_sample",
     "reference",

@@ -16,6 +16,7 @@ __all__ = [
     "ddpm_step",
     "philox_bits",
     "philox_normal",
+    "group_norm_silu",
 ]
 
 
@@ -178,3 +179,34 @@ def ddpm_step(
         prev = prev + mask * sigma * z
     pred = x0.to(sample.dtype) if return_pred else sample.new_empty(0)
     return prev.to(sample.dtype), pred
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float = 1e-5,
+    silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm (Wu & He 2018) then SiLU, the U-Net's norm + activation.
+
+    Returns (y, mean, rstd) with mean and rstd of shape (N, num_groups) in the
+    compute dtype (the biased variance, as torch.nn.GroupNorm). Differentiable
+    with plain autograd (it is the ``torch`` backend).
+    """
+    cd = _compute_dtype(x)
+    N, C = x.shape[0], x.shape[1]
+    xg = x.to(cd).reshape(N, num_groups, -1)  # (N, G, C/G * spatial)
+    mean = xg.mean(dim=2)
+    var = (xg - mean.unsqueeze(2)).square().mean(dim=2)
+    rstd = torch.rsqrt(var + eps)
+    y = ((xg - mean.unsqueeze(2)) * rstd.unsqueeze(2)).reshape(x.shape)
+    per_channel = (1, C) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(cd).reshape(per_channel)
+    if bias is not None:
+        y = y + bias.to(cd).reshape(per_channel)
+    if silu:
+        y = y * torch.sigmoid(y)
+    return y.to(x.dtype), mean, rstd

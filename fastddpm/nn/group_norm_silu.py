@@ -1,0 +1,74 @@
+"""GroupNormSiLU: torch.nn.GroupNorm followed by SiLU as one fused module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.group_norm_silu import group_norm_silu
+
+
+class GroupNormSiLU(nn.Module):
+    """silu(GroupNorm(x)) (or GroupNorm alone with ``activation=None``) through the fused op.
+
+    Parameters, buffers and state_dict keys (``weight``, ``bias``) are those of
+    :class:`torch.nn.GroupNorm`, so a checkpoint loads either way, and with
+    ``activation=None`` the module is a drop-in GroupNorm.
+
+    Args:
+        num_groups: groups to split the channels into (must divide ``num_channels``).
+        num_channels: C of the (N, C, *spatial) input.
+        eps: added to the variance.
+        affine: learn a per-channel weight (ones) and bias (zeros).
+        activation: "silu" or None.
+        backend: the op's backend ("auto", "cpu", "cuda", "triton", "torch").
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 activation: str | None = "silu", device=None, dtype=None, backend: str = "auto") -> None:
+        super().__init__()
+        if num_groups <= 0 or num_channels % num_groups != 0:
+            raise ValueError(
+                f"num_groups: num_channels={num_channels} must be divisible by num_groups={num_groups}"
+            )
+        if activation not in ("silu", None):
+            raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        self.activation = activation
+        self.backend = backend
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    @classmethod
+    def from_group_norm(cls, gn: nn.GroupNorm, activation: str | None = "silu") -> GroupNormSiLU:
+        """A GroupNormSiLU with ``gn``'s settings, sharing its parameters."""
+        m = cls(gn.num_groups, gn.num_channels, gn.eps, gn.affine, activation,
+                device=gn.weight.device if gn.affine else None)
+        if gn.affine:
+            m.weight, m.bias = gn.weight, gn.bias
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() >= 2 and x.shape[1] != self.num_channels:
+            raise ValueError(f"x: expected {self.num_channels} channels (dim 1), got shape {tuple(x.shape)}")
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, self.activation,
+                               backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"activation={self.activation!r}")
+
+
+__all__ = ["GroupNormSiLU"]

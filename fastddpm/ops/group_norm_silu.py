@@ -1,0 +1,160 @@
+"""group_norm_silu: GroupNorm then SiLU (or plain GroupNorm) in two passes over x.
+
+Pass 1 computes per-(n, group) mean and rstd in fp32 (split over many workers
+so a batch of one fills the machine); pass 2 normalises, applies the per-channel
+affine and the SiLU, writing straight into the output. The backward recomputes
+the normalised values from x and the saved (N, G) mean/rstd, so training keeps
+nothing of x's size besides x itself (eager keeps the GroupNorm output too).
+
+Backward, with z = w * xhat + b, y = silu(z), per (n, c) sums over the spatial
+positions A = sum dz, B = sum dz * xhat, and M = (C / G) * spatial elements per group:
+
+    dz     = dy * sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+    dbias  = sum_n A,   dweight = sum_n B
+    dx     = rstd * (w dz - (sum_{c in g} w A) / M - xhat (sum_{c in g} w B) / M)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch, _library, reference
+
+_OP = "group_norm_silu_fwd"
+_ACTIVATIONS = ("silu", None)
+
+
+def _check(x, num_groups, weight, bias, eps, activation) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x: expected shape (N, C, *spatial), got {x.dim()}-D shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups: expected an int, got {type(num_groups).__name__}")
+    C = x.shape[1]
+    if num_groups <= 0:
+        raise ValueError(f"num_groups: expected a positive int, got {num_groups}")
+    if C % num_groups != 0:
+        raise ValueError(
+            f"num_groups: the number of channels C={C} of x must be divisible by num_groups={num_groups}"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(p).__name__}")
+        if p.shape != (C,):
+            raise ValueError(f"{name}: expected shape ({C},) (one per channel of x), got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (that of x), got {p.device}")
+        if not p.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point dtype, got {p.dtype}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
+
+
+def _triton_reason(x: torch.Tensor):
+    def reason(b: str) -> str | None:
+        if b == "triton" and x.dim() > 5:
+            return "the Triton kernel takes at most 3 spatial dimensions"
+        return None
+
+    return reason
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = "silu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """silu(group_norm(x, num_groups, weight, bias, eps)), fused; differentiable.
+
+    Args:
+        x: (N, C, *spatial), float32/float16/bfloat16 (float64 runs the reference),
+            NCHW-contiguous or channels_last (other strides are copied once).
+        num_groups: G, dividing C.
+        weight, bias: per-channel affine, shape (C,), or None.
+        eps: added to the variance.
+        activation: "silu", or None for plain GroupNorm.
+        backend: "auto", "cpu", "cuda", "triton" or "torch".
+
+    Returns:
+        y, same shape, dtype and memory format as x. Statistics are fp32 for any input dtype.
+    """
+    _check(x, num_groups, weight, bias, eps, activation)
+    silu = activation == "silu"
+    b = _dispatch.resolve(_OP, backend, x.device, x.dtype, _triton_reason(x))
+    eps = float(eps)
+    if b == "torch":
+        return reference.group_norm_silu(x, weight, bias, num_groups, eps, silu)[0]
+    if b == "triton":
+        from ..triton_kernels.group_norm_silu import group_norm_silu_triton
+
+        return group_norm_silu_triton(x, weight, bias, num_groups, eps, silu)[0]
+    return torch.ops.fastddpm.group_norm_silu_fwd(x, weight, bias, num_groups, eps, silu)[0]
+
+
+# ---------------------------------------------------------------------------
+# Registrations of the C++ op (schemas in csrc/ops.cpp): fake and autograd.
+# ---------------------------------------------------------------------------
+def _fwd_fake(x, weight, bias, num_groups, eps, silu):
+    N = x.shape[0]
+    y = torch.empty_like(x, memory_format=_memory_format(x))
+    stats = x.new_empty((N, num_groups), dtype=torch.float32)
+    return y, stats, torch.empty_like(stats)
+
+
+def _bwd_fake(grad_y, x, mean, rstd, weight, bias, num_groups, silu):
+    dx = torch.empty_like(x, memory_format=_memory_format(x))
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return dx, dw, db
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    # The kernels write y in x's layout: channels_last(_3d) when x is, else NCHW-contiguous.
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, num_groups, eps, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight, bias)
+    ctx.num_groups, ctx.silu = num_groups, silu
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _make_backward(bwd):
+    def backward(ctx, grad_y, grad_mean, grad_rstd):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        dx, dw, db = bwd(grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.silu)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dw if weight is not None and ctx.needs_input_grad[1] else None,
+                db if bias is not None and ctx.needs_input_grad[2] else None,
+                None, None, None)
+
+    return backward
+
+
+if _library.has_c() and hasattr(torch.ops.fastddpm, "group_norm_silu_fwd"):
+    torch.library.register_fake("fastddpm::group_norm_silu_fwd")(_fwd_fake)
+    torch.library.register_fake("fastddpm::group_norm_silu_bwd")(_bwd_fake)
+    torch.library.register_autograd(
+        "fastddpm::group_norm_silu_fwd",
+        _make_backward(lambda *a: torch.ops.fastddpm.group_norm_silu_bwd(*a)),
+        setup_context=_setup,
+    )
+
+__all__ = ["group_norm_silu"]
