@@ -1,5 +1,6 @@
 """Modules built on the fused ops."""
 
+from .attention import AttentionBlock
 from .group_norm_silu import GroupNormSiLU
 
-__all__ = ["GroupNormSiLU"]
+__all__ = ["AttentionBlock", "GroupNormSiLU"]

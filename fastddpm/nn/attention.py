@@ -1,0 +1,188 @@
+"""The U-Net's self-attention block: x + proj_out(attention(qkv(GroupNorm(x)))).
+
+Parameters convert to and from two layouts:
+
+* diffusers' ``Attention`` as UNet2DModel builds it in its mid block and attention blocks
+  (``group_norm``, ``to_q``, ``to_k``, ``to_v``, ``to_out.0``; residual_connection=True, bias=True,
+  upcast_softmax=True), and
+* the original DDPM code (Ho et al. 2020, ``attn_block``; PyTorch ports name it ``norm``, ``q``, ``k``,
+  ``v``, ``proj_out`` as 1x1 convolutions).
+
+Here the three projections are one (3C, C) matrix, so the block reads its input once for q, k and v.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["AttentionBlock"]
+
+
+def _make_norm(num_groups: int, channels: int, eps: float) -> nn.Module:
+    # GroupNorm without activation; the fused op when it exists (same state_dict keys: weight, bias).
+    try:
+        from .group_norm_silu import GroupNormSiLU
+    except ImportError:
+        return nn.GroupNorm(num_groups, channels, eps=eps)
+    return GroupNormSiLU(num_groups, channels, eps, activation=None)
+
+
+def _as_matrix(w: torch.Tensor, name: str, channels: int) -> torch.Tensor:
+    # A Linear weight (C, C) or a 1x1 conv weight (C, C, 1, 1) as (C, C).
+    if w.dim() == 4 and tuple(w.shape[2:]) == (1, 1):
+        w = w[:, :, 0, 0]
+    if tuple(w.shape) != (channels, channels):
+        raise ValueError(f"{name}: expected shape ({channels}, {channels}) or "
+                         f"({channels}, {channels}, 1, 1), got {tuple(w.shape)}")
+    return w
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions of a feature map, with GroupNorm and a residual.
+
+    Args:
+        channels: C, the channel count (= heads * head width).
+        num_groups: GroupNorm groups (must divide ``channels``).
+        eps: GroupNorm epsilon.
+        heads: attention heads; the head width is ``channels // heads``.
+        rescale_output_factor: the output (attention + residual) is divided by it, as diffusers'
+            ``Attention(rescale_output_factor=...)`` does (1.0 in DDPM).
+        backend: passed to :func:`fastddpm.ops.attention`.
+
+    forward(x): x of shape (B, C, H, W) -> x + attn(x), same shape.
+    """
+
+    def __init__(self, channels: int, num_groups: int = 32, eps: float = 1e-5, heads: int = 1, *,
+                 rescale_output_factor: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        if channels <= 0:
+            raise ValueError(f"channels: expected a positive int, got {channels}")
+        if heads <= 0 or channels % heads:
+            raise ValueError(f"heads: expected a positive divisor of channels={channels}, got {heads}")
+        if num_groups <= 0 or channels % num_groups:
+            raise ValueError(
+                f"num_groups: expected a positive divisor of channels={channels}, got {num_groups}")
+        self.channels = channels
+        self.num_groups = num_groups
+        self.eps = eps
+        self.heads = heads
+        self.rescale_output_factor = rescale_output_factor
+        self.backend = backend
+        self.norm = _make_norm(num_groups, channels, eps)
+        self.qkv = nn.Linear(channels, 3 * channels)  # rows: [W_q; W_k; W_v]
+        self.proj_out = nn.Linear(channels, channels)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, num_groups={self.num_groups}, eps={self.eps}, heads={self.heads}"
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        try:
+            from ..ops.attention import attention
+        except ImportError:  # the op not yet there: PyTorch's own
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return attention(q, k, v, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x: expected shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        N, d = H * W, C // self.heads
+        h = self.norm(x).reshape(B, C, N).transpose(1, 2)  # (B, N, C)
+        qkv = self.qkv(h).reshape(B, N, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
+        o = self._attend(qkv[0], qkv[1], qkv[2])  # (B, heads, N, d)
+        o = self.proj_out(o.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+        out = o.transpose(1, 2).reshape(B, C, H, W) + x
+        if self.rescale_output_factor != 1.0:
+            out = out / self.rescale_output_factor
+        return out
+
+    # ------------------------------------------------------------------ conversions
+    def load_diffusers_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load a diffusers ``Attention``'s parameters (group_norm.*, to_q.*, to_k.*, to_v.*, to_out.0.*)."""
+        C = self.channels
+        need = ("group_norm.weight", "group_norm.bias", "to_q.weight", "to_k.weight", "to_v.weight",
+                "to_out.0.weight", "to_out.0.bias")
+        missing = [k for k in need if k not in sd]
+        if missing:
+            raise KeyError(f"sd: missing diffusers Attention keys {missing}")
+        w = torch.cat([_as_matrix(sd[f"to_{n}.weight"], f"to_{n}.weight", C) for n in "qkv"])
+        zero = torch.zeros(C, dtype=w.dtype, device=w.device)
+        b = torch.cat([sd.get(f"to_{n}.bias", zero) for n in "qkv"])  # bias=False blocks have none
+        with torch.no_grad():
+            self.norm.weight.copy_(sd["group_norm.weight"])
+            self.norm.bias.copy_(sd["group_norm.bias"])
+            self.qkv.weight.copy_(w)
+            self.qkv.bias.copy_(b)
+            self.proj_out.weight.copy_(_as_matrix(sd["to_out.0.weight"], "to_out.0.weight", C))
+            self.proj_out.bias.copy_(sd["to_out.0.bias"])
+
+    def diffusers_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters under diffusers' ``Attention`` keys."""
+        C = self.channels
+        w, b = self.qkv.weight.detach(), self.qkv.bias.detach()
+        out = {"group_norm.weight": self.norm.weight.detach().clone(),
+               "group_norm.bias": self.norm.bias.detach().clone()}
+        for i, n in enumerate("qkv"):
+            out[f"to_{n}.weight"] = w[i * C:(i + 1) * C].clone()
+            out[f"to_{n}.bias"] = b[i * C:(i + 1) * C].clone()
+        out["to_out.0.weight"] = self.proj_out.weight.detach().clone()
+        out["to_out.0.bias"] = self.proj_out.bias.detach().clone()
+        return out
+
+    def load_ddpm_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load the original DDPM layout: norm.*, q.*, k.*, v.*, proj_out.* (1x1 conv or (C, C) weights)."""
+        C = self.channels
+        missing = [f"{n}.{p}" for n in ("norm", "q", "k", "v", "proj_out") for p in ("weight", "bias")
+                   if f"{n}.{p}" not in sd]
+        if missing:
+            raise KeyError(f"sd: missing DDPM attention keys {missing}")
+        with torch.no_grad():
+            self.norm.weight.copy_(sd["norm.weight"])
+            self.norm.bias.copy_(sd["norm.bias"])
+            self.qkv.weight.copy_(torch.cat([_as_matrix(sd[f"{n}.weight"], f"{n}.weight", C) for n in "qkv"]))
+            self.qkv.bias.copy_(torch.cat([sd[f"{n}.bias"] for n in "qkv"]))
+            self.proj_out.weight.copy_(_as_matrix(sd["proj_out.weight"], "proj_out.weight", C))
+            self.proj_out.bias.copy_(sd["proj_out.bias"])
+
+    def ddpm_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters in the original DDPM layout (1x1 conv weights of shape (C, C, 1, 1))."""
+        d = self.diffusers_state_dict()
+        out = {"norm.weight": d["group_norm.weight"], "norm.bias": d["group_norm.bias"]}
+        for n in "qkv":
+            out[f"{n}.weight"] = d[f"to_{n}.weight"][:, :, None, None]
+            out[f"{n}.bias"] = d[f"to_{n}.bias"]
+        out["proj_out.weight"] = d["to_out.0.weight"][:, :, None, None]
+        out["proj_out.bias"] = d["to_out.0.bias"]
+        return out
+
+    @classmethod
+    def from_diffusers(cls, attn: nn.Module, backend: str = "auto") -> AttentionBlock:
+        """An AttentionBlock with the configuration and weights of a diffusers ``Attention``."""
+        gn = getattr(attn, "group_norm", None)
+        if gn is None:
+            raise ValueError("attn: expected a diffusers Attention with a group_norm (norm_num_groups set)")
+        if not getattr(attn, "residual_connection", False):
+            raise ValueError("attn: expected residual_connection=True (the U-Net's attention block)")
+        if getattr(attn, "is_cross_attention", False):
+            raise ValueError("attn: cross-attention is not supported")
+        channels = attn.to_q.in_features
+        block = cls(channels, gn.num_groups, gn.eps, heads=attn.heads,
+                    rescale_output_factor=float(getattr(attn, "rescale_output_factor", 1.0)), backend=backend)
+        p = attn.to_q.weight
+        block.to(device=p.device, dtype=p.dtype)
+        block.load_diffusers_state_dict({k: v for k, v in attn.state_dict().items()})
+        return block
+
+    def to_diffusers(self) -> nn.Module:
+        """A diffusers ``Attention`` (as UNet2DModel builds it) with this block's weights."""
+        from diffusers.models.attention_processor import Attention
+
+        attn = Attention(self.channels, heads=self.heads, dim_head=self.channels // self.heads,
+                         rescale_output_factor=self.rescale_output_factor, eps=self.eps,
+                         norm_num_groups=self.num_groups, residual_connection=True, bias=True,
+                         upcast_softmax=True, _from_deprecated_attn_block=True)
+        p = self.qkv.weight
+        attn.to(device=p.device, dtype=p.dtype)
+        attn.load_state_dict(self.diffusers_state_dict())
+        return attn
