@@ -7,6 +7,7 @@ plain-torch float64-correct versions.
 
 from . import reference
 from ._dispatch import BACKENDS, BackendNotSupported, available_backends
+from .attention import attention
 from .ddpm_step import ddpm_step, philox_randn
 from .group_norm_silu import group_norm_silu
 from .q_sample import q_sample
@@ -14,6 +15,7 @@ from .q_sample import q_sample
 __all__ = [
     "BACKENDS",
     "BackendNotSupported",
+    "attention",
     "available_backends",
     "ddpm_step",
     "group_norm_silu",

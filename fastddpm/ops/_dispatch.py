@@ -20,6 +20,10 @@ from . import _library
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
 
+# Ops whose "cpu" and "cuda" backends are PyTorch's own kernels (attention: scaled_dot_product_attention,
+# measured faster on this CPU than a kernel of ours), so they need no kernel in fastddpm._C.
+TORCH_NATIVE_OPS = frozenset({"attention"})
+
 
 class BackendNotSupported(RuntimeError):
     """A backend that was asked for cannot serve this input; the message says why."""
@@ -43,6 +47,10 @@ def triton_interpreting() -> bool:
 def backend_unavailable_reason(backend: str, op: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run ``op`` on ``device`` in this process, or None if it can."""
     if backend == "torch":
+        return None
+    if backend in ("cpu", "cuda") and op in TORCH_NATIVE_OPS:
+        if device.type != backend:
+            return f"backend {backend!r} serves {backend} tensors, got tensors on {device}"
         return None
     if backend in ("cpu", "cuda"):
         if not _library.has_c():

@@ -17,6 +17,7 @@ __all__ = [
     "philox_bits",
     "philox_normal",
     "group_norm_silu",
+    "attention",
 ]
 
 
@@ -210,3 +211,22 @@ def group_norm_silu(
     if silu:
         y = y * torch.sigmoid(y)
     return y.to(x.dtype), mean, rstd
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(Q K^T * scale) V with the score matrix materialised (Vaswani et al. 2017, eq. 1).
+
+    q: (B, heads, N, d), k: (B, heads, M, d), v: (B, heads, M, dv); scale defaults to d**-0.5.
+    Differentiable with plain autograd (it is the ``torch`` backend).
+    """
+    cd = _compute_dtype(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    s = torch.matmul(q.to(cd), k.to(cd).transpose(-2, -1)) * scale  # (B, heads, N, M)
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, v.to(cd)).to(q.dtype)

@@ -1,0 +1,303 @@
+"""Flash-style self-attention in Triton, forward and backward (Dao 2023, FlashAttention-2, Alg. 1 and 2).
+
+softmax(Q K^T * scale) V for q (B, H, N, d), k and v (B, H, M, d), any N, M >= 1, d <= 512, any strides.
+
+* Online softmax: each program keeps a (BLOCK_M, d) fp32 accumulator and the running row max and sum;
+  the N x M score matrix never exists in memory. The forward saves the log-sum-exp per query row (fp32,
+  base 2, (B*H, N)); the backward recomputes the probabilities from it.
+* Masking on every load for any N, M and d (d is padded to a power of two >= 16 inside the kernel).
+* Head widths up to 512 fit because the query (and key) block shrinks as d grows (``_blocks``): the
+  accumulator is BLOCK_M * d fp32 values per program, 16 * 512 at d = 512, where FlashAttention-2 and
+  Triton's tutorial kernel stop at 256 and 128.
+* Backward: one pass computes delta = rowsum(dO * O); one kernel per key block accumulates dK and dV over
+  the query blocks; one kernel per query block accumulates dQ over the key blocks (no atomics).
+* fp32 inputs use full-precision dots (input_precision="ieee": no TF32); fp16/bf16 inputs multiply in
+  their dtype with fp32 accumulation and fp32 softmax statistics.
+
+The ops are registered with torch.library.triton_op + wrap_triton (``fastddpm::attention_triton_fwd`` and
+``fastddpm::attention_triton_bwd``) with autograd wired through register_autograd. Under Triton's CPU
+interpreter the eager path works; the fake (meta) trace of a triton_op does not (torch tries to read a
+meta tensor's storage), as DESIGN.md records.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 512
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _blocks(d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for head width d: the accumulator stays near 16K fp32 values.
+
+    Chosen by register arithmetic, not yet by a GPU sweep (no GPU here); see benchmarks/README.md.
+    """
+    bd = _block_d(d)
+    if bd <= 64:
+        return 64, 64, 4
+    if bd <= 128:
+        return 64, 32, 4
+    if bd <= 256:
+        return 32, 32, 4
+    return 16, 32, 8
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,  # noqa: E741
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    H, N, M, D, qk_scale,  # qk_scale = scale * log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N
+    d_ok = offs_d < D
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < M
+        kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, kT, input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block has a valid column
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA,  # noqa: E741
+    sob, soh, son, sod,
+    sdb, sdh, sdn, sdd,
+    H, N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # delta_i = sum_j dO_ij O_ij = sum_j P_ij dP_ij, the softmax backward's row term.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,  # strides of dO
+    H, N, M, D, qk_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    # One key block; loop over query blocks. Works on transposed scores (BLOCK_N, BLOCK_M).
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < M
+    d_ok = offs_d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask,
+                other=0.0)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    row_base = pid_bh.to(tl.int64) * N
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m
+        m_ok = rows < N
+        qT = tl.load(q_base + rows[None, :] * sqn + offs_d[:, None] * sqd,
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
+        # lse = +inf on padded rows makes their probabilities exactly 0.
+        lse = tl.load(LSE + row_base + rows, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_base + rows, mask=m_ok, other=0.0)
+        pT = tl.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        pT = tl.where(n_ok[:, None], pT, 0.0)
+        do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd,
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
+    dk = dk * scale
+    out_off = offs_n[:, None] * D + offs_d[None, :]  # dK, dV are contiguous (B, H, M, D)
+    base = pid_bh.to(tl.int64) * M * D
+    tl.store(DK + base + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + base + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    H, N, M, D, qk_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    # One query block; loop over key blocks.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N
+    d_ok = offs_d < D
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask,
+                 other=0.0)
+    row_base = pid_bh.to(tl.int64) * N
+    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < M
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None])
+        p = tl.where(n_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dq = dq * scale
+    out_off = offs_m[:, None] * D + offs_d[None, :]
+    tl.store(DQ + pid_bh.to(tl.int64) * N * D + out_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for fp16/bf16 operands
+
+
+@triton_op("fastddpm::attention_triton_fwd", mutates_args=())
+def attention_triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O (B, H, N, d) in q's dtype, log2-sum-exp of the scaled scores (B, H, N) fp32)."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    bm, bn, warps = _blocks(D)
+    grid = (triton.cdiv(N, bm), B * H)
+    wrap_triton(_attn_fwd_kernel)[grid](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, N, M, D, scale * LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), PREC=_prec(q.dtype), num_warps=warps, num_stages=2,
+    )
+    return o, lse
+
+
+@triton_op("fastddpm::attention_triton_bwd", mutates_args=())
+def attention_triton_bwd(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         o: torch.Tensor, lse: torch.Tensor, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    bd = _block_d(D)
+    bm, bn, warps = _blocks(D)
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(N, 64), B * H)](
+        o, grad_o, delta, *o.stride(), *grad_o.stride(), H, N, D, BLOCK_M=64, BLOCK_D=bd,
+    )
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, M, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, H, M, D), dtype=v.dtype, device=q.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
+    # The key-block kernel holds two (BLOCK_N, d) fp32 accumulators, so its key block is the small one.
+    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(M, bm), B * H)](
+        q, k, v, grad_o, lse, delta, dk, dv, *strides, H, N, M, D, scale * LOG2E, scale,
+        BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=bd, PREC=_prec(q.dtype), num_warps=warps, num_stages=1,
+    )
+    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(N, bm), B * H)](
+        q, k, v, grad_o, lse, delta, dq, *strides, H, N, M, D, scale * LOG2E, scale,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=_prec(q.dtype), num_warps=warps, num_stages=1,
+    )
+    return dq, dk, dv
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if grad_o is None:
+        return None, None, None, None
+    dq, dk, dv = attention_triton_bwd(grad_o, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+attention_triton_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+                     ) -> torch.Tensor:
+    """softmax(Q K^T * scale) V through the Triton kernels (differentiable); inputs already checked."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return attention_triton_fwd(q, k, v, float(scale))[0]
+
+
+__all__ = ["attention_triton", "attention_triton_fwd", "attention_triton_bwd", "MAX_HEAD_DIM"]
