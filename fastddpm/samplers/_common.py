@@ -1,0 +1,442 @@
+"""What the diffusers-compatible schedulers share: diffusers' float32 tables, the
+config object, loading and saving, timestep spacing, dynamic thresholding.
+
+Why diffusers' float32 tables and not :class:`~fastddpm.NoiseSchedule`'s float64
+ones: diffusers builds its betas with ``torch.linspace(..., dtype=float32)`` and
+takes the cumulative product in float32. Over 1000 steps that differs from the
+float64 schedule rounded to float32 by up to a few 1e-6 (relative) in
+``alphas_cumprod``, which is larger than the rounding of one fused step. A
+drop-in replacement must reproduce diffusers' numbers, so the schedulers here
+rebuild diffusers' tables bit for bit and hand them to the fused ops through
+:class:`DiffusersTables`, a :class:`~fastddpm.NoiseSchedule` whose float32
+tables are those. (fastddpm's own sampler, :func:`fastddpm.sample`, keeps the
+float64-derived NoiseSchedule.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..schedule import NoiseSchedule
+
+CONFIG_NAME = "scheduler_config.json"
+
+
+# ---------------------------------------------------------------------------
+# diffusers' betas, in float32 exactly as diffusers computes them
+# ---------------------------------------------------------------------------
+def _betas_for_alpha_bar(T: int, max_beta: float = 0.999, kind: str = "cosine") -> torch.Tensor:
+    if kind == "cosine":
+
+        def f(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    elif kind == "laplace":
+
+        def f(t):
+            lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+            snr = math.exp(lmb)
+            return math.sqrt(snr / (1 + snr))
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 (arXiv 2305.08891), Algorithm 1, in float32 as diffusers."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    a0, aT = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= aT
+    alphas_bar_sqrt *= a0 / (a0 - aT)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def diffusers_betas(
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    trained_betas,
+    rescale_betas_zero_snr: bool,
+    allowed: tuple[str, ...],
+    owner: str,
+) -> torch.Tensor:
+    """The float32 betas diffusers' schedulers build from these config values."""
+    if (
+        isinstance(num_train_timesteps, bool)
+        or not isinstance(num_train_timesteps, (int, np.integer))
+        or num_train_timesteps < 1
+    ):
+        raise ValueError(f"num_train_timesteps: expected an integer >= 1, got {num_train_timesteps!r}")
+    T = int(num_train_timesteps)
+    if trained_betas is not None:
+        betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
+        if betas.dim() != 1 or betas.shape[0] != T:
+            raise ValueError(
+                f"trained_betas: expected {T} values (num_train_timesteps), got shape {tuple(betas.shape)}"
+            )
+    elif beta_schedule not in allowed:
+        # diffusers raises NotImplementedError here too
+        raise NotImplementedError(
+            f"beta_schedule: {beta_schedule!r} is not implemented for {owner}; "
+            f"expected one of {', '.join(allowed)}"
+        )
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        betas = _betas_for_alpha_bar(T)
+    elif beta_schedule == "laplace":
+        betas = _betas_for_alpha_bar(T, kind="laplace")
+    else:  # sigmoid
+        betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
+    if rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    if not torch.isfinite(betas).all() or (betas < 0).any() or (betas > 1).any():
+        raise ValueError("trained_betas/beta_start/beta_end: every beta must lie in [0, 1]")
+    return betas
+
+
+class DiffusersTables(NoiseSchedule):
+    """A NoiseSchedule whose float32 tables are diffusers' (float32 betas, float32 cumprod).
+
+    ``table(name, dtype=torch.float64)`` gives those float32 values widened, as
+    diffusers does when it meets float64 samples. Only the tables the fused ops
+    read (alphas_cumprod and its square roots) are diffusers-exact; the others
+    are derived from them in float64.
+    """
+
+    def __init__(self, betas: torch.Tensor, device: torch.device | str | None = None) -> None:
+        betas = betas.detach().to("cpu", torch.float32)
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, dim=0)
+        self.num_train_timesteps = int(betas.shape[0])
+        self.beta_schedule = "diffusers"
+        self.beta_start = float(betas[0])
+        self.beta_end = float(betas[-1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f64 = NoiseSchedule._compute_tables(betas.double().numpy())
+        exact = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": ac,
+            "sqrt_alphas_cumprod": ac**0.5,
+            "sqrt_one_minus_alphas_cumprod": (1 - ac) ** 0.5,
+        }
+        for k, v in exact.items():
+            f64[k] = v.double().numpy()
+        self._f64 = f64
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._by_device = {}
+        for name, value in self._tables_on(self.device).items():
+            setattr(self, name, value)
+
+
+# ---------------------------------------------------------------------------
+# Config: the part of diffusers' ConfigMixin that users touch
+# ---------------------------------------------------------------------------
+class FrozenConfig(dict):
+    """A read-only dict whose keys are also attributes (as diffusers' FrozenDict)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}") from None
+
+    def _frozen(self, *args, **kwargs):
+        raise TypeError(
+            f"{type(self).__name__} is read-only; build a new scheduler with from_config(config, key=value)"
+        )
+
+    __setitem__ = __delitem__ = setdefault = pop = popitem = update = clear = _frozen
+
+    def __setattr__(self, name, value):
+        self._frozen()
+
+    def __reduce__(self):  # copy/deepcopy/pickle without going through __setitem__
+        return (type(self), (dict(self),))
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class ConfigMixin:
+    """config / from_config / save_pretrained / from_pretrained, as diffusers' schedulers have them."""
+
+    config_name = CONFIG_NAME
+
+    def _register_config(self, values: dict) -> None:
+        self._internal_dict = FrozenConfig({k: _jsonable(v) for k, v in values.items()})
+
+    @property
+    def config(self) -> FrozenConfig:
+        return self._internal_dict
+
+    @classmethod
+    def _init_keys(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """A scheduler from a config: a dict, diffusers' FrozenDict, or an object with ``.config``.
+
+        Keys this class does not take (another scheduler's options, ``_class_name``,
+        ``_diffusers_version``) are ignored, as diffusers ignores them; ``kwargs``
+        override the config's values.
+        """
+        if config is None:
+            config = {}
+        if not isinstance(config, dict) and hasattr(config, "config"):
+            config = config.config
+        if not hasattr(config, "items"):
+            raise TypeError(f"config: expected a dict or a scheduler config, got {type(config).__name__}")
+        keys = cls._init_keys()
+        merged = {k: v for k, v in dict(config.items()).items() if k in keys}
+        unused = {k: v for k, v in kwargs.items() if k not in keys}
+        merged.update({k: v for k, v in kwargs.items() if k in keys})
+        obj = cls(**merged)
+        return (obj, unused) if return_unused_kwargs else obj
+
+    def save_config(self, save_directory: str | os.PathLike, **kwargs) -> str:
+        return self.save_pretrained(save_directory, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> str:
+        """Write ``scheduler_config.json`` into ``save_directory`` (atomically: temp file + rename).
+
+        The file is diffusers' format, so diffusers' scheduler of the same name loads it.
+        """
+        if push_to_hub:
+            raise NotImplementedError("push_to_hub: fastddpm writes local directories only")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory: {save_directory} is a file, expected a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        try:
+            import diffusers
+
+            dv = diffusers.__version__
+        except Exception:  # pragma: no cover - diffusers is optional
+            dv = "0.0.0"
+        from .._version import __version__
+
+        data = {
+            "_class_name": type(self).__name__,
+            "_diffusers_version": dv,
+            "_fastddpm_version": __version__,
+        }
+        data.update(self.config)
+        path = os.path.join(save_directory, self.config_name)
+        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".scheduler_config.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=2, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load_config(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None
+    ) -> dict:
+        p = os.fspath(pretrained_model_name_or_path)
+        if subfolder:
+            p = os.path.join(p, subfolder)
+        if os.path.isdir(p):
+            path = os.path.join(p, cls.config_name)
+            if (
+                not os.path.isfile(path)
+                and subfolder is None
+                and os.path.isfile(os.path.join(p, "scheduler", cls.config_name))
+            ):
+                path = os.path.join(p, "scheduler", cls.config_name)
+        elif os.path.isfile(p):
+            path = p
+        else:
+            raise OSError(
+                f"pretrained_model_name_or_path: {p} is not a local directory or file (fastddpm loads "
+                "local scheduler configs only; download the repository first)"
+            )
+        if not os.path.isfile(path):
+            raise OSError(f"pretrained_model_name_or_path: no {cls.config_name} in {p}")
+        with open(path) as f:
+            return json.load(f)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs,
+    ):
+        """Load ``scheduler_config.json`` from a local directory (or ``subfolder`` of one)."""
+        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {json.dumps(dict(self.config), indent=2, sort_keys=True)}"
+
+
+# ---------------------------------------------------------------------------
+# Timesteps
+# ---------------------------------------------------------------------------
+def spaced_timesteps(
+    num_train_timesteps: int, num_inference_steps, spacing: str, steps_offset: int
+) -> np.ndarray:
+    """diffusers' timestep spacings (Lin et al. 2023, Table 2), descending int64."""
+    T = num_train_timesteps
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise TypeError(f"num_inference_steps: expected a positive integer, got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps: expected a positive integer, got {num_inference_steps}")
+    if num_inference_steps > T:
+        raise ValueError(
+            f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
+            "`self.config.train_timesteps`:"
+            f" {T} as the unet model trained with this scheduler can only handle"
+            f" maximal {T} timesteps."
+        )
+    n = int(num_inference_steps)
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
+    elif spacing == "leading":
+        ratio = T // n
+        ts = (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64)
+        ts += steps_offset
+    elif spacing == "trailing":
+        ratio = T / n
+        ts = np.round(np.arange(T, 0, -ratio)).astype(np.int64)
+        ts -= 1
+    else:
+        raise ValueError(
+            f"{spacing} is not supported. Please make sure to choose one of 'linspace', 'leading' "
+            "or 'trailing'."
+        )
+    return ts
+
+
+def prev_table(timesteps: np.ndarray, T: int) -> np.ndarray:
+    """prev[t] = the timestep after t in ``timesteps`` (-1 after the last); -2 where t is not in it.
+
+    Indexed by timestep, so a step finds its successor with one gather and no
+    search (diffusers searches ``self.timesteps == t`` on every step).
+    """
+    table = np.full(T, -2, dtype=np.int64)
+    ts = np.asarray(timesteps, dtype=np.int64)
+    for i in range(len(ts) - 1, -1, -1):  # the first occurrence wins, as diffusers' nonzero()[0]
+        if 0 <= ts[i] < T:
+            table[ts[i]] = ts[i + 1] if i + 1 < len(ts) else -1
+    return table
+
+
+def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, sec. 2.3), as diffusers' _threshold_sample.
+
+    A per-sample quantile of |x0| needs a sort, which no elementwise kernel does;
+    it runs here in torch and the fused step then takes the thresholded x0.
+    """
+    dtype = x0.dtype
+    B = x0.shape[0]
+    x = x0.float() if dtype not in (torch.float32, torch.float64) else x0
+    x = x.reshape(B, -1)
+    s = torch.quantile(x.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)  # (B, 1)
+    return (torch.clamp(x, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def host_timestep(timestep) -> int | None:
+    """The timestep as a Python int when reading it costs no device synchronisation, else None."""
+    if isinstance(timestep, bool):
+        raise TypeError("timestep: expected an integer timestep, got bool")
+    if isinstance(timestep, (int, np.integer)):
+        return int(timestep)
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() != 1:
+            return None
+        if timestep.dtype.is_floating_point:
+            v = float(timestep) if timestep.device.type == "cpu" else None
+            if v is not None and v != int(v):
+                raise ValueError(f"timestep: expected an integer timestep, got {v}")
+            return int(v) if v is not None else None
+        if timestep.device.type == "cpu":
+            return int(timestep)
+        return None
+    if isinstance(timestep, float) and timestep == int(timestep):
+        return int(timestep)
+    raise TypeError(f"timestep: expected an int or an integer tensor, got {type(timestep).__name__}")
+
+
+def randn_like_diffusers(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' randn_tensor: the same numbers for the same generator(s)."""
+    rand_device = device
+    if generator is not None:
+        g0 = generator[0] if isinstance(generator, (list, tuple)) else generator
+        if g0.device.type != device.type:
+            if g0.device.type == "cpu":
+                rand_device = torch.device("cpu")
+            else:
+                raise ValueError(
+                    f"generator: cannot generate a {device} tensor from a generator on {g0.device}"
+                )
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(
+                f"generator: expected {shape[0]} generators (one per sample), got {len(generator)}"
+            )
+        one = (1,) + tuple(shape[1:])
+        z = torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator])
+        return z.to(device)
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+class SchedulerOutput:
+    """A step's result: attributes ``prev_sample`` and ``pred_original_sample``, also indexable
+    (``out[0]``, ``out["prev_sample"]``) and ``to_tuple()``, as diffusers' BaseOutput."""
+
+    __slots__ = ("prev_sample", "pred_original_sample")
+
+    def __init__(self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None = None) -> None:
+        self.prev_sample = prev_sample
+        self.pred_original_sample = pred_original_sample
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
+
+    def keys(self):
+        return [k for k in self.__slots__ if getattr(self, k) is not None]
+
+    def __getitem__(self, k):
+        if isinstance(k, str):
+            return getattr(self, k)
+        return self.to_tuple()[k]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prev_sample=..., pred_original_sample=...)"

@@ -1,0 +1,388 @@
+"""fastddpm.DDPMScheduler: a drop-in for diffusers.DDPMScheduler whose step is one fused kernel.
+
+The numbered steps of diffusers' ``step`` (predicted x0, clip, posterior mean,
+sigma_t z; Ho et al. 2020 eqs. 6, 7, 15) all run inside
+:func:`fastddpm.ops.ddpm_step`. What stays in Python is bookkeeping that costs
+no device work: the successor of each timestep comes from a table indexed by
+timestep, built once in ``set_timesteps`` (diffusers searches
+``self.timesteps == t`` on every step), and ``t`` is read on the host only when
+it already lives there (an int or a CPU tensor), so a CUDA timestep never
+forces a synchronisation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import ops
+from ._common import (
+    ConfigMixin,
+    DiffusersTables,
+    SchedulerOutput,
+    diffusers_betas,
+    host_timestep,
+    prev_table,
+    randn_like_diffusers,
+    spaced_timesteps,
+    threshold_sample,
+)
+
+__all__ = ["DDPMScheduler", "DDPMSchedulerOutput"]
+
+VARIANCE_TYPES = (
+    "fixed_small",
+    "fixed_small_log",
+    "fixed_large",
+    "fixed_large_log",
+    "learned",
+    "learned_range",
+)
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
+
+
+class DDPMSchedulerOutput(SchedulerOutput):
+    """Output of :meth:`DDPMScheduler.step`: ``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (x0)."""
+
+    __slots__ = ()
+
+
+class _TimestepTables:
+    """The timestep -> previous timestep table on the host and, lazily, per device."""
+
+    def _set_prev_table(self, table: np.ndarray) -> None:
+        self._prev_np = table
+        self._prev_dev: dict[torch.device, torch.Tensor] = {}
+
+    def _prev_on(self, device: torch.device) -> torch.Tensor:
+        t = self._prev_dev.get(device)
+        if t is None:
+            t = torch.from_numpy(self._prev_np).to(device)
+            self._prev_dev[device] = t
+        return t
+
+    def _resolve_timestep(self, timestep, sample: torch.Tensor):
+        """(t, prev_t, t_host) for the fused op; t_host is the int timestep when known on the host."""
+        T = self.config.num_train_timesteps
+        t_host = host_timestep(timestep)
+        if t_host is not None:
+            if not 0 <= t_host < T:
+                raise IndexError(f"timestep: {t_host} is outside [0, {T}) (num_train_timesteps={T})")
+            prev = int(self._prev_np[t_host])
+            if prev == -2:
+                raise IndexError(
+                    f"timestep: {t_host} is not one of the scheduler's timesteps (set by set_timesteps); "
+                    f"expected one of {self.timesteps.tolist()[:8]}"
+                    f"{' ...' if len(self.timesteps) > 8 else ''}"
+                )
+            return t_host, prev, t_host
+        # A tensor on the device (0-d, or one timestep per sample): one gather, no synchronisation.
+        if timestep.dtype.is_floating_point:
+            timestep = timestep.round()
+        tt = timestep.to(device=sample.device, dtype=torch.int64).reshape(-1)
+        if tt.numel() == 1:
+            tt = tt.expand(sample.shape[0])
+        pt = self._prev_on(sample.device)[tt.clamp(0, T - 1)]
+        if tt.device.type == "cpu":
+            if bool(((tt < 0) | (tt >= T) | (pt == -2)).any()):
+                bad = tt[(tt < 0) | (tt >= T) | (pt == -2)][0].item()
+                raise IndexError(f"timestep: {bad} is not one of the scheduler's timesteps in [0, {T})")
+        elif not torch.compiler.is_compiling():
+            torch._assert_async(
+                ((tt >= 0) & (tt < T) & (pt >= -1)).all(), "timestep: not one of the scheduler's timesteps"
+            )
+        return tt, pt, None
+
+
+class DDPMScheduler(_TimestepTables, ConfigMixin):
+    """Denoising diffusion probabilistic models (Ho et al. 2020), diffusers-compatible.
+
+    Takes diffusers' DDPMScheduler arguments with the same defaults and meaning,
+    and returns what diffusers returns within float32 rounding (the tables are
+    diffusers' own float32 tables; see fastddpm/samplers/_common.py).
+
+    Differences from diffusers, all deliberate:
+
+    * ``backend`` (keyword, not part of the config) picks the fused op's backend.
+    * Invalid settings (prediction_type, variance_type) are rejected when the
+      scheduler is built, not at the first step. Custom timesteps must also be
+      non-negative. ``variance_type="fixed_large_log"`` is accepted in the config
+      (diffusers has it) but step raises: diffusers computes sqrt(log beta_t),
+      which is NaN.
+    * With a timestep tensor on a CUDA device, t is not read on the host, so the
+      noise of the final step (t = 0, where no noise is added) is still drawn from
+      ``generator``; the result is the same, the generator ends one draw further.
+    * With ``thresholding``, the per-sample quantile (a sort) runs in torch and
+      the fused step takes the thresholded x0 (as prediction_type="sample").
+    """
+
+    order = 1
+    _compatibles: list[str] = []
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(
+                f"variance_type: expected one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}"
+            )
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
+            )
+        if clip_sample and not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
+        if thresholding and not 0 < dynamic_thresholding_ratio <= 1:
+            raise ValueError(
+                f"dynamic_thresholding_ratio: expected a value in (0, 1], got {dynamic_thresholding_ratio}"
+            )
+        self._register_config(
+            dict(
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                beta_schedule=beta_schedule,
+                trained_betas=trained_betas,
+                variance_type=variance_type,
+                clip_sample=clip_sample,
+                prediction_type=prediction_type,
+                thresholding=thresholding,
+                dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                clip_sample_range=clip_sample_range,
+                sample_max_value=sample_max_value,
+                timestep_spacing=timestep_spacing,
+                steps_offset=steps_offset,
+                rescale_betas_zero_snr=rescale_betas_zero_snr,
+            )
+        )
+        self.backend = backend
+        self.betas = diffusers_betas(
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+            BETA_SCHEDULES,
+            type(self).__name__,
+        )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.one = torch.tensor(1.0)
+        self.schedule = DiffusersTables(self.betas)
+        self.init_noise_sigma = 1.0
+        self.custom_timesteps = False
+        self.num_inference_steps = None
+        T = int(num_train_timesteps)
+        self.timesteps = torch.from_numpy(np.arange(0, T)[::-1].copy())
+        self._set_prev_table(np.arange(T, dtype=np.int64) - 1)
+        self.variance_type = variance_type
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """DDPM does not scale the model input (kept for interchangeability)."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """Choose the timesteps of sampling: ``num_inference_steps`` spaced by
+        ``config.timestep_spacing``, or explicit descending ``timesteps``."""
+        T = self.config.num_train_timesteps
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        if timesteps is not None:
+            ts = np.asarray(timesteps.cpu() if isinstance(timesteps, torch.Tensor) else timesteps)
+            if ts.ndim != 1 or ts.size == 0:
+                raise ValueError(
+                    f"timesteps: expected a non-empty 1-D list of integers, got shape {ts.shape}"
+                )
+            if not np.issubdtype(ts.dtype, np.integer):
+                if not np.all(ts == np.round(ts)):
+                    raise ValueError("timesteps: expected integers")
+            ts = ts.astype(np.int64)
+            for i in range(1, len(ts)):
+                if ts[i] >= ts[i - 1]:
+                    raise ValueError("`custom_timesteps` must be in descending order.")
+            if ts[0] >= T:
+                raise ValueError(f"`timesteps` must start before `self.config.train_timesteps`: {T}.")
+            if ts[-1] < 0:
+                raise ValueError(f"timesteps: expected non-negative timesteps, got {int(ts[-1])}")
+            self.custom_timesteps = True
+            self.num_inference_steps = len(ts)
+        else:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps: pass num_inference_steps or timesteps")
+            ts = spaced_timesteps(
+                T, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset
+            )
+            if ts.max() >= T or ts.min() < 0:
+                raise ValueError(
+                    f"steps_offset: timesteps {ts.tolist()[:4]}... fall outside [0, {T}) with "
+                    f"steps_offset={self.config.steps_offset}"
+                )
+            self.num_inference_steps = int(num_inference_steps)
+            self.custom_timesteps = False
+        self.timesteps = torch.from_numpy(ts).to(device)
+        self._set_prev_table(prev_table(ts, T))
+        if device is not None:
+            self._prev_on(torch.device(device))
+
+    def previous_timestep(self, timestep):
+        """The timestep that ``step`` moves to from ``timestep`` (-1 after the last)."""
+        if self.custom_timesteps or self.num_inference_steps:
+            t = host_timestep(timestep)
+            if t is None:
+                return self._prev_on(timestep.device)[timestep.long()]
+            if not 0 <= t < len(self._prev_np) or self._prev_np[t] == -2:
+                raise IndexError(f"timestep: {t} is not one of the scheduler's timesteps")
+            return torch.tensor(int(self._prev_np[t]))
+        return timestep - 1
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator=None,
+        return_dict: bool = True,
+    ):
+        """x_{t-1} from x_t (``sample``) and the model's output at ``timestep``.
+
+        One fused pass: predicted x0 (eq. 15), clip, posterior mean (eq. 7), plus
+        sigma_t z for t > 0 with z drawn from ``generator`` exactly as diffusers
+        draws it (a list of generators, one per sample, works as in diffusers).
+
+        Returns:
+            :class:`DDPMSchedulerOutput`, or the tuple (prev_sample, pred_original_sample).
+        """
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample: expected a torch.Tensor, got {type(sample).__name__}")
+        if not isinstance(model_output, torch.Tensor):
+            raise TypeError(f"model_output: expected a torch.Tensor, got {type(model_output).__name__}")
+        vt = self.variance_type
+        predicted_variance = None
+        if vt in ("learned", "learned_range"):
+            C = sample.shape[1] if sample.dim() > 1 else -1
+            if model_output.dim() != sample.dim() or model_output.shape[1] != 2 * C:
+                raise ValueError(
+                    f"model_output: variance_type={vt!r} needs the model's variance too: expected "
+                    f"{2 * C} channels (2 x those of sample), got shape {tuple(model_output.shape)}"
+                )
+            model_output, predicted_variance = torch.split(model_output, C, dim=1)
+        elif vt == "fixed_large_log":
+            raise NotImplementedError(
+                "variance_type='fixed_large_log': diffusers' step computes sqrt(log beta_t), which is NaN; "
+                "use 'fixed_large'"
+            )
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output: expected shape {tuple(sample.shape)} (that of sample), "
+                f"got {tuple(model_output.shape)}"
+            )
+        if model_output.dtype != sample.dtype:
+            model_output = model_output.to(sample.dtype)
+            if predicted_variance is not None:
+                predicted_variance = predicted_variance.to(sample.dtype)
+        t, prev_t, t_host = self._resolve_timestep(timestep, sample)
+
+        cfg = self.config
+        prediction_type = cfg.prediction_type
+        if cfg.thresholding:
+            # diffusers' formulas for x0, then the per-sample quantile in torch.
+            ac = self.schedule.tables(sample.device)["alphas_cumprod"]
+            ab = ac[t] if t_host is not None else ac[t].reshape(-1, *([1] * (sample.dim() - 1)))
+            ab = ab.to(sample.dtype) if sample.dtype == torch.float64 else ab
+            if prediction_type == "epsilon":
+                x0 = (sample - (1 - ab) ** 0.5 * model_output) / ab**0.5
+            elif prediction_type == "sample":
+                x0 = model_output
+            else:
+                x0 = ab**0.5 * sample - (1 - ab) ** 0.5 * model_output
+            model_output = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            prediction_type = "sample"
+
+        noise, gen = None, generator
+        if t_host == 0 or (t_host is None and t.device.type == "cpu" and not bool((t > 0).any())):
+            noise, gen = "none", None  # diffusers draws no noise at t = 0
+        elif isinstance(generator, (list, tuple)):
+            noise, gen = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype), None
+        prev, pred = ops.ddpm_step(
+            sample,
+            model_output,
+            t,
+            self.schedule,
+            prev_t,
+            noise=noise,
+            generator=gen,
+            prediction_type=prediction_type,
+            variance_type="fixed_small" if vt == "fixed_small_log" else vt,
+            clip_sample=bool(cfg.clip_sample and not cfg.thresholding),
+            clip_sample_range=float(cfg.clip_sample_range),
+            predicted_variance=predicted_variance,
+            return_pred_original=True,
+            backend=self.backend,
+        )
+        if not return_dict:
+            return prev, pred
+        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4), through the fused q_sample."""
+        return _q(self.schedule, original_samples, noise, timesteps, self.backend, velocity=False)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022)."""
+        return _q(self.schedule, sample, noise, timesteps, self.backend, velocity=True)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def _q(
+    schedule, x: torch.Tensor, noise: torch.Tensor, timesteps, backend: str, velocity: bool
+) -> torch.Tensor:
+    """add_noise / get_velocity: the fused q_sample where shapes allow, diffusers' broadcasting otherwise."""
+    if not isinstance(timesteps, torch.Tensor):
+        timesteps = torch.as_tensor(timesteps)
+    B = x.shape[0] if x.dim() else 0
+    t = timesteps.to(x.device).reshape(-1)
+    if t.dtype.is_floating_point:
+        t = t.long()
+    fused = x.dim() >= 1 and noise.shape == x.shape and noise.dtype == x.dtype and t.numel() in (1, B)
+    if fused:
+        if t.numel() == 1 and B != 1:
+            t = t.expand(B)
+        if velocity:
+            return ops.q_sample(x, t, noise, schedule, target="v", backend=backend)[1]
+        return ops.q_sample(x, t, noise, schedule, backend=backend)
+    # Anything else (broadcast noise, per-element timesteps): diffusers' own formula.
+    ac = schedule.table(
+        "alphas_cumprod", x.device, torch.float64 if x.dtype == torch.float64 else torch.float32
+    )
+    ac = ac.to(x.dtype)[t]
+    a = ac**0.5
+    s = (1 - ac) ** 0.5
+    while a.dim() < x.dim():
+        a, s = a.unsqueeze(-1), s.unsqueeze(-1)
+    return a * noise - s * x if velocity else a * x + s * noise
