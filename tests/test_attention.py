@@ -1,0 +1,303 @@
+"""attention op and AttentionBlock against the float64 materialised reference and diffusers.
+
+Triton runs through its CPU interpreter here, which is slow: its cases are a few small shapes, the
+bigger ones marked slow. Tolerances (DESIGN.md): fp32 relative error 1e-5 against float64; fp16/bf16 no
+more than twice the error of torch's eager materialised attention in that dtype, both against float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _utils import backends_for, rel_err
+
+from fastddpm.nn import AttentionBlock
+from fastddpm.ops import BackendNotSupported, attention, reference
+
+CPU = torch.device("cpu")
+BACKENDS = backends_for(CPU, "attention")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FP32_RTOL = 1e-5
+
+NS = [1, 7, 100, 257]  # not multiples of any block size (16, 32, 64)
+DS = [16, 64, 256, 512]
+# Triton through the interpreter: a few (N, d) combinations by default, the rest slow.
+TRITON_FAST = {(1, 16), (7, 64), (100, 16), (7, 512), (100, 64), (257, 16)}
+
+
+def _cases():
+    for b in BACKENDS:
+        for n in NS:
+            for d in DS:
+                marks = []
+                if b == "triton" and (n, d) not in TRITON_FAST:
+                    marks.append(pytest.mark.slow)
+                yield pytest.param(b, n, d, marks=marks, id=f"{b}-N{n}-d{d}")
+
+
+def _rand(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, dtype=torch.float64, generator=gen).to(dtype)
+
+
+def _eager(q, k, v, scale):
+    """torch's own materialised attention in the inputs' dtype (the half-precision yardstick)."""
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def _run(fn, q, k, v, go):
+    """(out, dq, dk, dv) of fn on fresh leaf copies of q, k, v with output gradient go."""
+    qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(qq, kk, vv)
+    out.backward(go)
+    return out.detach(), qq.grad, kk.grad, vv.grad
+
+
+def _check_all(got, ref64, eager, dtype, what):
+    for name, a, r, e in zip(("out", "dq", "dk", "dv"), got, ref64, eager if eager else [None] * 4):
+        assert a.dtype == dtype, f"{what} {name}: dtype {a.dtype}, expected {dtype}"
+        assert torch.isfinite(a).all(), f"{what} {name}: non-finite values"
+        err = rel_err(a, r)
+        if dtype == torch.float32:
+            bound = FP32_RTOL
+        else:
+            bound = 2 * rel_err(e, r) + torch.finfo(dtype).eps
+        assert err <= bound, f"{what} {name}: relative error {err:.3g} > {bound:.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,n,d", list(_cases()))
+def test_forward_backward_vs_reference(backend, n, d, dtype):
+    g = torch.Generator().manual_seed(1000 * n + d)
+    B, H = 2, 1
+    q, k, v, go = (_rand(B, H, n, d, gen=g) for _ in range(4))
+    scale = d**-0.5
+    ref = _run(lambda a, b, c: reference.attention(a, b, c, scale), q, k, v, go)  # float64
+    qd, kd, vd, god = (x.to(dtype) for x in (q, k, v, go))
+    got = _run(lambda a, b, c: attention(a, b, c, backend=backend), qd, kd, vd, god)
+    eager = None if dtype == torch.float32 else _run(lambda a, b, c: _eager(a, b, c, scale), qd, kd, vd, god)
+    _check_all(got, ref, eager, dtype, f"{backend} N={n} d={d}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_lengths_heads_scale_strides(backend):
+    # N != M, several heads and batches, a custom scale, and q/k/v as strided views of one qkv tensor
+    # (the layout AttentionBlock feeds), with a head width that is not a power of two.
+    g = torch.Generator().manual_seed(7)
+    B, H, N, M, d = 3, 2, 37, 19, 48
+    qkv = _rand(B, N, 3, H, d, gen=g).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d), non-contiguous
+    q = qkv[0]
+    k, v = _rand(B, H, d, M, gen=g).transpose(2, 3), _rand(B, H, M, d, gen=g)[:, :, :, :]
+    go = _rand(B, H, N, d, gen=g)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    scale = 0.3
+    ref = _run(lambda a, b, c: reference.attention(a, b, c, scale), q.double(), k.double(), v.double(),
+               go.double())
+    got = _run(lambda a, b, c: attention(a, b, c, scale=scale, backend=backend), q, k, v, go)
+    _check_all(got, ref, None, torch.float32, f"{backend} strided")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_finite(backend, dtype):
+    # |logits| in the thousands: the online softmax must subtract the running max (no overflow to inf,
+    # no inf - inf = NaN). The float64 comparison is looser than 1e-5 here because softmax amplifies
+    # the rounding of a logit of magnitude L (about L * eps of the dtype) into its probabilities.
+    g = torch.Generator().manual_seed(3)
+    B, H, N, d = 1, 2, 70, 64
+    q, k = _rand(B, H, N, d, gen=g) * 30, _rand(B, H, N, d, gen=g) * 30
+    v, go = _rand(B, H, N, d, gen=g), _rand(B, H, N, d, gen=g)
+    qd, kd, vd, god = (x.to(dtype) for x in (q, k, v, go))
+    got = _run(lambda a, b, c: attention(a, b, c, backend=backend), qd, kd, vd, god)
+    for name, t in zip(("out", "dq", "dk", "dv"), got):
+        assert torch.isfinite(t).all(), f"{backend} {dtype} {name}: NaN or inf with extreme logits"
+    # compare the output against float64 on the same (rounded) inputs
+    ref = reference.attention(qd.double(), kd.double(), vd.double())
+    logit = (qd.double() @ kd.double().transpose(-2, -1)).abs().max().item() / math.sqrt(d)
+    bound = 4 * logit * torch.finfo(dtype).eps + 2 * torch.finfo(dtype).eps
+    assert rel_err(got[0], ref) <= bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_only_on_torch(backend):
+    q = _rand(1, 1, 5, 16, dtype=torch.float64)
+    if backend == "torch":
+        out = attention(q, q, q, backend=backend)
+        assert out.dtype == torch.float64
+    else:
+        with pytest.raises(BackendNotSupported, match="float64"):
+            attention(q, q, q, backend=backend)
+    assert attention(q, q, q).dtype == torch.float64  # auto routes float64 to the reference
+
+
+def test_auto_picks_cpu_sdpa_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
+    from fastddpm.ops import _dispatch
+
+    assert _dispatch.resolve("attention", "auto", CPU, torch.float32) == "cpu"
+
+
+def test_bad_inputs():
+    q = _rand(2, 1, 9, 16)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        attention(q, _rand(2, 1, 9, 32), q)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        attention(q, _rand(3, 1, 9, 16), q)
+    with pytest.raises(ValueError, match="v: expected shape"):
+        attention(q, q, _rand(2, 1, 8, 16))
+    with pytest.raises(ValueError, match="d .*at least 1"):
+        z = torch.empty(2, 1, 9, 0)
+        attention(z, z, z)
+    with pytest.raises(ValueError, match="N .*at least 1"):
+        z = torch.empty(2, 1, 0, 16)
+        attention(z, q, q)
+    with pytest.raises(ValueError, match="q: expected 4 dimensions"):
+        attention(q[0], q[0], q[0])
+    with pytest.raises(TypeError, match="k: expected dtype torch.float32"):
+        attention(q, q.half(), q)
+    with pytest.raises(TypeError, match="v: expected dtype torch.float32"):
+        attention(q, q, q.double())
+    with pytest.raises(TypeError, match="q: expected dtype"):
+        attention(q.int(), q.int(), q.int())
+    with pytest.raises(TypeError, match="q: expected a torch.Tensor"):
+        attention(q.numpy(), q, q)
+    with pytest.raises(ValueError, match="k: expected device cpu"):
+        attention(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match="scale"):
+        attention(q, q, q, scale=float("nan"))
+    with pytest.raises(ValueError, match="backend"):
+        attention(q, q, q, backend="cuda_graphs")
+    with pytest.raises(BackendNotSupported, match="cuda"):
+        attention(q, q, q, backend="cuda")
+    if "triton" in BACKENDS:
+        big = _rand(1, 1, 3, 520)
+        with pytest.raises(BackendNotSupported, match="d <= 512"):
+            attention(big, big, big, backend="triton")
+    big = _rand(1, 1, 3, 520)  # wider heads still run on the SDPA and reference backends
+    assert rel_err(attention(big, big, big, backend="cpu"), reference.attention(*(big.double(),) * 3)) < 1e-5
+
+
+# --------------------------------------------------------------------------- AttentionBlock
+
+
+def _diffusers_attention(channels, groups, eps, heads):
+    from diffusers.models.attention_processor import Attention
+
+    # As UNet2DModel's mid block (and AttnDownBlock2D/AttnUpBlock2D) build it.
+    return Attention(channels, heads=heads, dim_head=channels // heads, rescale_output_factor=1.0, eps=eps,
+                     norm_num_groups=groups, residual_connection=True, bias=True, upcast_softmax=True,
+                     _from_deprecated_attn_block=True)
+
+
+def _randomize(module, gen):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads", [1, 4])
+def test_block_matches_diffusers(backend, heads):
+    g = torch.Generator().manual_seed(11 + heads)
+    C, G, eps = 64, 32, 1e-6
+    ref = _diffusers_attention(C, G, eps, heads)
+    _randomize(ref, g)
+    block = AttentionBlock.from_diffusers(ref)
+    block.backend = backend
+    assert (block.channels, block.num_groups, block.eps, block.heads) == (C, G, eps, heads)
+    ref = ref.double()  # diffusers in float64 is the yardstick for the fp32 block
+    x = _rand(2, C, 5, 7, gen=g)  # N = 35 positions
+    x1, x2 = x.double().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y = ref(x1), block(x2)
+    gy = torch.randn(y.shape, generator=g)
+    y_ref.backward(gy.double())
+    y.backward(gy)
+    assert rel_err(y, y_ref.detach()) < 1e-5
+    assert rel_err(x2.grad, x1.grad) < 1e-5
+    # parameter gradients land on the matching diffusers parameters
+    dq_ref = torch.cat([ref.to_q.weight.grad, ref.to_k.weight.grad, ref.to_v.weight.grad])
+    assert rel_err(block.qkv.weight.grad, dq_ref) < 1e-5
+    assert rel_err(block.proj_out.weight.grad, ref.to_out[0].weight.grad) < 1e-5
+
+
+def test_block_matches_unet2dmodel_mid_attention():
+    from diffusers import UNet2DModel
+
+    g = torch.Generator().manual_seed(5)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                       attention_head_dim=None, norm_num_groups=16, norm_eps=1e-6)
+    attn = unet.mid_block.attentions[0]
+    _randomize(attn, g)
+    block = AttentionBlock.from_diffusers(attn)
+    assert (block.channels, block.heads, block.num_groups) == (64, 1, 16)
+    x = _rand(3, 64, 4, 4, gen=g)
+    with torch.no_grad():
+        assert rel_err(block(x), attn(x)) < 1e-5
+
+
+def test_block_roundtrip_to_diffusers():
+    g = torch.Generator().manual_seed(6)
+    block = AttentionBlock(32, num_groups=8, eps=1e-5, heads=2)
+    _randomize(block, g)
+    attn = block.to_diffusers()
+    x = _rand(2, 32, 3, 6, gen=g)
+    with torch.no_grad():
+        assert rel_err(attn(x), block(x)) < 1e-5
+    back = AttentionBlock(32, 8, 1e-5, heads=2)
+    back.load_diffusers_state_dict(block.diffusers_state_dict())
+    for (n1, p1), (n2, p2) in zip(block.state_dict().items(), back.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def _ddpm_attn_block(x, sd, groups, eps):
+    """The original DDPM attn_block (Ho et al. 2020, diffusion_utils nn.py), with 1x1 convs, in float64."""
+    C = x.shape[1]
+    h = torch.nn.functional.group_norm(x, groups, sd["norm.weight"], sd["norm.bias"], eps)
+    q, k, v = (torch.nn.functional.conv2d(h, sd[f"{n}.weight"], sd[f"{n}.bias"]) for n in "qkv")
+    w = torch.einsum("bchw,bcHW->bhwHW", q, k) * C**-0.5
+    B, _, H, W = x.shape
+    w = torch.softmax(w.reshape(B, H, W, H * W), dim=-1).reshape(B, H, W, H, W)
+    h = torch.einsum("bhwHW,bcHW->bchw", w, v)
+    h = torch.nn.functional.conv2d(h, sd["proj_out.weight"], sd["proj_out.bias"])
+    return x + h
+
+
+def test_block_loads_ddpm_layout():
+    g = torch.Generator().manual_seed(8)
+    C, G = 64, 32
+    sd = {"norm.weight": torch.randn(C, generator=g, dtype=torch.float64),
+          "norm.bias": torch.randn(C, generator=g, dtype=torch.float64)}
+    for n in ("q", "k", "v", "proj_out"):
+        sd[f"{n}.weight"] = torch.randn(C, C, 1, 1, generator=g, dtype=torch.float64) * 0.2
+        sd[f"{n}.bias"] = torch.randn(C, generator=g, dtype=torch.float64) * 0.2
+    block = AttentionBlock(C, G, 1e-6)
+    block.load_ddpm_state_dict({k: v.float() for k, v in sd.items()})
+    x = _rand(2, C, 6, 5, gen=g, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(block(x.float()), _ddpm_attn_block(x, sd, G, 1e-6)) < 1e-5
+    out = block.ddpm_state_dict()
+    assert out["q.weight"].shape == (C, C, 1, 1)
+    for key in sd:
+        assert torch.equal(out[key], sd[key].float()), key
+
+
+def test_block_bad_inputs():
+    with pytest.raises(ValueError, match="heads"):
+        AttentionBlock(64, 32, heads=3)
+    with pytest.raises(ValueError, match="num_groups"):
+        AttentionBlock(64, 24)
+    block = AttentionBlock(64, 32)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        block(torch.randn(2, 32, 4, 4))
+    with pytest.raises(KeyError, match="to_q.weight"):
+        block.load_diffusers_state_dict({})
+    with pytest.raises(KeyError, match="proj_out"):
+        block.load_ddpm_state_dict({})
+    sd = block.ddpm_state_dict()
+    sd["q.weight"] = torch.randn(64, 32, 1, 1)
+    with pytest.raises(ValueError, match="q.weight"):
+        block.load_ddpm_state_dict(sd)
