@@ -23,6 +23,7 @@ meta tensor's storage), as DESIGN.md records.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -53,6 +54,16 @@ def _blocks(d: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # Triton's interpreter mis-multiplies bfloat16 operands in tl.dot (it reads their bits as other
+    # values); under it, bf16 operands go in as fp32, which is exact (a bf16 x bf16 product fits in fp32,
+    # as in the GPU's bf16 MMA with fp32 accumulation).
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,  # noqa: E741
     sqb, sqh, sqn, sqd,
@@ -60,7 +71,8 @@ def _attn_fwd_kernel(
     svb, svh, svn, svd,
     sob, soh, son, sod,
     H, N, M, D, qk_scale,  # qk_scale = scale * log2(e)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -84,7 +96,7 @@ def _attn_fwd_kernel(
         n_ok = cols < M
         kT = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, kT, input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = _mm(q, kT, PREC, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block has a valid column
         alpha = tl.exp2(m_i - m_new)
@@ -92,7 +104,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     acc = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
@@ -130,7 +142,8 @@ def _attn_bwd_dkdv_kernel(
     svb, svh, svn, svd,
     sdb, sdh, sdn, sdd,  # strides of dO
     H, N, M, D, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # One key block; loop over query blocks. Works on transposed scores (BLOCK_N, BLOCK_M).
     pid_n = tl.program_id(0)
@@ -161,14 +174,14 @@ def _attn_bwd_dkdv_kernel(
         # lse = +inf on padded rows makes their probabilities exactly 0.
         lse = tl.load(LSE + row_base + rows, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + row_base + rows, mask=m_ok, other=0.0)
-        pT = tl.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        pT = tl.exp2(_mm(k, qT, PREC, UPCAST) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
         pT = tl.where(n_ok[:, None], pT, 0.0)
         do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd,
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
+        dv += _mm(pT.to(do.dtype), do, PREC, UPCAST)
+        dpT = _mm(v, tl.trans(do), PREC, UPCAST)  # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
+        dk += _mm(dsT.to(qT.dtype), tl.trans(qT), PREC, UPCAST)
     dk = dk * scale
     out_off = offs_n[:, None] * D + offs_d[None, :]  # dK, dV are contiguous (B, H, M, D)
     base = pid_bh.to(tl.int64) * M * D
@@ -184,7 +197,8 @@ def _attn_bwd_dq_kernel(
     svb, svh, svn, svd,
     sdb, sdh, sdn, sdd,
     H, N, M, D, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # One query block; loop over key blocks.
     pid_m = tl.program_id(0)
@@ -214,18 +228,26 @@ def _attn_bwd_dq_kernel(
         k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
         # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None])
+        p = tl.exp2(_mm(q, tl.trans(k), PREC, UPCAST) * qk_scale - lse[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dp = _mm(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq += _mm(ds.to(k.dtype), k, PREC, UPCAST)
     dq = dq * scale
     out_off = offs_m[:, None] * D + offs_d[None, :]
     tl.store(DQ + pid_bh.to(tl.int64) * N * D + out_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for fp16/bf16 operands
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    return {"PREC": _prec(dtype), "UPCAST": _upcast(dtype)}
 
 
 @triton_op("fastddpm::attention_triton_fwd", mutates_args=())
@@ -241,7 +263,7 @@ def attention_triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     wrap_triton(_attn_fwd_kernel)[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, N, M, D, scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), PREC=_prec(q.dtype), num_warps=warps, num_stages=2,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), **_dot_args(q.dtype), num_warps=warps, num_stages=2,
     )
     return o, lse
 
@@ -265,11 +287,11 @@ def attention_triton_bwd(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     # The key-block kernel holds two (BLOCK_N, d) fp32 accumulators, so its key block is the small one.
     wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(M, bm), B * H)](
         q, k, v, grad_o, lse, delta, dk, dv, *strides, H, N, M, D, scale * LOG2E, scale,
-        BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=bd, PREC=_prec(q.dtype), num_warps=warps, num_stages=1,
+        BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=1,
     )
     wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(N, bm), B * H)](
         q, k, v, grad_o, lse, delta, dq, *strides, H, N, M, D, scale * LOG2E, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=_prec(q.dtype), num_warps=warps, num_stages=1,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=1,
     )
     return dq, dk, dv
 
