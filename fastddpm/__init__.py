@@ -2,6 +2,9 @@
 
 from . import ops
 from ._version import __version__
+from .compat.diffusers import patch, unpatch
+from .models import UNet, UNetConfig
+from .samplers import DDPMScheduler
 from .schedule import NoiseSchedule
 
-__all__ = ["NoiseSchedule", "__version__", "ops"]
+__all__ = ["DDPMScheduler", "NoiseSchedule", "UNet", "UNetConfig", "__version__", "ops", "patch", "unpatch"]

@@ -1,0 +1,1 @@
+"""Interoperability with other libraries (diffusers); each submodule imports its library lazily."""

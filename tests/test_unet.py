@@ -1,0 +1,335 @@
+"""fastddpm.UNet: structure, parameter counts, config checks, gradients, state_dict, performance switches.
+
+Parity with diffusers' UNet2DModel lives in tests/test_compat_diffusers.py.
+"""
+
+import io
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastddpm import UNet, UNetConfig
+from fastddpm.models.unet import SinusoidalTimesteps
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    # Norm weights of exactly 1 and biases of exactly 0 hide mistakes: draw every parameter afresh.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    return model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# parameter counts and presets
+# ------------------------------------------------------------------------------------------------
+def test_cifar10_parameter_count():
+    # The DDPM CIFAR-10 network (Ho et al. 2020) as google/ddpm-cifar10-32 ships it.
+    assert UNet.ddpm_cifar10().num_parameters() == 35_746_307
+
+
+def test_presets_are_small():
+    d, t = UNet.digits(), UNet.tiny()
+    assert d.config.in_channels == 1 and d.config.sample_size in (16, 32)
+    assert d.num_parameters() < 3_000_000
+    assert t.num_parameters() < 300_000
+
+
+def test_learned_variance_doubles_output_channels():
+    m = UNet.tiny(learned_variance=True).eval()
+    assert m.config.out_channels_resolved == 6
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 8, 8), 3).shape == (1, 6, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes at every level
+# ------------------------------------------------------------------------------------------------
+def _expected_shapes(cfg: UNetConfig, B: int):
+    chans, res = cfg.block_out_channels, cfg.resolutions
+    L = cfg.num_levels
+    down = [(B, chans[i], res[min(i + 1, L - 1)], res[min(i + 1, L - 1)]) for i in range(L)]
+    mid = (B, chans[-1], res[-1], res[-1])
+    up = [(B, chans[L - 1 - i], res[max(L - 2 - i, 0)], res[max(L - 2 - i, 0)]) for i in range(L)]
+    return down, mid, up
+
+
+@pytest.mark.parametrize("preset", ["tiny", "digits",
+                                    pytest.param("ddpm_cifar10", marks=pytest.mark.slow)])
+def test_shapes_at_every_level(preset):
+    model = getattr(UNet, preset)().eval()
+    cfg = model.config
+    B = 2 if preset != "ddpm_cifar10" else 1
+    seen = {}
+
+    def hook(name):
+        def f(mod, inp, out):
+            seen[name] = tuple((out[0] if isinstance(out, tuple) else out).shape)
+        return f
+
+    for i, b in enumerate(model.down_blocks):
+        b.register_forward_hook(hook(f"down{i}"))
+    for i, b in enumerate(model.up_blocks):
+        b.register_forward_hook(hook(f"up{i}"))
+    model.mid_block.register_forward_hook(hook("mid"))
+    x = torch.randn(B, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    with torch.no_grad():
+        y = model(x, torch.randint(0, 1000, (B,)))
+    down, mid, up = _expected_shapes(cfg, B)
+    assert [seen[f"down{i}"] for i in range(cfg.num_levels)] == down
+    assert seen["mid"] == mid
+    assert [seen[f"up{i}"] for i in range(cfg.num_levels)] == up
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+
+
+def test_attention_placement():
+    cfg = UNetConfig(sample_size=16, base_channels=16, channel_mult=(1, 2, 2), attention_resolutions=(16, 4),
+                     norm_num_groups=8, layers_per_block=2)
+    m = UNet(cfg)
+    assert [b.attentions is not None for b in m.down_blocks] == [True, False, True]
+    assert [b.attentions is not None for b in m.up_blocks] == [True, False, True]
+    assert len(m.down_blocks[0].attentions) == 2 and len(m.up_blocks[0].attentions) == 3
+    assert UNet(cfg, mid_attention=False).mid_block.attentions is None
+
+
+def test_other_image_sizes_run():
+    # The network is convolutional: any size divisible by 2**(levels-1) runs (attention placement fixed).
+    m = _randomise(UNet.tiny()).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 12, 6), 1).shape == (1, 3, 12, 6)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        m(torch.randn(1, 3, 7, 8), 1)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        m(torch.randn(1, 4, 8, 8), 1)
+
+
+def test_timestep_forms_agree():
+    m = _randomise(UNet.tiny()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = m(x, torch.tensor([17, 17]))
+        for t in (17, torch.tensor(17), torch.tensor([17]), torch.tensor([17.0, 17.0])):
+            assert torch.equal(m(x, t), ref), t
+        # different timesteps per sample give different outputs
+        assert not torch.allclose(m(x, torch.tensor([17, 500])), ref)
+    with pytest.raises(ValueError, match="t: expected"):
+        m(x, torch.tensor([1, 2, 3]))
+
+
+# ------------------------------------------------------------------------------------------------
+# time embedding: the original DDPM formula, independent float64 implementation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flip,shift", [(False, 1.0), (True, 0.0), (False, 0.0)])
+def test_time_embedding_matches_formula(flip, shift):
+    dim = 64
+    te = SinusoidalTimesteps(dim, flip, shift)
+    t = torch.tensor([0, 1, 17, 999, 523])
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / (half - shift))
+    arg = t.double()[:, None] * freqs[None]
+    ref = torch.cat([torch.cos(arg), torch.sin(arg)] if flip else [torch.sin(arg), torch.cos(arg)], dim=1)
+    # fp32 arguments up to ~1000 rad: an fp32 ulp of the argument is 6e-5
+    assert (te(t).double() - ref).abs().max().item() < 2e-4
+
+
+def test_time_frequencies_are_a_non_persistent_buffer():
+    m = UNet.tiny()
+    assert "time_proj.freqs" in dict(m.named_buffers())
+    assert not any("freqs" in k for k in m.state_dict())
+
+
+def test_no_constant_tensors_created_per_forward():
+    # The time-embedding frequencies and every other constant are made at construction: a forward
+    # runs no arange / exp / full / ones / zeros / scalar_tensor.
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    m = UNet.tiny().eval()
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
+    with torch.no_grad(), Record() as rec:
+        m(x, t)
+    constant_makers = {f"aten.{n}" for n in ("arange", "exp", "full", "ones", "zeros", "scalar_tensor",
+                                             "lift_fresh", "empty")}
+    made = [o for o in rec.ops if o in constant_makers]
+    assert not made, made
+
+
+# ------------------------------------------------------------------------------------------------
+# config checks and serialisation
+# ------------------------------------------------------------------------------------------------
+def test_config_json_round_trip():
+    cfg = UNetConfig(sample_size=16, base_channels=32, channel_mult=(1, 2, 3), attention_resolutions=(8,),
+                     head_dim=16, dropout=0.2, norm_num_groups=16, norm_eps=1e-5, flip_sin_to_cos=True,
+                     freq_shift=0, time_embedding_dim=96, downsample_padding=1, learned_variance=True)
+    s = cfg.to_json()
+    back = UNetConfig.from_json(s)
+    assert back == cfg
+    assert UNet(back).state_dict().keys() == UNet(cfg).state_dict().keys()
+    with pytest.raises(ValueError, match="unknown keys"):
+        UNetConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(base_channels=48, norm_num_groups=32), "norm_num_groups"),
+    (dict(base_channels=32, channel_mult=(1, 3), norm_num_groups=64), "norm_num_groups"),
+    (dict(attention_resolutions=(12,)), "attention_resolutions: resolution 12 never occurs"),
+    (dict(sample_size=20, channel_mult=(1, 2, 2, 2)), "sample_size: 20 cannot be halved 3 times"),
+    (dict(sample_size=7, channel_mult=(1, 2), attention_resolutions=()), "sample_size: 7"),
+    (dict(downsample_padding=2), "downsample_padding"),
+    (dict(num_heads=3), "num_heads"),
+    (dict(head_dim=48), "head_dim"),
+    (dict(channel_mult=()), "channel_mult"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(in_channels=0), "in_channels"),
+])
+def test_bad_config_raises_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# training: gradients, state_dict, checkpointing, channels_last
+# ------------------------------------------------------------------------------------------------
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    m = _randomise(UNet.tiny(num_heads=2)).train()
+    x = torch.randn(2, 3, 8, 8)
+    loss = (m(x, torch.tensor([3, 700])) - torch.randn_like(x)).pow(2).mean()
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name}: zero gradient"
+
+
+def test_state_dict_round_trip():
+    a = _randomise(UNet.tiny(), seed=1).eval()
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = _randomise(UNet(UNetConfig.from_json(a.config.to_json())), seed=2).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert not torch.equal(a(x, 5), b(x, 5))
+        b.load_state_dict(torch.load(buf, weights_only=True))
+        assert torch.equal(a(x, 5), b(x, 5))
+
+
+def test_dropout_in_train_mode_only():
+    m = _randomise(UNet.tiny(dropout=0.3))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        m.train()
+        assert not torch.equal(m(x, 4), m(x, 4))
+        m.eval()
+        assert torch.equal(m(x, 4), m(x, 4))
+
+
+def _grads(m, x, t, noise):
+    m.zero_grad(set_to_none=True)
+    out = m(x, t)
+    (out - noise).pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def test_gradient_checkpointing_same_gradients():
+    m = _randomise(UNet.tiny(channel_mult=(1, 2, 2), sample_size=8, attention_resolutions=(4,))).train()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    noise = torch.randn_like(x)
+    out0, g0 = _grads(m, x, t, noise)
+    assert not m.gradient_checkpointing
+    m.enable_gradient_checkpointing()
+    assert m.gradient_checkpointing
+    out1, g1 = _grads(m, x, t, noise)
+    assert _rel(out1, out0) < 1e-6
+    for n in g0:
+        assert _rel(g1[n], g0[n]) < 1e-5, n
+    m.disable_gradient_checkpointing()
+    assert not m.gradient_checkpointing
+
+
+def test_channels_last_end_to_end():
+    m = _randomise(UNet.tiny(num_heads=2)).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    with torch.no_grad():
+        ref = m(x, t)
+    m = m.to(memory_format=torch.channels_last)
+    layouts = []
+
+    def hook(mod, inp, out):
+        if out.dim() == 4 and out.shape[-1] > 1:
+            layouts.append((type(mod).__name__, out.is_contiguous(memory_format=torch.channels_last)))
+
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Conv2d) or type(mod).__name__ in ("GroupNormSiLU", "AttentionBlock"):
+            mod.register_forward_hook(hook)
+    with torch.no_grad():
+        y = m(x, t)  # a contiguous input is converted to the model's layout
+    assert _rel(y, ref) < 1e-5
+    not_cl = [name for name, cl in layouts if not cl]
+    assert not not_cl, f"activations left channels_last in: {not_cl}"
+    # and the training path too
+    m.train()
+    out = m(x, t)
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_inference_mode():
+    m = _randomise(UNet.tiny()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.inference_mode():
+        y = m(x, 3)
+    with torch.no_grad():
+        assert torch.equal(y, m(x, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile
+# ------------------------------------------------------------------------------------------------
+def test_compile_fullgraph_no_graph_breaks():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    m = _randomise(UNet.tiny(num_heads=2)).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(m)(x, t)
+    reasons = [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
+
+
+def test_compile_training_graph_no_graph_breaks():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    m = _randomise(UNet.tiny()).train()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+
+    def step(x, t):
+        return m(x, t).pow(2).mean()
+
+    explanation = torch._dynamo.explain(step)(x, t)
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    torch._dynamo.reset()
