@@ -1,0 +1,341 @@
+"""fastddpm.UNet against diffusers' UNet2DModel (conversion both ways) and fastddpm.patch/unpatch.
+
+diffusers' model is the independent reference: outputs must agree within relative error 1e-5 of the
+output norm (fp32) on random inputs, random timesteps and random weights (norm weights and biases too,
+so a misplaced norm or bias cannot hide behind their ones/zeros initialisation).
+"""
+
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+
+import fastddpm  # noqa: E402
+from fastddpm import UNet, UNetConfig  # noqa: E402
+from fastddpm.compat.diffusers import (  # noqa: E402
+    UnsupportedDiffusersConfig,
+    config_from_diffusers,
+    config_to_diffusers,
+    from_diffusers,
+    is_patched,
+    patch,
+    state_dict_from_diffusers,
+    state_dict_to_diffusers,
+    to_diffusers,
+    unpatch,
+)
+
+RTOL = 1e-5
+
+# google/ddpm-cifar10-32's config.json (the hub is unreachable here; the fields are copied).
+GOOGLE_DDPM_CIFAR10 = dict(
+    sample_size=32, in_channels=3, out_channels=3, act_fn="silu", attention_head_dim=None,
+    block_out_channels=(128, 256, 256, 256), center_input_sample=False,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, layers_per_block=2, mid_block_scale_factor=1,
+    norm_eps=1e-6, norm_num_groups=32, time_embedding_type="positional",
+)
+
+# Small configurations covering the options: widths, levels, attention places, heads, eps, flip/shift,
+# padding, mid scale, no mid attention, learned variance, time-embedding width.
+SMALL = {
+    "two_levels_attn_low": dict(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0),
+    "three_levels_attn_high_multihead": dict(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 32, 64), layers_per_block=2,
+        norm_num_groups=16, down_block_types=("AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D"), attention_head_dim=8,
+        norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1),
+    "no_attention_anywhere": dict(
+        sample_size=8, block_out_channels=(16, 48), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        add_attention=False, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=1, downsample_padding=1),
+    "all_levels_attention_mid_scale": dict(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8,
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"), attention_head_dim=None,
+        mid_block_scale_factor=math.sqrt(2), norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=0,
+        downsample_padding=0),
+    "learned_variance_custom_temb_single_level": dict(
+        sample_size=4, in_channels=3, out_channels=6, block_out_channels=(32,), layers_per_block=1,
+        norm_num_groups=32, down_block_types=("AttnDownBlock2D",), up_block_types=("AttnUpBlock2D",),
+        attention_head_dim=16, time_embedding_dim=80, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1),
+    "diffusers_defaults_head_dim_8": dict(
+        sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+}
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _inputs(cfg: dict, B: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    s = cfg["sample_size"]
+    x = torch.randn(B, cfg.get("in_channels", 3), s, s, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    return x, t
+
+
+def _diffusers_model(cfg: dict, seed: int = 0) -> UNet2DModel:
+    return _randomise(UNet2DModel(**cfg), seed).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# parameter counts
+# ------------------------------------------------------------------------------------------------
+def test_cifar10_preset_has_diffusers_parameter_count_and_keys():
+    d = UNet2DModel(**GOOGLE_DDPM_CIFAR10)
+    n = sum(p.numel() for p in d.parameters())
+    ours = UNet.ddpm_cifar10()
+    assert n == 35_746_307 == ours.num_parameters()
+    assert config_from_diffusers(d.config) == UNetConfig(**{**ours.config.to_dict(), "dropout": 0.0,
+                                                            "out_channels": 3})
+    assert set(state_dict_to_diffusers(ours.state_dict())) == set(d.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_state_dict_keys_and_shapes_agree(name):
+    d = UNet2DModel(**SMALL[name])
+    ours = UNet(config_from_diffusers(d.config))
+    conv = state_dict_from_diffusers(d.state_dict())
+    shapes = {k: tuple(v.shape) for k, v in conv.items()}
+    assert shapes == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# output parity, diffusers -> fastddpm and fastddpm -> diffusers
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_from_diffusers_parity(name):
+    cfg = SMALL[name]
+    d = _diffusers_model(cfg)
+    u = from_diffusers(d)
+    assert not u.training
+    x, t = _inputs(cfg, 2)
+    with torch.no_grad():
+        ref = d(x, t).sample
+        out = u(x, t)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < RTOL
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_to_diffusers_parity(name):
+    cfg = config_from_diffusers(SMALL[name])
+    u = _randomise(UNet(cfg), seed=3).eval()
+    d = to_diffusers(u)
+    assert isinstance(d, UNet2DModel) and not d.training
+    x, t = _inputs(SMALL[name], 2, seed=4)
+    with torch.no_grad():
+        ref = d(x, t).sample
+        out = u(x, t)
+    assert _rel(out, ref) < RTOL
+    # and back again gives the same weights
+    back, sd = from_diffusers(d).state_dict(), u.state_dict()
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.slow
+def test_cifar10_parity_both_directions():
+    d = _diffusers_model(GOOGLE_DDPM_CIFAR10)
+    u = from_diffusers(d)
+    x, t = _inputs(GOOGLE_DDPM_CIFAR10, 1)
+    with torch.no_grad():
+        ref = d(x, t).sample
+        assert _rel(u(x, t), ref) < RTOL
+    u2 = _randomise(UNet.ddpm_cifar10(), seed=5).eval()
+    d2 = to_diffusers(u2)
+    with torch.no_grad():
+        assert _rel(u2(x, t), d2(x, t).sample) < RTOL
+
+
+def test_fastddpm_config_to_diffusers_and_back():
+    cfg = UNetConfig(sample_size=16, base_channels=32, channel_mult=(1, 2), attention_resolutions=(8,),
+                     num_heads=4, norm_num_groups=8, learned_variance=True, dropout=0.1)
+    kw = config_to_diffusers(cfg)
+    assert kw["attention_head_dim"] == 16 and kw["out_channels"] == 6
+    back = config_from_diffusers(kw)
+    assert back.head_dim == 16 and back.out_channels == 6
+    assert UNet(back).num_parameters() == UNet(cfg).num_parameters()
+    # a head count diffusers cannot express (two attention widths, fixed head count)
+    bad = UNetConfig(sample_size=16, base_channels=32, channel_mult=(1, 2), attention_resolutions=(16,),
+                     num_heads=2, norm_num_groups=8)
+    with pytest.raises(UnsupportedDiffusersConfig, match="num_heads"):
+        config_to_diffusers(bad)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("time_embedding_type", "fourier"),
+    ("resnet_time_scale_shift", "scale_shift"),
+    ("class_embed_type", "timestep"),
+    ("num_class_embeds", 10),
+    ("center_input_sample", True),
+    ("act_fn", "gelu"),
+    ("downsample_type", "resnet"),
+    ("upsample_type", "resnet"),
+    ("mid_block_type", None),
+    ("attn_norm_num_groups", 4),
+])
+def test_unsupported_option_names_itself(option, value):
+    cfg = {**SMALL["two_levels_attn_low"], option: value}
+    with pytest.raises(UnsupportedDiffusersConfig, match=option):
+        config_from_diffusers(cfg)
+
+
+@pytest.mark.parametrize("down,up,match", [
+    (("DownBlock2D", "SkipDownBlock2D"), ("UpBlock2D", "UpBlock2D"),
+     "down_block_types\\[1\\]='SkipDownBlock2D'"),
+    (("DownBlock2D", "AttnDownBlock2D"), ("ResnetUpsampleBlock2D", "UpBlock2D"), "up_block_types\\[0\\]"),
+    (("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "UpBlock2D"), "same resolutions"),
+])
+def test_unsupported_blocks_name_the_block(down, up, match):
+    cfg = {**SMALL["two_levels_attn_low"], "down_block_types": down, "up_block_types": up}
+    with pytest.raises(UnsupportedDiffusersConfig, match=match):
+        config_from_diffusers(cfg)
+
+
+def test_unsupported_model_raises_from_a_real_model():
+    d = UNet2DModel(**{**SMALL["two_levels_attn_low"], "resnet_time_scale_shift": "scale_shift"})
+    with pytest.raises(UnsupportedDiffusersConfig, match="resnet_time_scale_shift"):
+        from_diffusers(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# patch / unpatch
+# ------------------------------------------------------------------------------------------------
+PATCH_CASES = ["two_levels_attn_low", "three_levels_attn_high_multihead", "all_levels_attention_mid_scale"]
+
+
+@pytest.mark.parametrize("name", PATCH_CASES)
+def test_patch_parity_and_unpatch_restores(name):
+    cfg = SMALL[name]
+    d = _diffusers_model(cfg)
+    x, t = _inputs(cfg, 2)
+    sd_before = {k: v.clone() for k, v in d.state_dict().items()}
+    with torch.no_grad():
+        ref = d(x, t).sample
+        assert patch(d) is d and is_patched(d)
+        out = d(x, t).sample
+        assert _rel(out, ref) < RTOL
+        assert d.state_dict().keys() == sd_before.keys()
+        assert all(torch.equal(v, sd_before[k]) for k, v in d.state_dict().items())
+        patch(d)  # idempotent
+        assert _rel(d(x, t).sample, ref) < RTOL
+        assert unpatch(d) is d and not is_patched(d)
+        assert torch.equal(d(x, t).sample, ref)
+    assert type(d.conv_act) is torch.nn.SiLU and type(d.conv_norm_out) is torch.nn.GroupNorm
+    assert all(type(m).__module__.startswith("diffusers") or type(m).__module__.startswith("torch")
+               for m in d.modules())
+
+
+def test_patch_swaps_the_fused_ops_in(monkeypatch):
+    # The patched model must actually call fastddpm's ops (not just agree with diffusers).
+    import fastddpm.compat.diffusers as compat
+
+    calls = {"gn": 0, "attn": 0}
+    real_gn, real_attn = compat.group_norm_silu, compat._attention
+
+    def gn(*a, **k):
+        calls["gn"] += 1
+        return real_gn(*a, **k)
+
+    def attn(*a, **k):
+        calls["attn"] += 1
+        return real_attn(*a, **k)
+
+    monkeypatch.setattr(compat, "group_norm_silu", gn)
+    monkeypatch.setattr(compat, "_attention", attn)
+    cfg = SMALL["two_levels_attn_low"]
+    d = patch(_diffusers_model(cfg))
+    with torch.no_grad():
+        d(*_inputs(cfg, 1))
+    n_resnets = sum(1 for m in d.modules() if type(m).__name__.endswith("ResnetBlock2D"))
+    n_attn = sum(1 for m in d.modules() if type(m).__name__ == "Attention")
+    assert calls["gn"] == 2 * n_resnets + n_attn + 1  # two per ResNet, one per attention, the output norm
+    assert calls["attn"] == n_attn
+
+
+def test_patch_training_gradients_match():
+    cfg = SMALL["two_levels_attn_low"]
+    d = _diffusers_model(cfg).train()
+    x, t = _inputs(cfg, 2)
+    noise = torch.randn_like(x)
+
+    def grads():
+        d.zero_grad(set_to_none=True)
+        (d(x, t).sample - noise).pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in d.named_parameters()}
+
+    def check(g):
+        for n in g0:
+            if n.endswith("to_k.bias"):
+                # Exactly zero in exact arithmetic (softmax ignores a bias added to every key), so both are
+                # rounding noise: bound them against the weight's gradient instead.
+                scale = g0[n.replace("bias", "weight")].norm()
+                assert g[n].norm() < 1e-5 * scale and g0[n].norm() < 1e-5 * scale, n
+                continue
+            # gradients are sums over positions and batch: one order of magnitude looser than outputs
+            assert _rel(g[n], g0[n]) < 1e-4, n
+
+    g0 = grads()
+    patch(d)
+    check(grads())
+    # diffusers' own gradient checkpointing still works through the patched blocks
+    d.enable_gradient_checkpointing()
+    check(grads())
+
+
+def test_patched_model_save_load_and_pickle(tmp_path):
+    cfg = SMALL["three_levels_attn_high_multihead"]
+    d = patch(_diffusers_model(cfg))
+    x, t = _inputs(cfg, 1)
+    with torch.no_grad():
+        out = d(x, t).sample
+    d.save_pretrained(tmp_path / "unet")
+    loaded = UNet2DModel.from_pretrained(tmp_path / "unet").eval()
+    assert not is_patched(loaded)
+    with torch.no_grad():
+        assert _rel(loaded(x, t).sample, out) < RTOL
+    torch.save(d, tmp_path / "whole.pt")
+    back = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert is_patched(back)
+    with torch.no_grad():
+        assert torch.equal(back(x, t).sample, out)
+
+
+def test_patched_model_in_ddpm_pipeline():
+    cfg = SMALL["two_levels_attn_low"]
+    d = _diffusers_model(cfg)
+    sched = DDPMScheduler(num_train_timesteps=50)
+    ref = DDPMPipeline(unet=d, scheduler=sched)(batch_size=1, num_inference_steps=3, output_type="np",
+                                                 generator=torch.Generator().manual_seed(0)).images
+    patch(d)
+    out = DDPMPipeline(unet=d, scheduler=sched)(batch_size=1, num_inference_steps=3, output_type="np",
+                                                 generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == ref.shape
+    assert abs(out - ref).max() < 1e-4
+
+
+def test_top_level_exports():
+    assert fastddpm.patch is patch and fastddpm.unpatch is unpatch
