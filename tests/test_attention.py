@@ -71,7 +71,7 @@ def _check_all(got, ref64, eager, dtype, what):
 @pytest.mark.parametrize("backend,n,d", list(_cases()))
 def test_forward_backward_vs_reference(backend, n, d, dtype):
     g = torch.Generator().manual_seed(1000 * n + d)
-    B, H = 2, 1
+    B, H = (1 if backend == "triton" else 2), 1  # the interpreter is slow; batching: strided test
     q, k, v, go = (_rand(B, H, n, d, gen=g) for _ in range(4))
     scale = d**-0.5
     ref = _run(lambda a, b, c: reference.attention(a, b, c, scale), q, k, v, go)  # float64

@@ -1,0 +1,222 @@
+"""Attention benchmarks: fastddpm.ops.attention against SDPA and the materialised formula.
+
+Three ways to run it:
+
+* ``pytest benchmarks/bench_attention.py`` (pytest-benchmark): a short default set of U-Net shapes;
+  ``FASTDDPM_BENCH_FULL=1`` runs the whole grid (N = 64, 256, 1024; d = 128, 256, 512; batch 1, 16).
+* ``python benchmarks/bench_attention.py [--full] [--csv out.csv]``: the CPU comparison the README
+  quotes: providers interleaved in one process (DESIGN.md: timings drift 30% between runs), medians,
+  ratios, and the peak resident memory one call adds (VmHWM after resetting it via /proc/self/clear_refs).
+* ``gpu_bench_attention()``: on a CUDA machine, triton.testing.do_bench over the Triton kernel, each of
+  SDPA's CUDA backends and the materialised formula, in fp16/bf16/fp32, reporting ms and TFLOP/s.
+
+Shapes are (B, heads=1, N, d): the DDPM U-Net attends over the H*W positions of a feature map with one
+head as wide as the channel count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastddpm.ops import attention, reference
+
+SHORT = [(1, 256, 256), (16, 256, 256), (1, 1024, 128)]
+FULL = [(b, n, d) for b in (1, 16) for n in (64, 256, 1024) for d in (128, 256, 512)]
+
+
+def _shapes():
+    return FULL if os.environ.get("FASTDDPM_BENCH_FULL") else SHORT
+
+
+def _providers() -> dict:
+    return {
+        "fastddpm": lambda q, k, v: attention(q, k, v),  # auto: backend "cpu" on CPU tensors
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+        "materialised": lambda q, k, v: reference.attention(q, k, v),
+    }
+
+
+def _inputs(B, N, d, dtype=torch.float32, device="cpu", grad=False):
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, 1, N, d, generator=g, device=device, dtype=dtype) for _ in range(3))
+    if grad:
+        for x in (q, k, v):
+            x.requires_grad_()
+    return q, k, v
+
+
+def _step(fn, q, k, v, backward):
+    if not backward:
+        with torch.no_grad():
+            return fn(q, k, v)
+    o = fn(q, k, v)
+    o.backward(torch.ones_like(o))
+    for x in (q, k, v):
+        x.grad = None
+    return o
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", list(_providers()))
+@pytest.mark.parametrize("shape", _shapes(), ids=lambda s: "B{}-N{}-d{}".format(*s))
+def test_attention_cpu(benchmark, shape, provider, mode):
+    B, N, d = shape
+    q, k, v = _inputs(B, N, d, grad=mode != "fwd")
+    fn = _providers()[provider]
+    benchmark.group = f"attention {mode} B={B} N={N} d={d}"
+    benchmark.extra_info.update(op="attention", provider=provider, B=B, N=N, d=d, mode=mode)
+    benchmark(_step, fn, q, k, v, mode != "fwd")
+
+
+# ----------------------------------------------------------------------------- interleaved script
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _peak_extra_mib(fn) -> float:
+    """Resident memory (MiB) one call adds at its peak: VmHWM after a reset, minus VmRSS before."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def run_cpu(shapes, reps: int = 15, csv_path: str | None = None) -> list[dict]:
+    torch.manual_seed(0)
+    rows = []
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
+    print(f"# attention on the CPU ({machine}); medians of {reps} interleaved calls; heads = 1, fp32")
+    print(f"{'mode':8} {'B':>3} {'N':>5} {'d':>4} | " + " | ".join(
+        f"{p:>12} ms  peak MiB" for p in _providers()) + " | sdpa/fastddpm  materialised/fastddpm")
+    for mode in ("fwd", "fwd+bwd"):
+        bwd = mode != "fwd"
+        for B, N, d in shapes:
+            q, k, v = _inputs(B, N, d, grad=bwd)
+            provs = _providers()
+            for fn in provs.values():  # warm-up
+                _step(fn, q, k, v, bwd)
+            times = {p: [] for p in provs}
+            for _ in range(reps):
+                for p, fn in provs.items():
+                    t0 = time.perf_counter()
+                    _step(fn, q, k, v, bwd)
+                    times[p].append(time.perf_counter() - t0)
+            peak = {p: _peak_extra_mib(functools.partial(_step, fn, q, k, v, bwd)) for p, fn in provs.items()}
+            med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
+            cells = " | ".join(f"{med[p]:12.3f}     {peak[p]:8.1f}" for p in provs)
+            print(f"{mode:8} {B:3d} {N:5d} {d:4d} | {cells} | {med['sdpa'] / med['fastddpm']:13.2f}"
+                  f"  {med['materialised'] / med['fastddpm']:20.2f}", flush=True)
+            for p in provs:
+                rows.append(dict(op="attention", provider=p, mode=mode, B=B, N=N, d=d, dtype="float32",
+                                 ms=med[p], peak_mib=peak[p], machine=machine))
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------- GPU
+def gpu_bench_attention(shapes=None, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                        modes=("fwd", "fwd+bwd")) -> list[dict]:
+    """Time the CUDA providers with triton.testing.do_bench; rows with ms and TFLOP/s (or the error).
+
+    FLOPs: forward 4 B H N M d (two matmuls), backward 2.5x that (five matmuls, FlashAttention-2's count).
+    The row for each shape names the fastest provider: the evidence for what ``auto`` should pick.
+    """
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("gpu_bench_attention needs a CUDA device")
+    shapes = shapes or FULL
+    dev = torch.device("cuda")
+
+    def sdpa_with(backend):
+        def fn(q, k, v):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+        return fn
+
+    providers = {
+        "triton": lambda q, k, v: attention(q, k, v, backend="triton"),
+        "cuda(sdpa fused)": lambda q, k, v: attention(q, k, v, backend="cuda"),
+        "sdpa-flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
+        "sdpa-efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
+        "sdpa-cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
+        "materialised": lambda q, k, v: reference.attention(q, k, v),
+    }
+    rows = []
+    name = torch.cuda.get_device_name(dev)
+    for dtype in dtypes:
+        for mode in modes:
+            bwd = mode != "fwd"
+            for B, N, d in shapes:
+                q, k, v = _inputs(B, N, d, dtype=dtype, device=dev, grad=bwd)
+                flops = 4 * B * N * N * d * (3.5 if bwd else 1.0)
+                best = None
+                for p, fn in providers.items():
+                    row = dict(op="attention", provider=p, mode=mode, B=B, N=N, d=d, dtype=str(dtype),
+                               device=name)
+                    try:
+                        ms = triton.testing.do_bench(functools.partial(_step, fn, q, k, v, bwd))
+                        torch.cuda.reset_peak_memory_stats()
+                        _step(fn, q, k, v, bwd)
+                        torch.cuda.synchronize()
+                        row.update(ms=ms, tflops=flops / ms * 1e-9,
+                                   peak_mib=torch.cuda.max_memory_allocated() / 2**20)
+                        if p != "materialised" and (best is None or ms < best[1]):
+                            best = (p, ms)
+                    except Exception as exc:  # a backend that cannot serve the shape (flash at d > 256)
+                        why = f"{type(exc).__name__}: {exc}"[:120]
+                        row.update(ms=float("nan"), tflops=float("nan"), error=why)
+                    rows.append(row)
+                    print(row, flush=True)
+                print(f"# fastest for {dtype} {mode} B={B} N={N} d={d}: {best}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="the whole shape grid (default: a short set)")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--gpu", action="store_true", help="run gpu_bench_attention instead")
+    args = ap.parse_args(argv)
+    if not args.gpu and argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        # glibc raises its mmap threshold after the first large free, so freed buffers stay resident and
+        # the peak-RSS measure sees nothing; a fixed threshold returns large buffers to the OS on free.
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)})
+    if args.gpu:
+        gpu_bench_attention()
+    else:
+        run_cpu(FULL if args.full else SHORT, reps=args.reps, csv_path=args.csv)
+
+
+if __name__ == "__main__":
+    main()
