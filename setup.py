@@ -105,7 +105,7 @@ def _extensions():
             define_macros=[("FASTDDPM_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx,
-                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
+                "nvcc": ["-O3", "-std=c++20", "-lineinfo"],
             },
             **kwargs,
         )

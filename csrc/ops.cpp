@@ -7,7 +7,7 @@
 #include <Python.h>
 extern "C" {
 // Importing fastddpm._C loads this library, which runs the registrations below.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
@@ -31,7 +31,24 @@ TORCH_LIBRARY(fastddpm, m) {
   // Fills a float32 tensor with the Philox normals that ddpm_step's noise_mode 2
   // adds: element i (row-major) gets normal(seed, offset + i).
   m.def("philox_normal_(Tensor(a!) out, int seed, int offset) -> ()");
+  // One DDIM step (diffusers' DDIMScheduler.step, Song et al. 2021 eq. 12); abar_prev is
+  // final_alpha_cumprod where prev_t < 0; noise (modes as ddpm_step) is added when eta > 0.
+  // Returns (prev_sample, pred_original_sample or an empty tensor).
+  m.def(
+      "ddim_step(Tensor sample, Tensor model_output, Tensor t, Tensor prev_t, Tensor alphas_cumprod, "
+      "float final_alpha_cumprod, Tensor? noise, int seed, int offset, int noise_mode, "
+      "int prediction_type, float eta, float clip_range, bool use_clipped_model_output, "
+      "bool return_pred) -> (Tensor, Tensor)");
   // The raw Philox4x32-10 words of counters offset .. offset + n - 1 into an
   // int32 tensor of shape (n, 4).
   m.def("philox_bits_(Tensor(a!) out, int seed, int offset) -> ()");
+  // GroupNorm (+ SiLU when silu) over x (N, C, *spatial), NCHW or channels_last.
+  // Returns (y in x's layout, mean (N, G) fp32, rstd (N, G) fp32).
+  m.def(
+      "group_norm_silu_fwd(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, "
+      "bool silu) -> (Tensor, Tensor, Tensor)");
+  // Its backward from x and the saved mean/rstd: (dx, dweight or empty, dbias or empty).
+  m.def(
+      "group_norm_silu_bwd(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+      "Tensor? bias, int num_groups, bool silu) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,61 @@
+// Device helpers for the CUDA kernels. Torch-free, so .cu files stay quick to compile.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastddpm {
+namespace cuda {
+
+// Element types, as the host side passes them.
+enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Blocks for a grid-stride loop over n elements: enough to fill any current GPU,
+// bounded so the grid stays legal.
+inline int grid_for(int64_t n, int threads, int per_thread = 4) {
+  int64_t blocks = (n + static_cast<int64_t>(threads) * per_thread - 1) / (static_cast<int64_t>(threads) * per_thread);
+  if (blocks < 1) blocks = 1;
+  if (blocks > 65535 * 8) blocks = 65535 * 8;
+  return static_cast<int>(blocks);
+}
+
+}  // namespace cuda
+}  // namespace fastddpm
+
+// Dispatch on DType with `scalar_t` bound in the body.
+#define FASTDDPM_CUDA_DISPATCH(dt, ...)                                  \
+  do {                                                                   \
+    switch (dt) {                                                        \
+      case ::fastddpm::cuda::DType::kFloat: {                            \
+        using scalar_t = float;                                          \
+        __VA_ARGS__;                                                     \
+        break;                                                           \
+      }                                                                  \
+      case ::fastddpm::cuda::DType::kHalf: {                             \
+        using scalar_t = __half;                                         \
+        __VA_ARGS__;                                                     \
+        break;                                                           \
+      }                                                                  \
+      case ::fastddpm::cuda::DType::kBFloat16: {                         \
+        using scalar_t = __nv_bfloat16;                                  \
+        __VA_ARGS__;                                                     \
+        break;                                                           \
+      }                                                                  \
+    }                                                                    \
+  } while (0)
