@@ -1,0 +1,36 @@
+"""Memory-layout helpers shared by the Triton wrappers (mirrors csrc/include/fastddpm/checks.h)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def batch_major_dense(*ts: torch.Tensor | None) -> bool:
+    """True when all tensors share sizes and strides, are dense without overlap, and
+    the batch is outermost: sample b is then one run of numel/B elements at b * stride(0)."""
+    first = ts[0]
+    if not _dense(first):
+        return False
+    B = first.shape[0]
+    if B > 1 and first.stride(0) * B != first.numel():
+        return False
+    return all(t is None or (t.stride() == first.stride() and _dense(t)) for t in ts)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    # is_non_overlapping_and_dense is not public; contiguity in some memory format covers the
+    # layouts we serve directly (NCHW, channels_last, channels_last_3d).
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out`` (contiguous) in the memory format of ``like``."""
+    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    if like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last_3d)
+    return out

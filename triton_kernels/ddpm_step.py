@@ -1,0 +1,152 @@
+"""ddpm_step in Triton: the same per-element math as csrc/include/fastddpm/elementwise.h.
+
+Coefficients are computed per element from the gathered abar values (cheap next
+to the memory traffic); in-kernel noise is tl.randn(seed, offset + i), whose
+Philox4x32-10 conventions the C++ and CUDA kernels reproduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from fastddpm.ops._layout import batch_major_dense, restore_format
+
+
+@triton.jit
+def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_ptr,
+                      T, n, M, seed, offset, clip_range,
+                      NOISE_MODE: tl.constexpr, PRED_TYPE: tl.constexpr, VAR_TYPE: tl.constexpr,
+                      CLIP: tl.constexpr, RETURN_PRED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    b = offs // M
+    tt = tl.load(t_ptr + b, mask=mask, other=1)
+    tt = tl.minimum(tl.maximum(tt, 0), T - 1)
+    pt = tl.load(pt_ptr + b, mask=mask, other=0)
+    pt = tl.where(pt >= tt, tt - 1, pt)
+    ab_t = tl.load(ac_ptr + tt, mask=mask, other=0.5)
+    ab_prev = tl.where(pt >= 0, tl.load(ac_ptr + tl.maximum(pt, 0), mask=mask, other=1.0), 1.0)
+    beta_prod_t = 1.0 - ab_t
+    beta_prod_prev = 1.0 - ab_prev
+    cur_beta = (ab_prev - ab_t) / ab_prev  # exact subtraction of nearby values (Sterbenz)
+    cur_alpha = ab_t / ab_prev
+    sqrt_ab = tl.sqrt(ab_t)
+    sqrt_1mab = tl.sqrt(beta_prod_t)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # 2. predicted x0 (Ho et al. eq. 15)
+    if PRED_TYPE == 0:
+        x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
+    elif PRED_TYPE == 1:
+        x0 = m
+    else:
+        x0 = sqrt_ab * x - sqrt_1mab * m
+    # 3. clip
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    if RETURN_PRED:
+        tl.store(pred_ptr + offs, x0.to(pred_ptr.dtype.element_ty), mask=mask)
+    # 4-5. posterior mean (eq. 7)
+    c_x0 = tl.sqrt(ab_prev) * cur_beta / beta_prod_t
+    c_xt = tl.sqrt(cur_alpha) * beta_prod_prev / beta_prod_t
+    out = c_x0 * x0 + c_xt * x
+    # 6. sigma_t z where t > 0
+    if NOISE_MODE != 0:
+        if NOISE_MODE == 1:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = tl.randn(seed, offset + offs)
+        var = tl.maximum(beta_prod_prev / beta_prod_t * cur_beta, 1e-20)
+        if VAR_TYPE == 2:
+            sigma = tl.sqrt(cur_beta)
+        elif VAR_TYPE == 4:
+            sigma = tl.sqrt(tl.load(pv_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        elif VAR_TYPE == 5:
+            frac = 0.5 * (tl.load(pv_ptr + offs, mask=mask, other=0.0).to(tl.float32) + 1.0)
+            log_large = tl.log(tl.maximum(cur_beta, 1e-20))
+            sigma = tl.exp(0.5 * (frac * log_large + (1.0 - frac) * tl.log(var)))
+        else:
+            sigma = tl.sqrt(var)
+        out = tl.where(tt > 0, out + sigma * z, out)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_op("fastddpm::ddpm_step_triton", mutates_args={})
+def ddpm_step_triton(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    t: torch.Tensor,
+    prev_t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    noise: torch.Tensor | None,
+    predicted_variance: torch.Tensor | None,
+    seed: int,
+    offset: int,
+    noise_mode: int,
+    prediction_type: int,
+    variance_type: int,
+    clip_range: float,
+    return_pred: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z = noise if noise_mode == 1 else None
+    pv = predicted_variance if variance_type in (4, 5) else None
+    direct = batch_major_dense(sample, model_output, z, pv)
+    if noise_mode == 2 and not sample.is_contiguous():
+        direct = False  # Philox noise is indexed in NCHW order
+    prep = (lambda u: u) if direct else (lambda u: None if u is None else u.contiguous())
+    xs, ms, zs, ps = prep(sample), prep(model_output), prep(z), prep(pv)
+    out = torch.empty_like(xs)
+    pred = torch.empty_like(xs) if return_pred else sample.new_empty(0)
+    B, n = sample.shape[0], sample.numel()
+    if n > 0:
+        BLOCK = 1024
+        wrap_triton(_ddpm_step_kernel)[(triton.cdiv(n, BLOCK),)](
+            xs, ms, zs if zs is not None else xs, ps if ps is not None else xs, out,
+            pred if return_pred else out, t, prev_t, alphas_cumprod,
+            alphas_cumprod.shape[0], n, n // B, seed, offset, clip_range,
+            NOISE_MODE=noise_mode, PRED_TYPE=prediction_type, VAR_TYPE=variance_type,
+            CLIP=clip_range > 0, RETURN_PRED=return_pred, BLOCK=BLOCK,
+        )
+    if not direct:
+        out = restore_format(out, sample)
+        if return_pred:
+            pred = restore_format(pred, sample)
+    return out, pred
+
+
+@triton.jit
+def _philox_normal_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.randn(seed, offset + offs), mask=offs < n)
+
+
+@triton.jit
+def _philox_bits_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    c0, c1, c2, c3 = tl.randint4x(seed, offset + offs)
+    tl.store(out_ptr + 4 * offs, c0.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(out_ptr + 4 * offs + 1, c1.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(out_ptr + 4 * offs + 2, c2.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(out_ptr + 4 * offs + 3, c3.to(tl.int32, bitcast=True), mask=mask)
+
+
+def philox_normal_triton(shape: tuple[int, ...], seed: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Normals of the in-kernel noise stream (element i is normal(seed, offset + i))."""
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    n = out.numel()
+    if n:
+        _philox_normal_kernel[(triton.cdiv(n, 1024),)](out, n, seed, offset, BLOCK=1024)
+    return out
+
+
+def philox_bits_triton(n: int, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+    """The four Philox words of counters offset .. offset + n - 1, as int32 (n, 4)."""
+    out = torch.empty((n, 4), dtype=torch.int32, device=device)
+    if n:
+        _philox_bits_kernel[(triton.cdiv(n, 256),)](out, n, seed, offset, BLOCK=256)
+    return out

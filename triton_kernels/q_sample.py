@@ -1,0 +1,55 @@
+"""q_sample in Triton: one program per BLOCK elements, per-sample coefficients gathered in-kernel."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from fastddpm.ops._layout import batch_major_dense, restore_format
+
+
+@triton.jit
+def _q_sample_kernel(x0_ptr, eps_ptr, xt_ptr, v_ptr, t_ptr, sab_ptr, s1m_ptr, T, n, M,
+                     WITH_V: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tt = tl.load(t_ptr + offs // M, mask=mask, other=0)
+    tt = tl.minimum(tl.maximum(tt, 0), T - 1)  # never read outside the table
+    a = tl.load(sab_ptr + tt, mask=mask, other=0.0)
+    s = tl.load(s1m_ptr + tt, mask=mask, other=0.0)
+    x = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(xt_ptr + offs, (a * x + s * e).to(xt_ptr.dtype.element_ty), mask=mask)
+    if WITH_V:
+        tl.store(v_ptr + offs, (a * e - s * x).to(v_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_op("fastddpm::q_sample_triton", mutates_args={})
+def q_sample_triton(
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    sqrt_alphas_cumprod: torch.Tensor,
+    sqrt_one_minus_alphas_cumprod: torch.Tensor,
+    with_v: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    direct = batch_major_dense(x0, noise)
+    xin = x0 if direct else x0.contiguous()
+    ein = noise if direct else noise.contiguous()
+    xt = torch.empty_like(xin)
+    v = torch.empty_like(xin) if with_v else x0.new_empty(0)
+    B, n = x0.shape[0], x0.numel()
+    if n > 0:
+        BLOCK = 1024
+        wrap_triton(_q_sample_kernel)[(triton.cdiv(n, BLOCK),)](
+            xin, ein, xt, v if with_v else xt, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+            sqrt_alphas_cumprod.shape[0], n, n // B, WITH_V=with_v, BLOCK=BLOCK,
+        )
+    if not direct:
+        xt = restore_format(xt, x0)
+        if with_v:
+            v = restore_format(v, x0)
+    return xt, v
