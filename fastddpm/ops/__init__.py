@@ -8,6 +8,7 @@ plain-torch float64-correct versions.
 from . import reference
 from ._dispatch import BACKENDS, BackendNotSupported, available_backends
 from .attention import attention
+from .ddim_step import ddim_step
 from .ddpm_step import ddpm_step, philox_randn
 from .group_norm_silu import group_norm_silu
 from .q_sample import q_sample
@@ -17,6 +18,7 @@ __all__ = [
     "BackendNotSupported",
     "attention",
     "available_backends",
+    "ddim_step",
     "ddpm_step",
     "group_norm_silu",
     "philox_randn",

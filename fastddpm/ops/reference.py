@@ -14,6 +14,7 @@ from ._codes import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR
 __all__ = [
     "q_sample",
     "ddpm_step",
+    "ddim_step",
     "philox_bits",
     "philox_normal",
     "group_norm_silu",
@@ -230,3 +231,61 @@ def attention(
     s = torch.matmul(q.to(cd), k.to(cd).transpose(-2, -1)) * scale  # (B, heads, N, M)
     p = torch.softmax(s, dim=-1)
     return torch.matmul(p, v.to(cd)).to(q.dtype)
+
+
+def ddim_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    t: torch.Tensor,
+    prev_t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    final_alpha_cumprod: float,
+    noise: torch.Tensor | None,
+    seed: int,
+    offset: int,
+    noise_mode: int,
+    prediction_type: int,
+    eta: float,
+    clip_range: float,
+    use_clipped_model_output: bool,
+    return_pred: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' DDIMScheduler.step (Song et al. 2021, eq. 12), per sample, with diffusers' formulas.
+
+    abar_prev is ``final_alpha_cumprod`` where prev_t < 0; noise is added when eta > 0.
+    """
+    cd = _compute_dtype(sample)
+    nd = sample.dim()
+    shape = (-1, *([1] * (nd - 1)))
+    ac = alphas_cumprod.to(cd)
+    ab_t = ac[t].reshape(shape)
+    final = torch.full((), final_alpha_cumprod, dtype=cd, device=sample.device)
+    ab_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], final).reshape(shape)
+    beta_prod_t = 1 - ab_t
+    x, m = sample.to(cd), model_output.to(cd)
+    if prediction_type == 0:
+        x0 = (x - beta_prod_t**0.5 * m) / ab_t**0.5
+        eps = m
+    elif prediction_type == 1:
+        x0 = m
+        eps = (x - ab_t**0.5 * x0) / beta_prod_t**0.5
+    else:
+        x0 = ab_t**0.5 * x - beta_prod_t**0.5 * m
+        eps = ab_t**0.5 * m + beta_prod_t**0.5 * x
+    if clip_range > 0:
+        x0 = x0.clamp(-clip_range, clip_range)
+    variance = (1 - ab_prev) / beta_prod_t * (1 - ab_t / ab_prev)
+    std = eta * variance**0.5
+    if use_clipped_model_output:
+        eps = (x - ab_t**0.5 * x0) / beta_prod_t**0.5
+    prev = ab_prev**0.5 * x0 + (1 - ab_prev - std**2).clamp(min=0) ** 0.5 * eps
+    if eta > 0 and noise_mode != NOISE_NONE:
+        if noise_mode == NOISE_TENSOR:
+            z = noise.to(cd)
+        elif noise_mode == NOISE_PHILOX:
+            z = philox_normal(sample.shape, seed, offset, sample.device, cd)
+        else:
+            raise ValueError(f"noise_mode: expected 0, 1 or 2, got {noise_mode}")
+        prev = prev + std * z
+    pred = x0.to(sample.dtype) if return_pred else sample.new_empty(0)
+    return prev.to(sample.dtype), pred

@@ -168,4 +168,60 @@ FASTDDPM_HD float ddpm_prev_sample(float x, float x0, float sigma, float z, cons
   return c.add_noise ? mean + sigma * z : mean;
 }
 
+// ---------------------------------------------------------------------------
+// ddim_step: diffusers' DDIMScheduler.step (Song et al. 2021, eq. 12):
+// x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
+// sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)).
+// abar_prev is the caller's final_alpha_cumprod where prev_t < 0.
+// ---------------------------------------------------------------------------
+struct DdimCoeffs {
+  float sqrt_ab;       // sqrt(abar_t)
+  float sqrt_1mab;     // sqrt(1 - abar_t)
+  float inv_sqrt_ab;   // 1 / sqrt(abar_t)
+  float inv_sqrt_1mab; // 1 / sqrt(1 - abar_t)
+  float sqrt_ab_prev;  // coefficient of x0
+  float c_eps;         // sqrt(1 - abar_prev - sigma^2), clamped at 0, coefficient of eps
+  float std;           // sigma
+};
+
+FASTDDPM_HD DdimCoeffs ddim_step_coeffs(float ab_t, float ab_prev, float eta) {
+  DdimCoeffs c;
+  const float beta_prod_t = 1.0f - ab_t;
+  const float beta_prod_prev = 1.0f - ab_prev;
+  const float cur_beta = (ab_prev - ab_t) / ab_prev;  // exact difference (Sterbenz), as ddpm_step_coeffs
+  float var = beta_prod_prev / beta_prod_t * cur_beta;
+  var = var > 0.0f ? var : 0.0f;
+  c.sqrt_ab = sqrtf(ab_t);
+  c.sqrt_1mab = sqrtf(beta_prod_t);
+  c.inv_sqrt_ab = 1.0f / c.sqrt_ab;
+  c.inv_sqrt_1mab = 1.0f / c.sqrt_1mab;
+  c.sqrt_ab_prev = sqrtf(ab_prev);
+  c.std = eta * sqrtf(var);
+  const float d = beta_prod_prev - c.std * c.std;
+  c.c_eps = sqrtf(d > 0.0f ? d : 0.0f);
+  return c;
+}
+
+// The deterministic part of the DDIM update for one element; x0 (clipped) goes to *x0_out.
+FASTDDPM_HD float ddim_mean(float x, float m, const DdimCoeffs& c, int64_t prediction_type, float clip_range,
+                            bool use_clipped_model_output, float* x0_out) {
+  float x0, eps;
+  if (prediction_type == kEpsilon) {
+    x0 = (x - c.sqrt_1mab * m) * c.inv_sqrt_ab;
+    eps = m;
+  } else if (prediction_type == kSample) {
+    x0 = m;
+    eps = (x - c.sqrt_ab * m) * c.inv_sqrt_1mab;
+  } else {
+    x0 = c.sqrt_ab * x - c.sqrt_1mab * m;
+    eps = c.sqrt_ab * m + c.sqrt_1mab * x;
+  }
+  if (clip_range > 0.0f) {
+    x0 = x0 < -clip_range ? -clip_range : (x0 > clip_range ? clip_range : x0);
+  }
+  if (use_clipped_model_output) eps = (x - c.sqrt_ab * x0) * c.inv_sqrt_1mab;
+  *x0_out = x0;
+  return c.sqrt_ab_prev * x0 + c.c_eps * eps;
+}
+
 }  // namespace fastddpm

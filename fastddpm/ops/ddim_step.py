@@ -1,0 +1,145 @@
+"""ddim_step: one DDIM step (Song et al. 2021), fused into one pass over memory."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..schedule import NoiseSchedule
+from . import _checks, _dispatch, _library, reference
+from ._codes import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, PREDICTION_TYPES
+
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+
+
+def _impl(backend: str):
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fastddpm.ddim_step
+    if backend == "triton":
+        from ..triton_kernels.ddim_step import ddim_step_triton
+
+        return ddim_step_triton
+    return reference.ddim_step
+
+
+if _library.has_c():
+
+    @torch.library.register_fake("fastddpm::ddim_step")
+    def _ddim_step_fake(sample, model_output, t, prev_t, ac, final_ac, noise, seed, offset, noise_mode,
+                        prediction_type, eta, clip_range, use_clipped, return_pred):
+        out = torch.empty_like(sample)
+        pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
+        return out, pred
+
+
+def ddim_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    t: torch.Tensor | int,
+    schedule: NoiseSchedule,
+    prev_t: torch.Tensor | int | None = None,
+    eta: float = 0.0,
+    noise: torch.Tensor | Literal["philox", "none"] | None = None,
+    generator: torch.Generator | None = None,
+    prediction_type: PredictionType = "epsilon",
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    *,
+    final_alpha_cumprod: float = 1.0,
+    use_clipped_model_output: bool = False,
+    seed: int | None = None,
+    offset: int = 0,
+    return_pred_original: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x_{prev} from x_t and the model's output, exactly as diffusers' DDIMScheduler.step.
+
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (Song et al. eq. 12) with
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)); eta = 0 is deterministic
+    DDIM, eta = 1 the DDPM posterior variance. Where 1 - abar_prev - sigma^2 rounds below zero (eta > 1)
+    it is taken as 0 (diffusers would give NaN).
+
+    Args:
+        sample: x_t, (B, ...), float32/float16/bfloat16, any strides.
+        model_output: the model's prediction, same shape/dtype/device.
+        t: per-sample timesteps (int64 (B,), or an int for all), in [0, T).
+        schedule: the :class:`~fastddpm.NoiseSchedule` (its ``alphas_cumprod`` table).
+        prev_t: the timestep stepped to (-1: the end, where abar_prev = ``final_alpha_cumprod``);
+            default t - 1.
+        eta: the DDIM eta (>= 0). Noise is drawn and added only when eta > 0.
+        noise: z. A tensor; None to draw ``torch.randn(sample.shape, generator=generator)`` as diffusers;
+            "philox" for in-kernel noise from ``seed`` and ``offset`` (as ddpm_step); "none".
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        clip_sample, clip_sample_range: clip the predicted x0.
+        final_alpha_cumprod: abar at prev_t = -1 (diffusers' set_alpha_to_one: 1.0, else abar_0).
+        use_clipped_model_output: recompute eps from the clipped x0 (diffusers' option).
+        return_pred_original: also return the predicted x0.
+        backend: "auto", "cpu", "cuda", "triton" or "torch".
+    """
+    _checks.check_tensor(sample, "sample")
+    _checks.check_like(model_output, sample, "model_output", "sample")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
+        )
+    eta = float(eta)
+    if not eta >= 0:
+        raise ValueError(f"eta: expected a non-negative number, got {eta}")
+    final_alpha_cumprod = float(final_alpha_cumprod)
+    if not 0 < final_alpha_cumprod <= 1:
+        raise ValueError(f"final_alpha_cumprod: expected a value in (0, 1], got {final_alpha_cumprod}")
+    T = schedule.num_train_timesteps
+    B = sample.shape[0]
+    tt = _checks.timesteps(t, B, sample.device, T)
+    if prev_t is None:
+        pt = tt - 1
+    else:
+        pt = _checks.timesteps(prev_t, B, sample.device, T, name="prev_t", allow_minus_one=True)
+        if pt.device.type == "cpu" and bool((pt >= tt).any()):
+            raise ValueError("prev_t: expected prev_t < t for every sample")
+    if clip_sample and not clip_sample_range > 0:
+        raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
+    clip = float(clip_sample_range) if clip_sample else 0.0
+
+    z = None
+    mode = NOISE_TENSOR
+    if isinstance(noise, str):
+        if noise == "philox":
+            if seed is None:
+                raise ValueError("seed: required with noise='philox'")
+            if not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
+            if not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
+            mode = NOISE_PHILOX
+        elif noise == "none":
+            mode = NOISE_NONE
+        else:
+            raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
+    elif noise is None:
+        if eta > 0:  # diffusers draws only when eta > 0
+            gen_device = generator.device if generator is not None else sample.device
+            z = torch.randn(sample.shape, generator=generator, device=gen_device, dtype=sample.dtype)
+            z = z.to(sample.device)
+        else:
+            mode = NOISE_NONE
+    else:
+        _checks.check_like(noise, sample, "noise", "sample")
+        z = noise
+
+    b = _dispatch.resolve("ddim_step", backend, sample.device, sample.dtype)
+    if b == "torch" and sample.dtype == torch.float64:
+        ac = schedule.table("alphas_cumprod", sample.device, torch.float64)
+    else:
+        ac = schedule.tables(sample.device)["alphas_cumprod"]
+    prev, pred = _impl(b)(
+        sample, model_output, tt, pt, ac, final_alpha_cumprod, z, int(seed or 0), int(offset), mode,
+        PREDICTION_TYPES[prediction_type], eta, clip, bool(use_clipped_model_output), return_pred_original,
+    )
+    return (prev, pred) if return_pred_original else prev
+
+
+__all__ = ["ddim_step"]

@@ -1,0 +1,102 @@
+"""ddim_step in Triton: the same per-element math as ddim_step_coeffs/ddim_mean in
+csrc/include/fastddpm/elementwise.h; in-kernel noise is tl.randn(seed, offset + i)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from fastddpm.ops._layout import batch_major_dense, restore_format
+
+
+@triton.jit
+def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_ptr,
+                      T, n, M, seed, offset, final_ac, eta, clip_range,
+                      NOISE_MODE: tl.constexpr, PRED_TYPE: tl.constexpr, CLIP: tl.constexpr,
+                      USE_CLIPPED: tl.constexpr, RETURN_PRED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    b = offs // M
+    tt = tl.load(t_ptr + b, mask=mask, other=1)
+    tt = tl.minimum(tl.maximum(tt, 0), T - 1)
+    pt = tl.load(pt_ptr + b, mask=mask, other=0)
+    pt = tl.where(pt >= tt, tt - 1, pt)
+    ab_t = tl.load(ac_ptr + tt, mask=mask, other=0.5)
+    ab_prev = tl.where(pt >= 0, tl.load(ac_ptr + tl.maximum(pt, 0), mask=mask, other=1.0), final_ac)
+    beta_prod_t = 1.0 - ab_t
+    beta_prod_prev = 1.0 - ab_prev
+    cur_beta = (ab_prev - ab_t) / ab_prev  # exact subtraction of nearby values (Sterbenz)
+    var = tl.maximum(beta_prod_prev / beta_prod_t * cur_beta, 0.0)
+    sqrt_ab = tl.sqrt(ab_t)
+    sqrt_1mab = tl.sqrt(beta_prod_t)
+    std = eta * tl.sqrt(var)
+    c_eps = tl.sqrt(tl.maximum(beta_prod_prev - std * std, 0.0))
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PRED_TYPE == 0:
+        x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
+        eps = m
+    elif PRED_TYPE == 1:
+        x0 = m
+        eps = (x - sqrt_ab * m) * (1.0 / sqrt_1mab)
+    else:
+        x0 = sqrt_ab * x - sqrt_1mab * m
+        eps = sqrt_ab * m + sqrt_1mab * x
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    if USE_CLIPPED:
+        eps = (x - sqrt_ab * x0) * (1.0 / sqrt_1mab)
+    if RETURN_PRED:
+        tl.store(pred_ptr + offs, x0.to(pred_ptr.dtype.element_ty), mask=mask)
+    out = tl.sqrt(ab_prev) * x0 + c_eps * eps
+    if NOISE_MODE == 1:
+        out = out + std * tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    elif NOISE_MODE == 2:
+        out = out + std * tl.randn(seed, offset + offs)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_op("fastddpm::ddim_step_triton", mutates_args={})
+def ddim_step_triton(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    t: torch.Tensor,
+    prev_t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    final_alpha_cumprod: float,
+    noise: torch.Tensor | None,
+    seed: int,
+    offset: int,
+    noise_mode: int,
+    prediction_type: int,
+    eta: float,
+    clip_range: float,
+    use_clipped_model_output: bool,
+    return_pred: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mode = noise_mode if eta > 0 else 0
+    z = noise if mode == 1 else None
+    direct = batch_major_dense(sample, model_output, z)
+    if mode == 2 and not sample.is_contiguous():
+        direct = False  # Philox noise is indexed in NCHW order
+    prep = (lambda u: u) if direct else (lambda u: None if u is None else u.contiguous())
+    xs, ms, zs = prep(sample), prep(model_output), prep(z)
+    out = torch.empty_like(xs)
+    pred = torch.empty_like(xs) if return_pred else sample.new_empty(0)
+    B, n = sample.shape[0], sample.numel()
+    if n > 0:
+        BLOCK = 1024
+        wrap_triton(_ddim_step_kernel)[(triton.cdiv(n, BLOCK),)](
+            xs, ms, zs if zs is not None else xs, out, pred if return_pred else out, t, prev_t,
+            alphas_cumprod, alphas_cumprod.shape[0], n, n // B, seed, offset, final_alpha_cumprod, eta,
+            clip_range, NOISE_MODE=mode, PRED_TYPE=prediction_type, CLIP=clip_range > 0,
+            USE_CLIPPED=use_clipped_model_output, RETURN_PRED=return_pred, BLOCK=BLOCK,
+        )
+    if not direct:
+        out = restore_format(out, sample)
+        if return_pred:
+            pred = restore_format(pred, sample)
+    return out, pred
