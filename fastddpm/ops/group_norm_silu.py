@@ -106,26 +106,32 @@ def group_norm_silu(
 # Registrations of the C++ op (schemas in csrc/ops.cpp): fake and autograd.
 # ---------------------------------------------------------------------------
 def _fwd_fake(x, weight, bias, num_groups, eps, silu):
-    N = x.shape[0]
-    y = torch.empty_like(x, memory_format=_memory_format(x))
-    stats = x.new_empty((N, num_groups), dtype=torch.float32)
+    y = _like_layout(x)
+    stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x))
     return y, stats, torch.empty_like(stats)
 
 
 def _bwd_fake(grad_y, x, mean, rstd, weight, bias, num_groups, silu):
-    dx = torch.empty_like(x, memory_format=_memory_format(x))
+    dx = _like_layout(x)
     dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return dx, dw, db
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    # The kernels write y in x's layout: channels_last(_3d) when x is, else NCHW-contiguous.
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    # (N, *spatial, C) dense, for any spatial rank (channels_last, channels_last_3d, NLC).
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _like_layout(x: torch.Tensor) -> torch.Tensor:
+    # The kernels write in x's layout when it is NCHW-contiguous or channels_last, else NCHW.
+    if x.is_contiguous() or _is_channels_last(x):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _setup(ctx, inputs, output):
