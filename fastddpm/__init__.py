@@ -4,7 +4,11 @@ from . import ops
 from ._version import __version__
 from .compat.diffusers import patch, unpatch
 from .models import UNet, UNetConfig
-from .samplers import DDPMScheduler
+from .samplers import DDIMScheduler, DDPMScheduler
 from .schedule import NoiseSchedule
 
-__all__ = ["DDPMScheduler", "NoiseSchedule", "UNet", "UNetConfig", "__version__", "ops", "patch", "unpatch"]
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "NoiseSchedule", "UNet", "UNetConfig", "__version__", "ops", "patch", "unpatch",
+]

@@ -1,0 +1,268 @@
+"""fastddpm.DDIMScheduler: a drop-in for diffusers.DDIMScheduler on the fused ddim_step op.
+
+DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+sigma = eta sqrt(beta~_t). diffusers steps from t to t - T // num_inference_steps whatever the spacing;
+this class does the same (arithmetic on the timestep, no table, no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import ops
+from ._common import (
+    ConfigMixin,
+    DiffusersTables,
+    SchedulerOutput,
+    diffusers_betas,
+    host_timestep,
+    randn_like_diffusers,
+    spaced_timesteps,
+    threshold_sample,
+)
+
+__all__ = ["DDIMScheduler", "DDIMSchedulerOutput"]
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+class DDIMSchedulerOutput(SchedulerOutput):
+    """Output of :meth:`DDIMScheduler.step`: ``prev_sample`` and ``pred_original_sample``."""
+
+    __slots__ = ()
+
+
+class DDIMScheduler(ConfigMixin):
+    """Denoising diffusion implicit models (Song et al. 2021), diffusers-compatible.
+
+    The same arguments, defaults and results as diffusers' DDIMScheduler (within float32 rounding; the
+    tables are diffusers' float32 tables). Differences, deliberate: ``backend`` (keyword, not in the
+    config); invalid prediction types are rejected at construction; where 1 - abar_prev - sigma^2 rounds
+    below zero (eta > 1) it is taken as 0 where diffusers gives NaN; with ``thresholding`` the step runs
+    unfused in torch (the quantile needs a sort, and DDIM's eps must stay the unthresholded one).
+    """
+
+    order = 1
+    _compatibles: list[str] = []
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
+            )
+        if clip_sample and not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
+        self._register_config(
+            dict(
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                beta_schedule=beta_schedule,
+                trained_betas=trained_betas,
+                clip_sample=clip_sample,
+                set_alpha_to_one=set_alpha_to_one,
+                steps_offset=steps_offset,
+                prediction_type=prediction_type,
+                thresholding=thresholding,
+                dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                clip_sample_range=clip_sample_range,
+                sample_max_value=sample_max_value,
+                timestep_spacing=timestep_spacing,
+                rescale_betas_zero_snr=rescale_betas_zero_snr,
+            )
+        )
+        self.backend = backend
+        self.betas = diffusers_betas(
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+            BETA_SCHEDULES,
+            type(self).__name__,
+        )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.schedule = DiffusersTables(self.betas)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(
+            np.arange(0, int(num_train_timesteps))[::-1].copy().astype(np.int64)
+        )
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """DDIM does not scale the model input (kept for interchangeability)."""
+        return sample
+
+    def _get_variance(self, timestep, prev_timestep) -> torch.Tensor:
+        ab_t = self.alphas_cumprod[timestep]
+        ab_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        return (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """``num_inference_steps`` timesteps spaced by ``config.timestep_spacing``, descending."""
+        T = self.config.num_train_timesteps
+        ts = spaced_timesteps(T, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)
+        self.num_inference_steps = int(num_inference_steps)
+        self.timesteps = torch.from_numpy(ts).to(device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator=None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        """x_prev from x_t (``sample``) and the model's output at ``timestep``, one fused pass.
+
+        Noise (drawn from ``generator`` as diffusers draws it, or ``variance_noise``) is added when eta > 0.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the "
+                "scheduler"
+            )
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample: expected a torch.Tensor, got {type(sample).__name__}")
+        if not isinstance(model_output, torch.Tensor):
+            raise TypeError(f"model_output: expected a torch.Tensor, got {type(model_output).__name__}")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output: expected shape {tuple(sample.shape)} (that of sample), "
+                f"got {tuple(model_output.shape)}"
+            )
+        if model_output.dtype != sample.dtype:
+            model_output = model_output.to(sample.dtype)
+        eta = float(eta)
+        if not eta >= 0:
+            raise ValueError(f"eta: expected a non-negative number, got {eta}")
+        cfg = self.config
+        T = cfg.num_train_timesteps
+        stride = T // self.num_inference_steps
+        t_host = host_timestep(timestep)
+        if t_host is not None:
+            if not 0 <= t_host < T:
+                raise IndexError(f"timestep: {t_host} is outside [0, {T}) (num_train_timesteps={T})")
+            t, prev_t = t_host, max(t_host - stride, -1)
+        else:
+            t = timestep.to(device=sample.device, dtype=torch.int64).reshape(-1)
+            if t.numel() == 1:
+                t = t.expand(sample.shape[0])
+            prev_t = (t - stride).clamp(min=-1)
+        final = float(self.final_alpha_cumprod)
+
+        noise, gen = "none", None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError(
+                    "Cannot pass both generator and variance_noise. Please make sure that either "
+                    "`generator` or `variance_noise` stays `None`."
+                )
+            if variance_noise is not None:
+                noise = variance_noise.to(sample.dtype)
+            elif isinstance(generator, (list, tuple)):
+                noise = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype)
+            else:
+                noise, gen = None, generator
+
+        if cfg.thresholding:
+            prev, pred = self._step_thresholded(
+                model_output, t, prev_t, sample, eta, use_clipped_model_output, noise, gen, final
+            )
+        else:
+            prev, pred = ops.ddim_step(
+                sample,
+                model_output,
+                t,
+                self.schedule,
+                prev_t,
+                eta=eta,
+                noise=noise,
+                generator=gen,
+                prediction_type=cfg.prediction_type,
+                clip_sample=bool(cfg.clip_sample),
+                clip_sample_range=float(cfg.clip_sample_range),
+                final_alpha_cumprod=final,
+                use_clipped_model_output=use_clipped_model_output,
+                return_pred_original=True,
+                backend=self.backend,
+            )
+        if not return_dict:
+            return prev, pred
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+
+    def _step_thresholded(self, m, t, prev_t, x, eta, use_clipped, noise, gen, final):
+        # Unfused: diffusers' formulas on our tables with the thresholded x0.
+        cfg = self.config
+        shape = (-1, *([1] * (x.dim() - 1)))
+        ac = self.schedule.tables(x.device)["alphas_cumprod"]
+        tt = torch.as_tensor(t, device=x.device).reshape(-1)
+        pt = torch.as_tensor(prev_t, device=x.device).reshape(-1)
+        ab_t = ac[tt].reshape(shape)
+        ab_prev = torch.where(pt >= 0, ac[pt.clamp(min=0)], torch.tensor(final, device=x.device)).reshape(
+            shape
+        )
+        if x.dtype == torch.float64:
+            ab_t, ab_prev = ab_t.double(), ab_prev.double()
+        bp = 1 - ab_t
+        if cfg.prediction_type == "epsilon":
+            x0, eps = (x - bp**0.5 * m) / ab_t**0.5, m
+        elif cfg.prediction_type == "sample":
+            x0 = m
+            eps = (x - ab_t**0.5 * x0) / bp**0.5
+        else:
+            x0 = ab_t**0.5 * x - bp**0.5 * m
+            eps = ab_t**0.5 * m + bp**0.5 * x
+        x0 = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        std = eta * ((1 - ab_prev) / bp * (1 - ab_t / ab_prev)) ** 0.5
+        if use_clipped:
+            eps = (x - ab_t**0.5 * x0) / bp**0.5
+        prev = ab_prev**0.5 * x0 + (1 - ab_prev - std**2).clamp(min=0) ** 0.5 * eps
+        if eta > 0:
+            if noise is None:
+                gd = gen.device if gen is not None else x.device
+                noise = torch.randn(x.shape, generator=gen, device=gd, dtype=x.dtype).to(x.device)
+            prev = prev + std * noise
+        return prev.to(x.dtype), x0
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4), through the fused q_sample."""
+        from .ddpm import _q
+
+        return _q(self.schedule, original_samples, noise, timesteps, self.backend, velocity=False)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022)."""
+        from .ddpm import _q
+
+        return _q(self.schedule, sample, noise, timesteps, self.backend, velocity=True)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
