@@ -1,0 +1,169 @@
+"""The DDPM CIFAR-10 U-Net: fastddpm.UNet against diffusers' UNet2DModel with the same weights.
+
+Providers (all fp32, the same random weights, eval mode for forwards, train mode for forward+backward):
+
+* ``fastddpm``: :class:`fastddpm.UNet` converted from the diffusers model (NCHW);
+* ``fastddpm-cl``: the same, channels_last end to end;
+* ``diffusers``: ``UNet2DModel`` as is;
+* ``diffusers+patch``: a second ``UNet2DModel`` with the same weights under :func:`fastddpm.patch`.
+
+Three ways to run it:
+
+* ``pytest benchmarks/bench_unet.py`` (pytest-benchmark);
+* ``python benchmarks/bench_unet.py [--reps N] [--csv out.csv]``: the comparison benchmarks/README.md
+  quotes: providers interleaved in one process (timings drift 30% between runs on these machines),
+  medians, ratios to diffusers, and the peak resident memory one call adds;
+* ``python benchmarks/bench_unet.py --profile``: torch.profiler tables (ops by self CPU time) of a
+  forward at batch 16 for fastddpm and diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import functools
+import gc
+import platform
+import statistics
+import time
+
+import pytest
+import torch
+
+from fastddpm import UNet
+from fastddpm.compat.diffusers import config_to_diffusers, patch, to_diffusers
+
+MODES = [("fwd", 1), ("fwd", 16), ("fwd+bwd", 16)]
+
+
+def build_models(seed: int = 0) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(seed)
+    ours = UNet.ddpm_cifar10(dropout=0.0)  # dropout 0 on both sides: the same computation
+    d = to_diffusers(ours)
+    assert config_to_diffusers(ours.config)["block_out_channels"] == (128, 256, 256, 256)
+    cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    return {"fastddpm": ours, "fastddpm-cl": cl, "diffusers": d, "diffusers+patch": patch(copy.deepcopy(d))}
+
+
+def _call(model, x, t):
+    out = model(x, t)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def _step(model, x, t, backward: bool):
+    if not backward:
+        with torch.no_grad():
+            return _call(model, x, t)
+    out = _call(model, x, t)
+    out.pow(2).mean().backward()
+    for p in model.parameters():
+        p.grad = None
+    return out
+
+
+def _inputs(B: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 1000, (B,), generator=g)
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+@pytest.fixture(scope="module")
+def models():
+    return build_models()
+
+
+@pytest.mark.parametrize("mode,B", MODES, ids=lambda v: str(v))
+@pytest.mark.parametrize("provider", ["fastddpm", "fastddpm-cl", "diffusers", "diffusers+patch"])
+def test_unet_cpu(benchmark, models, provider, mode, B):
+    model = models[provider].train(mode != "fwd")
+    x, t = _inputs(B)
+    benchmark.group = f"unet cifar10 {mode} B={B}"
+    benchmark.extra_info.update(op="unet", provider=provider, B=B, mode=mode)
+    benchmark.pedantic(_step, args=(model, x, t, mode != "fwd"), rounds=3, warmup_rounds=1)
+
+
+# ----------------------------------------------------------------------------- interleaved script
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _peak_extra_mib(fn) -> float:
+    """Resident memory (MiB) one call adds at its peak: VmHWM after a reset, minus VmRSS before."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def run_cpu(reps: int = 7, csv_path: str | None = None, modes=MODES) -> list[dict]:
+    models = build_models()
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
+    print(f"# DDPM CIFAR-10 U-Net (35.7M params, fp32, 32x32) on the CPU ({machine}); "
+          f"medians of {reps} interleaved calls; peak = resident MiB one call adds")
+    names = list(models)
+    print(f"{'mode':8} {'B':>3} | " + " | ".join(f"{p:>15} ms  peak" for p in names)
+          + " | diffusers/fastddpm  diffusers/fastddpm-cl  diffusers/patched")
+    rows = []
+    for mode, B in modes:
+        bwd = mode != "fwd"
+        x, t = _inputs(B)
+        for m in models.values():
+            m.train(bwd)
+            _step(m, x, t, bwd)  # warm-up (oneDNN primitive caches, first-touch of buffers)
+        times = {p: [] for p in names}
+        for _ in range(reps):
+            for p in names:
+                t0 = time.perf_counter()
+                _step(models[p], x, t, bwd)
+                times[p].append(time.perf_counter() - t0)
+        peak = {p: _peak_extra_mib(functools.partial(_step, models[p], x, t, bwd)) for p in names}
+        med = {p: statistics.median(v) * 1e3 for p, v in times.items()}
+        cells = " | ".join(f"{med[p]:15.1f}    {peak[p]:6.0f}" for p in names)
+        d = med["diffusers"]
+        print(f"{mode:8} {B:3d} | {cells} | {d / med['fastddpm']:18.2f}  {d / med['fastddpm-cl']:21.2f}"
+              f"  {d / med['diffusers+patch']:17.2f}", flush=True)
+        for p in names:
+            rows.append(dict(op="unet_cifar10", provider=p, mode=mode, B=B, dtype="float32", ms=med[p],
+                             peak_mib=peak[p], machine=machine))
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return rows
+
+
+def profile(B: int = 16, providers=("fastddpm", "diffusers"), row_limit: int = 14, backward: bool = False):
+    models = build_models()
+    x, t = _inputs(B)
+    for p in providers:
+        m = models[p].train(backward)
+        _step(m, x, t, backward)
+        with torch.profiler.profile() as prof:
+            _step(m, x, t, backward)
+        print(f"\n# {p}: {'forward+backward' if backward else 'forward'} at batch {B}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--backward", action="store_true", help="profile forward+backward")
+    args = ap.parse_args()
+    if args.profile:
+        profile(backward=args.backward)
+    else:
+        run_cpu(args.reps, args.csv)
