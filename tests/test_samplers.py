@@ -53,9 +53,10 @@ class GaussianEps:
         self.s2 = torch.linspace(0.2, 0.6, C, dtype=torch.float64) ** 2
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        ab = float(self.abar[int(t)])
-        k = math.sqrt(1 - ab) / (ab * self.s2 + 1 - ab)
-        return (k.reshape(1, -1, *([1] * (x.dim() - 2))) * x.double()).to(x.dtype)
+        t = torch.as_tensor(t).reshape(-1).cpu().expand(x.shape[0])  # a scalar or one per sample
+        ab = torch.from_numpy(self.abar)[t].reshape(-1, 1)  # (B, 1)
+        k = (1 - ab).sqrt() / (ab * self.s2 + 1 - ab)  # (B, C)
+        return (k.reshape(*k.shape, *([1] * (x.dim() - 2))).to(x.device) * x.double()).to(x.dtype)
 
 
 def run_loop(scheduler, model, x, generator, steps=None, timesteps=None):

@@ -1,0 +1,162 @@
+"""CUDA graphs for sampling: capture one denoising step (model forward + fused step), replay it.
+
+A graph freezes every value passed by value at capture time, so nothing that changes from step to step
+may be a Python number inside the captured region:
+
+* t and prev_t are read from device tables (``GraphBuffers.t_table`` / ``prev_table``) at a device-side
+  step index (``step_index``, incremented by the graph itself);
+* the noise is drawn inside the graph: noise="torch" with a CUDA generator registered with the graph
+  (torch's graph-safe Philox, whose offset advances on every replay); noise="philox" by a torch
+  implementation of the kernels' Philox stream whose counter offset is read from a device table.
+  (The fused ops take seed/offset as ints, which a graph would freeze; until an op variant reads them
+  from a tensor, the graph passes the noise as a tensor. It is the same stream the in-kernel noise
+  uses: element i of step k is normal(seed, (k + 1) * numel + i).)
+* x lives in one static buffer that each replay overwrites.
+
+``graph_step`` is the captured function; it also runs eagerly (any device), which is how the CPU tests
+check it gives the same images as the plain loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import reference
+from .sample import SamplingPlan, call_model, fused_step, initial_noise, split_output
+
+__all__ = ["GraphBuffers", "plan_buffers", "graph_step", "philox_normal_at", "sample_cuda_graph"]
+
+
+@dataclass
+class GraphBuffers:
+    """The static tensors a captured step reads and writes (all on the plan's device)."""
+
+    x: torch.Tensor  # (B, ...) the images, overwritten in place by each step
+    t_table: torch.Tensor  # (n,) int64
+    prev_table: torch.Tensor  # (n,) int64
+    offset_table: torch.Tensor  # (n,) int64, Philox counter offset of each step's noise
+    step_index: torch.Tensor  # (1,) int64, the step the next replay runs
+
+
+def plan_buffers(plan: SamplingPlan, x_T: torch.Tensor) -> GraphBuffers:
+    """Static buffers for ``plan``, with x initialised to ``x_T``."""
+    if tuple(x_T.shape) != plan.shape:
+        raise ValueError(f"x_T: expected shape {plan.shape}, got {tuple(x_T.shape)}")
+    dev = plan.device
+    n = plan.num_steps
+    offsets = torch.arange(1, n + 1, dtype=torch.int64) * plan.numel
+    return GraphBuffers(
+        x=x_T.to(device=dev, dtype=plan.dtype).clone(memory_format=torch.contiguous_format),
+        t_table=plan.t.to(dev),
+        prev_table=plan.prev_t.to(dev),
+        offset_table=offsets.to(dev),
+        step_index=torch.zeros(1, dtype=torch.int64, device=dev),
+    )
+
+
+_M32 = 0xFFFFFFFF
+
+
+def philox_normal_at(shape, seed: int, offset: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """normal(seed, offset + i) for element i, with ``offset`` a device tensor (1,) int64.
+
+    The kernels' stream (fastddpm.ops.reference.philox_normal) with the counter offset read on the
+    device, so a CUDA graph replays it with a new offset every step. Box-Muller runs in float32 here;
+    the kernels' log/cos may differ from torch's in the last bit.
+    """
+    n = 1
+    for s in shape:
+        n *= int(s)
+    ctr = torch.arange(n, dtype=torch.int64, device=offset.device) + offset.reshape(())
+    c0, c1 = ctr & _M32, (ctr >> 32) & _M32
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = reference._mul_hi_lo(0xCD9E8D57, c2)
+        hi_a, lo_a = reference._mul_hi_lo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    u1 = torch.clamp(reference._uniform(c0), min=1.0e-7)
+    u2 = reference._uniform(c1)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(u2 * 6.283185307179586)
+    return z.reshape(tuple(shape)).to(dtype)
+
+
+def graph_step(model, plan: SamplingPlan, buf: GraphBuffers, generator=None, seed: int | None = None,
+               backend: str = "auto") -> None:
+    """One denoising step that reads everything step-dependent from device tensors. In place on buf.x."""
+    B = plan.shape[0]
+    i = buf.step_index
+    t = buf.t_table.index_select(0, i).expand(B)  # (B,)
+    prev = buf.prev_table.index_select(0, i).expand(B)  # (B,)
+    x = buf.x
+    m, pv = split_output(plan, call_model(model, x, t), x)
+    if plan.sampler == "ddim" and plan.eta == 0:
+        z = "none"
+    elif plan.noise == "philox":
+        z = philox_normal_at(plan.shape, seed, buf.offset_table.index_select(0, i), plan.dtype)
+    else:
+        # Drawn at t = 0 too (the step adds none there): a graph cannot branch on t.
+        gd = generator.device if generator is not None else x.device
+        z = torch.randn(plan.shape, generator=generator, device=gd, dtype=plan.dtype)
+    new = fused_step(plan, x, m, pv, t, prev, z, None, None, 0, backend)
+    x.copy_(new)
+    i.add_(1)
+
+
+def sample_cuda_graph(model, plan: SamplingPlan, *, generator=None, seed=None, progress=True, callback=None,
+                      return_intermediates=False, backend="auto"):
+    """fastddpm.sample(..., cuda_graph=True): capture graph_step once, replay it plan.num_steps times."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "cuda_graph=True: CUDA graphs need a CUDA device, and torch.cuda.is_available() is False here; "
+            "call sample(..., cuda_graph=False)"
+        )
+    if plan.device.type != "cuda":
+        raise RuntimeError(f"cuda_graph=True: the images must be on a CUDA device, got device={plan.device}")
+    if plan.noise == "torch":
+        if generator is None:
+            generator = torch.Generator(device=plan.device)
+            generator.seed()
+        elif generator.device.type != "cuda":
+            # A CPU generator cannot be advanced by a replay; seed a CUDA one from it, deterministically.
+            s = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+            generator = torch.Generator(device=plan.device).manual_seed(s)
+    x_T = initial_noise(plan, generator, seed)
+    buf = plan_buffers(plan, x_T)
+    # Warm up on a side stream (lazy initialisation, cuDNN autotuning) without disturbing the real run:
+    # the RNG state and the buffers are restored afterwards.
+    rng_state = generator.get_state() if generator is not None else None
+    side = torch.cuda.Stream(device=plan.device)
+    side.wait_stream(torch.cuda.current_stream(plan.device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            graph_step(model, plan, buf, generator, seed, backend)
+    torch.cuda.current_stream(plan.device).wait_stream(side)
+    buf.x.copy_(x_T)
+    buf.step_index.zero_()
+    if generator is not None:
+        generator.set_state(rng_state)
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None and hasattr(graph, "register_generator_state"):
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        graph_step(model, plan, buf, generator, seed, backend)
+    # Capture does not execute: reset once more (capture recorded the increments, not applied them).
+    buf.x.copy_(x_T)
+    buf.step_index.zero_()
+    intermediates = []
+    from tqdm.auto import tqdm
+
+    t_host = plan.t.tolist()
+    for i in tqdm(range(plan.num_steps), disable=not progress, desc=f"fastddpm {plan.sampler} (CUDA graph)"):
+        graph.replay()
+        if callback is not None:
+            callback(i, t_host[i], buf.x)
+        if return_intermediates:
+            intermediates.append(buf.x.clone())
+    x = buf.x.clone()
+    return (x, intermediates) if return_intermediates else x

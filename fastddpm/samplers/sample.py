@@ -1,0 +1,270 @@
+"""fastddpm.sample: one call that samples from any epsilon (or x0, or v) model.
+
+    x = fastddpm.sample(model, (16, 3, 32, 32), steps=100, seed=0)
+
+The loop is Ho et al.'s Algorithm 2 (sampler="ddpm") or Song et al.'s DDIM (sampler="ddim"), each step
+one fused kernel. Fewer steps than the schedule has use Nichol & Dhariwal's respacing
+(fastddpm/samplers/respace.py). The same seed gives bitwise the same images on the CPU, run after run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .. import ops
+from ..schedule import NoiseSchedule
+from .respace import space_timesteps, step_tables
+
+__all__ = ["sample", "SamplingPlan", "plan_sampling", "call_model"]
+
+SAMPLERS = ("ddpm", "ddim")
+NOISES = ("torch", "philox")
+
+
+@dataclass
+class SamplingPlan:
+    """Everything a sampling loop needs that does not depend on the images: the schedule, the
+    (t, prev_t) pair of every step in order, and the settings. Built on the host, once."""
+
+    schedule: NoiseSchedule
+    shape: tuple[int, ...]
+    t: torch.Tensor  # (n,) int64, descending
+    prev_t: torch.Tensor  # (n,) int64, t[i + 1] and -1 at the end
+    sampler: str
+    eta: float
+    prediction_type: str
+    variance_type: str
+    clip_denoised: bool
+    noise: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.t.shape[0])
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+    def philox_offset(self, i: int) -> int:
+        """Counter offset of step i's noise: x_T takes [0, numel), step i takes the next numel."""
+        return (i + 1) * self.numel
+
+
+def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, timesteps=None,
+                  prediction_type="epsilon", variance_type="fixed_small", clip_denoised=True, noise="torch",
+                  device=None, dtype=None) -> SamplingPlan:
+    """Check the settings and build the step tables (no model, no images)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if noise not in NOISES:
+        raise ValueError(f"noise: expected one of {', '.join(NOISES)}, got {noise!r}")
+    if prediction_type not in ("epsilon", "sample", "v_prediction"):
+        raise ValueError(
+            f"prediction_type: expected 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}"
+        )
+    if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"):
+        raise ValueError(f"variance_type: unknown {variance_type!r}")
+    if sampler == "ddim" and variance_type in ("learned", "learned_range"):
+        raise ValueError("variance_type: the learned variance types apply to sampler='ddpm' only")
+    if not float(eta) >= 0:
+        raise ValueError(f"eta: expected a non-negative number, got {eta}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"shape: expected (batch, channels, ...) with positive sizes, got {shape}")
+    schedule = schedule if schedule is not None else NoiseSchedule()
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
+    T = schedule.num_train_timesteps
+    if timesteps is not None:
+        if steps is not None:
+            raise ValueError("steps, timesteps: pass one of them, not both")
+        ts = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+        if any(int(t) < 0 or int(t) >= T for t in ts):
+            raise ValueError(f"timesteps: expected values in [0, {T}), got {ts}")
+        if len(set(int(t) for t in ts)) != len(ts):
+            raise ValueError("timesteps: expected distinct values")
+    else:
+        if steps is None:
+            steps = T if sampler == "ddpm" else min(50, T)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+        if steps > T:
+            raise ValueError(f"steps: {steps} is more than the schedule's {T} training timesteps")
+        ts = list(range(T)) if steps == T else space_timesteps(T, steps)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    t, prev = step_tables(ts)
+    return SamplingPlan(schedule=schedule, shape=shape, t=t, prev_t=prev, sampler=sampler, eta=float(eta),
+                        prediction_type=prediction_type, variance_type=variance_type,
+                        clip_denoised=bool(clip_denoised), noise=noise, device=device,
+                        dtype=dtype or torch.float32)
+
+
+def call_model(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """model(x, t) for a fastddpm UNet, a plain callable, or a diffusers UNet2DModel (``.sample``)."""
+    out = model(x, t)
+    if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"model: expected it to return a tensor (or an object with .sample), got {type(out).__name__}"
+        )
+    return out
+
+
+def split_output(plan: SamplingPlan, out: torch.Tensor, x: torch.Tensor):
+    """(model output, predicted variance or None), checked against x's shape."""
+    C = x.shape[1]
+    learned = plan.variance_type in ("learned", "learned_range")
+    if learned:
+        if out.shape[1] != 2 * C or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"model output: variance_type={plan.variance_type!r} needs 2 x {C} channels (output and "
+                f"variance), got shape {tuple(out.shape)} for images of shape {tuple(x.shape)}"
+            )
+        m, pv = torch.split(out, C, dim=1)
+        return m.to(x.dtype), pv.to(x.dtype)
+    if out.shape != x.shape:
+        hint = " (2x channels: pass variance_type='learned_range')" if out.dim() == x.dim() and \
+            out.shape[1] == 2 * C else ""
+        raise ValueError(f"model output: expected shape {tuple(x.shape)}, got {tuple(out.shape)}{hint}")
+    return out.to(x.dtype), None
+
+
+def fused_step(plan: SamplingPlan, x, m, pv, t, prev_t, noise, generator, seed, offset, backend):
+    """One fused step (either sampler) with the plan's settings. ``noise``: a tensor, None (draw from
+    ``generator``), "philox" or "none"."""
+    if plan.sampler == "ddpm":
+        return ops.ddpm_step(x, m, t, plan.schedule, prev_t, noise=noise, generator=generator,
+                             prediction_type=plan.prediction_type, variance_type=plan.variance_type,
+                             clip_sample=plan.clip_denoised, predicted_variance=pv, seed=seed, offset=offset,
+                             backend=backend)
+    return ops.ddim_step(x, m, t, plan.schedule, prev_t, eta=plan.eta, noise=noise, generator=generator,
+                         prediction_type=plan.prediction_type, clip_sample=plan.clip_denoised, seed=seed,
+                         offset=offset, backend=backend)
+
+
+def initial_noise(plan: SamplingPlan, generator, seed) -> torch.Tensor:
+    """x_T: from the generator (drawn on its device, then moved, as diffusers' randn_tensor) or Philox."""
+    if plan.noise == "philox":
+        return ops.philox_randn(plan.shape, seed, 0, device=plan.device).to(plan.dtype)
+    gd = generator.device if generator is not None else plan.device
+    return torch.randn(plan.shape, generator=generator, device=gd, dtype=plan.dtype).to(plan.device)
+
+
+def _resolve_rng(plan: SamplingPlan, generator, seed):
+    if plan.noise == "philox":
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        if not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
+        return None, seed
+    if generator is None and seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return generator, seed
+
+
+def _infer_device_dtype(model, device, dtype):
+    if isinstance(model, torch.nn.Module):
+        p = next(iter(model.parameters()), None)
+        if p is not None:
+            device = device if device is not None else p.device
+            dtype = dtype if dtype is not None else p.dtype
+    return (torch.device(device) if device is not None else torch.device("cpu")), (dtype or torch.float32)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    shape,
+    *,
+    steps: int | None = None,
+    sampler: Literal["ddpm", "ddim"] = "ddpm",
+    eta: float = 0.0,
+    schedule: NoiseSchedule | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    noise: Literal["torch", "philox"] = "torch",
+    device=None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    return_intermediates: bool = False,
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon",
+    variance_type: str = "fixed_small",
+    clip_denoised: bool = True,
+    timesteps=None,
+    cuda_graph: bool = False,
+    backend: str = "auto",
+):
+    """Sample images from ``model``.
+
+    Args:
+        model: ``model(x, t) -> output``: a fastddpm UNet, any callable, or a diffusers UNet2DModel
+            (its ``.sample`` is used). ``t`` is an int64 (B,) tensor of original timesteps.
+        shape: (B, C, H, W) (any trailing dims).
+        steps: number of denoising steps; default the schedule's T for DDPM and 50 for DDIM. Fewer
+            than T respaces the schedule (Nichol & Dhariwal 2021), evenly with both ends kept.
+        sampler: "ddpm" (ancestral, Ho et al. Algorithm 2) or "ddim" (Song et al. 2021).
+        eta: DDIM's eta (0: deterministic).
+        schedule: the :class:`~fastddpm.NoiseSchedule` the model was trained with (default: linear 1000).
+        generator, seed: with noise="torch", noise comes from ``generator`` (or a CPU generator seeded
+            with ``seed``), drawn on the generator's device as diffusers does; with noise="philox" it is
+            generated inside the step kernel from ``seed`` (counter-based, the same on every backend).
+        device, dtype: of the images (default: those of the model's parameters, else CPU float32).
+        progress: show a tqdm bar.
+        callback: ``callback(i, t, x)`` after every step.
+        return_intermediates: also return the list of x after every step.
+        prediction_type: what the model predicts: "epsilon", "sample" (x0) or "v_prediction".
+        variance_type: DDPM's sigma_t: "fixed_small" (beta tilde), "fixed_large" (beta), "learned",
+            "learned_range" (model returns 2C channels).
+        clip_denoised: clip the predicted x0 to [-1, 1] (as the original DDPM code).
+        timesteps: explicit timesteps to visit instead of ``steps``.
+        cuda_graph: capture one step (model + fused step) in a CUDA graph and replay it (CUDA only).
+        backend: the fused ops' backend.
+
+    Returns:
+        x_0 (shape ``shape``), or (x_0, intermediates) with ``return_intermediates``.
+    """
+    device, dtype = _infer_device_dtype(model, device, dtype)
+    plan = plan_sampling(shape, steps=steps, sampler=sampler, eta=eta, schedule=schedule, timesteps=timesteps,
+                         prediction_type=prediction_type, variance_type=variance_type,
+                         clip_denoised=clip_denoised, noise=noise, device=device, dtype=dtype)
+    generator, seed = _resolve_rng(plan, generator, seed)
+    if cuda_graph:
+        from .graph import sample_cuda_graph
+
+        return sample_cuda_graph(model, plan, generator=generator, seed=seed, progress=progress,
+                                 callback=callback, return_intermediates=return_intermediates,
+                                 backend=backend)
+    x = initial_noise(plan, generator, seed)
+    B = plan.shape[0]
+    intermediates = []
+    t_host, prev_host = plan.t.tolist(), plan.prev_t.tolist()
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(plan.num_steps), disable=not progress, desc=f"fastddpm {plan.sampler}"):
+        t, prev = t_host[i], prev_host[i]
+        tb = torch.full((B,), t, dtype=torch.int64, device=plan.device)
+        m, pv = split_output(plan, call_model(model, x, tb), x)
+        if plan.noise == "philox":
+            z, off = "philox", plan.philox_offset(i)
+        else:
+            # DDPM adds no noise at t = 0 and diffusers draws none there; DDIM draws only when eta > 0.
+            z, off = ("none" if plan.sampler == "ddpm" and t == 0 else None), 0
+        x = fused_step(plan, x, m, pv, t, prev, z, generator, seed, off, backend)
+        if callback is not None:
+            callback(i, t, x)
+        if return_intermediates:
+            intermediates.append(x)
+    return (x, intermediates) if return_intermediates else x
