@@ -96,9 +96,7 @@ def group_norm_silu(
     if b == "torch":
         return reference.group_norm_silu(x, weight, bias, num_groups, eps, silu)[0]
     if b == "triton":
-        from ..triton_kernels.group_norm_silu import group_norm_silu_triton
-
-        return group_norm_silu_triton(x, weight, bias, num_groups, eps, silu)[0]
+        return _triton_fwd()(x, weight, bias, num_groups, eps, silu)[0]
     return torch.ops.fastddpm.group_norm_silu_fwd(x, weight, bias, num_groups, eps, silu)[0]
 
 
@@ -152,6 +150,23 @@ def _make_backward(bwd):
                 None, None, None)
 
     return backward
+
+
+_TRITON_REGISTERED = False
+
+
+def _triton_fwd():
+    # The Triton ops (torch.library.triton_op) register on first use, with the same autograd.
+    global _TRITON_REGISTERED
+    from ..triton_kernels.group_norm_silu import group_norm_silu_triton, group_norm_silu_triton_bwd
+
+    if not _TRITON_REGISTERED:
+        torch.library.register_autograd(
+            "fastddpm::group_norm_silu_triton_fwd", _make_backward(group_norm_silu_triton_bwd),
+            setup_context=_setup,
+        )
+        _TRITON_REGISTERED = True
+    return group_norm_silu_triton
 
 
 if _library.has_c() and hasattr(torch.ops.fastddpm, "group_norm_silu_fwd"):

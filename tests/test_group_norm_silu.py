@@ -1,0 +1,350 @@
+"""group_norm_silu: every backend against the float64 reference, forward and all three gradients.
+
+Outputs are poisoned: with torch's deterministic mode and fill_uninitialized_memory, every
+torch.empty (also at::empty inside the C++ kernels and the Triton wrappers) is NaN-filled, so an
+element a kernel forgets to write fails the finiteness check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _utils import backends_for, interpreted, rel_err
+
+import fastddpm
+from fastddpm.nn import GroupNormSiLU
+from fastddpm.ops import BackendNotSupported, group_norm_silu, reference
+
+CPU = torch.device("cpu")
+BACKENDS = backends_for(CPU, "group_norm_silu_fwd")
+HAS_C = "cpu" in BACKENDS
+
+# fp32 against float64: DESIGN.md's 1e-5 for reductions. fp16/bf16: twice torch's own error in the
+# same dtype (plus an ulp), measured against the same float64 reference.
+FP32_RTOL = 1e-5
+
+# (shape, num_groups): a single element per group, groups of 1, C == num_groups, odd spatial
+# sizes, 1D / 2D / 3D spatial, and U-Net sizes (C++ only: the Triton interpreter is slow).
+SMALL = [
+    ((1, 32, 1, 1), 32),
+    ((2, 16, 5, 5), 16),
+    ((3, 12, 7, 3), 1),
+    ((2, 6, 13), 3),
+    ((1, 8, 3, 5, 4), 2),
+    ((2, 64, 9, 7), 32),
+]
+LARGE = [
+    ((1, 128, 32, 32), 32),
+    ((2, 256, 16, 16), 32),
+    ((16, 256, 4, 4), 32),
+    ((1, 96, 63, 21), 8),
+]
+
+
+@pytest.fixture(autouse=True)
+def poison_empty():
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old_det)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    # (N, *spatial, C) dense for any spatial rank.
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _inputs(shape, dtype, channels_last, affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    # An offset and scale per channel: GroupNorm's statistics must not rely on zero-mean input.
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 + 3.0
+    x = x.to(dtype)
+    if channels_last:
+        x = _channels_last(x)
+    w = (torch.randn(C, generator=g, dtype=torch.float64) * 0.5 + 1.0) if affine else None
+    b = torch.randn(C, generator=g, dtype=torch.float64) if affine else None
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    return x, w, b, dy
+
+
+def _run(fn, x, w, b, dy, param_dtype):
+    xr = x.detach().clone().requires_grad_()
+    wr = w.detach().to(param_dtype).clone().requires_grad_() if w is not None else None
+    br = b.detach().to(param_dtype).clone().requires_grad_() if b is not None else None
+    y = fn(xr, wr, br)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), xr.grad, (wr.grad if wr is not None else None), (br.grad if br is not None else None)
+
+
+def _eager(x, G, w, b, silu):
+    # torch's own GroupNorm (+ SiLU) in x's dtype. F.group_norm refuses inputs with one value per
+    # channel, such as (1, 32, 1, 1); a doubled batch gives the same per-sample result there.
+    n = x.shape[0]
+    xx = torch.cat([x, x]) if x[:, 0].numel() == 1 else x
+    y = F.group_norm(xx, G, w, b, 1e-5)[:n]
+    return F.silu(y) if silu else y
+
+
+def _check_against_reference(backend, shape, G, dtype, channels_last, silu, affine=True):
+    x, w, b, dy = _inputs(shape, dtype, channels_last, affine)
+    act = "silu" if silu else None
+    ref = _run(lambda xx, ww, bb: reference.group_norm_silu(xx, ww, bb, G, 1e-5, silu)[0],
+               x.double(), w, b, dy, torch.float64)
+    # The U-Net keeps fp32 parameters (autocast style) for fp32 inputs and the input dtype otherwise.
+    out = _run(lambda xx, ww, bb: group_norm_silu(xx, G, ww, bb, activation=act, backend=backend),
+               x, w, b, dy, dtype)
+    eager = _run(lambda xx, ww, bb: _eager(xx, G, ww, bb, silu), x, w, b, dy, dtype)
+    y = out[0]
+    assert y.dtype == dtype and y.shape == x.shape
+    if channels_last and x.dim() >= 3 and not x.is_contiguous():
+        assert y.stride() == x.stride(), "output must keep x's channels_last layout"
+    for name, a, r, e in zip(("y", "dx", "dweight", "dbias"), out, ref, eager):
+        if r is None:
+            assert a is None
+            continue
+        assert torch.isfinite(a).all(), f"{backend} {name}: non-finite values (unwritten output?)"
+        err = rel_err(a, r)
+        eager_err = rel_err(e, r)
+        if dtype == torch.float32:
+            # Floor 1e-5; where fp32 itself is ill-conditioned (one element per group makes
+            # rstd = 1/sqrt(eps) ~ 316 amplify rounding in dx), torch's own fp32 error is larger and
+            # the bound is twice that.
+            bound = max(FP32_RTOL, 2 * eager_err)
+        else:
+            bound = 2 * eager_err + torch.finfo(dtype).eps
+        assert err <= bound, (f"{backend} {name} {shape} {dtype}: error {err:.3g} > {bound:.3g} "
+                              f"(eager {eager_err:.3g})")
+
+
+def _backend_params(large=False):
+    out = []
+    for b in BACKENDS:
+        marks = []
+        if b == "triton" and interpreted():
+            if large:
+                continue
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(b, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("shape,G", SMALL)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [True, False])
+def test_fp32_small(backend, shape, G, channels_last, silu):
+    _check_against_reference(backend, shape, G, torch.float32, channels_last, silu)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,G", [((2, 16, 5, 5), 4), ((1, 32, 6, 6), 32)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_small(backend, dtype, shape, G, channels_last):
+    _check_against_reference(backend, shape, G, dtype, channels_last, True)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_no_affine(backend):
+    _check_against_reference(backend, (2, 12, 5, 3), 3, torch.float32, False, True, affine=False)
+    _check_against_reference(backend, (2, 12, 5, 3), 3, torch.float32, True, False, affine=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", _backend_params(large=True))
+@pytest.mark.parametrize("shape,G", LARGE)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unet_shapes(backend, shape, G, channels_last, dtype):
+    _check_against_reference(backend, shape, G, dtype, channels_last, True)
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+def test_weight_dtype_follows_param():
+    # fp16 activations with fp32 parameters (mixed precision): grads come back in the parameter dtype.
+    x, w, b, dy = _inputs((2, 8, 4, 4), torch.float16, False)
+    out = _run(lambda xx, ww, bb: group_norm_silu(xx, 4, ww, bb, backend="cpu"), x, w, b, dy, torch.float32)
+    assert out[0].dtype == torch.float16 and out[2].dtype == torch.float32 and out[3].dtype == torch.float32
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+def test_noncontiguous_input():
+    # An odd stride (a slice over the width) is copied once to NCHW; results still match.
+    x, w, b, dy = _inputs((2, 8, 5, 12), torch.float32, False)
+    xs = x[..., ::2]
+    ref = reference.group_norm_silu(xs.double(), w, b, 4)[0]
+    y = group_norm_silu(xs, 4, w.float(), b.float(), backend="cpu")
+    assert rel_err(y, ref) <= FP32_RTOL
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deterministic_across_threads(channels_last):
+    # Statistics are split in a fixed number of chunks and combined in a fixed order.
+    x, w, b, dy = _inputs((1, 64, 40, 40), torch.float32, channels_last)
+    old = torch.get_num_threads()
+    try:
+        res = []
+        for n in (1, old if old > 1 else 2):
+            torch.set_num_threads(n)
+            res.append(_run(lambda xx, ww, bb: group_norm_silu(xx, 32, ww, bb, backend="cpu"),
+                            x, w, b, dy, torch.float32))
+    finally:
+        torch.set_num_threads(old)
+    for a, b_ in zip(*res):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+@pytest.mark.parametrize("shape,G", [((2, 4, 3, 3), 2), ((1, 6, 5), 3), ((2, 4, 2, 3, 2), 1),
+                                     ((1, 3, 1, 1), 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [True, False])
+def test_gradcheck_cpu_kernel(shape, G, channels_last, silu):
+    # The C++ kernel also accepts float64 (computing in double) so that gradcheck runs on the kernel
+    # itself; the public function routes float64 to the reference, so call the op directly.
+    torch.use_deterministic_algorithms(False)
+    x, w, b, _ = _inputs(shape, torch.float64, channels_last)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def f(xx, ww, bb):
+        return torch.ops.fastddpm.group_norm_silu_fwd(xx, ww, bb, G, 1e-5, silu)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda xx: f(xx, None, None), (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(channels_last):
+    torch.use_deterministic_algorithms(False)
+    x, w, b, dy = _inputs((2, 8, 5, 3), torch.float32, channels_last)
+    w, b = w.float().requires_grad_(), b.float().requires_grad_()
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.fastddpm.group_norm_silu_fwd.default, (x, w, b, 4, 1e-5, True))
+    torch.library.opcheck(torch.ops.fastddpm.group_norm_silu_fwd.default, (x, None, None, 2, 1e-5, False))
+    y, mean, rstd = torch.ops.fastddpm.group_norm_silu_fwd(x.detach(), w.detach(), b.detach(), 4, 1e-5, True)
+    torch.library.opcheck(torch.ops.fastddpm.group_norm_silu_bwd.default,
+                          (dy.float(), x.detach(), mean, rstd, w.detach(), b.detach(), 4, True))
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+def test_saves_only_x_and_stats():
+    # The backward recomputes from x: nothing else of x's size is kept for it.
+    x, w, b, _ = _inputs((2, 16, 8, 8), torch.float32, False)
+    x.requires_grad_()
+    w, b = w.float().requires_grad_(), b.float().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        group_norm_silu(x, 4, w, b, backend="cpu")
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    assert sum(t.numel() for t in saved) <= x.numel() + 2 * 2 * 4 + 2 * 16
+
+
+# ---------------------------------------------------------------------------
+# The module.
+# ---------------------------------------------------------------------------
+def test_module_state_dict_matches_group_norm():
+    gn = torch.nn.GroupNorm(8, 32)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    m = GroupNormSiLU(8, 32)
+    assert list(m.state_dict().keys()) == list(gn.state_dict().keys()) == ["weight", "bias"]
+    m.load_state_dict(gn.state_dict())
+    gn2 = torch.nn.GroupNorm(8, 32)
+    gn2.load_state_dict(m.state_dict())
+    x = torch.randn(2, 32, 6, 6)
+    torch.testing.assert_close(m(x), F.silu(gn(x)), rtol=1e-5, atol=1e-5)
+    plain = GroupNormSiLU(8, 32, activation=None)
+    plain.load_state_dict(gn.state_dict())
+    torch.testing.assert_close(plain(x), gn(x), rtol=1e-5, atol=1e-5)
+    na = GroupNormSiLU(4, 8, affine=False)
+    assert na.weight is None and na.bias is None and list(na.state_dict()) == []
+    torch.testing.assert_close(na(x[:, :8]), F.silu(F.group_norm(x[:, :8], 4)), rtol=1e-5, atol=1e-5)
+    assert "activation='silu'" in repr(m)
+
+
+def test_module_from_group_norm_shares_parameters():
+    gn = torch.nn.GroupNorm(4, 16)
+    m = GroupNormSiLU.from_group_norm(gn)
+    assert m.weight is gn.weight and m.bias is gn.bias
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+def test_torch_compile_fullgraph():
+    torch.use_deterministic_algorithms(False)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), GroupNormSiLU(4, 16),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), GroupNormSiLU(4, 16, activation=None))
+    x = torch.randn(2, 8, 6, 6)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    g_comp = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    y_ref = net(x)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g_comp, [p.grad for p in net.parameters()]):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    # And with inductor, forward only (inductor's C++ compile is slow on this machine).
+    y2 = torch.compile(net, fullgraph=True)(x)
+    torch.testing.assert_close(y2, y_ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs.
+# ---------------------------------------------------------------------------
+def test_bad_inputs():
+    x = torch.randn(2, 12, 4, 4)
+    with pytest.raises(ValueError, match="num_groups.*divisible"):
+        group_norm_silu(x, 5)
+    with pytest.raises(ValueError, match="weight: expected shape \\(12,\\)"):
+        group_norm_silu(x, 4, torch.ones(6))
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        group_norm_silu(x, 4, torch.ones(12), torch.ones(12, 1))
+    with pytest.raises(ValueError, match="weight: expected device"):
+        group_norm_silu(x, 4, torch.ones(12, device="meta"))
+    with pytest.raises(ValueError, match="x: expected shape \\(N, C, \\*spatial\\)"):
+        group_norm_silu(torch.randn(12), 4)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        group_norm_silu(x.to(torch.int32), 4)
+    with pytest.raises(ValueError, match="activation"):
+        group_norm_silu(x, 4, activation="relu")
+    with pytest.raises(ValueError, match="num_groups: expected a positive"):
+        group_norm_silu(x, 0)
+    with pytest.raises(ValueError, match="backend"):
+        group_norm_silu(x, 4, backend="nope")
+    with pytest.raises(ValueError, match="num_groups"):
+        GroupNormSiLU(5, 12)
+    with pytest.raises(ValueError, match="x: expected 12 channels"):
+        GroupNormSiLU(4, 12)(torch.randn(2, 8, 3, 3))
+    if HAS_C:
+        # The C++ op checks too (a direct torch.ops call bypasses the Python checks).
+        with pytest.raises(RuntimeError, match="num_groups: the number of channels C=12"):
+            torch.ops.fastddpm.group_norm_silu_fwd(x, None, None, 5, 1e-5, True)
+        with pytest.raises(RuntimeError, match="weight: expected shape"):
+            torch.ops.fastddpm.group_norm_silu_fwd(x, torch.ones(3), None, 4, 1e-5, True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_cuda_backend_on_cpu_tensor_says_why():
+    with pytest.raises(BackendNotSupported, match="cuda"):
+        group_norm_silu(torch.randn(1, 4, 2, 2), 2, backend="cuda")
+
+
+def test_float64_routes_to_reference():
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    y = group_norm_silu(x, 2)
+    torch.testing.assert_close(y, F.silu(F.group_norm(x, 2)))
+    assert fastddpm.ops.group_norm_silu is group_norm_silu
