@@ -121,7 +121,27 @@ def _extensions():
             super().run()
             _log("built fastddpm._C with " + ("CPU + CUDA" if with_cuda else "CPU") + " kernels")
 
+    _write_build_info(with_cuda, why, os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else "")
     return [ext], {"build_ext": Build.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+def _write_build_info(with_cuda: bool, why: str, archs: str) -> None:
+    """Record what this build compiled, for `fastddpm info` and the tests (atomic write)."""
+    import torch
+
+    path = os.path.join(ROOT, "fastddpm", "_build_info.py")
+    text = (
+        '"""Written by setup.py: what the installed fastddpm._C was built with."""\n'
+        f"WITH_CUDA = {with_cuda!r}\n"
+        f"CUDA_REASON = {why!r}\n"
+        f"CUDA_ARCHS = {archs!r}\n"
+        f"CUDA_MODE = {os.environ.get('FASTDDPM_CUDA', 'auto').strip().lower()!r}\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+    )
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _git_free_version() -> str:

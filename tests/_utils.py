@@ -20,7 +20,7 @@ def backends_for(device: torch.device, op: str) -> list[str]:
     return out
 
 
-def test_devices() -> list[torch.device]:
+def devices_to_test() -> list[torch.device]:
     devs = [torch.device("cpu")]
     if HAS_CUDA:
         devs.append(torch.device("cuda"))

@@ -50,12 +50,18 @@ def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allo
     if t.dim() == 0:
         t = t.reshape(1).expand(batch)
     if t.dim() != 1 or t.shape[0] != batch:
-        raise ValueError(f"{name}: expected shape ({batch},) (one timestep per sample) or a scalar, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected shape ({batch},) (one timestep per sample) or a scalar, got {tuple(t.shape)}"
+        )
     t = t.to(device=device, dtype=torch.int64).contiguous()
+    if torch.compiler.is_compiling():
+        # Traced code cannot branch on values; the C++ kernels check the range themselves
+        # and the Triton/CUDA kernels clamp their table reads.
+        return t
     if t.device.type == "cpu":
         if t.numel() and (int(t.min()) < lo or int(t.max()) >= T):
             bad = t[(t < lo) | (t >= T)][0].item()
             raise ValueError(f"{name}: expected timesteps in [{lo}, {T}), got {bad}")
-    elif not torch.compiler.is_compiling():
+    else:
         torch._assert_async(((t >= lo) & (t < T)).all(), f"{name}: timesteps outside [{lo}, {T})")
     return t

@@ -71,7 +71,10 @@ def backend_unavailable_reason(backend: str, op: str, device: torch.device) -> s
         if not ok:
             return why
         if device.type == "cpu" and not triton_interpreting():
-            return "Triton runs CPU tensors only through its interpreter (set TRITON_INTERPRET=1 before importing triton)"
+            return (
+                "Triton runs CPU tensors only through its interpreter "
+                "(set TRITON_INTERPRET=1 before importing triton)"
+            )
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels serve CUDA tensors, got tensors on {device}"
         return None

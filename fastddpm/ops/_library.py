@@ -23,11 +23,26 @@ def has_c() -> bool:
     return _C is not None
 
 
-def has_kernel(op: str, key: str) -> bool:
-    """Whether op ``fastddpm::<op>`` has a kernel for dispatch key ``key`` ("CPU", "CUDA")."""
+def _kernel_table() -> frozenset[tuple[str, str]]:
+    # Read once at import (every C++ kernel registers when _C loads), so dispatch
+    # decisions are plain set lookups that torch.compile traces without a graph break.
     if _C is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{op}", key)
+        return frozenset()
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastddpm::")]
+    return frozenset(
+        (n.split("::", 1)[1], key)
+        for n in names
+        for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(n, key)
+    )
+
+
+_KERNELS = _kernel_table()
+
+
+def has_kernel(op: str, key: str) -> bool:
+    """Whether op ``fastddpm::<op>`` has a C++ kernel for dispatch key ``key`` ("CPU", "CUDA")."""
+    return (op, key) in _KERNELS
 
 
 if _C is not None:

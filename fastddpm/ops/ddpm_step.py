@@ -96,7 +96,7 @@ def ddpm_step(
         pt = tt - 1
     else:
         pt = _checks.timesteps(prev_t, B, sample.device, T, name="prev_t", allow_minus_one=True)
-        if pt.device.type == "cpu" and bool((pt >= tt).any()):
+        if pt.device.type == "cpu" and not torch.compiler.is_compiling() and bool((pt >= tt).any()):
             raise ValueError("prev_t: expected prev_t < t for every sample")
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")

@@ -1,0 +1,325 @@
+"""ddpm_step on every backend against the float64 reference, diffusers and Algorithm 2."""
+
+import pytest
+import torch
+from _utils import HAS_CUDA, backends_for, devices_to_test, rel_err
+
+from fastddpm import NoiseSchedule, ops
+from fastddpm.ops import reference
+
+SCHED = NoiseSchedule()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1, 1, 3), (3, 5, 7, 11), (2, 3, 32, 32), (5, 13)]
+
+
+def scaled_err(actual, ref):
+    """max |actual - ref| / max(max |ref|, 1): error on the scale of the output.
+
+    Predicted x0 = (x - sqrt(1-abar) eps) / sqrt(abar) cancels and is amplified by up to
+    1/sqrt(abar_999) ~ 160, so per-element relative error is ill-conditioned; the error
+    relative to the output's own scale is what fp32 rounding bounds.
+    """
+    a, r = actual.double(), ref.double()
+    return ((a - r).abs().max() / r.abs().max().clamp(min=1.0)).item()
+
+
+# fp32: a few ulp of the operands times the (small) conditioning of the step; measured
+# 1-2e-6 on this CPU. Half: twice torch's own eager error in that dtype (DESIGN.md).
+FP32_BOUND = 4e-6
+
+
+def forward_error_ratio(actual, ref, x, m, z, t, prev_t=None, pred=0, what="out"):
+    """max |actual - ref| / K, with K the standard forward-error scale of the step:
+    the same expression evaluated in float64 on absolute values (sum of |term|s).
+
+    An fp32 evaluation of a short expression has |error| <= c u K with u = 2^-24 and c
+    a small count of operations; we allow c = 16, i.e. a ratio of 1e-6.
+    """
+    ac = SCHED.table("alphas_cumprod", x.device, torch.float64)
+    nd = x.dim()
+    pt = t - 1 if prev_t is None else prev_t
+    ab_t = ac[t].view(-1, *[1] * (nd - 1))
+    ab_p = torch.where(pt >= 0, ac[pt.clamp(min=0)], torch.ones((), dtype=torch.float64, device=x.device))
+    ab_p = ab_p.view(-1, *[1] * (nd - 1))
+    xa, ma = x.double().abs(), m.double().abs()
+    if pred == 0:
+        k_x0 = (xa + (1 - ab_t).sqrt() * ma) / ab_t.sqrt()
+    elif pred == 1:
+        k_x0 = ma
+    else:
+        k_x0 = ab_t.sqrt() * xa + (1 - ab_t).sqrt() * ma
+    if what == "pred":
+        k = k_x0
+    else:
+        cb = (ab_p - ab_t) / ab_p
+        k = ab_p.sqrt() * cb / (1 - ab_t) * k_x0 + (ab_t / ab_p).sqrt() * (1 - ab_p) / (1 - ab_t) * xa
+        if z is not None:
+            k = k + cb.sqrt() * z.double().abs()
+    k = k + ref.double().abs()
+    return ((actual.double() - ref.double()).abs() / k.clamp(min=1e-30)).max().item()
+
+
+def ref64(x, m, t, prev_t=None, noise=None, pv=None, prediction_type="epsilon", variance_type="fixed_small",
+          clip_sample=False, seed=0, offset=0, noise_mode=None):
+    """The float64 reference evaluated on the kernels' own inputs, the fp32 abar table included.
+
+    Rounding abar to fp32 moves 1 - abar_t/abar_prev by up to ~1e-4 relative where beta ~ 1e-4;
+    that is the schedule's rounding (diffusers has the same), not the kernel's error, so the
+    kernel is judged against float64 arithmetic on the same fp32 table.
+    """
+    from fastddpm.ops._codes import PREDICTION_TYPES, VARIANCE_TYPES
+
+    if isinstance(t, int):
+        t = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+    pt = t - 1 if prev_t is None else prev_t
+    if noise_mode is None:
+        noise_mode = 1 if noise is not None else 0
+    out, pred = reference.ddpm_step(
+        x.double(), m.double(), t, pt, SCHED.tables(x.device)["alphas_cumprod"].double(),
+        None if noise is None else noise.double(), None if pv is None else pv.double(), seed, offset,
+        noise_mode, PREDICTION_TYPES[prediction_type], VARIANCE_TYPES[variance_type],
+        1.0 if clip_sample else 0.0, True)
+    return out, pred
+
+
+def _cases():
+    for dev in devices_to_test():
+        for b in backends_for(dev, "ddpm_step"):
+            if b != "torch":
+                yield dev, b
+
+
+def _inputs(shape, dtype, device, seed, t_max=1000):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    m = torch.randn(shape, generator=g).to(device, dtype)
+    z = torch.randn(shape, generator=g).to(device, dtype)
+    pv = (torch.rand(shape, generator=g) * 2 - 1).to(device, dtype)
+    t = torch.randint(0, t_max, (shape[0],), generator=g)
+    t[0] = 0  # t = 0 adds no noise: always cover it
+    return x, m, z, pv, t.to(device)
+
+
+def _eager(x, m, z, ab_t, ab_p, t, pred, var, clip):
+    # torch's own step in the input dtype, as diffusers runs it on half tensors: the
+    # coefficients are fp32 scalars, the elementwise arithmetic happens in x.dtype.
+    bt, bp = 1 - ab_t, 1 - ab_p
+    ca = ab_t / ab_p
+    cb = 1 - ca
+    d = x.dtype
+    if pred == 0:
+        x0 = (x - (bt**0.5).to(d) * m) / (ab_t**0.5).to(d)
+    elif pred == 1:
+        x0 = m
+    else:
+        x0 = (ab_t**0.5).to(d) * x - (bt**0.5).to(d) * m
+    if clip > 0:
+        x0 = x0.clamp(-clip, clip)
+    out = (ab_p**0.5 * cb / bt).to(d) * x0 + (ca**0.5 * bp / bt).to(d) * x
+    sig = (bp / bt * cb).clamp(min=1e-20) ** 0.5 if var in (0, 1) else cb**0.5
+    mask = (t > 0).view(-1, *[1] * (x.dim() - 1))
+    return out + (mask * sig).to(d) * z
+
+
+@pytest.mark.parametrize("device,backend", list(_cases()))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddpm_step_matches_reference(device, backend, shape, dtype, prediction_type, variance_type, clip):
+    x, m, z, _, t = _inputs(shape, dtype, device, seed=hash((shape, str(dtype), prediction_type)) % 2**31)
+    kw = dict(prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip)
+    out, pred = ops.ddpm_step(x, m, t, SCHED, noise=z, return_pred_original=True, backend=backend, **kw)
+    ref, ref_pred = ref64(x, m, t, noise=z, **kw)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    if dtype == torch.float32:
+        p = {"epsilon": 0, "sample": 1, "v_prediction": 2}[prediction_type]
+        assert forward_error_ratio(out, ref, x, m, z, t, pred=p) <= 1e-6
+        assert forward_error_ratio(pred, ref_pred, x, m, z, t, pred=p, what="pred") <= 1e-6
+    else:
+        ac = SCHED.alphas_cumprod.to(device)
+        nd = x.dim()
+        ab_t = ac[t].view(-1, *[1] * (nd - 1))
+        pt = t - 1
+        ab_p = torch.where(pt >= 0, ac[pt.clamp(min=0)], torch.ones((), device=device))
+        ab_p = ab_p.view(-1, *[1] * (nd - 1))
+        eager = _eager(x, m, z, ab_t, ab_p, t, {"epsilon": 0, "sample": 1, "v_prediction": 2}[prediction_type],
+                       0 if variance_type == "fixed_small" else 2, 1.0 if clip else 0.0)
+        bound = 2 * scaled_err(eager, ref) + torch.finfo(dtype).eps
+        assert scaled_err(out, ref) <= bound
+
+
+@pytest.mark.parametrize("device,backend", list(_cases()))
+@pytest.mark.parametrize("variance_type", ["fixed_small_log", "learned", "learned_range"])
+def test_ddpm_step_other_variances(device, backend, variance_type):
+    x, m, z, pv, t = _inputs((3, 4, 5, 6), torch.float32, device, seed=7)
+    if variance_type == "learned":
+        pv = pv.abs() * 0.02 + 1e-4  # a variance, positive
+    kw = dict(variance_type=variance_type)
+    if variance_type.startswith("learned"):
+        kw["predicted_variance"] = pv
+    out = ops.ddpm_step(x, m, t, SCHED, noise=z, backend=backend, **kw)
+    ref, _ = ref64(x, m, t, noise=z, pv=kw.get("predicted_variance"), variance_type=variance_type)
+    assert forward_error_ratio(out, ref, x, m, z, t) <= 1e-6
+
+
+def test_reference_matches_diffusers_step():
+    diffusers = pytest.importorskip("diffusers")
+    for var in ["fixed_small", "fixed_small_log", "fixed_large"]:
+        for pred in ["epsilon", "sample", "v_prediction"]:
+            sch = diffusers.DDPMScheduler(variance_type=var, prediction_type=pred, clip_sample=True)
+            x = torch.randn(2, 3, 8, 8)
+            m = torch.randn(2, 3, 8, 8)
+            for t in [999, 500, 1, 0]:
+                g1, g2 = torch.Generator().manual_seed(t), torch.Generator().manual_seed(t)
+                want = sch.step(m, t, x, generator=g1).prev_sample
+                got = ops.ddpm_step(x, m, t, SCHED, generator=g2, prediction_type=pred, variance_type=var,
+                                    clip_sample=True, backend="cpu")
+                truth = ops.ddpm_step(x.double(), m.double(), t, SCHED, generator=torch.Generator().manual_seed(t),
+                                      prediction_type=pred, variance_type=var, clip_sample=True, backend="torch")
+                # diffusers computes its tables and coefficients in fp32 with cancellation; we must be
+                # no further from float64 truth than twice diffusers is, and close to diffusers itself.
+                assert scaled_err(got, truth) <= 2 * scaled_err(want, truth) + 4e-6
+                assert scaled_err(got, want) < 1e-3, (var, pred, t)
+
+
+def test_algorithm2_form_agrees():
+    """With epsilon prediction and no clipping the step is Ho et al.'s Algorithm 2, line 4."""
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    eps = torch.randn_like(x)
+    z = torch.randn_like(x)
+    t = torch.tensor([1, 10, 500, 999])
+    b = SCHED.table("betas", dtype=torch.float64)[t].view(-1, 1, 1, 1)
+    ab = SCHED.table("alphas_cumprod", dtype=torch.float64)[t].view(-1, 1, 1, 1)
+    abp = SCHED.table("alphas_cumprod_prev", dtype=torch.float64)[t].view(-1, 1, 1, 1)
+    sigma = ((1 - abp) / (1 - ab) * b).sqrt()
+    alg2 = 1 / (1 - b).sqrt() * (x - b / (1 - ab).sqrt() * eps) + sigma * z
+    got = ops.ddpm_step(x, eps, t, SCHED, noise=z, backend="torch")
+    torch.testing.assert_close(got, alg2, rtol=1e-10, atol=1e-10)
+    for backend in backends_for(torch.device("cpu"), "ddpm_step"):
+        if backend == "torch":
+            continue
+        got32 = ops.ddpm_step(x.float(), eps.float(), t, SCHED, noise=z.float(), backend=backend)
+        assert scaled_err(got32, alg2) < 2e-5  # fp32 tables: abar rounded to fp32 once
+
+
+def test_respaced_prev_t():
+    x, m, z, _, _ = _inputs((3, 2, 4, 4), torch.float32, torch.device("cpu"), 3)
+    t = torch.tensor([999, 500, 20])
+    prev_t = torch.tensor([979, 480, -1])
+    for backend in backends_for(torch.device("cpu"), "ddpm_step"):
+        out = ops.ddpm_step(x, m, t, SCHED, prev_t=prev_t, noise=z, backend=backend)
+        ref, _ = ref64(x, m, t, prev_t=prev_t, noise=z)
+        assert forward_error_ratio(out, ref, x, m, z, t, prev_t=prev_t) <= 1e-6, backend
+
+
+def test_philox_streams_identical_across_backends():
+    from fastddpm.triton_kernels.ddpm_step import philox_bits_triton  # noqa: F401  (interpreter or GPU)
+
+    ref = reference.philox_bits(1000, 12345, 2**32 - 10)  # crosses the 32-bit counter word
+    c = torch.empty(1000, 4, dtype=torch.int32)
+    torch.ops.fastddpm.philox_bits_(c, 12345, 2**32 - 10)
+    assert torch.equal(c.long() & 0xFFFFFFFF, ref)
+    from _utils import interpreted
+
+    if interpreted() or HAS_CUDA:
+        tr = philox_bits_triton(1000, 12345, 2**32 - 10, "cuda" if HAS_CUDA else "cpu").cpu()
+        assert torch.equal(tr.long() & 0xFFFFFFFF, ref)
+
+
+@pytest.mark.parametrize("device,backend", list(_cases()))
+def test_philox_noise_same_on_every_backend(device, backend):
+    shape = (3, 3, 9, 7)
+    ref = reference.philox_normal(shape, 42, 1000, device)  # float64 Box-Muller
+    got = ops.philox_randn(shape, 42, 1000, device=device, backend=backend)
+    assert rel_err(got, ref) < 1e-6
+    # and it is what ddpm_step adds: step(noise="philox") == step(noise=that tensor)
+    x, m, _, _, t = _inputs(shape, torch.float32, device, 5)
+    a = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=42, offset=1000, backend=backend)
+    b = ops.ddpm_step(x, m, t, SCHED, noise=got, backend=backend)
+    assert scaled_err(a, b) < 1e-6
+
+
+def test_philox_normal_statistics():
+    z = ops.philox_randn((1 << 18,), seed=9, backend="cpu").double()
+    assert abs(z.mean().item()) < 5 / 512 and abs(z.var().item() - 1) < 5 * (2 / (1 << 18)) ** 0.5
+
+
+def test_generator_noise_matches_torch_randn():
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    a = ops.ddpm_step(x, m, 500, SCHED, generator=torch.Generator().manual_seed(1), backend="cpu")
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    b = ops.ddpm_step(x, m, 500, SCHED, noise=z, backend="cpu")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_for(torch.device("cpu"), "ddpm_step") if b != "torch"])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+@pytest.mark.parametrize("noise", ["tensor", "philox"])
+def test_ddpm_step_strides(backend, layout, noise):
+    x, m, z, _, t = _inputs((3, 4, 6, 5), torch.float32, torch.device("cpu"), 11)
+    conv = (lambda u: u.to(memory_format=torch.channels_last)) if layout == "channels_last" else (
+        lambda u: u.transpose(2, 3).contiguous().transpose(2, 3))
+    xs, ms, zs = conv(x), conv(m), conv(z)
+    kw = dict(noise=zs) if noise == "tensor" else dict(noise="philox", seed=3)
+    out = ops.ddpm_step(xs, ms, t, SCHED, backend=backend, **kw)
+    if noise == "tensor":
+        ref, _ = ref64(x, m, t, noise=z)
+    else:
+        z = reference.philox_normal(x.shape, 3, 0)
+        ref, _ = ref64(x, m, t, noise=z)
+    assert forward_error_ratio(out, ref, x, m, z, t) <= 1e-6
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ddpm_step_opcheck_and_compile():
+    x, m, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t, pt = torch.tensor([5, 0]), torch.tensor([4, -1])
+    args = (x, m, t, pt, SCHED.alphas_cumprod, z, None, 0, 0, 1, 0, 0, 1.0, True)
+    torch.library.opcheck(torch.ops.fastddpm.ddpm_step.default, args)
+
+    def f(x, m, t):
+        return ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=1, backend="cpu") * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, m, t), f(x, m, t))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(t=1000), ValueError, "t: expected a timestep in"),
+        (dict(t=torch.tensor([3.0, 1.0])), TypeError, "t: expected an integer"),
+        (dict(prev_t=torch.tensor([5, 5]), t=torch.tensor([5, 6])), ValueError, "prev_t"),
+        (dict(model_output=torch.randn(2, 3, 4)), ValueError, "model_output: expected shape"),
+        (dict(noise=torch.randn(1, 3, 4, 4)), ValueError, "noise: expected shape"),
+        (dict(noise="gaussian"), ValueError, "noise"),
+        (dict(noise="philox"), ValueError, "seed"),
+        (dict(prediction_type="eps"), ValueError, "prediction_type"),
+        (dict(variance_type="fixed_large_log"), ValueError, "variance_type"),
+        (dict(variance_type="learned"), ValueError, "predicted_variance"),
+        (dict(clip_sample=True, clip_sample_range=0.0), ValueError, "clip_sample_range"),
+    ],
+)
+def test_ddpm_step_bad_input(kwargs, exc, match):
+    args = dict(sample=torch.randn(2, 3, 4, 4), model_output=torch.randn(2, 3, 4, 4), t=10, schedule=SCHED)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ops.ddpm_step(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ddpm_step_cuda_runtime(backend, dtype):
+    x, m, z, _, t = _inputs((16, 3, 32, 32), dtype, torch.device("cuda"), 1)
+    out = ops.ddpm_step(x, m, t, SCHED, noise=z, backend=backend)
+    ref = ops.ddpm_step(x.double(), m.double(), t, SCHED, noise=z.double(), backend="torch")
+    bound = FP32_BOUND if dtype == torch.float32 else 1e-2
+    assert scaled_err(out, ref) <= bound
+    a = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=5, backend=backend).cpu()
+    b = ops.ddpm_step(x.cpu(), m.cpu(), t.cpu(), SCHED, noise="philox", seed=5, backend="cpu")
+    assert scaled_err(a, b) < (1e-5 if dtype == torch.float32 else 1e-2)

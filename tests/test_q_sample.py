@@ -1,0 +1,177 @@
+"""q_sample on every backend against the float64 reference."""
+
+import pytest
+import torch
+from _utils import HAS_CUDA, assert_close_ref, backends_for, devices_to_test
+
+from fastddpm import NoiseSchedule, ops
+from fastddpm.ops import reference
+
+SHAPES = [(1, 1, 1, 3), (3, 5, 7, 11), (1, 3, 32, 32), (2, 63, 21, 13), (4, 17), (2, 3, 4, 5, 6)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SCHED = NoiseSchedule()
+
+
+def _cases():
+    for dev in devices_to_test():
+        for b in backends_for(dev, "q_sample"):
+            yield dev, b
+
+
+@pytest.mark.parametrize("device,backend", list(_cases()))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target", [None, "eps", "x0", "v"])
+def test_q_sample_matches_reference(device, backend, shape, dtype, target):
+    g = torch.Generator().manual_seed(hash((shape, str(dtype), target)) % 2**31)
+    x0 = torch.randn(shape, generator=g).to(device, dtype)
+    eps = torch.randn(shape, generator=g).to(device, dtype)
+    t = torch.randint(0, 1000, (shape[0],), generator=g).to(device)
+    out = ops.q_sample(x0, t, eps, SCHED, target=target, backend=backend)
+    xt = out if target is None else out[0]
+    sab64 = SCHED.table("sqrt_alphas_cumprod", device, torch.float64)
+    s1m64 = SCHED.table("sqrt_one_minus_alphas_cumprod", device, torch.float64)
+    ref_xt, ref_v = reference.q_sample(x0.double(), eps.double(), t, sab64, s1m64, True)
+    # half eager: torch's own computation in that dtype
+    a = SCHED.sqrt_alphas_cumprod.to(device)[t].to(dtype).view(-1, *([1] * (x0.dim() - 1)))
+    s = SCHED.sqrt_one_minus_alphas_cumprod.to(device)[t].to(dtype).view(-1, *([1] * (x0.dim() - 1)))
+    # fp32 tables are the float64 tables rounded once: that rounding (<= 6e-8 relative) is part of the bound
+    assert xt.dtype == dtype and xt.shape == x0.shape
+    assert_close_ref(xt, ref_xt, dtype, eager=a * x0 + s * eps, rtol=1e-6, what="x_t")
+    if target == "v":
+        assert_close_ref(out[1], ref_v, dtype, eager=a * eps - s * x0, rtol=1e-6, what="v")
+    elif target == "eps":
+        assert out[1] is eps
+    elif target == "x0":
+        assert out[1] is x0
+
+
+@pytest.mark.parametrize("backend", backends_for(torch.device("cpu"), "q_sample"))
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_q_sample_strides(backend, layout):
+    x0 = torch.randn(3, 8, 9, 10)
+    eps = torch.randn(3, 8, 9, 10)
+    if layout == "channels_last":
+        x0, eps = x0.to(memory_format=torch.channels_last), eps.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x0, eps = x0.transpose(2, 3), eps.transpose(2, 3)
+    else:
+        x0, eps = torch.randn(3, 8, 9, 20)[..., ::2], torch.randn(3, 8, 9, 20)[..., ::2]
+    t = torch.tensor([0, 500, 999])
+    xt, v = ops.q_sample(x0, t, eps, SCHED, target="v", backend=backend)
+    ref_xt, ref_v = ops.q_sample(x0.contiguous().double(), t, eps.contiguous().double(), SCHED, target="v")
+    assert_close_ref(xt, ref_xt, torch.float32, what=layout)
+    assert_close_ref(v, ref_v, torch.float32, what=layout)
+    if layout == "channels_last":
+        assert xt.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_q_sample_gradients_are_the_coefficients():
+    x0 = torch.randn(2, 3, 4, 4, requires_grad=True)
+    eps = torch.randn(2, 3, 4, 4, requires_grad=True)
+    t = torch.tensor([10, 900])
+    xt, v = ops.q_sample(x0, t, eps, SCHED, target="v", backend="cpu")
+    (xt.sum() + 2 * v.sum()).backward()
+    a = SCHED.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+    s = SCHED.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(x0.grad, (a - 2 * s).expand_as(x0))
+    torch.testing.assert_close(eps.grad, (s + 2 * a).expand_as(eps))
+
+
+def test_q_sample_opcheck():
+    x0, eps = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    t = torch.tensor([3, 7])
+    args = (x0, eps, t, SCHED.sqrt_alphas_cumprod, SCHED.sqrt_one_minus_alphas_cumprod, True)
+    torch.library.opcheck(torch.ops.fastddpm.q_sample.default, args)
+
+
+def test_q_sample_compiles_fullgraph():
+    def f(x0, t, eps):
+        xt, v = ops.q_sample(x0, t, eps, SCHED, target="v", backend="cpu")
+        return xt * 2 + v
+
+    x0, eps, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([1, 2])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x0, t, eps), f(x0, t, eps))
+
+
+def test_cuda_kernels_compiled_into_extension():
+    """Where a CUDA toolkit and a CUDA torch exist, the build must compile the CUDA kernels into _C."""
+    import importlib.util
+    import os
+
+    from fastddpm import _build_info
+    from fastddpm.ops import _library
+
+    setup_py = os.path.join(os.path.dirname(__file__), "..", "setup.py")
+    spec = importlib.util.spec_from_file_location("fastddpm_setup", setup_py)
+    setup_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_mod)  # defines helpers only; setup() runs under __main__
+    toolkit = setup_mod._find_cuda_home() is not None and torch.version.cuda is not None
+    if _build_info.CUDA_REASON == "FASTDDPM_CUDA=0":
+        pytest.skip("this build was made with FASTDDPM_CUDA=0")
+    if toolkit:
+        assert _build_info.WITH_CUDA, f"a CUDA toolkit is here but the build skipped CUDA: {_build_info.CUDA_REASON}"
+    if not _build_info.WITH_CUDA:
+        pytest.skip(f"this build has no CUDA kernels ({_build_info.CUDA_REASON})")
+    for op in ("q_sample", "ddpm_step", "philox_normal_"):
+        assert _library.has_kernel(op, "CUDA"), f"{op} has no CUDA kernel in fastddpm._C"
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(t=torch.tensor([0, 1000])), ValueError, "t: expected timesteps in"),
+        (dict(t=torch.tensor([-1, 3])), ValueError, "t: expected timesteps in"),
+        (dict(t=torch.tensor([0.5, 1.0])), TypeError, "t: expected an integer"),
+        (dict(t=torch.tensor([1, 2, 3])), ValueError, r"t: expected shape \(2,\)"),
+        (dict(noise=torch.randn(2, 3, 4, 5)), ValueError, "noise: expected shape"),
+        (dict(noise=torch.randn(2, 3, 4, 4, dtype=torch.float64)), TypeError, "noise: expected dtype"),
+        (dict(x0=torch.ones(2, 3, 4, 4, dtype=torch.int64)), TypeError, "x0: expected dtype"),
+        (dict(target="score"), ValueError, "target"),
+        (dict(backend="fast"), ValueError, "backend"),
+        (dict(schedule="linear"), TypeError, "schedule"),
+    ],
+)
+def test_q_sample_bad_input(kwargs, exc, match):
+    args = dict(x0=torch.randn(2, 3, 4, 4), t=torch.tensor([1, 2]), noise=torch.randn(2, 3, 4, 4), schedule=SCHED)
+    if "x0" in kwargs:
+        args["noise"] = torch.ones(2, 3, 4, 4, dtype=torch.int64)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ops.q_sample(**args)
+
+
+def test_backend_errors_say_why():
+    x0 = torch.randn(1, 3)
+    with pytest.raises(ops.BackendNotSupported, match="cuda"):
+        ops.q_sample(x0, 0, x0, SCHED, backend="cuda")
+    with pytest.raises(ops.BackendNotSupported, match="float64"):
+        ops.q_sample(x0.double(), 0, x0.double(), SCHED, backend="cpu")
+
+
+def test_env_backend_override(monkeypatch):
+    monkeypatch.setenv("FASTDDPM_BACKEND", "torch")
+    from fastddpm.ops import _dispatch
+
+    assert _dispatch.resolve("q_sample", "auto", torch.device("cpu"), torch.float32) == "torch"
+
+
+def test_cpp_kernel_rejects_bad_t_without_crashing():
+    x0 = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="t: expected timesteps"):
+        torch.ops.fastddpm.q_sample(
+            x0, x0, torch.tensor([0, 5000]), SCHED.sqrt_alphas_cumprod, SCHED.sqrt_one_minus_alphas_cumprod, False
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_q_sample_cuda_runtime(backend):
+    x0 = torch.randn(16, 3, 32, 32, device="cuda")
+    eps = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (16,), device="cuda")
+    xt = ops.q_sample(x0, t, eps, SCHED, backend=backend)
+    ref = ops.q_sample(x0.double(), t, eps.double(), SCHED)
+    assert_close_ref(xt, ref, torch.float32)

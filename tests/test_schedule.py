@@ -1,0 +1,85 @@
+"""NoiseSchedule against independent values: the DDPM paper's constants and diffusers' schedules."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastddpm import NoiseSchedule
+
+
+def test_linear_schedule_matches_paper_float64():
+    s = NoiseSchedule()  # Ho et al.: T = 1000, beta from 1e-4 to 0.02
+    betas = s.table("betas", dtype=torch.float64)
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+    # abar_T computed independently in plain Python
+    abar = 1.0
+    for i in range(1000):
+        abar *= 1 - (1e-4 + (0.02 - 1e-4) * i / 999)
+    assert s.table("alphas_cumprod", dtype=torch.float64)[-1].item() == pytest.approx(abar, rel=1e-12)
+    # float32 tables are the rounded float64 values
+    assert s.alphas_cumprod.dtype == torch.float32
+    assert torch.equal(s.alphas_cumprod, s.table("alphas_cumprod", dtype=torch.float64).float())
+
+
+def test_posterior_tables_match_eq7():
+    s = NoiseSchedule(num_train_timesteps=50, beta_schedule="squaredcos_cap_v2")
+    b = s.table("betas", dtype=torch.float64)
+    ac = torch.cumprod(1 - b, 0)
+    acp = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    var = b * (1 - acp) / (1 - ac)
+    torch.testing.assert_close(s.table("posterior_variance", dtype=torch.float64), var, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        s.table("posterior_mean_coef1", dtype=torch.float64), b * acp.sqrt() / (1 - ac), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(
+        s.table("posterior_mean_coef2", dtype=torch.float64),
+        (1 - acp) * (1 - b).sqrt() / (1 - ac),
+        rtol=1e-12,
+        atol=0,
+    )
+    clipped = s.table("posterior_log_variance_clipped", dtype=torch.float64)
+    assert clipped[0].item() == pytest.approx(math.log(var[1].item()))
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+def test_betas_match_diffusers(name):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=200, beta_schedule=name, beta_start=1e-4, beta_end=0.02)
+    s = NoiseSchedule(200, beta_schedule=name, beta_start=1e-4, beta_end=0.02)
+    # diffusers builds its betas in float32; ours are float64 rounded once.
+    torch.testing.assert_close(s.betas, ref.betas.float(), rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(s.alphas_cumprod, ref.alphas_cumprod.float(), rtol=2e-5, atol=1e-9)
+
+
+def test_trained_betas_and_T1():
+    s = NoiseSchedule(3, trained_betas=[0.1, 0.2, 0.3])
+    assert s.alphas_cumprod.tolist() == pytest.approx([0.9, 0.72, 0.504])
+    one = NoiseSchedule(1)
+    assert len(one) == 1 and torch.isfinite(one.posterior_log_variance_clipped).all()
+
+
+def test_to_device_shares_tables():
+    s = NoiseSchedule(10)
+    s2 = s.to("cpu")
+    assert s2.alphas_cumprod is s.tables("cpu")["alphas_cumprod"]
+    assert "num_train_timesteps=10" in repr(s2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_train_timesteps=0), "num_train_timesteps"),
+        (dict(num_train_timesteps=2.5), "num_train_timesteps"),
+        (dict(beta_schedule="cosine"), "beta_schedule"),
+        (dict(beta_start=-0.1), "beta"),
+        (dict(beta_end=1.5), "beta"),
+        (dict(num_train_timesteps=2, trained_betas=[0.1, 1.0]), "trained_betas"),
+        (dict(num_train_timesteps=3, trained_betas=[0.1, 0.2]), "trained_betas"),
+        (dict(num_train_timesteps=2, trained_betas=np.array([0.1, np.nan])), "trained_betas"),
+    ],
+)
+def test_invalid_schedules(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule(**kwargs)
