@@ -333,3 +333,147 @@ def test_compile_training_graph_no_graph_breaks():
     explanation = torch._dynamo.explain(step)(x, t)
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------
+# the original DDPM layout: an independent re-implementation of Ho et al.'s network (diffusion_tf's
+# unet.py as ported to PyTorch by pesser/pytorch_diffusion and ermongroup/ddim), written out here
+# ------------------------------------------------------------------------------------------------
+class _RefResnet(torch.nn.Module):
+    def __init__(self, cin, cout, temb, groups):
+        super().__init__()
+        nn = torch.nn
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb_proj = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, temb):
+        F = torch.nn.functional
+        h = self.conv1(F.silu(self.norm1(x))) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class _RefAttn(torch.nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = torch.nn.GroupNorm(groups, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (torch.nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        b, c, hh, ww = q.shape
+        w = torch.bmm(q.reshape(b, c, hh * ww).permute(0, 2, 1), k.reshape(b, c, hh * ww)) * c ** -0.5
+        w = torch.softmax(w, dim=2)  # (b, query, key)
+        h = torch.bmm(v.reshape(b, c, hh * ww), w.permute(0, 2, 1)).reshape(b, c, hh, ww)
+        return x + self.proj_out(h)
+
+
+class _RefDDPM(torch.nn.Module):
+    def __init__(self, ch, ch_mult, nrb, attn_res, resolution, groups, in_ch=3):
+        super().__init__()
+        nn = torch.nn
+        self.ch, self.L, self.nrb = ch, len(ch_mult), nrb
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList([nn.Linear(ch, 4 * ch), nn.Linear(4 * ch, 4 * ch)])
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        in_mult = (1,) + tuple(ch_mult)
+        res = resolution
+        self.down = nn.ModuleList()
+        for i in range(self.L):
+            d = nn.Module()
+            d.block, d.attn = nn.ModuleList(), nn.ModuleList()
+            bin_, bout = ch * in_mult[i], ch * ch_mult[i]
+            for _ in range(nrb):
+                d.block.append(_RefResnet(bin_, bout, 4 * ch, groups))
+                bin_ = bout
+                if res in attn_res:
+                    d.attn.append(_RefAttn(bin_, groups))
+            if i != self.L - 1:
+                d.downsample = nn.Module()
+                d.downsample.conv = nn.Conv2d(bin_, bin_, 3, stride=2)
+                res //= 2
+            self.down.append(d)
+        self.mid = nn.Module()
+        self.mid.block_1 = _RefResnet(bin_, bin_, 4 * ch, groups)
+        self.mid.attn_1 = _RefAttn(bin_, groups)
+        self.mid.block_2 = _RefResnet(bin_, bin_, 4 * ch, groups)
+        self.up = nn.ModuleList()
+        for i in reversed(range(self.L)):
+            u = nn.Module()
+            u.block, u.attn = nn.ModuleList(), nn.ModuleList()
+            bout, skip = ch * ch_mult[i], ch * ch_mult[i]
+            for j in range(nrb + 1):
+                if j == nrb:
+                    skip = ch * in_mult[i]
+                u.block.append(_RefResnet(bin_ + skip, bout, 4 * ch, groups))
+                bin_ = bout
+                if res in attn_res:
+                    u.attn.append(_RefAttn(bin_, groups))
+            if i != 0:
+                u.upsample = nn.Module()
+                u.upsample.conv = nn.Conv2d(bin_, bin_, 3, padding=1)
+                res *= 2
+            self.up.insert(0, u)
+        self.norm_out = nn.GroupNorm(groups, bin_, eps=1e-6)
+        self.conv_out = nn.Conv2d(bin_, in_ch, 3, padding=1)
+
+    def forward(self, x, t):
+        F = torch.nn.functional
+        half = self.ch // 2
+        f = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+        e = t.float()[:, None] * f[None]
+        temb = torch.cat([torch.sin(e), torch.cos(e)], dim=1)
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+        hs = [self.conv_in(x)]
+        for i in range(self.L):
+            for j in range(self.nrb):
+                h = self.down[i].block[j](hs[-1], temb)
+                if len(self.down[i].attn):
+                    h = self.down[i].attn[j](h)
+                hs.append(h)
+            if i != self.L - 1:
+                hs.append(self.down[i].downsample.conv(F.pad(hs[-1], (0, 1, 0, 1))))
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
+        for i in reversed(range(self.L)):
+            for j in range(self.nrb + 1):
+                h = self.up[i].block[j](torch.cat([h, hs.pop()], dim=1), temb)
+                if len(self.up[i].attn):
+                    h = self.up[i].attn[j](h)
+            if i != 0:
+                h = self.up[i].upsample.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def test_cifar10_preset_is_the_original_ddpm_network():
+    ref = _RefDDPM(128, (1, 2, 2, 2), 2, (16,), 32, 32)
+    assert sum(p.numel() for p in ref.parameters()) == 35_746_307
+    ours = UNet.ddpm_cifar10()
+    assert {k: v.shape for k, v in ours.ddpm_state_dict().items()} == \
+        {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_original_ddpm_layout_parity_and_round_trip():
+    torch.manual_seed(0)
+    ref = _randomise(_RefDDPM(32, (1, 2, 2), 1, (8,), 16, 8), seed=7).eval()
+    ours = UNet(UNetConfig(sample_size=16, base_channels=32, channel_mult=(1, 2, 2), layers_per_block=1,
+                           attention_resolutions=(8,), dropout=0.0, norm_num_groups=8, norm_eps=1e-6,
+                           flip_sin_to_cos=False, freq_shift=1, downsample_padding=0)).eval()
+    ours.load_ddpm_state_dict(ref.state_dict())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([11, 640])
+    with torch.no_grad():
+        assert _rel(ours(x, t), ref(x, t)) < 1e-5
+    back = ours.ddpm_state_dict()
+    sd = ref.state_dict()
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(KeyError, match="missing original DDPM key"):
+        ours.load_ddpm_state_dict({k: v for k, v in sd.items() if not k.startswith("mid.attn_1.q.")})
+    with pytest.raises(ValueError, match="channel_mult"):
+        UNet(UNetConfig(sample_size=16, base_channels=32, channel_mult=(2, 2), norm_num_groups=8,
+                        attention_resolutions=())).ddpm_state_dict()
