@@ -2,5 +2,15 @@
 
 from .ddim import DDIMScheduler, DDIMSchedulerOutput
 from .ddpm import DDPMScheduler, DDPMSchedulerOutput
+from .pipeline import DDPMPipeline, ImagePipelineOutput
+from .sample import sample
 
-__all__ = ["DDIMScheduler", "DDIMSchedulerOutput", "DDPMScheduler", "DDPMSchedulerOutput"]
+__all__ = [
+    "DDIMScheduler",
+    "DDIMSchedulerOutput",
+    "DDPMPipeline",
+    "DDPMScheduler",
+    "DDPMSchedulerOutput",
+    "ImagePipelineOutput",
+    "sample",
+]
