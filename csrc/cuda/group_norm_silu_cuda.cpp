@@ -1,0 +1,149 @@
+// group_norm_silu's CUDA registration: argument checks and allocation here (host compiler), the
+// kernels in group_norm_silu.cu (torch-free). Selected only with backend="cuda" until a GPU run
+// shows it correct and faster.
+#include <torch/library.h>
+
+#include "fastddpm/cuda_host.h"
+
+namespace fastddpm {
+namespace cuda {
+// Defined in group_norm_silu.cu.
+void group_norm_silu_split(int64_t HW, int64_t per_row, int64_t* split, int64_t* s_per);
+int launch_group_norm_silu_fwd(int dtype, const void* x, void* y, float* mean, float* rstd, const float* w,
+                               const float* b, float* p1, float* p2, int64_t N, int64_t C, int64_t G,
+                               int64_t HW, bool cl, bool silu, float eps, int64_t split, int64_t s_per,
+                               cudaStream_t stream);
+int launch_group_norm_silu_bwd(int dtype, const void* dy, const void* x, void* dx, const float* mean,
+                               const float* rstd, const float* w, const float* b, float* pa, float* pb,
+                               float* c1, float* c2, float* dw, float* db, int64_t N, int64_t C, int64_t G,
+                               int64_t HW, bool cl, bool silu, int64_t split, int64_t s_per,
+                               cudaStream_t stream);
+}  // namespace cuda
+
+namespace {
+
+void check_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                const c10::optional<at::Tensor>& bias, int64_t num_groups) {
+  TORCH_CHECK(x.defined(), "x: expected a tensor, got None");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "x: expected dtype float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() >= 2, "x: expected shape (N, C, *spatial), got ", x.dim(), "-D shape ", x.sizes());
+  TORCH_CHECK(num_groups > 0, "num_groups: expected a positive int, got ", num_groups);
+  TORCH_CHECK(x.size(1) % num_groups == 0, "num_groups: the number of channels C=", x.size(1),
+              " of x must be divisible by num_groups=", num_groups);
+  const char* names[2] = {"weight", "bias"};
+  const c10::optional<at::Tensor>* ps[2] = {&weight, &bias};
+  for (int i = 0; i < 2; ++i) {
+    if (!ps[i]->has_value() || !(*ps[i])->defined()) continue;
+    const at::Tensor& p = **ps[i];
+    TORCH_CHECK(p.dim() == 1 && p.size(0) == x.size(1), names[i], ": expected shape (", x.size(1),
+                ",) (one per channel of x), got ", p.sizes());
+    TORCH_CHECK(p.device() == x.device(), names[i], ": expected device ", x.device(), ", got ", p.device());
+  }
+}
+
+bool is_channels_last(const at::Tensor& x) {
+  if (x.dim() < 3 || x.is_contiguous()) return false;
+  return x.movedim(1, -1).is_contiguous();
+}
+
+at::Tensor dense(const at::Tensor& x, bool& cl) {
+  cl = is_channels_last(x);
+  return (cl || x.is_contiguous()) ? x : x.contiguous();
+}
+
+// A per-channel parameter as a contiguous fp32 tensor, or an undefined tensor.
+at::Tensor param_f32(const c10::optional<at::Tensor>& p) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  return p->to(at::kFloat).contiguous();
+}
+
+const float* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+int64_t spatial(const at::Tensor& x) {
+  int64_t hw = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) hw *= x.size(d);
+  return hw;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    int64_t num_groups, double eps, bool silu) {
+  check_args(x_in, weight, bias, num_groups);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  bool cl = false;
+  const at::Tensor x = dense(x_in, cl);
+  const int64_t N = x.size(0), C = x.size(1), G = num_groups, HW = spatial(x);
+  int64_t split = 1, s_per = 1;
+  cuda::group_norm_silu_split(HW, C / G, &split, &s_per);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({N, G}, f32), rstd = at::empty({N, G}, f32);
+  if (HW == 0) {
+    mean.fill_(0.0);
+    rstd.fill_(1.0 / std::sqrt(eps));
+    return {y, mean, rstd};
+  }
+  at::Tensor p1 = at::empty({N * G * split}, f32), p2 = at::empty({N * G * split}, f32);
+  const at::Tensor w = param_f32(weight), b = param_f32(bias);
+  check_launch(cuda::launch_group_norm_silu_fwd(cuda_dtype_code(x), x.data_ptr(), y.data_ptr(),
+                                                mean.data_ptr<float>(), rstd.data_ptr<float>(), ptr(w), ptr(b),
+                                                p1.data_ptr<float>(), p2.data_ptr<float>(), N, C, G, HW, cl,
+                                                silu, static_cast<float>(eps), split, s_per,
+                                                c10::cuda::getCurrentCUDAStream()),
+               "group_norm_silu_fwd");
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& rstd,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, int64_t num_groups,
+    bool silu) {
+  check_args(x_in, weight, bias, num_groups);
+  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y: expected shape ", x_in.sizes(), " (that of x), got ",
+              grad_y.sizes());
+  TORCH_CHECK(grad_y.device() == x_in.device(), "grad_y: expected device ", x_in.device(), ", got ",
+              grad_y.device());
+  const int64_t N = x_in.size(0);
+  TORCH_CHECK(mean.dim() == 2 && mean.size(0) == N && mean.size(1) == num_groups &&
+                  mean.scalar_type() == at::kFloat,
+              "mean: expected a float32 tensor of shape (", N, ", ", num_groups, "), got ", mean.sizes());
+  TORCH_CHECK(rstd.sizes() == mean.sizes() && rstd.scalar_type() == at::kFloat,
+              "rstd: expected a float32 tensor of shape (", N, ", ", num_groups, "), got ", rstd.sizes());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  bool cl = false;
+  const at::Tensor x = dense(x_in, cl);
+  at::Tensor dy = grad_y.to(x.scalar_type());
+  dy = cl ? at::empty_like(x).copy_(dy) : dy.contiguous();
+  const int64_t C = x.size(1), G = num_groups, HW = spatial(x);
+  int64_t split = 1, s_per = 1;
+  cuda::group_norm_silu_split(HW, 1, &split, &s_per);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor pa = at::empty({N * C * split}, f32), pb = at::empty({N * C * split}, f32);
+  at::Tensor c1 = at::empty({N * G}, f32), c2 = at::empty({N * G}, f32);
+  at::Tensor dw = at::empty({C}, f32), db = at::empty({C}, f32);
+  const at::Tensor w = param_f32(weight), b = param_f32(bias);
+  const auto mc = mean.contiguous(), rc = rstd.contiguous();
+  check_launch(cuda::launch_group_norm_silu_bwd(cuda_dtype_code(x), dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
+                                                mc.data_ptr<float>(), rc.data_ptr<float>(), ptr(w), ptr(b),
+                                                pa.data_ptr<float>(), pb.data_ptr<float>(), c1.data_ptr<float>(),
+                                                c2.data_ptr<float>(), dw.data_ptr<float>(), db.data_ptr<float>(),
+                                                N, C, G, HW, cl, silu, split, s_per,
+                                                c10::cuda::getCurrentCUDAStream()),
+               "group_norm_silu_bwd");
+  const bool hw = weight.has_value() && weight->defined(), hb = bias.has_value() && bias->defined();
+  return {dx, hw ? dw.to(weight->scalar_type()) : at::empty({0}, x.options()),
+          hb ? db.to(bias->scalar_type()) : at::empty({0}, x.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
+  m.impl("group_norm_silu_fwd", &group_norm_silu_fwd_cuda);
+  m.impl("group_norm_silu_bwd", &group_norm_silu_bwd_cuda);
+}
+
+}  // namespace fastddpm
