@@ -6,7 +6,7 @@ softmax(Q K^T * scale) V for q (B, H, N, d), k and v (B, H, M, d), any N, M >= 1
   the N x M score matrix never exists in memory. The forward saves the log-sum-exp per query row (fp32,
   base 2, (B*H, N)); the backward recomputes the probabilities from it.
 * Masking on every load for any N, M and d (d is padded to a power of two >= 16 inside the kernel).
-* Head widths up to 512 fit because the query (and key) block shrinks as d grows (``_blocks``): the
+* Head widths up to 512 fit because the query (and key) block shrinks as d grows (``_config``): the
   accumulator is BLOCK_M * d fp32 values per program, 16 * 512 at d = 512, where FlashAttention-2 and
   Triton's tutorial kernel stop at 256 and 128.
 * Backward: one pass computes delta = rowsum(dO * O); one kernel per key block accumulates dK and dV over
@@ -38,19 +38,27 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for head width d: the accumulator stays near 16K fp32 values.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head width. For the dK/dV kernel
+# BLOCK_N is its own key block and BLOCK_M the query block it loops over. Chosen so that ptxas reports no
+# (or a few bytes of) register spills for sm_90 (Triton 3.8, compiled offline here with
+# GPUTarget("cuda", 90, 32): no GPU on this machine), not yet by a timed sweep; see benchmarks/README.md.
+_HALF_CONFIGS = {
+    "fwd": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 2), 512: (16, 32, 8, 2)},
+    "dkdv": {64: (64, 64, 4, 1), 128: (32, 64, 8, 1), 256: (32, 32, 8, 1), 512: (16, 16, 8, 1)},
+    "dq": {64: (64, 64, 4, 1), 128: (64, 32, 4, 1), 256: (32, 32, 4, 1), 512: (16, 32, 8, 1)},
+}
+# fp32 operands multiply exactly (input_precision="ieee": TF32 misses the 1e-5 tolerance, and "tf32x3"
+# spilled heavily and overflowed shared memory at d = 512), on tiles of twice the bytes: half the blocks.
+_FP32_CONFIGS = {
+    "fwd": {64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (16, 16, 4, 2), 512: (16, 16, 8, 2)},
+    "dkdv": {64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1), 512: (16, 16, 8, 1)},
+    "dq": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (16, 16, 4, 1), 512: (16, 16, 8, 1)},
+}
 
-    Chosen by register arithmetic, not yet by a GPU sweep (no GPU here); see benchmarks/README.md.
-    """
-    bd = _block_d(d)
-    if bd <= 64:
-        return 64, 64, 4
-    if bd <= 128:
-        return 64, 32, 4
-    if bd <= 256:
-        return 32, 32, 4
-    return 16, 32, 8
+
+def _config(kernel: str, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    table = _FP32_CONFIGS if dtype == torch.float32 else _HALF_CONFIGS
+    return table[kernel][max(64, _block_d(d))]
 
 
 @triton.jit
@@ -258,12 +266,12 @@ def attention_triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     M = k.shape[2]
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    bm, bn, warps = _blocks(D)
+    bm, bn, warps, stages = _config("fwd", D, q.dtype)
     grid = (triton.cdiv(N, bm), B * H)
     wrap_triton(_attn_fwd_kernel)[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, N, M, D, scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), **_dot_args(q.dtype), num_warps=warps, num_stages=2,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -275,23 +283,25 @@ def attention_triton_bwd(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     B, H, N, D = q.shape
     M = k.shape[2]
     bd = _block_d(D)
-    bm, bn, warps = _blocks(D)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(N, 64), B * H)](
-        o, grad_o, delta, *o.stride(), *grad_o.stride(), H, N, D, BLOCK_M=64, BLOCK_D=bd,
+    dbm = min(64, 8192 // bd)  # two (dbm, d) tiles in registers
+    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(N, dbm), B * H)](
+        o, grad_o, delta, *o.stride(), *grad_o.stride(), H, N, D, BLOCK_M=dbm, BLOCK_D=bd,
     )
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, M, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, M, D), dtype=v.dtype, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
-    # The key-block kernel holds two (BLOCK_N, d) fp32 accumulators, so its key block is the small one.
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(M, bm), B * H)](
+    # The key-block kernel holds two (BLOCK_N, d) fp32 accumulators (dK and dV).
+    bm, bn, warps, stages = _config("dkdv", D, q.dtype)
+    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(M, bn), B * H)](
         q, k, v, grad_o, lse, delta, dk, dv, *strides, H, N, M, D, scale * LOG2E, scale,
-        BLOCK_M=bn, BLOCK_N=bm, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=1,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
     )
+    bm, bn, warps, stages = _config("dq", D, q.dtype)
     wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(N, bm), B * H)](
         q, k, v, grad_o, lse, delta, dq, *strides, H, N, M, D, scale * LOG2E, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=1,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 
