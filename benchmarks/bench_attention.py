@@ -7,6 +7,8 @@ Three ways to run it:
 * ``python benchmarks/bench_attention.py [--full] [--csv out.csv]``: the CPU comparison the README
   quotes: providers interleaved in one process (DESIGN.md: timings drift 30% between runs), medians,
   ratios, and the peak resident memory one call adds (VmHWM after resetting it via /proc/self/clear_refs).
+* ``python benchmarks/bench_attention.py --compile-report``: the Triton kernels compiled for sm_90 without
+  a GPU, with ptxas' register and spill counts (how the tile sizes were chosen here).
 * ``gpu_bench_attention()``: on a CUDA machine, triton.testing.do_bench over the Triton kernel, each of
   SDPA's CUDA backends and the materialised formula, in fp16/bf16/fp32, reporting ms and TFLOP/s.
 
@@ -200,13 +202,72 @@ def gpu_bench_attention(shapes=None, dtypes=(torch.float16, torch.bfloat16, torc
     return rows
 
 
+def compile_report(arch: int = 90, head_dims=(16, 64, 128, 256, 512)) -> list[dict]:
+    """Compile the Triton kernels for sm_<arch> without a GPU and report registers, spills, shared memory.
+
+    Uses triton.compile on a GPUTarget plus the ptxas that ships with Triton (``ptxas -v``); this is how
+    the tile configurations in triton_kernels/attention.py were checked on a GPU-less machine.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from fastddpm.triton_kernels import attention as ka
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    target = GPUTarget("cuda", arch, 32)
+    kernels = {"fwd": (ka._attn_fwd_kernel, 4, 1, 0), "dkdv": (ka._attn_bwd_dkdv_kernel, 4, 2, 2),
+               "dq": (ka._attn_bwd_dq_kernel, 4, 2, 1)}  # (kernel, input ptrs, fp32 ptrs, output ptrs)
+    rows = []
+    for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for d in head_dims:
+            for kind, (kern, n_in, n_f32, n_out) in kernels.items():
+                bm, bn, warps, stages = ka._config(kind, d, dtype)
+                consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": ka._block_d(d), **ka._dot_args(dtype)}
+                consts["UPCAST"] = False
+                ptrs = [f"*{tname}"] * n_in + ["*fp32"] * n_f32 + [f"*{tname}"] * n_out
+                if kind == "fwd":
+                    ptrs = [f"*{tname}"] * 4 + ["*fp32"]
+                sig = {}
+                for i, name in enumerate(kern.arg_names):
+                    if name in consts:
+                        sig[name] = "constexpr"
+                    elif i < len(ptrs):
+                        sig[name] = ptrs[i]
+                    else:
+                        sig[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
+                ck = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=target,
+                                    options={"num_warps": warps, "num_stages": stages})
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                    f.write(ck.asm["ptx"])
+                out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull],
+                                     capture_output=True, text=True).stderr
+                os.unlink(f.name)
+                regs = re.search(r"Used (\d+) registers", out)
+                spill = re.search(r"(\d+) bytes spill stores", out)
+                row = dict(kernel=kind, dtype=tname, d=d, block_m=bm, block_n=bn, warps=warps,
+                           regs=int(regs.group(1)) if regs else None,
+                           spill_bytes=int(spill.group(1)) if spill else None, shared=ck.metadata.shared)
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="the whole shape grid (default: a short set)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--csv", default=None)
     ap.add_argument("--gpu", action="store_true", help="run gpu_bench_attention instead")
+    ap.add_argument("--compile-report", action="store_true",
+                    help="compile the Triton kernels for sm_90 offline; print registers and spills")
     args = ap.parse_args(argv)
+    if args.compile_report:
+        compile_report()
+        return
     if not args.gpu and argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # glibc raises its mmap threshold after the first large free, so freed buffers stay resident and
         # the peak-RSS measure sees nothing; a fixed threshold returns large buffers to the OS on free.
