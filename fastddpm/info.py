@@ -35,7 +35,8 @@ def report() -> str:
     lines = [f"fastddpm {__version__}"]
     lines.append(f"python {platform.python_version()}, torch {torch.__version__} (CUDA build: {torch.version.cuda})")
     lines.append(f"triton {_version('triton')}, diffusers {_version('diffusers')}, numpy {_version('numpy')}")
-    lines.append(f"cpu: {platform.machine()}, {os.cpu_count()} cores, threads {torch.get_num_threads()}, {_cpu_flags()}")
+    ncpu, nthr = os.cpu_count(), torch.get_num_threads()
+    lines.append(f"cpu: {platform.machine()}, {ncpu} cores, threads {nthr}, {_cpu_flags()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
