@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU and a CUDA build of torch already installed (no network
+# needed): build fastddpm in place for this GPU, run the test suite (the CUDA tests run
+# there instead of skipping), then the GPU benchmark suite. Logs go to ${OUT:-gpu_out}/.
+#   bash scripts/gpu_check.sh [quick|full]
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+MODE="${1:-quick}"
+export PYTHONUNBUFFERED=1
+# Wheels carried along (pure-Python test dependencies such as diffusers), if any.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/device.txt"
+# An in-place build: fastddpm.triton_kernels is the top-level triton_kernels/ folder.
+[ -e fastddpm/triton_kernels ] || ln -s ../triton_kernels fastddpm/triton_kernels
+arch="$("$PY" -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')")"
+( time TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace ) > "$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; exit 1; }
+tail -5 "$OUT/build.log"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -m fastddpm info | tee "$OUT/info.txt"
+"$PY" -m pytest tests -q -p no:cacheprovider -x --deselect tests/test_train.py --deselect tests/test_cli.py \
+  ${PYTEST_ARGS:-} 2>&1 | tail -60 | tee "$OUT/pytest.log"
+if [ "$MODE" = full ]; then
+  "$PY" benchmarks/gpu_suite.py --csv "$OUT/gpu_suite.csv" 2>&1 | tee "$OUT/gpu_suite.log" | tail -80
+else
+  "$PY" benchmarks/gpu_suite.py --quick --csv "$OUT/gpu_suite.csv" 2>&1 | tee "$OUT/gpu_suite.log" | tail -60
+fi
