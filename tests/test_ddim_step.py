@@ -1,0 +1,141 @@
+"""ddim_step on every backend against the float64 reference (diffusers' DDIM formulas)."""
+
+import zlib
+
+import pytest
+import torch
+from _utils import backends_for
+
+from fastddpm import NoiseSchedule, ops
+from fastddpm.ops import reference
+
+SCHED = NoiseSchedule()
+SHAPES = [(1, 1, 1, 3), (3, 5, 7, 11), (2, 3, 16, 16), (5, 13)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def forward_scale(x, m, t, prev_t, eta, pred_type, final=1.0):
+    """The forward-error scale of the DDIM step: the update evaluated in float64 on absolute values
+    (sum of |term|s). An fp32 evaluation of a short expression has |error| <= c u K, u = 2^-24."""
+    ac = SCHED.table("alphas_cumprod", x.device, torch.float64)
+    sh = (-1, *[1] * (x.dim() - 1))
+    ab = ac[t].view(sh)
+    ap = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], torch.tensor(final, dtype=torch.float64)).view(sh)
+    xa, ma = x.double().abs(), m.double().abs()
+    if pred_type == "epsilon":
+        k_x0, k_eps = (xa + (1 - ab).sqrt() * ma) / ab.sqrt(), ma
+    elif pred_type == "sample":
+        k_x0, k_eps = ma, (xa + ab.sqrt() * ma) / (1 - ab).sqrt()
+    else:
+        k_x0, k_eps = ab.sqrt() * xa + (1 - ab).sqrt() * ma, ab.sqrt() * ma + (1 - ab).sqrt() * xa
+    return k_x0, ap.sqrt() * k_x0 + (1 - ap).sqrt() * k_eps
+
+
+def err_ratio(actual, ref, k):
+    return ((actual.double() - ref.double()).abs() / (k + ref.double().abs()).clamp(min=1e-30)).max().item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pred_type", ["epsilon", "sample", "v_prediction"])
+def test_ddim_step_matches_reference(shape, dtype, pred_type):
+    dev = torch.device("cpu")
+    B = shape[0]
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, pred_type)).encode()))
+    x = torch.randn(shape, generator=g).to(dtype)
+    m = torch.randn(shape, generator=g).to(dtype)
+    z = torch.randn(shape, generator=g).to(dtype)
+    t = torch.randint(1, 1000, (B,), generator=g)
+    t[0] = 999
+    prev_t = (t - torch.randint(1, 60, (B,), generator=g)).clamp(min=-1)
+    prev_t[-1] = -1
+    # final_alpha_cumprod = abar_0, as DDIMScheduler(set_alpha_to_one=False) passes it (a float32 value)
+    f32 = float(SCHED.alphas_cumprod[0])
+    for eta, clip, uc, final in [(0.0, False, False, 1.0), (1.0, True, True, 1.0), (0.4, True, False, f32)]:
+        kw = dict(eta=eta, clip_sample=clip, prediction_type=pred_type, use_clipped_model_output=uc,
+                  final_alpha_cumprod=final, return_pred_original=True)
+        ref, ref_x0 = ops.ddim_step(x.double(), m.double(), t, SCHED, prev_t, noise=z.double(),
+                                    backend="torch", **kw)
+        eager, eager_x0 = ops.ddim_step(x, m, t, SCHED, prev_t, noise=z, backend="torch", **kw)
+        k_x0, k = forward_scale(x, m, t, prev_t, eta, pred_type, final)
+        if eta > 0:
+            k = k + z.double().abs()
+        for b in backends_for(dev, "ddim_step"):
+            out, x0 = ops.ddim_step(x, m, t, SCHED, prev_t, noise=z, backend=b, **kw)
+            assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
+            if dtype == torch.float32:
+                # c u K with c = 16 (DESIGN.md elementwise: a few ulp of the operands)
+                assert err_ratio(out, ref, k) < 1e-6, (b, eta)
+                assert err_ratio(x0, ref_x0, k_x0) < 1e-6, (b, eta)
+            else:  # twice the error of torch's eager computation in that dtype, plus one ulp
+                eps = torch.finfo(dtype).eps
+                assert err_ratio(out, ref, k) <= 2 * err_ratio(eager, ref, k) + eps, (b, eta)
+                assert err_ratio(x0, ref_x0, k_x0) <= 2 * err_ratio(eager_x0, ref_x0, k_x0) + eps, (b, eta)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
+def test_ddim_step_philox_same_on_every_backend(backend):
+    if backend not in backends_for(torch.device("cpu"), "ddim_step"):
+        pytest.skip(f"{backend} not available here")
+    shape = (2, 3, 9, 5)
+    x, m = torch.randn(shape), torch.randn(shape)
+    t, pt = torch.tensor([700, 30]), torch.tensor([650, -1])
+    a = ops.ddim_step(x, m, t, SCHED, pt, eta=0.8, noise="philox", seed=11, offset=77, backend=backend)
+    z = reference.philox_normal(shape, 11, 77)  # float64 Box-Muller on the kernels' uniforms
+    ref = ops.ddim_step(x.double(), m.double(), t, SCHED, pt, eta=0.8, noise=z, backend="torch")
+    assert (a.double() - ref).abs().max().item() < 1e-5
+    if backend != "torch":
+        assert not torch.equal(a, ops.ddim_step(x, m, t, SCHED, pt, eta=0.8, noise="philox", seed=12,
+                                                offset=77, backend=backend))
+
+
+def test_ddim_step_layouts_and_noise_modes():
+    x = torch.randn(2, 4, 6, 5).to(memory_format=torch.channels_last)
+    m = torch.randn(2, 4, 6, 5).to(memory_format=torch.channels_last)
+    z = torch.randn(2, 4, 6, 5)
+    t = torch.tensor([400, 3])
+    for b in backends_for(torch.device("cpu"), "ddim_step"):
+        out = ops.ddim_step(x, m, t, SCHED, eta=0.5, noise=z, backend=b)
+        ref = ops.ddim_step(x.contiguous(), m.contiguous(), t, SCHED, eta=0.5, noise=z, backend="torch")
+        assert (out - ref).abs().max().item() < 1e-5
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        # eta = 0 ignores the noise; noise="none" gives the deterministic part
+        a = ops.ddim_step(x, m, t, SCHED, eta=0.0, noise=z, backend=b)
+        c = ops.ddim_step(x, m, t, SCHED, eta=0.0, noise="none", backend=b)
+        assert torch.equal(a, c)
+    # noise=None with eta = 0 draws nothing from the generator (as diffusers)
+    g = torch.Generator().manual_seed(0)
+    ops.ddim_step(x, m, t, SCHED, eta=0.0, generator=g)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
+def test_ddim_step_fake_tensor():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 4, 4)
+        out, pred = torch.ops.fastddpm.ddim_step(x, x, torch.zeros(2, dtype=torch.long),
+                                                 torch.zeros(2, dtype=torch.long), torch.empty(1000), 1.0, None,
+                                                 0, 0, 0, 0, 0.0, 0.0, False, True)
+        assert out.shape == x.shape and pred.shape == x.shape
+
+
+def test_ddim_step_bad_input():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="model_output"):
+        ops.ddim_step(x, torch.randn(2, 3, 4, 5), 10, SCHED)
+    with pytest.raises(ValueError, match="eta"):
+        ops.ddim_step(x, x, 10, SCHED, eta=-0.1)
+    with pytest.raises(ValueError, match="prev_t"):
+        ops.ddim_step(x, x, 10, SCHED, prev_t=10)
+    with pytest.raises(ValueError, match="final_alpha_cumprod"):
+        ops.ddim_step(x, x, 10, SCHED, final_alpha_cumprod=0.0)
+    with pytest.raises(ValueError, match="seed"):
+        ops.ddim_step(x, x, 10, SCHED, eta=1.0, noise="philox")
+    with pytest.raises(ValueError, match="t"):
+        ops.ddim_step(x, x, 1000, SCHED)
+    with pytest.raises(ValueError, match="prediction_type"):
+        ops.ddim_step(x, x, 10, SCHED, prediction_type="x0")
+    with pytest.raises(RuntimeError, match="prev_t"):  # the C++ kernel's own check
+        torch.ops.fastddpm.ddim_step(x, x, torch.tensor([5, 5]), torch.tensor([5, 4]), SCHED.alphas_cumprod,
+                                     1.0, None, 0, 0, 0, 0, 0.0, 0.0, False, False)
