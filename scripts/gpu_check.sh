@@ -23,8 +23,15 @@ arch="$("$PY" -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p
 tail -5 "$OUT/build.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m fastddpm info | tee "$OUT/info.txt"
-timeout "${PYTEST_TIMEOUT:-420}" "$PY" -m pytest tests -q -p no:cacheprovider --maxfail=40 -rf --ignore=tests/test_train.py --ignore=tests/test_cli.py \
-  ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -80
+# One pytest process per file, so that a crash in one file does not hide the others.
+: > "$OUT/pytest.log"
+for f in ${TEST_FILES:-tests/test_*.py}; do
+  case "$f" in *test_train.py|*test_cli.py) continue ;; esac
+  echo "=== $f" | tee -a "$OUT/pytest.log"
+  timeout "${PYTEST_TIMEOUT:-240}" "$PY" -m pytest "$f" -q -p no:cacheprovider -rf ${PYTEST_ARGS:-} 2>&1 \
+    | grep -E "^(FAILED|ERROR)|passed|failed|error|Segmentation|Fatal|Timeout" | head -30 | tee -a "$OUT/pytest.log"
+  echo "rc=${PIPESTATUS[0]}" | tee -a "$OUT/pytest.log"
+done
 if [ "$MODE" = full ]; then
   "$PY" benchmarks/gpu_suite.py --csv "$OUT/gpu_suite.csv" 2>&1 | tee "$OUT/gpu_suite.log" | tail -80
 else
