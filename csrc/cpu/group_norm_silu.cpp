@@ -11,7 +11,7 @@
 //
 // Backward: pass 1 reduces A = sum dz and B = sum dz xhat per (n, c), recomputing
 // z and xhat from x and the saved mean/rstd; pass 2 writes
-// dx = w rstd dz + Q (x - mean) + R per element (see fastddpm/ops/group_norm_silu.py).
+// dx = rstd (w dz - c1 - c2 (x - mean)) per element (see fastddpm/ops/group_norm_silu.py).
 //
 // float64 inputs are accepted and computed in double (used by gradcheck); the
 // public function routes float64 to the reference.
@@ -31,8 +31,12 @@ namespace {
 
 // Elements per statistics task: U-Net shapes at batch 1 give dozens of tasks.
 constexpr int64_t kChunk = 4096;
-// Elements per task of the elementwise passes.
+// Elements per task of the elementwise passes; also the least work worth a second thread
+// (below it at::parallel_for runs inline, sparing the thread wake-up at small shapes).
 constexpr int64_t kGrain = 16384;
+
+// parallel_for grain, in tasks of `per_task` elements, that keeps small inputs on one thread.
+inline int64_t task_grain(int64_t per_task) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(per_task, 1)); }
 
 template <typename T>
 using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -111,6 +115,11 @@ void group_stats(const T* x, const Geometry& g, double eps, std::vector<double>&
   using V = at::vec::Vectorized<A>;
   const int64_t M = g.D * g.HW;  // elements per group
   const int64_t NG = g.N * g.G;
+  if (M == 0) {  // empty groups (a zero-size spatial dim): no element to read
+    std::fill(mean.begin(), mean.end(), 0.0);
+    std::fill(rstd.begin(), rstd.end(), 1.0 / std::sqrt(eps));
+    return;
+  }
   // Shift per group: its first element.
   std::vector<A> shift(NG);
   for (int64_t n = 0; n < g.N; ++n)
@@ -123,7 +132,7 @@ void group_stats(const T* x, const Geometry& g, double eps, std::vector<double>&
     const int64_t per = (M + kChunk - 1) / kChunk;
     const int64_t tasks = NG * per;
     std::vector<double> p1(tasks), p2(tasks);
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, task_grain(std::min(M, kChunk)), [&](int64_t begin, int64_t end) {
       alignas(64) A buf[kBlock];
       for (int64_t t = begin; t < end; ++t) {
         const int64_t grp = t / per, c = t % per;
@@ -169,7 +178,7 @@ void group_stats(const T* x, const Geometry& g, double eps, std::vector<double>&
     const int64_t per = (g.HW + rows - 1) / rows;
     const int64_t tasks = g.N * per;
     std::vector<double> p1(tasks * g.G), p2(tasks * g.G);
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, task_grain(rows * C), [&](int64_t begin, int64_t end) {
       std::vector<A> acc1(C), acc2(C), sh(C);
       std::vector<double> dacc1(C), dacc2(C);
       alignas(64) A buf[kBlock];
@@ -226,11 +235,6 @@ void group_stats(const T* x, const Geometry& g, double eps, std::vector<double>&
     }
   }
   for (int64_t i = 0; i < NG; ++i) {
-    if (M == 0) {
-      mean[i] = 0.0;
-      rstd[i] = 1.0 / std::sqrt(eps);
-      continue;
-    }
     const double m1 = s1[i] / M;
     const double var = std::max(s2[i] / M - m1 * m1, 0.0);
     mean[i] = static_cast<double>(shift[i]) + m1;
@@ -401,8 +405,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cpu(
                                      });
     }
   });
-  mean_t.copy_(at::tensor(mean, at::dtype(at::kDouble)).view({g.N, g.G}));
-  rstd_t.copy_(at::tensor(rstd, at::dtype(at::kDouble)).view({g.N, g.G}));
+  AT_DISPATCH_FLOATING_TYPES(stat_dt, "group_norm_silu_stats", [&] {
+    scalar_t* pm = mean_t.data_ptr<scalar_t>();
+    scalar_t* pr = rstd_t.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < g.N * g.G; ++i) {
+      pm[i] = static_cast<scalar_t>(mean[i]);
+      pr[i] = static_cast<scalar_t>(rstd[i]);
+    }
+  });
   return {y, mean_t, rstd_t};
 }
 
@@ -458,7 +468,7 @@ void backward_sums(const T* x, const T* dy, const Geometry& g, const std::vector
     const int64_t per = (g.HW + rows - 1) / rows;
     const int64_t tasks = g.N * per;
     std::vector<double> pa(tasks * C), pb(tasks * C);
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, task_grain(rows * C), [&](int64_t begin, int64_t end) {
       std::vector<A> acca(C), accb(C);
       std::vector<double> dacca(C), daccb(C);
       alignas(64) A bx[kBlock], bd[kBlock];
@@ -564,8 +574,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cpu(
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
     backward_sums<scalar_t>(px, pdy, g, ca, cm, cb, silu, sumA, sumB);
     for (int64_t k = 0; k < NC; ++k) sumB[k] *= rstd[k / g.C * g.G + (k % g.C) / g.D];  // sum dz xhat
-    // dx = P dz + Q (x - mean) + R, per (n, c): P = w rstd, Q = -rstd^2 sB / M, R = -rstd sA / M.
-    std::vector<A> cp(NC), cq(NC), cr(NC);
+    // dx = rstd (w dz - c1 - c2 (x - mean)), c1 = sum_g(w A) / M, c2 = rstd sum_g(w B) / M.
+    // c1 is kept as a float pair (hi + lo): w dz - c1 then cancels exactly where it should
+    // (a group of one element has dx = 0 while rstd = 1/sqrt(eps) amplifies any residue).
+    std::vector<A> cw(NC), crs(NC), c1h(NC), c1l(NC), c2(NC);
     const double M = static_cast<double>(g.D * g.HW);
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t k = 0; k < g.G; ++k) {
@@ -575,10 +587,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cpu(
           sb += w[c] * sumB[n * g.C + c];
         }
         const double rs = rstd[n * g.G + k];
+        const A hi = static_cast<A>(sa / M);
+        const A lo = static_cast<A>(sa / M - static_cast<double>(hi));
         for (int64_t c = k * g.D; c < (k + 1) * g.D; ++c) {
-          cp[n * g.C + c] = static_cast<A>(w[c] * rs);
-          cq[n * g.C + c] = static_cast<A>(-rs * rs * sb / M);
-          cr[n * g.C + c] = static_cast<A>(-rs * sa / M);
+          const int64_t i = n * g.C + c;
+          cw[i] = w[c];
+          crs[i] = static_cast<A>(rs);
+          c1h[i] = hi;
+          c1l[i] = lo;
+          c2[i] = static_cast<A>(rs * sb / M);
         }
       }
     for (int64_t n = 0; n < g.N; ++n)
@@ -586,20 +603,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cpu(
         db[c] += sumA[n * g.C + c];
         dw[c] += sumB[n * g.C + c];
       }
-    std::array<const A*, 6> coef{ca.data(), cm.data(), cb.data(), cp.data(), cq.data(), cr.data()};
+    std::array<const A*, 8> coef{ca.data(), cm.data(), cb.data(), cw.data(),
+                                 crs.data(), c1h.data(), c1l.data(), c2.data()};
+    auto dx_of = [](V dz, V xc, const std::array<V, 8>& c) {
+      return c[4] * (at::vec::fmsub(c[3], dz, c[5]) - c[6] - c[7] * xc);
+    };
     if (silu) {
-      apply_pass<scalar_t, 6, true>(px, pdy, dx.data_ptr<scalar_t>(), coef, g,
-                                    [](V xv, V dv, const std::array<V, 6>& c) {
+      apply_pass<scalar_t, 8, true>(px, pdy, dx.data_ptr<scalar_t>(), coef, g,
+                                    [dx_of](V xv, V dv, const std::array<V, 8>& c) {
                                       const V xc = xv - c[1];
                                       const V z = at::vec::fmadd(xc, c[0], c[2]);
                                       const V s = sigmoid<A>(z);
                                       const V dz = dv * s * (V(A(1)) + z * (V(A(1)) - s));
-                                      return at::vec::fmadd(c[3], dz, at::vec::fmadd(c[4], xc, c[5]));
+                                      return dx_of(dz, xc, c);
                                     });
     } else {
-      apply_pass<scalar_t, 6, true>(px, pdy, dx.data_ptr<scalar_t>(), coef, g,
-                                    [](V xv, V dv, const std::array<V, 6>& c) {
-                                      return at::vec::fmadd(c[3], dv, at::vec::fmadd(c[4], xv - c[1], c[5]));
+      apply_pass<scalar_t, 8, true>(px, pdy, dx.data_ptr<scalar_t>(), coef, g,
+                                    [dx_of](V xv, V dv, const std::array<V, 8>& c) {
+                                      return dx_of(dv, xv - c[1], c);
                                     });
     }
   });
