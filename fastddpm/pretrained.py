@@ -1,0 +1,165 @@
+"""Loading a model to sample from: a built-in name, a training checkpoint, an exported model, or a
+diffusers ``UNet2DModel`` folder.
+
+An exported model is ``NAME.safetensors`` (the weights) next to ``NAME.json``::
+
+    {"format": "fastddpm-model", "unet_config": {...}, "schedule": {...}, "prediction_type": "epsilon",
+     "sampler": "ddim", "steps": 50, ...}
+
+Built-in models are exported models inside the package (``fastddpm/assets/``), so they work offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .models.unet import UNet, UNetConfig
+from .schedule import NoiseSchedule
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+BUILTIN = {"digits": "digits"}
+MODEL_FORMAT = "fastddpm-model"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    prediction_type: str = "epsilon"
+    sampler: str = "ddpm"
+    steps: int | None = None
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.model.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+
+def _schedule(d: dict | None) -> NoiseSchedule:
+    d = d or {}
+    return NoiseSchedule(int(d.get("num_train_timesteps", 1000)), d.get("beta_schedule", "linear"),
+                         float(d.get("beta_start", 1e-4)), float(d.get("beta_end", 0.02)))
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def load_exported(weights: str) -> LoadedModel:
+    meta_path = os.path.splitext(weights)[0] + ".json"
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{weights}: its metadata {meta_path} is missing")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{meta_path}: not a fastddpm model description (format tag missing)")
+    model = UNet(UNetConfig.from_dict(meta["unet_config"]))
+    sd = _load_safetensors(weights)
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return LoadedModel(model.eval(), _schedule(meta.get("schedule")), meta.get("prediction_type", "epsilon"),
+                       meta.get("sampler", "ddpm"), meta.get("steps"), weights, meta)
+
+
+def load_builtin(name: str) -> LoadedModel:
+    if name not in BUILTIN:
+        raise ValueError(f"--model: unknown built-in model {name!r} (available: {', '.join(BUILTIN)})")
+    path = os.path.join(ASSETS, BUILTIN[name] + ".safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--model: the weights of {name!r} are not installed ({path} is missing)")
+    return load_exported(path)
+
+
+def load_training_checkpoint(path: str, weights: str = "ema") -> LoadedModel:
+    from .train import checkpoint as ck
+
+    folder = ck.resolve(path)
+    meta = ck.read_state(folder)
+    if weights not in ("ema", "model"):
+        raise ValueError(f"--weights: expected ema or model, got {weights!r}")
+    model = UNet(UNetConfig.from_dict(meta["unet_config"]))
+    model.load_state_dict(ck.load_tensors(folder, f"{weights}.safetensors"))
+    cfg = meta.get("config", {})
+    return LoadedModel(model.eval(), _schedule(meta.get("schedule")), meta.get("prediction_type", "epsilon"),
+                       "ddim", cfg.get("sample_steps", 50), folder, meta)
+
+
+def load_diffusers_folder(path: str) -> LoadedModel:
+    from .compat.diffusers import config_from_diffusers, state_dict_from_diffusers
+
+    root = path
+    if os.path.isfile(os.path.join(path, "unet", "config.json")):
+        path = os.path.join(path, "unet")
+    with open(os.path.join(path, "config.json")) as f:
+        conf = json.load(f)
+    if conf.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ValueError(f"--ckpt: {path} holds a {conf.get('_class_name')}, not a UNet2DModel")
+    cfg = config_from_diffusers(conf)
+    st = os.path.join(path, "diffusion_pytorch_model.safetensors")
+    bn = os.path.join(path, "diffusion_pytorch_model.bin")
+    if os.path.isfile(st):
+        sd = _load_safetensors(st)
+    elif os.path.isfile(bn):
+        sd = torch.load(bn, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"--ckpt: no diffusion_pytorch_model.safetensors or .bin in {path}")
+    model = UNet(cfg)
+    model.load_state_dict({k: v.float() for k, v in state_dict_from_diffusers(sd).items()})
+    sched, pred = {}, "epsilon"
+    sc = os.path.join(root, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sc):
+        with open(sc) as f:
+            s = json.load(f)
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+        sched = {k: s[k] for k in keys if k in s}
+        pred = s.get("prediction_type", "epsilon")
+    return LoadedModel(model.eval(), _schedule(sched), pred, "ddpm", None, path, {"diffusers_config": conf})
+
+
+def load(model: str | None = None, ckpt: str | None = None, weights: str = "ema") -> LoadedModel:
+    """``model``: a built-in name or an exported .safetensors; ``ckpt``: a training run/checkpoint folder
+    or a diffusers UNet2DModel folder (config.json + weights)."""
+    if (model is None) == (ckpt is None):
+        raise ValueError("--model, --ckpt: give exactly one")
+    if model is not None:
+        if model.endswith(".safetensors"):
+            return load_exported(model)
+        return load_builtin(model)
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"--ckpt: no such folder {ckpt!r}")
+    has = lambda *p: os.path.exists(os.path.join(ckpt, *p))
+    diffusers = has("config.json") and not has("state.json") and not has("checkpoints")
+    if diffusers or has("unet", "config.json"):
+        return load_diffusers_folder(ckpt)
+    return load_training_checkpoint(ckpt, weights)
+
+
+def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", steps: int = 50,
+           extra: dict | None = None) -> str:
+    """Write a training checkpoint's weights as an exported model ``out`` (.safetensors + .json)."""
+    from safetensors.torch import save_file
+
+    from ._io import atomic_path
+
+    lm = load_training_checkpoint(ckpt, weights)
+    meta = {"format": MODEL_FORMAT, "unet_config": lm.model.config.to_dict(), "schedule": lm.info["schedule"],
+            "prediction_type": lm.prediction_type, "sampler": sampler, "steps": steps,
+            "trained_steps": lm.info["step"], "weights": weights, "train_config": lm.info.get("config")}
+    meta.update(extra or {})
+    sd = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
+    with atomic_path(out) as tmp:
+        save_file(sd, tmp, metadata={"format": MODEL_FORMAT})
+    with atomic_path(os.path.splitext(out)[0] + ".json") as tmp, open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    return out

@@ -1,0 +1,166 @@
+"""`fastddpm sample` (and `fastddpm export`): images from a built-in model, a training checkpoint, or a
+diffusers UNet2DModel folder, as a PNG grid, individual PNGs and/or an .npz.
+
+Batch i of the n images is drawn with seed ``seed + i``, so the images do not depend on how many
+processes share the work: under torchrun each process samples its share of batches and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+from .cli import UsageError, command
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model",
+                     help="a built-in model (digits) or an exported .safetensors (default: digits)")
+    src.add_argument("--ckpt", metavar="DIR",
+                     help="a training run or checkpoint folder, or a diffusers UNet2DModel folder "
+                          "(config.json + diffusion_pytorch_model.safetensors/.bin)")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"),
+                   help="which weights of a training checkpoint (default: ema)")
+    p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the model's (ddim for digits)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 50 for digits)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--out",
+                   help="PNG grid to write (default: samples.png unless --npz or --png-dir is given)")
+    p.add_argument("--nrow", type=int, help="images per row of the grid (default: about sqrt(n))")
+    p.add_argument("--scale", type=int, help="upscale factor of the grid (default: 64 // image size, >= 1)")
+    p.add_argument("--npz", metavar="FILE.npz", help="also write the images as uint8 (N, H, W, C) 'images'")
+    p.add_argument("--png-dir", metavar="DIR", help="also write every image as DIR/000000.png ...")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def generate(lm, n: int, batch_size: int, sampler: str, steps: int | None, seed: int, device,
+             eta: float = 0.0,              progress: bool = True, rank: int = 0, world: int = 1):
+    """This process's share of the n images, as a dict {batch index: (b, C, H, W) tensor in [-1, 1]}."""
+    import torch
+
+    from .samplers import sample
+
+    C, H, W = lm.image_shape
+    out = {}
+    nb = math.ceil(n / batch_size)
+    model = lm.model.to(device)
+    for i in range(rank, nb, world):
+        b = min(batch_size, n - i * batch_size)
+        x = sample(model, (b, C, H, W), steps=steps, sampler=sampler, eta=eta, schedule=lm.schedule,
+                   generator=torch.Generator().manual_seed(seed + i), prediction_type=lm.prediction_type,
+                   progress=progress, device=device)
+        out[i] = x.cpu()
+    return out
+
+
+@command("sample", "sample images from a trained model (PNG grid, PNGs, .npz)", _args)
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from . import pretrained
+    from ._io import atomic_path, save_image
+    from .train.checkpoint import CheckpointError
+    from .train.loop import save_grid
+
+    for name in ("n", "batch_size"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag}: expected a positive integer, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device: {args.device} requested but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    t0 = time.perf_counter()
+    try:
+        lm = pretrained.load(args.model if args.model or args.ckpt else "digits", args.ckpt, args.weights)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+    sampler = args.sampler or lm.sampler
+    steps = args.steps if args.steps is not None else (lm.steps if sampler == lm.sampler else None)
+    T = lm.schedule.num_train_timesteps
+    if steps is not None and steps > T:
+        raise UsageError(f"--steps: {steps} is more than the model's {T} training timesteps")
+    shards = generate(lm, args.n, args.batch_size, sampler, steps, args.seed, device, args.eta,
+                      progress=args.progress and rank == 0, rank=rank, world=world)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        gathered = [None] * world
+        dist.all_gather_object(gathered, shards)
+        shards = {k: v for d in gathered for k, v in d.items()}
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    x = torch.cat([shards[i] for i in sorted(shards)])  # (n, C, H, W)
+    written = []
+    out = args.out
+    if out is None and not args.npz and not args.png_dir:
+        out = "samples.png"
+    S = x.shape[-1]
+    if out:
+        save_grid(x, out, nrow=args.nrow, scale=args.scale or max(1, 64 // S))
+        written.append(out)
+    imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if args.npz:
+        with atomic_path(args.npz) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, images=imgs)
+        written.append(args.npz)
+    if args.png_dir:
+        from PIL import Image
+
+        os.makedirs(args.png_dir, exist_ok=True)
+        for i, im in enumerate(imgs):
+            save_image(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im),
+                       os.path.join(args.png_dir, f"{i:06d}.png"))
+        written.append(args.png_dir + "/")
+    dt = time.perf_counter() - t0
+    print(f"wrote {', '.join(written)}: {args.n} images {S}x{S} from {lm.source} ({sampler}, "
+          f"{steps or 'all'} steps) in {dt:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a training run or checkpoint folder")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors",
+                   help="weights (the .json goes next to it)")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"))
+    p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"), help="default sampler of the model")
+    p.add_argument("--steps", type=int, default=50, help="default steps of the model")
+
+
+@command("export", "export a training checkpoint's weights as a model for `fastddpm sample --model`",
+         _export_args)
+def run_export(args: argparse.Namespace) -> int:
+    from . import pretrained
+    from .train.checkpoint import CheckpointError
+
+    if not args.out.endswith(".safetensors"):
+        raise UsageError(f"--out: expected a .safetensors path, got {args.out!r}")
+    try:
+        pretrained.export(args.ckpt, args.out, args.weights, args.sampler, args.steps)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json", file=sys.stderr)
+    return 0

@@ -1,0 +1,247 @@
+"""Checkpoints that survive crashes.
+
+A checkpoint is a folder ``<out>/checkpoints/step-00001000/`` holding
+``model.safetensors``, ``ema.safetensors``, ``optimizer.safetensors`` (the optimizer's tensors) and
+``state.json`` (format tag, step, training config, UNet config, optimizer param groups, RNG states of
+torch, CUDA, numpy and python, grad-scaler state, and the SHA-256 of every weight file).
+
+Writing: every file goes into a hidden temporary folder, is fsynced, and the folder is renamed into place
+(one atomic rename), then ``checkpoints/latest`` (a one-line pointer) is replaced atomically. A kill -9 at
+any moment leaves either the previous checkpoint or the new one, never half of one; leftovers of an
+interrupted write are hidden ``.tmp-*`` folders that are ignored and cleaned up by the next save.
+Reading checks the format tag and the checksums, so a truncated or foreign file is a clear error.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+FORMAT = "fastddpm-train-checkpoint"
+VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, truncated, corrupt or not fastddpm's."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py = random.getstate()
+    d = {
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py[0], list(py[1]), py[2]],
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+    return d
+
+
+def set_rng_state(d: dict) -> None:
+    torch.set_rng_state(_unb64(d["torch"]))
+    n = d["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = d["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if d.get("cuda") and torch.cuda.is_available() and len(d["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in d["cuda"]])
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save_checkpoint(root: str, step: int, *, model, ema, optimizer, state: dict, keep: int = 2) -> str:
+    """Write checkpoint ``step`` under ``root`` (``<out>/checkpoints``) atomically; returns its folder."""
+    from safetensors.torch import save_file
+
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):  # leftovers of a write killed half-way
+        if name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    files = {
+        "model.safetensors": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "ema.safetensors": {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+    }
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    files["optimizer.safetensors"] = opt_tensors
+    sums = {}
+    for fn, tensors in files.items():
+        p = os.path.join(tmp, fn)
+        save_file(tensors, p, metadata={"format": FORMAT})
+        _fsync_file(p)
+        sums[fn] = _sha256(p)
+    meta = dict(state)
+    meta.update({"format": FORMAT, "version": VERSION, "step": int(step), "optimizer": opt_meta,
+                 "rng": rng_state(), "files": sums})
+    p = os.path.join(tmp, "state.json")
+    with open(p, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    final = os.path.join(root, step_dir_name(step))
+    if os.path.exists(final):  # rewriting the same step (a resumed run's end): move the old one aside
+        old = tempfile.mkdtemp(prefix=".tmp-old-", dir=root)
+        os.replace(final, os.path.join(old, "x"))
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_latest(root, step_dir_name(step))
+    _prune(root, keep)
+    return final
+
+
+def _write_latest(root: str, name: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=root)
+    with os.fdopen(fd, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, "latest"))
+    _fsync_dir(root)
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_RE.match(name)
+        if m and os.path.isfile(os.path.join(root, name, "state.json")):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def _prune(root: str, keep: int) -> None:
+    cks = list_checkpoints(root)
+    for _, path in cks[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve(path: str) -> str:
+    """A checkpoint folder from: a checkpoint folder, a run folder (its latest), or a checkpoints folder."""
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        ptr = os.path.join(root, "latest")
+        if os.path.isfile(ptr):
+            with open(ptr) as f:
+                name = f.read().strip()
+            cand = os.path.join(root, name)
+            if _STEP_RE.match(name) and os.path.isfile(os.path.join(cand, "state.json")):
+                return cand
+        cks = list_checkpoints(root)
+        if cks:
+            return cks[-1][1]
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint: no such folder {path!r}")
+    raise CheckpointError(f"checkpoint: no fastddpm training checkpoint in {path!r} "
+                          f"(expected state.json, or checkpoints/latest of a run folder)")
+
+
+def read_state(ckpt: str) -> dict:
+    """state.json of a checkpoint folder, checked (format tag and the weight files' checksums)."""
+    p = os.path.join(ckpt, "state.json")
+    try:
+        with open(p) as f:
+            meta = json.load(f)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: state.json is missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: state.json is truncated or not JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {ckpt}: not a fastddpm training checkpoint (format tag missing)")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"checkpoint {ckpt}: format version {meta['version']} is newer than this "
+                              f"fastddpm reads ({VERSION})")
+    for fn, digest in meta.get("files", {}).items():
+        fp = os.path.join(ckpt, fn)
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"checkpoint {ckpt}: {fn} is missing")
+        if _sha256(fp) != digest:
+            raise CheckpointError(f"checkpoint {ckpt}: {fn} is truncated or corrupt (checksum mismatch)")
+    return meta
+
+
+def load_tensors(ckpt: str, name: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.path.join(ckpt, name))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: cannot read {name}: {exc}") from exc
+
+
+def load_optimizer(ckpt: str, meta: dict, optimizer: torch.optim.Optimizer) -> None:
+    sd = _optimizer_state_dict(load_tensors(ckpt, "optimizer.safetensors"), meta["optimizer"])
+    optimizer.load_state_dict(sd)

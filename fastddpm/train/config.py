@@ -1,0 +1,129 @@
+"""TrainConfig: every setting of a training run, as a dataclass readable from TOML.
+
+Precedence: dataclass defaults < the TOML file (``--config``) < flags given on the command line.
+TOML keys are the field names (``batch_size`` or ``batch-size``); the table ``[unet]`` overrides fields of
+the model preset's :class:`~fastddpm.UNetConfig` (``base_channels = 16`` ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+OBJECTIVES = ("eps", "x0", "v")
+# objective -> the prediction_type name the samplers use
+PREDICTION_TYPE = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+@dataclass
+class TrainConfig:
+    # data and model
+    data: str = "digits"  # an image folder, an .npz/.npy file, or "digits" (scikit-learn, train split)
+    model: str = "digits"  # a preset (digits, tiny, ddpm_cifar10) or a UNetConfig JSON file
+    unet: dict = field(default_factory=dict)  # UNetConfig overrides of the preset
+    image_size: int | None = None  # default: 16 for digits, the data's size otherwise
+    flip: bool = False  # random horizontal flips (not for digits)
+    # diffusion
+    objective: str = "eps"  # what the network predicts: eps, x0 or v
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 64  # the global batch (split across processes under torchrun)
+    lr: float = 2e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay_n = min(ema_decay, (1 + n) / (10 + n))
+    amp: bool = False
+    # run
+    seed: int = 0
+    out: str = "runs/train"
+    save_every: int = 500
+    keep: int = 2  # checkpoints kept (the newest)
+    sample_every: int = 500  # 0 disables the sample grids
+    sample_n: int = 64
+    sample_sampler: str = "ddim"
+    sample_steps: int = 50
+    log_every: int = 10
+    device: str = "auto"
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    progress: bool = True
+
+    def validate(self) -> None:
+        def pos(name, minimum=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= {minimum}, got {v!r}")
+
+        for n in ("steps", "batch_size", "num_train_timesteps", "sample_n", "sample_steps", "log_every",
+                  "keep"):
+            pos(n)
+        for n in ("save_every", "sample_every", "warmup", "seed", "threads"):
+            pos(n, 0)
+        if self.image_size is not None:
+            pos("image_size")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not (self.lr > 0):
+            raise ValueError(f"--lr: expected a positive number, got {self.lr}")
+        if not (0 <= self.ema_decay < 1):
+            raise ValueError(f"--ema-decay: expected a number in [0, 1), got {self.ema_decay}")
+        if self.grad_clip < 0:
+            raise ValueError(f"--grad-clip: expected >= 0, got {self.grad_clip}")
+        if self.sample_sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"--sample-sampler: expected ddpm or ddim, got {self.sample_sampler!r}")
+        if not isinstance(self.unet, dict):
+            raise ValueError(f"unet: expected a table of UNetConfig fields, got {self.unet!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
+        return cls(**normalise_keys(d, source))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def normalise_keys(d: dict, source: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        name = k.replace("-", "_")
+        if name not in FIELDS:
+            raise ValueError(f"{source}: unknown setting {k!r} (known: {', '.join(sorted(FIELDS))})")
+        out[name] = v
+    return out
+
+
+def read_toml(path: str) -> dict:
+    import tomllib
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: no such file {path!r}")
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config: {path} is not valid TOML: {exc}") from exc
+    return normalise_keys(d, f"--config {path}")
+
+
+def build_config(toml_path: str | None, cli: dict) -> TrainConfig:
+    """defaults < TOML < command line (``cli`` holds only the flags actually given)."""
+    merged = {}
+    if toml_path:
+        merged.update(read_toml(toml_path))
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    cfg = TrainConfig(**merged)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,178 @@
+"""Training data, all held in memory as a float32 tensor (N, C, S, S) in [-1, 1].
+
+Sources: ``digits`` (scikit-learn's 1,797 8x8 handwritten digits, bilinearly upscaled; the ``train`` split
+is 80% of them, the ``test`` split the other 20%, fixed forever so evaluation stays held out), an .npy/.npz
+array, or a folder of PNG/JPEG files (searched recursively; mixed sizes are centre-cropped to squares and
+resized).
+
+Batches are a pure function of (seed, step): the sample at global position p = step * B + j is
+``perm(seed, p // N)[p % N]``. Resuming therefore needs no data-loader state, and under torchrun each
+process takes a contiguous slice of the same global batch (what DistributedSampler does with a shared
+permutation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+DIGITS_TEST_FRACTION = 0.2
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:  # (N, C, H, W) in [0, 1]
+    if x.shape[-2:] == (size, size):
+        return x
+    mode = "area" if x.shape[-1] > size else "bilinear"
+    kw = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(x, size=(size, size), mode=mode, **kw).clamp(0, 1)
+
+
+def digits_split(split: str = "train", image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 1, S, S) in [-1, 1], labels (N,)) of scikit-learn's digits, split ``train`` or ``test``."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ValueError("data: 'digits' needs scikit-learn (pip install scikit-learn)") from exc
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(20200619))
+    n_test = int(round(DIGITS_TEST_FRACTION * len(x)))
+    idx = {"test": perm[:n_test], "train": perm[n_test:], "all": torch.arange(len(x))}[split]
+    x = _resize(x[idx], image_size)
+    return x * 2 - 1, y[idx]
+
+
+def _from_array(a: np.ndarray, name: str) -> torch.Tensor:
+    if a.ndim == 3:
+        a = a[:, None]
+    elif a.ndim == 4 and a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):
+        a = a.transpose(0, 3, 1, 2)
+    if a.ndim != 4 or a.shape[1] not in (1, 3, 4) or a.shape[0] == 0:
+        raise ValueError(f"data: {name}: expected images (N, H, W), (N, H, W, C) or (N, C, H, W) with C in "
+                         f"1, 3, 4 and N > 0, got shape {a.shape}")
+    if a.shape[1] == 4:
+        a = a[:, :3]
+    if a.dtype == np.uint8:
+        x = torch.from_numpy(a.astype(np.float32) / 255.0)
+    elif np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer):
+        x = torch.from_numpy(a.astype(np.float32))
+        if not torch.isfinite(x).all():
+            raise ValueError(f"data: {name}: holds NaN or infinite values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo >= 0 and hi <= 1:
+            pass
+        elif lo >= -1 and hi <= 1:
+            x = (x + 1) / 2
+        elif lo >= 0 and hi <= 255:
+            x = x / 255.0
+        else:
+            raise ValueError(f"data: {name}: values in [{lo}, {hi}]; expected uint8, [0, 1] or [-1, 1]")
+    else:
+        raise ValueError(f"data: {name}: unsupported dtype {a.dtype}")
+    return x
+
+
+def _load_array(path: str) -> torch.Tensor:
+    try:
+        if path.endswith(".npz"):
+            with np.load(path) as z:
+                keys = list(z.keys())
+                only = keys[0] if len(keys) == 1 else None
+                key = next((k for k in ("images", "x", "arr_0") if k in keys), only)
+                if key is None:
+                    raise ValueError(f"data: {path}: several arrays {keys}; name the images 'images' or 'x'")
+                a = z[key]
+        else:
+            a = np.load(path)
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"data: cannot read {path}: {exc}") from exc
+    return _from_array(np.asarray(a), path)
+
+
+def _load_folder(path: str, image_size: int | None) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    files = []
+    for root, _, names in os.walk(path):
+        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
+    files.sort()
+    if not files:
+        raise ValueError(f"data: no PNG or JPEG images found under {path}")
+    imgs = []
+    for fn in files:
+        try:
+            with Image.open(fn) as im:
+                im.load()
+                imgs.append(im.copy())
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ValueError(f"data: cannot read image {fn}: {exc}") from exc
+    grey = all(im.mode in ("L", "1", "I", "I;16", "LA") for im in imgs)
+    mode = "L" if grey else "RGB"
+    size = image_size or min(min(im.size) for im in imgs)
+    out = np.empty((len(imgs), size, size, 1 if grey else 3), dtype=np.uint8)
+    for i, im in enumerate(imgs):
+        im = im.convert(mode)
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if s != size:
+            im = im.resize((size, size), Image.BICUBIC if s < size else Image.LANCZOS)
+        a = np.asarray(im)
+        out[i] = a[..., None] if a.ndim == 2 else a
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255.0
+
+
+def load_dataset(data: str, image_size: int | None = None) -> torch.Tensor:
+    """The training set as (N, C, S, S) float32 in [-1, 1]; errors name ``data`` and the file."""
+    if data == "digits":
+        return digits_split("train", image_size or 16)[0]
+    if not os.path.exists(data):
+        raise ValueError(f"data: no such file or folder {data!r} (or use the built-in 'digits')")
+    if os.path.isdir(data):
+        x = _load_folder(data, image_size)
+    elif data.endswith((".npy", ".npz")):
+        x = _load_array(data)
+    else:
+        raise ValueError(f"data: {data!r} is neither a folder of images, an .npy/.npz file, nor 'digits'")
+    if x.shape[-1] != x.shape[-2] and image_size is None:
+        raise ValueError(f"data: images are {x.shape[-2]}x{x.shape[-1]}; pass --image-size to make them "
+                         "square")
+    if x.shape[-1] != x.shape[-2]:
+        s = min(x.shape[-2:])
+        top, left = (x.shape[-2] - s) // 2, (x.shape[-1] - s) // 2
+        x = x[..., top:top + s, left:left + s]
+    x = _resize(x, image_size or x.shape[-1])
+    return (x * 2 - 1).contiguous()
+
+
+def _mix(*ints: int) -> int:
+    """A 63-bit seed from several integers (splitmix64-style), so (seed, step) pairs never collide."""
+    h = 0x9E3779B97F4A7C15
+    for v in ints:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
+    """Indices of the global batch at ``step``: epoch-wise permutations, a pure function of its arguments."""
+    pos = torch.arange(step * batch, (step + 1) * batch, dtype=torch.int64)
+    epochs = pos // n
+    out = torch.empty_like(pos)
+    for e in torch.unique(epochs).tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 1, e)))
+        m = epochs == e
+        out[m] = perm[pos[m] % n]
+    return out
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of step ``step``'s timesteps, noise and flips (the same in every process)."""
+    return torch.Generator().manual_seed(_mix(seed, 2, step))

@@ -1,0 +1,463 @@
+"""The training loop: read it top to bottom.
+
+    cfg = TrainConfig(data="digits", steps=2000, out="runs/digits")
+    train(cfg)
+
+Every random draw of step k (which images, their timesteps, noise and flips, dropout) is a function of
+(seed, k), so a run resumed from a checkpoint at step k is bitwise identical on the CPU to one that never
+stopped, and N processes under torchrun compute the same global batch as one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .._io import atomic_path
+from ..models.unet import UNet, UNetConfig
+from ..schedule import NoiseSchedule
+from . import checkpoint as ckpt_mod
+from .config import PREDICTION_TYPE, TrainConfig
+from .data import _mix, batch_indices, load_dataset, step_generator
+
+PRESETS = {"digits": UNet.digits, "tiny": UNet.tiny, "ddpm_cifar10": UNet.ddpm_cifar10,
+           "cifar10": UNet.ddpm_cifar10}
+# Settings that may change when a run resumes; every other one is taken from the checkpoint.
+RESUMABLE_OVERRIDES = {"steps", "save_every", "keep", "sample_every", "sample_n", "sample_sampler",
+                       "sample_steps", "log_every", "out", "device", "threads", "progress"}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (a non-finite loss): the message says why and where the last good checkpoint is."""
+
+
+def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
+    over = dict(cfg.unet)
+    over.setdefault("sample_size", image_size)
+    over.setdefault("in_channels", channels)
+    if cfg.model.endswith(".json"):
+        if not os.path.isfile(cfg.model):
+            raise ValueError(f"--model: no such file {cfg.model!r}")
+        with open(cfg.model) as f:
+            d = json.load(f)
+        d.update(over)
+        return UNetConfig.from_dict(d)
+    if cfg.model not in PRESETS:
+        raise ValueError(f"--model: expected a preset ({', '.join(PRESETS)}) or a UNetConfig .json file, "
+                         f"got {cfg.model!r}")
+    return PRESETS[cfg.model](**over).config
+
+
+def make_schedule(d: dict) -> NoiseSchedule:
+    return NoiseSchedule(int(d["num_train_timesteps"]), d["beta_schedule"], float(d["beta_start"]),
+                         float(d["beta_end"]))
+
+
+def schedule_dict(cfg: TrainConfig) -> dict:
+    return {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
+            "beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
+class Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), a no-op otherwise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled:
+            import torch.distributed as dist
+
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if not dist.is_initialized():
+                dist.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name} requested but no CUDA device is available")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and stops."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and plots
+# ----------------------------------------------------------------------------------------------
+def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, scale: int = 1, pad: int = 2) -> None:
+    """(N, C, H, W) in [-1, 1] -> a PNG grid (white padding), written atomically."""
+    import numpy as np
+    from PIL import Image
+
+    from .._io import save_image
+
+    n, c, h, w = x.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    img = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    img = img.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y0:y0 + h, x0:x0 + w] = img[i]
+    im = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    save_image(im, path)
+
+
+def grid_size(n: int, h: int, w: int, nrow: int | None = None, scale: int = 1,
+              pad: int = 2) -> tuple[int, int]:
+    """(width, height) of save_grid's PNG."""
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    return (nrow * (w + pad) + pad) * scale, (rows * (h + pad) + pad) * scale
+
+
+def plot_loss(csv_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [], []
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            steps.append(int(row["step"]))
+            losses.append(float(row["loss"]))
+    if not steps:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=0.8, label="loss (mean over the log interval)")
+    k = max(1, len(losses) // 20)
+    if len(losses) > 2 * k:
+        sm = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1])
+              for i in range(len(losses))]
+        ax.plot(steps, sm, lw=1.5, label=f"moving average ({k})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    with atomic_path(png_path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+
+
+CSV_FIELDS = ["step", "loss", "lr", "grad_norm", "it_per_s", "elapsed_s"]
+
+
+def _truncate_csv(path: str, step: int) -> None:
+    """Drop rows after ``step`` (a resumed run rewrites them)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ep = [p for p in ema.parameters()]
+    mp = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ep, mp, 1.0 - decay)
+
+
+def ema_decay_at(cfg: TrainConfig, n: int) -> float:
+    """Decay of the n-th update (n from 0): warm-up (1 + n) / (10 + n) so early weights are forgotten."""
+    return min(cfg.ema_decay, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema_decay
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def _resume_config(cfg: TrainConfig, given: set[str], meta: dict) -> TrainConfig:
+    saved = TrainConfig.from_dict(meta["config"], source="checkpoint")
+    for name in given:
+        new, old = getattr(cfg, name), getattr(saved, name)
+        if name in RESUMABLE_OVERRIDES:
+            setattr(saved, name, new)
+        elif new != old and name not in ("resume", "config"):
+            raise ValueError(f"--{name.replace('_', '-')}: the run being resumed used {old!r}; "
+                             f"it cannot change on resume (start a new run instead)")
+    saved.validate()
+    return saved
+
+
+def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = None, log=print) -> dict:
+    """Train; returns a summary dict (final step, checkpoint folder, last loss, stopped_by).
+
+    ``resume``: a checkpoint folder, a run folder, or "latest" (the latest checkpoint under ``cfg.out``).
+    ``given``: the settings explicitly given for this call (on resume they override the saved ones where
+    that is allowed, and are refused where it would change the run).
+    """
+    cfg.validate()
+    meta = None
+    if resume:
+        path = cfg.out if resume == "latest" else resume
+        ck = ckpt_mod.resolve(path)
+        meta = ckpt_mod.read_state(ck)
+        cfg = _resume_config(cfg, set(given or ()), meta)
+        if resume != "latest" and "out" not in (given or ()):
+            # Continue in the run folder the checkpoint belongs to.
+            parent = os.path.dirname(os.path.abspath(ck))
+            cfg.out = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else cfg.out
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if cfg.amp and device.type != "cuda":
+        raise ValueError("--amp: mixed precision runs on CUDA devices only; on this CPU bf16 autocast is "
+                         "known "
+                         "to kill the process (SIGILL), so it is refused. Train in fp32 (drop --amp).")
+    dist = Dist(device)
+    if dist.enabled and cfg.batch_size % dist.world:
+        raise ValueError(f"--batch-size: the global batch {cfg.batch_size} must be divisible by the "
+                         f"{dist.world} processes")
+    try:
+        return _train(cfg, meta, ck if meta else None, device, dist, log)
+    finally:
+        dist.close()
+
+
+def _train(cfg, meta, ck, device, dist, log) -> dict:
+    data = load_dataset(cfg.data, cfg.image_size)  # (N, C, S, S) in [-1, 1]
+    N, C, S = data.shape[0], data.shape[1], data.shape[-1]
+    ucfg = unet_config(cfg, C, S) if meta is None else UNetConfig.from_dict(meta["unet_config"])
+    if (ucfg.in_channels, ucfg.sample_size) != (C, S):
+        s = ucfg.sample_size
+        raise ValueError(f"--model: the network takes {ucfg.in_channels}x{s}x{s} "
+                         f"images, the data are {C}x{S}x{S}")
+    schedule = make_schedule(schedule_dict(cfg))
+    torch.manual_seed(cfg.seed)  # initial weights
+    model = UNet(ucfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    step, ema_n = 0, 0
+    if meta is not None:
+        model.load_state_dict(ckpt_mod.load_tensors(ck, "model.safetensors"))
+        ema.load_state_dict(ckpt_mod.load_tensors(ck, "ema.safetensors"))
+        ckpt_mod.load_optimizer(ck, meta, opt)
+        if meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        ckpt_mod.set_rng_state(meta["rng"])
+        step, ema_n = int(meta["step"]), int(meta.get("ema_updates", meta["step"]))
+    net = model
+    if dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    B = cfg.batch_size
+    local_B = B // dist.world
+    lo = dist.rank * local_B
+    data = data.to(device)
+
+    ck_root = os.path.join(cfg.out, "checkpoints")
+    csv_path = os.path.join(cfg.out, "metrics.csv")
+    if dist.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with atomic_path(os.path.join(cfg.out, "config.json")) as tmp, open(tmp, "w") as f:
+            f.write(cfg.to_json())
+        _truncate_csv(csv_path, step)
+        if meta is None:
+            log(f"training a {ucfg.sample_size}x{ucfg.sample_size}x{ucfg.in_channels} UNet "
+                f"({model.num_parameters():,} parameters) on {N} images from {cfg.data!r}, objective "
+                f"{cfg.objective}, {cfg.steps} steps of batch {B}"
+                + (f" over {dist.world} processes" if dist.enabled else "") + f", device {device}")
+        else:
+            log(f"resuming from {ck} at step {step}")
+
+    def state() -> dict:
+        return {"config": cfg.to_dict(), "unet_config": ucfg.to_dict(), "schedule": schedule_dict(cfg),
+                "prediction_type": PREDICTION_TYPE[cfg.objective], "ema_updates": ema_n,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "world_size": dist.world}
+
+    def save(reason: str) -> str | None:
+        path = None
+        if dist.main:
+            path = ckpt_mod.save_checkpoint(ck_root, step, model=model, ema=ema, optimizer=opt, state=state(),
+                                            keep=cfg.keep)
+        dist.barrier()
+        return path
+
+    def sample_grid() -> None:
+        if not dist.main:
+            return
+        from ..samplers import sample
+
+        x = sample(ema, (cfg.sample_n, C, S, S), steps=min(cfg.sample_steps, cfg.num_train_timesteps),
+                   sampler=cfg.sample_sampler, schedule=schedule, seed=cfg.seed,
+                   prediction_type=PREDICTION_TYPE[cfg.objective], progress=False, device=device)
+        save_grid(x, os.path.join(cfg.out, "samples", f"step-{step:08d}.png"), scale=max(1, 64 // S))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and dist.main), desc="train",
+               dynamic_ncols=True, file=sys.stderr)
+    stopped_by, last_loss, last_saved = None, float("nan"), None
+    acc_loss, acc_n, t_log = 0.0, 0, time.perf_counter()
+    t0 = time.perf_counter()
+    f_csv = open(csv_path, "a", newline="") if dist.main else None
+    try:
+        writer = csv.DictWriter(f_csv, CSV_FIELDS) if f_csv else None
+        if f_csv and f_csv.tell() == 0:
+            writer.writeheader()
+        with _Signals() as sig:
+            while step < cfg.steps:
+                # 1. this step's global batch and its randomness, a function of (seed, step) only
+                g = step_generator(cfg.seed, step)
+                idx = batch_indices(cfg.seed, step, B, N)
+                t_all = torch.randint(0, cfg.num_train_timesteps, (B,), generator=g)
+                noise_all = torch.randn((B, C, S, S), generator=g)
+                flip_all = torch.rand((B,), generator=g) < 0.5
+                torch.manual_seed(_mix(cfg.seed, 3, step, dist.rank))  # dropout
+                sl = slice(lo, lo + local_B)
+                x0 = data[idx[sl].to(device)]
+                if cfg.flip:
+                    f = flip_all[sl].to(device)
+                    x0 = torch.where(f[:, None, None, None], x0.flip(-1), x0)
+                t = t_all[sl].to(device)
+                noise = noise_all[sl].to(device)
+                lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                # 2. forward: x_t and the target in one fused pass, then the network's prediction
+                xt, target = ops.q_sample(x0, t, noise, schedule, target=cfg.objective)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    pred = net(xt, t)
+                loss = F.mse_loss(pred.float(), target)
+                # 3. agree across processes on the mean loss and on whether to stop
+                flags = torch.stack([loss.detach().float(),
+                                     torch.tensor(float(sig.received is not None), device=device)])
+                flags = dist.all_reduce_sum(flags.clone()) if dist.enabled else flags
+                mean_loss = float(flags[0]) / dist.world
+                if not math.isfinite(mean_loss):
+                    where = f"; the last good checkpoint is {last_saved}" if last_saved else \
+                        "; no checkpoint was written by this run"
+                    raise TrainingError(f"loss is {mean_loss} at step {step + 1} (lr {lr:g}): training "
+                                        f"stopped{where}. Lower --lr or check the data")
+                # 4. backward, clip, step, EMA
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                scaler.step(opt)
+                scaler.update()
+                ema_update(ema, model, ema_decay_at(cfg, ema_n))
+                ema_n += 1
+                step += 1
+                last_loss = mean_loss
+                # 5. log, sample, save
+                acc_loss += mean_loss
+                acc_n += 1
+                bar.update(1)
+                if dist.main and (step % cfg.log_every == 0 or step == cfg.steps):
+                    now = time.perf_counter()
+                    row = {"step": step, "loss": f"{acc_loss / acc_n:.6g}", "lr": f"{lr:.6g}",
+                           "grad_norm": f"{float(gn):.6g}", "it_per_s": f"{acc_n / (now - t_log):.4g}",
+                           "elapsed_s": f"{now - t0:.1f}"}
+                    writer.writerow(row)
+                    f_csv.flush()
+                    bar.set_postfix(loss=f"{acc_loss / acc_n:.4f}", lr=f"{lr:.2g}")
+                    acc_loss, acc_n, t_log = 0.0, 0, now
+                stop = float(flags[1]) > 0
+                if cfg.sample_every and step % cfg.sample_every == 0 and not stop:
+                    sample_grid()
+                if stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    last_saved = save("signal" if stop else "periodic")
+                if stop:
+                    stopped_by = signal.Signals(sig.received).name if sig.received else \
+                        "a signal to another process"
+                    break
+    finally:
+        bar.close()
+        if f_csv:
+            f_csv.close()
+    if dist.main and stopped_by is None:
+        try:
+            plot_loss(csv_path, os.path.join(cfg.out, "loss.png"))
+        except ImportError:
+            log("loss curve not plotted: matplotlib is not installed")
+    summary = {"step": step, "checkpoint": last_saved, "loss": last_loss, "stopped_by": stopped_by,
+               "out": cfg.out, "config": dataclasses.asdict(cfg)}
+    return summary
