@@ -105,15 +105,17 @@ def _peak_extra_mib(fn) -> float:
     return (_rss_kib("VmHWM") - before) / 1024
 
 
-def run_cpu(reps: int = 7, csv_path: str | None = None, modes=MODES) -> list[dict]:
+def run_cpu(reps: int = 7, csv_path: str | None = None, modes=MODES, providers=None) -> list[dict]:
     models = build_models()
+    if providers:
+        models = {p: m for p, m in models.items() if p in providers or p == "diffusers"}
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
     print(f"# DDPM CIFAR-10 U-Net (35.7M params, fp32, 32x32) on the CPU ({machine}); "
           f"medians of {reps} interleaved calls; peak = resident MiB one call adds")
     names = list(models)
     print(f"{'mode':8} {'B':>3} | " + " | ".join(f"{p:>15} ms  peak" for p in names)
-          + " | diffusers/fastddpm  diffusers/fastddpm-cl  diffusers/patched")
+          + " | " + "  ".join(f"diffusers/{p}" for p in names if p != "diffusers"))
     rows = []
     for mode, B in modes:
         bwd = mode != "fwd"
@@ -131,8 +133,8 @@ def run_cpu(reps: int = 7, csv_path: str | None = None, modes=MODES) -> list[dic
         med = {p: statistics.median(v) * 1e3 for p, v in times.items()}
         cells = " | ".join(f"{med[p]:15.1f}    {peak[p]:6.0f}" for p in names)
         d = med["diffusers"]
-        print(f"{mode:8} {B:3d} | {cells} | {d / med['fastddpm']:18.2f}  {d / med['fastddpm-cl']:21.2f}"
-              f"  {d / med['diffusers+patch']:17.2f}", flush=True)
+        ratios = "  ".join(f"{d / med[p]:{len(p) + 10}.2f}" for p in names if p != "diffusers")
+        print(f"{mode:8} {B:3d} | {cells} | {ratios}", flush=True)
         for p in names:
             rows.append(dict(op="unet_cifar10", provider=p, mode=mode, B=B, dtype="float32", ms=med[p],
                              peak_mib=peak[p], machine=machine))
@@ -160,10 +162,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--modes", default="fwd:1,fwd:16,fwd+bwd:16", help="e.g. fwd:1,fwd+bwd:16")
+    ap.add_argument("--providers", default="", help="comma-separated subset (diffusers always runs)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--backward", action="store_true", help="profile forward+backward")
     args = ap.parse_args()
     if args.profile:
         profile(backward=args.backward)
     else:
-        run_cpu(args.reps, args.csv)
+        modes = [(m, int(b)) for m, b in (x.split(":") for x in args.modes.split(","))]
+        run_cpu(args.reps, args.csv, modes, [p for p in args.providers.split(",") if p])
