@@ -1,0 +1,284 @@
+"""fastddpm train end to end through the command line (tiny model, 8x8 digits, a handful of steps).
+
+Independent checks: resumed and killed runs are compared bitwise with runs that never stopped; the
+2-process gloo run is compared with a 1-process run of the same global batch; files are read back with
+PIL / safetensors / csv, not with the code that wrote them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fastddpm.cli import main
+from fastddpm.train import TrainConfig, load_dataset
+from fastddpm.train import checkpoint as ck
+from fastddpm.train.data import batch_indices
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny 8x8 model on the digits, with dropout and flips on so that every source of randomness is exercised.
+PLAIN = ["train", "--model", "tiny", "--image-size", "8", "--batch-size", "8", "--sample-every", "0",
+         "--no-progress", "--threads", "1"]
+BASE = PLAIN + ["--unet", '{"dropout": 0.1}', "--flip", "--lr", "1e-3", "--warmup", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One intra-op thread: on 2 shared cores two threads are several times slower, and the subprocesses
+    # compared bitwise with in-process runs use the same count.
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(out, *extra):
+    return main(BASE + ["--out", str(out), *extra])
+
+
+def _latest(out) -> tuple[int, str]:
+    path = ck.resolve(str(out))
+    return ck.read_state(path)["step"], path
+
+
+def _assert_same_checkpoint(a: str, b: str) -> None:
+    for fn in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        ta, tb = load_file(os.path.join(a, fn)), load_file(os.path.join(b, fn))
+        assert ta.keys() == tb.keys(), fn
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{fn}: {k} differs"
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _spawn(out, *extra):
+    cmd = [sys.executable, "-m", "fastddpm"] + BASE + ["--out", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_checkpoint(proc, out, min_step: int, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()}")
+        try:
+            step, _ = _latest(out)
+            if step >= min_step:
+                return step
+        except ck.CheckpointError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_train_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    rc = main(PLAIN + ["--out", str(out), "--steps", "4", "--save-every", "2", "--sample-every", "4",
+                       "--sample-n", "4", "--sample-steps", "2", "--log-every", "2"])
+    assert rc == 0
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(np.isfinite(float(r["loss"])) and float(r["it_per_s"]) > 0 for r in rows)
+    for png in ("loss.png", "samples/step-00000004.png"):
+        with Image.open(out / png) as im:
+            im.verify()
+    step, path = _latest(out)
+    assert step == 4 and path.endswith("step-00000004")
+    meta = ck.read_state(path)
+    assert meta["config"]["steps"] == 4 and meta["unet_config"]["sample_size"] == 8
+    assert set(meta["rng"]) == {"torch", "numpy", "python", "cuda"}
+    assert json.loads((out / "config.json").read_text())["model"] == "tiny"
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    assert _run(tmp_path / "a", "--steps", "6", "--save-every", "3") == 0
+    assert _run(tmp_path / "b", "--steps", "3", "--save-every", "3") == 0
+    assert _latest(tmp_path / "b")[0] == 3
+    # "latest" resumes the run under --out; --steps raises the total.
+    assert main(["train", "--resume", "latest", "--out", str(tmp_path / "b"), "--steps", "6"]) == 0
+    sa, pa = _latest(tmp_path / "a")
+    sb, pb = _latest(tmp_path / "b")
+    assert sa == sb == 6
+    _assert_same_checkpoint(pa, pb)
+    with open(tmp_path / "b" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
+
+
+def test_resume_refuses_changing_the_run(tmp_path, capsys):
+    assert _run(tmp_path / "a", "--steps", "1") == 0
+    rc = main(["train", "--resume", str(tmp_path / "a"), "--batch-size", "16", "--steps", "2"])
+    assert rc == 2 and "--batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(tmp_path):
+    out = tmp_path / "k"
+    proc = _spawn(out, "--steps", "100000", "--save-every", "2", "--keep", "3")
+    try:
+        _wait_for_checkpoint(proc, out, 4)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    step, path = _latest(out)  # loadable: checksums verified
+    assert step >= 4 and step % 2 == 0
+    assert not [n for n in os.listdir(out / "checkpoints") if not n.startswith((".tmp-", "step-", "latest"))]
+    total = step + 2
+    assert main(["train", "--resume", str(out), "--steps", str(total), "--no-progress"]) == 0
+    assert _run(tmp_path / "ref", "--steps", str(total), "--save-every", "0") == 0
+    _assert_same_checkpoint(_latest(out)[1], _latest(tmp_path / "ref")[1])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    out = tmp_path / "t"
+    proc = _spawn(out, "--steps", "100000", "--save-every", "1000")
+    try:
+        # Wait for the loop to run (metrics written every 10 steps), then ask it to stop.
+        deadline = time.time() + 120
+        while not (out / "metrics.csv").exists() or os.path.getsize(out / "metrics.csv") < 60:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "training too slow to start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    step, _ = _latest(out)
+    assert 10 <= step < 100000
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert _run(out, "--steps", "1") == 0
+    _, path = _latest(out)
+    model = os.path.join(path, "model.safetensors")
+    data = open(model, "rb").read()
+    with open(model, "wb") as f:
+        f.write(data[: len(data) // 2])
+    assert main(["train", "--resume", str(out), "--steps", "2"]) == 2
+    assert "model.safetensors is truncated or corrupt" in capsys.readouterr().err
+    png = str(tmp_path / "x.png")
+    assert main(["sample", "--ckpt", str(out), "--n", "1", "--steps", "1", "--out", png]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    with open(os.path.join(path, "state.json"), "w") as f:
+        f.write('{"step": 1, "config"')
+    assert main(["train", "--resume", str(path), "--steps", "2"]) == 2
+    assert "state.json is truncated or not JSON" in capsys.readouterr().err
+    with open(os.path.join(path, "state.json"), "w") as f:
+        json.dump({"step": 1, "weights": "elsewhere"}, f)
+    assert main(["train", "--resume", str(path), "--steps", "2"]) == 2
+    assert "not a fastddpm training checkpoint" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing-here"), "--steps", "2"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "n"
+    rc = _run(out, "--steps", "50", "--save-every", "1", "--lr", "1e12", "--warmup", "0")
+    err = capsys.readouterr().err
+    assert rc == 1 and "loss is" in err and "last good checkpoint" in err and "Traceback" not in err
+    step, path = _latest(out)
+    assert 1 <= step < 50
+    for v in load_file(os.path.join(path, "model.safetensors")).values():
+        assert torch.isfinite(v).all()
+
+
+def test_amp_refused_on_cpu(tmp_path, capsys):
+    assert _run(tmp_path / "amp", "--steps", "1", "--amp", "--device", "cpu") == 2
+    err = capsys.readouterr().err
+    assert "--amp" in err and "SIGILL" in err
+    assert not (tmp_path / "amp").exists()
+
+
+def test_bad_data(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run(tmp_path / "o", "--data", str(empty), "--steps", "1") == 2
+    assert "no PNG or JPEG images" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    Image.fromarray(np.random.randint(0, 255, (8, 8), dtype=np.uint8)).save(bad / "ok.png")
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert _run(tmp_path / "o", "--data", str(bad), "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "broken.png" in err
+    assert _run(tmp_path / "o", "--data", str(tmp_path / "missing"), "--steps", "1") == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_mixed_size_images_and_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(folder / "sub" / "b.jpg")
+    Image.fromarray(rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)).save(folder / "c.jpeg")
+    x = load_dataset(str(folder), 8)
+    assert x.shape == (3, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert _run(tmp_path / "o", "--data", str(folder), "--steps", "2") == 0
+    arr = rng.integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "d.npy", arr)
+    x = load_dataset(str(tmp_path / "d.npy"))
+    torch.testing.assert_close(x[:, 0], torch.from_numpy(arr).float() / 127.5 - 1)
+    np.savez(tmp_path / "d.npz", images=arr[..., None].repeat(3, -1))
+    assert load_dataset(str(tmp_path / "d.npz")).shape == (5, 3, 8, 8)
+
+
+def test_toml_config_and_command_line_precedence(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('model = "tiny"\nimage_size = 8\nsteps = 3\nbatch-size = 4\nsample_every = 0\n'
+                    'progress = false\n[unet]\nbase_channels = 8\n')
+    assert main(["train", "--config", str(toml), "--steps", "2", "--out", str(tmp_path / "o")]) == 0
+    step, path = _latest(tmp_path / "o")
+    meta = ck.read_state(path)
+    assert step == 2 and meta["config"]["batch_size"] == 4 and meta["unet_config"]["base_channels"] == 8
+    toml.write_text("stepz = 3\n")
+    assert main(["train", "--config", str(toml)]) == 2
+
+
+def test_batches_are_epoch_permutations():
+    n, b = 10, 4
+    seen = torch.cat([batch_indices(0, s, b, n) for s in range(5)])  # 20 positions: 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(0, 3, b, n), batch_indices(0, 3, b, n))
+    assert not torch.equal(batch_indices(0, 0, b, n), batch_indices(1, 0, b, n))
+    assert TrainConfig().objective == "eps"
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path):
+    args = PLAIN + ["--steps", "3", "--lr", "1e-3", "--warmup", "1"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastddpm"] + args + ["--out", str(tmp_path / "two")]
+    env = _env()
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s1, p1 = _latest(tmp_path / "one")
+    s2, p2 = _latest(tmp_path / "two")
+    assert s1 == s2 == 3 and ck.read_state(p2)["world_size"] == 2
+    a, b = load_file(os.path.join(p1, "model.safetensors")), load_file(os.path.join(p2, "model.safetensors"))
+    # Same data, noise and timesteps; only the order of the fp32 gradient sums differs (per-process means
+    # averaged by all-reduce), and Adam's first steps amplify that to about lr * 1e-4.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
