@@ -261,6 +261,7 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="the whole shape grid (default: a short set)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--gpu", action="store_true", help="run gpu_bench_attention instead")
     ap.add_argument("--compile-report", action="store_true",
                     help="compile the Triton kernels for sm_90 offline; print registers and spills")
@@ -268,6 +269,8 @@ def main(argv=None):
     if args.compile_report:
         compile_report()
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.gpu and argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # glibc raises its mmap threshold after the first large free, so freed buffers stay resident and
         # the peak-RSS measure sees nothing; a fixed threshold returns large buffers to the OS on free.
