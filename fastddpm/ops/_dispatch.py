@@ -2,8 +2,9 @@
 
 Backends: ``cpu`` (C++), ``cuda`` (CUDA C++), ``triton``, ``torch`` (the
 reference). ``auto`` picks ``cpu`` for CPU tensors and ``triton`` for CUDA
-tensors; the CUDA C++ kernels are used only when asked for until a GPU run of
-the test suite shows them correct and faster. ``FASTDDPM_BACKEND`` in the
+tensors, except the ops in ``CUDA_VERIFIED_OPS``, whose CUDA C++ kernels a GPU run
+showed correct and faster, where it picks ``cuda``; other CUDA C++ kernels are used
+only when asked for until a GPU run shows the same for them. ``FASTDDPM_BACKEND`` in the
 environment replaces ``auto``. A backend that cannot serve an input raises
 :class:`BackendNotSupported` with the reasons.
 """
@@ -23,6 +24,12 @@ BACKENDS = ("cpu", "cuda", "triton", "torch")
 # Ops whose "cpu" and "cuda" backends are PyTorch's own kernels (attention: scaled_dot_product_attention,
 # measured faster on this CPU than a kernel of ours), so they need no kernel in fastddpm._C.
 TORCH_NATIVE_OPS = frozenset({"attention"})
+
+
+# Ops whose CUDA C++ kernels a GPU run showed correct (against the float64 reference, on
+# the device) and faster than the Triton kernels: auto picks "cuda" for their CUDA tensors.
+# Evidence: benchmarks/results/gpu_h100_2026-11-25.* (H100, torch 2.11); see benchmarks/README.md.
+CUDA_VERIFIED_OPS = frozenset({"q_sample", "ddpm_step", "philox_normal_"})
 
 
 class BackendNotSupported(RuntimeError):
@@ -109,7 +116,12 @@ def resolve(
     if requested == "auto":
         if dtype == torch.float64:
             return "torch"
-        order = ("cpu", "torch") if device.type == "cpu" else ("triton", "torch")
+        if device.type == "cpu":
+            order = ("cpu", "torch")
+        elif op in CUDA_VERIFIED_OPS:
+            order = ("cuda", "triton", "torch")
+        else:
+            order = ("triton", "torch")
         for b in order:
             if reason(b) is None:
                 return b
