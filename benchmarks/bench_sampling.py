@@ -125,8 +125,10 @@ def dispatch_table(batch: int = 1) -> list[tuple[str, int, int]]:
     return rows
 
 
-def main(full: bool = False) -> None:
+def main(full: bool = False, steps: int = 20, rounds: int = 3) -> None:
     import diffusers
+
+    sys.stdout.reconfigure(line_buffering=True)  # tables appear as they are measured
 
     from fastddpm.compat.diffusers import from_diffusers
 
@@ -149,7 +151,7 @@ def main(full: bool = False) -> None:
     print("\n## whole sampling runs, same weights (CIFAR-10 DDPM U-Net, random init)\n")
     unet = cifar_unet()
     fu = from_diffusers(unet).eval()
-    configs = [(1, 20)] + ([(16, 5)] if full else [])
+    configs = [(1, steps)] + ([(16, 5)] if full else [])
     for batch, steps in configs:
         pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
         pipe.set_progress_bar_config(disable=True)
@@ -163,7 +165,7 @@ def main(full: bool = False) -> None:
             "fastddpm.sample (fastddpm UNet, philox)": lambda b=batch, n=steps: fastddpm.sample(
                 fu, (b, 3, 32, 32), steps=n, noise="philox", seed=0, progress=False),
         }
-        times = interleaved(fns, rounds=3, inner=1, warmup=1)
+        times = interleaved(fns, rounds=rounds, inner=1, warmup=1)
         base = median(times["diffusers DDPMPipeline"])
         print(f"\nbatch {batch}, {steps} steps:\n")
         print("| provider | median (s) | images/s | speed-up |")
@@ -173,4 +175,11 @@ def main(full: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(full="--full" in sys.argv)
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true", help="also batch 16 whole-sampling runs")
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps of the whole-sampling runs")
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    main(full=a.full, steps=a.steps, rounds=a.rounds)
