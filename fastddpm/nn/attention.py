@@ -92,7 +92,9 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(h).reshape(B, N, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
         o = self._attend(qkv[0], qkv[1], qkv[2])  # (B, heads, N, d)
         o = self.proj_out(o.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
-        out = o.transpose(1, 2).reshape(B, C, H, W) + x
+        # x first: the sum takes x's memory format, so an NCHW model stays NCHW (the (B, N, C)
+        # projection viewed as (B, C, H, W) is channels_last-strided).
+        out = x + o.transpose(1, 2).reshape(B, C, H, W)
         if self.rescale_output_factor != 1.0:
             out = out / self.rescale_output_factor
         return out
