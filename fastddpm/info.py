@@ -10,7 +10,14 @@ import torch
 from . import __version__
 from .ops import _dispatch, _library
 
-OPS = ("q_sample", "ddpm_step", "ddim_step", "group_norm_silu", "attention")
+# public op -> the name its backends are resolved under
+OPS = {
+    "q_sample": "q_sample",
+    "ddpm_step": "ddpm_step",
+    "ddim_step": "ddim_step",
+    "group_norm_silu": "group_norm_silu_fwd",
+    "attention": "attention",
+}
 
 
 def _version(mod: str) -> str:
@@ -58,11 +65,11 @@ def report() -> str:
     lines.append(f"backends per op{interp}:")
     for dev in devices:
         auto_env = os.environ.get("FASTDDPM_BACKEND")
-        for op in OPS:
-            avail = _dispatch.available_backends(op, dev)
+        for op, key in OPS.items():
+            avail = _dispatch.available_backends(key, dev)
             ok = [b for b, why in avail.items() if why is None]
             try:
-                auto = _dispatch.resolve(op, "auto", dev, torch.float32)
+                auto = _dispatch.resolve(key, "auto", dev, torch.float32)
             except Exception as exc:  # noqa: BLE001
                 auto = f"error: {exc}"
             lines.append(f"  {op:16s} on {dev.type:4s}: auto -> {auto}; usable: {', '.join(ok)}")
