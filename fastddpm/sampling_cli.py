@@ -25,7 +25,9 @@ def _args(p: argparse.ArgumentParser) -> None:
                           "(config.json + diffusion_pytorch_model.safetensors/.bin)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"),
                    help="which weights of a training checkpoint (default: ema)")
-    p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=64,
+                   help="number of images (default: 64; under torchrun spell it --num-images: "
+                        "torchrun's own parser reads --n as an abbreviation of its options)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the model's (ddim for digits)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 50 for digits)")
