@@ -237,10 +237,19 @@ def test_block_matches_diffusers(device, backend, heads):
     # Output and input gradient: 1e-5, as for the op. The weight gradients are reductions over all
     # B * N positions after four fp32 ops in sequence, so they get the flash-attention rule instead:
     # no more than twice diffusers' own fp32 error (or 1e-5, whichever is larger).
+    # Elementwise relative error is the wrong yardstick for those reductions: an entry that cancels to
+    # near zero has a large relative error in any fp32 evaluation, and which entries those are changes
+    # with the thread count's summation order (seen at 1.03e-5 with 16 threads). For them we measure the
+    # norm-wise relative error ||got - truth|| / ||truth||, the standard measure for matrix products.
+    def norm_err(a, r):
+        return ((a.double() - r.double()).norm() / r.double().norm()).item()
+
     for name, a, e, r in zip(("y", "dx", "dW_qkv (to_q/k/v)", "dW_out (to_out.0)"), got, eager, truth):
-        bound = 1e-5 if name in ("y", "dx") else max(1e-5, 2 * rel_err(e, r))
-        err = rel_err(a, r)
-        assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (diffusers fp32: {rel_err(e, r):.3g})"
+        if name in ("y", "dx"):
+            bound, err = 1e-5, rel_err(a, r)
+        else:
+            bound, err = max(1e-5, 2 * norm_err(e, r)), norm_err(a, r)
+        assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
 
 
 def test_block_matches_unet2dmodel_mid_attention():
