@@ -11,9 +11,13 @@ Backends:
 * ``triton``: the flash-style kernels of fastddpm.triton_kernels.attention (d <= 512).
 * ``torch``: the materialised reference (fastddpm.ops.reference.attention).
 
-``auto`` picks ``cpu`` for CPU tensors and ``triton`` for CUDA tensors (DESIGN.md: the Triton kernel's
-logic is verified here through the interpreter) until a GPU benchmark (``gpu_bench_attention`` in
-benchmarks/bench_attention.py) decides between it and ``cuda``. Every backend is differentiable.
+``auto`` picks ``cpu`` for CPU tensors. For CUDA tensors it follows the GPU run recorded in
+benchmarks/README.md ("GPU run: NVIDIA H100"; both backends matched float64 there, forward and backward):
+at the CIFAR-10 U-Net's shape (16 x 256 tokens x 256) SDPA was 3.9x faster than the Triton kernel in
+float32 (the Triton kernel uses exact fp32 dots, no TF32) and the Triton kernel 1.3x faster than SDPA in
+bfloat16, so ``auto`` picks ``cuda`` for float32 and ``triton`` for float16/bfloat16 (``cuda`` for
+d > 512). One shape was measured; ``gpu_bench_attention`` covers the rest where a GPU exists. Every
+backend is differentiable.
 """
 
 from __future__ import annotations
@@ -111,9 +115,10 @@ def attention(
         return None
 
     b = _dispatch.resolve("attention", backend, q.device, q.dtype, extra_reason=limits)
-    if b == "torch" and backend == "auto" and not os.environ.get("FASTDDPM_BACKEND") \
-            and q.device.type == "cuda" and q.dtype != torch.float64:
-        b = "cuda"  # d > 512 on a GPU: SDPA's fused kernels rather than the materialised reference
+    auto = backend == "auto" and not os.environ.get("FASTDDPM_BACKEND")
+    if auto and q.device.type == "cuda" and q.dtype != torch.float64 and b in ("torch", "triton"):
+        if b == "torch" or q.dtype == torch.float32:
+            b = "cuda"  # fp32 (measured faster), or d > 512: SDPA's fused kernels, never the materialised one
     s = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     return _IMPLS[b](q, k, v, s)
 
