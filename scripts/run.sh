@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for set-up, the main job and the tests.
-#   bash scripts/run.sh demo    set up .venv, build, run `fastddpm info` and the demo
+#   bash scripts/run.sh demo    set up .venv, build, run `fastddpm info`, sample digits from the
+#                               shipped model (digits.png) and write the forward-diffusion strip
 #   bash scripts/run.sh test    set up .venv, build, run ruff, ctest and pytest
 #   bash scripts/run.sh setup   set up .venv and build only
 # Extra arguments after `test` go to pytest.
@@ -42,6 +43,7 @@ case "$cmd" in
   demo)
     setup
     "$VENV/bin/fastddpm" info
+    "$VENV/bin/fastddpm" sample --model digits --out digits.png
     "$VENV/bin/fastddpm" demo --out demo_forward.png
     ;;
   test)
