@@ -65,3 +65,13 @@ def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allo
     else:
         torch._assert_async(((t >= lo) & (t < T)).all(), f"{name}: timesteps outside [{lo}, {T})")
     return t
+
+
+def philox_stream(seed, offset) -> None:
+    """Check the (seed, offset) of an in-kernel Philox noise stream."""
+    if seed is None:
+        raise ValueError("seed: required with noise='philox'")
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")

@@ -108,12 +108,7 @@ def ddim_step(
     mode = NOISE_TENSOR
     if isinstance(noise, str):
         if noise == "philox":
-            if seed is None:
-                raise ValueError("seed: required with noise='philox'")
-            if not isinstance(seed, int) or not 0 <= seed < 2**63:
-                raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
-            if not isinstance(offset, int) or offset < 0:
-                raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
+            _checks.philox_stream(seed, offset)
             mode = NOISE_PHILOX
         elif noise == "none":
             mode = NOISE_NONE

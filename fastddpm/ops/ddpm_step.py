@@ -106,12 +106,7 @@ def ddpm_step(
     mode = NOISE_TENSOR
     if isinstance(noise, str):
         if noise == "philox":
-            if seed is None:
-                raise ValueError("seed: required with noise='philox'")
-            if not isinstance(seed, int) or not 0 <= seed < 2**63:
-                raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
-            if not isinstance(offset, int) or offset < 0:
-                raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
+            _checks.philox_stream(seed, offset)
             mode = NOISE_PHILOX
         elif noise == "none":
             mode = NOISE_NONE
@@ -158,10 +153,7 @@ def philox_randn(
     backend: str = "auto",
 ) -> torch.Tensor:
     """The normals that ``ddpm_step(noise="philox")`` adds: element i is normal(seed, offset + i)."""
-    if not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
-    if not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
+    _checks.philox_stream(seed, offset)
     device = torch.device(device)
     b = _dispatch.resolve("philox_normal_", backend, device, torch.float32)
     if b == "torch":
