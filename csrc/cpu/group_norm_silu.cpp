@@ -30,6 +30,7 @@
 
 #include <array>
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -236,9 +237,13 @@ void apply_run(const T* x, T* y, int64_t n, opmath_t<T> a, opmath_t<T> m, opmath
 // y = act((x - cm[c]) ca[c] + cb[c]) over a group's run of D channels of HW positions each, HW a
 // multiple of the vector width (every vector then lies in one channel): four independent vectors
 // per iteration, whatever HW is (at 4x4 a channel is a single vector).
+//
+// pf, when given, is the run of the group the caller reads next: its cache lines are prefetched
+// (one per 64 bytes of this run) while this one computes, so the next group's first pass reads
+// from cache instead of stalling on memory.
 template <typename T, bool SILU>
 void apply_group(const T* x, T* y, int64_t D, int64_t HW, const opmath_t<T>* ca, const opmath_t<T>* cm,
-                 const opmath_t<T>* cb) {
+                 const opmath_t<T>* cb, const T* pf) {
   using A = opmath_t<T>;
   using V = at::vec::Vectorized<A>;
   constexpr int64_t VS = V::size();
@@ -264,6 +269,10 @@ void apply_group(const T* x, T* y, int64_t D, int64_t HW, const opmath_t<T>* ca,
     A* o = Blk<T, A>::out(y + i, by);
     int64_t j = 0;
     for (; j + 4 * VS <= len; j += 4 * VS) {
+      if (pf) {
+        for (int64_t l = 0; l < static_cast<int64_t>(4 * VS * sizeof(T)); l += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(pf + i + j) + l, 0, 3);
+      }
       const int64_t c0 = next(), c1 = next(), c2 = next(), c3 = next();
       const V z0 = z_of(q + j, c0), z1 = z_of(q + j + VS, c1), z2 = z_of(q + j + 2 * VS, c2),
               z3 = z_of(q + j + 3 * VS, c3);
@@ -384,8 +393,16 @@ struct Forward {
   const A* b;      // (C)
   const A* shift;  // (N, C), zeros when absent
   bool has_shift;
-  double* mean;    // (N, G) of x + shift
+  // (N, G) statistics of x + shift: scratch of the channels_last and split plans (allocated
+  // uninitialised by the caller, so no core owns its cache lines before a worker writes them).
+  double* mean;
   double* rstd;
+  // The statistics handed back (may be null); the fused NCHW plan writes them from its workers.
+  A* mean_out;
+  A* rstd_out;
+
+  A sh_at(int64_t n, int64_t c) const { return has_shift ? shift[n * g.C + c] : A(0); }
+  double inv_M = 1.0 / static_cast<double>(std::max<int64_t>(g.M(), 1));
 
   // NCHW task t: group t / per, the piece [lo, hi) of its run.
   void piece(int64_t t, int64_t& grp, int64_t& lo, int64_t& hi) const {
@@ -423,7 +440,7 @@ struct Forward {
     for (int64_t k = 0; k < g.G; ++k) {
       double s = 0;
       for (int64_t c = k * g.D; c < (k + 1) * g.D; ++c)
-        s += dacc[c] + static_cast<double>(shift[n * g.C + c]) * static_cast<double>(hi - lo);
+        s += dacc[c] + static_cast<double>(sh_at(n, c)) * static_cast<double>(hi - lo);
       out[k] = s;
     }
   }
@@ -470,7 +487,7 @@ struct Forward {
 
   // The centre of channel c of sample n: the group's mean minus the shift.
   A centre(int64_t n, int64_t c) const {
-    return static_cast<A>(mean[n * g.G + c / g.D] - static_cast<double>(shift[n * g.C + c]));
+    return static_cast<A>(mean[n * g.G + c / g.D] - static_cast<double>(sh_at(n, c)));
   }
 
   // Pass 2: sum (x + shift - mean) and its square, per group the task touches.
@@ -563,52 +580,77 @@ struct Forward {
   }
 
   // NCHW, fused: all three passes over group grp (its run is in cache after the first).
-  void group_fused(int64_t grp, std::vector<A>& coef) const {
-    const int64_t n = grp / g.G, c0 = (grp % g.G) * g.D, M = g.M(), HW = g.HW;
-    const T* xg = x + grp * M;
-    T* yg = y + grp * M;
-    const A* sh = shift + n * g.C + c0;
-    double s = sum_run(xg, M);
-    if (has_shift) {
-      double t = 0;
-      for (int64_t d = 0; d < g.D; ++d) t += static_cast<double>(sh[d]);
-      s += t * static_cast<double>(HW);
-    }
-    set_mean(grp, s);
-    const double mu = mean[grp];
-    double s1 = 0, s2 = 0;
-    if (!has_shift) {
-      centred_run(xg, M, static_cast<A>(mu), s1, s2);
-    } else {
-      for (int64_t d = 0; d < g.D; ++d)
-        centred_run(xg + d * HW, HW, static_cast<A>(mu - static_cast<double>(sh[d])), s1, s2);
-    }
-    set_rstd(grp, s1, s2);
-    const double r = rstd[grp];
-    if (HW % V::size() == 0) {
-      coef.resize(3 * g.D);
-      A *ca = coef.data(), *cm = ca + g.D;
-      for (int64_t d = 0; d < g.D; ++d) {
-        ca[d] = static_cast<A>(r * static_cast<double>(w[c0 + d]));
-        cm[d] = static_cast<A>(mu - static_cast<double>(sh[d]));
+  // NCHW, fused: all three passes over groups [g0, g1) (at most kBatch). Each pass runs over every
+  // group of the batch before the next pass starts, so the groups' dependency chains (sum -> mean
+  // -> centred sums -> sqrt -> output) overlap instead of stalling one after the other: small
+  // groups (256 x 4 x 4: 8 vectors a group) are otherwise latency-bound. The batch's data stays in
+  // L1/L2 between the passes.
+  static constexpr int64_t kBatch = 8;
+  void groups_fused(int64_t g0, int64_t g1, int64_t gend, std::vector<A>& coef) const {
+    const int64_t M = g.M(), HW = g.HW, D = g.D;
+    double mu[kBatch], rs[kBatch];
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      double s = sum_run(x + grp * M, M);
+      if (has_shift) {
+        const A* sh = shift + (grp / g.G) * g.C + (grp % g.G) * D;
+        double t = 0;
+        for (int64_t d = 0; d < D; ++d) t += static_cast<double>(sh[d]);
+        s += t * static_cast<double>(HW);
       }
-      apply_group<T, SILU>(xg, yg, g.D, HW, ca, cm, b + c0);
-      return;
+      mu[grp - g0] = s * inv_M;
     }
-    for (int64_t d = 0; d < g.D; ++d) {
-      const int64_t c = c0 + d;
-      apply_run<T, SILU>(xg + d * HW, yg + d * HW, HW, static_cast<A>(r * static_cast<double>(w[c])),
-                         static_cast<A>(mu - static_cast<double>(sh[d])), b[c]);
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const T* xg = x + grp * M;
+      double s1 = 0, s2 = 0;
+      if (!has_shift) {
+        centred_run(xg, M, static_cast<A>(mu[grp - g0]), s1, s2);
+      } else {
+        const A* sh = shift + (grp / g.G) * g.C + (grp % g.G) * D;
+        for (int64_t d = 0; d < D; ++d)
+          centred_run(xg + d * HW, HW, static_cast<A>(mu[grp - g0] - static_cast<double>(sh[d])), s1, s2);
+      }
+      rs[grp - g0] = rstd_of(s1, s2);
+    }
+    coef.resize(2 * D);
+    A *ca = coef.data(), *cm = ca + D;
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t n = grp / g.G, c0 = (grp % g.G) * D;
+      const double m = mu[grp - g0], r = rs[grp - g0];
+      if (mean_out) {
+        mean_out[grp] = static_cast<A>(m);
+        rstd_out[grp] = static_cast<A>(r);
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        ca[d] = static_cast<A>(r * static_cast<double>(w[c0 + d]));
+        cm[d] = static_cast<A>(m - static_cast<double>(sh_at(n, c0 + d)));
+      }
+      const T* xg = x + grp * M;
+      T* yg = y + grp * M;
+      if (HW % V::size() == 0) {
+        // Prefetch the group of the next batch that takes this group's place.
+        const T* pf = grp + kBatch < gend ? x + (grp + kBatch) * M : nullptr;
+        apply_group<T, SILU>(xg, yg, D, HW, ca, cm, b + c0, pf);
+      } else {
+        for (int64_t d = 0; d < D; ++d) apply_run<T, SILU>(xg + d * HW, yg + d * HW, HW, ca[d], cm[d], b[c0 + d]);
+      }
     }
   }
 
   // Mean and rstd of group i from its sum, and from its centred sums.
-  void set_mean(int64_t i, double s) const { mean[i] = s / static_cast<double>(g.M()); }
-  void set_rstd(int64_t i, double s1, double s2) const {
-    const double M = static_cast<double>(g.M());
+  void set_mean(int64_t i, double s) const { mean[i] = s * inv_M; }
+  void set_rstd(int64_t i, double s1, double s2) const { rstd[i] = rstd_of(s1, s2); }
+  double rstd_of(double s1, double s2) const {
     // The centred sum s1 is ~0; subtracting s1^2 / M corrects for the rounding of the mean.
-    const double var = std::max((s2 - s1 * s1 / M) / M, 0.0);
-    rstd[i] = 1.0 / std::sqrt(var + eps);
+    const double var = std::max((s2 - s1 * s1 * inv_M) * inv_M, 0.0);
+    return 1.0 / std::sqrt(var + eps);
+  }
+  // Statistics of the scratch-based plans into the outputs (on the calling thread).
+  void copy_out() const {
+    if (!mean_out) return;
+    for (int64_t i = 0; i < g.N * g.G; ++i) {
+      mean_out[i] = static_cast<A>(mean[i]);
+      rstd_out[i] = static_cast<A>(rstd[i]);
+    }
   }
 
   void run() const {
@@ -616,7 +658,7 @@ struct Forward {
     if (plan.fused && !g.cl) {
       at::parallel_for(0, plan.tasks, plan.grain, [&](int64_t begin, int64_t end) {
         std::vector<A> coef;
-        for (int64_t t = begin; t < end; ++t) group_fused(t, coef);
+        for (int64_t t = begin; t < end; t += kBatch) groups_fused(t, std::min(end, t + kBatch), end, coef);
       });
       return;
     }
@@ -633,6 +675,7 @@ struct Forward {
           apply(t, acc);
         }
       });
+      copy_out();
       return;
     }
     const int64_t T_ = plan.tasks;
@@ -665,6 +708,7 @@ struct Forward {
       std::vector<A> coef;
       for (int64_t t = begin; t < end; ++t) apply(t, coef);
     });
+    copy_out();
   }
 };
 
@@ -711,69 +755,72 @@ at::Tensor dense_layout(const at::Tensor& x, bool& cl) {
   return x.contiguous();
 }
 
-// The forward into y; mean/rstd (N * G doubles) receive the statistics.
-at::Tensor forward_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& shift,
-                       int64_t num_groups, double eps, bool silu, std::vector<double>& mean,
-                       std::vector<double>& rstd, Geometry& g) {
+// The forward into y; with_stats: also the (N, G) mean and rstd of x + shift (float32, or float64
+// for float64 x).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu, bool with_stats) {
   check_input(x_in, weight, bias, shift, num_groups);
   TORCH_CHECK_VALUE(eps >= 0, "eps: expected a non-negative float, got ", eps);
   bool cl = false;
   const at::Tensor x = dense_layout(x_in, cl);
-  g = geometry(x, num_groups, cl);
+  const Geometry g = geometry(x, num_groups, cl);
   at::Tensor y = at::empty_like(x);  // same strides as x (dense)
-  mean.assign(g.N * g.G, 0.0);
-  rstd.assign(g.N * g.G, 1.0 / std::sqrt(eps));
-  if (g.M() > 0 && g.N > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_fwd_cpu", [&] {
-      using A = opmath_t<scalar_t>;
-      std::vector<A> w, b, sh;
-      read_param<A>(weight, g.C, A(1), w);
-      read_param<A>(bias, g.C, A(0), b);
-      read_shift<A>(shift, g.N, g.C, sh);
-      auto go = [&](auto silu_tag) {
-        constexpr bool S = decltype(silu_tag)::value;
-        Forward<scalar_t, S>{x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, make_plan(g), eps,
-                             w.data(), b.data(), sh.data(), defined(shift), mean.data(), rstd.data()}
-            .run();
-      };
-      if (silu)
-        go(std::true_type{});
-      else
-        go(std::false_type{});
-    });
+  // The statistics are written in full below: allocated without the dispatcher (a per-call cost
+  // that shows at small shapes).
+  at::Tensor mean_t, rstd_t;
+  if (with_stats) {
+    const auto stat_dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    mean_t = at::detail::empty_cpu({g.N, g.G}, stat_dt);
+    rstd_t = at::detail::empty_cpu({g.N, g.G}, stat_dt);
   }
-  return y;
+  const int64_t NG = g.N * g.G;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_fwd_cpu", [&] {
+    using A = opmath_t<scalar_t>;
+    A* mo = with_stats ? mean_t.data_ptr<A>() : nullptr;
+    A* ro = with_stats ? rstd_t.data_ptr<A>() : nullptr;
+    if (g.M() == 0 || g.N == 0) {  // empty groups: nothing to normalise
+      for (int64_t i = 0; with_stats && i < NG; ++i) {
+        mo[i] = A(0);
+        ro[i] = static_cast<A>(1.0 / std::sqrt(eps));
+      }
+      return;
+    }
+    std::vector<A> w, b, sh;
+    read_param<A>(weight, g.C, A(1), w);
+    read_param<A>(bias, g.C, A(0), b);
+    if (defined(shift)) read_shift<A>(shift, g.N, g.C, sh);
+    const Plan plan = make_plan(g);
+    std::unique_ptr<double[]> mean, rstd;  // scratch of the plans that need it, uninitialised
+    if (!(plan.fused && !g.cl)) {
+      mean.reset(new double[NG]);
+      rstd.reset(new double[NG]);
+    }
+    auto go = [&](auto silu_tag) {
+      constexpr bool S = decltype(silu_tag)::value;
+      Forward<scalar_t, S>{x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, plan, eps, w.data(),
+                           b.data(), defined(shift) ? sh.data() : nullptr, defined(shift), mean.get(), rstd.get(),
+                           mo, ro}
+          .run();
+    };
+    if (silu)
+      go(std::true_type{});
+    else
+      go(std::false_type{});
+  });
+  return {y, mean_t, rstd_t};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu) {
-  std::vector<double> mean, rstd;
-  Geometry g;
-  at::Tensor y = forward_cpu(x, weight, bias, shift, num_groups, eps, silu, mean, rstd, g);
-  // The statistics are written in full: allocated without the dispatcher (a per-call cost that
-  // shows at small shapes).
-  const auto stat_dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean_t = at::detail::empty_cpu({g.N, g.G}, stat_dt);
-  at::Tensor rstd_t = at::detail::empty_cpu({g.N, g.G}, stat_dt);
-  AT_DISPATCH_FLOATING_TYPES(stat_dt, "group_norm_silu_stats", [&] {
-    scalar_t* pm = mean_t.data_ptr<scalar_t>();
-    scalar_t* pr = rstd_t.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < g.N * g.G; ++i) {
-      pm[i] = static_cast<scalar_t>(mean[i]);
-      pr[i] = static_cast<scalar_t>(rstd[i]);
-    }
-  });
-  return {y, mean_t, rstd_t};
+  return forward_cpu(x, weight, bias, shift, num_groups, eps, silu, true);
 }
 
 at::Tensor group_norm_silu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& shift,
                                int64_t num_groups, double eps, bool silu) {
-  std::vector<double> mean, rstd;
-  Geometry g;
-  return forward_cpu(x, weight, bias, shift, num_groups, eps, silu, mean, rstd, g);
+  return std::get<0>(forward_cpu(x, weight, bias, shift, num_groups, eps, silu, false));
 }
 
 // ---------------------------------------------------------------------------
@@ -793,7 +840,7 @@ struct Backward {
   const double* rstd;
   const A* w;       // (C)
   const A* b;
-  const A* shift;   // (N, C), zeros when absent
+  const A* shift;   // (N, C), or null
   // Per (n, c) sums, written by the tasks (fused) or combined from partials (split).
   double* SA;
   double* SB;
@@ -806,7 +853,8 @@ struct Backward {
 
   A ca(int64_t n, int64_t c) const { return static_cast<A>(rstd[n * g.G + c / g.D] * static_cast<double>(w[c])); }
   A cm(int64_t n, int64_t c) const {
-    return static_cast<A>(mean[n * g.G + c / g.D] - static_cast<double>(shift[n * g.C + c]));
+    const double s = shift ? static_cast<double>(shift[n * g.C + c]) : 0.0;
+    return static_cast<A>(mean[n * g.G + c / g.D] - s);
   }
 
   // Sums of dz, dz (x - cm) and (x - cm) over n contiguous elements of one channel; dz is also
@@ -1121,20 +1169,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_c
       rstd[i] = static_cast<double>(rstd_t.const_data_ptr<scalar_t>()[(i / g.G) * rstd_t.stride(0) + (i % g.G) * rstd_t.stride(1)]);
     }
   });
-  std::vector<double> SA(NC, 0.0), SB(NC, 0.0), SS(NC, 0.0);
+  // Per-(n, c) sums, written by the workers: allocated uninitialised (a main thread that zeroed
+  // them would own their cache lines, and every worker write would first fetch one from its core).
+  std::unique_ptr<double[]> SA(new double[NC]), SB(new double[NC]), SS(new double[NC]);
   const bool want_s = defined(shift);
-  if (g.M() > 0 && g.N > 0) {
+  if (g.M() == 0 || g.N == 0) {
+    std::fill_n(SA.get(), NC, 0.0);
+    std::fill_n(SB.get(), NC, 0.0);
+    std::fill_n(SS.get(), NC, 0.0);
+  } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_bwd_cpu", [&] {
       using A = opmath_t<scalar_t>;
-      std::vector<A> w, b, sh, c_rs(NC), c1h(NC), c1l(NC), c2(NC);
+      std::vector<A> w, b, sh;
+      std::unique_ptr<A[]> c_rs(new A[NC]), c1h(new A[NC]), c1l(new A[NC]), c2(new A[NC]);
       read_param<A>(weight, g.C, A(1), w);
       read_param<A>(bias, g.C, A(0), b);
-      read_shift<A>(shift, g.N, g.C, sh);
+      if (want_s) read_shift<A>(shift, g.N, g.C, sh);
       auto go = [&](auto silu_tag) {
         constexpr bool S = decltype(silu_tag)::value;
         Backward<scalar_t, S>{x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-                              g, make_plan(g), want_s, mean.data(), rstd.data(), w.data(), b.data(), sh.data(),
-                              SA.data(), SB.data(), SS.data(), c_rs.data(), c1h.data(), c1l.data(), c2.data()}
+                              g, make_plan(g), want_s, mean.data(), rstd.data(), w.data(), b.data(),
+                              want_s ? sh.data() : nullptr, SA.get(), SB.get(), SS.get(), c_rs.get(), c1h.get(),
+                              c1l.get(), c2.get()}
             .run();
       };
       if (silu)
