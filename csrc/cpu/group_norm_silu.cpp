@@ -1074,7 +1074,57 @@ struct Backward {
     cl_dx(n, lo, hi, coef, kept);
   }
 
+  // NCHW, fused: groups [g0, g1), each pass over the whole batch before the next (as the forward's
+  // groups_fused), dz of the batch kept in `kept` between the two passes when SILU.
+  void groups_fused(int64_t g0, int64_t g1, std::vector<A>& kept) const {
+    const int64_t M = g.M(), HW = g.HW, D = g.D;
+    if (SILU) kept.resize((g1 - g0) * M);
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t n = grp / g.G, c0 = (grp % g.G) * D;
+      const double r = rstd[grp], mu = mean[grp];
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t c = c0 + d, nc = n * g.C + c, off = grp * M + d * HW;
+        const A m = static_cast<A>(mu - (shift ? static_cast<double>(shift[nc]) : 0.0));
+        double sa = 0, sb = 0, ss = 0;
+        run_sums(x + off, dy + off, HW, static_cast<A>(r * static_cast<double>(w[c])), m, b[c], sa, sb, ss,
+                 SILU ? kept.data() + (grp - g0) * M + d * HW : nullptr);
+        SA[nc] = sa;
+        SB[nc] = sb;
+        SS[nc] = ss;
+      }
+    }
+    const double inv_M = 1.0 / static_cast<double>(M);
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t n = grp / g.G, c0 = (grp % g.G) * D;
+      const double r = rstd[grp], mu = mean[grp];
+      double sa = 0, sb = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        sa += static_cast<double>(w[c0 + d]) * SA[n * g.C + c0 + d];
+        sb += static_cast<double>(w[c0 + d]) * SB[n * g.C + c0 + d];
+      }
+      // c1 as a float pair (hi + lo): see group_coef.
+      const double c1 = sa * inv_M;
+      const A hi = static_cast<A>(c1), lo = static_cast<A>(c1 - static_cast<double>(hi));
+      const A k2 = static_cast<A>(r * r * sb * inv_M), rs = static_cast<A>(r);
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t c = c0 + d, nc = n * g.C + c, off = grp * M + d * HW;
+        const A m = static_cast<A>(mu - (shift ? static_cast<double>(shift[nc]) : 0.0));
+        run_dx(x + off, dy + off, dx + off, HW, static_cast<A>(r * static_cast<double>(w[c])), m, b[c], w[c], rs, hi,
+               lo, k2, SILU ? kept.data() + (grp - g0) * M + d * HW : nullptr);
+      }
+    }
+  }
+
   void run() const {
+    if (plan.fused && !g.cl) {
+      // Batches of at most 16384 elements: their dz (64 KiB in fp32) stays in L2 between the passes.
+      const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(8, kChunk / std::max<int64_t>(g.M(), 1)));
+      at::parallel_for(0, plan.tasks, plan.grain, [&](int64_t begin, int64_t end) {
+        std::vector<A> kept;
+        for (int64_t t = begin; t < end; t += batch) groups_fused(t, std::min(end, t + batch), kept);
+      });
+      return;
+    }
     const int64_t slots = g.cl ? g.C : g.D;  // channels a task reports sums for
     // Store the task's per-channel sums into SA/SB/SS (NCHW: the D channels of its group).
     auto store = [&](int64_t t, const double* s) {
@@ -1205,8 +1255,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_c
     if (!defined(p)) return at::empty({0}, x.options());
     std::vector<double> v(g.C, 0.0);
     for (int64_t n = 0; n < g.N; ++n)
-      for (int64_t c = 0; c < g.C; ++c)
-        v[c] += is_w ? SB[n * g.C + c] * rstd[n * g.G + c / g.D] : SA[n * g.C + c];
+      for (int64_t k = 0; k < g.G; ++k) {
+        const double r = rstd[n * g.G + k];
+        for (int64_t c = k * g.D; c < (k + 1) * g.D; ++c)
+          v[c] += is_w ? SB[n * g.C + c] * r : SA[n * g.C + c];
+      }
     at::Tensor t = at::empty({g.C}, p->options().memory_format(at::MemoryFormat::Contiguous));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "param_grad", [&] {
       scalar_t* d = t.data_ptr<scalar_t>();
