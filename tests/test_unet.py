@@ -173,6 +173,38 @@ def test_no_constant_tensors_created_per_forward():
     assert not made, made
 
 
+def test_time_projections_are_each_blocks_own_and_follow_weight_updates():
+    # The U-Net computes every ResNet block's time_emb_proj in one product; each must equal the
+    # block's own Linear, and the cached concatenated weights must follow in-place updates,
+    # load_state_dict and replaced parameters.
+    from fastddpm.models.unet import ResnetBlock
+
+    m = _randomise(UNet.tiny()).eval()
+    blocks = [b for b in m.modules() if isinstance(b, ResnetBlock)]
+    temb = torch.randn(2, m.config.time_embed_dim)
+
+    def check():
+        projs = m._time_projections(temb)
+        assert len(projs) == len(blocks)
+        for b, p in zip(blocks, projs):
+            torch.testing.assert_close(p, b.time_emb_proj(temb), rtol=1e-6, atol=1e-6)
+
+    with torch.no_grad():
+        check()
+        blocks[0].time_emb_proj.weight.add_(1.0)  # in place (an optimizer step)
+        check()
+        sd = {k: v.clone() for k, v in m.state_dict().items()}
+        sd[next(k for k in sd if k.endswith("time_emb_proj.bias"))] += 2.0
+        m.load_state_dict(sd)
+        check()
+        blocks[-1].time_emb_proj.weight = torch.nn.Parameter(torch.randn_like(blocks[-1].time_emb_proj.weight))
+        check()
+    # With autograd the same values, and gradients reach every block's projection.
+    projs = m._time_projections(temb)
+    sum(p.square().sum() for p in projs).backward()
+    assert all(b.time_emb_proj.weight.grad is not None for b in blocks)
+
+
 # ------------------------------------------------------------------------------------------------
 # config checks and serialisation
 # ------------------------------------------------------------------------------------------------

@@ -263,16 +263,15 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, 
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
-        temb = self.time_emb_proj(temb)[:, :, None, None]
+        temb = self.time_emb_proj(temb)  # (B, C) or (B, 2C)
     n2 = self.norm2
     if self.time_embedding_norm == "default":
-        if temb is not None:
-            h = h + temb
-        h = group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps, "silu")
+        # h + temb[:, :, None, None] as the fused op's shift: no pass of its own over h.
+        h = group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps, "silu", shift=temb)
     else:  # scale_shift: the modulation sits between the norm and the nonlinearity
         if temb is None:
             raise ValueError(f"temb: must be given when time_embedding_norm is {self.time_embedding_norm}")
-        scale, shift = torch.chunk(temb, 2, dim=1)
+        scale, shift = torch.chunk(temb[:, :, None, None], 2, dim=1)
         h = group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps, None)
         h = F.silu(h * (1 + scale) + shift)
     h = self.conv2(self.dropout(h))

@@ -14,6 +14,7 @@ Here the three projections are one (3C, C) matrix, so the block reads its input 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["AttentionBlock"]
@@ -88,13 +89,15 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"x: expected shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
         B, C, H, W = x.shape
         N, d = H * W, C // self.heads
-        h = self.norm(x).reshape(B, C, N).transpose(1, 2)  # (B, N, C)
-        qkv = self.qkv(h).reshape(B, N, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
-        o = self._attend(qkv[0], qkv[1], qkv[2])  # (B, heads, N, d)
-        o = self.proj_out(o.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
-        # x first: the sum takes x's memory format, so an NCHW model stays NCHW (the (B, N, C)
-        # projection viewed as (B, C, H, W) is channels_last-strided).
-        out = x + o.transpose(1, 2).reshape(B, C, H, W)
+        # Positions as rows: a view of a channels_last x, one copy of an NCHW one.
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B * N, C)  # (B N, C)
+        qkv = F.linear(h, self.qkv.weight, self.qkv.bias)  # (B N, 3C): 2-D, so a single addmm
+        q, k, v = qkv.view(B, N, 3, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
+        o = self._attend(q, k, v)  # (B, heads, N, d)
+        o = F.linear(o.transpose(1, 2).reshape(B * N, C), self.proj_out.weight, self.proj_out.bias)  # (B N, C)
+        # x first: the sum takes x's memory format, so an NCHW model stays NCHW (the projection
+        # viewed as (B, C, H, W) is channels_last-strided).
+        out = x + o.view(B, H, W, C).permute(0, 3, 1, 2)
         if self.rescale_output_factor != 1.0:
             out = out / self.rescale_output_factor
         return out

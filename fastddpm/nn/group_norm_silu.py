@@ -60,11 +60,13 @@ class GroupNormSiLU(nn.Module):
             m.weight, m.bias = gn.weight, gn.bias
         return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, C, *spatial). shift: optional (N, C), added to x per sample and channel before the
+        normalisation (the ResNet block's time-embedding add, fused)."""
         if x.dim() >= 2 and x.shape[1] != self.num_channels:
             raise ValueError(f"x: expected {self.num_channels} channels (dim 1), got shape {tuple(x.shape)}")
         return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, self.activation,
-                               backend=self.backend)
+                               backend=self.backend, shift=shift)
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
