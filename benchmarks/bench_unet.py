@@ -105,6 +105,25 @@ def _peak_extra_mib(fn) -> float:
     return (_rss_kib("VmHWM") - before) / 1024
 
 
+def saved_for_backward_mib(model, B: int) -> float:
+    """MiB of tensors a training forward keeps for the backward (each storage once): the
+    deterministic part of training memory, which the peak resident figure measures noisily."""
+    x, t = _inputs(B)
+    model.train()
+    stor = {}
+
+    def pack(tensor):
+        s = tensor.untyped_storage()
+        stor[s.data_ptr()] = s.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = _call(model, x, t)
+    del out
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in stor.items() if ptr not in params) / 2**20
+
+
 def run_cpu(reps: int = 7, csv_path: str | None = None, modes=MODES, providers=None) -> list[dict]:
     models = build_models()
     if providers:
@@ -138,6 +157,11 @@ def run_cpu(reps: int = 7, csv_path: str | None = None, modes=MODES, providers=N
         for p in names:
             rows.append(dict(op="unet_cifar10", provider=p, mode=mode, B=B, dtype="float32", ms=med[p],
                              peak_mib=peak[p], machine=machine))
+    if any(m != "fwd" for m, _ in modes):
+        B = max(b for m, b in modes if m != "fwd")
+        saved = {p: saved_for_backward_mib(models[p], B) for p in names}
+        print(f"saved for backward at B={B} (MiB, parameters excluded): "
+              + ", ".join(f"{p} {v:.1f}" for p, v in saved.items()), flush=True)
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
