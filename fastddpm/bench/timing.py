@@ -146,22 +146,26 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int:
 
 
 # ----------------------------------------------------------------------------- CSV
-def _lock(path: str):
+@contextlib.contextmanager
+def _locked_folder(folder: str):
+    """Hold an exclusive lock on ``folder`` (POSIX flock on the directory itself: no lock file left)."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock, the atomic replace still keeps the file whole
-        return contextlib.nullcontext()
+    except ImportError:  # not POSIX: no lock; the atomic replace still keeps the file whole
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
-    @contextlib.contextmanager
-    def held():
-        with open(path + ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
-    return held()
+def readable(tmp: str, like: str | None = None) -> None:
+    """Give a temporary file the mode of the file it replaces (else 0644): mkstemp makes it 0600."""
+    mode = os.stat(like).st_mode & 0o777 if like and os.path.exists(like) else 0o644
+    os.chmod(tmp, mode)
 
 
 def append_csv(path: str, rows: list[dict]) -> int:
@@ -170,13 +174,13 @@ def append_csv(path: str, rows: list[dict]) -> int:
     The header is written once. The file is rewritten whole to a temporary file in the same folder and
     moved into place (os.replace), so a reader or a crash never sees half a row; a column that the file
     does not have yet is added to the header (older rows leave it empty). Concurrent appends from
-    several processes are serialised by a lock file next to the CSV.
+    several processes are serialised by a lock on the folder.
     """
     if not rows:
         return 0
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with _lock(path):
+    with _locked_folder(folder):
         old_fields: list[str] = []
         old_rows: list[dict] = []
         if os.path.exists(path) and os.path.getsize(path) > 0:
@@ -192,6 +196,7 @@ def append_csv(path: str, rows: list[dict]) -> int:
             w.writeheader()
             w.writerows(old_rows)
             w.writerows(rows)
+            readable(tmp, path)
     return len(rows)
 
 
