@@ -65,27 +65,40 @@ def q_sample_bytes(shape, provider: str) -> int:
 
 
 # ----------------------------------------------------------------------------- ddpm_step
-def ddpm_step_providers(shape, backend: str = "cpu", compile: bool = False) -> Providers:
-    """One reverse step at t = 500 (epsilon, fixed_small, clipped x0, as diffusers' defaults)."""
+def ddpm_step_providers(shape, backend: str = "cpu", compile: bool = False, noise: str | None = None
+                        ) -> Providers:
+    """One reverse step at t = 500 (epsilon, fixed_small, clipped x0, as diffusers' defaults).
+
+    ``noise``: "generator" (providers that draw their own noise: diffusers' step with a torch.Generator,
+    fastddpm with the same generator or with in-kernel Philox, and torch.randn alone as the floor),
+    "tensor" (providers given the noise as a tensor: fastddpm's kernel against the reference formula in
+    eager torch and under torch.compile), or None for both sets.
+    """
     import diffusers
 
+    if noise not in (None, "generator", "tensor"):
+        raise ValueError(f"noise: expected None, 'generator' or 'tensor', got {noise!r}")
     sched = _schedule()
     theirs = diffusers.DDPMScheduler()
     x, m, z = torch.randn(shape), torch.randn(shape), torch.randn(shape)
     t = 500
     g = torch.Generator().manual_seed(0)
     kw = dict(clip_sample=True, backend=backend)
-    p: Providers = {
-        "diffusers step (generator)": lambda: theirs.step(m, t, x, generator=g).prev_sample,
-        f"fastddpm {backend} (generator)": lambda: ops.ddpm_step(x, m, t, sched, generator=g, **kw),
-        f"fastddpm {backend} (philox)": lambda: ops.ddpm_step(x, m, t, sched, noise="philox", seed=1, **kw),
-        f"fastddpm {backend} (noise tensor)": lambda: ops.ddpm_step(x, m, t, sched, noise=z, **kw),
-    }
-    if compile:
+    p: Providers = {}
+    if noise in (None, "generator"):
+        p["diffusers step (generator)"] = lambda: theirs.step(m, t, x, generator=g).prev_sample
+        p[f"fastddpm {backend} (generator)"] = lambda: ops.ddpm_step(x, m, t, sched, generator=g, **kw)
+        p[f"fastddpm {backend} (philox)"] = lambda: ops.ddpm_step(x, m, t, sched, noise="philox", seed=1, **kw)
+    if noise in (None, "tensor"):
+        p[f"fastddpm {backend} (noise tensor)"] = lambda: ops.ddpm_step(x, m, t, sched, noise=z, **kw)
+    if noise == "tensor":
         tt = torch.full((shape[0],), t)
         ref = lambda: ops.ddpm_step(x, m, tt, sched, noise=z, clip_sample=True, backend="torch")
-        p["torch.compile (reference, noise tensor)"] = torch.compile(ref)
-    p["torch.randn alone"] = lambda: torch.randn(shape, generator=g)
+        p["eager (reference, noise tensor)"] = ref
+        if compile:
+            p["torch.compile (reference, noise tensor)"] = torch.compile(ref)
+    if noise in (None, "generator"):
+        p["torch.randn alone"] = lambda: torch.randn(shape, generator=g)
     return p
 
 

@@ -34,12 +34,25 @@ SUITES = ("smoke", "quick", "full")
 BOUNDS = {"torch copy (same bytes)", "torch.randn alone"}
 
 
+OWN_NETWORK = {"denoising-diffusion-pytorch"}
+
+
 def role(provider: str) -> str:
-    """"ours" (fastddpm, or diffusers patched by fastddpm), "bound" (a floor, not a peer) or "peer"."""
+    """What a provider is in its case:
+
+    * "ours": fastddpm, or diffusers patched by fastddpm;
+    * "peer": another implementation of the same computation (torch eager, torch.compile, diffusers with
+      the same weights, SDPA): the best of them is what fastddpm is measured against;
+    * "other": the same task with its own network (denoising-diffusion-pytorch's U-Net of matching
+      widths, other FLOPs): shown with its ratio, never the best peer;
+    * "bound": a floor that is not an implementation (a plain copy, drawing the noise alone).
+    """
     if provider.startswith("fastddpm") or "patch" in provider:
         return "ours"
     if provider in BOUNDS:
         return "bound"
+    if provider in OWN_NETWORK:
+        return "other"
     return "peer"
 
 
@@ -97,8 +110,10 @@ def _op_cases(suite: str, compile: bool) -> list[Case]:
         cases.append(Case("op", "q_sample", _shape(s), lambda s=s: bops.q_sample_providers(s, compile=cq),
                           rate=lambda p, s=s: (bops.q_sample_bytes(s, p), "GB/s"), **kw))
     for s in step:
-        cases.append(Case("op", "ddpm_step", _shape(s), lambda s=s: bops.ddpm_step_providers(s, compile=cs),
-                          rate=lambda p, s=s: (bops.ddpm_step_bytes(s, p), "GB/s"), **kw))
+        for noise in ("generator", "tensor"):
+            cases.append(Case("op", f"ddpm_step, {noise} noise", _shape(s),
+                              lambda s=s, noise=noise: bops.ddpm_step_providers(s, compile=cs, noise=noise),
+                              rate=lambda p, s=s: (bops.ddpm_step_bytes(s, p), "GB/s"), **kw))
     for s in gn:
         cases.append(Case("op", "group_norm_silu fwd", _shape(s),
                           lambda s=s: bops.group_norm_silu_providers(s, compile=cs),
@@ -174,13 +189,13 @@ def _sampling_case(net_name: str, batch: int, steps: int, smoke: bool, long: boo
                 else "denoising-diffusion-pytorch: its own U-Net")
 
 
-def _training_case(net_name: str, batch: int, smoke: bool, seconds: float = 6.0) -> Case:
+def _training_case(net_name: str, batch: int, smoke: bool, seconds: float = 6.0, warmup: int = 2) -> Case:
     from .workloads import training_providers
 
     return Case("training", f"training step, {net_name}", f"batch {batch}",
                 lambda: training_providers(_net(net_name), batch),
                 rate=lambda p: (1.0, "it/s"), budget_s=1.0 if smoke else seconds,
-                min_rounds=2 if smoke else 3, max_rounds=2 if smoke else 15, warmup=2,
+                min_rounds=2 if smoke else 3, max_rounds=2 if smoke else 15, warmup=warmup,
                 note="peak = parameters + AdamW state + what one step allocates at its peak")
 
 
@@ -216,13 +231,16 @@ def cases(suite: str = "quick", compile: bool = True) -> list[Case]:
     if full:
         out.append(_unet_case("cifar10", 16, False))
     out += [_sampling_case("digits", b, 50, False) for b in (1, 16)]
+    out.append(_sampling_case("cifar10", 1, 50, False))
     if full:
+        out.append(_sampling_case("cifar10", 16, 50, False))
         out += [_sampling_case("digits", b, 1000, False, long=True) for b in (1, 16)]
-        out += [_sampling_case("cifar10", b, 50, False, long=b == 16) for b in (1, 16)]
         out += [_sampling_case("cifar10", b, 1000, False, long=True) for b in (1, 16)]
     out += [_training_case("digits", b, False) for b in (16, 64)]
+    # one warm-up step makes the AdamW state; a second one costs ~2 s per provider here
+    out.append(_training_case("cifar10", 16, False, seconds=30.0, warmup=1))
     if full:
-        out += [_training_case("cifar10", b, False, seconds=60.0) for b in (16, 64)]
+        out.append(_training_case("cifar10", 64, False, seconds=60.0, warmup=1))
     out += _counts_cases("cifar10", 1, False)
     if full:
         out += _counts_cases("cifar10", 16, False)
@@ -388,7 +406,7 @@ def render_timings(rows: list[dict]) -> str:
     for r in rows:
         if r.get("kind") == "counts":
             continue
-        who = r["provider"] + (" *(bound)*" if r.get("role") == "bound" else "")
+        who = r["provider"] + {"bound": " *(bound)*", "other": " *(own U-Net)*"}.get(r.get("role"), "")
         if r.get("status"):
             lines.append(f"| {r['workload']} | {r['shape']} | {who} | {r['status']} | | | |")
             continue
@@ -422,6 +440,16 @@ def render_counts(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LEGEND = (
+    "Medians of interleaved rounds. *vs best peer*: the best peer's time over this provider's, as the median "
+    "(and interquartile range) of the per-round ratios; > 1 is faster than the best peer. Peers compute the "
+    "same thing (torch eager, torch.compile, diffusers with the same weights, SDPA); *own U-Net* rows "
+    "(denoising-diffusion-pytorch) run the same task on their own network of matching widths (other FLOPs) and "
+    "are never the best peer; *bound* rows are floors, not implementations. GB/s counts the minimum bytes an "
+    "op must move; GFLOP/s counts matmuls and convolutions. Peak MiB: parameters, AdamW state and the most "
+    "tensor memory a step allocates at once (from the allocator's events).")
+
+
 def render(rows: list[dict], header: dict | None = None) -> str:
     """The whole report: the machine, the timing table, the cost-proxy table."""
     out = []
@@ -429,6 +457,7 @@ def render(rows: list[dict], header: dict | None = None) -> str:
         out.append("\n".join(f"- {k}: {v}" for k, v in header.items()))
         out.append("")
     out.append(render_timings(rows))
+    out += ["", LEGEND]
     if any(r.get("kind") == "counts" for r in rows):
         out += ["", "GPU cost proxy (operators dispatched and bytes they allocate, TorchDispatchMode):", "",
                 render_counts(rows)]
