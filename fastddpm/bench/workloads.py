@@ -9,9 +9,11 @@ Sampling (images/s): ``steps`` denoising steps from noise to images at a batch s
   (DDPM at 1000 steps; at fewer steps it can only run DDIM, eta = 0; a step costs one U-Net call either way).
 
 Training (it/s, peak memory): one optimisation step at a batch size: draw t and noise, make x_t, predict,
-MSE to the noise, backward, AdamW. fastddpm as its training driver does it (fused q_sample), diffusers as
-its train_unconditional example does (DDPMScheduler.add_noise + UNet2DModel), denoising-diffusion-pytorch
-through GaussianDiffusion's forward (its loss). The same optimiser everywhere; no EMA or gradient clipping.
+MSE to the noise, backward, AdamW, gradients freed (zero_grad(set_to_none=True) at the end, so nothing
+but parameters and optimizer state lives between steps). fastddpm as its training driver does it (fused
+q_sample), diffusers as its train_unconditional example does (DDPMScheduler.add_noise + UNet2DModel),
+denoising-diffusion-pytorch through GaussianDiffusion's forward (its loss). The same optimiser
+everywhere; no EMA or gradient clipping.
 """
 
 from __future__ import annotations
@@ -90,9 +92,9 @@ def training_providers(net: Network, batch: int, which: tuple[str, ...] | None =
         noise = torch.randn(shape)
         xt, target = ops.q_sample(x0, t, noise, sched, target="eps")  # x_t and its target in one pass
         loss = F.mse_loss(model(xt, t), target)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
         return loss
 
     out["fastddpm"] = (fastddpm_step, ours, opt)
@@ -110,9 +112,9 @@ def training_providers(net: Network, batch: int, which: tuple[str, ...] | None =
         noise = torch.randn(shape)
         xt = dsched.add_noise(x0, noise, t)
         loss = F.mse_loss(theirs(xt, t).sample, noise)
-        dopt.zero_grad(set_to_none=True)
         loss.backward()
         dopt.step()
+        dopt.zero_grad(set_to_none=True)
         return loss
 
     out["diffusers"] = (diffusers_step, theirs, dopt)
@@ -127,9 +129,9 @@ def training_providers(net: Network, batch: int, which: tuple[str, ...] | None =
 
         def ddp_step():
             loss = diff(x01)
-            popt.zero_grad(set_to_none=True)
             loss.backward()
             popt.step()
+            popt.zero_grad(set_to_none=True)
             return loss
 
         out[DDP] = (ddp_step, diff.model, popt)
@@ -139,7 +141,7 @@ def training_providers(net: Network, batch: int, which: tuple[str, ...] | None =
 
 
 def persistent_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Parameters and optimizer state: what lives between steps (gradients are freed by zero_grad)."""
+    """Parameters and optimizer state: what lives between steps (each step frees its gradients)."""
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     for st in opt.state.values():
         n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
