@@ -42,7 +42,7 @@ class Case:
     op: str
     shape: tuple
     dtype: torch.dtype
-    bytes_moved: int = 0  # the minimum bytes the op must read + write
+    bytes_moved: int = 0  # bytes the fused kernels read + write (each input once, x twice for the two-pass norm)
     flops: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -77,13 +77,15 @@ def plan(quick: bool = False) -> list[Case]:
         for s in gn:
             n = math.prod(s)
             cases.append(Case("group_norm_silu", s, dt, bytes_moved=3 * n * es))  # read x twice, write y
-            # backward: x and dy read twice (statistics of dy * dy/dx, then dx), dx written
+            # forward + backward of the two-pass kernels: the forward's 3, then x and dy read twice
+            # (the statistics of dy, then dx) and dx written
             cases.append(Case("group_norm_silu", s, dt, bytes_moved=8 * n * es, extra={"backward": True}))
         for B, N, d in att:
             cases.append(Case("attention", (B, 1, N, d), dt, bytes_moved=4 * B * N * d * es,
                               flops=4.0 * B * N * N * d))
-            # forward + backward: q, k, v, o, do read, dq, dk, dv written; 3.5x the forward's matmul work
-            cases.append(Case("attention", (B, 1, N, d), dt, bytes_moved=9 * B * N * d * es,
+            # forward + backward: q, k, v read, o written; then q, k, v, o, do read, dq, dk, dv written;
+            # 3.5x the forward's matmul work
+            cases.append(Case("attention", (B, 1, N, d), dt, bytes_moved=12 * B * N * d * es,
                               flops=3.5 * 4.0 * B * N * N * d, extra={"backward": True}))
     return cases
 
