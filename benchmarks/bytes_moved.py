@@ -8,9 +8,9 @@ as on a GPU for tensors larger than its L2). Shapes are the U-Net's at a size wh
 bound a GPU. The minimum is what the op must move at least: its inputs read once and its outputs written
 once (ddpm_step: x_t and the model output read, x_{t-1} written; 4 tensors with a noise tensor). Each
 kernel's inputs count once: a fused kernel that reads its input twice (the two-pass GroupNorm+SiLU
-kernels: statistics, then the output) moves more than it shows here. "Floor" is the total divided by the copy bandwidth (default: 2,947 GB/s, measured on an H100 by
-benchmarks/gpu_suite.py), the time no kernel can beat; the kernel count times a launch (~5 us from
-Python) is the other floor at small sizes.
+kernels: statistics, then the output) moves more than it shows here. "Floor" is the total divided by the
+copy bandwidth (default: 2,947 GB/s, measured on an H100 by benchmarks/gpu_suite.py), the time no
+kernel can beat; the kernel count times a launch (~5 us from Python) is the other floor at small sizes.
 """
 
 from __future__ import annotations
