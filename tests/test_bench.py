@@ -317,3 +317,27 @@ def test_benchmarks_run_module_usage():
     r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--plot"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "--plot: draws from the CSVs, so it needs --csv" in r.stderr
+
+
+def test_traffic_counts_each_kernel_reads_and_writes():
+    from fastddpm.bench.countops import traffic
+
+    x = torch.randn(64, 32)
+    col = torch.randn(64, 1)
+    t = traffic(lambda: (x * col.expand(64, 32)).view(-1).add_(1))
+    # mul reads x (8 KiB) and the broadcast column once (256 B), writes 8 KiB; the expand and the view are
+    # views; the in-place add reads and writes 8 KiB
+    assert t.kernels == 2
+    assert [name for name, _, _ in t.per_op] == ["aten.mul", "aten.add_"]
+    assert t.read == 64 * 32 * 4 + 64 * 4 + 64 * 32 * 4
+    assert t.written == 2 * 64 * 32 * 4
+
+
+def test_bytes_moved_table():
+    sys.path.insert(0, ROOT)
+    from benchmarks.bytes_moved import render
+
+    text = render([dict(case="q", impl="eager", kernels=8, read=2e6, written=1e6, minimum=1.5e6),
+                   dict(case="step", impl="x", kernels=3, read=1e6, written=1e6, minimum=float("nan"))], 1000.0)
+    assert "| q | eager | 8 | 2.0 | 1.0 | 3.0 | 2.00x | 3 µs |" in text
+    assert "| step | x | 3 | 1.0 | 1.0 | 2.0 | - | 2 µs |" in text
