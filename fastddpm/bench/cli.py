@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="the quick suite at its smallest setting (tiny shapes and network, two rounds): "
                            "proves that everything runs, measures nothing worth quoting")
     p.set_defaults(suite="quick")
-    p.add_argument("--only", default="", metavar="NAME[,NAME...]",
-                   help="run only the cases whose name contains one of these (case-insensitive; see --list)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="run only the cases whose name contains NAME (case-insensitive; repeat for more; see --list)")
     p.add_argument("--list", action="store_true", help="list the cases of the suite and exit")
     p.add_argument("--csv", nargs="?", const=DEFAULT_CSV_DIR, default=None, metavar="DIR",
                    help=f"append the rows (with machine, versions, date) to DIR/bench_timings.csv and "
@@ -51,11 +51,12 @@ def execute(args: argparse.Namespace, log=None) -> tuple[list[dict], dict, str]:
     from .timing import append_csv, stamp
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    only = [s.strip() for s in args.only if s.strip()]
     all_cases = S.cases(args.suite, compile=not args.no_compile)
     chosen = S.select(all_cases, only)
     if only and not chosen:
-        raise UsageError(f"--only: no case of the {args.suite} suite matches {args.only!r} (see --list)")
+        raise UsageError(f"--only: no case of the {args.suite} suite matches "
+                         f"{' or '.join(repr(s) for s in only)} (see --list)")
     if args.list:
         print("\n".join(c.name for c in chosen))
         return [], {}, ""

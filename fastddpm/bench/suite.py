@@ -248,11 +248,14 @@ def cases(suite: str = "quick", compile: bool = True) -> list[Case]:
 
 
 def select(all_cases: list[Case], only: list[str] | None) -> list[Case]:
-    """Cases whose name contains any of the ``only`` substrings (case-insensitive)."""
+    """Cases named by ``only``: a whole case name picks that case, anything else every case whose name
+    contains it (case-insensitive)."""
     if not only:
         return all_cases
+    names = {c.name.lower() for c in all_cases}
     keys = [s.lower() for s in only]
-    return [c for c in all_cases if any(k in c.name.lower() for k in keys)]
+    return [c for c in all_cases
+            if any(c.name.lower() == k if k in names else k in c.name.lower() for k in keys)]
 
 
 # ----------------------------------------------------------------------------- running
