@@ -104,6 +104,8 @@ def ddpm_step_providers(shape, backend: str = "cpu", compile: bool = False, nois
 
 def ddpm_step_bytes(shape, provider: str) -> int:
     n = math.prod(shape)
+    if provider == "torch.randn alone":
+        return 4 * n  # the noise written
     return 4 * n * (4 if "tensor" in provider else 3)  # x_t and the model output read, x_{t-1} written
 
 
@@ -151,9 +153,10 @@ def group_norm_silu_providers(shape, compile: bool = False, backward: bool = Fal
 
 
 def group_norm_silu_bytes(shape, backward: bool = False) -> int:
-    # forward: x read twice (statistics, then normalise), y written; backward: x, dy read twice, dx written
+    # the minimum: forward reads x and writes y; backward reads x and dy and writes dx (a two-pass kernel
+    # reads x, and dy, once more: its statistics pass)
     n = math.prod(shape)
-    return 4 * n * (3 + (5 if backward else 0))
+    return 4 * n * (2 + (3 if backward else 0))
 
 
 # ----------------------------------------------------------------------------- attention

@@ -17,7 +17,8 @@ import math
 import os
 
 PLOTS = ("bench_speedup.png", "bench_end_to_end.png", "bench_counts.png")
-COLORS = {"ours": "#1f77b4", "peer": "#ff7f0e", "bound": "#999999"}
+COLORS = {"ours": "#1f77b4", "peer": "#ff7f0e", "other": "#999999", "bound": "#cccccc"}
+KEY = "blue: fastddpm, orange: peers, grey: own U-Net"
 
 
 def read_rows(path: str | None) -> list[dict]:
@@ -93,13 +94,16 @@ def plot(timings_csv: str | None, counts_csv: str | None, out_dir: str, run: str
         fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.0 + 0.9 * sum(len(g) for g in groups.values()) / 3),
                                  squeeze=False)
         for ax, (name, rs) in zip(axes[:, 0], groups.items()):
-            ax.barh(range(len(rs))[::-1], [_f(r, "rate") for r in rs],
-                    color=[COLORS.get(r.get("role", "peer"), "#999999") for r in rs])
+            ys = list(range(len(rs)))[::-1]
+            ax.barh(ys, [_f(r, "rate") for r in rs], color=[COLORS.get(r.get("role", "peer"), "#999999") for r in rs])
+            for y, r in zip(ys, rs):  # training: the peak memory next to the bar
+                if math.isfinite(_f(r, "peak_mib")):
+                    ax.text(_f(r, "rate"), y, f" {_f(r, 'peak_mib'):,.0f} MiB", va="center", fontsize=6)
             ax.set_yticks(range(len(rs))[::-1], [r["provider"] for r in rs], fontsize=7)
             ax.set_title(name, fontsize=8, loc="left")
             ax.set_xlabel(rs[0].get("rate_unit", ""), fontsize=7)
             ax.tick_params(axis="x", labelsize=7)
-        fig.suptitle("End to end (blue: fastddpm, orange: peers)" + title_run, fontsize=9)
+        fig.suptitle(f"End to end ({KEY}; training: peak MiB at the bar)" + title_run, fontsize=9)
         fig.tight_layout()
         written.append(_save(fig, os.path.join(out_dir, PLOTS[1])))
         plt.close(fig)
@@ -115,7 +119,7 @@ def plot(timings_csv: str | None, counts_csv: str | None, out_dir: str, run: str
         a1.set_yticks(y, [f"{r['workload']} {r['shape']}: {r['provider']}" for r in cs], fontsize=7)
         a1.set_xlabel("aten operators dispatched", fontsize=8)
         a2.set_xlabel("MB of tensors allocated", fontsize=8)
-        fig.suptitle("GPU cost proxy per step (blue: fastddpm, orange: peers)" + title_run, fontsize=9)
+        fig.suptitle(f"GPU cost proxy per step ({KEY})" + title_run, fontsize=9)
         fig.tight_layout()
         written.append(_save(fig, os.path.join(out_dir, PLOTS[2])))
         plt.close(fig)
