@@ -42,13 +42,20 @@ TORCH_LIBRARY(fastddpm, m) {
   // The raw Philox4x32-10 words of counters offset .. offset + n - 1 into an
   // int32 tensor of shape (n, 4).
   m.def("philox_bits_(Tensor(a!) out, int seed, int offset) -> ()");
-  // GroupNorm (+ SiLU when silu) over x (N, C, *spatial), NCHW or channels_last.
-  // Returns (y in x's layout, mean (N, G) fp32, rstd (N, G) fp32).
+  // GroupNorm (+ SiLU when silu) over x + shift[:, :, None, ...] for x (N, C, *spatial),
+  // NCHW or channels_last; shift (N, C) is optional. Returns (y in x's layout, mean (N, G) and
+  // rstd (N, G) of x + shift, fp32). Its autograd is registered in csrc/autograd.cpp.
   m.def(
-      "group_norm_silu_fwd(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, "
-      "bool silu) -> (Tensor, Tensor, Tensor)");
-  // Its backward from x and the saved mean/rstd: (dx, dweight or empty, dbias or empty).
+      "group_norm_silu_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, int num_groups, "
+      "float eps, bool silu) -> (Tensor, Tensor, Tensor)");
+  // The same forward returning y alone, for calls that record no autograd graph (inference):
+  // no statistics tensors to allocate and hand back.
   m.def(
-      "group_norm_silu_bwd(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
-      "Tensor? bias, int num_groups, bool silu) -> (Tensor, Tensor, Tensor)");
+      "group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, int num_groups, float eps, "
+      "bool silu) -> Tensor");
+  // Its backward from x and the saved mean/rstd: (dx, dweight or empty, dbias or empty,
+  // dshift or empty).
+  m.def(
+      "group_norm_silu_bwd(Tensor grad_y, Tensor x, Tensor? shift, Tensor mean, Tensor rstd, "
+      "Tensor? weight, Tensor? bias, int num_groups, bool silu) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -39,6 +39,8 @@ LARGE = [
     ((2, 256, 16, 16), 32),
     ((16, 256, 4, 4), 32),
     ((1, 96, 63, 21), 8),
+    ((16, 128, 32, 32), 32),  # channels_last: one sample per task
+    ((1, 64, 96, 96), 2),     # NCHW groups of 294912 elements: split into pieces
 ]
 
 
@@ -58,7 +60,7 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
-def _inputs(shape, dtype, channels_last, affine=True, seed=0):
+def _inputs(shape, dtype, channels_last, affine=True, seed=0, shift=False):
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
     # An offset and scale per channel: GroupNorm's statistics must not rely on zero-mean input.
@@ -69,41 +71,61 @@ def _inputs(shape, dtype, channels_last, affine=True, seed=0):
     w = (torch.randn(C, generator=g, dtype=torch.float64) * 0.5 + 1.0) if affine else None
     b = torch.randn(C, generator=g, dtype=torch.float64) if affine else None
     dy = torch.randn(shape, generator=g, dtype=torch.float64)
-    return x, w, b, dy
+    if not shift:
+        return x, w, b, dy
+    # Per (sample, channel), of the size of x's spread (as the U-Net's time embedding): it moves
+    # the channels of a group apart, so statistics that ignored it would be far off.
+    s = torch.randn(shape[0], C, generator=g, dtype=torch.float64) * 2.0
+    return x, w, b, dy, s
 
 
-def _run(fn, x, w, b, dy, param_dtype):
+def _run(fn, x, w, b, dy, param_dtype, s=None):
     xr = x.detach().clone().requires_grad_()
     wr = w.detach().to(param_dtype).clone().requires_grad_() if w is not None else None
     br = b.detach().to(param_dtype).clone().requires_grad_() if b is not None else None
-    y = fn(xr, wr, br)
+    if s is None:
+        y = fn(xr, wr, br)
+    else:
+        sr = s.detach().to(param_dtype).clone().requires_grad_()
+        y = fn(xr, wr, br, sr)
     y.backward(dy.to(y.dtype))
-    return y.detach(), xr.grad, (wr.grad if wr is not None else None), (br.grad if br is not None else None)
+    out = (y.detach(), xr.grad, (wr.grad if wr is not None else None), (br.grad if br is not None else None))
+    return out if s is None else out + (sr.grad,)
 
 
-def _eager(x, G, w, b, silu):
+def _eager(x, G, w, b, silu, s=None):
     # torch's own GroupNorm (+ SiLU) in x's dtype. F.group_norm refuses inputs with one value per
     # channel, such as (1, 32, 1, 1); a doubled batch gives the same per-sample result there.
+    if s is not None:
+        x = x + s.to(x.dtype).reshape(s.shape + (1,) * (x.dim() - 2))
     n = x.shape[0]
     xx = torch.cat([x, x]) if x[:, 0].numel() == 1 else x
     y = F.group_norm(xx, G, w, b, 1e-5)[:n]
     return F.silu(y) if silu else y
 
 
-def _check_against_reference(backend, shape, G, dtype, channels_last, silu, affine=True):
-    x, w, b, dy = _inputs(shape, dtype, channels_last, affine)
+def _check_against_reference(backend, shape, G, dtype, channels_last, silu, affine=True, shift=False):
+    x, w, b, dy, *s = _inputs(shape, dtype, channels_last, affine, shift=shift)
+    s = s[0] if s else None
     act = "silu" if silu else None
-    ref = _run(lambda xx, ww, bb: reference.group_norm_silu(xx, ww, bb, G, 1e-5, silu)[0],
-               x.double(), w, b, dy, torch.float64)
     # The U-Net keeps fp32 parameters (autocast style) for fp32 inputs and the input dtype otherwise.
-    out = _run(lambda xx, ww, bb: group_norm_silu(xx, G, ww, bb, activation=act, backend=backend),
-               x, w, b, dy, dtype)
-    eager = _run(lambda xx, ww, bb: _eager(xx, G, ww, bb, silu), x, w, b, dy, dtype)
+    if s is None:
+        ref = _run(lambda xx, ww, bb: reference.group_norm_silu(xx, ww, bb, G, 1e-5, silu)[0],
+                   x.double(), w, b, dy, torch.float64)
+        out = _run(lambda xx, ww, bb: group_norm_silu(xx, G, ww, bb, activation=act, backend=backend),
+                   x, w, b, dy, dtype)
+        eager = _run(lambda xx, ww, bb: _eager(xx, G, ww, bb, silu), x, w, b, dy, dtype)
+    else:
+        ref = _run(lambda xx, ww, bb, ss: reference.group_norm_silu(xx, ww, bb, G, 1e-5, silu, ss)[0],
+                   x.double(), w, b, dy, torch.float64, s)
+        out = _run(lambda xx, ww, bb, ss: group_norm_silu(xx, G, ww, bb, activation=act, backend=backend,
+                                                          shift=ss), x, w, b, dy, dtype, s)
+        eager = _run(lambda xx, ww, bb, ss: _eager(xx, G, ww, bb, silu, ss), x, w, b, dy, dtype, s)
     y = out[0]
     assert y.dtype == dtype and y.shape == x.shape
     if backend != "torch" and channels_last and not x.is_contiguous():  # the reference returns NCHW
         assert y.stride() == x.stride(), "output must keep x's channels_last layout"
-    for name, a, r, e in zip(("y", "dx", "dweight", "dbias"), out, ref, eager):
+    for name, a, r, e in zip(("y", "dx", "dweight", "dbias", "dshift"), out, ref, eager):
         if r is None:
             assert a is None
             continue
@@ -147,6 +169,34 @@ def test_fp32_small(backend, shape, G, channels_last, silu):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_half_small(backend, dtype, shape, G, channels_last):
     _check_against_reference(backend, shape, G, dtype, channels_last, True)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("shape,G", [((2, 16, 5, 5), 4), ((1, 8, 3, 5, 4), 2), ((3, 6, 7), 3), ((2, 4), 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [True, False])
+def test_shift(backend, shape, G, channels_last, silu):
+    # y = act(GroupNorm(x + shift[:, :, None, ...])): forward and all four gradients (x, weight,
+    # bias, shift) against the float64 reference of the same expression.
+    _check_against_reference(backend, shape, G, torch.float32, channels_last, silu, shift=True)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_shift_half(backend, dtype):
+    _check_against_reference(backend, (2, 16, 5, 5), 4, dtype, False, True, shift=True)
+    _check_against_reference(backend, (2, 16, 5, 5), 4, dtype, True, True, shift=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", _backend_params(large=True))
+@pytest.mark.parametrize("shape,G", [((1, 128, 32, 32), 32), ((16, 256, 4, 4), 32), ((4, 64, 40, 40), 32),
+                                     ((1, 64, 96, 96), 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shift_unet_shapes(backend, shape, G, channels_last):
+    # Both task plans of the C++ kernel: whole groups / samples per task, and split (a batch of
+    # one in channels_last, groups of more than 32768 elements).
+    _check_against_reference(backend, shape, G, torch.float32, channels_last, True, shift=True)
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -214,11 +264,14 @@ def test_gradcheck_cpu_kernel(shape, G, channels_last, silu):
     w.requires_grad_()
     b.requires_grad_()
 
-    def f(xx, ww, bb):
-        return torch.ops.fastddpm.group_norm_silu_fwd(xx, ww, bb, G, 1e-5, silu)[0]
+    s = torch.randn(shape[0], shape[1], dtype=torch.float64, requires_grad=True)
+
+    def f(xx, ww, bb, ss=None):
+        return torch.ops.fastddpm.group_norm_silu_fwd(xx, ww, bb, ss, G, 1e-5, silu)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
     assert torch.autograd.gradcheck(lambda xx: f(xx, None, None), (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradcheck(f, (x, w, b, s), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
@@ -228,11 +281,15 @@ def test_opcheck(channels_last):
     x, w, b, dy = _inputs((2, 8, 5, 3), torch.float32, channels_last)
     w, b = w.float().requires_grad_(), b.float().requires_grad_()
     x.requires_grad_()
-    torch.library.opcheck(torch.ops.fastddpm.group_norm_silu_fwd.default, (x, w, b, 4, 1e-5, True))
-    torch.library.opcheck(torch.ops.fastddpm.group_norm_silu_fwd.default, (x, None, None, 2, 1e-5, False))
-    y, mean, rstd = torch.ops.fastddpm.group_norm_silu_fwd(x.detach(), w.detach(), b.detach(), 4, 1e-5, True)
-    torch.library.opcheck(torch.ops.fastddpm.group_norm_silu_bwd.default,
-                          (dy.float(), x.detach(), mean, rstd, w.detach(), b.detach(), 4, True))
+    s = torch.randn(2, 8, requires_grad=True)
+    fwd, bwd = torch.ops.fastddpm.group_norm_silu_fwd.default, torch.ops.fastddpm.group_norm_silu_bwd.default
+    torch.library.opcheck(fwd, (x, w, b, None, 4, 1e-5, True))
+    torch.library.opcheck(fwd, (x, None, None, None, 2, 1e-5, False))
+    torch.library.opcheck(fwd, (x, w, b, s, 4, 1e-5, True))
+    y, mean, rstd = fwd(x.detach(), w.detach(), b.detach(), None, 4, 1e-5, True)
+    torch.library.opcheck(bwd, (dy.float(), x.detach(), None, mean, rstd, w.detach(), b.detach(), 4, True))
+    y, mean, rstd = fwd(x.detach(), w.detach(), b.detach(), s.detach(), 4, 1e-5, True)
+    torch.library.opcheck(bwd, (dy.float(), x.detach(), s.detach(), mean, rstd, w.detach(), b.detach(), 4, True))
 
 
 @pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
@@ -325,16 +382,24 @@ def test_bad_inputs():
         group_norm_silu(x, 0)
     with pytest.raises(ValueError, match="backend"):
         group_norm_silu(x, 4, backend="nope")
+    with pytest.raises(ValueError, match="shift: expected shape \\(2, 12\\)"):
+        group_norm_silu(x, 4, shift=torch.ones(2, 12, 1))
+    with pytest.raises(ValueError, match="shift: expected device"):
+        group_norm_silu(x, 4, shift=torch.ones(2, 12, device="meta"))
+    with pytest.raises(TypeError, match="shift: expected a floating-point"):
+        group_norm_silu(x, 4, shift=torch.ones(2, 12, dtype=torch.int64))
     with pytest.raises(ValueError, match="num_groups"):
         GroupNormSiLU(5, 12)
     with pytest.raises(ValueError, match="x: expected 12 channels"):
         GroupNormSiLU(4, 12)(torch.randn(2, 8, 3, 3))
     if HAS_C:
         # The C++ op checks too (a direct torch.ops call bypasses the Python checks).
-        with pytest.raises(RuntimeError, match="num_groups: the number of channels C=12"):
-            torch.ops.fastddpm.group_norm_silu_fwd(x, None, None, 5, 1e-5, True)
-        with pytest.raises(RuntimeError, match="weight: expected shape"):
-            torch.ops.fastddpm.group_norm_silu_fwd(x, torch.ones(3), None, 4, 1e-5, True)
+        with pytest.raises(ValueError, match="num_groups: the number of channels C=12"):
+            torch.ops.fastddpm.group_norm_silu_fwd(x, None, None, None, 5, 1e-5, True)
+        with pytest.raises(ValueError, match="weight: expected shape"):
+            torch.ops.fastddpm.group_norm_silu_fwd(x, torch.ones(3), None, None, 4, 1e-5, True)
+        with pytest.raises(ValueError, match="shift: expected shape \\(2, 12\\)"):
+            torch.ops.fastddpm.group_norm_silu_fwd(x, None, None, torch.ones(12), 4, 1e-5, True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")

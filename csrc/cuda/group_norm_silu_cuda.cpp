@@ -1,6 +1,8 @@
 // group_norm_silu's CUDA registration: argument checks and allocation here (host compiler), the
 // kernels in group_norm_silu.cu (torch-free). Selected only with backend="cuda" until a GPU run
-// shows it correct and faster.
+// shows it correct and faster. A shift (N, C) is added to x here before the kernels run (one
+// extra elementwise pass; the CPU kernel folds it into its passes), and its gradient is the
+// spatial sum of dx.
 #include <torch/library.h>
 
 #include "fastddpm/cuda_host.h"
@@ -62,6 +64,19 @@ at::Tensor param_f32(const c10::optional<at::Tensor>& p) {
 
 const float* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
+// x + shift[:, :, None, ...] in x's dtype and layout, or x itself.
+at::Tensor shifted(const at::Tensor& x, const c10::optional<at::Tensor>& shift) {
+  if (!shift.has_value() || !shift->defined()) return x;
+  const auto& s = *shift;
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == x.size(1), "shift: expected shape (",
+              x.size(0), ", ", x.size(1), ") (one per sample and channel of x), got ", s.sizes());
+  TORCH_CHECK(s.device() == x.device(), "shift: expected device ", x.device(), ", got ", s.device());
+  std::vector<int64_t> view(x.dim(), 1);
+  view[0] = x.size(0);
+  view[1] = x.size(1);
+  return x + s.to(x.scalar_type()).reshape(view);
+}
+
 int64_t spatial(const at::Tensor& x) {
   int64_t hw = 1;
   for (int64_t d = 2; d < x.dim(); ++d) hw *= x.size(d);
@@ -69,9 +84,11 @@ int64_t spatial(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
-    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    int64_t num_groups, double eps, bool silu) {
-  check_args(x_in, weight, bias, num_groups);
+    const at::Tensor& x_arg, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu) {
+  check_args(x_arg, weight, bias, num_groups);
+  const c10::cuda::CUDAGuard guard0(x_arg.device());
+  const at::Tensor x_in = shifted(x_arg, shift);
   const c10::cuda::CUDAGuard guard(x_in.device());
   bool cl = false;
   const at::Tensor x = dense(x_in, cl);
@@ -97,11 +114,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& rstd,
-    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, int64_t num_groups,
-    bool silu) {
-  check_args(x_in, weight, bias, num_groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x_arg, const c10::optional<at::Tensor>& shift,
+    const at::Tensor& mean, const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, int64_t num_groups, bool silu) {
+  check_args(x_arg, weight, bias, num_groups);
+  const c10::cuda::CUDAGuard guard0(x_arg.device());
+  const at::Tensor x_in = shifted(x_arg, shift);
   TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y: expected shape ", x_in.sizes(), " (that of x), got ",
               grad_y.sizes());
   TORCH_CHECK(grad_y.device() == x_in.device(), "grad_y: expected device ", x_in.device(), ", got ",
@@ -135,13 +154,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cuda(
                                                 c10::cuda::getCurrentCUDAStream()),
                "group_norm_silu_bwd");
   const bool hw = weight.has_value() && weight->defined(), hb = bias.has_value() && bias->defined();
+  at::Tensor dshift = at::empty({0}, x.options());
+  if (shift.has_value() && shift->defined()) {
+    std::vector<int64_t> dims;
+    for (int64_t d = 2; d < dx.dim(); ++d) dims.push_back(d);
+    // (an empty dim list would sum everything: a 2-D x has no spatial dims to sum)
+    dshift = (dims.empty() ? dx.to(at::kFloat) : dx.to(at::kFloat).sum(dims)).to(shift->scalar_type());
+  }
   return {dx, hw ? dw.to(weight->scalar_type()) : at::empty({0}, x.options()),
-          hb ? db.to(bias->scalar_type()) : at::empty({0}, x.options())};
+          hb ? db.to(bias->scalar_type()) : at::empty({0}, x.options()), dshift};
+}
+
+at::Tensor group_norm_silu_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& shift,
+                                int64_t num_groups, double eps, bool silu) {
+  return std::get<0>(group_norm_silu_fwd_cuda(x, weight, bias, shift, num_groups, eps, silu));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
+  m.impl("group_norm_silu", &group_norm_silu_cuda);
   m.impl("group_norm_silu_fwd", &group_norm_silu_fwd_cuda);
   m.impl("group_norm_silu_bwd", &group_norm_silu_bwd_cuda);
 }

@@ -32,6 +32,30 @@ TORCH_NATIVE_OPS = frozenset({"attention"})
 CUDA_VERIFIED_OPS = frozenset({"q_sample", "ddpm_step", "philox_normal_"})
 
 
+def _env_reader(name: str, default: str) -> Callable[[], str]:
+    """A fast os.environ.get(name, default): it runs on every op call, where the public lookup
+    (encoding the key, decoding the value) costs half a microsecond. Reads CPython's own mapping
+    behind os.environ, which os.environ and putenv keep current; plain os.environ.get elsewhere."""
+    data = getattr(os.environ, "_data", None)
+    try:
+        key = os.environ.encodekey(name)  # type: ignore[attr-defined]
+        decode = os.environ.decodevalue  # type: ignore[attr-defined]
+    except AttributeError:
+        data = None
+    if not isinstance(data, dict):
+        return lambda: os.environ.get(name, default)
+
+    def read() -> str:
+        v = data.get(key)
+        return default if v is None else decode(v)
+
+    return read
+
+
+_env_backend = _env_reader("FASTDDPM_BACKEND", "auto")
+_env_triton_interpret = _env_reader("TRITON_INTERPRET", "0")
+
+
 class BackendNotSupported(RuntimeError):
     """A backend that was asked for cannot serve this input; the message says why."""
 
@@ -48,7 +72,9 @@ def triton_status() -> tuple[bool, str]:
 
 def triton_interpreting() -> bool:
     """Whether Triton kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if torch.compiler.is_compiling():  # traced: the public lookup, which torch.compile understands
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _env_triton_interpret() not in ("", "0")
 
 
 def backend_unavailable_reason(backend: str, op: str, device: torch.device) -> str | None:
@@ -97,11 +123,31 @@ def resolve(
 ) -> str:
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype``.
 
-    ``extra_reason(backend)`` lets an op add its own limits (head width, ...).
+    ``extra_reason(backend)`` lets an op add its own limits (head width, ...). Without one the
+    answer depends only on the arguments and the environment, and is memoised (this runs on
+    every op call; a cold resolution costs a few microseconds).
     """
     requested = backend or "auto"
+    if torch.compiler.is_compiling():  # traced once per graph: no memo, the public env lookup
+        env = os.environ.get("FASTDDPM_BACKEND", "auto") if requested == "auto" else None
+        return _resolve(op, requested, env, device, dtype, extra_reason)
+    env = _env_backend() if requested == "auto" else None
+    if extra_reason is None:
+        # Triton's availability on CPU tensors depends on TRITON_INTERPRET: part of the key
+        # wherever Triton could be the answer.
+        interp = triton_interpreting() if "triton" in (requested, env) or device.type != "cpu" else None
+        return _resolve_memo(op, requested, env, device, dtype, interp)
+    return _resolve(op, requested, env, device, dtype, extra_reason)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_memo(op, requested, env, device, dtype, interpreting):  # interpreting: a key only
+    return _resolve(op, requested, env, device, dtype, None)
+
+
+def _resolve(op, requested, env, device, dtype, extra_reason):
     if requested == "auto":
-        requested = os.environ.get("FASTDDPM_BACKEND", "auto") or "auto"
+        requested = env or "auto"
     if requested != "auto" and requested not in BACKENDS:
         raise ValueError(f"backend: expected one of auto, {', '.join(BACKENDS)}, got {requested!r}")
 

@@ -1,17 +1,20 @@
-"""group_norm_silu: GroupNorm then SiLU (or plain GroupNorm) in two passes over x.
+"""group_norm_silu: GroupNorm then SiLU (or plain GroupNorm), fused, optionally of x + shift.
 
-Pass 1 computes per-(n, group) mean and rstd in fp32 (split over many workers
-so a batch of one fills the machine); pass 2 normalises, applies the per-channel
-affine and the SiLU, writing straight into the output. The backward recomputes
-the normalised values from x and the saved (N, G) mean/rstd, so training keeps
-nothing of x's size besides x itself (eager keeps the GroupNorm output too).
+y = silu(group_norm(x + shift[:, :, None, None], num_groups, weight, bias, eps)). The optional
+per-(sample, channel) shift is the DDPM ResNet block's time-embedding add, which the fused op absorbs
+instead of making its own pass over memory.
 
-Backward, with z = w * xhat + b, y = silu(z), per (n, c) sums over the spatial
+The statistics are per-(n, group) mean and rstd in fp32; the normalise, affine and SiLU write straight
+into the output. The backward recomputes the normalised values from x and the saved (N, G) mean/rstd,
+so training keeps nothing of x's size besides x itself (eager keeps the GroupNorm output too).
+
+Backward, with u = x + shift, z = w * xhat + b, y = silu(z), per (n, c) sums over the spatial
 positions A = sum dz, B = sum dz * xhat, and M = (C / G) * spatial elements per group:
 
-    dz     = dy * sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-    dbias  = sum_n A,   dweight = sum_n B
-    dx     = rstd * (w dz - (sum_{c in g} w A) / M - xhat (sum_{c in g} w B) / M)
+    dz      = dy * sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+    dbias   = sum_n A,   dweight = sum_n B
+    dx      = rstd * (w dz - (sum_{c in g} w A) / M - xhat (sum_{c in g} w B) / M)
+    dshift  = sum over the spatial positions of dx
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ _OP = "group_norm_silu_fwd"
 _ACTIVATIONS = ("silu", None)
 
 
-def _check(x, num_groups, weight, bias, eps, activation) -> None:
+def _check(x, num_groups, weight, bias, eps, activation, shift=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -51,10 +54,30 @@ def _check(x, num_groups, weight, bias, eps, activation) -> None:
             raise ValueError(f"{name}: expected device {x.device} (that of x), got {p.device}")
         if not p.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point dtype, got {p.dtype}")
+    if shift is not None:
+        if not isinstance(shift, torch.Tensor):
+            raise TypeError(f"shift: expected a torch.Tensor or None, got {type(shift).__name__}")
+        if shift.shape != x.shape[:2]:
+            raise ValueError(f"shift: expected shape ({x.shape[0]}, {C}) (one per sample and channel of x), "
+                             f"got {tuple(shift.shape)}")
+        if shift.device != x.device:
+            raise ValueError(f"shift: expected device {x.device} (that of x), got {shift.device}")
+        if not shift.dtype.is_floating_point:
+            raise TypeError(f"shift: expected a floating-point dtype, got {shift.dtype}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
+
+
+def _records_grad(x, weight, bias, shift) -> bool:
+    # Whether autograd will record this call (else the statistics need not be returned).
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (shift is not None and shift.requires_grad)
+    )
 
 
 def _triton_reason(x: torch.Tensor):
@@ -74,8 +97,10 @@ def group_norm_silu(
     eps: float = 1e-5,
     activation: str | None = "silu",
     backend: str = "auto",
+    *,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """silu(group_norm(x, num_groups, weight, bias, eps)), fused; differentiable.
+    """silu(group_norm(x + shift, num_groups, weight, bias, eps)), fused; differentiable.
 
     Args:
         x: (N, C, *spatial), float32/float16/bfloat16 (float64 runs the reference),
@@ -85,35 +110,55 @@ def group_norm_silu(
         eps: added to the variance.
         activation: "silu", or None for plain GroupNorm.
         backend: "auto", "cpu", "cuda", "triton" or "torch".
+        shift: optional (N, C) tensor added to x per sample and channel before normalising (the
+            ResNet block's time-embedding add); differentiable.
 
     Returns:
         y, same shape, dtype and memory format as x. Statistics are fp32 for any input dtype.
     """
-    _check(x, num_groups, weight, bias, eps, activation)
-    silu = activation == "silu"
-    b = _dispatch.resolve(_OP, backend, x.device, x.dtype, _triton_reason(x))
-    eps = float(eps)
+    if activation == "silu":
+        silu = True
+    elif activation is None:
+        silu = False
+    else:
+        raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    b = _dispatch.resolve(_OP, backend, x.device, x.dtype, _triton_reason(x) if x.dim() > 5 else None)
+    if b != "cpu" or type(num_groups) is not int or type(eps) is not float:
+        # On the CPU path the C++ op checks every argument (with the same TypeError / ValueError
+        # messages), so Python repeats nothing there: small U-Net shapes are call-overhead bound.
+        _check(x, num_groups, weight, bias, eps, activation, shift)
+        eps = float(eps)
+    if b == "cpu" or b == "cuda":
+        if _records_grad(x, weight, bias, shift):
+            return _C_FWD(x, weight, bias, shift, num_groups, eps, silu)[0]
+        return _C_INFER(x, weight, bias, shift, num_groups, eps, silu)
     if b == "torch":
-        return reference.group_norm_silu(x, weight, bias, num_groups, eps, silu)[0]
-    if b == "triton":
-        return _triton_fwd()(x, weight, bias, num_groups, eps, silu)[0]
-    return torch.ops.fastddpm.group_norm_silu_fwd(x, weight, bias, num_groups, eps, silu)[0]
+        return reference.group_norm_silu(x, weight, bias, num_groups, eps, silu, shift)[0]
+    if shift is not None:  # the Triton kernel has no shift input: one extra (differentiable) add
+        x = x + shift.to(x.dtype).reshape(shift.shape + (1,) * (x.dim() - 2))
+    return _triton_fwd()(x, weight, bias, num_groups, eps, silu)[0]
 
 
 # ---------------------------------------------------------------------------
 # Registrations of the C++ op (schemas in csrc/ops.cpp): fake and autograd.
 # ---------------------------------------------------------------------------
-def _fwd_fake(x, weight, bias, num_groups, eps, silu):
+def _fwd_fake(x, weight, bias, shift, num_groups, eps, silu):
+    # Meta tensors reach here instead of a kernel (a meta weight makes the dispatcher pick the fake
+    # implementation for the whole call), so the arguments are checked here too.
+    _check(x, num_groups, weight, bias, eps, "silu" if silu else None, shift)
     y = _like_layout(x)
     stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x))
     return y, stats, torch.empty_like(stats)
 
 
-def _bwd_fake(grad_y, x, mean, rstd, weight, bias, num_groups, silu):
+def _bwd_fake(grad_y, x, shift, mean, rstd, weight, bias, num_groups, silu):
     dx = _like_layout(x)
-    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
-    db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return dx, dw, db
+    dw = weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)
+    db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    ds = shift.new_empty(shift.shape) if shift is not None else x.new_empty(0)
+    return dx, dw, db, ds
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -169,13 +214,13 @@ def _triton_fwd():
     return group_norm_silu_triton
 
 
+# The C++ op's autograd is registered in C++ (csrc/autograd.cpp); here only its fake implementations.
+_C_FWD = _C_INFER = None
 if _library.has_c() and hasattr(torch.ops.fastddpm, "group_norm_silu_fwd"):
+    _C_FWD = torch.ops.fastddpm.group_norm_silu_fwd.default
+    _C_INFER = torch.ops.fastddpm.group_norm_silu.default
     torch.library.register_fake("fastddpm::group_norm_silu_fwd")(_fwd_fake)
+    torch.library.register_fake("fastddpm::group_norm_silu")(lambda *a: _fwd_fake(*a)[0])
     torch.library.register_fake("fastddpm::group_norm_silu_bwd")(_bwd_fake)
-    torch.library.register_autograd(
-        "fastddpm::group_norm_silu_fwd",
-        _make_backward(lambda *a: torch.ops.fastddpm.group_norm_silu_bwd(*a)),
-        setup_context=_setup,
-    )
 
 __all__ = ["group_norm_silu"]

@@ -190,16 +190,21 @@ def group_norm_silu(
     num_groups: int,
     eps: float = 1e-5,
     silu: bool = True,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm (Wu & He 2018) then SiLU, the U-Net's norm + activation.
+    """GroupNorm (Wu & He 2018) then SiLU, the U-Net's norm + activation, of x + shift.
 
-    Returns (y, mean, rstd) with mean and rstd of shape (N, num_groups) in the
-    compute dtype (the biased variance, as torch.nn.GroupNorm). Differentiable
+    shift: None or (N, C), added per sample and channel before normalising (the ResNet block's
+    time-embedding add). Returns (y, mean, rstd) with mean and rstd of shape (N, num_groups) of
+    x + shift in the compute dtype (the biased variance, as torch.nn.GroupNorm). Differentiable
     with plain autograd (it is the ``torch`` backend).
     """
     cd = _compute_dtype(x)
     N, C = x.shape[0], x.shape[1]
-    xg = x.to(cd).reshape(N, num_groups, -1)  # (N, G, C/G * spatial)
+    u = x.to(cd)
+    if shift is not None:
+        u = u + shift.to(cd).reshape((N, C) + (1,) * (x.dim() - 2))
+    xg = u.reshape(N, num_groups, -1)  # (N, G, C/G * spatial)
     mean = xg.mean(dim=2)
     var = (xg - mean.unsqueeze(2)).square().mean(dim=2)
     rstd = torch.rsqrt(var + eps)
