@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastddpm.bench.ops import attention_inputs, attention_providers_fns, attention_step
 from fastddpm.ops import attention, reference
 
 SHORT = [(1, 256, 256), (16, 256, 256), (1, 1024, 128)]
@@ -42,32 +43,9 @@ def _shapes():
     return FULL if os.environ.get("FASTDDPM_BENCH_FULL") else SHORT
 
 
-def _providers() -> dict:
-    return {
-        "fastddpm": lambda q, k, v: attention(q, k, v),  # auto: backend "cpu" on CPU tensors
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-        "materialised": lambda q, k, v: reference.attention(q, k, v),
-    }
-
-
-def _inputs(B, N, d, dtype=torch.float32, device="cpu", grad=False):
-    g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, 1, N, d, generator=g, device=device, dtype=dtype) for _ in range(3))
-    if grad:
-        for x in (q, k, v):
-            x.requires_grad_()
-    return q, k, v
-
-
-def _step(fn, q, k, v, backward):
-    if not backward:
-        with torch.no_grad():
-            return fn(q, k, v)
-    o = fn(q, k, v)
-    o.backward(torch.ones_like(o))
-    for x in (q, k, v):
-        x.grad = None
-    return o
+_providers = attention_providers_fns  # fastddpm (auto backend), sdpa, materialised
+_inputs = attention_inputs
+_step = attention_step
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark

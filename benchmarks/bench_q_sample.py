@@ -12,40 +12,17 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import copy_bandwidth, interleaved, machine, median, spread, write_csv  # noqa: E402
-from fastddpm import NoiseSchedule, ops  # noqa: E402
+from fastddpm.bench.ops import eager_add_noise, q_sample_bytes, q_sample_providers  # noqa: E402, F401
 
 SHAPES = [(1, 3, 32, 32), (16, 3, 32, 32), (128, 3, 32, 32), (16, 3, 256, 256)]
-SCHED = NoiseSchedule()
-
-
-def eager_add_noise(x0, noise, t, ac):
-    # diffusers' DDPMScheduler.add_noise, line by line
-    sqrt_alpha_prod = ac[t] ** 0.5
-    sqrt_alpha_prod = sqrt_alpha_prod.flatten()
-    while len(sqrt_alpha_prod.shape) < len(x0.shape):
-        sqrt_alpha_prod = sqrt_alpha_prod.unsqueeze(-1)
-    sqrt_one_minus = (1 - ac[t]) ** 0.5
-    sqrt_one_minus = sqrt_one_minus.flatten()
-    while len(sqrt_one_minus.shape) < len(x0.shape):
-        sqrt_one_minus = sqrt_one_minus.unsqueeze(-1)
-    return sqrt_alpha_prod * x0 + sqrt_one_minus * noise
 
 
 def providers(shape):
-    x0, noise = torch.randn(shape), torch.randn(shape)
-    t = torch.randint(0, 1000, (shape[0],))
-    ac = SCHED.alphas_cumprod
-    return {
-        "eager (diffusers add_noise)": lambda: eager_add_noise(x0, noise, t, ac),
-        "fastddpm cpu": lambda: ops.q_sample(x0, t, noise, SCHED, backend="cpu"),
-        "fastddpm cpu (x_t and v)": lambda: ops.q_sample(x0, t, noise, SCHED, target="v", backend="cpu"),
-        "torch copy (same bytes)": lambda: x0.clone(),
-    }
+    return q_sample_providers(shape, backend="cpu")
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
@@ -62,11 +39,10 @@ def main(csv_path: str | None = None) -> None:
     for shape in SHAPES:
         times = interleaved(providers(shape), rounds=25 if shape[-1] <= 32 else 8)
         base = median(times["eager (diffusers add_noise)"])
-        n = torch.Size(shape).numel()
         for k, ts in times.items():
             med = median(ts)
             lo, hi = spread(ts)
-            nbytes = 4 * n * (4 if "and v" in k else (2 if "copy" in k else 3))
+            nbytes = q_sample_bytes(shape, k)
             print(f"{'x'.join(map(str, shape)):>16} {k:>28} {med * 1e6:10.1f} {lo * 1e6:7.1f}-{hi * 1e6:<7.1f}"
                   f" {base / med:8.2f}x {nbytes / med / 1e9:6.1f}")
             rows.append(dict(op="q_sample", provider=k, shape="x".join(map(str, shape)), median_s=med,

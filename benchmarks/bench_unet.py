@@ -20,7 +20,6 @@ Three ways to run it:
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import functools
 import gc
@@ -32,7 +31,8 @@ import pytest
 import torch
 
 from fastddpm import UNet
-from fastddpm.compat.diffusers import config_to_diffusers, patch, to_diffusers
+from fastddpm.bench.models import unet_variants
+from fastddpm.compat.diffusers import config_to_diffusers
 
 MODES = [("fwd", 1), ("fwd", 16), ("fwd+bwd", 16)]
 
@@ -40,10 +40,8 @@ MODES = [("fwd", 1), ("fwd", 16), ("fwd+bwd", 16)]
 def build_models(seed: int = 0) -> dict[str, torch.nn.Module]:
     torch.manual_seed(seed)
     ours = UNet.ddpm_cifar10(dropout=0.0)  # dropout 0 on both sides: the same computation
-    d = to_diffusers(ours)
     assert config_to_diffusers(ours.config)["block_out_channels"] == (128, 256, 256, 256)
-    cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-    return {"fastddpm": ours, "fastddpm-cl": cl, "diffusers": d, "diffusers+patch": patch(copy.deepcopy(d))}
+    return unet_variants(ours)
 
 
 def _call(model, x, t):

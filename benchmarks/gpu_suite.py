@@ -2,13 +2,18 @@
 
     python benchmarks/gpu_suite.py [--quick] [--csv PATH]
 
-On any CUDA GPU: measures the device's copy bandwidth and matmul rate first; for each op
-and shape checks every backend against the float64 reference on the device (the same
-bounds as the CPU tests), then times it with triton.testing.do_bench (median ms),
-reporting GB/s (elementwise and normalisation ops, counting the minimum bytes each must
-move) and TFLOP/s (attention). It ends with the whole denoising step of the CIFAR-10
-U-Net with and without a CUDA graph, a short table and optional CSV rows. Without a GPU
-it stops with a clear message (exit code 2); planning, rendering and CSV are CPU-testable.
+On any CUDA GPU: measures the device's copy bandwidth and matmul rates first (fp32, tf32, bf16, fp16);
+for each op and shape (q_sample; ddpm_step with a noise tensor and with in-kernel Philox; ddim_step
+deterministic and with noise; group_norm_silu and attention forward and forward+backward) checks every
+backend (triton, cuda, torch eager, torch.compile, and SDPA called directly for attention) against the
+float64 reference on the device, with the same bounds as the CPU tests, then times it with
+triton.testing.do_bench (median ms), reporting GB/s (counting the minimum bytes the op must move) and
+TFLOP/s (attention), each also as a fraction of the measured copy bandwidth and matmul rate. It ends
+with the whole denoising step of the CIFAR-10 U-Net with and without a CUDA graph, a short table and
+optional CSV rows. Without a GPU it stops with a clear message (exit code 2).
+
+Everything but the GPU timing runs on a CPU too (tests/test_gpu_suite.py checks the planning, the inputs,
+the providers and the float64 references on the CPU backends, the fractions, the table and the CSV).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,37 +34,59 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import machine, write_csv  # noqa: E402
 
+BACKENDS = ("triton", "cuda")
+
 
 @dataclass
 class Case:
     op: str
     shape: tuple
     dtype: torch.dtype
-    bytes_moved: int = 0  # the minimum bytes the op must read + write
+    bytes_moved: int = 0  # bytes the fused kernels read + write (each input once, x twice for the two-pass norm)
     flops: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def backward(self) -> bool:
+        return bool(self.extra.get("backward"))
+
+    @property
+    def label(self) -> str:
+        tags = [f"{k}={v}" if not isinstance(v, bool) else k for k, v in self.extra.items() if v is not False]
+        return self.op + (f"[{','.join(tags)}]" if tags else "")
 
 
 def plan(quick: bool = False) -> list[Case]:
     """The cases of the suite (pure: no GPU needed)."""
     cases: list[Case] = []
     dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float32, torch.float16, torch.bfloat16]
-    img = [(16, 3, 32, 32), (64, 3, 256, 256)] if not quick else [(16, 3, 32, 32)]
+    img = [(16, 3, 32, 32), (64, 3, 256, 256)]  # the U-Net's images; the large one is bandwidth-bound
+    gn = [(16, 128, 32, 32), (64, 256, 32, 32)] if quick else [(16, 128, 32, 32), (16, 256, 16, 16),
+                                                               (1, 256, 8, 8), (64, 256, 32, 32)]
+    att = [(16, 256, 256)] if quick else [(16, 256, 256), (16, 1024, 128), (1, 64, 512), (64, 1024, 256)]
     for dt in dtypes:
         es = torch.finfo(dt).bits // 8
         for s in img:
             n = math.prod(s)
-            cases.append(Case("q_sample", s, dt, bytes_moved=3 * n * es))
+            cases.append(Case("q_sample", s, dt, bytes_moved=3 * n * es))  # read x0, eps; write x_t
             cases.append(Case("ddpm_step", s, dt, bytes_moved=4 * n * es, extra={"noise": "tensor"}))
             cases.append(Case("ddpm_step", s, dt, bytes_moved=3 * n * es, extra={"noise": "philox"}))
-        gn = [(16, 128, 32, 32), (16, 256, 16, 16), (1, 256, 8, 8)] if not quick else [(16, 128, 32, 32)]
+            cases.append(Case("ddim_step", s, dt, bytes_moved=3 * n * es, extra={"eta": 0}))
+            if not quick:
+                cases.append(Case("ddim_step", s, dt, bytes_moved=4 * n * es, extra={"eta": 1}))
         for s in gn:
             n = math.prod(s)
             cases.append(Case("group_norm_silu", s, dt, bytes_moved=3 * n * es))  # read x twice, write y
-        att = [(16, 256, 256), (16, 1024, 128), (1, 64, 512)] if not quick else [(16, 256, 256)]
+            # forward + backward of the two-pass kernels: the forward's 3, then x and dy read twice
+            # (the statistics of dy, then dx) and dx written
+            cases.append(Case("group_norm_silu", s, dt, bytes_moved=8 * n * es, extra={"backward": True}))
         for B, N, d in att:
             cases.append(Case("attention", (B, 1, N, d), dt, bytes_moved=4 * B * N * d * es,
                               flops=4.0 * B * N * N * d))
+            # forward + backward: q, k, v read, o written; then q, k, v, o, do read, dq, dk, dv written;
+            # 3.5x the forward's matmul work
+            cases.append(Case("attention", (B, 1, N, d), dt, bytes_moved=12 * B * N * d * es,
+                              flops=3.5 * 4.0 * B * N * N * d, extra={"backward": True}))
     return cases
 
 
@@ -66,58 +95,85 @@ def _inputs(case: Case, dev):
 
     g = torch.Generator(device=dev).manual_seed(0)
     sched = NoiseSchedule(device=dev)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g, device=dev).to(case.dtype)
+
+    B = case.shape[0]
     if case.op == "q_sample":
-        x = torch.randn(case.shape, generator=g, device=dev).to(case.dtype)
-        e = torch.randn(case.shape, generator=g, device=dev).to(case.dtype)
-        t = torch.randint(0, 1000, (case.shape[0],), generator=g, device=dev)
-        return sched, (x, e, t)
-    if case.op == "ddpm_step":
-        x = torch.randn(case.shape, generator=g, device=dev).to(case.dtype)
-        m = torch.randn(case.shape, generator=g, device=dev).to(case.dtype)
-        z = torch.randn(case.shape, generator=g, device=dev).to(case.dtype)
-        t = torch.randint(1, 1000, (case.shape[0],), generator=g, device=dev)
-        return sched, (x, m, z, t)
+        return sched, (rnd(*case.shape), rnd(*case.shape), torch.randint(0, 1000, (B,), generator=g, device=dev))
+    if case.op in ("ddpm_step", "ddim_step"):
+        t = torch.randint(1, 1000, (B,), generator=g, device=dev)
+        return sched, (rnd(*case.shape), rnd(*case.shape), rnd(*case.shape), t)
     if case.op == "group_norm_silu":
-        x = torch.randn(case.shape, generator=g, device=dev).to(case.dtype)
-        w = torch.randn(case.shape[1], generator=g, device=dev).to(case.dtype)
-        b = torch.randn(case.shape[1], generator=g, device=dev).to(case.dtype)
-        return sched, (x, w, b)
-    q, k, v = (torch.randn(case.shape, generator=g, device=dev).to(case.dtype) for _ in range(3))
-    return sched, (q, k, v)
+        args = (rnd(*case.shape), rnd(case.shape[1]), rnd(case.shape[1]))
+    else:
+        args = tuple(rnd(*case.shape) for _ in range(3))
+    if case.backward:
+        dy = rnd(*case.shape)
+        return sched, tuple(a.requires_grad_() for a in args) + (dy,)
+    return sched, args
 
 
-def providers(case: Case, sched, args) -> dict:
+def _fwd_bwd(f, leaves, dy):
+    """A callable returning the gradients of f(*leaves) against dy (nothing accumulates between calls)."""
+    def run():
+        return torch.autograd.grad(f(*leaves), leaves, dy)
+    return run
+
+
+def providers(case: Case, sched, args, backends=BACKENDS, compile: bool = True) -> dict[str, Callable]:
     """name -> zero-argument callable, for every provider of this case."""
     from fastddpm import ops
     from fastddpm.ops import reference
 
+    G = 32
+    p: dict[str, Callable] = {}
     if case.op == "q_sample":
         x, e, t = args
         eager = lambda: reference.q_sample(x, e, t, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)[0]
-        p = {b: (lambda b=b: ops.q_sample(x, t, e, sched, backend=b)) for b in ("triton", "cuda")}
+        p = {b: (lambda b=b: ops.q_sample(x, t, e, sched, backend=b)) for b in backends}
     elif case.op == "ddpm_step":
         x, m, z, t = args
         philox = case.extra.get("noise") == "philox"
         kw = dict(noise="philox", seed=1) if philox else dict(noise=z)
         eager = lambda: ops.ddpm_step(x, m, t, sched, backend="torch", **kw)
-        p = {b: (lambda b=b: ops.ddpm_step(x, m, t, sched, backend=b, **kw)) for b in ("triton", "cuda")}
+        p = {b: (lambda b=b: ops.ddpm_step(x, m, t, sched, backend=b, **kw)) for b in backends}
+    elif case.op == "ddim_step":
+        x, m, z, t = args
+        prev = (t - 20).clamp(min=-1)
+        kw = dict(eta=float(case.extra["eta"]), noise=z if case.extra["eta"] else "none")
+        eager = lambda: ops.ddim_step(x, m, t, sched, prev, backend="torch", **kw)
+        p = {b: (lambda b=b: ops.ddim_step(x, m, t, sched, prev, backend=b, **kw)) for b in backends}
     elif case.op == "group_norm_silu":
-        x, w, b_ = args
-        G = 32
-        eager = lambda: F.silu(F.group_norm(x, G, w, b_))
-        p = {b: (lambda b=b: ops.group_norm_silu(x, G, w, b_, backend=b)) for b in ("triton", "cuda")}
+        fused = {b: (lambda x, w, bb, b=b: ops.group_norm_silu(x, G, w, bb, backend=b)) for b in backends}
+        ref = lambda x, w, bb: F.silu(F.group_norm(x, G, w, bb))
+        if case.backward:
+            *leaves, dy = args
+            p = {b: _fwd_bwd(f, leaves, dy) for b, f in fused.items()}
+            eager = _fwd_bwd(ref, leaves, dy)
+        else:
+            p = {b: (lambda f=f: f(*args)) for b, f in fused.items()}
+            eager = lambda: ref(*args)
     else:
-        q, k, v = args
-        eager = lambda: reference.attention(q, k, v)
-        p = {b: (lambda b=b: ops.attention(q, k, v, backend=b)) for b in ("triton", "cuda")}
+        fused = {b: (lambda q, k, v, b=b: ops.attention(q, k, v, backend=b)) for b in backends}
+        fused["sdpa"] = F.scaled_dot_product_attention  # PyTorch's own choice of fused kernel, called directly
+        if case.backward:
+            *leaves, dy = args
+            p = {b: _fwd_bwd(f, leaves, dy) for b, f in fused.items()}
+            eager = _fwd_bwd(reference.attention, leaves, dy)
+        else:
+            p = {b: (lambda f=f: f(*args)) for b, f in fused.items()}
+            eager = lambda: reference.attention(*args)
     p["torch eager"] = eager
-    if case.extra.get("noise") != "philox":  # compiling the int64 Philox reference takes minutes: skip it
+    # compiling the int64 Philox reference takes minutes: skip it
+    if compile and case.extra.get("noise") != "philox":
         p["torch.compile"] = torch.compile(eager)
     return p
 
 
 def reference64(case: Case, sched, args):
-    from fastddpm import ops
+    """The float64 result on the device (the gradients for a backward case)."""
     from fastddpm.ops import reference
 
     if case.op == "q_sample":
@@ -128,106 +184,162 @@ def reference64(case: Case, sched, args):
         x, m, z, t = args
         philox = case.extra.get("noise") == "philox"
         zz = reference.philox_normal(x.shape, 1, 0, x.device) if philox else z.double()
+        # seed, offset, noise_mode (1: the tensor zz), prediction (epsilon), variance (fixed_small), no clip
         return reference.ddpm_step(x.double(), m.double(), t, t - 1, sched.alphas_cumprod.double(), zz, None,
                                    0, 0, 1, 0, 0, 0.0, False)[0]
+    if case.op == "ddim_step":
+        x, m, z, t = args
+        eta = float(case.extra["eta"])
+        # final abar 1, noise tensor (mode 1) or none (0), epsilon, no clip, no clipped model output
+        return reference.ddim_step(x.double(), m.double(), t, (t - 20).clamp(min=-1), sched.alphas_cumprod.double(),
+                                   1.0, z.double(), 0, 0, 1 if eta else 0, 0, eta, 0.0, False, False)[0]
     if case.op == "group_norm_silu":
-        x, w, b = args
-        return F.silu(F.group_norm(x.double(), 32, w.double(), b.double()))
-    q, k, v = args
-    return ops.reference.attention(q.double(), k.double(), v.double())
+        f = lambda x, w, b: F.silu(F.group_norm(x, 32, w, b))
+    else:
+        f = reference.attention
+    if case.backward:
+        *leaves, dy = args
+        leaves64 = [a.detach().double().requires_grad_() for a in leaves]
+        return torch.autograd.grad(f(*leaves64), leaves64, dy.double())
+    return f(*(a.double() for a in args))
 
 
-def error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max(max |ref|, 1)."""
+def error(out, ref) -> float:
+    """max |out - ref| / max(max |ref|, 1); for tuples (gradients) the worst of the elements."""
+    if isinstance(ref, (tuple, list)):
+        return max(error(o, r) for o, r in zip(out, ref))
     return ((out.double() - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def tolerance(case: Case, provider: str) -> float:
+    """The bound a provider's error must stay within: the dtype's, 5x for torch's own implementations (which
+    round every intermediate), 4x more for gradients (several reductions in a row)."""
+    tol = TOL[case.dtype] * (5 if provider.startswith("torch") else 1)
+    return tol * (4 if case.backward else 1)
+
+
+def rates(case: Case, ms: float, device: dict) -> dict:
+    """GB/s and TFLOP/s of one timed call, and their fractions of the device's measured rates (pure)."""
+    out = {"gbps": case.bytes_moved / ms * 1e-6 if case.bytes_moved else float("nan"),
+           "tflops": case.flops / ms * 1e-9 if case.flops else float("nan")}
+    out["bw_frac"] = out["gbps"] / device["copy_gbps"] if device.get("copy_gbps") else float("nan")
+    peak = device.get({torch.float32: "fp32_tflops", torch.float16: "fp16_tflops",
+                       torch.bfloat16: "bf16_tflops"}[case.dtype])
+    out["flops_frac"] = out["tflops"] / peak if peak and case.flops else float("nan")
+    return out
+
+
+def check_and_time(case: Case, dev, bench: Callable[[Callable], float], device_rates_: dict,
+                   backends=BACKENDS, compile: bool = True) -> list[dict]:
+    """Rows for one case: each provider's error against float64 on ``dev``, then its time via ``bench``."""
+    sched, args = _inputs(case, dev)
+    ref = reference64(case, sched, args)
+    rows = []
+    for name, fn in providers(case, sched, args, backends, compile).items():
+        row = dict(op=case.label, shape="x".join(map(str, case.shape)), dtype=str(case.dtype).replace("torch.", ""),
+                   provider=name)
+        try:
+            out = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            err = error(out, ref)
+            row["err"] = err
+            row["ok"] = "yes" if err <= tolerance(case, name) else "NO"
+            ms = bench(fn)
+            row["ms"] = ms
+            row.update(rates(case, ms, device_rates_))
+        except Exception as exc:  # noqa: BLE001  (a backend that cannot serve the case is a row, not a stop)
+            row["ok"] = f"error: {type(exc).__name__}: {str(exc)[:80]}"
+        rows.append(row)
+    return rows
 
 
 def render_table(rows: list[dict]) -> str:
     """The final short table (pure)."""
-    head = f"{'op':16} {'shape':18} {'dtype':9} {'provider':14} {'ms':>9} {'GB/s':>7} {'TFLOP/s':>8} {'err':>9} ok"
+    head = (f"{'op':28} {'shape':18} {'dtype':9} {'provider':14} {'ms':>9} {'GB/s':>7} {'%bw':>5} "
+            f"{'TFLOP/s':>8} {'%mm':>5} {'err':>9} ok")
     lines = [head, "-" * len(head)]
-    def num(r, key, fmt):
+
+    def num(r, key, fmt, scale=1.0):
         v = r.get(key)
-        return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
+        return format(v * scale, fmt) if isinstance(v, (int, float)) and v == v else "-"
 
     for r in rows:
-        lines.append(f"{r['op']:16} {r['shape']:18} {r['dtype']:9} {r['provider']:14} {num(r, 'ms', '9.4f')} "
-                     f"{num(r, 'gbps', '7.0f')} {num(r, 'tflops', '8.1f')} {num(r, 'err', '9.2e')} {r.get('ok', '-')}")
+        lines.append(f"{r['op']:28} {r['shape']:18} {r['dtype']:9} {r['provider']:14} {num(r, 'ms', '9.4f')} "
+                     f"{num(r, 'gbps', '7.0f')} {num(r, 'bw_frac', '5.0f', 100)} {num(r, 'tflops', '8.1f')} "
+                     f"{num(r, 'flops_frac', '5.0f', 100)} {num(r, 'err', '9.2e')} {r.get('ok', '-')}")
     return "\n".join(lines)
 
 
 def device_rates(dev) -> dict:
+    """The device's copy bandwidth (read + write) and matmul rates, measured (not from a spec sheet)."""
     import triton.testing
 
     n = 256 * 2**20
     a = torch.empty(n, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a))
-    x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    ms_mm = triton.testing.do_bench(lambda: x @ x)
-    return {"copy_gbps": 2 * n / ms * 1e-6, "bf16_tflops": 2 * 8192**3 / ms_mm * 1e-9}
-
-
-TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+    out = {"copy_gbps": 2 * n / triton.testing.do_bench(lambda: b.copy_(a)) * 1e-6}
+    N = 8192
+    for key, dt, tf32 in (("fp32_tflops", torch.float32, False), ("tf32_tflops", torch.float32, True),
+                          ("bf16_tflops", torch.bfloat16, False), ("fp16_tflops", torch.float16, False)):
+        x = torch.randn(N, N, device=dev, dtype=dt)
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            out[key] = 2 * N**3 / triton.testing.do_bench(lambda x=x: x @ x) * 1e-9
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        del x
+    return out
 
 
 def run(quick: bool, csv_path: str | None) -> list[dict]:
     import triton.testing
 
     dev = torch.device("cuda")
-    rates = device_rates(dev)
+    dr = device_rates(dev)
     print(f"# {machine()}")
-    print(f"# measured: copy {rates['copy_gbps']:.0f} GB/s, bf16 matmul {rates['bf16_tflops']:.0f} TFLOP/s", flush=True)
+    print("# measured: copy {copy_gbps:.0f} GB/s; matmul fp32 {fp32_tflops:.0f}, tf32 {tf32_tflops:.0f}, "
+          "bf16 {bf16_tflops:.0f}, fp16 {fp16_tflops:.0f} TFLOP/s".format(**dr), flush=True)
     rows = []
     for case in plan(quick):
-        sched, args = _inputs(case, dev)
-        ref = reference64(case, sched, args)
-        for name, fn in providers(case, sched, args).items():
-            row = dict(op=case.op + (f"[{case.extra['noise']}]" if case.extra else ""),
-                       shape="x".join(map(str, case.shape)), dtype=str(case.dtype).replace("torch.", ""),
-                       provider=name)
-            try:
-                out = fn()
-                torch.cuda.synchronize()
-                err = error(out, ref)
-                row["err"] = err
-                row["ok"] = "yes" if err <= TOL[case.dtype] * (5 if name.startswith("torch") else 1) else "NO"
-                ms = triton.testing.do_bench(fn)
-                row["ms"] = ms
-                row["gbps"] = case.bytes_moved / ms * 1e-6 if case.bytes_moved else float("nan")
-                row["tflops"] = case.flops / ms * 1e-9 if case.flops else float("nan")
-            except Exception as exc:  # noqa: BLE001
-                row["ok"] = f"error: {type(exc).__name__}: {str(exc)[:80]}"
+        for row in check_and_time(case, dev, triton.testing.do_bench, dr):
             rows.append(row)
             print(row, flush=True)
     rows += whole_step(dev)
     print()
     print(render_table(rows))
     if csv_path:
-        write_csv(csv_path, [{**r, **rates} for r in rows])
+        write_csv(csv_path, [{**r, **dr} for r in rows])
     return rows
 
 
-def whole_step(dev) -> list[dict]:
-    """One denoising step of the CIFAR-10 U-Net at batch 16, eager vs CUDA graph."""
+def whole_step(dev, reps: int = 3) -> list[dict]:
+    """One denoising step of the CIFAR-10 U-Net at batch 16 (fastddpm.sample, 20 steps, median of ``reps``
+    runs after a warm-up), eager and replaying a CUDA graph of the step."""
     rows = []
     try:
         import fastddpm
 
         model = fastddpm.UNet.ddpm_cifar10().to(dev).eval()
-        for steps, graph in ((20, False), (20, True)):
-            kw = dict(steps=steps, seed=0, progress=False, device=dev)
-            if graph:
-                kw["cuda_graph"] = True
+        steps = 20
+        for graph in (False, True):
+            kw = dict(steps=steps, seed=0, progress=False, device=dev, cuda_graph=graph)
+            ts = []
             with torch.no_grad():
                 fastddpm.sample(model, (16, 3, 32, 32), **kw)  # warm-up (and capture)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fastddpm.sample(model, (16, 3, 32, 32), **kw)
-                torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) / steps * 1e3
+                for _ in range(reps):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    fastddpm.sample(model, (16, 3, 32, 32), **kw)
+                    torch.cuda.synchronize()
+                    ts.append(time.perf_counter() - t0)
             rows.append(dict(op="unet+step", shape="16x3x32x32", dtype="float32",
-                             provider="cuda graph" if graph else "eager", ms=ms, ok="-"))
+                             provider="cuda graph" if graph else "eager",
+                             ms=statistics.median(ts) / steps * 1e3, ok="-"))
             print(rows[-1], flush=True)
     except Exception as exc:  # noqa: BLE001
         rows.append(dict(op="unet+step", shape="16x3x32x32", dtype="float32", provider="-",
@@ -238,7 +350,7 @@ def whole_step(dev) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one shape per op, two dtypes")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes, two dtypes")
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -68,7 +68,7 @@ def _load_plugins() -> None:
     # Subcommands defined in other modules register themselves on import.
     import importlib
 
-    for mod in ("fastddpm.train.cli", "fastddpm.sampling_cli", "fastddpm.eval.cli", "benchmarks.cli"):
+    for mod in ("fastddpm.train.cli", "fastddpm.sampling_cli", "fastddpm.eval.cli", "fastddpm.bench.cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

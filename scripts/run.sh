@@ -3,8 +3,11 @@
 #   bash scripts/run.sh demo    set up .venv, build, run `fastddpm info`, sample digits from the
 #                               shipped model (digits.png) and write the forward-diffusion strip
 #   bash scripts/run.sh test    set up .venv, build, run ruff, ctest and pytest
+#   bash scripts/run.sh bench   set up .venv, build, run the quick benchmark suite (python -m benchmarks.run):
+#                               append its rows to benchmarks/results/bench_*.csv, redraw the plots there and
+#                               put the table into README.md (the Performance section)
 #   bash scripts/run.sh setup   set up .venv and build only
-# Extra arguments after `test` go to pytest.
+# Extra arguments after `test` go to pytest, after `bench` to benchmarks.run (e.g. --full, --only NAME).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${FASTDDPM_VENV:-.venv}"
@@ -40,6 +43,14 @@ cmd="${1:-test}"
 shift || true
 case "$cmd" in
   setup) setup ;;
+  bench)
+    setup
+    # Timings are taken while no other job that honours this lock runs (the lock is shared by this
+    # machine's test and benchmark runs); the report records the load average either way.
+    lock=()
+    if command -v flock >/dev/null; then lock=(flock -x /tmp/fastddpm-quiet.lock); fi
+    "${lock[@]}" "$PY" -m benchmarks.run --csv --plot --readme "$@"
+    ;;
   demo)
     setup
     "$VENV/bin/fastddpm" info
@@ -55,5 +66,5 @@ case "$cmd" in
     echo "== pytest"
     "$PY" -m pytest -q "$@"
     ;;
-  *) echo "usage: bash scripts/run.sh demo|test|setup" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/run.sh demo|test|bench|setup" >&2; exit 2 ;;
 esac

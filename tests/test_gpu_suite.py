@@ -1,9 +1,13 @@
-"""The CPU-runnable parts of benchmarks/gpu_suite.py: planning, table rendering, refusal without a GPU."""
+"""The CPU-runnable parts of benchmarks/gpu_suite.py: planning, inputs, providers and float64 references
+(on the CPU backends), rates, table rendering, CSV rows, refusal without a GPU."""
 
+import csv
+import dataclasses
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,30 +16,96 @@ sys.path.insert(0, ROOT)
 from benchmarks import gpu_suite  # noqa: E402
 
 
-def test_plan_covers_every_op_and_dtype():
+def test_plan_covers_every_op_mode_and_dtype():
     cases = gpu_suite.plan()
-    assert {c.op for c in cases} == {"q_sample", "ddpm_step", "group_norm_silu", "attention"}
+    kinds = {(c.op, c.label) for c in cases}
+    assert {c.op for c in cases} == {"q_sample", "ddpm_step", "ddim_step", "group_norm_silu", "attention"}
+    for label in ("ddpm_step[noise=tensor]", "ddpm_step[noise=philox]", "ddim_step[eta=0]", "ddim_step[eta=1]",
+                  "group_norm_silu", "group_norm_silu[backward]", "attention", "attention[backward]"):
+        assert label in {k[1] for k in kinds}, label
     assert {c.dtype for c in cases} == {torch.float32, torch.float16, torch.bfloat16}
     for c in cases:
         assert c.bytes_moved > 0
         if c.op == "attention":
             B, H, N, d = c.shape
-            assert c.flops == 4.0 * B * H * N * N * d
-    assert len(gpu_suite.plan(quick=True)) < len(cases)
+            assert c.flops == 4.0 * B * H * N * N * d * (3.5 if c.backward else 1.0)
+    quick = gpu_suite.plan(quick=True)
+    assert len(quick) < len(cases)
+    assert {c.label for c in quick} >= {"q_sample", "ddpm_step[noise=philox]", "ddim_step[eta=0]",
+                                         "group_norm_silu[backward]", "attention[backward]"}
+    assert any(c.shape == (64, 3, 256, 256) for c in quick)  # a bandwidth-bound size, not only launch-bound
+
+
+def _small(case):
+    shape = {"q_sample": (2, 3, 8, 8), "ddpm_step": (2, 3, 8, 8), "ddim_step": (2, 3, 8, 8),
+             "group_norm_silu": (2, 64, 4, 4), "attention": (2, 1, 16, 8)}[case.op]
+    return dataclasses.replace(case, shape=shape)
+
+
+def _kinds():
+    seen = {}
+    for c in gpu_suite.plan():
+        seen.setdefault((c.label, c.dtype), _small(c))
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("case", _kinds(),
+                         ids=lambda c: f"{c.label}-{str(c.dtype).replace('torch.', '')}")
+def test_providers_match_float64_on_cpu(case):
+    """The suite's own inputs, providers and float64 references, run on the CPU backends: every provider
+    must be within its bound (so a wrong reference or a mis-wired provider fails here, not on the GPU)."""
+    dev = torch.device("cpu")
+    rows = gpu_suite.check_and_time(case, dev, bench=lambda fn: 1.0, device_rates_={"copy_gbps": 10.0},
+                                    backends=("cpu",), compile=False)
+    names = {r["provider"] for r in rows}
+    assert {"cpu", "torch eager"} <= names and ("sdpa" in names) == (case.op == "attention")
+    for r in rows:
+        assert r["ok"] == "yes", r
+        assert r["ms"] == 1.0 and r["gbps"] == case.bytes_moved * 1e-6 and r["bw_frac"] == r["gbps"] / 10.0
+
+
+def test_a_wrong_result_is_flagged():
+    case = _small(gpu_suite.plan(quick=True)[0])
+    sched, args = gpu_suite._inputs(case, torch.device("cpu"))
+    ref = gpu_suite.reference64(case, sched, args)
+    assert gpu_suite.error(ref.float(), ref) < gpu_suite.tolerance(case, "cuda")
+    assert gpu_suite.error(ref.float() * 1.001, ref) > gpu_suite.tolerance(case, "cuda")
+
+
+def test_rates_and_fractions():
+    c = gpu_suite.Case("attention", (1, 1, 4, 2), torch.bfloat16, bytes_moved=2_000_000, flops=4e9)
+    r = gpu_suite.rates(c, 2.0, {"copy_gbps": 4.0, "bf16_tflops": 8.0, "fp32_tflops": 1.0})
+    assert r["gbps"] == 1.0 and r["bw_frac"] == 0.25
+    assert r["tflops"] == 2.0 and r["flops_frac"] == 0.25  # 4 GFLOP in 2 ms
+    r = gpu_suite.rates(gpu_suite.Case("q_sample", (1,), torch.float32, bytes_moved=8), 1.0, {})
+    assert r["tflops"] != r["tflops"] and r["bw_frac"] != r["bw_frac"]  # NaN where nothing to count
 
 
 def test_render_table():
     rows = [dict(op="q_sample", shape="16x3x32x32", dtype="float32", provider="triton", ms=0.01, gbps=150.0,
-                 tflops=float("nan"), err=1e-7, ok="yes"),
+                 bw_frac=0.05, tflops=float("nan"), err=1e-7, ok="yes"),
             dict(op="attention", shape="1x1x64x512", dtype="float16", provider="cuda", ok="error: X")]
     text = gpu_suite.render_table(rows)
-    assert "q_sample" in text and "150" in text and "error: X" in text
+    assert "q_sample" in text and "150" in text and " 5 " in text and "error: X" in text
     assert len(text.splitlines()) == 4
+
+
+def test_csv_rows(tmp_path):
+    p = tmp_path / "g.csv"
+    rows = [dict(op="q_sample", provider="cuda", ms=0.02, ok="yes")]
+    gpu_suite.write_csv(str(p), [{**r, "copy_gbps": 3000.0} for r in rows])
+    gpu_suite.write_csv(str(p), rows)
+    with open(p, newline="") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 2 and got[0]["copy_gbps"] == "3000.0" and got[1]["copy_gbps"] == ""
+    assert got[0]["machine"] and got[0]["date"] and got[0]["torch"]
 
 
 def test_error_metric():
     ref = torch.tensor([2.0, -4.0], dtype=torch.float64)
     assert abs(gpu_suite.error(torch.tensor([2.0, -4.5]), ref) - 0.5 / 4) < 1e-12
+    assert gpu_suite.error((torch.tensor([2.0]), torch.tensor([1.5])),
+                           (torch.tensor([2.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))) == 0.5
 
 
 def test_refuses_clearly_without_gpu():

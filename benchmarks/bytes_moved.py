@@ -1,0 +1,155 @@
+"""Bytes each fused op moves against the eager sequence it replaces: the GPU analysis in the README.
+
+    python benchmarks/bytes_moved.py [--bandwidth GBPS] [--markdown FILE]
+
+Runs each implementation once on the CPU under fastddpm.bench.countops.Traffic, which adds up, kernel by
+kernel, the tensors every non-view operator reads and writes (no reuse between kernels through a cache,
+as on a GPU for tensors larger than its L2). Shapes are the U-Net's at a size where bytes, not launches,
+bound a GPU. The minimum is what the op must move at least: its inputs read once and its outputs written
+once (ddpm_step: x_t and the model output read, x_{t-1} written; 4 tensors with a noise tensor). Each
+kernel's inputs count once: a fused kernel that reads its input twice (the two-pass GroupNorm+SiLU
+kernels: statistics, then the output) moves more than it shows here. "Floor" is the total divided by the
+copy bandwidth (default: 2,947 GB/s, measured on an H100 by benchmarks/gpu_suite.py), the time no
+kernel can beat; the kernel count times a launch (~5 us from Python) is the other floor at small sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastddpm import NoiseSchedule, ops  # noqa: E402
+from fastddpm.bench.countops import traffic  # noqa: E402
+from fastddpm.bench.ops import eager_add_noise  # noqa: E402
+from fastddpm.ops import reference  # noqa: E402
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f}"
+
+
+def rows() -> list[dict]:
+    """(case, implementation, kernels, read, written, minimum) for each op and the whole step."""
+    import diffusers
+
+    out = []
+    g = torch.Generator().manual_seed(0)
+    sched = NoiseSchedule()
+    dsched = diffusers.DDPMScheduler()
+
+    def add(case, impl, fn, minimum, grad=False):
+        t = traffic(fn, grad=grad)
+        out.append(dict(case=case, impl=impl, kernels=t.kernels, read=t.read, written=t.written, minimum=minimum))
+
+    img = (64, 3, 256, 256)
+    n4 = torch.Size(img).numel() * 4
+    x0, eps = torch.randn(img, generator=g), torch.randn(img, generator=g)
+    t = torch.randint(0, 1000, (img[0],), generator=g)
+    case = "q_sample 64x3x256x256"
+    add(case, "eager (diffusers add_noise)", lambda: eager_add_noise(x0, eps, t, sched.alphas_cumprod), 3 * n4)
+    add(case, "fastddpm (fused)", lambda: ops.q_sample(x0, t, eps, sched), 3 * n4)
+    case = "q_sample + v target 64x3x256x256"
+    add(case, "eager (add_noise + get_velocity)",
+        lambda: (dsched.add_noise(x0, eps, t), dsched.get_velocity(x0, eps, t)), 4 * n4)
+    add(case, "fastddpm (fused, target='v')", lambda: ops.q_sample(x0, t, eps, sched, target="v"), 4 * n4)
+
+    xt, m, z = torch.randn(img, generator=g), torch.randn(img, generator=g), torch.randn(img, generator=g)
+    case = "ddpm_step 64x3x256x256"
+    add(case, "diffusers step (draws its noise)", lambda: dsched.step(m, 500, xt, generator=g).prev_sample, 3 * n4)
+    add(case, "fastddpm, noise tensor (fused)", lambda: ops.ddpm_step(xt, m, 500, sched, noise=z, clip_sample=True),
+        4 * n4)
+    add(case, "fastddpm, in-kernel Philox (fused)",
+        lambda: ops.ddpm_step(xt, m, 500, sched, noise="philox", seed=1, clip_sample=True), 3 * n4)
+
+    gshape = (64, 256, 32, 32)
+    gn = torch.Size(gshape).numel() * 4
+    x = torch.randn(gshape, generator=g)
+    w, b = torch.randn(256, generator=g), torch.randn(256, generator=g)
+    case = "group_norm_silu fwd 64x256x32x32"
+    add(case, "eager (group_norm, silu)", lambda: F.silu(F.group_norm(x, 32, w, b)), 2 * gn)
+    add(case, "fastddpm (fused)", lambda: ops.group_norm_silu(x, 32, w, b), 2 * gn)
+    xg, wg, bg = (a.clone().requires_grad_() for a in (x, w, b))
+    dy = torch.randn(gshape, generator=g)
+    case = "group_norm_silu fwd+bwd 64x256x32x32"
+    # minimum: forward reads x, writes y; backward reads x (recomputing from it) and dy, writes dx
+    add(case, "eager (autograd of group_norm, silu)",
+        lambda: torch.autograd.grad(F.silu(F.group_norm(xg, 32, wg, bg)), (xg, wg, bg), dy), 5 * gn, grad=True)
+    add(case, "fastddpm (fused forward and backward)",
+        lambda: torch.autograd.grad(ops.group_norm_silu(xg, 32, wg, bg), (xg, wg, bg), dy), 5 * gn, grad=True)
+
+    B, N, d = 16, 1024, 256
+    q, k, v = (torch.randn(B, 1, N, d, generator=g) for _ in range(3))
+    an = B * N * d * 4
+    case = "attention fwd 16x1x1024x256"
+    add(case, "materialised (softmax(QK^T) V)", lambda: reference.attention(q, k, v), 4 * an)
+    add(case, "fastddpm (fused: no N x N scores)", lambda: ops.attention(q, k, v), 4 * an)
+    qg, kg, vg = (a.clone().requires_grad_() for a in (q, k, v))
+    do = torch.randn(B, 1, N, d, generator=g)
+    case = "attention fwd+bwd 16x1x1024x256"
+    # minimum: forward reads q, k, v, writes o; backward reads q, k, v, o, do, writes dq, dk, dv
+    add(case, "materialised (autograd)",
+        lambda: torch.autograd.grad(reference.attention(qg, kg, vg), (qg, kg, vg), do), 12 * an, grad=True)
+    add(case, "fastddpm (fused forward and backward)",
+        lambda: torch.autograd.grad(ops.attention(qg, kg, vg), (qg, kg, vg), do), 12 * an, grad=True)
+
+    # the whole denoising step of the CIFAR-10 U-Net at batch 16, the same weights
+    from fastddpm.bench.models import network
+    from fastddpm.compat.diffusers import to_diffusers
+
+    net = network("cifar10")
+    ours, theirs = net.ours, to_diffusers(net.ours).eval()
+    xs = torch.randn(16, 3, 32, 32, generator=g)
+    tb = torch.full((16,), 500)
+    fs = dict(sched=fastddpm_scheduler())
+    case = "denoising step, CIFAR-10 U-Net, batch 16"
+    add(case, "diffusers (UNet2DModel + DDPMScheduler.step)",
+        lambda: dsched.step(theirs(xs, tb).sample, 500, xs, generator=g).prev_sample, float("nan"))
+    add(case, "fastddpm (UNet + fused step)",
+        lambda: fs["sched"].step(ours(xs, tb), 500, xs, generator=g).prev_sample, float("nan"))
+    return out
+
+
+def fastddpm_scheduler():
+    import fastddpm
+
+    return fastddpm.DDPMScheduler()
+
+
+def render(rs: list[dict], bandwidth_gbps: float) -> str:
+    lines = ["| op (fp32) | implementation | kernels | MB read | MB written | MB moved | x minimum | floor at "
+             f"{bandwidth_gbps:,.0f} GB/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rs:
+        tot = r["read"] + r["written"]
+        ratio = f"{tot / r['minimum']:.2f}x" if r["minimum"] == r["minimum"] else "-"
+        floor = tot / (bandwidth_gbps * 1e9) * 1e6
+        lines.append(f"| {r['case']} | {r['impl']} | {r['kernels']} | {_mb(r['read'])} | {_mb(r['written'])} | "
+                     f"{_mb(tot)} | {ratio} | {floor:,.0f} µs |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bandwidth", type=float, default=2947.0, metavar="GBPS",
+                    help="copy bandwidth for the floor column (default: 2947, an H100's, measured)")
+    ap.add_argument("--markdown", default=None, metavar="FILE")
+    a = ap.parse_args(argv)
+    if not a.bandwidth > 0:
+        ap.error(f"--bandwidth: expected a positive number, got {a.bandwidth}")
+    text = render(rows(), a.bandwidth)
+    print(text)
+    if a.markdown:
+        from fastddpm._io import atomic_path
+
+        with atomic_path(a.markdown) as tmp, open(tmp, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""The benchmark suite from a checkout: `python -m benchmarks.run [options]`.
+
+The same suite and options as `fastddpm bench` (its core lives in the package, fastddpm/bench/, so that
+the command works from an installed fastddpm), plus what only makes sense in the repository:
+
+    --plot      draw benchmarks/results/bench_*.png from the CSVs after the run
+    --readme    put the report into README.md between the `fastddpm-bench` markers
+
+`bash scripts/run.sh bench` runs the quick suite with --csv --plot --readme: the one command that
+regenerates the README's Performance table and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fastddpm.bench.cli import add_arguments, execute  # noqa: E402
+from fastddpm.cli import UsageError  # noqa: E402
+
+BEGIN, END = "<!-- fastddpm-bench:begin -->", "<!-- fastddpm-bench:end -->"
+
+
+def replace_between_markers(text: str, body: str) -> str:
+    """``text`` with what lies between the markers replaced by ``body`` (ValueError if they are missing)."""
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i:
+        raise ValueError(f"README.md: the markers {BEGIN} ... {END} are missing")
+    return text[: i + len(BEGIN)] + "\n" + body.strip() + "\n" + text[j:]
+
+
+def update_readme(path: str, body: str) -> None:
+    from fastddpm._io import atomic_path
+
+    with open(path) as f:
+        text = f.read()
+    new = replace_between_markers(text, body)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(new)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    ap.add_argument("--plot", action="store_true", help="draw benchmarks/results/bench_*.png after the run")
+    ap.add_argument("--readme", action="store_true", help="put the report into README.md between the markers")
+    args = ap.parse_args(argv)
+    if (args.plot or args.readme) and args.list:
+        ap.error("--list: not with --plot or --readme")
+    if args.plot and args.csv is None:
+        ap.error("--plot: draws from the CSVs, so it needs --csv")
+    readme = os.path.join(ROOT, "README.md")
+    if args.readme:
+        with open(readme) as f:
+            if BEGIN not in f.read():
+                ap.error(f"--readme: {readme} has no {BEGIN} marker")
+    try:
+        rows, header, text = execute(args)
+    except UsageError as exc:
+        print(f"python -m benchmarks.run: error: {exc}", file=sys.stderr)
+        return 2
+    if args.list:
+        return 0
+    if args.plot:
+        from fastddpm.bench.plot import plot
+
+        for p in plot(os.path.join(args.csv, "bench_timings.csv"), os.path.join(args.csv, "bench_counts.csv"),
+                      args.csv, run=header.get("date")):
+            print(f"wrote {p}", file=sys.stderr)
+    if args.readme:
+        update_readme(readme, text)
+        print(f"updated {readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

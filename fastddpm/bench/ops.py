@@ -1,0 +1,209 @@
+"""Providers of the per-op benchmarks: each op as fastddpm runs it and as its peers do.
+
+A provider is a zero-argument callable over inputs made once (fresh random values, never zeros). The
+per-op scripts in benchmarks/ and the `fastddpm bench` suite both take their providers from here.
+Bytes counted for GB/s are the minimum each op must move (reads + writes of whole tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import NoiseSchedule, ops
+from ..ops import reference
+
+Providers = dict[str, Callable[[], object]]
+
+
+def _schedule() -> NoiseSchedule:
+    return NoiseSchedule()
+
+
+# ----------------------------------------------------------------------------- q_sample
+def eager_add_noise(x0, noise, t, ac):
+    # diffusers' DDPMScheduler.add_noise, line by line
+    sqrt_alpha_prod = ac[t] ** 0.5
+    sqrt_alpha_prod = sqrt_alpha_prod.flatten()
+    while len(sqrt_alpha_prod.shape) < len(x0.shape):
+        sqrt_alpha_prod = sqrt_alpha_prod.unsqueeze(-1)
+    sqrt_one_minus = (1 - ac[t]) ** 0.5
+    sqrt_one_minus = sqrt_one_minus.flatten()
+    while len(sqrt_one_minus.shape) < len(x0.shape):
+        sqrt_one_minus = sqrt_one_minus.unsqueeze(-1)
+    return sqrt_alpha_prod * x0 + sqrt_one_minus * noise
+
+
+def q_sample_providers(shape, backend: str = "cpu", compile: bool = False, with_v: bool = True,
+                       copy: bool = True) -> Providers:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: reads x0 and eps, writes x_t (and v)."""
+    sched = _schedule()
+    x0, noise = torch.randn(shape), torch.randn(shape)
+    t = torch.randint(0, 1000, (shape[0],))
+    ac = sched.alphas_cumprod
+    eager = lambda: eager_add_noise(x0, noise, t, ac)
+    p: Providers = {
+        "eager (diffusers add_noise)": eager,
+        f"fastddpm {backend}": lambda: ops.q_sample(x0, t, noise, sched, backend=backend),
+    }
+    if with_v:
+        p[f"fastddpm {backend} (x_t and v)"] = lambda: ops.q_sample(x0, t, noise, sched, target="v",
+                                                                    backend=backend)
+    if compile:
+        p["torch.compile (eager)"] = torch.compile(eager)
+    if copy:
+        p["torch copy (same bytes)"] = lambda: x0.clone()
+    return p
+
+
+def q_sample_bytes(shape, provider: str) -> int:
+    n = math.prod(shape)
+    return 4 * n * (4 if "and v" in provider else (2 if "copy" in provider else 3))
+
+
+# ----------------------------------------------------------------------------- ddpm_step
+def ddpm_step_providers(shape, backend: str = "cpu", compile: bool = False, noise: str | None = None
+                        ) -> Providers:
+    """One reverse step at t = 500 (epsilon, fixed_small, clipped x0, as diffusers' defaults).
+
+    ``noise``: "generator" (providers that draw their own noise: diffusers' step with a torch.Generator,
+    fastddpm with the same generator or with in-kernel Philox, and torch.randn alone as the floor),
+    "tensor" (providers given the noise as a tensor: fastddpm's kernel against the reference formula in
+    eager torch and under torch.compile), or None for both sets.
+    """
+    import diffusers
+
+    if noise not in (None, "generator", "tensor"):
+        raise ValueError(f"noise: expected None, 'generator' or 'tensor', got {noise!r}")
+    sched = _schedule()
+    theirs = diffusers.DDPMScheduler()
+    x, m, z = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    t = 500
+    g = torch.Generator().manual_seed(0)
+    kw = dict(clip_sample=True, backend=backend)
+    p: Providers = {}
+    if noise in (None, "generator"):
+        p["diffusers step (generator)"] = lambda: theirs.step(m, t, x, generator=g).prev_sample
+        p[f"fastddpm {backend} (generator)"] = lambda: ops.ddpm_step(x, m, t, sched, generator=g, **kw)
+        p[f"fastddpm {backend} (philox)"] = lambda: ops.ddpm_step(x, m, t, sched, noise="philox", seed=1, **kw)
+    if noise in (None, "tensor"):
+        p[f"fastddpm {backend} (noise tensor)"] = lambda: ops.ddpm_step(x, m, t, sched, noise=z, **kw)
+    if noise == "tensor":
+        tt = torch.full((shape[0],), t)
+        ref = lambda: ops.ddpm_step(x, m, tt, sched, noise=z, clip_sample=True, backend="torch")
+        p["eager (reference, noise tensor)"] = ref
+        if compile:
+            p["torch.compile (reference, noise tensor)"] = torch.compile(ref)
+    if noise in (None, "generator"):
+        p["torch.randn alone"] = lambda: torch.randn(shape, generator=g)
+    return p
+
+
+def ddpm_step_bytes(shape, provider: str) -> int:
+    n = math.prod(shape)
+    if provider == "torch.randn alone":
+        return 4 * n  # the noise written
+    return 4 * n * (4 if "tensor" in provider else 3)  # x_t and the model output read, x_{t-1} written
+
+
+# ----------------------------------------------------------------------------- group_norm_silu
+GN_GROUPS = 32
+
+
+def group_norm_silu_inputs(shape, grad: bool = False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 2 + 1
+    w = torch.randn(shape[1], generator=g)
+    b = torch.randn(shape[1], generator=g)
+    if grad:
+        for a in (x, w, b):
+            a.requires_grad_()
+    return x, w, b
+
+
+def group_norm_silu_providers(shape, compile: bool = False, backward: bool = False) -> Providers:
+    """silu(group_norm(x)) with 32 groups: the fused op, eager, eager with an in-place SiLU, compiled.
+
+    With ``backward`` each call is forward + backward against a fixed upstream gradient (the in-place
+    variant cannot be differentiated and is left out)."""
+    x, w, b = group_norm_silu_inputs(shape, grad=backward)
+    G = GN_GROUPS
+    fns = {
+        "fastddpm": lambda: ops.group_norm_silu(x, G, w, b),
+        "eager": lambda: F.silu(F.group_norm(x, G, w, b)),
+    }
+    if not backward:
+        fns["eager (in-place silu)"] = lambda: F.silu(F.group_norm(x, G, w, b), inplace=True)
+    if compile:
+        fns["torch.compile (eager)"] = torch.compile(lambda: F.silu(F.group_norm(x, G, w, b)))
+    if not backward:
+        return {k: _no_grad(f) for k, f in fns.items()}
+    dy = torch.randn(shape)
+
+    def fwd_bwd(f):
+        def run():
+            f().backward(dy)
+            x.grad = w.grad = b.grad = None
+        return run
+
+    return {k: fwd_bwd(f) for k, f in fns.items()}
+
+
+def group_norm_silu_bytes(shape, backward: bool = False) -> int:
+    # the minimum: forward reads x and writes y; backward reads x and dy and writes dx (a two-pass kernel
+    # reads x, and dy, once more: its statistics pass)
+    n = math.prod(shape)
+    return 4 * n * (2 + (3 if backward else 0))
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_providers_fns() -> dict[str, Callable]:
+    return {
+        "fastddpm": lambda q, k, v: ops.attention(q, k, v),  # auto: backend "cpu" on CPU tensors
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+        "materialised": lambda q, k, v: reference.attention(q, k, v),
+    }
+
+
+def attention_inputs(B, N, d, dtype=torch.float32, device="cpu", grad=False):
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, 1, N, d, generator=g, device=device, dtype=dtype) for _ in range(3))
+    if grad:
+        for x in (q, k, v):
+            x.requires_grad_()
+    return q, k, v
+
+
+def attention_step(fn, q, k, v, backward: bool):
+    if not backward:
+        with torch.no_grad():
+            return fn(q, k, v)
+    o = fn(q, k, v)
+    o.backward(torch.ones_like(o))
+    for x in (q, k, v):
+        x.grad = None
+    return o
+
+
+def attention_providers(B, N, d, compile: bool = False, backward: bool = False) -> Providers:
+    """Single-head attention over (B, 1, N, d), as the DDPM U-Net attends over a feature map."""
+    q, k, v = attention_inputs(B, N, d, grad=backward)
+    fns = attention_providers_fns()
+    if compile:
+        fns["torch.compile (materialised)"] = torch.compile(reference.attention)
+    return {name: (lambda f=f: attention_step(f, q, k, v, backward)) for name, f in fns.items()}
+
+
+def attention_flops(B, N, d, backward: bool = False) -> float:
+    # Q K^T and P V: 2 matmuls of 2 B N^2 d each; backward 2.5x the forward (FlashAttention-2's count)
+    return 4.0 * B * N * N * d * (3.5 if backward else 1.0)
+
+
+def _no_grad(f):
+    def run():
+        with torch.no_grad():
+            return f()
+    return run

@@ -1,0 +1,149 @@
+"""PNG plots from the CSVs that `fastddpm bench --csv` appends to (needs matplotlib).
+
+    python benchmarks/plot.py [--timings CSV] [--counts CSV] [--out DIR] [--run RUN_ID]
+
+One run is plotted (default: the latest in the file, by its run_id):
+
+* ``bench_speedup.png``: each fastddpm provider's speed-up against the best peer of its case, with the
+  interquartile range of the per-round ratios (log scale, 1 = as fast as the best peer);
+* ``bench_end_to_end.png``: images/s of the sampling cases and it/s of the training cases, every provider;
+* ``bench_counts.png``: the GPU cost proxy: aten operators and MB allocated per step, every provider.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+PLOTS = ("bench_speedup.png", "bench_end_to_end.png", "bench_counts.png")
+COLORS = {"ours": "#1f77b4", "peer": "#ff7f0e", "other": "#999999", "bound": "#cccccc"}
+KEY = "blue: fastddpm, orange: peers, grey: own U-Net"
+
+
+def read_rows(path: str | None) -> list[dict]:
+    if not path or not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _f(r: dict, key: str) -> float:
+    try:
+        return float(r.get(key, "nan") or "nan")
+    except ValueError:
+        return float("nan")
+
+
+def latest_run(rows: list[dict]) -> str | None:
+    ids = [r.get("run_id", "") for r in rows if r.get("run_id")]
+    return max(ids) if ids else None
+
+
+def _of_run(rows: list[dict], run: str | None) -> list[dict]:
+    run = run or latest_run(rows)
+    return [r for r in rows if r.get("run_id") == run] if run else rows
+
+
+def _save(fig, path: str) -> str:
+    from .._io import atomic_path
+    from .timing import readable
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+        readable(tmp, path)
+    return path
+
+
+def plot(timings_csv: str | None, counts_csv: str | None, out_dir: str, run: str | None = None) -> list[str]:
+    """Draw the plots of one run; returns the paths written (a plot with no data is not drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    timings = _of_run(read_rows(timings_csv), run)
+    counts = _of_run(read_rows(counts_csv), run)
+    written = []
+    title_run = f" ({timings[0].get('suite', '')} suite, {timings[0].get('run_id', '')})" if timings else ""
+
+    # 1. speed-up of fastddpm's providers against the best peer of each case
+    sp = [r for r in timings if r.get("role") == "ours" and math.isfinite(_f(r, "speedup"))]
+    if sp:
+        fig, ax = plt.subplots(figsize=(8, 0.28 * len(sp) + 1.2))
+        y = list(range(len(sp)))[::-1]
+        v = [_f(r, "speedup") for r in sp]
+        lo = [max(0.0, x - _f(r, "speedup_q1")) for x, r in zip(v, sp)]
+        hi = [max(0.0, _f(r, "speedup_q3") - x) for x, r in zip(v, sp)]
+        ax.barh(y, v, xerr=[lo, hi], color=[COLORS["ours"] if x >= 1 else "#d62728" for x in v], capsize=2)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks(y, [f"{r['workload']} {r['shape']}: {r['provider']}" for r in sp], fontsize=7)
+        ax.set_xlabel("speed-up vs the best peer (x; > 1 faster), IQR of per-round ratios")
+        ax.set_title("fastddpm against the best peer" + title_run, fontsize=9)
+        written.append(_save(fig, os.path.join(out_dir, PLOTS[0])))
+        plt.close(fig)
+
+    # 2. end to end: images/s and it/s, every provider
+    e2e = [r for r in timings if r.get("kind") in ("sampling", "training") and math.isfinite(_f(r, "rate"))]
+    if e2e:
+        groups: dict[str, list[dict]] = {}
+        for r in e2e:
+            groups.setdefault(f"{r['workload']}, {r['shape']}", []).append(r)
+        fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.0 + 0.9 * sum(len(g) for g in groups.values()) / 3),
+                                 squeeze=False)
+        for ax, (name, rs) in zip(axes[:, 0], groups.items()):
+            ys = list(range(len(rs)))[::-1]
+            ax.barh(ys, [_f(r, "rate") for r in rs], color=[COLORS.get(r.get("role", "peer"), "#999999") for r in rs])
+            for y, r in zip(ys, rs):  # training: the peak memory next to the bar
+                if math.isfinite(_f(r, "peak_mib")):
+                    ax.text(_f(r, "rate"), y, f" {_f(r, 'peak_mib'):,.0f} MiB", va="center", fontsize=6)
+            ax.set_yticks(range(len(rs))[::-1], [r["provider"] for r in rs], fontsize=7)
+            ax.set_title(name, fontsize=8, loc="left")
+            ax.set_xlabel(rs[0].get("rate_unit", ""), fontsize=7)
+            ax.tick_params(axis="x", labelsize=7)
+        fig.suptitle(f"End to end ({KEY}; training: peak MiB at the bar)" + title_run, fontsize=9)
+        fig.tight_layout()
+        written.append(_save(fig, os.path.join(out_dir, PLOTS[1])))
+        plt.close(fig)
+
+    # 3. the GPU cost proxy
+    cs = [r for r in counts if math.isfinite(_f(r, "ops"))]
+    if cs:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 0.3 * len(cs) + 1.2), sharey=True)
+        y = list(range(len(cs)))[::-1]
+        col = [COLORS.get(r.get("role", "peer"), "#999999") for r in cs]
+        a1.barh(y, [_f(r, "ops") for r in cs], color=col)
+        a2.barh(y, [_f(r, "bytes") / 1e6 for r in cs], color=col)
+        a1.set_yticks(y, [f"{r['workload']} {r['shape']}: {r['provider']}" for r in cs], fontsize=7)
+        a1.set_xlabel("aten operators dispatched", fontsize=8)
+        a2.set_xlabel("MB of tensors allocated", fontsize=8)
+        fig.suptitle(f"GPU cost proxy per step ({KEY})" + title_run, fontsize=9)
+        fig.tight_layout()
+        written.append(_save(fig, os.path.join(out_dir, PLOTS[2])))
+        plt.close(fig)
+    return written
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="PNG plots from the benchmark CSVs")
+    default = os.path.join("benchmarks", "results")
+    ap.add_argument("--timings", default=os.path.join(default, "bench_timings.csv"), metavar="CSV")
+    ap.add_argument("--counts", default=os.path.join(default, "bench_counts.csv"), metavar="CSV")
+    ap.add_argument("--out", default=default, metavar="DIR", help=f"folder of the PNGs (default: {default})")
+    ap.add_argument("--run", default=None, metavar="RUN_ID", help="the run to plot (default: the latest)")
+    a = ap.parse_args(argv)
+    missing = [p for p in (a.timings, a.counts) if not os.path.exists(p)]
+    if len(missing) == 2:
+        ap.error(f"--timings, --counts: neither {a.timings!r} nor {a.counts!r} exists "
+                 "(write them with `fastddpm bench --csv`)")
+    for path in plot(a.timings, a.counts, a.out, a.run):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""End-to-end workloads: sampling and training, as fastddpm, diffusers and denoising-diffusion-pytorch run them.
+
+Sampling (images/s): ``steps`` denoising steps from noise to images at a batch size.
+
+* ``fastddpm.sample``: fastddpm's U-Net and loop, one fused kernel per step (DDPM, respaced to ``steps``);
+* ``fastddpm DDPMPipeline``: the drop-in pipeline (fastddpm U-Net + fastddpm.DDPMScheduler);
+* ``diffusers DDPMPipeline``: UNet2DModel with the same weights + diffusers.DDPMScheduler;
+* ``denoising-diffusion-pytorch``: GaussianDiffusion.sample with its own U-Net of matching widths
+  (DDPM at 1000 steps; at fewer steps it can only run DDIM, eta = 0; a step costs one U-Net call either way).
+
+Training (it/s, peak memory): one optimisation step at a batch size: draw t and noise, make x_t, predict,
+MSE to the noise, backward, AdamW, gradients freed (zero_grad(set_to_none=True) at the end, so nothing
+but parameters and optimizer state lives between steps). fastddpm as its training driver does it (fused
+q_sample), diffusers as its train_unconditional example does (DDPMScheduler.add_noise + UNet2DModel),
+denoising-diffusion-pytorch through GaussianDiffusion's forward (its loss). The same optimiser
+everywhere; no EMA or gradient clipping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .models import Network, ddpm_pytorch_diffusion, ddpm_pytorch_status, ddpm_pytorch_unet, diffusers_unet
+
+DDP = "denoising-diffusion-pytorch"
+
+
+class Skip(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+def sampling_providers(net: Network, batch: int, steps: int, which: tuple[str, ...] | None = None
+                       ) -> dict[str, Callable[[], object] | Skip]:
+    import diffusers
+
+    import fastddpm
+
+    C, H, W = net.image_shape
+    shape = (batch, C, H, W)
+    ours = net.ours.eval()
+    theirs = diffusers_unet(net)
+    out: dict[str, Callable[[], object] | Skip] = {}
+    out["fastddpm.sample"] = lambda: fastddpm.sample(ours, shape, steps=steps, sampler="ddpm", seed=0,
+                                                     progress=False)
+    pipe = fastddpm.DDPMPipeline(ours, fastddpm.DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    out["fastddpm DDPMPipeline"] = lambda: pipe(batch_size=batch, num_inference_steps=steps, output_type="np",
+                                                generator=torch.Generator().manual_seed(0))
+    dpipe = diffusers.DDPMPipeline(unet=theirs, scheduler=diffusers.DDPMScheduler())
+    dpipe.set_progress_bar_config(disable=True)
+    out["diffusers DDPMPipeline"] = lambda: dpipe(batch_size=batch, num_inference_steps=steps, output_type="np",
+                                                  generator=torch.Generator().manual_seed(0))
+    why = ddpm_pytorch_status()
+    if why:
+        out[DDP] = Skip(why)
+    else:
+        diff = ddpm_pytorch_diffusion(net, sampling_steps=steps).eval()
+        out[DDP] = lambda: diff.sample(batch_size=batch)
+    if which is not None:
+        out = {k: v for k, v in out.items() if k in which}
+    return out
+
+
+def _adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def training_providers(net: Network, batch: int, which: tuple[str, ...] | None = None,
+                       ) -> dict[str, tuple[Callable[[], object], torch.nn.Module, torch.optim.Optimizer] | Skip]:
+    """name -> (step, model, optimizer): step() runs one optimisation step."""
+    import copy
+
+    import diffusers
+
+    from .. import NoiseSchedule, ops
+
+    C, H, W = net.image_shape
+    shape = (batch, C, H, W)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(shape, generator=g) * 2 - 1  # images in [-1, 1]
+    out: dict = {}
+
+    ours = copy.deepcopy(net.ours).train()
+    sched = NoiseSchedule()
+    opt = _adamw(ours)
+
+    def fastddpm_step(model=ours, opt=opt):
+        t = torch.randint(0, 1000, (batch,))
+        noise = torch.randn(shape)
+        xt, target = ops.q_sample(x0, t, noise, sched, target="eps")  # x_t and its target in one pass
+        loss = F.mse_loss(model(xt, t), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    out["fastddpm"] = (fastddpm_step, ours, opt)
+
+    cl = copy.deepcopy(net.ours).train().to(memory_format=torch.channels_last)
+    opt_cl = _adamw(cl)
+    out["fastddpm channels_last"] = (lambda: fastddpm_step(cl, opt_cl), cl, opt_cl)
+
+    theirs = diffusers_unet(net).train()
+    dsched = diffusers.DDPMScheduler()
+    dopt = _adamw(theirs)
+
+    def diffusers_step():
+        t = torch.randint(0, 1000, (batch,))
+        noise = torch.randn(shape)
+        xt = dsched.add_noise(x0, noise, t)
+        loss = F.mse_loss(theirs(xt, t).sample, noise)
+        loss.backward()
+        dopt.step()
+        dopt.zero_grad(set_to_none=True)
+        return loss
+
+    out["diffusers"] = (diffusers_step, theirs, dopt)
+
+    why = ddpm_pytorch_status()
+    if why:
+        out[DDP] = Skip(why)
+    else:
+        diff = ddpm_pytorch_diffusion(net, ddpm_pytorch_unet(net).train()).train()
+        popt = _adamw(diff.model)
+        x01 = (x0 + 1) / 2  # it takes images in [0, 1] and normalises them itself
+
+        def ddp_step():
+            loss = diff(x01)
+            loss.backward()
+            popt.step()
+            popt.zero_grad(set_to_none=True)
+            return loss
+
+        out[DDP] = (ddp_step, diff.model, popt)
+    if which is not None:
+        out = {k: v for k, v in out.items() if k in which}
+    return out
+
+
+def persistent_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Parameters and optimizer state: what lives between steps (each step frees its gradients)."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for st in opt.state.values():
+        n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+    return n
+
+
+def denoising_step_counters(net: Network, batch: int, steps: int = 4) -> dict[str, Callable[[], object] | Skip]:
+    """Sampling runs of ``steps`` steps to count operators per denoising step (divide by ``steps``)."""
+    return sampling_providers(net, batch, steps, which=("fastddpm.sample", "fastddpm DDPMPipeline",
+                                                        "diffusers DDPMPipeline", DDP))
+
+
+def unet_forward_providers(net: Network, batch: int) -> dict[str, Callable[[], object] | Skip]:
+    """One U-Net forward (eval, no_grad) per provider, the same weights for all but the last."""
+    from .models import unet_variants
+
+    C, H, W = net.image_shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, C, H, W, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    out: dict = {}
+    for name, m in unet_variants(net.ours).items():
+        m.eval()
+        xx = x.to(memory_format=torch.channels_last) if name == "fastddpm-cl" else x
+        out[name] = _forward(m, xx, t)
+    why = ddpm_pytorch_status()
+    out[DDP] = Skip(why) if why else _forward(ddpm_pytorch_unet(net), x, t)
+    return out
+
+
+def _forward(m, x, t):
+    def run():
+        with torch.no_grad():
+            y = m(x, t)
+        return y.sample if hasattr(y, "sample") else y
+    return run

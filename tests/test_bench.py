@@ -1,0 +1,343 @@
+"""`fastddpm bench`: the smoke suite end to end, the CSV appends, the plots, the tables, the command line.
+
+Nothing here judges speed: the smoke run proves that every case and provider runs and writes its rows.
+"""
+
+import csv
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastddpm.bench import suite as S
+from fastddpm.bench.countops import count
+from fastddpm.bench.timing import append_csv, peak_tensor_bytes
+from fastddpm.cli import main as cli_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- the smoke run
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    md = out / "report.md"
+    r = subprocess.run([sys.executable, "-m", "fastddpm", "bench", "--smoke", "--csv", str(out),
+                        "--markdown", str(md), "--threads", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_suite_runs_every_case_and_provider(smoke_run):
+    out, r = smoke_run
+    timings = _read(out / "bench_timings.csv")
+    counts = _read(out / "bench_counts.csv")
+    names = {f"{c.workload} {c.shape}" for c in S.cases("smoke")}
+    seen = {f"{row['workload']} {row['shape']}" for row in timings + counts}
+    assert seen == names
+    bad = [(row["workload"], row["provider"], row["status"]) for row in timings + counts
+           if row.get("status", "").startswith("error")]
+    assert not bad, bad
+    for row in timings:
+        if not row.get("status"):
+            assert float(row["median_s"]) > 0 and int(row["rounds"]) >= 1
+            assert row["role"] in ("ours", "peer", "other", "bound")
+    # each timed case: fastddpm and at least one peer, and every fastddpm row has its speed-up
+    for name in {f"{row['workload']} {row['shape']}" for row in timings}:
+        rows = [row for row in timings if f"{row['workload']} {row['shape']}" == name]
+        assert any(row["role"] == "ours" for row in rows) and any(row["role"] == "peer" for row in rows), name
+        assert all(float(row["speedup"]) > 0 for row in rows if not row.get("status")), name
+    training = [row for row in timings if row["kind"] == "training" and not row.get("status")]
+    assert training and all(float(row["peak_mib"]) > 0 for row in training)
+    for row in counts:
+        if not row.get("status"):
+            assert int(float(row["kernels"])) <= int(float(row["ops"])) and float(row["bytes"]) > 0
+    # rows carry the machine, the versions and the date
+    for key in ("machine", "torch", "fastddpm", "diffusers", "date", "run_id", "load_avg"):
+        assert timings[0][key], key
+    assert "| workload |" in r.stdout and "GPU cost proxy" in r.stdout
+    assert (out / "report.md").read_text().strip() == r.stdout.strip()
+
+
+def test_smoke_csv_appends_with_one_header(smoke_run, tmp_path):
+    out, _ = smoke_run
+    src = out / "bench_counts.csv"
+    dst = tmp_path / "c.csv"
+    rows = _read(src)
+    append_csv(str(dst), rows)
+    append_csv(str(dst), rows)
+    lines = dst.read_text().splitlines()
+    assert sum(1 for ln in lines if ln.startswith("kind,")) == 1
+    assert len(_read(dst)) == 2 * len(rows)
+
+
+def test_plots_from_the_smoke_csv(smoke_run, tmp_path):
+    from PIL import Image
+
+    out, _ = smoke_run
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"),
+                        "--timings", str(out / "bench_timings.csv"), "--counts", str(out / "bench_counts.csv"),
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for name in ("bench_speedup.png", "bench_end_to_end.png", "bench_counts.png"):
+        p = tmp_path / name
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+        assert os.path.getsize(p) < 300_000
+
+
+# ----------------------------------------------------------------------------- CSV
+def test_append_csv_header_once_and_new_columns(tmp_path):
+    p = str(tmp_path / "sub" / "x.csv")
+    append_csv(p, [{"a": 1, "b": 2}])
+    append_csv(p, [{"a": 3, "b": 4}, {"a": 5, "b": 6}])
+    append_csv(p, [{"a": 7, "c": 8}])
+    with open(p) as f:
+        text = f.read()
+    assert text.splitlines()[0] == "a,b,c"
+    assert text.count("a,b") == 1
+    rows = _read(p)
+    assert [r["a"] for r in rows] == ["1", "3", "5", "7"]
+    assert rows[0]["c"] == "" and rows[3]["b"] == "" and rows[3]["c"] == "8"
+    assert os.stat(p).st_mode & 0o777 == 0o644
+    assert sorted(os.listdir(tmp_path / "sub")) == ["x.csv"]  # no temporary or lock file left
+
+
+class _Unprintable:
+    def __str__(self):
+        raise RuntimeError("cannot format")
+
+
+def test_append_csv_is_atomic(tmp_path):
+    p = str(tmp_path / "x.csv")
+    append_csv(p, [{"a": 1}])
+    before = open(p).read()
+    with pytest.raises(RuntimeError):
+        append_csv(p, [{"a": 2}, {"a": _Unprintable()}])
+    assert open(p).read() == before
+    assert os.listdir(tmp_path) == ["x.csv"]
+
+
+def _appender(args):
+    path, k = args
+    for i in range(20):
+        append_csv(path, [{"worker": k, "i": i}])
+
+
+def test_append_csv_concurrent_processes_lose_nothing(tmp_path):
+    p = str(tmp_path / "x.csv")
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        pool.map(_appender, [(p, k) for k in range(3)])
+    rows = _read(p)
+    assert sorted((int(r["worker"]), int(r["i"])) for r in rows) == [(k, i) for k in range(3) for i in range(20)]
+
+
+# ----------------------------------------------------------------------------- measuring
+def test_summarise_picks_the_best_peer_and_pairs_rounds():
+    case = S.Case("op", "w", "s", build=dict, rate=lambda p: (2e9, "GB/s"))
+    times = {
+        "fastddpm cpu": [1.0, 2.0, 1.0],
+        "eager": [2.0, 2.0, 4.0],             # peer
+        "torch.compile (eager)": [3.0, 3.0, 3.0],  # slower peer
+        "torch copy (same bytes)": [0.1, 0.1, 0.1],  # a bound is never the best peer
+        "denoising-diffusion-pytorch": [0.5, 0.5, 0.5],  # nor is another network
+    }
+    rows = {r["provider"]: r for r in S.summarise(case, times)}
+    assert {r["best_peer"] for r in rows.values()} == {"eager"}
+    ours = rows["fastddpm cpu"]
+    assert ours["median_s"] == 1.0
+    assert ours["speedup"] == 2.0  # per-round ratios 2, 1, 4: median 2 (the ratio of medians would also be 2)
+    assert (ours["speedup_q1"], ours["speedup_q3"]) == (1.5, 3.0)
+    assert rows["eager"]["speedup"] == 1.0
+    assert rows["torch.compile (eager)"]["speedup"] == pytest.approx(2 / 3)
+    assert ours["rate"] == pytest.approx(2.0) and ours["rate_unit"] == "GB/s"
+    assert [rows[k]["role"] for k in times] == ["ours", "peer", "peer", "bound", "other"]
+
+
+def test_peak_tensor_bytes_counts_what_lives_at_once():
+    def fn():
+        a = torch.empty(2 * 2**20)  # 8 MiB
+        b = torch.empty(2**20)  # 4 MiB: 12 MiB live
+        del a
+        c = torch.empty(2**20)  # 8 MiB live
+        return b, c
+
+    peak = peak_tensor_bytes(fn)
+    assert 12 * 2**20 <= peak <= 12 * 2**20 + 64 * 1024
+
+
+def test_count_ops_kernels_and_bytes():
+    x = torch.randn(4, 8)
+    c = count(lambda: (x * 2 + 1).view(32).add_(1))
+    assert c.ops == 4  # mul, add, view, add_
+    assert c.kernels == 3  # the view launches nothing
+    assert c.bytes == 2 * 32 * 4  # mul and add allocate; the view and the in-place add do not
+    w = torch.randn(8, requires_grad=True)
+    c = count(lambda: (w * w).sum().backward(), grad=True)
+    assert c.names.get("aten.mul", 0) >= 3  # the forward's and the backward's (two multiplies by w)
+
+
+def test_missing_peer_is_skipped_with_a_reason(monkeypatch):
+    from fastddpm.bench import models, workloads
+
+    monkeypatch.setattr(workloads, "ddpm_pytorch_status", lambda: "denoising-diffusion-pytorch not importable")
+    net = models.network("tiny")
+    case = S.Case("sampling", "sampling tiny", "batch 1",
+                  build=lambda: workloads.sampling_providers(net, 1, 1), rate=lambda p: (1, "images/s"),
+                  budget_s=0, min_rounds=1, max_rounds=1, warmup=1)
+    rows = {r["provider"]: r for r in S.run_case(case).rows}
+    assert rows["denoising-diffusion-pytorch"]["status"] == "skipped: denoising-diffusion-pytorch not importable"
+    assert rows["diffusers DDPMPipeline"]["median_s"] > 0
+    assert "skipped: denoising-diffusion-pytorch not importable" in S.render_timings(list(rows.values()))
+
+
+def test_a_failing_provider_is_reported_not_fatal():
+    def boom():
+        raise RuntimeError("kernel said no")
+
+    case = S.Case("op", "w", "s", build=lambda: {"fastddpm x": boom, "eager": lambda: None},
+                  budget_s=0, min_rounds=2, max_rounds=2)
+    rows = {r["provider"]: r for r in S.run_case(case).rows}
+    assert rows["fastddpm x"]["status"] == "error: RuntimeError: kernel said no"
+    assert rows["eager"]["rounds"] == 2
+
+
+# ----------------------------------------------------------------------------- planning and tables
+def test_suites_cover_the_issue_workloads():
+    quick = [c.name for c in S.cases("quick")]
+    full = [c.name for c in S.cases("full")]
+    assert set(quick) < set(full)
+    assert not any("1000 steps" in n for n in quick)
+    for net in ("digits", "cifar10"):
+        for steps in (50, 1000):
+            for b in (1, 16):
+                assert f"sampling {net}, {steps} steps batch {b}" in full
+        for b in (16, 64):
+            assert f"training step, {net} batch {b}" in full
+    for op in ("q_sample", "ddpm_step", "group_norm_silu", "attention", "U-Net forward",
+               "per denoising step", "per training step"):
+        assert any(n.startswith(op) for n in quick), op
+    assert len(S.cases("smoke")) == len({c.name for c in S.cases("smoke")})
+    with pytest.raises(ValueError, match="suite"):
+        S.cases("medium")
+    assert [c.name for c in S.select(S.cases("quick"), ["Q_SAMPLE", "per training"])] == \
+        ["q_sample 16x3x32x32", "per training step, cifar10 batch 1"]
+
+
+def test_no_compile_leaves_out_the_compiled_providers():
+    from fastddpm.bench import ops as bops
+
+    assert "torch.compile (eager)" not in bops.q_sample_providers((1, 3, 4, 4), compile=False)
+    c = next(c for c in S.cases("quick", compile=False) if c.workload == "q_sample")
+    assert not any("compile" in k for k in c.build())
+
+
+def test_render_tables():
+    rows = [dict(kind="op", workload="q_sample", shape="1x3", provider="fastddpm cpu", role="ours",
+                 median_s=2e-5, speedup=1.5, speedup_q1=1.4, speedup_q3=1.6, best_peer="eager", rate=3.0,
+                 rate_unit="GB/s"),
+            dict(kind="op", workload="q_sample", shape="1x3", provider="torch copy (same bytes)", role="bound",
+                 median_s=1e-6, speedup=20.0, speedup_q1=19.0, speedup_q3=21.0, best_peer="eager"),
+            dict(kind="op", workload="q_sample", shape="1x3", provider="x", role="peer", status="error: E: no"),
+            dict(kind="counts", workload="per denoising step, tiny", shape="batch 1", provider="diffusers",
+                 role="peer", ops=10, kernels=8, bytes=2e6, ops_vs_diffusers=1.0, bytes_vs_diffusers=1.0)]
+    t = S.render_timings(rows)
+    assert "| q_sample | 1x3 | fastddpm cpu | 20 µs | 1.50x (1.40-1.60) | 3 GB/s | - |" in t
+    assert "*(bound)*" in t and "error: E: no" in t and "per denoising" not in t
+    c = S.render_counts(rows)
+    assert "| denoising step, tiny | batch 1 | diffusers | 10 | 8 | 2.00 | 1.00x, 1.00x |" in c
+    assert S.fmt_time(2.5) == "2.50 s" and S.fmt_time(0.0123) == "12.3 ms" and S.fmt_time(float("nan")) == "-"
+
+
+def test_readme_markers(tmp_path):
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import BEGIN, END, replace_between_markers
+
+    text = f"a\n{BEGIN}\nold\n{END}\nb\n"
+    assert replace_between_markers(text, "new table") == f"a\n{BEGIN}\nnew table\n{END}\nb\n"
+    with pytest.raises(ValueError, match="markers"):
+        replace_between_markers("no markers", "x")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert BEGIN in readme and END in readme
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["bench", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--full", "--smoke", "--only", "--csv", "--markdown", "--threads", "--no-compile", "--list"):
+        assert opt in out
+
+
+def test_bench_list(capsys):
+    assert cli_main(["bench", "--list", "--only", "attention"]) == 0
+    assert capsys.readouterr().out.strip() == "attention fwd 16x1x256x256"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--threads", "0"], "argument --threads: expected a positive integer, got 0"),
+    (["--threads", "two"], "argument --threads: expected a positive integer, got 'two'"),
+    (["--full", "--smoke"], "argument --smoke: not allowed with argument --full"),
+    (["--only", "nothing-like-this"], "--only: no case of the quick suite matches 'nothing-like-this'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bench_bad_usage_exits_2(argv, message, capsys):
+    try:
+        code = cli_main(["bench", *argv])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_csv_must_be_a_folder(tmp_path, capsys):
+    f = tmp_path / "file.csv"
+    f.write_text("x")
+    assert cli_main(["bench", "--only", "q_sample", "--csv", str(f)]) == 2
+    assert f"--csv: {str(f)!r} exists and is not a folder" in capsys.readouterr().err
+
+
+def test_benchmarks_run_module_usage():
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "--readme" in r.stdout and "--smoke" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--plot"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "--plot: draws from the CSVs, so it needs --csv" in r.stderr
+
+
+def test_traffic_counts_each_kernel_reads_and_writes():
+    from fastddpm.bench.countops import traffic
+
+    x = torch.randn(64, 32)
+    col = torch.randn(64, 1)
+    t = traffic(lambda: (x * col.expand(64, 32)).view(-1).add_(1))
+    # mul reads x (8 KiB) and the broadcast column once (256 B), writes 8 KiB; the expand and the view are
+    # views; the in-place add reads and writes 8 KiB
+    assert t.kernels == 2
+    assert [name for name, _, _ in t.per_op] == ["aten.mul", "aten.add_"]
+    assert t.read == 64 * 32 * 4 + 64 * 4 + 64 * 32 * 4
+    assert t.written == 2 * 64 * 32 * 4
+
+
+def test_bytes_moved_table():
+    sys.path.insert(0, ROOT)
+    from benchmarks.bytes_moved import render
+
+    text = render([dict(case="q", impl="eager", kernels=8, read=2e6, written=1e6, minimum=1.5e6),
+                   dict(case="step", impl="x", kernels=3, read=1e6, written=1e6, minimum=float("nan"))], 1000.0)
+    assert "| q | eager | 8 | 2.0 | 1.0 | 3.0 | 2.00x | 3 µs |" in text
+    assert "| step | x | 3 | 1.0 | 1.0 | 2.0 | - | 2 µs |" in text
