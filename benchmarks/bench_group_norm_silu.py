@@ -32,9 +32,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastddpm.bench.ops import GN_GROUPS as G
+from fastddpm.bench.ops import group_norm_silu_inputs
 from fastddpm.ops import group_norm_silu
 
-G = 32
 # The U-Net's GroupNorm inputs (C, H, W), at batch 1 and 16.
 SHAPES = [(b, c, h, h) for b in (1, 16) for (c, h) in ((128, 32), (256, 16), (256, 8), (256, 4))]
 
@@ -48,15 +49,7 @@ def _providers() -> dict:
 
 
 def _inputs(shape, grad=False):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g) * 2 + 1
-    w = torch.randn(shape[1], generator=g)
-    b = torch.randn(shape[1], generator=g)
-    if grad:
-        x.requires_grad_()
-        w.requires_grad_()
-        b.requires_grad_()
-    return x, w, b
+    return group_norm_silu_inputs(shape, grad=grad)  # the same inputs as `fastddpm bench`
 
 
 def _fwd_bwd(fn, x, w, b, dy):
