@@ -91,10 +91,13 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cpu_flags = os.environ.get("FASTDDPM_CPU_FLAGS", "-march=native").split()
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", *cpu_flags]
+    # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel`; compiled without
+    # it, every CPU kernel runs on one thread. The OpenMP runtime is torch's own libgomp.so.1
+    # (same soname, so the process keeps one runtime and one thread pool).
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", *cpu_flags]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     sources = sorted(glob.glob("csrc/ops.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    kwargs = dict(include_dirs=include_dirs, py_limited_api=False)
+    kwargs = dict(include_dirs=include_dirs, py_limited_api=False, extra_link_args=["-fopenmp"])
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
