@@ -274,6 +274,19 @@ def test_ddpm_step_strides(backend, layout, noise):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_int_timesteps_are_cached_and_left_unchanged():
+    from fastddpm.ops import _checks
+
+    a = _checks.int_timesteps(7, 3, torch.device("cpu"))
+    assert a is _checks.int_timesteps(7, 3, torch.device("cpu"))
+    x, m, z, _, _ = _inputs((3, 2, 4, 4), torch.float32, torch.device("cpu"), 4)
+    for backend in backends_for(torch.device("cpu"), "ddpm_step"):
+        got = ops.ddpm_step(x, m, 7, SCHED, noise=z, backend=backend)
+        want = ops.ddpm_step(x, m, torch.full((3,), 7), SCHED, prev_t=torch.full((3,), 6), noise=z, backend=backend)
+        assert torch.equal(got, want), backend
+        assert torch.equal(a, torch.full((3,), 7)), backend  # no backend writes into t
+
+
 def test_ddpm_step_opcheck_and_compile():
     x, m, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     t, pt = torch.tensor([5, 0]), torch.tensor([4, -1])
@@ -293,6 +306,8 @@ def test_ddpm_step_opcheck_and_compile():
         (dict(t=1000), ValueError, "t: expected a timestep in"),
         (dict(t=torch.tensor([3.0, 1.0])), TypeError, "t: expected an integer"),
         (dict(prev_t=torch.tensor([5, 5]), t=torch.tensor([5, 6])), ValueError, "prev_t"),
+        (dict(prev_t=10, t=10), ValueError, "prev_t: expected prev_t < t"),
+        (dict(prev_t=-2, t=10), ValueError, "prev_t: expected a timestep in"),
         (dict(model_output=torch.randn(2, 3, 4)), ValueError, "model_output: expected shape"),
         (dict(noise=torch.randn(1, 3, 4, 4)), ValueError, "noise: expected shape"),
         (dict(noise="gaussian"), ValueError, "noise"),

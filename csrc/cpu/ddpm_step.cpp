@@ -40,41 +40,57 @@ void ddpm_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* z, con
         const float* px = Block::load(x + i, bx, n);
         const float* pm = Block::load(m + i, bm, n);
         float* px0 = pred != nullptr ? Block::out(pred + i, b0) : b0;
-        // Predicted x0 (diffusers step 2) and clip (step 3).
-        const Vec sab(c.sqrt_ab), s1m(c.sqrt_1mab), isab(c.inv_sqrt_ab);
-        if (a.prediction_type == kEpsilon) {
-          at::vec::map2([=](Vec xv, Vec mv) { return (xv - s1m * mv) * isab; }, px0, px, pm, n);
-        } else if (a.prediction_type == kSample) {
-          std::copy(pm, pm + n, px0);
-        } else {
-          at::vec::map2([=](Vec xv, Vec mv) { return sab * xv - s1m * mv; }, px0, px, pm, n);
-        }
-        if (a.clip_range > 0.0f) {
-          const Vec lo(-a.clip_range), hi(a.clip_range);
-          at::vec::map([=](Vec v) { return at::vec::clamp(v, lo, hi); }, px0, px0, n);
-        }
-        if (pred != nullptr) Block::store(pred + i, px0, n);
-        // Posterior mean (steps 4-5).
         float* po = Block::out(out + i, bo);
-        const Vec cx0(c.c_x0), cxt(c.c_xt);
-        at::vec::map2([=](Vec x0v, Vec xv) { return cx0 * x0v + cxt * xv; }, po, px0, px, n);
-        // sigma_t z where t > 0 (step 6).
-        if (c.add_noise && a.noise_mode != kNoNoise) {
-          const float* pz;
+        const bool noisy = c.add_noise && a.noise_mode != kNoNoise;
+        const float* pz = nullptr;
+        if (noisy) {
           if (a.noise_mode == kNoiseTensor) {
             pz = Block::load(z + i, bz, n);
           } else {
             philox_normal_block(a.seed, a.offset + static_cast<uint64_t>(i), n, bz);
             pz = bz;
           }
-          if (a.variance_type == kLearned || a.variance_type == kLearnedRange) {
-            const float* pp = Block::load(pv + i, bp, n);
-            for (int64_t j = 0; j < n; ++j) po[j] += ddpm_sigma(c, a.variance_type, pp[j]) * pz[j];
-          } else {
-            const Vec sd(c.std);
-            at::vec::map2([=](Vec o, Vec zv) { return o + sd * zv; }, po, po, pz, n);
+        }
+        const bool learned = a.variance_type == kLearned || a.variance_type == kLearnedRange;
+        // One pass: predicted x0 (diffusers step 2), clip (3), posterior mean (4-5) and,
+        // for the fixed variance types, + sigma_t z (6). Learned sigma is added below.
+        const bool add_fixed = noisy && !learned;
+        const Vec sab(c.sqrt_ab), s1m(c.sqrt_1mab), isab(c.inv_sqrt_ab), cx0(c.c_x0), cxt(c.c_xt), sd(c.std);
+        const bool clip = a.clip_range > 0.0f;
+        const Vec lo(-a.clip_range), hi(a.clip_range);
+        const int64_t pt = a.prediction_type;
+        auto x0_of = [&](Vec xv, Vec mv) {
+          Vec x0 = pt == kEpsilon ? (xv - s1m * mv) * isab : (pt == kSample ? mv : sab * xv - s1m * mv);
+          return clip ? at::vec::clamp(x0, lo, hi) : x0;
+        };
+        int64_t j = 0;
+        constexpr int64_t W = Vec::size();
+        if (add_fixed) {
+          for (; j + W <= n; j += W) {
+            const Vec xv = Vec::loadu(px + j), x0 = x0_of(xv, Vec::loadu(pm + j));
+            x0.store(px0 + j);
+            at::vec::fmadd(sd, Vec::loadu(pz + j), at::vec::fmadd(cx0, x0, cxt * xv)).store(po + j);
+          }
+        } else {
+          for (; j + W <= n; j += W) {
+            const Vec xv = Vec::loadu(px + j), x0 = x0_of(xv, Vec::loadu(pm + j));
+            x0.store(px0 + j);
+            at::vec::fmadd(cx0, x0, cxt * xv).store(po + j);
           }
         }
+        if (j < n) {  // the tail, through the same vector code on a partial load
+          const int64_t r = n - j;
+          const Vec xv = Vec::loadu(px + j, r), x0 = x0_of(xv, Vec::loadu(pm + j, r));
+          x0.store(px0 + j, r);
+          Vec o = at::vec::fmadd(cx0, x0, cxt * xv);
+          if (add_fixed) o = at::vec::fmadd(sd, Vec::loadu(pz + j, r), o);
+          o.store(po + j, r);
+        }
+        if (noisy && learned) {
+          const float* pp = Block::load(pv + i, bp, n);
+          for (int64_t k = 0; k < n; ++k) po[k] += ddpm_sigma(c, a.variance_type, pp[k]) * pz[k];
+        }
+        if (pred != nullptr) Block::store(pred + i, px0, n);
         Block::store(out + i, po, n);
         i += n;
       }

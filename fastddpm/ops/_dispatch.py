@@ -102,6 +102,28 @@ def resolve(
     requested = backend or "auto"
     if requested == "auto":
         requested = os.environ.get("FASTDDPM_BACKEND", "auto") or "auto"
+    if extra_reason is None and isinstance(requested, str):
+        # What a backend can serve depends only on these (and on the environment, part of the
+        # key), so a resolution is made once: this runs on every op call.
+        key = (op, requested, device, dtype, os.environ.get("TRITON_INTERPRET"))
+        b = _RESOLVED.get(key)
+        if b is None:
+            b = _resolve(op, requested, device, dtype, None)
+            _RESOLVED[key] = b
+        return b
+    return _resolve(op, requested, device, dtype, extra_reason)
+
+
+_RESOLVED: dict[tuple, str] = {}
+
+
+def _resolve(
+    op: str,
+    requested: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    extra_reason: Callable[[str], str | None] | None,
+) -> str:
     if requested != "auto" and requested not in BACKENDS:
         raise ValueError(f"backend: expected one of auto, {', '.join(BACKENDS)}, got {requested!r}")
 
