@@ -464,6 +464,12 @@ def test_ddpm_step_checks_survive_the_fast_path():
         s.step(m[:1], 90, x)
     with pytest.raises(TypeError, match="model_output: expected a torch.Tensor"):
         s.step(m.numpy(), 90, x)
+    # the per-(device, dtype) kernel cache survives pickling and copying
+    import copy
+    import pickle
+
+    for c in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert torch.equal(c.step(m, 90, x, generator=torch.Generator().manual_seed(0)).prev_sample, first)
 
 
 # ---------------------------------------------------------------------------

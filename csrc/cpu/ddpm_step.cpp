@@ -98,6 +98,23 @@ void ddpm_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* z, con
   });
 }
 
+// The per-sample coefficients, with t and prev_t range-checked.
+std::vector<StepCoeffs> step_coeffs(const at::Tensor& t, const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
+                                    int64_t variance_type, int64_t B) {
+  const int64_t T = alphas_cumprod.size(0);
+  const auto tc = t.contiguous(), pc = prev_t.contiguous(), ac = alphas_cumprod.contiguous();
+  const float* abar = ac.data_ptr<float>();
+  std::vector<StepCoeffs> coeffs(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
+    TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
+    TORCH_CHECK(pb >= -1 && pb < tb, "prev_t: expected -1 <= prev_t < t (", tb, "), got ", pb,
+                " at index ", b);
+    coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0);
+  }
+  return coeffs;
+}
+
 std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
     const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
@@ -132,17 +149,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
   TORCH_CHECK(offset >= 0, "offset: expected a non-negative integer, got ", offset);
 
   const int64_t B = sample.size(0);
-  const int64_t T = alphas_cumprod.size(0);
-  const auto tc = t.contiguous(), pc = prev_t.contiguous(), ac = alphas_cumprod.contiguous();
-  const float* abar = ac.data_ptr<float>();
-  std::vector<StepCoeffs> coeffs(B);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
-    TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
-    TORCH_CHECK(pb >= -1 && pb < tb, "prev_t: expected -1 <= prev_t < t (", tb, "), got ", pb,
-                " at index ", b);
-    coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0);
-  }
+  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B);
 
   // Philox noise is indexed by the row-major (NCHW) position, so layouts other
   // than contiguous go through a contiguous copy to keep the numbers layout-free.
@@ -171,6 +178,82 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
     out = out.contiguous(fmt);
     if (return_pred) pred = pred.contiguous(fmt);
   }
+  return {out, pred};
+}
+
+// Below this many elements the draw is short and a second thread does not pay.
+constexpr int64_t kOverlapMin = 4096;
+
+std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
+    const at::Tensor& prev_t, const at::Tensor& alphas_cumprod, const c10::optional<at::Generator>& generator,
+    int64_t prediction_type, int64_t variance_type, double clip_range, bool return_pred) {
+  check_float_tensor(sample, "sample");
+  TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(variance_type == kFixedSmall || variance_type == kFixedSmallLog || variance_type == kFixedLarge,
+              "variance_type: ddpm_step_randn takes the fixed variance types 0, 1 or 2, got ", variance_type);
+  TORCH_CHECK(!generator.has_value() || !generator->defined() || generator->device().is_cpu(),
+              "generator: expected a CPU generator, got one on ", generator->device());
+  // z exactly as torch.randn(sample.shape, generator=generator, dtype=sample.dtype): a
+  // contiguous tensor filled by torch's normal_, which also advances the generator as it does.
+  at::Tensor z = at::empty(sample.sizes(), sample.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool overlap = sample.scalar_type() == at::kFloat && sample.is_contiguous() &&
+                       model_output.is_contiguous() && sample.numel() >= kOverlapMin &&
+                       at::get_num_threads() > 1 && !at::in_parallel_region();
+  if (!overlap) {
+    z.normal_(0.0, 1.0, generator);
+    return ddpm_step_cpu(sample, model_output, t, prev_t, alphas_cumprod, z, c10::nullopt, 0, 0, kNoiseTensor,
+                         prediction_type, variance_type, clip_range, return_pred);
+  }
+  check_like(model_output, sample, "model_output", "sample");
+  check_timesteps(t, sample, "t");
+  check_timesteps(prev_t, sample, "prev_t");
+  check_table(alphas_cumprod, sample, "alphas_cumprod");
+  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2,
+              "prediction_type: expected 0 (epsilon), 1 (sample) or 2 (v_prediction), got ", prediction_type);
+  const int64_t B = sample.size(0), M = sample.numel() / B;
+  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B);
+  at::Tensor out = at::empty_like(sample);
+  at::Tensor pred = return_pred ? at::empty_like(sample) : at::empty({0}, sample.options());
+  const float* x = sample.data_ptr<float>();
+  const float* m = model_output.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  float* pp = return_pred ? pred.data_ptr<float>() : nullptr;
+  const StepArgs mean_only{kNoNoise, prediction_type, variance_type, static_cast<float>(clip_range), 0, 0};
+  // Task 0 runs on the calling thread (OpenMP's thread 0), so torch's normal_ sees the
+  // caller's thread-local state; task 1 computes x0, the clip and the posterior mean
+  // (ddpm_step_loop's parallel_for runs inline inside this region).
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      if (task == 0) {
+        z.normal_(0.0, 1.0, generator);
+      } else {
+        ddpm_step_loop<float>(x, m, nullptr, nullptr, po, pp, coeffs, mean_only, B, M);
+      }
+    }
+  });
+  // + sigma_t z where t > 0: the same fmadd on the same mean as ddpm_step's one pass, so
+  // the result is bit for bit that of ddpm_step with this z as the noise tensor.
+  const float* pz = z.data_ptr<float>();
+  at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t b = i / M;
+      const int64_t seg_end = std::min(end, (b + 1) * M);
+      if (coeffs[b].add_noise) {
+        const Vec sd(coeffs[b].std);
+        int64_t j = i;
+        for (; j + Vec::size() <= seg_end; j += Vec::size()) {
+          at::vec::fmadd(sd, Vec::loadu(pz + j), Vec::loadu(po + j)).store(po + j);
+        }
+        if (j < seg_end) {
+          const int64_t r = seg_end - j;
+          at::vec::fmadd(sd, Vec::loadu(pz + j, r), Vec::loadu(po + j, r)).store(po + j, r);
+        }
+      }
+      i = seg_end;
+    }
+  });
   return {out, pred};
 }
 
@@ -208,6 +291,7 @@ void philox_bits_cpu(const at::Tensor& out, int64_t seed, int64_t offset) {
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("ddpm_step", &ddpm_step_cpu);
+  m.impl("ddpm_step_randn", &ddpm_step_randn_cpu);
   m.impl("philox_normal_", &philox_normal_cpu);
   m.impl("philox_bits_", &philox_bits_cpu);
 }

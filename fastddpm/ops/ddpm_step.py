@@ -117,17 +117,41 @@ def ddpm_step(
         else:
             raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
     elif noise is None:
-        z = generator_noise(sample, generator)
+        mode = NOISE_GENERATOR
     else:
         _checks.check_like(noise, sample, "noise", "sample")
         z = noise
 
     b = _dispatch.resolve("ddpm_step", backend, device, sample.dtype)
+    if mode == NOISE_GENERATOR:
+        if randn_in_op(b, generator, variance_type):
+            fn, ac = kernel(b, schedule, device, sample.dtype)
+            prev, pred = torch.ops.fastddpm.ddpm_step_randn(
+                sample, model_output, tt, pt, ac, generator, PREDICTION_TYPES[prediction_type],
+                VARIANCE_TYPES[variance_type], clip, return_pred_original,
+            )
+            return (prev, pred) if return_pred_original else prev
+        z, mode = generator_noise(sample, generator), NOISE_TENSOR
     prev, pred = run(
         b, sample, model_output, tt, pt, schedule, z, predicted_variance, int(seed or 0), int(offset), mode,
         PREDICTION_TYPES[prediction_type], VARIANCE_TYPES[variance_type], clip, return_pred_original,
     )
     return (prev, pred) if return_pred_original else prev
+
+
+NOISE_GENERATOR = -1  # Python-side only: z to be drawn from a torch.Generator
+
+
+def randn_in_op(backend: str, generator, variance_type: str) -> bool:
+    """Whether ddpm_step_randn can draw z (torch's own normal_, on the calling thread, while a
+    second thread computes the posterior mean): the CPU kernel, one CPU generator (or the
+    default one), a fixed variance type, outside tracing."""
+    return (
+        backend == "cpu"
+        and variance_type in ("fixed_small", "fixed_small_log", "fixed_large")
+        and (generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cpu"))
+        and not torch.compiler.is_compiling()
+    )
 
 
 def generator_noise(sample: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -159,14 +183,18 @@ def run(
 
     :func:`ddpm_step` and the schedulers, which validate their arguments themselves, call this.
     """
-    if backend == "torch" and sample.dtype == torch.float64:
-        ac = schedule.table("alphas_cumprod", sample.device, torch.float64)
-    else:
-        ac = schedule.tables(sample.device)["alphas_cumprod"]
-    return _impl(backend)(
+    fn, ac = kernel(backend, schedule, sample.device, sample.dtype)
+    return fn(
         sample, model_output, tt, pt, ac, z, predicted_variance, seed, offset, mode, prediction_code,
         variance_code, clip, return_pred,
     )
+
+
+def kernel(backend: str, schedule: NoiseSchedule, device: torch.device, dtype: torch.dtype):
+    """(the op function of ``backend``, the alphas_cumprod table it reads) for tensors of device/dtype."""
+    if backend == "torch" and dtype == torch.float64:
+        return _impl(backend), schedule.table("alphas_cumprod", device, torch.float64)
+    return _impl(backend), schedule.tables(device)["alphas_cumprod"]
 
 
 def philox_randn(

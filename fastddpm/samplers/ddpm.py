@@ -23,8 +23,8 @@ from ..ops import _dispatch
 from ..ops._codes import NOISE_NONE, NOISE_TENSOR
 from ..ops._codes import PREDICTION_TYPES as _PREDICTION_CODES
 from ..ops._codes import VARIANCE_TYPES as _VARIANCE_CODES
-from ..ops.ddpm_step import generator_noise
-from ..ops.ddpm_step import run as ddpm_step_run
+from ..ops.ddpm_step import generator_noise, randn_in_op
+from ..ops.ddpm_step import kernel as ddpm_step_kernel
 from ._common import (
     ConfigMixin,
     DiffusersTables,
@@ -189,7 +189,7 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
             )
         )
         self.backend = backend
-        self._backends: dict[tuple, str] = {}  # (device, dtype, backend, env) -> resolved backend
+        self._kernels: dict[tuple, tuple] = {}  # (device, dtype, backend, env) -> (backend, op, table)
         self.betas = diffusers_betas(
             num_train_timesteps,
             beta_start,
@@ -326,7 +326,7 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
             model_output = model_output.to(sample.dtype)
             if predicted_variance is not None:
                 predicted_variance = predicted_variance.to(sample.dtype)
-        backend = self._backend_for(sample)  # also checks sample's dtype and rank
+        backend, fn, ac = self._kernel_for(sample)  # also checks sample's dtype and rank
         t, prev_t, t_host = self._resolve_timestep(timestep, sample)
 
         cfg = self.config  # read by key: attribute access goes through a failed lookup first
@@ -351,45 +351,58 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
             tt, pt = _op_checks.int_timesteps(t, B, sample.device), _op_checks.int_timesteps(prev_t, B, sample.device)
         else:
             tt, pt = t, prev_t
+        vcode = _VARIANCE_CODES["fixed_small" if vt == "fixed_small_log" else vt]
+        clip = float(cfg["clip_sample_range"]) if cfg["clip_sample"] and not thresholding else 0.0
         z, mode = None, NOISE_TENSOR
         if t_host == 0 or (t_host is None and t.device.type == "cpu" and not bool((t > 0).any())):
             mode = NOISE_NONE  # diffusers draws no noise at t = 0
         elif isinstance(generator, (list, tuple)):
             z = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype)
+        elif randn_in_op(backend, generator, vt):
+            # z = torch.randn(generator) drawn inside the op, overlapped with the posterior mean
+            prev, pred = torch.ops.fastddpm.ddpm_step_randn(
+                sample, model_output, tt, pt, ac, generator, _PREDICTION_CODES[prediction_type], vcode, clip, True
+            )
+            return (prev, pred) if not return_dict else DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
         else:
             z = generator_noise(sample, generator)
-        prev, pred = ddpm_step_run(
-            backend,
+        prev, pred = fn(
             sample,
             model_output,
             tt,
             pt,
-            self.schedule,
+            ac,
             z,
             predicted_variance,
             0,
             0,
             mode,
             _PREDICTION_CODES[prediction_type],
-            _VARIANCE_CODES["fixed_small" if vt == "fixed_small_log" else vt],
-            float(cfg["clip_sample_range"]) if cfg["clip_sample"] and not thresholding else 0.0,
+            vcode,
+            clip,
             True,
         )
         if not return_dict:
             return prev, pred
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
 
-    def _backend_for(self, sample: torch.Tensor) -> str:
-        """The fused op's backend for ``sample``'s device and dtype, resolved once per pair."""
+    def __getstate__(self):  # pickle/deepcopy: the kernel cache holds op handles; rebuilt on use
+        state = self.__dict__.copy()
+        state["_kernels"] = {}
+        return state
+
+    def _kernel_for(self, sample: torch.Tensor):
+        """(backend, op function, alphas_cumprod table) of the fused step for ``sample``'s device and dtype,
+        resolved once per pair (fastddpm.ops.ddpm_step.kernel)."""
         key = (sample.device, sample.dtype, self.backend, os.environ.get("FASTDDPM_BACKEND"))
-        b = self._backends.get(key)
-        if b is None:
+        k = self._kernels.get(key)
+        if k is None:
             _op_checks.check_tensor(sample, "sample")
             b = _dispatch.resolve("ddpm_step", self.backend, sample.device, sample.dtype)
-            self._backends[key] = b
+            k = self._kernels[key] = (b, *ddpm_step_kernel(b, self.schedule, sample.device, sample.dtype))
         elif sample.dim() < 1:
             _op_checks.check_tensor(sample, "sample")
-        return b
+        return k
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4), through the fused q_sample."""

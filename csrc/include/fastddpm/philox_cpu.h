@@ -131,28 +131,52 @@ inline void normal_block_scalar(uint64_t seed, uint64_t offset, int64_t n, float
 #if defined(__AVX512F__)
 constexpr int64_t kVecWidth = 16;
 
-// Words 0 and 1 of Philox4x32-10 for the 8 counters in the 64-bit lanes of ctr.
-inline void philox8(__m512i ctr, uint32_t k0, uint32_t k1, __m512i& w0, __m512i& w1) {
+// Words 0 and 1 of Philox4x32-10 for the 8 counters in the 64-bit lanes of ctr. With
+// kSameHi, every counter's high word is `hi` (no carry into it inside the block): then
+// c0 after round 1 is the same in every lane, and round 2's product A c0 is a scalar.
+template <bool kSameHi>
+inline void philox8(__m512i ctr, uint32_t hi, uint32_t k0, uint32_t k1, __m512i& w0, __m512i& w1) {
   const __m512i ma = _mm512_set1_epi64(kRoundA), mb = _mm512_set1_epi64(kRoundB);
-  // Round 1: c2 = c3 = 0, so B * c2 = 0.
-  __m512i c1 = _mm512_srli_epi64(ctr, 32);
+  // 0x96: a ^ b ^ c. Round 1: c2 = c3 = 0, so B c2 = 0 and c1 becomes 0.
   __m512i pa = _mm512_mul_epu32(ctr, ma);
-  __m512i c0 = _mm512_xor_si512(c1, _mm512_set1_epi32(static_cast<int>(k0)));
-  __m512i c2 = _mm512_xor_si512(_mm512_shuffle_epi32(pa, _MM_PERM_DDBB), _mm512_set1_epi32(static_cast<int>(k1)));
-  __m512i c3 = pa;
-  c1 = _mm512_setzero_si512();
-  for (int r = 1; r < 9; ++r) {
+  __m512i c0, c1, c2, c3;
+  constexpr int kFirst = kSameHi ? 2 : 1;  // the first round of the loop below
+  if constexpr (kSameHi) {
+    const uint32_t s0 = hi ^ k0;  // c0 after round 1, in every lane
+    const uint64_t ps = static_cast<uint64_t>(kRoundA) * s0;
+    // Round 2 with c0 = s0, c1 = 0, c2 = hi(A ctr) ^ k1, c3 = lo(A ctr).
+    const __m512i c2r1 = _mm512_xor_si512(_mm512_shuffle_epi32(pa, _MM_PERM_DDBB),
+                                          _mm512_set1_epi32(static_cast<int>(k1)));
+    const __m512i pb = _mm512_mul_epu32(c2r1, mb);
+    c0 = _mm512_xor_si512(_mm512_shuffle_epi32(pb, _MM_PERM_DDBB), _mm512_set1_epi32(static_cast<int>(k0 + kKeyA)));
+    c2 = _mm512_xor_si512(pa, _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(ps >> 32) ^ (k1 + kKeyB))));
+    c1 = pb;
+    c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(ps)));
+  } else {
+    c0 = _mm512_xor_si512(_mm512_srli_epi64(ctr, 32), _mm512_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm512_xor_si512(_mm512_shuffle_epi32(pa, _MM_PERM_DDBB), _mm512_set1_epi32(static_cast<int>(k1)));
+    c1 = _mm512_setzero_si512();
+    c3 = pa;
+  }
+#pragma GCC unroll 8
+  for (int r = kFirst; r < 8; ++r) {  // rounds 2 (or 3) to 8
     const __m512i kk0 = _mm512_set1_epi32(static_cast<int>(k0 + r * kKeyA));
     const __m512i kk1 = _mm512_set1_epi32(static_cast<int>(k1 + r * kKeyB));
     const __m512i pb = _mm512_mul_epu32(c2, mb);
     pa = _mm512_mul_epu32(c0, ma);
-    // 0x96: a ^ b ^ c
     c0 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(pb, _MM_PERM_DDBB), c1, kk0, 0x96);
     c2 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(pa, _MM_PERM_DDBB), c3, kk1, 0x96);
     c1 = pb;
     c3 = pa;
   }
-  // Round 10: only words 0 and 1 are used.
+  // Round 9: its c0 and c3 feed only round 10's unused words.
+  {
+    const __m512i kk1 = _mm512_set1_epi32(static_cast<int>(k1 + 8 * kKeyB));
+    c1 = _mm512_mul_epu32(c2, mb);
+    pa = _mm512_mul_epu32(c0, ma);
+    c2 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(pa, _MM_PERM_DDBB), c3, kk1, 0x96);
+  }
+  // Round 10: words 0 and 1 only.
   const __m512i kk0 = _mm512_set1_epi32(static_cast<int>(k0 + 9 * kKeyA));
   const __m512i pb = _mm512_mul_epu32(c2, mb);
   w0 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(pb, _MM_PERM_DDBB), c1, kk0, 0x96);
@@ -197,9 +221,17 @@ inline __m512 normal_from_words16(__m512i w0, __m512i w1) {
 // Words 0 and 1 of counters offset .. offset + 15, packed in counter order.
 inline void words16(uint64_t offset, uint32_t k0, uint32_t k1, uint32_t* w0, uint32_t* w1) {
   const __m512i base = _mm512_set1_epi64(static_cast<long long>(offset));
+  const __m512i lo = _mm512_add_epi64(base, _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  const __m512i hi = _mm512_add_epi64(base, _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8));
+  const uint32_t h = static_cast<uint32_t>(offset >> 32);
   __m512i a0, a1, b0, b1;
-  philox8(_mm512_add_epi64(base, _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0)), k0, k1, a0, a1);
-  philox8(_mm512_add_epi64(base, _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8)), k0, k1, b0, b1);
+  if (static_cast<uint32_t>(offset) <= 0xFFFFFFFFu - 15u) {  // no carry into the high word
+    philox8<true>(lo, h, k0, k1, a0, a1);
+    philox8<true>(hi, h, k0, k1, b0, b1);
+  } else {
+    philox8<false>(lo, h, k0, k1, a0, a1);
+    philox8<false>(hi, h, k0, k1, b0, b1);
+  }
   const __m512i idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   _mm512_store_si512(w0, _mm512_permutex2var_epi32(a0, idx, b0));
   _mm512_store_si512(w1, _mm512_permutex2var_epi32(a1, idx, b1));
