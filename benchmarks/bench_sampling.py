@@ -1,18 +1,25 @@
 """Sampling: fastddpm's scheduler step and sampling loop against diffusers', on this CPU.
 
-    python -m pytest benchmarks/bench_sampling.py          # pytest-benchmark, one provider at a time
-    python benchmarks/bench_sampling.py [--full]           # interleaved tables: step(), dispatch counts,
-                                                           # whole sampling runs (--full: batch 16 too)
+    python -m pytest benchmarks/bench_sampling.py     # pytest-benchmark, one provider at a time
+    python benchmarks/bench_sampling.py step counts   # step() table, dispatch counts
+    python benchmarks/bench_sampling.py runs --runs cifar10:1:50 digits:16:1000 [--rounds 3]
 
-What is measured:
-* step() alone at batch 16 (3x32x32): diffusers.DDPMScheduler.step vs fastddpm.DDPMScheduler.step (both
-  with a torch.Generator, the same numbers) and the fused step with in-kernel Philox noise (what
-  fastddpm.sample(noise="philox") runs); torch.randn alone as the floor of generator-compatible noise.
-* per denoising step, the operators dispatched and the bytes of tensors they allocate (a
+Sections (default: step counts runs):
+* step: step() alone at batch 16 (3x32x32), interleaved: diffusers.DDPMScheduler.step vs
+  fastddpm.DDPMScheduler.step (both with a torch.Generator: the same numbers), the fused step with
+  in-kernel Philox noise (ops.ddpm_step(noise="philox"), what fastddpm.sample(noise="philox") runs)
+  and torch.randn alone, the floor of generator-compatible noise.
+* counts: per call, the operators dispatched and the bytes of tensors they allocate (a
   TorchDispatchMode counts every aten op and sums its outputs' sizes): the proxy for GPU launch count
   and memory traffic this GPU-less machine can measure.
-* whole sampling runs with the same weights (DDPM CIFAR-10 U-Net, random init): diffusers' DDPMPipeline
-  vs fastddpm (the UNet converted with fastddpm.compat.diffusers.from_diffusers + fastddpm.sample).
+* runs: whole sampling runs with the same weights, interleaved, as MODEL:BATCH:STEPS. cifar10 is the
+  DDPM CIFAR-10 U-Net (35.7 M parameters, random init, 3x32x32); digits is the shipped digits model
+  (fastddpm/assets, 687 k parameters, trained, 1x16x16). Providers: diffusers' DDPMPipeline with a
+  diffusers UNet2DModel (fastddpm.compat.diffusers.to_diffusers of the same weights), fastddpm's
+  DDPMPipeline (fastddpm UNet + fastddpm DDPMScheduler, the same generator and numbers), and
+  fastddpm.sample with Philox noise.
+
+Every section prints the load average before and after it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ from benchmarks._common import interleaved, machine, median, spread  # noqa: E40
 from fastddpm import ops  # noqa: E402
 
 SHAPE = (16, 3, 32, 32)
+
+
+def load() -> str:
+    a, b, c = os.getloadavg()
+    return f"load average {a:.2f} {b:.2f} {c:.2f}"
 
 
 def step_providers(shape=SHAPE):
@@ -98,10 +110,24 @@ def cifar_unet():
     ).eval()
 
 
-def dispatch_table(batch: int = 1) -> list[tuple[str, int, int]]:
-    import diffusers
+def models(name: str):
+    """(diffusers UNet2DModel, fastddpm UNet) with the same weights, and the image shape."""
+    from fastddpm.compat.diffusers import from_diffusers, to_diffusers
 
-    from fastddpm.compat.diffusers import from_diffusers
+    if name == "cifar10":
+        theirs = cifar_unet()
+        return theirs, from_diffusers(theirs).eval(), (3, 32, 32)
+    if name == "digits":
+        from fastddpm import pretrained
+
+        lm = pretrained.load_builtin("digits")
+        ours = lm.model.eval()
+        return to_diffusers(ours).eval(), ours, lm.image_shape
+    raise ValueError(f"model: expected cifar10 or digits, got {name!r}")
+
+
+def dispatch_table(batch: int = 1) -> list[tuple[str, int, int, dict]]:
+    import diffusers
 
     rows = []
     x, m = torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)
@@ -112,29 +138,24 @@ def dispatch_table(batch: int = 1) -> list[tuple[str, int, int]]:
                      ("fastddpm step() (batch 16)", lambda: ours.step(m, t, x, generator=g)),
                      ("fastddpm fused step, philox (batch 16)",
                       lambda: ops.ddpm_step(x, m, 500, ours.schedule, noise="philox", seed=1))]:
+        fn()  # once outside the count: first-call caches (backend, timestep tensors) are not per-step work
         c = count(fn)
-        rows.append((name, c.ops, c.bytes))
-    unet = cifar_unet()
+        rows.append((name, c.ops, c.bytes, c.names))
+    unet, fu, _ = models("cifar10")
     xb = torch.randn(batch, 3, 32, 32)
     tb = torch.full((batch,), 500)
-    fu = from_diffusers(unet).eval()
     c = count(lambda: unet(xb, tb).sample)
-    rows.append((f"diffusers UNet2DModel forward (batch {batch})", c.ops, c.bytes))
+    rows.append((f"diffusers UNet2DModel forward (batch {batch})", c.ops, c.bytes, c.names))
     c = count(lambda: fu(xb, tb))
-    rows.append((f"fastddpm UNet forward (batch {batch})", c.ops, c.bytes))
+    rows.append((f"fastddpm UNet forward (batch {batch})", c.ops, c.bytes, c.names))
     return rows
 
 
-def main(full: bool = False, steps: int = 20, rounds: int = 3) -> None:
-    import diffusers
-
-    sys.stdout.reconfigure(line_buffering=True)  # tables appear as they are measured
-
-    from fastddpm.compat.diffusers import from_diffusers
-
-    print(f"machine: {machine()}")
-    print("\n## step() at batch 16, 3x32x32, fp32 (interleaved, medians of 5-call means)\n")
-    times = interleaved(step_providers(), rounds=40, inner=10)
+def section_step(rounds: int) -> None:
+    print(f"\n## step() at batch 16, 3x32x32, fp32 (interleaved, {rounds} rounds of 10 calls, medians)\n")
+    print(f"before: {load()}")
+    times = interleaved(step_providers(), rounds=rounds, inner=10)
+    print(f"after: {load()}\n")
     base = median(times["diffusers step() (generator)"])
     print("| provider | median (us) | IQR (us) | speed-up vs diffusers |")
     print("|---|---|---|---|")
@@ -142,44 +163,91 @@ def main(full: bool = False, steps: int = 20, rounds: int = 3) -> None:
         lo, hi = spread(v)
         print(f"| {k} | {median(v) * 1e6:.0f} | {lo * 1e6:.0f}-{hi * 1e6:.0f} | {base / median(v):.2f}x |")
 
-    print("\n## operators dispatched and bytes allocated per call (TorchDispatchMode)\n")
-    print("| what | aten ops | bytes allocated |")
-    print("|---|---|---|")
-    for name, n, b in dispatch_table():
-        print(f"| {name} | {n} | {b:,} |")
 
-    print("\n## whole sampling runs, same weights (CIFAR-10 DDPM U-Net, random init)\n")
-    unet = cifar_unet()
-    fu = from_diffusers(unet).eval()
-    configs = [(1, steps)] + ([(16, 5)] if full else [])
-    for batch, steps in configs:
-        pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
-        pipe.set_progress_bar_config(disable=True)
-        ours = fastddpm.DDPMPipeline(fu, fastddpm.DDPMScheduler())
-        ours.set_progress_bar_config(disable=True)
-        fns = {
-            "diffusers DDPMPipeline": lambda p=pipe, b=batch, n=steps: p(
-                batch_size=b, num_inference_steps=n, output_type="pt", generator=torch.Generator().manual_seed(0)),
-            "fastddpm DDPMPipeline (fastddpm UNet)": lambda p=ours, b=batch, n=steps: p(
-                batch_size=b, num_inference_steps=n, output_type="pt", generator=torch.Generator().manual_seed(0)),
-            "fastddpm.sample (fastddpm UNet, philox)": lambda b=batch, n=steps: fastddpm.sample(
-                fu, (b, 3, 32, 32), steps=n, noise="philox", seed=0, progress=False),
-        }
-        times = interleaved(fns, rounds=rounds, inner=1, warmup=1)
-        base = median(times["diffusers DDPMPipeline"])
-        print(f"\nbatch {batch}, {steps} steps:\n")
-        print("| provider | median (s) | images/s | speed-up |")
-        print("|---|---|---|---|")
+def section_counts() -> None:
+    print("\n## operators dispatched and bytes allocated per call (TorchDispatchMode)\n")
+    print("| what | aten ops | bytes allocated | ops |")
+    print("|---|---|---|---|")
+    for name, n, b, names in dispatch_table():
+        which = ", ".join(f"{k.split('.')[-1]} x{v}" if v > 1 else k.split(".")[-1] for k, v in names.items())
+        print(f"| {name} | {n} | {b:,} | {which if n <= 12 else '...'} |")
+
+
+def run_providers(name: str, batch: int, steps: int, which: list[str]):
+    import diffusers
+
+    theirs, ours, img = models(name)
+    shape = (batch, *img)
+    pipe = diffusers.DDPMPipeline(unet=theirs, scheduler=diffusers.DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    fpipe = fastddpm.DDPMPipeline(ours, fastddpm.DDPMScheduler())
+    fpipe.set_progress_bar_config(disable=True)
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
+    fns = {
+        "diffusers DDPMPipeline": lambda: pipe(batch_size=batch, num_inference_steps=steps, output_type="pt",
+                                               generator=gen(), return_dict=False)[0],
+        "fastddpm DDPMPipeline": lambda: fpipe(batch_size=batch, num_inference_steps=steps, output_type="pt",
+                                               generator=gen(), return_dict=False)[0],
+        "fastddpm.sample (philox)": lambda: fastddpm.sample(ours, shape, steps=steps, noise="philox", seed=0,
+                                                            progress=False),
+    }
+    return {k: v for k, v in fns.items() if k in which}
+
+
+def section_runs(specs: list[str], rounds: int, which: list[str], warmup: int = 1) -> None:
+    print(f"\n## whole sampling runs, same weights (interleaved; medians of {rounds} rounds after {warmup} "
+          "warm-up run(s))\n")
+    for spec in specs:
+        try:
+            name, batch, steps = spec.split(":")
+            batch, steps = int(batch), int(steps)
+        except ValueError:
+            raise SystemExit(f"--runs: expected MODEL:BATCH:STEPS (e.g. cifar10:1:50), got {spec!r}") from None
+        fns = run_providers(name, batch, steps, which)
+        print(f"\n{name}, batch {batch}, {steps} steps; before: {load()}")
+        times = interleaved(fns, rounds=rounds, inner=1, warmup=warmup)
+        print(f"after: {load()}\n")
+        if "diffusers DDPMPipeline" in fns and "fastddpm DDPMPipeline" in fns:
+            short = run_providers(name, batch, min(steps, 4), ["diffusers DDPMPipeline", "fastddpm DDPMPipeline"])
+            a, b = short["diffusers DDPMPipeline"](), short["fastddpm DDPMPipeline"]()
+            print(f"fastddpm DDPMPipeline vs diffusers (same generator, {min(steps, 4)} steps), max |difference|: "
+                  f"{(a - b).abs().max().item():.2e}\n")
+        base = median(times["diffusers DDPMPipeline"]) if "diffusers DDPMPipeline" in times else None
+        print("| provider | median (s) | range (s) | images/s | vs diffusers |")
+        print("|---|---|---|---|---|")
         for k, v in times.items():
-            print(f"| {k} | {median(v):.2f} | {batch / median(v):.2f} | {base / median(v):.2f}x |")
+            ratio = f"{base / median(v):.2f}x" if base else "-"
+            print(f"| {k} | {median(v):.3f} | {min(v):.3f}-{max(v):.3f} | {batch / median(v):.2f} | {ratio} |")
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sections", nargs="*", default=["step", "counts", "runs"], choices=["step", "counts", "runs"])
+    ap.add_argument("--runs", nargs="+", default=["cifar10:1:20"], metavar="MODEL:BATCH:STEPS",
+                    help="whole-sampling runs (models: cifar10, digits; default: cifar10:1:20)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each whole run (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each provider first (default 1)")
+    ap.add_argument("--step-rounds", type=int, default=40, help="interleaved rounds of the step table")
+    ap.add_argument("--providers", nargs="+", default=["diffusers DDPMPipeline", "fastddpm DDPMPipeline",
+                                                       "fastddpm.sample (philox)"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sys.stdout.reconfigure(line_buffering=True)  # tables appear as they are measured
+    print(f"machine: {machine()}")
+    if "step" in a.sections:
+        section_step(a.step_rounds)
+    if "counts" in a.sections:
+        section_counts()
+    if "runs" in a.sections:
+        section_runs(a.runs, a.rounds, a.providers, a.warmup)
 
 
 if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true", help="also batch 16 whole-sampling runs")
-    ap.add_argument("--steps", type=int, default=20, help="denoising steps of the whole-sampling runs")
-    ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
-    main(full=a.full, steps=a.steps, rounds=a.rounds)
+    main()

@@ -28,6 +28,14 @@ TORCH_LIBRARY(fastddpm, m) {
       "Tensor alphas_cumprod, Tensor? noise, Tensor? predicted_variance, int seed, int offset, "
       "int noise_mode, int prediction_type, int variance_type, float clip_range, "
       "bool return_pred) -> (Tensor, Tensor)");
+  // ddpm_step with z = torch.randn(sample.shape, generator=generator, dtype=sample.dtype),
+  // drawn by torch's own normal_ (so the numbers and the generator's state afterwards are
+  // torch's), CPU only, fixed variance types. On two or more threads the draw, which is
+  // serial, runs on the calling thread while another computes the posterior mean.
+  m.def(
+      "ddpm_step_randn(Tensor sample, Tensor model_output, Tensor t, Tensor prev_t, "
+      "Tensor alphas_cumprod, Generator? generator, int prediction_type, int variance_type, "
+      "float clip_range, bool return_pred) -> (Tensor, Tensor)");
   // Fills a float32 tensor with the Philox normals that ddpm_step's noise_mode 2
   // adds: element i (row-major) gets normal(seed, offset + i).
   m.def("philox_normal_(Tensor(a!) out, int seed, int offset) -> ()");

@@ -254,6 +254,68 @@ def test_generator_noise_matches_torch_randn():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "shape, dtype, layout",
+    [
+        ((16, 3, 32, 32), torch.float32, "nchw"),  # the overlapped path (draw on one thread, mean on the other)
+        ((2, 3, 5, 7), torch.float32, "nchw"),  # below the overlap threshold
+        ((4, 8, 16, 16), torch.float32, "channels_last"),  # non-contiguous: drawn first, then the one-pass step
+        ((4, 8, 16, 16), torch.float16, "nchw"),
+    ],
+)
+def test_ddpm_step_randn_is_torch_randn(threads, shape, dtype, layout):
+    # ddpm_step_randn draws z with torch's own normal_: the same numbers as the noise-tensor step with
+    # z = torch.randn(shape, generator=g, dtype=dtype), bit for bit, and the generator ends in the same state.
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, m = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+        if layout == "channels_last":
+            x, m = x.to(memory_format=torch.channels_last), m.to(memory_format=torch.channels_last)
+        t = torch.randint(1, 1000, (shape[0],))
+        t[0] = 0  # no noise added to sample 0, although z is drawn for the whole tensor (as diffusers)
+        pt = t - 1
+        ac = SCHED.tables("cpu")["alphas_cumprod"]
+        for pred_type, var_type, clip in [(0, 0, 1.0), (1, 2, 0.0), (2, 0, 2.0), (0, 1, 0.0)]:
+            g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+            a, ap = torch.ops.fastddpm.ddpm_step_randn(x, m, t, pt, ac, g1, pred_type, var_type, clip, True)
+            z = torch.randn(shape, generator=g2, dtype=dtype)
+            b, bp = torch.ops.fastddpm.ddpm_step(x, m, t, pt, ac, z, None, 0, 0, 1, pred_type, var_type, clip, True)
+            assert torch.equal(a, b) and torch.equal(ap, bp), (pred_type, var_type)
+            assert torch.equal(g1.get_state(), g2.get_state())
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            assert a.is_contiguous(memory_format=fmt)
+        # the public function takes this path for generator noise on the cpu backend
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        got = ops.ddpm_step(x, m, t, SCHED, prev_t=pt, generator=g1, clip_sample=True, backend="cpu")
+        want = ops.ddpm_step(x, m, t, SCHED, prev_t=pt, noise=torch.randn(shape, generator=g2, dtype=dtype),
+                             clip_sample=True, backend="cpu")
+        assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def test_ddpm_step_randn_bad_input_and_fake():
+    x = torch.randn(2, 3, 4, 4)
+    t, pt = torch.tensor([5, 3]), torch.tensor([4, 2])
+    ac = SCHED.tables("cpu")["alphas_cumprod"]
+    with pytest.raises(RuntimeError, match="variance_type"):
+        torch.ops.fastddpm.ddpm_step_randn(x, x, t, pt, ac, None, 0, 4, 0.0, True)
+    big = torch.randn(8, 3, 32, 32)  # large enough for the overlapped path, whose checks are its own
+    with pytest.raises(RuntimeError, match="prev_t"):
+        torch.ops.fastddpm.ddpm_step_randn(big, big, t.repeat(4), t.repeat(4), ac, None, 0, 0, 0.0, True)
+    with pytest.raises(RuntimeError, match="model_output: expected shape"):
+        torch.ops.fastddpm.ddpm_step_randn(big, big[:4], t.repeat(4), pt.repeat(4), ac, None, 0, 0, 0.0, True)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        out, pred = torch.ops.fastddpm.ddpm_step_randn(fx, fx, mode.from_tensor(t), mode.from_tensor(pt),
+                                                       mode.from_tensor(ac), None, 0, 0, 1.0, False)
+        assert out.shape == x.shape and pred.numel() == 0
+
+
 @pytest.mark.parametrize("backend", [b for b in backends_for(torch.device("cpu"), "ddpm_step") if b != "torch"])
 @pytest.mark.parametrize("layout", ["channels_last", "transposed"])
 @pytest.mark.parametrize("noise", ["tensor", "philox"])
@@ -272,6 +334,19 @@ def test_ddpm_step_strides(backend, layout, noise):
     assert forward_error_ratio(out, ref, x, m, z, t) <= 1e-6
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_int_timesteps_are_cached_and_left_unchanged():
+    from fastddpm.ops import _checks
+
+    a = _checks.int_timesteps(7, 3, torch.device("cpu"))
+    assert a is _checks.int_timesteps(7, 3, torch.device("cpu"))
+    x, m, z, _, _ = _inputs((3, 2, 4, 4), torch.float32, torch.device("cpu"), 4)
+    for backend in backends_for(torch.device("cpu"), "ddpm_step"):
+        got = ops.ddpm_step(x, m, 7, SCHED, noise=z, backend=backend)
+        want = ops.ddpm_step(x, m, torch.full((3,), 7), SCHED, prev_t=torch.full((3,), 6), noise=z, backend=backend)
+        assert torch.equal(got, want), backend
+        assert torch.equal(a, torch.full((3,), 7)), backend  # no backend writes into t
 
 
 def test_ddpm_step_opcheck_and_compile():
@@ -293,6 +368,8 @@ def test_ddpm_step_opcheck_and_compile():
         (dict(t=1000), ValueError, "t: expected a timestep in"),
         (dict(t=torch.tensor([3.0, 1.0])), TypeError, "t: expected an integer"),
         (dict(prev_t=torch.tensor([5, 5]), t=torch.tensor([5, 6])), ValueError, "prev_t"),
+        (dict(prev_t=10, t=10), ValueError, "prev_t: expected prev_t < t"),
+        (dict(prev_t=-2, t=10), ValueError, "prev_t: expected a timestep in"),
         (dict(model_output=torch.randn(2, 3, 4)), ValueError, "model_output: expected shape"),
         (dict(noise=torch.randn(1, 3, 4, 4)), ValueError, "noise: expected shape"),
         (dict(noise="gaussian"), ValueError, "noise"),

@@ -445,6 +445,33 @@ def test_ddpm_bad_input():
         DDPMScheduler(variance_type="fixed_large_log").step(torch.randn(SHAPE), 10, x)
 
 
+def test_ddpm_step_checks_survive_the_fast_path():
+    # step() resolves its backend once per (device, dtype) and passes int timesteps as cached
+    # tensors; the checks must still run on every call.
+    s = DDPMScheduler(num_train_timesteps=100)
+    s.set_timesteps(10)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    first = s.step(m, 90, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    again = s.step(m, torch.tensor(90), x, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert torch.equal(first, again)
+    with pytest.raises(TypeError, match="sample: expected dtype"):
+        s.step(m.long(), 90, x.long())
+    with pytest.raises(ValueError, match="sample: expected at least 1"):
+        s.step(torch.tensor(0.5), 90, torch.tensor(0.5))
+    with pytest.raises(ValueError, match="timestep: expected one timestep or one per sample"):
+        s.step(m, torch.tensor([90] * (SHAPE[0] + 1)), x)
+    with pytest.raises(ValueError, match="model_output: expected shape"):
+        s.step(m[:1], 90, x)
+    with pytest.raises(TypeError, match="model_output: expected a torch.Tensor"):
+        s.step(m.numpy(), 90, x)
+    # the per-(device, dtype) kernel cache survives pickling and copying
+    import copy
+    import pickle
+
+    for c in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert torch.equal(c.step(m, 90, x, generator=torch.Generator().manual_seed(0)).prev_sample, first)
+
+
 # ---------------------------------------------------------------------------
 # DDIMScheduler
 # ---------------------------------------------------------------------------

@@ -40,46 +40,79 @@ void ddpm_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* z, con
         const float* px = Block::load(x + i, bx, n);
         const float* pm = Block::load(m + i, bm, n);
         float* px0 = pred != nullptr ? Block::out(pred + i, b0) : b0;
-        // Predicted x0 (diffusers step 2) and clip (step 3).
-        const Vec sab(c.sqrt_ab), s1m(c.sqrt_1mab), isab(c.inv_sqrt_ab);
-        if (a.prediction_type == kEpsilon) {
-          at::vec::map2([=](Vec xv, Vec mv) { return (xv - s1m * mv) * isab; }, px0, px, pm, n);
-        } else if (a.prediction_type == kSample) {
-          std::copy(pm, pm + n, px0);
-        } else {
-          at::vec::map2([=](Vec xv, Vec mv) { return sab * xv - s1m * mv; }, px0, px, pm, n);
-        }
-        if (a.clip_range > 0.0f) {
-          const Vec lo(-a.clip_range), hi(a.clip_range);
-          at::vec::map([=](Vec v) { return at::vec::clamp(v, lo, hi); }, px0, px0, n);
-        }
-        if (pred != nullptr) Block::store(pred + i, px0, n);
-        // Posterior mean (steps 4-5).
         float* po = Block::out(out + i, bo);
-        const Vec cx0(c.c_x0), cxt(c.c_xt);
-        at::vec::map2([=](Vec x0v, Vec xv) { return cx0 * x0v + cxt * xv; }, po, px0, px, n);
-        // sigma_t z where t > 0 (step 6).
-        if (c.add_noise && a.noise_mode != kNoNoise) {
-          const float* pz;
+        const bool noisy = c.add_noise && a.noise_mode != kNoNoise;
+        const float* pz = nullptr;
+        if (noisy) {
           if (a.noise_mode == kNoiseTensor) {
             pz = Block::load(z + i, bz, n);
           } else {
             philox_normal_block(a.seed, a.offset + static_cast<uint64_t>(i), n, bz);
             pz = bz;
           }
-          if (a.variance_type == kLearned || a.variance_type == kLearnedRange) {
-            const float* pp = Block::load(pv + i, bp, n);
-            for (int64_t j = 0; j < n; ++j) po[j] += ddpm_sigma(c, a.variance_type, pp[j]) * pz[j];
-          } else {
-            const Vec sd(c.std);
-            at::vec::map2([=](Vec o, Vec zv) { return o + sd * zv; }, po, po, pz, n);
+        }
+        const bool learned = a.variance_type == kLearned || a.variance_type == kLearnedRange;
+        // One pass: predicted x0 (diffusers step 2), clip (3), posterior mean (4-5) and,
+        // for the fixed variance types, + sigma_t z (6). Learned sigma is added below.
+        const bool add_fixed = noisy && !learned;
+        const Vec sab(c.sqrt_ab), s1m(c.sqrt_1mab), isab(c.inv_sqrt_ab), cx0(c.c_x0), cxt(c.c_xt), sd(c.std);
+        const bool clip = a.clip_range > 0.0f;
+        const Vec lo(-a.clip_range), hi(a.clip_range);
+        const int64_t pt = a.prediction_type;
+        auto x0_of = [&](Vec xv, Vec mv) {
+          Vec x0 = pt == kEpsilon ? (xv - s1m * mv) * isab : (pt == kSample ? mv : sab * xv - s1m * mv);
+          return clip ? at::vec::clamp(x0, lo, hi) : x0;
+        };
+        int64_t j = 0;
+        constexpr int64_t W = Vec::size();
+        if (add_fixed) {
+          for (; j + W <= n; j += W) {
+            const Vec xv = Vec::loadu(px + j), x0 = x0_of(xv, Vec::loadu(pm + j));
+            x0.store(px0 + j);
+            at::vec::fmadd(sd, Vec::loadu(pz + j), at::vec::fmadd(cx0, x0, cxt * xv)).store(po + j);
+          }
+        } else {
+          for (; j + W <= n; j += W) {
+            const Vec xv = Vec::loadu(px + j), x0 = x0_of(xv, Vec::loadu(pm + j));
+            x0.store(px0 + j);
+            at::vec::fmadd(cx0, x0, cxt * xv).store(po + j);
           }
         }
+        if (j < n) {  // the tail, through the same vector code on a partial load
+          const int64_t r = n - j;
+          const Vec xv = Vec::loadu(px + j, r), x0 = x0_of(xv, Vec::loadu(pm + j, r));
+          x0.store(px0 + j, r);
+          Vec o = at::vec::fmadd(cx0, x0, cxt * xv);
+          if (add_fixed) o = at::vec::fmadd(sd, Vec::loadu(pz + j, r), o);
+          o.store(po + j, r);
+        }
+        if (noisy && learned) {
+          const float* pp = Block::load(pv + i, bp, n);
+          for (int64_t k = 0; k < n; ++k) po[k] += ddpm_sigma(c, a.variance_type, pp[k]) * pz[k];
+        }
+        if (pred != nullptr) Block::store(pred + i, px0, n);
         Block::store(out + i, po, n);
         i += n;
       }
     }
   });
+}
+
+// The per-sample coefficients, with t and prev_t range-checked.
+std::vector<StepCoeffs> step_coeffs(const at::Tensor& t, const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
+                                    int64_t variance_type, int64_t B) {
+  const int64_t T = alphas_cumprod.size(0);
+  const auto tc = t.contiguous(), pc = prev_t.contiguous(), ac = alphas_cumprod.contiguous();
+  const float* abar = ac.data_ptr<float>();
+  std::vector<StepCoeffs> coeffs(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
+    TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
+    TORCH_CHECK(pb >= -1 && pb < tb, "prev_t: expected -1 <= prev_t < t (", tb, "), got ", pb,
+                " at index ", b);
+    coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0);
+  }
+  return coeffs;
 }
 
 std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
@@ -116,17 +149,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
   TORCH_CHECK(offset >= 0, "offset: expected a non-negative integer, got ", offset);
 
   const int64_t B = sample.size(0);
-  const int64_t T = alphas_cumprod.size(0);
-  const auto tc = t.contiguous(), pc = prev_t.contiguous(), ac = alphas_cumprod.contiguous();
-  const float* abar = ac.data_ptr<float>();
-  std::vector<StepCoeffs> coeffs(B);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
-    TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
-    TORCH_CHECK(pb >= -1 && pb < tb, "prev_t: expected -1 <= prev_t < t (", tb, "), got ", pb,
-                " at index ", b);
-    coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0);
-  }
+  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B);
 
   // Philox noise is indexed by the row-major (NCHW) position, so layouts other
   // than contiguous go through a contiguous copy to keep the numbers layout-free.
@@ -155,6 +178,82 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
     out = out.contiguous(fmt);
     if (return_pred) pred = pred.contiguous(fmt);
   }
+  return {out, pred};
+}
+
+// Below this many elements the draw is short and a second thread does not pay.
+constexpr int64_t kOverlapMin = 4096;
+
+std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
+    const at::Tensor& prev_t, const at::Tensor& alphas_cumprod, const c10::optional<at::Generator>& generator,
+    int64_t prediction_type, int64_t variance_type, double clip_range, bool return_pred) {
+  check_float_tensor(sample, "sample");
+  TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(variance_type == kFixedSmall || variance_type == kFixedSmallLog || variance_type == kFixedLarge,
+              "variance_type: ddpm_step_randn takes the fixed variance types 0, 1 or 2, got ", variance_type);
+  TORCH_CHECK(!generator.has_value() || !generator->defined() || generator->device().is_cpu(),
+              "generator: expected a CPU generator, got one on ", generator->device());
+  // z exactly as torch.randn(sample.shape, generator=generator, dtype=sample.dtype): a
+  // contiguous tensor filled by torch's normal_, which also advances the generator as it does.
+  at::Tensor z = at::empty(sample.sizes(), sample.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool overlap = sample.scalar_type() == at::kFloat && sample.is_contiguous() &&
+                       model_output.is_contiguous() && sample.numel() >= kOverlapMin &&
+                       at::get_num_threads() > 1 && !at::in_parallel_region();
+  if (!overlap) {
+    z.normal_(0.0, 1.0, generator);
+    return ddpm_step_cpu(sample, model_output, t, prev_t, alphas_cumprod, z, c10::nullopt, 0, 0, kNoiseTensor,
+                         prediction_type, variance_type, clip_range, return_pred);
+  }
+  check_like(model_output, sample, "model_output", "sample");
+  check_timesteps(t, sample, "t");
+  check_timesteps(prev_t, sample, "prev_t");
+  check_table(alphas_cumprod, sample, "alphas_cumprod");
+  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2,
+              "prediction_type: expected 0 (epsilon), 1 (sample) or 2 (v_prediction), got ", prediction_type);
+  const int64_t B = sample.size(0), M = sample.numel() / B;
+  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B);
+  at::Tensor out = at::empty_like(sample);
+  at::Tensor pred = return_pred ? at::empty_like(sample) : at::empty({0}, sample.options());
+  const float* x = sample.data_ptr<float>();
+  const float* m = model_output.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  float* pp = return_pred ? pred.data_ptr<float>() : nullptr;
+  const StepArgs mean_only{kNoNoise, prediction_type, variance_type, static_cast<float>(clip_range), 0, 0};
+  // Task 0 runs on the calling thread (OpenMP's thread 0), so torch's normal_ sees the
+  // caller's thread-local state; task 1 computes x0, the clip and the posterior mean
+  // (ddpm_step_loop's parallel_for runs inline inside this region).
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      if (task == 0) {
+        z.normal_(0.0, 1.0, generator);
+      } else {
+        ddpm_step_loop<float>(x, m, nullptr, nullptr, po, pp, coeffs, mean_only, B, M);
+      }
+    }
+  });
+  // + sigma_t z where t > 0: the same fmadd on the same mean as ddpm_step's one pass, so
+  // the result is bit for bit that of ddpm_step with this z as the noise tensor.
+  const float* pz = z.data_ptr<float>();
+  at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t b = i / M;
+      const int64_t seg_end = std::min(end, (b + 1) * M);
+      if (coeffs[b].add_noise) {
+        const Vec sd(coeffs[b].std);
+        int64_t j = i;
+        for (; j + Vec::size() <= seg_end; j += Vec::size()) {
+          at::vec::fmadd(sd, Vec::loadu(pz + j), Vec::loadu(po + j)).store(po + j);
+        }
+        if (j < seg_end) {
+          const int64_t r = seg_end - j;
+          at::vec::fmadd(sd, Vec::loadu(pz + j, r), Vec::loadu(po + j, r)).store(po + j, r);
+        }
+      }
+      i = seg_end;
+    }
+  });
   return {out, pred};
 }
 
@@ -192,6 +291,7 @@ void philox_bits_cpu(const at::Tensor& out, int64_t seed, int64_t offset) {
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("ddpm_step", &ddpm_step_cpu);
+  m.impl("ddpm_step_randn", &ddpm_step_randn_cpu);
   m.impl("philox_normal_", &philox_normal_cpu);
   m.impl("philox_bits_", &philox_bits_cpu);
 }

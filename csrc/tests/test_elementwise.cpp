@@ -1,12 +1,19 @@
 // Unit tests of the shared per-element math (csrc/include/fastddpm/elementwise.h)
-// against independent values: Random123's known-answer vectors for Philox4x32-10
-// and float64 evaluations of the paper's formulas.
+// and of the CPU Philox normals (philox_cpu.h) against independent values:
+// Random123's known-answer vectors for Philox4x32-10 and float64 evaluations of the
+// paper's formulas and of Box-Muller. CMakeLists.txt builds this file once per
+// instruction set (native, AVX2, scalar), so every implementation in philox_cpu.h is
+// tested on an AVX-512 machine.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <initializer_list>
+#include <limits>
+#include <vector>
 
 #include "fastddpm/elementwise.h"
+#include "fastddpm/philox_cpu.h"
 
 using namespace fastddpm;
 
@@ -53,6 +60,123 @@ static void test_philox_normal_moments() {
   EXPECT(std::fabs(var - 1.0) < 5.0 * std::sqrt(2.0 / n), "variance %g", var);
 }
 
+// Box-Muller in float64 of Triton's fp32 uniforms (elementwise.h's uint_to_uniform, the
+// clamp at 1e-7): what the CPU normals approximate.
+static double box_muller64(uint32_t w0, uint32_t w1) {
+  float u1 = uint_to_uniform(w0);
+  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
+  const double u2 = uint_to_uniform(w1);
+  return std::sqrt(-2.0 * std::log(static_cast<double>(u1))) * std::cos(6.283185307179586 * u2);
+}
+
+static void philox_words(uint64_t seed, uint64_t ctr, uint32_t& w0, uint32_t& w1) {
+  uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
+  philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  w0 = c0;
+  w1 = c1;
+}
+
+// Error bound of the CPU normals against box_muller64, as a multiple of max(|z|, 1):
+// r = sqrt(-2 log u1) carries half the log's ~1 ulp plus sqrt's 0.5, the cosine
+// polynomial < 2 ulp, the product 0.5: 3.5 ulp of 2^-23 relative.
+constexpr double kNormalBound = 3.5 * 0x1p-23;
+
+static void test_philox_cpu_blocks() {
+  // Every length (tails of the 16/8-wide paths and of the 256-counter chunks), offsets
+  // whose counters cross the 32-bit word: bit for bit the scalar transform of the
+  // known-answer-tested philox4x32_10 words, and nothing written past n.
+  const uint64_t seeds[] = {0, 42, 0xDEADBEEFCAFEF00Dull};
+  const uint64_t offsets[] = {0, (1ull << 32) - 5, (1ull << 40) + 3};
+  const int64_t lengths[] = {1, 7, 8, 9, 15, 16, 17, 31, 255, 256, 257, 1000, 4099};
+  for (uint64_t seed : seeds) {
+    for (uint64_t off : offsets) {
+      for (int64_t n : lengths) {
+        std::vector<float> out(n + 40, std::numeric_limits<float>::quiet_NaN());
+        philox_normal_block(seed, off, n, out.data());
+        int bad = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          uint32_t w0, w1;
+          philox_words(seed, off + j, w0, w1);
+          const float want = philox_cpu::normal_from_words(w0, w1);
+          if (std::memcmp(&want, &out[j], 4) != 0 && bad++ == 0) {
+            EXPECT(false, "%s: seed %llu offset %llu n %lld: element %lld is %.9g, scalar %.9g", philox_cpu::kIsa,
+                   (unsigned long long)seed, (unsigned long long)off, (long long)n, (long long)j, out[j], want);
+          }
+        }
+        for (int64_t j = n; j < n + 40; ++j) {
+          EXPECT(std::isnan(out[j]), "%s: n %lld: element %lld written past the end", philox_cpu::kIsa,
+                 (long long)n, (long long)j);
+        }
+      }
+    }
+  }
+}
+
+static void test_philox_cpu_transform_edges() {
+  // Crafted words through the vector transform: both ends of the uniforms (u = 0, the
+  // 1e-7 clamp, u = 1 from 2^31 - 1 rounding up), the quadrant edges of cos (q = 4 u2 at
+  // 1/2, 1, 2, 3, 4 and next to them), and a sweep of all words in steps of a prime.
+  std::vector<uint32_t> w0, w1;
+  const uint32_t edges[] = {0u, 1u, 2u, 100u, 214u, 215u, 1u << 20, (1u << 27) - 1, 1u << 27, (1u << 28) - 1,
+                            1u << 28, (1u << 28) + 1, (1u << 29) - 1, 1u << 29, (1u << 29) + 1,
+                            3u << 28, (1u << 30) - 1, 1u << 30, (1u << 30) + 1, (3u << 29) - 1, 3u << 29,
+                            (3u << 29) + 1, 0x7FFFFF80u, 0x7FFFFFFFu, 0x80000000u, 0xFFFFFFFFu, 0xC0000000u};
+  for (uint32_t a : edges) {
+    for (uint32_t b : edges) {
+      w0.push_back(a);
+      w1.push_back(b);
+      w0.push_back(~a);  // the folded negative twin: the same uniform
+      w1.push_back(~b);
+    }
+  }
+  for (uint64_t k = 0; k < (1ull << 32); k += 65521) {
+    w0.push_back(static_cast<uint32_t>(k));
+    w1.push_back(static_cast<uint32_t>(k * 2654435761u));
+    w0.push_back(static_cast<uint32_t>(k * 40503u));
+    w1.push_back(static_cast<uint32_t>(k));
+  }
+  const int64_t n = static_cast<int64_t>(w0.size());
+  w0.resize(n + 16);
+  w1.resize(n + 16);
+  std::vector<float> out(n);
+  philox_cpu::normals_from_words(w0.data(), w1.data(), n, out.data());
+  double worst = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float scalar = philox_cpu::normal_from_words(w0[j], w1[j]);
+    EXPECT(std::memcmp(&scalar, &out[j], 4) == 0, "%s: words %08x %08x: %.9g, scalar %.9g", philox_cpu::kIsa,
+           w0[j], w1[j], out[j], scalar);
+    const double ref = box_muller64(w0[j], w1[j]);
+    worst = std::fmax(worst, std::fabs(out[j] - ref) / std::fmax(std::fabs(ref), 1.0));
+  }
+  EXPECT(worst <= kNormalBound, "%s: crafted words: error %.3g > %.3g", philox_cpu::kIsa, worst, kNormalBound);
+}
+
+static void test_philox_cpu_accuracy() {
+  // 3 x 2^20 normals of real streams against float64 Box-Muller of the same uniforms.
+  // philox_normal() (libm logf/cosf of the fp32 angle 6.2831855f * u2, what the CUDA
+  // kernels and Triton's tl.randn compute) is measured alongside: its angle is rounded
+  // by up to half an ulp of 2^2, 2.4e-7, which r <= sqrt(-2 log 1e-7) = 5.7 turns into
+  // up to 1.4e-6, plus logf/cosf's own rounding: bound 2e-6.
+  const int64_t n = 1 << 20;
+  std::vector<float> out(n);
+  double worst = 0, worst_libm = 0;
+  for (uint64_t seed : {1ull, 7ull, 0x0123456789ABCDEFull}) {
+    const uint64_t off = seed * 1000003u;
+    philox_normal_block(seed, off, n, out.data());
+    for (int64_t j = 0; j < n; ++j) {
+      uint32_t w0, w1;
+      philox_words(seed, off + j, w0, w1);
+      const double ref = box_muller64(w0, w1), scale = std::fmax(std::fabs(ref), 1.0);
+      worst = std::fmax(worst, std::fabs(out[j] - ref) / scale);
+      worst_libm = std::fmax(worst_libm, std::fabs(philox_normal(seed, off + j) - ref) / scale);
+    }
+  }
+  std::printf("%s Philox normals: max error %.3g x max(|z|, 1) (bound %.3g); philox_normal (libm): %.3g\n",
+              philox_cpu::kIsa, worst, kNormalBound, worst_libm);
+  EXPECT(worst <= kNormalBound, "%s: error %.3g > %.3g", philox_cpu::kIsa, worst, kNormalBound);
+  EXPECT(worst_libm <= 2e-6, "philox_normal: error %.3g > 2e-6", worst_libm);
+}
+
 static double rel(double a, double b) { return std::fabs(a - b) / std::fmax(std::fabs(b), 1.0); }
 
 static void test_q_sample() {
@@ -94,7 +218,23 @@ static void test_ddpm_step_forms() {
 }
 
 int main() {
+  // A build for an instruction set this CPU lacks has nothing to run here.
+#if defined(__AVX512F__)
+  if (!__builtin_cpu_supports("avx512f")) {
+    std::printf("skipped: built for AVX-512F, which this CPU lacks\n");
+    return 0;
+  }
+#elif defined(__AVX2__)
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+    std::printf("skipped: built for AVX2 + FMA, which this CPU lacks\n");
+    return 0;
+  }
+#endif
+  std::printf("philox_cpu.h implementation: %s\n", philox_cpu::kIsa);
   test_philox_kat();
+  test_philox_cpu_blocks();
+  test_philox_cpu_transform_edges();
+  test_philox_cpu_accuracy();
   test_philox_normal_moments();
   test_q_sample();
   test_ddpm_step_forms();

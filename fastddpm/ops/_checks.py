@@ -29,6 +29,28 @@ def check_like(x, ref: torch.Tensor, name: str, ref_name: str) -> torch.Tensor:
     return x
 
 
+# (value, batch, device) -> a read-only int64 tensor of that value: an int timestep costs a
+# dictionary lookup instead of a torch.full per call. The kernels only read t, and these
+# tensors never leave the op functions. Not used while tracing or capturing a CUDA graph.
+_INT_TIMESTEPS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_INT_TIMESTEPS_MAX = 8192
+
+
+def int_timesteps(t: int, batch: int, device: torch.device) -> torch.Tensor:
+    """``torch.full((batch,), t)`` on ``device``, cached; ``t`` is already range-checked."""
+    key = (t, batch, device)
+    v = _INT_TIMESTEPS.get(key)
+    if v is not None:
+        return v
+    v = torch.full((batch,), t, dtype=torch.int64, device=device)
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return v
+    if len(_INT_TIMESTEPS) >= _INT_TIMESTEPS_MAX:
+        _INT_TIMESTEPS.clear()
+    _INT_TIMESTEPS[key] = v
+    return v
+
+
 def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allow_minus_one: bool = False):
     """``t`` as an int64 tensor of shape (batch,) on ``device``, range-checked.
 
@@ -42,7 +64,7 @@ def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allo
     if isinstance(t, int):
         if not lo <= t < T:
             raise ValueError(f"{name}: expected a timestep in [{lo}, {T}), got {t}")
-        return torch.full((batch,), t, dtype=torch.int64, device=device)
+        return int_timesteps(t, batch, device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected an int or an integer tensor, got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:

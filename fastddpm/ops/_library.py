@@ -60,6 +60,13 @@ if _C is not None:
         pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
         return out, pred
 
+    @torch.library.register_fake("fastddpm::ddpm_step_randn")
+    def _ddpm_step_randn_fake(sample, model_output, t, prev_t, ac, generator, prediction_type, variance_type,
+                              clip_range, return_pred):
+        out = torch.empty_like(sample)
+        pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
+        return out, pred
+
     @torch.library.register_fake("fastddpm::philox_normal_")
     def _philox_normal_fake(out, seed, offset):
         return None

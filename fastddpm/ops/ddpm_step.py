@@ -91,12 +91,16 @@ def ddpm_step(
         raise ValueError(f"predicted_variance: only used by the learned variance types, not {variance_type!r}")
     T = schedule.num_train_timesteps
     B = sample.shape[0]
-    tt = _checks.timesteps(t, B, sample.device, T)
+    device = sample.device
+    tt = _checks.timesteps(t, B, device, T)
     if prev_t is None:
-        pt = tt - 1
+        pt = _checks.int_timesteps(t - 1, B, device) if type(t) is int else tt - 1
     else:
-        pt = _checks.timesteps(prev_t, B, sample.device, T, name="prev_t", allow_minus_one=True)
-        if pt.device.type == "cpu" and not torch.compiler.is_compiling() and bool((pt >= tt).any()):
+        pt = _checks.timesteps(prev_t, B, device, T, name="prev_t", allow_minus_one=True)
+        if type(t) is int and type(prev_t) is int:
+            if not prev_t < t:
+                raise ValueError(f"prev_t: expected prev_t < t, got prev_t={prev_t}, t={t}")
+        elif pt.device.type == "cpu" and not torch.compiler.is_compiling() and bool((pt >= tt).any()):
             raise ValueError("prev_t: expected prev_t < t for every sample")
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
@@ -113,36 +117,84 @@ def ddpm_step(
         else:
             raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
     elif noise is None:
-        # As diffusers' randn_tensor: drawn on the generator's device, then moved.
-        gen_device = generator.device if generator is not None else sample.device
-        z = torch.randn(sample.shape, generator=generator, device=gen_device, dtype=sample.dtype)
-        z = z.to(sample.device)
+        mode = NOISE_GENERATOR
     else:
         _checks.check_like(noise, sample, "noise", "sample")
         z = noise
 
-    b = _dispatch.resolve("ddpm_step", backend, sample.device, sample.dtype)
-    if b == "torch" and sample.dtype == torch.float64:
-        ac = schedule.table("alphas_cumprod", sample.device, torch.float64)
-    else:
-        ac = schedule.tables(sample.device)["alphas_cumprod"]
-    prev, pred = _impl(b)(
-        sample,
-        model_output,
-        tt,
-        pt,
-        ac,
-        z,
-        predicted_variance,
-        int(seed or 0),
-        int(offset),
-        mode,
-        PREDICTION_TYPES[prediction_type],
-        VARIANCE_TYPES[variance_type],
-        clip,
-        return_pred_original,
+    b = _dispatch.resolve("ddpm_step", backend, device, sample.dtype)
+    if mode == NOISE_GENERATOR:
+        if randn_in_op(b, generator, variance_type):
+            fn, ac = kernel(b, schedule, device, sample.dtype)
+            prev, pred = torch.ops.fastddpm.ddpm_step_randn(
+                sample, model_output, tt, pt, ac, generator, PREDICTION_TYPES[prediction_type],
+                VARIANCE_TYPES[variance_type], clip, return_pred_original,
+            )
+            return (prev, pred) if return_pred_original else prev
+        z, mode = generator_noise(sample, generator), NOISE_TENSOR
+    prev, pred = run(
+        b, sample, model_output, tt, pt, schedule, z, predicted_variance, int(seed or 0), int(offset), mode,
+        PREDICTION_TYPES[prediction_type], VARIANCE_TYPES[variance_type], clip, return_pred_original,
     )
     return (prev, pred) if return_pred_original else prev
+
+
+NOISE_GENERATOR = -1  # Python-side only: z to be drawn from a torch.Generator
+
+
+def randn_in_op(backend: str, generator, variance_type: str) -> bool:
+    """Whether ddpm_step_randn can draw z (torch's own normal_, on the calling thread, while a
+    second thread computes the posterior mean): the CPU kernel, one CPU generator (or the
+    default one), a fixed variance type, outside tracing."""
+    return (
+        backend == "cpu"
+        and variance_type in ("fixed_small", "fixed_small_log", "fixed_large")
+        and (generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cpu"))
+        and not torch.compiler.is_compiling()
+    )
+
+
+def generator_noise(sample: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z as diffusers' randn_tensor draws it: on the generator's device, then moved to the sample's."""
+    if generator is None or generator.device == sample.device:
+        return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+    z = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=sample.dtype)
+    return z.to(sample.device)
+
+
+def run(
+    backend: str,
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    tt: torch.Tensor,
+    pt: torch.Tensor,
+    schedule: NoiseSchedule,
+    z: torch.Tensor | None,
+    predicted_variance: torch.Tensor | None,
+    seed: int,
+    offset: int,
+    mode: int,
+    prediction_code: int,
+    variance_code: int,
+    clip: float,
+    return_pred: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on a resolved backend with checked, normalised arguments (int64 (B,) timesteps, codes).
+
+    :func:`ddpm_step` and the schedulers, which validate their arguments themselves, call this.
+    """
+    fn, ac = kernel(backend, schedule, sample.device, sample.dtype)
+    return fn(
+        sample, model_output, tt, pt, ac, z, predicted_variance, seed, offset, mode, prediction_code,
+        variance_code, clip, return_pred,
+    )
+
+
+def kernel(backend: str, schedule: NoiseSchedule, device: torch.device, dtype: torch.dtype):
+    """(the op function of ``backend``, the alphas_cumprod table it reads) for tensors of device/dtype."""
+    if backend == "torch" and dtype == torch.float64:
+        return _impl(backend), schedule.table("alphas_cumprod", device, torch.float64)
+    return _impl(backend), schedule.tables(device)["alphas_cumprod"]
 
 
 def philox_randn(

@@ -366,21 +366,19 @@ def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.
 
 def host_timestep(timestep) -> int | None:
     """The timestep as a Python int when reading it costs no device synchronisation, else None."""
+    if isinstance(timestep, torch.Tensor):  # first: what pipelines pass, on every step
+        if timestep.numel() != 1 or not timestep.is_cpu:
+            return None
+        if timestep.dtype.is_floating_point:
+            v = timestep.item()
+            if v != int(v):
+                raise ValueError(f"timestep: expected an integer timestep, got {v}")
+            return int(v)
+        return int(timestep.item())
     if isinstance(timestep, bool):
         raise TypeError("timestep: expected an integer timestep, got bool")
     if isinstance(timestep, (int, np.integer)):
         return int(timestep)
-    if isinstance(timestep, torch.Tensor):
-        if timestep.numel() != 1:
-            return None
-        if timestep.dtype.is_floating_point:
-            v = float(timestep) if timestep.device.type == "cpu" else None
-            if v is not None and v != int(v):
-                raise ValueError(f"timestep: expected an integer timestep, got {v}")
-            return int(v) if v is not None else None
-        if timestep.device.type == "cpu":
-            return int(timestep)
-        return None
     if isinstance(timestep, float) and timestep == int(timestep):
         return int(timestep)
     raise TypeError(f"timestep: expected an int or an integer tensor, got {type(timestep).__name__}")

@@ -12,10 +12,19 @@ forces a synchronisation.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from .. import ops
+from ..ops import _checks as _op_checks
+from ..ops import _dispatch
+from ..ops._codes import NOISE_NONE, NOISE_TENSOR
+from ..ops._codes import PREDICTION_TYPES as _PREDICTION_CODES
+from ..ops._codes import VARIANCE_TYPES as _VARIANCE_CODES
+from ..ops.ddpm_step import generator_noise, randn_in_op
+from ..ops.ddpm_step import kernel as ddpm_step_kernel
 from ._common import (
     ConfigMixin,
     DiffusersTables,
@@ -64,7 +73,7 @@ class _TimestepTables:
 
     def _resolve_timestep(self, timestep, sample: torch.Tensor):
         """(t, prev_t, t_host) for the fused op; t_host is the int timestep when known on the host."""
-        T = self.config.num_train_timesteps
+        T = self.config["num_train_timesteps"]
         t_host = host_timestep(timestep)
         if t_host is not None:
             if not 0 <= t_host < T:
@@ -81,8 +90,14 @@ class _TimestepTables:
         if timestep.dtype.is_floating_point:
             timestep = timestep.round()
         tt = timestep.to(device=sample.device, dtype=torch.int64).reshape(-1)
+        B = sample.shape[0]
         if tt.numel() == 1:
-            tt = tt.expand(sample.shape[0])
+            tt = tt.expand(B)
+        elif tt.numel() != B:
+            raise ValueError(
+                f"timestep: expected one timestep or one per sample ({B}), got shape {tuple(timestep.shape)}"
+            )
+        tt = tt.contiguous()
         pt = self._prev_on(sample.device)[tt.clamp(0, T - 1)]
         if tt.device.type == "cpu":
             if bool(((tt < 0) | (tt >= T) | (pt == -2)).any()):
@@ -174,6 +189,7 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
             )
         )
         self.backend = backend
+        self._kernels: dict[tuple, tuple] = {}  # (device, dtype, backend, env) -> (backend, op, table)
         self.betas = diffusers_betas(
             num_train_timesteps,
             beta_start,
@@ -295,20 +311,28 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
                 "variance_type='fixed_large_log': diffusers' step computes sqrt(log beta_t), which is NaN; "
                 "use 'fixed_large'"
             )
+        elif vt not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type: expected one of {', '.join(VARIANCE_TYPES)}, got {vt!r}")
         if model_output.shape != sample.shape:
             raise ValueError(
                 f"model_output: expected shape {tuple(sample.shape)} (that of sample), "
                 f"got {tuple(model_output.shape)}"
             )
+        if model_output.device != sample.device:
+            raise ValueError(
+                f"model_output: expected device {sample.device} (that of sample), got {model_output.device}"
+            )
         if model_output.dtype != sample.dtype:
             model_output = model_output.to(sample.dtype)
             if predicted_variance is not None:
                 predicted_variance = predicted_variance.to(sample.dtype)
+        backend, fn, ac = self._kernel_for(sample)  # also checks sample's dtype and rank
         t, prev_t, t_host = self._resolve_timestep(timestep, sample)
 
-        cfg = self.config
-        prediction_type = cfg.prediction_type
-        if cfg.thresholding:
+        cfg = self.config  # read by key: attribute access goes through a failed lookup first
+        prediction_type = cfg["prediction_type"]
+        thresholding = cfg["thresholding"]
+        if thresholding:
             # diffusers' formulas for x0, then the per-sample quantile in torch.
             ac = self.schedule.tables(sample.device)["alphas_cumprod"]
             ab = ac[t] if t_host is not None else ac[t].reshape(-1, *([1] * (sample.dim() - 1)))
@@ -319,33 +343,66 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
                 x0 = model_output
             else:
                 x0 = ab**0.5 * sample - (1 - ab) ** 0.5 * model_output
-            model_output = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            model_output = threshold_sample(x0, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
             prediction_type = "sample"
 
-        noise, gen = None, generator
+        B = sample.shape[0]
+        if t_host is not None:  # ints checked by _resolve_timestep: cached (B,) tensors, no device work
+            tt, pt = _op_checks.int_timesteps(t, B, sample.device), _op_checks.int_timesteps(prev_t, B, sample.device)
+        else:
+            tt, pt = t, prev_t
+        vcode = _VARIANCE_CODES["fixed_small" if vt == "fixed_small_log" else vt]
+        clip = float(cfg["clip_sample_range"]) if cfg["clip_sample"] and not thresholding else 0.0
+        z, mode = None, NOISE_TENSOR
         if t_host == 0 or (t_host is None and t.device.type == "cpu" and not bool((t > 0).any())):
-            noise, gen = "none", None  # diffusers draws no noise at t = 0
+            mode = NOISE_NONE  # diffusers draws no noise at t = 0
         elif isinstance(generator, (list, tuple)):
-            noise, gen = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype), None
-        prev, pred = ops.ddpm_step(
+            z = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype)
+        elif randn_in_op(backend, generator, vt):
+            # z = torch.randn(generator) drawn inside the op, overlapped with the posterior mean
+            prev, pred = torch.ops.fastddpm.ddpm_step_randn(
+                sample, model_output, tt, pt, ac, generator, _PREDICTION_CODES[prediction_type], vcode, clip, True
+            )
+            return (prev, pred) if not return_dict else DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+        else:
+            z = generator_noise(sample, generator)
+        prev, pred = fn(
             sample,
             model_output,
-            t,
-            self.schedule,
-            prev_t,
-            noise=noise,
-            generator=gen,
-            prediction_type=prediction_type,
-            variance_type="fixed_small" if vt == "fixed_small_log" else vt,
-            clip_sample=bool(cfg.clip_sample and not cfg.thresholding),
-            clip_sample_range=float(cfg.clip_sample_range),
-            predicted_variance=predicted_variance,
-            return_pred_original=True,
-            backend=self.backend,
+            tt,
+            pt,
+            ac,
+            z,
+            predicted_variance,
+            0,
+            0,
+            mode,
+            _PREDICTION_CODES[prediction_type],
+            vcode,
+            clip,
+            True,
         )
         if not return_dict:
             return prev, pred
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+
+    def __getstate__(self):  # pickle/deepcopy: the kernel cache holds op handles; rebuilt on use
+        state = self.__dict__.copy()
+        state["_kernels"] = {}
+        return state
+
+    def _kernel_for(self, sample: torch.Tensor):
+        """(backend, op function, alphas_cumprod table) of the fused step for ``sample``'s device and dtype,
+        resolved once per pair (fastddpm.ops.ddpm_step.kernel)."""
+        key = (sample.device, sample.dtype, self.backend, os.environ.get("FASTDDPM_BACKEND"))
+        k = self._kernels.get(key)
+        if k is None:
+            _op_checks.check_tensor(sample, "sample")
+            b = _dispatch.resolve("ddpm_step", self.backend, sample.device, sample.dtype)
+            k = self._kernels[key] = (b, *ddpm_step_kernel(b, self.schedule, sample.device, sample.dtype))
+        elif sample.dim() < 1:
+            _op_checks.check_tensor(sample, "sample")
+        return k
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4), through the fused q_sample."""
