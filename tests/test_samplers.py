@@ -31,9 +31,10 @@ class ToyModel:
         self.kind = kind
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = torch.as_tensor(t).reshape(-1, 1).to(x.dtype).expand(x.shape[0], 1)  # a scalar or one per sample
-        h = torch.einsum("oc,bc...->bo...", self.W.to(x.dtype), x)
-        h = h + (self.u.to(x.dtype) * t / self.T).reshape(x.shape[0], -1, *([1] * (x.dim() - 2)))
+        # Computed on x's device and dtype (a CUDA sampling loop passes CUDA x and t).
+        t = torch.as_tensor(t).reshape(-1, 1).to(x.device, x.dtype).expand(x.shape[0], 1)  # scalar or per sample
+        h = torch.einsum("oc,bc...->bo...", self.W.to(x.device, x.dtype), x)
+        h = h + (self.u.to(x.device, x.dtype) * t / self.T).reshape(x.shape[0], -1, *([1] * (x.dim() - 2)))
         y = torch.tanh(h)
         if self.out > self.C:
             eps, var = y[:, : self.C], y[:, self.C :]
