@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastddpm/checks.h"
 #include "fastddpm/cpu_vec.h"
 
 namespace fastddpm {
@@ -319,24 +320,6 @@ Plan make_plan(const Geometry& g) {
   }
   p.grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(task_elems, 1));
   return p;
-}
-
-// Whether x is dense (N, *spatial, C): channels_last for any spatial rank. Size-1 dims may have
-// any stride (as in is_contiguous).
-bool is_channels_last(const at::Tensor& x) {
-  if (x.dim() < 3 || x.is_contiguous()) return false;
-  const auto sz = x.sizes();
-  const auto st = x.strides();
-  int64_t expect = 1;
-  auto ok = [&](int64_t d) {
-    if (sz[d] != 1 && st[d] != expect) return false;
-    expect *= sz[d];
-    return true;
-  };
-  if (!ok(1)) return false;
-  for (int64_t d = x.dim() - 1; d >= 2; --d)
-    if (!ok(d)) return false;
-  return ok(0);
 }
 
 Geometry geometry(const at::Tensor& x, int64_t num_groups, bool cl) {
@@ -712,45 +695,14 @@ struct Forward {
   }
 };
 
-// Argument checks with Python's exception types (TypeError / ValueError): the public function
-// relies on them for CPU tensors instead of repeating them in Python.
 void check_input(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                  const std::optional<at::Tensor>& shift, int64_t num_groups) {
-  TORCH_CHECK_VALUE(x.defined(), "x: expected a tensor, got None");
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-                   "x: expected dtype float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "x: expected a CPU tensor, got device ", x.device());
-  TORCH_CHECK_VALUE(x.dim() >= 2, "x: expected shape (N, C, *spatial), got ", x.dim(), "-D shape ", x.sizes());
-  TORCH_CHECK_VALUE(num_groups > 0, "num_groups: expected a positive int, got ", num_groups);
-  TORCH_CHECK_VALUE(x.size(1) % num_groups == 0, "num_groups: the number of channels C=", x.size(1),
-                    " of x must be divisible by num_groups=", num_groups);
-  const char* names[2] = {"weight", "bias"};
-  const std::optional<at::Tensor>* ps[2] = {&weight, &bias};
-  for (int i = 0; i < 2; ++i) {
-    if (!defined(*ps[i])) continue;
-    const at::Tensor& p = **ps[i];
-    TORCH_CHECK_VALUE(p.dim() == 1 && p.size(0) == x.size(1), names[i], ": expected shape (", x.size(1),
-                      ",) (one per channel of x), got ", p.sizes());
-    TORCH_CHECK_VALUE(p.device() == x.device(), names[i], ": expected device ", x.device(), " (that of x), got ",
-                      p.device());
-    TORCH_CHECK_TYPE(at::isFloatingType(p.scalar_type()), names[i], ": expected a floating-point dtype, got ",
-                     p.scalar_type());
-  }
-  if (defined(shift)) {
-    const at::Tensor& s = *shift;
-    TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == x.size(1), "shift: expected shape (",
-                      x.size(0), ", ", x.size(1), ") (one per sample and channel of x), got ", s.sizes());
-    TORCH_CHECK_VALUE(s.device() == x.device(), "shift: expected device ", x.device(), " (that of x), got ",
-                      s.device());
-    TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), "shift: expected a floating-point dtype, got ",
-                     s.scalar_type());
-  }
+  check_group_norm_args(x, weight, bias, shift, num_groups, at::kCPU, /*allow_double=*/true);
 }
 
 // x in one of the two layouts the kernels read: NCHW-contiguous or channels_last.
 at::Tensor dense_layout(const at::Tensor& x, bool& cl) {
-  cl = is_channels_last(x);
+  cl = is_channels_last_dense(x);
   if (cl || x.is_contiguous()) return x;
   return x.contiguous();
 }
@@ -1182,7 +1134,7 @@ struct Backward {
 
 at::Tensor match_layout(const at::Tensor& t, bool cl) {
   if (!cl) return t.contiguous();
-  if (is_channels_last(t)) return t;
+  if (is_channels_last_dense(t)) return t;
   return t.movedim(1, -1).contiguous().movedim(-1, 1);
 }
 

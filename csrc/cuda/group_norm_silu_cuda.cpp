@@ -5,6 +5,7 @@
 // spatial sum of dx.
 #include <torch/library.h>
 
+#include "fastddpm/checks.h"
 #include "fastddpm/cuda_host.h"
 
 namespace fastddpm {
@@ -24,35 +25,8 @@ int launch_group_norm_silu_bwd(int dtype, const void* dy, const void* x, void* d
 
 namespace {
 
-void check_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                const c10::optional<at::Tensor>& bias, int64_t num_groups) {
-  TORCH_CHECK(x.defined(), "x: expected a tensor, got None");
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "x: expected dtype float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() >= 2, "x: expected shape (N, C, *spatial), got ", x.dim(), "-D shape ", x.sizes());
-  TORCH_CHECK(num_groups > 0, "num_groups: expected a positive int, got ", num_groups);
-  TORCH_CHECK(x.size(1) % num_groups == 0, "num_groups: the number of channels C=", x.size(1),
-              " of x must be divisible by num_groups=", num_groups);
-  const char* names[2] = {"weight", "bias"};
-  const c10::optional<at::Tensor>* ps[2] = {&weight, &bias};
-  for (int i = 0; i < 2; ++i) {
-    if (!ps[i]->has_value() || !(*ps[i])->defined()) continue;
-    const at::Tensor& p = **ps[i];
-    TORCH_CHECK(p.dim() == 1 && p.size(0) == x.size(1), names[i], ": expected shape (", x.size(1),
-                ",) (one per channel of x), got ", p.sizes());
-    TORCH_CHECK(p.device() == x.device(), names[i], ": expected device ", x.device(), ", got ", p.device());
-  }
-}
-
-bool is_channels_last(const at::Tensor& x) {
-  if (x.dim() < 3 || x.is_contiguous()) return false;
-  return x.movedim(1, -1).is_contiguous();
-}
-
 at::Tensor dense(const at::Tensor& x, bool& cl) {
-  cl = is_channels_last(x);
+  cl = is_channels_last_dense(x);
   return (cl || x.is_contiguous()) ? x : x.contiguous();
 }
 
@@ -67,10 +41,7 @@ const float* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>()
 // x + shift[:, :, None, ...] in x's dtype and layout, or x itself.
 at::Tensor shifted(const at::Tensor& x, const c10::optional<at::Tensor>& shift) {
   if (!shift.has_value() || !shift->defined()) return x;
-  const auto& s = *shift;
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == x.size(1), "shift: expected shape (",
-              x.size(0), ", ", x.size(1), ") (one per sample and channel of x), got ", s.sizes());
-  TORCH_CHECK(s.device() == x.device(), "shift: expected device ", x.device(), ", got ", s.device());
+  const auto& s = *shift;  // checked by check_group_norm_args
   std::vector<int64_t> view(x.dim(), 1);
   view[0] = x.size(0);
   view[1] = x.size(1);
@@ -86,7 +57,7 @@ int64_t spatial(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
     const at::Tensor& x_arg, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu) {
-  check_args(x_arg, weight, bias, num_groups);
+  check_group_norm_args(x_arg, weight, bias, shift, num_groups, at::kCUDA, /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard0(x_arg.device());
   const at::Tensor x_in = shifted(x_arg, shift);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -118,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_c
     const at::Tensor& grad_y, const at::Tensor& x_arg, const c10::optional<at::Tensor>& shift,
     const at::Tensor& mean, const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, int64_t num_groups, bool silu) {
-  check_args(x_arg, weight, bias, num_groups);
+  check_group_norm_args(x_arg, weight, bias, shift, num_groups, at::kCUDA, /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard0(x_arg.device());
   const at::Tensor x_in = shifted(x_arg, shift);
   TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y: expected shape ", x_in.sizes(), " (that of x), got ",

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 namespace fastddpm {
@@ -59,6 +60,63 @@ inline bool batch_major_dense(std::initializer_list<at::Tensor> ts) {
     if (t.strides() != first.strides() || !t.is_non_overlapping_and_dense()) return false;
   }
   return true;
+}
+
+// Whether x is dense (N, *spatial, C): channels_last for any spatial rank. Size-1 dims may have any
+// stride (as in is_contiguous). Computed from the strides: no view is made (a per-call cost).
+inline bool is_channels_last_dense(const at::Tensor& x) {
+  if (x.dim() < 3 || x.is_contiguous()) return false;
+  const auto sz = x.sizes();
+  const auto st = x.strides();
+  int64_t expect = 1;
+  auto ok = [&](int64_t d) {
+    if (sz[d] != 1 && st[d] != expect) return false;
+    expect *= sz[d];
+    return true;
+  };
+  if (!ok(1)) return false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d)
+    if (!ok(d)) return false;
+  return ok(0);
+}
+
+// group_norm_silu's arguments, for the kernels of `device` (float64 x only where allow_double: the
+// CPU kernel computes it for gradcheck). Raises Python's TypeError / ValueError, as the Python API
+// does, so the CPU path needs no checks of its own in Python.
+inline void check_group_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& shift,
+                                  int64_t num_groups, at::DeviceType device, bool allow_double) {
+  TORCH_CHECK_VALUE(x.defined(), "x: expected a tensor, got None");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || (allow_double && dt == at::kDouble),
+                   "x: expected dtype float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK_VALUE(x.device().type() == device, "x: expected a ", at::DeviceTypeName(device), " tensor, got device ",
+                    x.device());
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x: expected shape (N, C, *spatial), got ", x.dim(), "-D shape ", x.sizes());
+  TORCH_CHECK_VALUE(num_groups > 0, "num_groups: expected a positive int, got ", num_groups);
+  TORCH_CHECK_VALUE(x.size(1) % num_groups == 0, "num_groups: the number of channels C=", x.size(1),
+                    " of x must be divisible by num_groups=", num_groups);
+  const char* names[2] = {"weight", "bias"};
+  const std::optional<at::Tensor>* ps[2] = {&weight, &bias};
+  for (int i = 0; i < 2; ++i) {
+    if (!ps[i]->has_value() || !(*ps[i])->defined()) continue;
+    const at::Tensor& p = **ps[i];
+    TORCH_CHECK_VALUE(p.dim() == 1 && p.size(0) == x.size(1), names[i], ": expected shape (", x.size(1),
+                      ",) (one per channel of x), got ", p.sizes());
+    TORCH_CHECK_VALUE(p.device() == x.device(), names[i], ": expected device ", x.device(), " (that of x), got ",
+                      p.device());
+    TORCH_CHECK_TYPE(at::isFloatingType(p.scalar_type()), names[i], ": expected a floating-point dtype, got ",
+                     p.scalar_type());
+  }
+  if (shift.has_value() && shift->defined()) {
+    const at::Tensor& s = *shift;
+    TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == x.size(1), "shift: expected shape (",
+                      x.size(0), ", ", x.size(1), ") (one per sample and channel of x), got ", s.sizes());
+    TORCH_CHECK_VALUE(s.device() == x.device(), "shift: expected device ", x.device(), " (that of x), got ",
+                      s.device());
+    TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), "shift: expected a floating-point dtype, got ",
+                     s.scalar_type());
+  }
 }
 
 }  // namespace fastddpm
