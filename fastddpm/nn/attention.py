@@ -17,15 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.attention import attention
+from .group_norm_silu import GroupNormSiLU
+
 __all__ = ["AttentionBlock"]
 
 
 def _make_norm(num_groups: int, channels: int, eps: float) -> nn.Module:
-    # GroupNorm without activation; the fused op when it exists (same state_dict keys: weight, bias).
-    try:
-        from .group_norm_silu import GroupNormSiLU
-    except ImportError:
-        return nn.GroupNorm(num_groups, channels, eps=eps)
+    # GroupNorm without activation through the fused op (state_dict keys as nn.GroupNorm: weight, bias).
     return GroupNormSiLU(num_groups, channels, eps, activation=None)
 
 
@@ -78,10 +77,6 @@ class AttentionBlock(nn.Module):
         return f"channels={self.channels}, num_groups={self.num_groups}, eps={self.eps}, heads={self.heads}"
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        try:
-            from ..ops.attention import attention
-        except ImportError:  # the op not yet there: PyTorch's own
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return attention(q, k, v, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
