@@ -276,27 +276,55 @@ def test_dropout_in_train_mode_only():
         assert torch.equal(m(x, 4), m(x, 4))
 
 
-def _grads(m, x, t, noise):
-    m.zero_grad(set_to_none=True)
-    out = m(x, t)
-    (out - noise).pow(2).mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
-
-
 def test_gradient_checkpointing_same_gradients():
+    from fastddpm.models.unet import ResnetBlock
+    from fastddpm.nn import AttentionBlock
+
     m = _randomise(UNet.tiny(channel_mult=(1, 2, 2), sample_size=8, attention_resolutions=(4,))).train()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
     noise = torch.randn_like(x)
-    out0, g0 = _grads(m, x, t, noise)
+    # Recomputation is what checkpointing is: count the calls of one ResNet block and one attention
+    # block per training step (a pre-hook: non-reentrant checkpointing stops recomputing as soon as the
+    # last saved tensor is rebuilt, so the end of a forward, where a forward hook fires, may never come).
+    watched = [next(b for b in m.modules() if isinstance(b, cls)) for cls in (ResnetBlock, AttentionBlock)]
+    calls = [0] * len(watched)
+    for i, b in enumerate(watched):
+        b.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    saved = [0]
+
+    def pack(tensor):
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def step():
+        calls[:] = [0] * len(watched)
+        saved[0] = 0
+        m.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = m(x, t)
+        (out - noise).pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, list(calls), saved[0]
+
+    out0, g0, calls0, saved0 = step()
+    assert calls0 == [1, 1]
     assert not m.gradient_checkpointing
     m.enable_gradient_checkpointing()
     assert m.gradient_checkpointing
-    out1, g1 = _grads(m, x, t, noise)
+    out1, g1, calls1, saved1 = step()
+    assert calls1 == [2, 2], "the blocks were not recomputed in the backward"
+    # what checkpointing is for: the blocks' activations are not kept for the backward
+    assert saved1 < saved0 / 2, (saved1, saved0)
     assert _rel(out1, out0) < 1e-6
     for n in g0:
         assert _rel(g1[n], g0[n]) < 1e-5, n
+    # without autograd there is nothing to recompute: one call
+    with torch.no_grad():
+        calls[:] = [0] * len(watched)
+        m(x, t)
+    assert calls == [1, 1]
     m.disable_gradient_checkpointing()
     assert not m.gradient_checkpointing
+    assert step()[2] == [1, 1]
 
 
 def test_channels_last_end_to_end():
