@@ -110,7 +110,7 @@ def test_error_metric():
 
 def test_refuses_clearly_without_gpu():
     if torch.cuda.is_available():
-        return
+        pytest.skip("a CUDA device is visible here: the suite runs instead of refusing")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_suite.py"), "--quick"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
