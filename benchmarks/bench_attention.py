@@ -163,7 +163,7 @@ def gpu_bench_attention(shapes=None, dtypes=(torch.float16, torch.bfloat16, torc
                     row = dict(op="attention", provider=p, mode=mode, B=B, N=N, d=d, dtype=str(dtype),
                                device=name)
                     try:
-                        ms = triton.testing.do_bench(functools.partial(_step, fn, q, k, v, bwd))
+                        ms = triton.testing.do_bench(functools.partial(_step, fn, q, k, v, bwd), return_mode="median")
                         torch.cuda.reset_peak_memory_stats()
                         _step(fn, q, k, v, bwd)
                         torch.cuda.synchronize()

@@ -274,14 +274,20 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def device_rates(dev) -> dict:
-    """The device's copy bandwidth (read + write) and matmul rates, measured (not from a spec sheet)."""
+def bench_median(fn: Callable[[], object]) -> float:
+    """triton.testing.do_bench's median time of ``fn`` in ms, as the table reports; its default return_mode
+    is the mean, which one preempted repetition can move."""
     import triton.testing
 
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def device_rates(dev) -> dict:
+    """The device's copy bandwidth (read + write) and matmul rates, measured (not from a spec sheet)."""
     n = 256 * 2**20
     a = torch.empty(n, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
-    out = {"copy_gbps": 2 * n / triton.testing.do_bench(lambda: b.copy_(a)) * 1e-6}
+    out = {"copy_gbps": 2 * n / bench_median(lambda: b.copy_(a)) * 1e-6}
     N = 8192
     for key, dt, tf32 in (("fp32_tflops", torch.float32, False), ("tf32_tflops", torch.float32, True),
                           ("bf16_tflops", torch.bfloat16, False), ("fp16_tflops", torch.float16, False)):
@@ -289,7 +295,7 @@ def device_rates(dev) -> dict:
         prev = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            out[key] = 2 * N**3 / triton.testing.do_bench(lambda x=x: x @ x) * 1e-9
+            out[key] = 2 * N**3 / bench_median(lambda x=x: x @ x) * 1e-9
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
         del x
@@ -297,8 +303,6 @@ def device_rates(dev) -> dict:
 
 
 def run(quick: bool, csv_path: str | None) -> list[dict]:
-    import triton.testing
-
     dev = torch.device("cuda")
     dr = device_rates(dev)
     print(f"# {machine()}")
@@ -306,7 +310,7 @@ def run(quick: bool, csv_path: str | None) -> list[dict]:
           "bf16 {bf16_tflops:.0f}, fp16 {fp16_tflops:.0f} TFLOP/s".format(**dr), flush=True)
     rows = []
     for case in plan(quick):
-        for row in check_and_time(case, dev, triton.testing.do_bench, dr):
+        for row in check_and_time(case, dev, bench_median, dr):
             rows.append(row)
             print(row, flush=True)
     rows += whole_step(dev)

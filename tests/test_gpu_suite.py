@@ -1,8 +1,10 @@
 """The CPU-runnable parts of benchmarks/gpu_suite.py: planning, inputs, providers and float64 references
 (on the CPU backends), rates, table rendering, CSV rows, refusal without a GPU."""
 
+import ast
 import csv
 import dataclasses
+import inspect
 import os
 import subprocess
 import sys
@@ -99,6 +101,30 @@ def test_csv_rows(tmp_path):
         got = list(csv.DictReader(f))
     assert len(got) == 2 and got[0]["copy_gbps"] == "3000.0" and got[1]["copy_gbps"] == ""
     assert got[0]["machine"] and got[0]["date"] and got[0]["torch"]
+
+
+def test_timings_are_do_bench_medians(monkeypatch):
+    """The tables report medians: every do_bench call must ask for one (its default return_mode is the mean)."""
+    import triton.testing
+
+    assert "return_mode" in inspect.signature(triton.testing.do_bench).parameters  # the installed triton's
+    seen = []
+
+    def fake(fn, **kw):
+        seen.append(kw)
+        return 1.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake)
+    assert gpu_suite.bench_median(lambda: None) == 1.5 and seen == [{"return_mode": "median"}]
+    for name in ("gpu_suite.py", "bench_attention.py"):
+        with open(os.path.join(ROOT, "benchmarks", name)) as f:
+            tree = ast.parse(f.read())
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                 and getattr(n.func, "attr", getattr(n.func, "id", None)) == "do_bench"]
+        assert calls, name
+        for c in calls:
+            mode = {k.arg: k.value for k in c.keywords}.get("return_mode")
+            assert isinstance(mode, ast.Constant) and mode.value == "median", f"{name}:{c.lineno}"
 
 
 def test_error_metric():
