@@ -3,6 +3,7 @@ the DDPM loop against an independent float64 Algorithm 2 (Ho et al. 2020), deter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import fastddpm
+from fastddpm.bench.countops import CountOps
 from fastddpm.samplers import DDPMScheduler
 
 SHAPE = (2, 3, 5, 7)  # awkward spatial sizes, small enough for 1000 steps
@@ -470,6 +472,163 @@ def test_ddpm_step_checks_survive_the_fast_path():
 
     for c in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
         assert torch.equal(c.step(m, 90, x, generator=torch.Generator().manual_seed(0)).prev_sample, first)
+
+
+# ---------------------------------------------------------------------------
+# step() is one fused pass: no search of the timestep table, no host-device synchronisation
+# ---------------------------------------------------------------------------
+# Operators that would find t in the timestep table (diffusers: (self.timesteps == t).nonzero()).
+SEARCH_OPS = {"aten.eq", "aten.ne", "aten.nonzero", "aten.argwhere", "aten.where", "aten.searchsorted",
+              "aten.isin", "aten.argmax", "aten.argmin", "aten.sort", "aten.index"}
+
+
+class TableReads(CountOps):
+    """CountOps that also records every operator given the whole timestep table (or a slice longer than
+    one timestep) as an argument: on a device that is a search kernel plus a synchronising read-back."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.ptr = table.untyped_storage().data_ptr()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(a, torch.Tensor) and a.numel() > 1 and a.untyped_storage().data_ptr() == self.ptr:
+                self.reads.append(str(func.overloadpacket))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class Untouchable:
+    """Stands in for scheduler.timesteps during step(): any use of it (a host-side search in Python or
+    numpy) fails the test."""
+
+    def _touched(self, *args, **kwargs):
+        raise AssertionError("step() read scheduler.timesteps: a per-step search of the timestep table")
+
+    __getattr__ = __eq__ = __ne__ = __iter__ = __len__ = __getitem__ = __array__ = _touched
+    __torch_function__ = _touched
+    __hash__ = None
+
+
+def _counted_step(s, m, t, x, gen, **step_kw):
+    table = s.timesteps
+    s.step(m, t, x, generator=gen, **step_kw)  # first call resolves and caches the kernel (once per device)
+    s.timesteps = Untouchable()
+    try:
+        with torch.no_grad(), TableReads(table) as c:
+            s.step(m, t, x, generator=gen, **step_kw)
+    finally:
+        s.timesteps = table
+    return c
+
+
+STEP_COUNT_CASES = [
+    dict(),
+    dict(variance_type="learned_range"),
+    dict(variance_type="fixed_large", prediction_type="v_prediction"),
+    dict(prediction_type="sample", clip_sample=False),
+]
+
+
+@pytest.mark.parametrize("kw", STEP_COUNT_CASES, ids=_id)
+def test_ddpm_step_is_one_fused_op_without_search(kw):
+    s = DDPMScheduler(**kw)
+    s.set_timesteps(50)
+    x = torch.randn(SHAPE)
+    m = torch.randn(SHAPE[0], SHAPE[1] * (2 if "learned" in kw.get("variance_type", "") else 1), *SHAPE[2:])
+    ts = s.timesteps
+    # A pipeline's loop variable (a 0-d view of the table), a Python int, the last step (no noise).
+    for t in (ts[1], int(ts[1]), ts[-1]):
+        for gen in (None, torch.Generator().manual_seed(0)):
+            c = _counted_step(s, m, t, x, gen)
+            assert not c.reads, (t, c.names)
+            assert not SEARCH_OPS & set(c.names), (t, c.names)
+            assert sum(v for k, v in c.names.items() if k.startswith("fastddpm.")) == 1, (t, c.names)
+            # The fused op, plus at most once each: the learned variance's split (a view), drawing z (the
+            # op draws it itself where the generator allows), reading a CPU 0-d t on the host (no device
+            # involved). No arithmetic outside the op; diffusers dispatches 57 operators here.
+            extra = {k: v for k, v in c.names.items() if not k.startswith("fastddpm.")}
+            assert set(extra) <= {"aten.split", "aten.randn", "aten._local_scalar_dense"}, (t, c.names)
+            assert max(extra.values(), default=1) == 1 and c.ops <= 4, (t, c.names)
+    # One timestep per sample: one gather from the previous-timestep table, still no search; on the CPU
+    # the validity check of t runs here (on CUDA it is an asynchronous assert).
+    c = _counted_step(s, m, ts[1:3].flip(0).repeat(SHAPE[0])[: SHAPE[0]].clone(), x, None)
+    assert not c.reads and not {"aten.nonzero", "aten.argwhere", "aten.searchsorted", "aten.isin"} & set(c.names)
+    assert c.names.get("aten.index", 0) == 1 and c.kernels <= 16, c.names
+
+
+def test_step_search_detector_catches_diffusers():
+    # The detector itself must see a search: diffusers' step finds t with (timesteps == t).nonzero().
+    theirs = diffusers.DDPMScheduler()
+    theirs.set_timesteps(50)
+    x = torch.randn(SHAPE)
+    with torch.no_grad(), TableReads(theirs.timesteps) as c:
+        theirs.step(torch.randn(SHAPE), theirs.timesteps[1], x)
+    assert "aten.eq" in c.reads and "aten.nonzero" in c.names and c.kernels > 3
+    theirs.timesteps = Untouchable()
+    with pytest.raises(AssertionError, match="per-step search"):
+        theirs.step(torch.randn(SHAPE), 960, x)
+
+
+@pytest.mark.parametrize("step_kw", [dict(), dict(eta=0.5)], ids=["eta0", "eta0.5"])
+def test_ddim_step_is_one_fused_op_without_search(step_kw):
+    s = fastddpm.DDIMScheduler()
+    s.set_timesteps(20)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    for t in (s.timesteps[1], int(s.timesteps[1]), s.timesteps[-1]):
+        c = _counted_step(s, m, t, x, torch.Generator().manual_seed(0), **step_kw)
+        assert not c.reads and not SEARCH_OPS & set(c.names), (t, c.names)
+        assert c.names.get("fastddpm.ddim_step") == 1, c.names
+        # the fused op, z, and the op's CPU-only check that prev_t < t (a (B,) compare and any())
+        assert c.kernels <= 7, (t, c.names)
+
+
+@contextlib.contextmanager
+def sync_errors():
+    """Every synchronising CUDA call (.item(), nonzero, a blocking copy either way) raises inside."""
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
+def _guarded_step(sched, model, t, x, g, **step_kw):
+    m = model(x, t)  # the toy model copies its weights to the device: outside the guarded region
+    with sync_errors():
+        return sched.step(m, t, x, generator=g, **step_kw).prev_sample
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", STEP_COUNT_CASES[:2], ids=_id)
+def test_step_never_synchronises_on_cuda(kw):
+    dev = torch.device("cuda")
+    learned = "learned" in kw.get("variance_type", "")
+    model = ToyModel(SHAPE[1], 1000, 2 * SHAPE[1] if learned else None)
+    cases = [(DDPMScheduler(**kw), {})] + ([] if learned else [(fastddpm.DDIMScheduler(), dict(eta=0.5))])
+    for sched, step_kw in cases:
+        sched.set_timesteps(10, device=dev)
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(SHAPE, device=dev)
+        ints = sched.timesteps.tolist()
+        per_sample = sched.timesteps[:2].repeat(SHAPE[0])[: SHAPE[0]].contiguous()
+
+        for t in (sched.timesteps[0], ints[0], per_sample):  # warm-up: kernel resolution, cached tables
+            sched.step(model(x, t), t, x, generator=g, **step_kw)
+        torch.cuda.synchronize()
+        for i, t in enumerate(sched.timesteps):  # 0-d CUDA tensors, as diffusers' pipeline passes them
+            x = _guarded_step(sched, model, t, x, g, **step_kw)
+            x = _guarded_step(sched, model, ints[i], x, g, **step_kw)  # Python ints
+        x = _guarded_step(sched, model, per_sample, x, g, **step_kw)  # one timestep per sample
+        assert torch.isfinite(x).all()
+    # the guard works here: diffusers' step reads t's index back to the host
+    theirs = diffusers.DDPMScheduler()
+    theirs.set_timesteps(10, device=dev)
+    t = theirs.timesteps[0]
+    m = model(x, t)
+    with pytest.raises(RuntimeError, match="synchroniz"), sync_errors():
+        theirs.step(m, t, x, generator=g)
 
 
 # ---------------------------------------------------------------------------
