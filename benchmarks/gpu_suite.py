@@ -10,7 +10,9 @@ float64 reference on the device, with the same bounds as the CPU tests, then tim
 triton.testing.do_bench (median ms), reporting GB/s (counting the minimum bytes the op must move) and
 TFLOP/s (attention), each also as a fraction of the measured copy bandwidth and matmul rate. It ends
 with the whole denoising step of the CIFAR-10 U-Net with and without a CUDA graph, a short table and
-optional CSV rows. Without a GPU it stops with a clear message (exit code 2).
+optional CSV rows. Exit code 1 when any backend's result is outside its bound against float64 ("NO") or
+a row errored (each such row is listed on stderr, after the table and the CSV); 2 without a GPU, with a
+clear message.
 
 Everything but the GPU timing runs on a CPU too (tests/test_gpu_suite.py checks the planning, the inputs,
 the providers and the float64 references on the CPU backends, the fractions, the table and the CSV).
@@ -352,6 +354,24 @@ def whole_step(dev, reps: int = 3) -> list[dict]:
     return rows
 
 
+def failures(rows: list[dict]) -> list[dict]:
+    """The rows that fail the run: a result outside its bound against float64, or an error (pure)."""
+    return [r for r in rows if r.get("ok") == "NO" or str(r.get("ok", "")).startswith("error")]
+
+
+def report_failures(rows: list[dict]) -> int:
+    """List the failing rows on stderr; the exit code (1 if any, else 0)."""
+    bad = failures(rows)
+    if not bad:
+        return 0
+    print(f"gpu_suite: {len(bad)} of {len(rows)} rows failed:", file=sys.stderr)
+    for r in bad:
+        err = f" (error {r['err']:.2e}, over the bound)" if r.get("ok") == "NO" and "err" in r else ""
+        print(f"  {r.get('op')} {r.get('shape', '')} {r.get('dtype', '')} {r.get('provider')}: {r['ok']}{err}",
+              file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes, two dtypes")
@@ -361,8 +381,7 @@ def main(argv=None) -> int:
         print("gpu_suite: no CUDA device is visible (torch.cuda.is_available() is False); "
               "run it on a machine with an NVIDIA GPU", file=sys.stderr)
         return 2
-    run(args.quick, args.csv)
-    return 0
+    return report_failures(run(args.quick, args.csv))
 
 
 if __name__ == "__main__":

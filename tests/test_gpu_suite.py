@@ -134,6 +134,25 @@ def test_error_metric():
                            (torch.tensor([2.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64))) == 0.5
 
 
+@pytest.mark.parametrize("bad_ok", ["NO", "error: RuntimeError: no kernel image for this device"])
+def test_exit_code_fails_on_a_wrong_or_failing_backend(monkeypatch, capsys, bad_ok):
+    """main() on fake rows (the GPU run replaced): 0 only when every checked row is "yes" ("-": not checked)."""
+    good = [dict(op="q_sample", shape="2x3x8x8", dtype="float32", provider="triton", ms=0.01, err=1e-7, ok="yes"),
+            dict(op="unet+step", shape="16x3x32x32", dtype="float32", provider="eager", ms=36.0, ok="-")]
+    bad = dict(op="attention", shape="1x1x16x8", dtype="bfloat16", provider="cuda", ms=0.02, err=0.25, ok=bad_ok)
+    rows: list[dict] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_suite, "run", lambda quick, csv_path: list(rows))
+    rows[:] = good
+    assert gpu_suite.main(["--quick"]) == 0
+    assert capsys.readouterr().err == ""
+    rows[:] = [good[0], bad, good[1]]
+    assert gpu_suite.main(["--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 rows failed" in err and f"attention 1x1x16x8 bfloat16 cuda: {bad_ok}" in err
+    assert ("2.50e-01" in err) == (bad_ok == "NO") and "q_sample" not in err
+
+
 def test_refuses_clearly_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible here: the suite runs instead of refusing")
