@@ -356,11 +356,28 @@ def test_channels_last_end_to_end():
 
 def test_inference_mode():
     m = _randomise(UNet.tiny()).eval()
+    assert all(p.requires_grad for p in m.parameters())  # what would make autograd record
     x = torch.randn(1, 3, 8, 8)
-    with torch.inference_mode():
-        y = m(x, 3)
-    with torch.no_grad():
-        assert torch.equal(y, m(x, 3))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    # Without autograd nothing is recorded: no graph on the output and no tensor kept for a backward.
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.inference_mode():
+            y = m(x, 3)
+        assert y.is_inference() and not y.requires_grad and y.grad_fn is None
+        with torch.no_grad():
+            y_ng = m(x, 3)
+        assert not y_ng.requires_grad and y_ng.grad_fn is None
+    assert not saved, f"tensors saved for backward without autograd: {saved[:4]}"
+    assert torch.equal(y, y_ng)
+    # the same hooks do see a forward with autograd (they can fail)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        assert m(x, 3).requires_grad
+    assert saved
 
 
 # ------------------------------------------------------------------------------------------------
