@@ -15,7 +15,8 @@ a row errored (each such row is listed on stderr, after the table and the CSV); 
 clear message.
 
 Everything but the GPU timing runs on a CPU too (tests/test_gpu_suite.py checks the planning, the inputs,
-the providers and the float64 references on the CPU backends, the fractions, the table and the CSV).
+the providers and the float64 references on the CPU backends and on the triton backend through Triton's
+interpreter, the fractions, the table, the CSV and the exit code).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The CPU-runnable parts of benchmarks/gpu_suite.py: planning, inputs, providers and float64 references
-(on the CPU backends), rates, table rendering, CSV rows, refusal without a GPU."""
+(on the CPU backends, and the triton one through Triton's interpreter), rates, table rendering, CSV rows, the
+exit code, refusal without a GPU."""
 
 import ast
 import csv
@@ -64,6 +65,26 @@ def test_providers_match_float64_on_cpu(case):
     for r in rows:
         assert r["ok"] == "yes", r
         assert r["ms"] == 1.0 and r["gbps"] == case.bytes_moved * 1e-6 and r["bw_frac"] == r["gbps"] / 10.0
+
+
+@pytest.mark.parametrize("case", _kinds(),
+                         ids=lambda c: f"{c.label}-{str(c.dtype).replace('torch.', '')}")
+def test_triton_provider_matches_float64_in_the_interpreter(case):
+    """The suite's triton provider (the one it times on a GPU), run through Triton's CPU interpreter: its
+    wiring (arguments, dtype, the gradients it returns) against the same float64 reference and bound."""
+    from fastddpm.ops import _dispatch
+
+    dev = torch.device("cpu")
+    why = _dispatch.backend_unavailable_reason("triton", case.op, dev)
+    if why is not None:
+        pytest.skip(f"triton on the CPU: {why}")
+    if case.op == "group_norm_silu":  # the interpreter runs one program per (sample, group): one sample
+        case = dataclasses.replace(case, shape=(1, *case.shape[1:]))
+    rows = gpu_suite.check_and_time(case, dev, bench=lambda fn: 1.0, device_rates_={"copy_gbps": 10.0},
+                                    backends=("triton",), compile=False)
+    assert [r["provider"] for r in rows if r["provider"] not in ("torch eager", "sdpa")] == ["triton"]
+    for r in rows:
+        assert r["ok"] == "yes", r
 
 
 def test_a_wrong_result_is_flagged():
