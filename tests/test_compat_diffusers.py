@@ -156,6 +156,57 @@ def test_to_diffusers_parity(name):
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
+# Configurations written natively in fastddpm's terms (not read from a diffusers config), covering what
+# config_to_diffusers has to translate: a head count (diffusers fixes the head width), learned variance
+# (out_channels from learned_variance), the time-embedding conventions, padding, a first level wider than
+# base_channels, no middle attention, a custom time-embedding width, a non-unit mid scale.
+NATIVE = {
+    "tiny_two_heads_learned_variance": dict(
+        sample_size=8, base_channels=16, channel_mult=(1, 2), layers_per_block=1, attention_resolutions=(4,),
+        num_heads=2, norm_num_groups=4, learned_variance=True),
+    "four_heads_flip_shift0_padding1": dict(
+        sample_size=16, in_channels=1, base_channels=16, channel_mult=(1, 2, 2), layers_per_block=2,
+        attention_resolutions=(4,), num_heads=4, norm_num_groups=8, norm_eps=1e-5, flip_sin_to_cos=True,
+        freq_shift=0, downsample_padding=1, dropout=0.2),
+    "sin_cos_shift0_head_dim_no_mid_attn": dict(
+        sample_size=8, base_channels=16, channel_mult=(1, 2), layers_per_block=1, attention_resolutions=(8,),
+        head_dim=4, mid_attention=False, norm_num_groups=4, flip_sin_to_cos=False, freq_shift=0,
+        learned_variance=True, in_channels=2),
+    # channel_mult[0] != 1 with the default time-embedding width (4 x base_channels, where diffusers'
+    # default is 4 x the first width), and widths that are not multiples of the first
+    "cos_sin_shift1_wide_first_level": dict(
+        sample_size=8, base_channels=8, channel_mult=(2, 3), layers_per_block=1, attention_resolutions=(8, 4),
+        head_dim=8, norm_num_groups=8, flip_sin_to_cos=True, freq_shift=1,
+        mid_block_scale_factor=math.sqrt(2), out_channels=5),
+    "custom_temb_width_fractional_shift": dict(
+        sample_size=8, base_channels=16, channel_mult=(1, 1), layers_per_block=1, attention_resolutions=(),
+        norm_num_groups=4, flip_sin_to_cos=False, freq_shift=0.5, time_embedding_dim=40),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_to_diffusers_parity_native_config(name):
+    cfg = UNetConfig(**NATIVE[name])
+    u = _randomise(UNet(cfg), seed=6).eval()
+    d = to_diffusers(u)
+    assert d.config.out_channels == cfg.out_channels_resolved
+    # the same heads in every block (attention blocks have the same module names in both)
+    heads = {n: m.heads for n, m in d.named_modules() if type(m).__name__ == "Attention"}
+    assert heads == {n: m.heads for n, m in u.named_modules() if type(m).__name__ == "AttentionBlock"}
+    x, t = _inputs({"sample_size": cfg.sample_size, "in_channels": cfg.in_channels}, 2, seed=7)
+    with torch.no_grad():
+        ref = d(x, t).sample
+        out = u(x, t)
+    assert out.shape == ref.shape == (2, cfg.out_channels_resolved, cfg.sample_size, cfg.sample_size)
+    assert _rel(out, ref) < RTOL
+    # and back: the same network (its config may be spelt differently) with the same weights
+    back = from_diffusers(d)
+    sd, bsd = u.state_dict(), back.state_dict()
+    assert bsd.keys() == sd.keys() and all(torch.equal(bsd[k], sd[k]) for k in sd)
+    with torch.no_grad():
+        assert torch.equal(back(x, t), out)
+
+
 @pytest.mark.slow
 def test_cifar10_parity_both_directions():
     d = _diffusers_model(GOOGLE_DDPM_CIFAR10)

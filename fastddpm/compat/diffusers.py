@@ -15,6 +15,8 @@ diffusers is optional: it is imported inside the functions that need it, never a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,9 +106,11 @@ def config_from_diffusers(config) -> UNetConfig:
                 "fastddpm.UNet puts attention at the same resolutions on the down and up paths")
 
     chans = list(get("block_out_channels"))
-    base = chans[0]
-    if any(ch % base for ch in chans):
-        unsupported("block_out_channels", chans, f"multiples of the first width {base}")
+    if not chans or any(not isinstance(ch, int) or ch <= 0 for ch in chans):
+        unsupported("block_out_channels", chans, "positive ints")
+    # The widest base dividing every width: (16, 24) is base 8 x (2, 3), as to_diffusers writes a
+    # fastddpm config whose first multiplier is not 1.
+    base = math.gcd(*chans)
     size = get("sample_size")
     if isinstance(size, (tuple, list)):
         if len(set(size)) != 1:
@@ -133,7 +137,8 @@ def config_from_diffusers(config) -> UNetConfig:
         norm_eps=float(get("norm_eps", 1e-5)),
         flip_sin_to_cos=bool(get("flip_sin_to_cos", True)),
         freq_shift=float(get("freq_shift", 0)),
-        time_embedding_dim=tdim if tdim not in (None, 4 * base) else None,
+        # diffusers' default is 4 x the first width, fastddpm's 4 x base_channels
+        time_embedding_dim=None if (tdim or 4 * chans[0]) == 4 * base else (tdim or 4 * chans[0]),
         downsample_padding=int(get("downsample_padding", 1)),
         mid_block_scale_factor=float(get("mid_block_scale_factor", 1)),
     )
@@ -161,7 +166,9 @@ def config_to_diffusers(cfg: UNetConfig) -> dict:
         out_channels=cfg.out_channels_resolved,
         center_input_sample=False,
         time_embedding_type="positional",
-        time_embedding_dim=cfg.time_embedding_dim,
+        # diffusers' default width is 4 x the first level's, fastddpm's 4 x base_channels: they differ
+        # when channel_mult[0] != 1, so the width is written out then.
+        time_embedding_dim=None if cfg.time_embed_dim == 4 * cfg.block_out_channels[0] else cfg.time_embed_dim,
         freq_shift=cfg.freq_shift,
         flip_sin_to_cos=cfg.flip_sin_to_cos,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
@@ -268,7 +275,7 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, 
     n2 = self.norm2
     if self.time_embedding_norm == "default":
         # h + temb[:, :, None, None] as the fused op's shift: no pass of its own over h.
-        h = group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps, "silu", shift=temb)
+        h = group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps * 10, "silu", shift=temb)
     else:  # scale_shift: the modulation sits between the norm and the nonlinearity
         if temb is None:
             raise ValueError(f"temb: must be given when time_embedding_norm is {self.time_embedding_norm}")
