@@ -232,6 +232,9 @@ def test_config_json_round_trip():
     (dict(channel_mult=()), "channel_mult"),
     (dict(dropout=1.5), "dropout"),
     (dict(in_channels=0), "in_channels"),
+    # the embedding is the first level's width (8 here), not base_channels': half of it is 4
+    (dict(base_channels=4, channel_mult=(2, 2), norm_num_groups=4, attention_resolutions=(), freq_shift=4),
+     "freq_shift: 4 equals half of the first level's width 8"),
 ])
 def test_bad_config_raises_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -170,9 +170,10 @@ class UNetConfig:
         if not self.mid_block_scale_factor > 0:
             raise ValueError(f"mid_block_scale_factor: expected a positive float, "
                              f"got {self.mid_block_scale_factor}")
-        half = self.base_channels // 2
+        half = self.block_out_channels[0] // 2  # the sinusoidal embedding is the first level's width
         if half - self.freq_shift == 0:
-            raise ValueError(f"freq_shift: {self.freq_shift} equals half of base_channels (division by zero)")
+            raise ValueError(f"freq_shift: {self.freq_shift} equals half of the first level's width "
+                             f"{self.block_out_channels[0]} (division by zero)")
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
