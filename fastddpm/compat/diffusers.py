@@ -275,7 +275,7 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, 
     n2 = self.norm2
     if self.time_embedding_norm == "default":
         # h + temb[:, :, None, None] as the fused op's shift: no pass of its own over h.
-        h = group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps * 10, "silu", shift=temb)
+        h = group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps, "silu", shift=temb)
     else:  # scale_shift: the modulation sits between the norm and the nonlinearity
         if temb is None:
             raise ValueError(f"temb: must be given when time_embedding_norm is {self.time_embedding_norm}")
