@@ -6,7 +6,10 @@ Runs each implementation once on the CPU under fastddpm.bench.countops.Traffic, 
 kernel, the tensors every non-view operator reads and writes (no reuse between kernels through a cache,
 as on a GPU for tensors larger than its L2). Shapes are the U-Net's at a size where bytes, not launches,
 bound a GPU. The minimum is what the op must move at least: its inputs read once and its outputs written
-once (ddpm_step: x_t and the model output read, x_{t-1} written; 4 tensors with a noise tensor). Each
+once (ddpm_step: x_t and the model output read, x_{t-1} written; 4 tensors with a noise tensor); beyond
+it a fused op moves only a few KiB that do not grow with the image (schedule tables, t, GroupNorm's weights
+and statistics, attention's log-sum-exp). Each implementation runs once uncounted first, so one-time
+state (cached schedule scalars, the U-Net's time projections) is not charged to it. Each
 kernel's inputs count once: a fused kernel that reads its input twice (the two-pass GroupNorm+SiLU
 kernels: statistics, then the output) moves more than it shows here. "Floor" is the total divided by the
 copy bandwidth (default: 2,947 GB/s, measured on an H100 by benchmarks/gpu_suite.py), the time no
@@ -34,80 +37,102 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f}"
 
 
-def rows() -> list[dict]:
-    """(case, implementation, kernels, read, written, minimum) for each op and the whole step."""
+# The U-Net's shapes at a size where bytes, not launches, bound a GPU; tests pass tiny ones.
+SHAPES = dict(image=(64, 3, 256, 256), group_norm=(64, 256, 32, 32), attention=(16, 1024, 256),
+              network="cifar10", batch=16)
+
+
+def _x(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def rows(shapes: dict | None = None) -> list[dict]:
+    """(case, implementation, kernels, read, written, minimum) for each op and the whole step.
+
+    ``shapes`` replaces entries of SHAPES: ``image`` (q_sample, ddpm_step), ``group_norm`` (32 groups),
+    ``attention`` (B, N, d; one head), ``network`` and ``batch`` for the whole step (network None: no
+    whole-step rows).
+    """
     import diffusers
 
+    sh = {**SHAPES, **(shapes or {})}
     out = []
     g = torch.Generator().manual_seed(0)
     sched = NoiseSchedule()
     dsched = diffusers.DDPMScheduler()
 
     def add(case, impl, fn, minimum, grad=False):
+        with torch.set_grad_enabled(grad):
+            fn()  # one-time state (cached schedule scalars, the U-Net's time projections) is not charged
         t = traffic(fn, grad=grad)
         out.append(dict(case=case, impl=impl, kernels=t.kernels, read=t.read, written=t.written, minimum=minimum))
 
-    img = (64, 3, 256, 256)
+    img = tuple(sh["image"])
     n4 = torch.Size(img).numel() * 4
     x0, eps = torch.randn(img, generator=g), torch.randn(img, generator=g)
     t = torch.randint(0, 1000, (img[0],), generator=g)
-    case = "q_sample 64x3x256x256"
+    case = f"q_sample {_x(img)}"
     add(case, "eager (diffusers add_noise)", lambda: eager_add_noise(x0, eps, t, sched.alphas_cumprod), 3 * n4)
     add(case, "fastddpm (fused)", lambda: ops.q_sample(x0, t, eps, sched), 3 * n4)
-    case = "q_sample + v target 64x3x256x256"
+    case = f"q_sample + v target {_x(img)}"
     add(case, "eager (add_noise + get_velocity)",
         lambda: (dsched.add_noise(x0, eps, t), dsched.get_velocity(x0, eps, t)), 4 * n4)
     add(case, "fastddpm (fused, target='v')", lambda: ops.q_sample(x0, t, eps, sched, target="v"), 4 * n4)
 
     xt, m, z = torch.randn(img, generator=g), torch.randn(img, generator=g), torch.randn(img, generator=g)
-    case = "ddpm_step 64x3x256x256"
+    case = f"ddpm_step {_x(img)}"
     add(case, "diffusers step (draws its noise)", lambda: dsched.step(m, 500, xt, generator=g).prev_sample, 3 * n4)
     add(case, "fastddpm, noise tensor (fused)", lambda: ops.ddpm_step(xt, m, 500, sched, noise=z, clip_sample=True),
         4 * n4)
     add(case, "fastddpm, in-kernel Philox (fused)",
         lambda: ops.ddpm_step(xt, m, 500, sched, noise="philox", seed=1, clip_sample=True), 3 * n4)
 
-    gshape = (64, 256, 32, 32)
+    gshape = tuple(sh["group_norm"])
+    C = gshape[1]
     gn = torch.Size(gshape).numel() * 4
     x = torch.randn(gshape, generator=g)
-    w, b = torch.randn(256, generator=g), torch.randn(256, generator=g)
-    case = "group_norm_silu fwd 64x256x32x32"
+    w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    case = f"group_norm_silu fwd {_x(gshape)}"
     add(case, "eager (group_norm, silu)", lambda: F.silu(F.group_norm(x, 32, w, b)), 2 * gn)
     add(case, "fastddpm (fused)", lambda: ops.group_norm_silu(x, 32, w, b), 2 * gn)
     xg, wg, bg = (a.clone().requires_grad_() for a in (x, w, b))
     dy = torch.randn(gshape, generator=g)
-    case = "group_norm_silu fwd+bwd 64x256x32x32"
+    case = f"group_norm_silu fwd+bwd {_x(gshape)}"
     # minimum: forward reads x, writes y; backward reads x (recomputing from it) and dy, writes dx
     add(case, "eager (autograd of group_norm, silu)",
         lambda: torch.autograd.grad(F.silu(F.group_norm(xg, 32, wg, bg)), (xg, wg, bg), dy), 5 * gn, grad=True)
     add(case, "fastddpm (fused forward and backward)",
         lambda: torch.autograd.grad(ops.group_norm_silu(xg, 32, wg, bg), (xg, wg, bg), dy), 5 * gn, grad=True)
 
-    B, N, d = 16, 1024, 256
+    B, N, d = sh["attention"]
     q, k, v = (torch.randn(B, 1, N, d, generator=g) for _ in range(3))
     an = B * N * d * 4
-    case = "attention fwd 16x1x1024x256"
+    case = f"attention fwd {_x((B, 1, N, d))}"
     add(case, "materialised (softmax(QK^T) V)", lambda: reference.attention(q, k, v), 4 * an)
     add(case, "fastddpm (fused: no N x N scores)", lambda: ops.attention(q, k, v), 4 * an)
     qg, kg, vg = (a.clone().requires_grad_() for a in (q, k, v))
     do = torch.randn(B, 1, N, d, generator=g)
-    case = "attention fwd+bwd 16x1x1024x256"
+    case = f"attention fwd+bwd {_x((B, 1, N, d))}"
     # minimum: forward reads q, k, v, writes o; backward reads q, k, v, o, do, writes dq, dk, dv
     add(case, "materialised (autograd)",
         lambda: torch.autograd.grad(reference.attention(qg, kg, vg), (qg, kg, vg), do), 12 * an, grad=True)
     add(case, "fastddpm (fused forward and backward)",
         lambda: torch.autograd.grad(ops.attention(qg, kg, vg), (qg, kg, vg), do), 12 * an, grad=True)
 
-    # the whole denoising step of the CIFAR-10 U-Net at batch 16, the same weights
+    if sh["network"] is None:
+        return out
+    # the whole denoising step of the U-Net, the same weights
     from fastddpm.bench.models import network
     from fastddpm.compat.diffusers import to_diffusers
 
-    net = network("cifar10")
+    net = network(sh["network"])
     ours, theirs = net.ours, to_diffusers(net.ours).eval()
-    xs = torch.randn(16, 3, 32, 32, generator=g)
-    tb = torch.full((16,), 500)
+    batch = sh["batch"]
+    xs = torch.randn(batch, *net.image_shape, generator=g)
+    tb = torch.full((batch,), 500)
     fs = dict(sched=fastddpm_scheduler())
-    case = "denoising step, CIFAR-10 U-Net, batch 16"
+    label = {"cifar10": "CIFAR-10"}.get(net.name, net.name)
+    case = f"denoising step, {label} U-Net, batch {batch}"
     add(case, "diffusers (UNet2DModel + DDPMScheduler.step)",
         lambda: dsched.step(theirs(xs, tb).sample, 500, xs, generator=g).prev_sample, float("nan"))
     add(case, "fastddpm (UNet + fused step)",

@@ -341,3 +341,40 @@ def test_bytes_moved_table():
                    dict(case="step", impl="x", kernels=3, read=1e6, written=1e6, minimum=float("nan"))], 1000.0)
     assert "| q | eager | 8 | 2.0 | 1.0 | 3.0 | 2.00x | 3 µs |" in text
     assert "| step | x | 3 | 1.0 | 1.0 | 2.0 | - | 2 µs |" in text
+
+
+def _moved(r):
+    return r["read"] + r["written"]
+
+
+def test_bytes_moved_fused_ops_move_their_minimum():
+    """Counted at two tiny sizes that differ only in the large tensors (image, feature map, head width): each
+    fused op's traffic grows by exactly its minimum's growth, so what it moves beyond its minimum is a
+    constant of a few KiB (schedule tables, t, weights, statistics); each eager sequence moves more."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.bytes_moved import rows
+
+    small = rows(dict(image=(2, 3, 8, 8), group_norm=(2, 64, 4, 4), attention=(2, 16, 8), network=None))
+    large = rows(dict(image=(2, 3, 16, 16), group_norm=(2, 64, 8, 8), attention=(2, 16, 16), network="tiny",
+                      batch=1))
+    *large, step_theirs, step_ours = large
+    assert [(r["case"].split(" 2x")[0], r["impl"]) for r in small] == \
+        [(r["case"].split(" 2x")[0], r["impl"]) for r in large]
+    by_case: dict[str, list] = {}
+    for a, b in zip(small, large):
+        grow, min_grow = _moved(b) - _moved(a), b["minimum"] - a["minimum"]
+        assert min_grow > 0, b
+        if b["impl"].startswith("fastddpm"):
+            assert grow == min_grow, (b["case"], b["impl"], grow, min_grow)
+            assert 0 <= _moved(b) - b["minimum"] <= 16 * 1024, b
+        else:
+            assert grow >= min_grow and _moved(a) > a["minimum"] and _moved(b) > b["minimum"], b
+        by_case.setdefault(b["case"], []).append(b)
+    assert len(by_case) == 7
+    for case, rs in by_case.items():
+        fused = [_moved(r) for r in rs if r["impl"].startswith("fastddpm")]
+        eager = [_moved(r) for r in rs if not r["impl"].startswith("fastddpm")]
+        assert fused and eager and min(eager) > max(fused), case
+    # the whole step (no minimum): fastddpm launches fewer kernels and moves fewer bytes than diffusers
+    assert step_ours["impl"].startswith("fastddpm") and step_theirs["impl"].startswith("diffusers")
+    assert step_ours["kernels"] < step_theirs["kernels"] and _moved(step_ours) < _moved(step_theirs)
