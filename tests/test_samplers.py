@@ -870,6 +870,122 @@ def test_sample_models_and_options():
     assert torch.isfinite(learned).all()
 
 
+HO_ABAR = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))  # Ho et al.'s linear schedule, float64
+
+
+class Rewritten:
+    """An x0 or v model that is an exact rewrite of an epsilon model through the float64 schedule:
+    x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho)."""
+
+    def __init__(self, eps_model, kind):
+        self.eps_model, self.kind = eps_model, kind
+
+    def __call__(self, x, t):
+        eps = self.eps_model(x, t).double()
+        ab = torch.from_numpy(HO_ABAR)[t].reshape(-1, *([1] * (x.dim() - 1)))
+        x0 = (x.double() - (1 - ab).sqrt() * eps) / ab.sqrt()
+        out = x0 if self.kind == "sample" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+        return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 1000, 0.0), ("ddpm", 40, 0.0), ("ddim", 25, 0.7)])
+def test_sample_x0_and_v_models_equal_the_epsilon_model(sampler, steps, eta):
+    eps_model = GaussianEps(SHAPE[1])  # a stable chain without clipping (the toy model's runs away)
+    kw = dict(steps=steps, sampler=sampler, eta=eta, seed=4, progress=False, clip_denoised=False)
+    ref = fastddpm.sample(eps_model, SHAPE, **kw)
+    for kind in ("sample", "v_prediction"):
+        out = fastddpm.sample(Rewritten(eps_model, kind), SHAPE, prediction_type=kind, **kw)
+        # The same chain up to float32 rounding: the rewritten outputs are rounded to float32, and near
+        # t = T an x0 output is ~1/sqrt(abar_T) = 160 times larger than x_t, so the kernel's conversion
+        # back to eps loses ~160 ulp of eps there (the chain forgets it as t falls). Measured 2e-7 to 1e-6.
+        assert rel(out, ref) < 1e-5, (kind, rel(out, ref))
+    # and the models are not interchangeable without saying what they predict
+    assert rel(fastddpm.sample(Rewritten(eps_model, "sample"), SHAPE, **kw), ref) > 1e-2
+
+
+def ddim_eq12(model, x, ts, eta, generator, clip):
+    """Song et al. 2021, eq. 12 in float64, diffusers' reading (x0 clipped, eps kept; the last step to
+    abar = 1); z ~ N(0, I) drawn in float32 at every step, as fastddpm.sample draws it when eta > 0."""
+    x = x.double()
+    for i, t in enumerate(ts):
+        ab = HO_ABAR[t]
+        ab_prev = HO_ABAR[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        eps = model(x.float(), torch.full((x.shape[0],), t)).double()
+        x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
+        z = torch.randn(x.shape, generator=generator, dtype=torch.float32).double()
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - sigma**2) * eps + sigma * z
+    return x
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_sample_ddim_equals_eq12(clip):
+    from fastddpm.samplers.respace import space_timesteps
+
+    # the toy model's chain runs away unclipped (to |x| ~ 500); the Gaussian one stays put
+    model = ToyModel(SHAPE[1], 1000) if clip else GaussianEps(SHAPE[1])
+    ts = space_timesteps(1000, 20)[::-1]
+    seen = []
+    ours = fastddpm.sample(model, SHAPE, steps=20, sampler="ddim", eta=0.6, seed=9, clip_denoised=clip,
+                           progress=False, callback=lambda i, t, x: seen.append(t))
+    assert seen == ts
+    g = torch.Generator().manual_seed(9)
+    ref = ddim_eq12(model, torch.randn(SHAPE, generator=g), ts, 0.6, g, clip)
+    # fastddpm's float64-derived float32 tables and float32 steps against float64 throughout, 20 steps:
+    # measured 2e-6
+    assert rel(ours, ref) < 1e-5, rel(ours, ref)
+    deterministic = fastddpm.sample(model, SHAPE, steps=20, sampler="ddim", eta=0.0, seed=9, clip_denoised=clip,
+                                    progress=False)
+    assert rel(deterministic, ref) > 1e-2  # eta reaches the noise term
+
+
+def learned_range_loop(model, x, ts, generator):
+    """Nichol & Dhariwal 2021 eq. 15 on a respaced chain, float64: log sigma^2 = f log beta_t + (1 - f)
+    log beta~_t, f = (v + 1) / 2, with beta_t = 1 - abar_t / abar_prev and beta~_t its posterior share."""
+    x = x.double()
+    C = x.shape[1]
+    for i, t in enumerate(ts):
+        ab = HO_ABAR[t]
+        ab_prev = HO_ABAR[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        beta = 1 - ab / ab_prev
+        out = model(x.float(), torch.full((x.shape[0],), t)).double()
+        eps, v = out[:, :C], out[:, C:]
+        x0 = ((x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)).clamp(-1, 1)
+        mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
+        if i + 1 == len(ts):
+            return mean
+        tilde = (1 - ab_prev) / (1 - ab) * beta
+        f = (v + 1) / 2
+        log_var = f * math.log(beta) + (1 - f) * math.log(max(tilde, 1e-20))
+        x = mean + (0.5 * log_var).exp() * torch.randn(x.shape, generator=generator, dtype=torch.float32).double()
+    return x
+
+
+def test_sample_learned_range_equals_nichol_dhariwal():
+    from fastddpm.samplers.respace import space_timesteps
+
+    model = ToyModel(SHAPE[1], 1000, 2 * SHAPE[1])
+    ours = fastddpm.sample(model, SHAPE, steps=30, variance_type="learned_range", seed=2, progress=False)
+    g = torch.Generator().manual_seed(2)
+    ref = learned_range_loop(model, torch.randn(SHAPE, generator=g), space_timesteps(1000, 30)[::-1], g)
+    # float32 tables and steps against float64, 30 steps, the log-variance interpolation in float32:
+    # measured 4e-6
+    assert rel(ours, ref) < 1e-5, rel(ours, ref)
+    fixed = fastddpm.sample(lambda x, t: model(x, t)[:, : SHAPE[1]], SHAPE, steps=30, seed=2, progress=False)
+    assert rel(fixed, ref) > 1e-3  # the model's variance channels matter
+
+
+def test_sample_progress_bar(capfd):
+    model = ToyModel(SHAPE[1], 1000)
+    fastddpm.sample(model, SHAPE, steps=3, seed=0, progress=True)
+    out, err = capfd.readouterr()
+    assert "fastddpm ddpm" in err and "3/3" in err, err  # tqdm writes to stderr
+    fastddpm.sample(model, SHAPE, steps=3, sampler="ddim", seed=0, progress=False)
+    assert capfd.readouterr() == ("", "")
+
+
 def test_sample_bad_input():
     model = ToyModel(SHAPE[1], 1000)
     with pytest.raises(ValueError, match="steps"):
