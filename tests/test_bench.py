@@ -21,14 +21,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- the smoke run
+def _repo_results():
+    d = os.path.join(ROOT, "benchmarks", "results")
+    return {n: os.stat(os.path.join(d, n)).st_mtime_ns for n in os.listdir(d)} if os.path.isdir(d) else {}
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """`python -m benchmarks.run --smoke --csv --plot` (what `bash scripts/run.sh bench` runs, at its smallest
+    setting), run from a temporary folder that receives the CSVs, the plots and the markdown."""
     out = tmp_path_factory.mktemp("bench")
     md = out / "report.md"
-    r = subprocess.run([sys.executable, "-m", "fastddpm", "bench", "--smoke", "--csv", str(out),
+    before = _repo_results()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--csv", str(out), "--plot",
                         "--markdown", str(md), "--threads", "1"],
-                       capture_output=True, text=True, timeout=600, cwd=str(out))
+                       capture_output=True, text=True, timeout=600, cwd=str(out), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert _repo_results() == before, "the smoke run wrote into the repository's benchmarks/results"
     return out, r
 
 
@@ -44,23 +54,33 @@ def test_smoke_suite_runs_every_case_and_provider(smoke_run):
     names = {f"{c.workload} {c.shape}" for c in S.cases("smoke")}
     seen = {f"{row['workload']} {row['shape']}" for row in timings + counts}
     assert seen == names
-    bad = [(row["workload"], row["provider"], row["status"]) for row in timings + counts
-           if row.get("status", "").startswith("error")]
+    # every provider ran: the peers are pinned in requirements-dev.txt and none needs a GPU, so a provider
+    # skipped ("skipped: ... not importable") fails here as an error does
+    bad = [(row["workload"], row["shape"], row["provider"], row["status"]) for row in timings + counts
+           if row.get("status")]
     assert not bad, bad
+    providers = {row["provider"] for row in timings + counts}
+    assert {"denoising-diffusion-pytorch", "diffusers DDPMPipeline", "diffusers", "torch.compile (eager)",
+            "sdpa"} <= providers, providers
     for row in timings:
-        if not row.get("status"):
-            assert float(row["median_s"]) > 0 and int(row["rounds"]) >= 1
-            assert row["role"] in ("ours", "peer", "other", "bound")
+        assert float(row["median_s"]) > 0 and int(row["rounds"]) >= 1
+        assert row["role"] in ("ours", "peer", "other", "bound")
+    # the long cases' path (--full's 1000-step sampling): prewarmed, no warm-up, two rounds, its providers
+    long_case, = [c for c in S.cases("smoke") if c.prewarm is not None]
+    assert long_case.warmup == 0
+    long_rows = [row for row in timings if f"{row['workload']} {row['shape']}" == long_case.name]
+    assert {row["provider"] for row in long_rows} == {"fastddpm.sample", "diffusers DDPMPipeline",
+                                                      "denoising-diffusion-pytorch"}
+    assert all(int(row["rounds"]) == 2 and int(row["inner"]) == 1 for row in long_rows)
     # each timed case: fastddpm and at least one peer, and every fastddpm row has its speed-up
     for name in {f"{row['workload']} {row['shape']}" for row in timings}:
         rows = [row for row in timings if f"{row['workload']} {row['shape']}" == name]
         assert any(row["role"] == "ours" for row in rows) and any(row["role"] == "peer" for row in rows), name
-        assert all(float(row["speedup"]) > 0 for row in rows if not row.get("status")), name
-    training = [row for row in timings if row["kind"] == "training" and not row.get("status")]
+        assert all(float(row["speedup"]) > 0 for row in rows), name
+    training = [row for row in timings if row["kind"] == "training"]
     assert training and all(float(row["peak_mib"]) > 0 for row in training)
     for row in counts:
-        if not row.get("status"):
-            assert int(float(row["kernels"])) <= int(float(row["ops"])) and float(row["bytes"]) > 0
+        assert int(float(row["kernels"])) <= int(float(row["ops"])) and float(row["bytes"]) > 0
     # rows carry the machine, the versions and the date
     for key in ("machine", "torch", "fastddpm", "diffusers", "date", "run_id", "load_avg"):
         assert timings[0][key], key
@@ -83,7 +103,11 @@ def test_smoke_csv_appends_with_one_header(smoke_run, tmp_path):
 def test_plots_from_the_smoke_csv(smoke_run, tmp_path):
     from PIL import Image
 
-    out, _ = smoke_run
+    out, r = smoke_run
+    for name in ("bench_speedup.png", "bench_end_to_end.png", "bench_counts.png"):  # benchmarks.run --plot's
+        assert f"wrote {out / name}" in r.stderr
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 200
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"),
                         "--timings", str(out / "bench_timings.csv"), "--counts", str(out / "bench_counts.csv"),
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
@@ -201,6 +225,23 @@ def test_missing_peer_is_skipped_with_a_reason(monkeypatch):
     assert "skipped: denoising-diffusion-pytorch not importable" in S.render_timings(list(rows.values()))
 
 
+def test_long_case_prewarms_each_provider_then_times_without_warmup():
+    """The path of --full's 1000-step cases: each provider called once on its short version (prewarm), no
+    warm-up call of the long one, exactly min_rounds interleaved rounds."""
+    calls = []
+
+    def provider(tag):
+        return lambda: calls.append(tag)
+
+    case = S.Case("sampling", "w", "s", build=lambda: {"fastddpm.sample": provider("A"), "diffusers": provider("B")},
+                  prewarm=lambda: {"fastddpm.sample": provider("a"), "diffusers": provider("b"),
+                                   "left out by which=": provider("x")},
+                  budget_s=0.0, min_rounds=2, max_rounds=2, warmup=0)
+    rows = S.run_case(case).rows
+    assert calls == ["a", "b", "A", "B", "A", "B"]
+    assert [(r["provider"], r["rounds"]) for r in rows] == [("fastddpm.sample", 2), ("diffusers", 2)]
+
+
 def test_a_failing_provider_is_reported_not_fatal():
     def boom():
         raise RuntimeError("kernel said no")
@@ -310,13 +351,31 @@ def test_bench_csv_must_be_a_folder(tmp_path, capsys):
     assert f"--csv: {str(f)!r} exists and is not a folder" in capsys.readouterr().err
 
 
-def test_benchmarks_run_module_usage():
-    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
-    assert r.returncode == 0 and "--readme" in r.stdout and "--smoke" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--plot"], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and "--plot: draws from the CSVs, so it needs --csv" in r.stderr
+def test_benchmarks_run_module_usage(capsys):
+    # in-process: the smoke fixture runs `python -m benchmarks.run` itself
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--readme" in out and "--smoke" in out and "--plot" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--smoke", "--plot"])
+    assert e.value.code == 2 and "--plot: draws from the CSVs, so it needs --csv" in capsys.readouterr().err
+
+
+def test_fastddpm_bench_runs_a_case_into_csv_and_markdown(tmp_path, capsys):
+    """`fastddpm bench` itself on one cheap case (the smoke fixture runs the suite through benchmarks.run)."""
+    md = tmp_path / "r.md"
+    assert cli_main(["bench", "--smoke", "--only", "attention fwd 1x1x16x8", "--csv", str(tmp_path),
+                     "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    rows = _read(tmp_path / "bench_timings.csv")
+    assert [r["provider"] for r in rows] == ["fastddpm", "sdpa", "materialised"]
+    assert all(float(r["median_s"]) > 0 and not r.get("status") and r["machine"] for r in rows)
+    assert sorted(os.listdir(tmp_path)) == ["bench_timings.csv", "r.md"]  # no counts case: no counts CSV
+    assert md.read_text().strip() == out.strip() and "| attention fwd | 1x1x16x8 | sdpa |" in out
 
 
 def test_traffic_counts_each_kernel_reads_and_writes():

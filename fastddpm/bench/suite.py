@@ -12,8 +12,9 @@ The GPU cost proxy ("counts" cases) runs each provider once under a TorchDispatc
 aten operators it dispatches and the bytes of the tensors they return, per denoising step and per
 training step.
 
-Three sizes: ``smoke`` (the quick suite at its smallest setting: tiny shapes and network, two rounds; it
-proves the suite runs and measures nothing worth quoting), ``quick`` (a few minutes on a 2-core CPU) and
+Three sizes: ``smoke`` (the quick suite at its smallest setting: tiny shapes and network, two rounds, and
+one tiny sampling case on the full suite's long-case path; it proves the suite runs and measures nothing
+worth quoting), ``quick`` (a few minutes on a 2-core CPU) and
 ``full`` (every shape of the per-op suites, the CIFAR-10 network end to end, 1000-step sampling: hours
 on a 2-core CPU; ``--only`` picks cases).
 """
@@ -187,7 +188,7 @@ def _sampling_case(net_name: str, batch: int, steps: int, smoke: bool, long: boo
     return Case("sampling", f"sampling {net_name}, {steps} steps", f"batch {batch}",
                 lambda: sampling_providers(_net(net_name), batch, steps, which=which),
                 rate=lambda p, b=batch: (b, "images/s"),
-                budget_s=1.0 if smoke else (0.0 if long else 12.0), min_rounds=rounds if long else (2 if smoke else 3),
+                budget_s=0.0 if long else (1.0 if smoke else 12.0), min_rounds=rounds if long else (2 if smoke else 3),
                 max_rounds=rounds if long else (2 if smoke else 7), warmup=0 if long else 1,
                 prewarm=(lambda: sampling_providers(_net(net_name), batch, 2, which=which)) if long else None,
                 note="denoising-diffusion-pytorch: DDIM (eta 0) below 1000 steps, its own U-Net" if steps < 1000
@@ -229,6 +230,8 @@ def cases(suite: str = "quick", compile: bool = True) -> list[Case]:
     if smoke:
         out.append(_unet_case("tiny", 1, True))
         out += [_sampling_case("tiny", b, 2, True) for b in (1, 2)]
+        # the 1000-step cases' path (prewarm on 2 steps, no warm-up, fixed rounds, fewer providers), tiny
+        out.append(_sampling_case("tiny", 1, 3, True, long=True))
         out += [_training_case("tiny", b, True) for b in (2,)]
         out += _counts_cases("tiny", 1, True)
         return out
