@@ -152,11 +152,15 @@ DDPM_CASES = [
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
     dict(beta_schedule="sigmoid"),
     dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
+    dict(beta_schedule="laplace"),
+    # a schedule none of the named ones gives (quadratic ramp), as a JSON-friendly list
+    dict(trained_betas=(1e-4 + 0.02 * (np.arange(1000) / 999) ** 2).tolist(), variance_type="fixed_large",
+         clip_sample=False),
 ]
 
 
 def _id(kw):
-    return ",".join(f"{k}={v}" for k, v in kw.items()) or "default"
+    return ",".join(k if isinstance(v, (list, np.ndarray)) else f"{k}={v}" for k, v in kw.items()) or "default"
 
 
 def _model_for(kw, T):
@@ -380,11 +384,44 @@ def test_config_round_trip(tmp_path):
     assert DDPMScheduler.from_config(dict(theirs.config), clip_sample=False).config.clip_sample is False
     ddim = diffusers.DDIMScheduler(num_train_timesteps=300)
     assert DDPMScheduler.from_config(ddim.config).config.num_train_timesteps == 300
+    # and a scheduler object itself, ours or diffusers', of either class: its config is read
+    for obj in (theirs, ours, ddim, fastddpm.DDIMScheduler(num_train_timesteps=300)):
+        back = DDPMScheduler.from_config(obj, variance_type="fixed_small")
+        assert type(back) is DDPMScheduler and back.config.variance_type == "fixed_small"
+        for k in ("num_train_timesteps", "beta_schedule", "prediction_type", "timestep_spacing"):
+            assert back.config[k] == obj.config[k], k
+        assert torch.equal(back.alphas_cumprod, obj.alphas_cumprod)
+    with pytest.raises(TypeError, match="config"):
+        DDPMScheduler.from_config(42)
     tb = DDPMScheduler(num_train_timesteps=10, trained_betas=np.linspace(0.01, 0.2, 10))
     tb.save_pretrained(tmp_path / "c")
     assert torch.equal(DDPMScheduler.from_pretrained(tmp_path / "c").betas, tb.betas)
     with pytest.raises(OSError, match="pretrained_model_name_or_path"):
         DDPMScheduler.from_pretrained(tmp_path / "missing")
+
+
+def test_set_timesteps_device():
+    # The timesteps land on the device asked for, as diffusers puts them ("meta" stands in for a GPU
+    # here; the CUDA test above runs a loop on timesteps set with device="cuda").
+    for cls, ref_cls in ((DDPMScheduler, diffusers.DDPMScheduler), (fastddpm.DDIMScheduler, diffusers.DDIMScheduler)):
+        for dev in ("meta", torch.device("meta"), "cpu", None):
+            ours, theirs = cls(), ref_cls()
+            ours.set_timesteps(12, device=dev)
+            theirs.set_timesteps(12, device=dev)
+            assert ours.timesteps.device == theirs.timesteps.device == torch.device(dev or "cpu"), (cls, dev)
+            assert ours.timesteps.dtype == theirs.timesteps.dtype
+    ours = DDPMScheduler()
+    ours.set_timesteps(timesteps=[900, 500, 3], device="meta")
+    assert ours.timesteps.device.type == "meta"
+    # a loop over timesteps set with device="cpu" is the loop over the default ones
+    model = ToyModel(SHAPE[1], 1000)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(17))
+    a, b = DDPMScheduler(), DDPMScheduler()
+    a.set_timesteps(9, device="cpu")
+    b.set_timesteps(9)
+    xa, _ = run_loop(a, model, x, torch.Generator().manual_seed(18))
+    xb, _ = run_loop(b, model, x, torch.Generator().manual_seed(18))
+    assert torch.equal(xa, xb)
 
 
 def test_diffusers_pipeline_accepts_our_scheduler():
@@ -611,6 +648,7 @@ def test_step_never_synchronises_on_cuda(kw):
     cases = [(DDPMScheduler(**kw), {})] + ([] if learned else [(fastddpm.DDIMScheduler(), dict(eta=0.5))])
     for sched, step_kw in cases:
         sched.set_timesteps(10, device=dev)
+        assert sched.timesteps.device.type == "cuda"
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(SHAPE, device=dev)
         ints = sched.timesteps.tolist()
