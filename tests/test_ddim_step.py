@@ -4,7 +4,7 @@ import zlib
 
 import pytest
 import torch
-from _utils import backends_for
+from _utils import HAS_CUDA, backends_for, devices_to_test
 
 from fastddpm import NoiseSchedule, ops
 from fastddpm.ops import reference
@@ -35,20 +35,45 @@ def err_ratio(actual, ref, k):
     return ((actual.double() - ref.double()).abs() / (k + ref.double().abs()).clamp(min=1e-30)).max().item()
 
 
+DEVICES = devices_to_test()
+
+
+def test_backends_tested():
+    # Each test below runs every backend backends_for() names on each device; a backend that stopped
+    # resolving would drop out of them silently.
+    from conftest import TRITON_OK
+
+    try:  # written by setup.py: whether fastddpm._C was built with CUDA kernels
+        from fastddpm._build_info import WITH_CUDA
+    except ImportError:
+        WITH_CUDA = False
+    for dev in DEVICES:
+        tested = backends_for(dev, "ddim_step")
+        assert "torch" in tested
+        if TRITON_OK:
+            assert "triton" in tested, f"triton imports but is not tested on {dev}: {tested}"
+        if dev.type == "cpu":
+            assert "cpu" in tested, f"the C++ CPU kernel is not tested: {tested}"
+        elif WITH_CUDA:  # built with CUDA kernels: a GPU run must exercise them
+            assert "cuda" in tested, f"fastddpm._C was built with CUDA but its kernel is not tested: {tested}"
+    assert [d.type for d in DEVICES] == (["cpu", "cuda"] if HAS_CUDA else ["cpu"])
+
+
+@pytest.mark.parametrize("dev", DEVICES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pred_type", ["epsilon", "sample", "v_prediction"])
-def test_ddim_step_matches_reference(shape, dtype, pred_type):
-    dev = torch.device("cpu")
+def test_ddim_step_matches_reference(shape, dtype, pred_type, dev):
     B = shape[0]
     g = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, pred_type)).encode()))
-    x = torch.randn(shape, generator=g).to(dtype)
-    m = torch.randn(shape, generator=g).to(dtype)
-    z = torch.randn(shape, generator=g).to(dtype)
+    x = torch.randn(shape, generator=g).to(dev, dtype)
+    m = torch.randn(shape, generator=g).to(dev, dtype)
+    z = torch.randn(shape, generator=g).to(dev, dtype)
     t = torch.randint(1, 1000, (B,), generator=g)
     t[0] = 999
     prev_t = (t - torch.randint(1, 60, (B,), generator=g)).clamp(min=-1)
     prev_t[-1] = -1
+    t, prev_t = t.to(dev), prev_t.to(dev)
     # final_alpha_cumprod = abar_0, as DDIMScheduler(set_alpha_to_one=False) passes it (a float32 value)
     f32 = float(SCHED.alphas_cumprod[0])
     for eta, clip, uc, final in [(0.0, False, False, 1.0), (1.0, True, True, 1.0), (0.4, True, False, f32)]:
@@ -73,15 +98,17 @@ def test_ddim_step_matches_reference(shape, dtype, pred_type):
                 assert err_ratio(x0, ref_x0, k_x0) <= 2 * err_ratio(eager_x0, ref_x0, k_x0) + eps, (b, eta)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
-def test_ddim_step_philox_same_on_every_backend(backend):
-    if backend not in backends_for(torch.device("cpu"), "ddim_step"):
-        pytest.skip(f"{backend} not available here")
+@pytest.mark.parametrize("dev", DEVICES, ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton", "torch"])
+def test_ddim_step_philox_same_on_every_backend(backend, dev):
+    if backend not in backends_for(dev, "ddim_step"):
+        pytest.skip(f"{backend} does not serve {dev} here")
     shape = (2, 3, 9, 5)
-    x, m = torch.randn(shape), torch.randn(shape)
-    t, pt = torch.tensor([700, 30]), torch.tensor([650, -1])
+    x, m = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
+    t, pt = torch.tensor([700, 30], device=dev), torch.tensor([650, -1], device=dev)
     a = ops.ddim_step(x, m, t, SCHED, pt, eta=0.8, noise="philox", seed=11, offset=77, backend=backend)
-    z = reference.philox_normal(shape, 11, 77)  # float64 Box-Muller on the kernels' uniforms
+    # float64 Box-Muller on the kernels' uniforms (a counter-based stream: the same on every device)
+    z = reference.philox_normal(shape, 11, 77).to(dev)
     ref = ops.ddim_step(x.double(), m.double(), t, SCHED, pt, eta=0.8, noise=z, backend="torch")
     assert (a.double() - ref).abs().max().item() < 1e-5
     if backend != "torch":
@@ -89,12 +116,13 @@ def test_ddim_step_philox_same_on_every_backend(backend):
                                                 offset=77, backend=backend))
 
 
-def test_ddim_step_layouts_and_noise_modes():
-    x = torch.randn(2, 4, 6, 5).to(memory_format=torch.channels_last)
-    m = torch.randn(2, 4, 6, 5).to(memory_format=torch.channels_last)
-    z = torch.randn(2, 4, 6, 5)
-    t = torch.tensor([400, 3])
-    for b in backends_for(torch.device("cpu"), "ddim_step"):
+@pytest.mark.parametrize("dev", DEVICES, ids=str)
+def test_ddim_step_layouts_and_noise_modes(dev):
+    x = torch.randn(2, 4, 6, 5, device=dev).to(memory_format=torch.channels_last)
+    m = torch.randn(2, 4, 6, 5, device=dev).to(memory_format=torch.channels_last)
+    z = torch.randn(2, 4, 6, 5, device=dev)
+    t = torch.tensor([400, 3], device=dev)
+    for b in backends_for(dev, "ddim_step"):
         out = ops.ddim_step(x, m, t, SCHED, eta=0.5, noise=z, backend=b)
         ref = ops.ddim_step(x.contiguous(), m.contiguous(), t, SCHED, eta=0.5, noise=z, backend="torch")
         assert (out - ref).abs().max().item() < 1e-5
@@ -104,9 +132,9 @@ def test_ddim_step_layouts_and_noise_modes():
         c = ops.ddim_step(x, m, t, SCHED, eta=0.0, noise="none", backend=b)
         assert torch.equal(a, c)
     # noise=None with eta = 0 draws nothing from the generator (as diffusers)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=dev).manual_seed(0)
     ops.ddim_step(x, m, t, SCHED, eta=0.0, generator=g)
-    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert torch.equal(g.get_state(), torch.Generator(device=dev).manual_seed(0).get_state())
 
 
 def test_ddim_step_fake_tensor():
