@@ -114,7 +114,8 @@ def test_cuda_kernels_compiled_into_extension():
         assert _build_info.WITH_CUDA, f"a CUDA toolkit is here but the build skipped CUDA: {_build_info.CUDA_REASON}"
     if not _build_info.WITH_CUDA:
         pytest.skip(f"this build has no CUDA kernels ({_build_info.CUDA_REASON})")
-    for op in ("q_sample", "ddpm_step", "philox_normal_"):
+    for op in ("q_sample", "ddpm_step", "philox_normal_", "ddim_step", "group_norm_silu", "group_norm_silu_fwd",
+               "group_norm_silu_bwd"):
         assert _library.has_kernel(op, "CUDA"), f"{op} has no CUDA kernel in fastddpm._C"
 
 

@@ -213,12 +213,24 @@ def _geometry(x: torch.Tensor, num_groups: int):
         HW *= s
     D = C // num_groups
     BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_S = max(1, min(triton.next_power_of_2(max(HW, 1)), max(1, 2048 // BLOCK_D)))
-    # Split the spatial positions so that each program reads about 4K elements.
-    split = max(1, min(triton.cdiv(HW * D, 4096), triton.cdiv(HW, BLOCK_S)))
+    # Slices of the spatial positions per (n, group): about 4K elements a program, and at least
+    # _MIN_PROGRAMS programs in all, so that a batch of one fills a large GPU (1x128x32x32 with 32
+    # groups is 32 groups of 4096 elements: one program each would leave most SMs idle).
+    want = max(triton.cdiv(HW * D, 4096), triton.cdiv(_MIN_PROGRAMS, max(N * num_groups, 1)))
+    hw2 = triton.next_power_of_2(max(HW, 1))
+    # A tile holds at most 2048 elements and, when slicing, at least _MIN_TILE (or the whole run).
+    BLOCK_S = max(1, min(2048 // BLOCK_D, triton.next_power_of_2(triton.cdiv(max(HW, 1), want))))
+    BLOCK_S = min(hw2, max(BLOCK_S, _MIN_TILE // BLOCK_D, 1))
+    split = max(1, min(want, triton.cdiv(HW, BLOCK_S)))
     s_per = triton.cdiv(triton.cdiv(HW, split), BLOCK_S) * BLOCK_S if HW else 0
     split = triton.cdiv(HW, s_per) if HW else 1
     return N, C, HW, D, BLOCK_D, BLOCK_S, split, s_per
+
+
+# At least this many programs for the reductions (a few per SM of a 132-SM H100/H200), each
+# covering at least _MIN_TILE elements.
+_MIN_PROGRAMS = 512
+_MIN_TILE = 256
 
 
 _APPLY_BLOCK = 1024

@@ -13,8 +13,9 @@
 //  * split: otherwise (large groups, or a channels_last batch too small to fill the cores)
 //    tasks are pieces of groups / runs of positions, and each pass is its own parallel loop
 //    with per-task partial sums combined in a fixed order.
-// Statistics are two-pass (mean, then centred squares with the rounding of the mean
-// corrected), in fp32 vectors per block flushed to double.
+// Statistics: the fused plans make two passes over data in cache (mean, then centred squares
+// with the rounding of the mean corrected); the split plan makes one pass over memory (shifted
+// sums about the group's first element). Both accumulate in fp32 vectors flushed to double.
 //
 // Backward: per (n, c) A = sum dz, B = sum dz (x - cm), S = sum (x - cm) (shift's gradient),
 // with cm = mean - shift and z, dz recomputed from x (the fused path keeps dz of the task in a
@@ -661,12 +662,23 @@ struct Forward {
       copy_out();
       return;
     }
+    // Split: one pass over memory for the statistics. The pieces sum x + shift - K and its
+    // square, K = the group's first element (shifted sums: no cancellation as long as K lies in
+    // the data's range), written to mean[] so that centre() yields K - shift.
     const int64_t T_ = plan.tasks;
+    const int64_t NG = g.N * g.G;
+    std::vector<double> K(NG);
+    for (int64_t i = 0; i < NG; ++i) {
+      const int64_t n = i / g.G, c0 = (i % g.G) * g.D;
+      const T first = g.cl ? x[n * g.HW * g.C + c0] : x[i * g.M()];
+      K[i] = static_cast<double>(static_cast<A>(first) + sh_at(n, c0));
+      mean[i] = K[i];
+    }
     std::vector<double> p1(T_ * Gp), p2(T_ * Gp);
     at::parallel_for(0, T_, plan.grain, [&](int64_t begin, int64_t end) {
-      std::vector<A> acc;
-      std::vector<double> dacc;
-      for (int64_t t = begin; t < end; ++t) sums(t, p1.data() + t * Gp, acc, dacc);
+      std::vector<A> acc, cen;
+      std::vector<double> dacc, dacc2;
+      for (int64_t t = begin; t < end; ++t) squares(t, p1.data() + t * Gp, p2.data() + t * Gp, acc, dacc, dacc2, cen);
     });
     // Group i's partials in a fixed order: NCHW tasks i * per .. ; CL tasks n * per .., slot k.
     auto combine = [&](const std::vector<double>& p, int64_t i) {
@@ -679,14 +691,20 @@ struct Forward {
       }
       return s;
     };
-    const int64_t NG = g.N * g.G;
-    for (int64_t i = 0; i < NG; ++i) set_mean(i, combine(p1, i));
-    at::parallel_for(0, T_, plan.grain, [&](int64_t begin, int64_t end) {
-      std::vector<A> acc, cen;
-      std::vector<double> dacc, dacc2;
-      for (int64_t t = begin; t < end; ++t) squares(t, p1.data() + t * Gp, p2.data() + t * Gp, acc, dacc, dacc2, cen);
-    });
-    for (int64_t i = 0; i < NG; ++i) set_rstd(i, combine(p1, i), combine(p2, i));
+    for (int64_t i = 0; i < NG; ++i) {
+      const double s1 = combine(p1, i);
+      // With a shift, the centres K - shift[c] were rounded to A: add back what that rounding
+      // took from the sum, so the mean is that of x + shift to double precision.
+      double corr = 0;
+      if (has_shift) {
+        const int64_t n = i / g.G, c0 = (i % g.G) * g.D;
+        for (int64_t c = c0; c < c0 + g.D; ++c)
+          corr += static_cast<double>(centre(n, c)) + static_cast<double>(sh_at(n, c)) - K[i];
+        corr *= static_cast<double>(g.HW);
+      }
+      set_rstd(i, s1, combine(p2, i));
+      mean[i] = K[i] + (s1 + corr) * inv_M;
+    }
     at::parallel_for(0, T_, plan.grain, [&](int64_t begin, int64_t end) {
       std::vector<A> coef;
       for (int64_t t = begin; t < end; ++t) apply(t, coef);

@@ -2,7 +2,8 @@
 //
 // Two stages each way, deterministic (every sum has a fixed order; no float atomics):
 //   forward  1. partial shifted sums (x - K, K = the group's first element) per (n, g, slice of the
-//               spatial positions): many more blocks than SMs even at batch 1;
+//               spatial positions): at least four blocks per SM even at batch 1
+//               (group_norm_split.h);
 //            2. one thread per (n, g) combines its slices in order -> mean, rstd (fp32);
 //            3. y = silu((x - mean) rstd w + b), 16 bytes per thread per step (float4 / 8 halves).
 //   backward 1. partial sums of dz and dz xhat per (n, c, slice), z recomputed from x;
@@ -10,6 +11,7 @@
 //            3. dx = rstd (w dz - c1 - c2 (x - mean)), vectorised like the forward.
 // x is NCHW-contiguous (CL = false) or channels_last, i.e. (N, HW, C) dense (CL = true).
 #include "fastddpm/cuda_utils.cuh"
+#include "fastddpm/group_norm_split.h"
 
 namespace fastddpm {
 namespace cuda {
@@ -266,16 +268,19 @@ bool aligned16(const void* p, int64_t total) {
 
 }  // namespace
 
-// The number of spatial slices per (n, g) (forward) or (n, c) (backward) and the slice length:
-// about 4K elements a block, so that a batch of one gives several blocks per SM.
-void group_norm_silu_split(int64_t HW, int64_t per_row, int64_t* split, int64_t* s_per) {
-  const int64_t target = 4096;
-  int64_t sp = (HW * per_row + target - 1) / target;
-  if (sp < 1) sp = 1;
-  if (sp > HW && HW > 0) sp = HW;
-  int64_t len = HW > 0 ? (HW + sp - 1) / sp : 1;
-  *s_per = len;
-  *split = HW > 0 ? (HW + len - 1) / len : 1;
+// The spatial slices per (n, g) (forward, per_row = D) or (n, c) (backward, per_row = 1) for the
+// current device: at least four blocks per SM in all (group_norm_split.h).
+void group_norm_silu_split(int64_t HW, int64_t per_row, int64_t rows, int64_t* split, int64_t* s_per) {
+  static int cached[64] = {};  // SMs per device (a benign race: every writer stores the same value)
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64) sms = cached[dev];
+  if (sms <= 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)
+      sms = 132;  // an H100's count; only the block count depends on it, never the result
+    else if (dev >= 0 && dev < 64)
+      cached[dev] = sms;
+  }
+  group_norm_split(HW, per_row, rows, 4 * static_cast<int64_t>(sms), split, s_per);
 }
 
 int launch_group_norm_silu_fwd(int dtype, const void* x, void* y, float* mean, float* rstd, const float* w,

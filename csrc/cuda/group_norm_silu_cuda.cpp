@@ -11,7 +11,7 @@
 namespace fastddpm {
 namespace cuda {
 // Defined in group_norm_silu.cu.
-void group_norm_silu_split(int64_t HW, int64_t per_row, int64_t* split, int64_t* s_per);
+void group_norm_silu_split(int64_t HW, int64_t per_row, int64_t rows, int64_t* split, int64_t* s_per);
 int launch_group_norm_silu_fwd(int dtype, const void* x, void* y, float* mean, float* rstd, const float* w,
                                const float* b, float* p1, float* p2, int64_t N, int64_t C, int64_t G,
                                int64_t HW, bool cl, bool silu, float eps, int64_t split, int64_t s_per,
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
   const at::Tensor x = dense(x_in, cl);
   const int64_t N = x.size(0), C = x.size(1), G = num_groups, HW = spatial(x);
   int64_t split = 1, s_per = 1;
-  cuda::group_norm_silu_split(HW, C / G, &split, &s_per);
+  cuda::group_norm_silu_split(HW, C / G, N * G, &split, &s_per);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({N, G}, f32), rstd = at::empty({N, G}, f32);
@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_c
   dy = cl ? at::empty_like(x).copy_(dy) : dy.contiguous();
   const int64_t C = x.size(1), G = num_groups, HW = spatial(x);
   int64_t split = 1, s_per = 1;
-  cuda::group_norm_silu_split(HW, 1, &split, &s_per);
+  cuda::group_norm_silu_split(HW, 1, N * C, &split, &s_per);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty_like(x);
   at::Tensor pa = at::empty({N * C * split}, f32), pb = at::empty({N * C * split}, f32);

@@ -1,5 +1,5 @@
-// Unit tests of the shared per-element math (csrc/include/fastddpm/elementwise.h)
-// and of the CPU Philox normals (philox_cpu.h) against independent values:
+// Unit tests of the shared per-element math (csrc/include/fastddpm/elementwise.h),
+// of the CUDA GroupNorm slicing (group_norm_split.h) and of the CPU Philox normals (philox_cpu.h) against independent values:
 // Random123's known-answer vectors for Philox4x32-10 and float64 evaluations of the
 // paper's formulas and of Box-Muller. CMakeLists.txt builds this file once per
 // instruction set (native, AVX2, scalar), so every implementation in philox_cpu.h is
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "fastddpm/elementwise.h"
+#include "fastddpm/group_norm_split.h"
 #include "fastddpm/philox_cpu.h"
 
 using namespace fastddpm;
@@ -217,6 +218,48 @@ static void test_ddpm_step_forms() {
   EXPECT(rel(ddpm_prev_sample(0.3f, x0, 1.0f, 100.0f, c0), x0) < 1e-6, "t=0 returns x0");
 }
 
+static void test_group_norm_split() {
+  // The U-Net's GroupNorm shapes at batch 1 and 16 (forward rows (n, g) of D channels; backward
+  // rows (n, c) of one), on a 132-SM GPU (min_blocks = 4 per SM), plus awkward sizes.
+  struct Case { int64_t N, C, G, HW; };
+  const Case cases[] = {{1, 128, 32, 1024}, {1, 256, 32, 256}, {1, 256, 32, 64}, {1, 256, 32, 16},
+                        {16, 128, 32, 1024}, {16, 256, 32, 16}, {1, 32, 32, 1},  {2, 6, 3, 13},
+                        {1, 64, 2, 9216},   {3, 12, 1, 21},    {1, 8, 2, 0}};
+  const int64_t min_blocks = 4 * 132;
+  for (const Case& k : cases) {
+    for (int bwd = 0; bwd < 2; ++bwd) {
+      const int64_t per_row = bwd ? 1 : k.C / k.G, rows = bwd ? k.N * k.C : k.N * k.G;
+      int64_t split = 0, s_per = 0;
+      group_norm_split(k.HW, per_row, rows, min_blocks, &split, &s_per);
+      const int64_t HW = k.HW > 0 ? k.HW : 1;
+      EXPECT(split >= 1 && s_per >= 1, "HW=%lld: split %lld, s_per %lld", (long long)k.HW, (long long)split,
+             (long long)s_per);
+      // The slices cover the row exactly: none empty, none past the end.
+      EXPECT((split - 1) * s_per < HW && HW <= split * s_per, "HW=%lld: %lld slices of %lld", (long long)k.HW,
+             (long long)split, (long long)s_per);
+      const int64_t elems = k.HW * per_row, blocks = rows * split;
+      // Enough blocks to fill the GPU wherever slices of >= 256 elements allow it ...
+      const int64_t possible = rows * (elems / 256 > 1 ? elems / 256 : 1);
+      const int64_t want = possible < min_blocks ? possible : min_blocks;
+      EXPECT(blocks >= want || split == k.HW, "N=%lld C=%lld HW=%lld %s: %lld blocks, want >= %lld", (long long)k.N,
+             (long long)k.C, (long long)k.HW, bwd ? "bwd" : "fwd", (long long)blocks, (long long)want);
+      // ... and never slices under 256 elements, nor over ~4096 when the grid is already full.
+      if (split > 1) {
+        EXPECT(s_per * per_row >= 256, "HW=%lld: slices of %lld elements (< 256)", (long long)k.HW,
+               (long long)(s_per * per_row));
+      }
+      if (rows >= min_blocks) {
+        EXPECT(s_per * per_row <= 2 * 4096 || split == 1, "HW=%lld: slices of %lld elements with a full grid",
+               (long long)k.HW, (long long)(s_per * per_row));
+      }
+    }
+  }
+  // Batch 1, 1x128x32x32 (32 groups of 4096): one block per group would leave 100 of 132 SMs idle.
+  int64_t split = 0, s_per = 0;
+  group_norm_split(1024, 4, 32, min_blocks, &split, &s_per);
+  EXPECT(32 * split >= 512, "1x128x32x32 forward: %lld blocks", (long long)(32 * split));
+}
+
 int main() {
   // A build for an instruction set this CPU lacks has nothing to run here.
 #if defined(__AVX512F__)
@@ -238,6 +281,7 @@ int main() {
   test_philox_normal_moments();
   test_q_sample();
   test_ddpm_step_forms();
+  test_group_norm_split();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;
