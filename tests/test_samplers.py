@@ -570,7 +570,8 @@ STEP_COUNT_CASES = [
 
 
 @pytest.mark.parametrize("kw", STEP_COUNT_CASES, ids=_id)
-def test_ddpm_step_is_one_fused_op_without_search(kw):
+def test_ddpm_step_is_one_fused_op_without_search(kw, monkeypatch):
+    monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)  # the default (C++) path is the one counted
     s = DDPMScheduler(**kw)
     s.set_timesteps(50)
     x = torch.randn(SHAPE)
@@ -610,7 +611,8 @@ def test_step_search_detector_catches_diffusers():
 
 
 @pytest.mark.parametrize("step_kw", [dict(), dict(eta=0.5)], ids=["eta0", "eta0.5"])
-def test_ddim_step_is_one_fused_op_without_search(step_kw):
+def test_ddim_step_is_one_fused_op_without_search(step_kw, monkeypatch):
+    monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
     s = fastddpm.DDIMScheduler()
     s.set_timesteps(20)
     x, m = torch.randn(SHAPE), torch.randn(SHAPE)
