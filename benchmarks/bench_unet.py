@@ -12,7 +12,8 @@ Three ways to run it:
 * ``pytest benchmarks/bench_unet.py`` (pytest-benchmark);
 * ``python benchmarks/bench_unet.py [--reps N] [--csv out.csv]``: the comparison benchmarks/README.md
   quotes: providers interleaved in one process (timings drift 30% between runs on these machines),
-  medians, ratios to diffusers, and the peak resident memory one call adds;
+  medians, ratios to diffusers, and the peak resident memory one call adds; ``--reps 0`` measures
+  memory only (one warm-up and one measured call per provider), which a loaded machine does not skew;
 * ``python benchmarks/bench_unet.py --profile``: torch.profiler tables (ops by self CPU time) of a
   forward at batch 16 for fastddpm and diffusers.
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import ctypes.util
 import functools
 import gc
 import platform
@@ -90,9 +93,24 @@ def _rss_kib(field: str) -> int:
     return -1
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
 def _peak_extra_mib(fn) -> float:
-    """Resident memory (MiB) one call adds at its peak: VmHWM after a reset, minus VmRSS before."""
+    """Resident memory (MiB) one call adds at its peak: VmHWM after a reset, minus VmRSS before.
+
+    glibc keeps freed blocks resident: without handing them back first, a call that reuses what an
+    earlier call freed adds next to nothing (a warm training step measured 0-230 MiB instead of 700-1050).
+    """
     gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -123,16 +141,23 @@ def saved_for_backward_mib(model, B: int) -> float:
 
 
 def run_cpu(reps: int = 7, csv_path: str | None = None, modes=MODES, providers=None) -> list[dict]:
+    if reps < 0:
+        raise ValueError(f"reps: expected 0 (memory only) or more timed calls, got {reps}")
     models = build_models()
     if providers:
         models = {p: m for p, m in models.items() if p in providers or p == "diffusers"}
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
+    timed = reps > 0  # reps 0: memory only (peak and saved for backward do not depend on the load)
     print(f"# DDPM CIFAR-10 U-Net (35.7M params, fp32, 32x32) on the CPU ({machine}); "
-          f"medians of {reps} interleaved calls; peak = resident MiB one call adds")
+          + (f"medians of {reps} interleaved calls; " if timed else "memory only; ")
+          + "peak = resident MiB one call adds")
     names = list(models)
-    print(f"{'mode':8} {'B':>3} | " + " | ".join(f"{p:>15} ms  peak" for p in names)
-          + " | " + "  ".join(f"diffusers/{p}" for p in names if p != "diffusers"))
+    if timed:
+        print(f"{'mode':8} {'B':>3} | " + " | ".join(f"{p:>15} ms  peak" for p in names)
+              + " | " + "  ".join(f"diffusers/{p}" for p in names if p != "diffusers"))
+    else:
+        print(f"{'mode':8} {'B':>3} | " + " | ".join(f"{p:>15} peak" for p in names))
     rows = []
     for mode, B in modes:
         bwd = mode != "fwd"
@@ -147,6 +172,11 @@ def run_cpu(reps: int = 7, csv_path: str | None = None, modes=MODES, providers=N
                 _step(models[p], x, t, bwd)
                 times[p].append(time.perf_counter() - t0)
         peak = {p: _peak_extra_mib(functools.partial(_step, models[p], x, t, bwd)) for p in names}
+        if not timed:
+            print(f"{mode:8} {B:3d} | " + " | ".join(f"{peak[p]:20.0f}" for p in names), flush=True)
+            rows.extend(dict(op="unet_cifar10", provider=p, mode=mode, B=B, dtype="float32", ms=float("nan"),
+                             peak_mib=peak[p], machine=machine) for p in names)
+            continue
         med = {p: statistics.median(v) * 1e3 for p, v in times.items()}
         cells = " | ".join(f"{med[p]:15.1f}    {peak[p]:6.0f}" for p in names)
         d = med["diffusers"]
@@ -182,7 +212,7 @@ def profile(B: int = 16, providers=("fastddpm", "diffusers"), row_limit: int = 1
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=7, help="timed calls per provider; 0: memory only")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--modes", default="fwd:1,fwd:16,fwd+bwd:16", help="e.g. fwd:1,fwd+bwd:16")
     ap.add_argument("--providers", default="", help="comma-separated subset (diffusers always runs)")
