@@ -12,7 +12,7 @@ import math
 import _utils
 import pytest
 import torch
-from _utils import backends_for, rel_err
+from _utils import backends_for, half_bound, rel_err
 
 from fastddpm.nn import AttentionBlock
 from fastddpm.ops import BackendNotSupported, attention, reference
@@ -70,7 +70,7 @@ def _check_all(got, ref64, eager, dtype, what):
         if dtype == torch.float32:
             bound = FP32_RTOL
         else:
-            bound = 2 * rel_err(e, r) + torch.finfo(dtype).eps
+            bound = half_bound(rel_err(e, r), dtype)
         assert err <= bound, f"{what} {name}: relative error {err:.3g} > {bound:.3g} ({dtype})"
 
 

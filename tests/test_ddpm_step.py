@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _utils import HAS_CUDA, backends_for, devices_to_test, rel_err
+from _utils import HAS_CUDA, backends_for, devices_to_test, half_bound, rel_err
 
 from fastddpm import NoiseSchedule, ops
 from fastddpm.ops import reference
@@ -146,7 +146,7 @@ def test_ddpm_step_matches_reference(device, backend, shape, dtype, prediction_t
         ab_p = ab_p.view(-1, *[1] * (nd - 1))
         eager = _eager(x, m, z, ab_t, ab_p, t, {"epsilon": 0, "sample": 1, "v_prediction": 2}[prediction_type],
                        0 if variance_type == "fixed_small" else 2, 1.0 if clip else 0.0)
-        bound = 2 * scaled_err(eager, ref) + torch.finfo(dtype).eps
+        bound = half_bound(scaled_err(eager, ref), dtype)
         assert scaled_err(out, ref) <= bound
 
 

@@ -5,7 +5,7 @@ program covers one (n, group) and a slice of the spatial positions, as a [BLOCK_
 (spatial x channels of the group), and writes partial sums; a second small step combines them in a
 fixed order (deterministic, no atomics). The elementwise passes are flat over x's storage.
 
-Forward:  partial shifted sums (x - K, K = the group's first element) -> mean, rstd per (n, g)
+Forward:  partial shifted sums (x - K, K = the mean of 64 values of the group) -> mean, rstd per (n, g)
           -> y = silu((x - mean) rstd w + b).
 Backward: per (n, c) partial sums of dz and dz xhat (recomputing z from x) -> per-(n, g)
           coefficients and dweight/dbias (tiny (N, C) tensors, combined with torch) ->
@@ -34,17 +34,28 @@ def _tile_offsets(n, g, s0, C, HW, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constex
 
 
 @triton.jit
+def _shift(x_ptr, n, g, C, HW, D, CL: tl.constexpr):
+    # The shift K of the sums: the mean of (up to) the first 64 positions of the group's first
+    # channel. The variance's rounding error grows with ((mean - K) / sigma)^2, and a single element
+    # could be an outlier. Every program of the group computes the same K, in the same order.
+    s = tl.arange(0, 64)
+    m = s < HW
+    if CL:
+        offs = (n * HW + s) * C + g * D
+    else:
+        offs = (n * C + g * D) * HW + s
+    v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    return tl.sum(v, axis=0) / tl.sum(m.to(tl.float32), axis=0)
+
+
+@triton.jit
 def _stats_partial_kernel(x_ptr, p1_ptr, p2_ptr, C, HW, G, D, S_PER, SPLIT,
                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CL: tl.constexpr):
     ng = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     n = ng // G
     g = ng % G
-    if CL:
-        k_off = n * HW * C + g * D
-    else:
-        k_off = (n * C + g * D) * HW
-    K = tl.load(x_ptr + k_off).to(tl.float32)
+    K = _shift(x_ptr, n, g, C, HW, D, CL)
     acc1 = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     s_begin = sp * S_PER
@@ -65,11 +76,7 @@ def _stats_final_kernel(x_ptr, p1_ptr, p2_ptr, mean_ptr, rstd_ptr, C, HW, G, D, 
     ng = tl.program_id(0).to(tl.int64)
     n = ng // G
     g = ng % G
-    if CL:
-        k_off = n * HW * C + g * D
-    else:
-        k_off = (n * C + g * D) * HW
-    K = tl.load(x_ptr + k_off).to(tl.float32)
+    K = _shift(x_ptr, n, g, C, HW, D, CL)
     p = tl.arange(0, BLOCK_P)
     s1 = tl.sum(tl.load(p1_ptr + ng * SPLIT + p, mask=p < SPLIT, other=0.0), axis=0)
     s2 = tl.sum(tl.load(p2_ptr + ng * SPLIT + p, mask=p < SPLIT, other=0.0), axis=0)

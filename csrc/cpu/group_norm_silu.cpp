@@ -378,7 +378,8 @@ struct Forward {
   const A* shift;  // (N, C), zeros when absent
   bool has_shift;
   // (N, G) statistics of x + shift: scratch of the channels_last and split plans (allocated
-  // uninitialised by the caller, so no core owns its cache lines before a worker writes them).
+  // uninitialised by the caller; the channels_last fused plan's workers write them, so no core
+  // owns their cache lines first; the split plan fills them on the calling thread).
   double* mean;
   double* rstd;
   // The statistics handed back (may be null); the fused NCHW plan writes them from its workers.
@@ -401,23 +402,9 @@ struct Forward {
     hi = std::min(g.HW, lo + plan.len);
   }
 
-  // Pass 1: sum of x + shift over the task, per group it touches (out[0] NCHW, out[0..G) CL).
+  // channels_last fused plan, pass 1: the sum of x + shift over sample t, per group (out[0..G)).
+  // (The NCHW plans never call it: the fused one sums in groups_fused, the split one in squares.)
   void sums(int64_t t, double* out, std::vector<A>& acc, std::vector<double>& dacc) const {
-    if (!g.cl) {
-      int64_t grp, lo, hi;
-      piece(t, grp, lo, hi);
-      double s = sum_run(x + grp * g.M() + lo, hi - lo);
-      if (has_shift) {
-        const int64_t n = grp / g.G, c0 = (grp % g.G) * g.D;
-        for (int64_t i = lo; i < hi;) {  // channel segments of the piece
-          const int64_t d = i / g.HW, e = std::min(hi, (d + 1) * g.HW);
-          s += static_cast<double>(shift[n * g.C + c0 + d]) * static_cast<double>(e - i);
-          i = e;
-        }
-      }
-      out[0] = s;
-      return;
-    }
     int64_t n, lo, hi;
     rows(t, n, lo, hi);
     channel_sums(n, lo, hi, nullptr, acc, dacc, nullptr);
@@ -474,7 +461,8 @@ struct Forward {
     return static_cast<A>(mean[n * g.G + c / g.D] - static_cast<double>(sh_at(n, c)));
   }
 
-  // Pass 2: sum (x + shift - mean) and its square, per group the task touches.
+  // The sum of x + shift - mean and of its square, per group the task touches (mean[] holds the
+  // group's mean, or, on the split plan, the shift K of its one-pass sums).
   void squares(int64_t t, double* o1, double* o2, std::vector<A>& acc, std::vector<double>& dacc,
                std::vector<double>& dacc2, std::vector<A>& cen) const {
     if (!g.cl) {
@@ -624,7 +612,8 @@ struct Forward {
   void set_mean(int64_t i, double s) const { mean[i] = s * inv_M; }
   void set_rstd(int64_t i, double s1, double s2) const { rstd[i] = rstd_of(s1, s2); }
   double rstd_of(double s1, double s2) const {
-    // The centred sum s1 is ~0; subtracting s1^2 / M corrects for the rounding of the mean.
+    // Sums centred on c: var = (s2 - s1^2 / M) / M. With c the mean (fused plans) s1 is ~0 and the
+    // term corrects for the mean's rounding; with c a shift K (split plan) it removes K.
     const double var = std::max((s2 - s1 * s1 * inv_M) * inv_M, 0.0);
     return 1.0 / std::sqrt(var + eps);
   }
@@ -663,15 +652,21 @@ struct Forward {
       return;
     }
     // Split: one pass over memory for the statistics. The pieces sum x + shift - K and its
-    // square, K = the group's first element (shifted sums: no cancellation as long as K lies in
-    // the data's range), written to mean[] so that centre() yields K - shift.
+    // square (shifted sums), K written to mean[] so that centre() yields K - shift.
     const int64_t T_ = plan.tasks;
     const int64_t NG = g.N * g.G;
+    // K is the mean of (up to) the first 64 positions of the group's first channel, rounded to A:
+    // the variance's rounding error grows with ((mean - K) / sigma)^2, and one element could be
+    // an outlier.
     std::vector<double> K(NG);
+    const int64_t nk = std::min<int64_t>(g.HW, 64);
     for (int64_t i = 0; i < NG; ++i) {
       const int64_t n = i / g.G, c0 = (i % g.G) * g.D;
-      const T first = g.cl ? x[n * g.HW * g.C + c0] : x[i * g.M()];
-      K[i] = static_cast<double>(static_cast<A>(first) + sh_at(n, c0));
+      double k = 0;
+      for (int64_t s = 0; s < nk; ++s)
+        k += static_cast<double>(g.cl ? x[(n * g.HW + s) * g.C + c0] : x[i * g.M() + s]);
+      K[i] = static_cast<double>(static_cast<A>(k / static_cast<double>(std::max<int64_t>(nk, 1)) +
+                                                static_cast<double>(sh_at(n, c0))));
       mean[i] = K[i];
     }
     std::vector<double> p1(T_ * Gp), p2(T_ * Gp);

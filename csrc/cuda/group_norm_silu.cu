@@ -1,7 +1,7 @@
 // GroupNorm (+ SiLU) on CUDA, forward and backward. Torch-free (see group_norm_silu_cuda.cpp).
 //
 // Two stages each way, deterministic (every sum has a fixed order; no float atomics):
-//   forward  1. partial shifted sums (x - K, K = the group's first element) per (n, g, slice of the
+//   forward  1. partial shifted sums (x - K, K = the mean of 64 values of the group) per (n, g, slice of the
 //               spatial positions): at least four blocks per SM even at batch 1
 //               (group_norm_split.h);
 //            2. one thread per (n, g) combines its slices in order -> mean, rstd (fp32);
@@ -10,6 +10,8 @@
 //            2. per (n, g): c1 = sum w A / M, c2 = rstd sum w B / M; per c: dweight, dbias;
 //            3. dx = rstd (w dz - c1 - c2 (x - mean)), vectorised like the forward.
 // x is NCHW-contiguous (CL = false) or channels_last, i.e. (N, HW, C) dense (CL = true).
+#include <atomic>
+
 #include "fastddpm/cuda_utils.cuh"
 #include "fastddpm/group_norm_split.h"
 
@@ -53,13 +55,24 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
 
 __device__ __forceinline__ float sigmoidf_(float z) { return 1.f / (1.f + __expf(-z)); }
 
+// The shift K of the sums: the mean of (up to) the first 64 positions of the group's first channel
+// (the variance's rounding error grows with ((mean - K) / sigma)^2, and a single element could be
+// an outlier). Both statistics kernels compute it in the same order, so they agree on K.
+template <typename T>
+__device__ __forceinline__ float shift_of(const T* __restrict__ x, const Geo& g, int64_t n, int64_t c0) {
+  const int64_t k = g.HW < 64 ? g.HW : 64;
+  float s = 0.f;
+  for (int64_t i = 0; i < k; ++i) s += to_float(x[g.offset(n, c0, i)]);
+  return k > 0 ? s / static_cast<float>(k) : 0.f;
+}
+
 template <typename T>
 __global__ void stats_partial_kernel(const T* __restrict__ x, float* __restrict__ p1, float* __restrict__ p2,
                                      Geo g) {
   __shared__ float sh[32];
   const int64_t ng = blockIdx.x / g.split, sp = blockIdx.x % g.split;
   const int64_t n = ng / g.G, c0 = (ng % g.G) * g.D;
-  const float K = to_float(x[g.offset(n, c0, 0)]);
+  const float K = shift_of(x, g, n, c0);
   const int64_t s0 = sp * g.s_per;
   const int64_t s1 = s0 + g.s_per < g.HW ? s0 + g.s_per : g.HW;
   const int64_t len = s1 > s0 ? (s1 - s0) * g.D : 0;
@@ -93,7 +106,7 @@ __global__ void stats_final_kernel(const T* __restrict__ x, const float* __restr
   const int64_t ng = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (ng >= g.N * g.G) return;
   const int64_t n = ng / g.G, c0 = (ng % g.G) * g.D;
-  const float K = to_float(x[g.offset(n, c0, 0)]);
+  const float K = shift_of(x, g, n, c0);
   double s1 = 0, s2 = 0;  // a handful of partials: double costs nothing here
   for (int64_t i = 0; i < g.split; ++i) {
     s1 += p1[ng * g.split + i];
@@ -271,14 +284,17 @@ bool aligned16(const void* p, int64_t total) {
 // The spatial slices per (n, g) (forward, per_row = D) or (n, c) (backward, per_row = 1) for the
 // current device: at least four blocks per SM in all (group_norm_split.h).
 void group_norm_silu_split(int64_t HW, int64_t per_row, int64_t rows, int64_t* split, int64_t* s_per) {
-  static int cached[64] = {};  // SMs per device (a benign race: every writer stores the same value)
+  static std::atomic<int> cached[64];  // SMs per device (zero-initialised: static storage)
   int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64) sms = cached[dev];
+  const bool known = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64;
+  if (known) sms = cached[dev].load(std::memory_order_relaxed);
   if (sms <= 0) {
+    // The count sets the slicing, so the summation order: results are deterministic on a given
+    // GPU, and may differ in the last bits between GPUs with other SM counts.
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)
-      sms = 132;  // an H100's count; only the block count depends on it, never the result
-    else if (dev >= 0 && dev < 64)
-      cached[dev] = sms;
+      sms = 132;  // an H100's count
+    else if (known)
+      cached[dev].store(sms, std::memory_order_relaxed);
   }
   group_norm_split(HW, per_row, rows, 4 * static_cast<int64_t>(sms), split, s_per);
 }
