@@ -31,9 +31,11 @@ failed=""
 for f in ${TEST_FILES:-tests/test_*.py}; do
   case "$f" in *test_train.py|*test_cli.py) continue ;; esac
   echo "=== $f" | tee -a "$OUT/pytest.log"
-  timeout "${PYTEST_TIMEOUT:-240}" "$PY" -m pytest "$f" -q -p no:cacheprovider -rf ${PYTEST_ARGS:-} 2>&1 \
-    | grep -E "^(FAILED|ERROR)|passed|failed|error|Segmentation|Fatal|Timeout" | head -30 | tee -a "$OUT/pytest.log"
-  rc="${PIPESTATUS[0]}"
+  # The whole output goes to a file first: a pipe cut short by head would kill pytest with SIGPIPE.
+  log="$OUT/pytest_$(basename "$f" .py).log"
+  timeout "${PYTEST_TIMEOUT:-240}" "$PY" -m pytest "$f" -q -p no:cacheprovider -rf ${PYTEST_ARGS:-} > "$log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR)|passed|failed|error|Segmentation|Fatal|Timeout" "$log" | head -30 | tee -a "$OUT/pytest.log"
   echo "rc=$rc" | tee -a "$OUT/pytest.log"
   [ "$rc" = 0 ] || failed="$failed $f"
 done

@@ -253,6 +253,25 @@ def test_a_failing_provider_is_reported_not_fatal():
     assert rows["eager"]["rounds"] == 2
 
 
+def test_a_failing_prewarm_is_reported_not_fatal():
+    def boom():
+        raise RuntimeError("short run said no")
+
+    # One provider's short run fails: that provider is reported, the others are timed.
+    case = S.Case("sampling", "w", "s", build=lambda: {"a": lambda: None, "b": lambda: None},
+                  prewarm=lambda: {"a": boom, "b": lambda: None}, budget_s=0.0, min_rounds=2, max_rounds=2,
+                  warmup=0)
+    rows = {r["provider"]: r for r in S.run_case(case).rows}
+    assert rows["a"]["status"] == "error: RuntimeError: short run said no"
+    assert rows["b"]["rounds"] == 2
+    # Building the short versions fails: the case is reported as an error row.
+    case = S.Case("sampling", "w", "s", build=lambda: {"a": lambda: None}, prewarm=boom, budget_s=0.0,
+                  min_rounds=2, max_rounds=2, warmup=0)
+    res = S.run_case(case)
+    assert res.error == "error: RuntimeError: short run said no"
+    assert [r["status"] for r in res.rows] == [res.error]
+
+
 # ----------------------------------------------------------------------------- planning and tables
 def test_suites_cover_the_issue_workloads():
     quick = [c.name for c in S.cases("quick")]
@@ -300,8 +319,8 @@ def test_render_tables():
     assert S.fmt_time(2.5) == "2.50 s" and S.fmt_time(0.0123) == "12.3 ms" and S.fmt_time(float("nan")) == "-"
 
 
-def test_readme_markers(tmp_path):
-    sys.path.insert(0, ROOT)
+def test_readme_markers(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
     from benchmarks.run import BEGIN, END, replace_between_markers
 
     text = f"a\n{BEGIN}\nold\n{END}\nb\n"
@@ -351,9 +370,9 @@ def test_bench_csv_must_be_a_folder(tmp_path, capsys):
     assert f"--csv: {str(f)!r} exists and is not a folder" in capsys.readouterr().err
 
 
-def test_benchmarks_run_module_usage(capsys):
+def test_benchmarks_run_module_usage(capsys, monkeypatch):
     # in-process: the smoke fixture runs `python -m benchmarks.run` itself
-    sys.path.insert(0, ROOT)
+    monkeypatch.syspath_prepend(ROOT)
     from benchmarks.run import main
 
     with pytest.raises(SystemExit) as e:
@@ -392,8 +411,8 @@ def test_traffic_counts_each_kernel_reads_and_writes():
     assert t.written == 2 * 64 * 32 * 4
 
 
-def test_bytes_moved_table():
-    sys.path.insert(0, ROOT)
+def test_bytes_moved_table(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
     from benchmarks.bytes_moved import render
 
     text = render([dict(case="q", impl="eager", kernels=8, read=2e6, written=1e6, minimum=1.5e6),
@@ -406,11 +425,11 @@ def _moved(r):
     return r["read"] + r["written"]
 
 
-def test_bytes_moved_fused_ops_move_their_minimum():
+def test_bytes_moved_fused_ops_move_their_minimum(monkeypatch):
     """Counted at two tiny sizes that differ only in the large tensors (image, feature map, head width): each
     fused op's traffic grows by exactly its minimum's growth, so what it moves beyond its minimum is a
     constant of a few KiB (schedule tables, t, weights, statistics); each eager sequence moves more."""
-    sys.path.insert(0, ROOT)
+    monkeypatch.syspath_prepend(ROOT)
     from benchmarks.bytes_moved import rows
 
     small = rows(dict(image=(2, 3, 8, 8), group_norm=(2, 64, 4, 4), attention=(2, 16, 8), network=None))

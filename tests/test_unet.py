@@ -386,10 +386,19 @@ def test_inference_mode():
 # ------------------------------------------------------------------------------------------------
 # torch.compile
 # ------------------------------------------------------------------------------------------------
-def test_compile_fullgraph_no_graph_breaks():
+@pytest.fixture
+def fresh_dynamo():
+    # Compiled-code caches are process-wide: start from none, and leave none behind even on failure.
     import torch._dynamo
 
     torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_fullgraph_no_graph_breaks(fresh_dynamo):
+    import torch._dynamo
+
     m = _randomise(UNet.tiny(num_heads=2)).eval()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
     with torch.no_grad():
@@ -397,13 +406,11 @@ def test_compile_fullgraph_no_graph_breaks():
     reasons = [str(b.reason) for b in explanation.break_reasons]
     assert explanation.graph_break_count == 0, reasons
     assert explanation.graph_count == 1
-    torch._dynamo.reset()
 
 
-def test_compile_training_graph_no_graph_breaks():
+def test_compile_training_graph_no_graph_breaks(fresh_dynamo):
     import torch._dynamo
 
-    torch._dynamo.reset()
     m = _randomise(UNet.tiny()).train()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
 
@@ -412,10 +419,9 @@ def test_compile_training_graph_no_graph_breaks():
 
     explanation = torch._dynamo.explain(step)(x, t)
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
-    torch._dynamo.reset()
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(fresh_dynamo):
     # The compiled graph (fullgraph: any graph break raises) must compute what eager does: the U-Net takes
     # compile-only branches (the time projections) and the fused ops are traced through their fake
     # implementations, so agreement is not automatic. aot_eager runs the traced forward and backward
@@ -423,7 +429,6 @@ def test_compile_fullgraph_matches_eager():
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    torch._dynamo.reset()
     m = _randomise(UNet.tiny(num_heads=2)).eval()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
     noise = torch.randn_like(x)
@@ -451,7 +456,6 @@ def test_compile_fullgraph_matches_eager():
     for n in g0:
         assert g1[n] is not None, f"{n}: no gradient through the compiled graph"
         assert _rel(g1[n], g0[n]) < 1e-5, n
-    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------

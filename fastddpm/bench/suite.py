@@ -302,9 +302,19 @@ def run_case(case: Case, log: Callable[[str], None] = lambda s: None) -> Result:
         else:
             fns[name] = v
     if case.prewarm is not None:  # long cases: warm each provider on a short version of the workload
-        for name, fn in case.prewarm().items():
+        try:
+            warm = case.prewarm()
+        except Exception as exc:  # noqa: BLE001  (reported like a case that cannot be built)
+            res.error = _error(exc)
+            res.rows.append(_row(case, "-", status=res.error))
+            return res
+        for name, fn in warm.items():
             if name in fns and callable(fn):
-                fn()
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001  (reported like a failing warm-up)
+                    skipped[name] = _error(exc)
+                    del fns[name]
     est: dict[str, float] = {}
     for name in list(fns):  # warm-up, one provider at a time; a provider that fails is reported
         try:
