@@ -104,6 +104,8 @@ inline __m512 exp_neg(__m512 z) {
 }
 #endif
 
+// silu and its derivative: the expressions of silu() and silu_backward() in elementwise.h (which the
+// CUDA kernels call), on at::vec vectors.
 // sigmoid(z). fp32: a fast exp and a reciprocal estimate refined by a Newton step instead of a
 // division (a 512-bit divide issues once per ~10 cycles and would bound the whole op); z is
 // clamped at -80, where sigmoid is 1.8e-35 (so exp(-z) stays finite). A NaN z stays NaN in

@@ -13,6 +13,7 @@
 #include <atomic>
 
 #include "fastddpm/cuda_utils.cuh"
+#include "fastddpm/elementwise.h"
 #include "fastddpm/group_norm_split.h"
 
 namespace fastddpm {
@@ -52,8 +53,6 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   return v;  // valid in thread 0
 }
-
-__device__ __forceinline__ float sigmoidf_(float z) { return 1.f / (1.f + __expf(-z)); }
 
 // The shift K of the sums: the mean of (up to) the first 64 positions of the group's first channel
 // (the variance's rounding error grows with ((mean - K) / sigma)^2, and a single element could be
@@ -138,7 +137,7 @@ __global__ void fwd_apply_kernel(const T* __restrict__ x, T* __restrict__ y, con
     int64_t c, ng;
     g.chan_group(i, c, ng);
     float z = (xv - mean[ng]) * rstd[ng] * (w ? __ldg(w + c) : 1.f) + (b ? __ldg(b + c) : 0.f);
-    if (SILU) z = z * sigmoidf_(z);
+    if (SILU) z = silu(z);
     return z;
   };
   if (vec) {
@@ -158,9 +157,7 @@ __global__ void fwd_apply_kernel(const T* __restrict__ x, T* __restrict__ y, con
 template <typename T, bool SILU>
 __device__ __forceinline__ float dz_of(float xc, float dy, float a, float b) {
   if (!SILU) return dy;
-  const float z = fmaf(xc, a, b);
-  const float s = sigmoidf_(z);
-  return dy * s * (1.f + z * (1.f - s));
+  return silu_backward(fmaf(xc, a, b), dy);
 }
 
 template <typename T, bool SILU>

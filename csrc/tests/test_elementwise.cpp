@@ -218,6 +218,22 @@ static void test_ddpm_step_forms() {
   EXPECT(rel(ddpm_prev_sample(0.3f, x0, 1.0f, 100.0f, c0), x0) < 1e-6, "t=0 returns x0");
 }
 
+static void test_silu() {
+  // silu and its derivative (group_norm_silu's CUDA kernels) against float64: the function itself, and
+  // the derivative against a central difference of it (independent of the closed form).
+  auto silu64 = [](double z) { return z / (1.0 + std::exp(-z)); };
+  for (double z = -30.0; z <= 30.0; z += 0.0625) {
+    const float zf = static_cast<float>(z);
+    const double ref = silu64(zf);
+    EXPECT(std::fabs(silu(zf) - ref) <= 2e-7 * std::fmax(std::fabs(ref), 1.0), "silu(%g) = %.9g vs %.9g", z,
+           silu(zf), ref);
+    const double h = 1e-5, dref = (silu64(zf + h) - silu64(zf - h)) / (2 * h);
+    const float dy = 0.75f;
+    EXPECT(std::fabs(silu_backward(zf, dy) - dy * dref) <= 1e-6 * std::fmax(std::fabs(dy * dref), 1.0),
+           "silu'(%g) = %.9g vs %.9g", z, silu_backward(zf, dy) / dy, dref);
+  }
+}
+
 static void test_group_norm_split() {
   // The U-Net's GroupNorm shapes at batch 1 and 16 (forward rows (n, g) of D channels; backward
   // rows (n, c) of one), on a 132-SM GPU (min_blocks = 4 per SM), plus awkward sizes.
@@ -281,6 +297,7 @@ int main() {
   test_philox_normal_moments();
   test_q_sample();
   test_ddpm_step_forms();
+  test_silu();
   test_group_norm_split();
   if (failures) {
     std::printf("%d failure(s)\n", failures);

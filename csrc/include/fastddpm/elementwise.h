@@ -1,5 +1,5 @@
-// Per-element math of the fused elementwise ops (q_sample, ddpm_step) and the
-// in-kernel Philox4x32-10 normal generator. Host and device: the CPU kernels,
+// Per-element math of the fused elementwise ops (q_sample, ddpm_step, ddim_step,
+// GroupNorm + SiLU) and the in-kernel Philox4x32-10 normal generator. Host and device: the CPU kernels,
 // the CUDA kernels and the C++ unit tests (csrc/tests) all use these functions,
 // so the CPU tests cover the formulas the GPU runs.
 //
@@ -222,6 +222,29 @@ FASTDDPM_HD float ddim_mean(float x, float m, const DdimCoeffs& c, int64_t predi
   if (use_clipped_model_output) eps = (x - c.sqrt_ab * x0) * c.inv_sqrt_1mab;
   *x0_out = x0;
   return c.sqrt_ab_prev * x0 + c.c_eps * eps;
+}
+
+// ---------------------------------------------------------------------------
+// GroupNorm + SiLU (group_norm_silu), per element: z = (x - mean) rstd w + b,
+// y = silu(z) = z sigmoid(z); backward dL/dz = dy silu'(z) with
+// silu'(z) = s (1 + z (1 - s)), s = sigmoid(z). The CUDA kernels call these; the CPU
+// kernel evaluates the same expressions on at::vec vectors (its own exp).
+// ---------------------------------------------------------------------------
+FASTDDPM_HD float fast_expf(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);  // the SFU's exp2 path: ~2 ulp, ample against fp32 GroupNorm's 1e-5
+#else
+  return std::exp(x);
+#endif
+}
+
+FASTDDPM_HD float sigmoid(float z) { return 1.0f / (1.0f + fast_expf(-z)); }
+
+FASTDDPM_HD float silu(float z) { return z * sigmoid(z); }
+
+FASTDDPM_HD float silu_backward(float z, float dy) {
+  const float s = sigmoid(z);
+  return dy * s * (1.0f + z * (1.0f - s));
 }
 
 }  // namespace fastddpm
