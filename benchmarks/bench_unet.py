@@ -172,19 +172,16 @@ def run_cpu(reps: int = 7, csv_path: str | None = None, modes=MODES, providers=N
                 _step(models[p], x, t, bwd)
                 times[p].append(time.perf_counter() - t0)
         peak = {p: _peak_extra_mib(functools.partial(_step, models[p], x, t, bwd)) for p in names}
-        if not timed:
+        med = {p: statistics.median(v) * 1e3 if v else float("nan") for p, v in times.items()}
+        if timed:
+            cells = " | ".join(f"{med[p]:15.1f}    {peak[p]:6.0f}" for p in names)
+            d = med["diffusers"]
+            ratios = "  ".join(f"{d / med[p]:{len(p) + 10}.2f}" for p in names if p != "diffusers")
+            print(f"{mode:8} {B:3d} | {cells} | {ratios}", flush=True)
+        else:
             print(f"{mode:8} {B:3d} | " + " | ".join(f"{peak[p]:20.0f}" for p in names), flush=True)
-            rows.extend(dict(op="unet_cifar10", provider=p, mode=mode, B=B, dtype="float32", ms=float("nan"),
-                             peak_mib=peak[p], machine=machine) for p in names)
-            continue
-        med = {p: statistics.median(v) * 1e3 for p, v in times.items()}
-        cells = " | ".join(f"{med[p]:15.1f}    {peak[p]:6.0f}" for p in names)
-        d = med["diffusers"]
-        ratios = "  ".join(f"{d / med[p]:{len(p) + 10}.2f}" for p in names if p != "diffusers")
-        print(f"{mode:8} {B:3d} | {cells} | {ratios}", flush=True)
-        for p in names:
-            rows.append(dict(op="unet_cifar10", provider=p, mode=mode, B=B, dtype="float32", ms=med[p],
-                             peak_mib=peak[p], machine=machine))
+        rows.extend(dict(op="unet_cifar10", provider=p, mode=mode, B=B, dtype="float32", ms=med[p],
+                         peak_mib=peak[p], machine=machine) for p in names)
     if any(m != "fwd" for m, _ in modes):
         B = max(b for m, b in modes if m != "fwd")
         saved = {p: saved_for_backward_mib(models[p], B) for p in names}
