@@ -301,6 +301,50 @@ def test_gpu_backends_deterministic(backend, channels_last):
         assert torch.equal(a, b_)
 
 
+def _empty_case(backend, shape, G, device):
+    """An input without elements (no sample, no channel, or no position): the statistics are those of an
+    empty group (mean 0, rstd 1 / sqrt(eps), as the CPU kernel has them), x's gradient is empty and the
+    weight and bias gradients are sums over nothing, zeros. The outputs are poisoned (NaN-filled when
+    allocated), so a kernel that leaves them unwritten fails."""
+    C, eps = shape[1], 1e-5
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.randn(C, device=device, requires_grad=True)
+    b = torch.randn(C, device=device, requires_grad=True)
+    y = group_norm_silu(x, G, w, b, eps=eps, backend=backend)
+    assert y.shape == x.shape
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+    assert dx.shape == x.shape
+    assert torch.equal(dw.cpu(), torch.zeros(C)) and torch.equal(db.cpu(), torch.zeros(C))
+    if backend == "triton":
+        from fastddpm.triton_kernels.group_norm_silu import group_norm_silu_triton
+
+        _, mean, rstd = group_norm_silu_triton(x.detach(), w.detach(), b.detach(), G, eps, True)
+    elif backend in ("cpu", "cuda"):
+        _, mean, rstd = torch.ops.fastddpm.group_norm_silu_fwd(x.detach(), w.detach(), b.detach(), None, G, eps, True)
+    else:
+        return
+    assert mean.shape == rstd.shape == (shape[0], G)
+    assert torch.equal(mean.cpu(), torch.zeros(shape[0], G))
+    assert torch.equal(rstd.cpu(), torch.full((shape[0], G), 1 / eps**0.5))
+
+
+EMPTY = [((2, 0, 3, 3), 1), ((0, 4, 3, 3), 2), ((2, 4, 0, 5), 2), ((0, 0, 2), 3)]
+
+
+# The kernels' backends (the float64 reference, reference.group_norm_silu, cannot reshape a batch of 0).
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("shape,G", EMPTY)
+def test_empty_inputs(backend, shape, G):
+    _empty_case(backend, shape, G, CPU)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape,G", EMPTY)
+def test_empty_inputs_gpu(backend, shape, G):
+    _empty_case(backend, shape, G, torch.device("cuda"))
+
+
 @pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
 def test_weight_dtype_follows_param():
     # fp16 activations with fp32 parameters (mixed precision): grads come back in the parameter dtype.

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastddpm.ops._dispatch import launch_device
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512
 
@@ -72,6 +74,24 @@ def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _program(L, BLOCK: tl.constexpr):
+    # (block along the sequence of length L, b * H + h), int64, from a 1-D grid of cdiv(L, BLOCK) * B * H
+    # programs (``_grid``): axis 1 would cap B * H at 65,535. The row and column indices the kernels build
+    # from them are int64 too, so that index * stride cannot wrap past 2**31 elements.
+    pid = tl.program_id(0).to(tl.int64)
+    nblk = tl.cdiv(L, BLOCK)
+    return pid % nblk, pid // nblk
+
+
+def _grid(L: int, block: int, BH: int) -> tuple[int]:
+    """The launch grid of the attention kernels: one axis (limit 2**31 - 1), blocks of a head consecutive."""
+    n = triton.cdiv(L, block) * BH
+    if n >= 2**31:
+        raise ValueError(f"attention: {n} programs exceed a CUDA grid (2**31 - 1)")
+    return (n,)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,  # noqa: E741
     sqb, sqh, sqn, sqd,
@@ -82,13 +102,12 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh = _program(N, BLOCK_M)
+    b = pid_bh // H
+    h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m_ok = offs_m < N
     d_ok = offs_d < D
     q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
@@ -117,7 +136,7 @@ def _attn_fwd_kernel(
     acc = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
 @triton.jit
@@ -129,17 +148,16 @@ def _attn_bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # delta_i = sum_j dO_ij O_ij = sum_j P_ij dP_ij, the softmax backward's row term.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh = _program(N, BLOCK_M)
+    b = pid_bh // H
+    h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
 
 
 @triton.jit
@@ -154,13 +172,12 @@ def _attn_bwd_dkdv_kernel(
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # One key block; loop over query blocks. Works on transposed scores (BLOCK_N, BLOCK_M).
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_n, pid_bh = _program(M, BLOCK_N)
+    b = pid_bh // H
+    h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     n_ok = offs_n < M
     d_ok = offs_d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -170,7 +187,7 @@ def _attn_bwd_dkdv_kernel(
                 other=0.0)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
-    row_base = pid_bh.to(tl.int64) * N
+    row_base = pid_bh * N
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -192,7 +209,7 @@ def _attn_bwd_dkdv_kernel(
         dk += _mm(dsT.to(qT.dtype), tl.trans(qT), PREC, UPCAST)
     dk = dk * scale
     out_off = offs_n[:, None] * D + offs_d[None, :]  # dK, dV are contiguous (B, H, M, D)
-    base = pid_bh.to(tl.int64) * M * D
+    base = pid_bh * M * D
     tl.store(DK + base + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + base + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -209,20 +226,19 @@ def _attn_bwd_dq_kernel(
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # One query block; loop over key blocks.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh = _program(N, BLOCK_M)
+    b = pid_bh // H
+    h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m_ok = offs_m < N
     d_ok = offs_d < D
     q_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask,
                  other=0.0)
-    row_base = pid_bh.to(tl.int64) * N
+    row_base = pid_bh * N
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * skb + h * skh
@@ -243,7 +259,7 @@ def _attn_bwd_dq_kernel(
         dq += _mm(ds.to(k.dtype), k, PREC, UPCAST)
     dq = dq * scale
     out_off = offs_m[:, None] * D + offs_d[None, :]
-    tl.store(DQ + pid_bh.to(tl.int64) * N * D + out_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + pid_bh * N * D + out_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -267,12 +283,13 @@ def attention_triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _config("fwd", D, q.dtype)
-    grid = (triton.cdiv(N, bm), B * H)
-    wrap_triton(_attn_fwd_kernel)[grid](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, N, M, D, scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
-    )
+    with launch_device(q):
+        wrap_triton(_attn_fwd_kernel)[_grid(N, bm, B * H)](
+            q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, N, M, D, scale * LOG2E,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), **_dot_args(q.dtype), num_warps=warps,
+            num_stages=stages,
+        )
     return o, lse
 
 
@@ -285,24 +302,25 @@ def attention_triton_bwd(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     bd = _block_d(D)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     dbm = min(64, 8192 // bd)  # two (dbm, d) tiles in registers
-    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(N, dbm), B * H)](
-        o, grad_o, delta, *o.stride(), *grad_o.stride(), H, N, D, BLOCK_M=dbm, BLOCK_D=bd,
-    )
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, M, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, M, D), dtype=v.dtype, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
-    # The key-block kernel holds two (BLOCK_N, d) fp32 accumulators (dK and dV).
-    bm, bn, warps, stages = _config("dkdv", D, q.dtype)
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(M, bn), B * H)](
-        q, k, v, grad_o, lse, delta, dk, dv, *strides, H, N, M, D, scale * LOG2E, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
-    )
-    bm, bn, warps, stages = _config("dq", D, q.dtype)
-    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(N, bm), B * H)](
-        q, k, v, grad_o, lse, delta, dq, *strides, H, N, M, D, scale * LOG2E, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
-    )
+    with launch_device(q):
+        wrap_triton(_attn_bwd_delta_kernel)[_grid(N, dbm, B * H)](
+            o, grad_o, delta, *o.stride(), *grad_o.stride(), H, N, D, BLOCK_M=dbm, BLOCK_D=bd,
+        )
+        # The key-block kernel holds two (BLOCK_N, d) fp32 accumulators (dK and dV).
+        bm, bn, warps, stages = _config("dkdv", D, q.dtype)
+        wrap_triton(_attn_bwd_dkdv_kernel)[_grid(M, bn, B * H)](
+            q, k, v, grad_o, lse, delta, dk, dv, *strides, H, N, M, D, scale * LOG2E, scale,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
+        )
+        bm, bn, warps, stages = _config("dq", D, q.dtype)
+        wrap_triton(_attn_bwd_dq_kernel)[_grid(N, bm, B * H)](
+            q, k, v, grad_o, lse, delta, dq, *strides, H, N, M, D, scale * LOG2E, scale,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
+        )
     return dq, dk, dv
 
 

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastddpm.ops._dispatch import launch_device
+
 
 @triton.jit
 def _tile_offsets(n, g, s0, C, HW, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CL: tl.constexpr):
@@ -49,10 +51,17 @@ def _shift(x_ptr, n, g, C, HW, D, CL: tl.constexpr):
 
 
 @triton.jit
+def _program(SPLIT):
+    # (n * G + g, slice), int64, from a 1-D grid of N * G * SPLIT programs (``_split_grid``): on axis 1
+    # the slice count would be capped at 65,535.
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // SPLIT, pid % SPLIT
+
+
+@triton.jit
 def _stats_partial_kernel(x_ptr, p1_ptr, p2_ptr, C, HW, G, D, S_PER, SPLIT,
                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CL: tl.constexpr):
-    ng = tl.program_id(0).to(tl.int64)
-    sp = tl.program_id(1)
+    ng, sp = _program(SPLIT)
     n = ng // G
     g = ng % G
     K = _shift(x_ptr, n, g, C, HW, D, CL)
@@ -71,8 +80,9 @@ def _stats_partial_kernel(x_ptr, p1_ptr, p2_ptr, C, HW, G, D, S_PER, SPLIT,
 
 
 @triton.jit
-def _stats_final_kernel(x_ptr, p1_ptr, p2_ptr, mean_ptr, rstd_ptr, C, HW, G, D, SPLIT, eps,
+def _stats_final_kernel(x_ptr, p1_ptr, p2_ptr, mean_ptr, rstd_ptr, C, HW, G, D, SPLIT, eps, M,
                         BLOCK_P: tl.constexpr, CL: tl.constexpr):
+    # M: the group's element count D * HW as an fp32 (from the host: an int32 product would wrap at 2**31).
     ng = tl.program_id(0).to(tl.int64)
     n = ng // G
     g = ng % G
@@ -80,7 +90,6 @@ def _stats_final_kernel(x_ptr, p1_ptr, p2_ptr, mean_ptr, rstd_ptr, C, HW, G, D, 
     p = tl.arange(0, BLOCK_P)
     s1 = tl.sum(tl.load(p1_ptr + ng * SPLIT + p, mask=p < SPLIT, other=0.0), axis=0)
     s2 = tl.sum(tl.load(p2_ptr + ng * SPLIT + p, mask=p < SPLIT, other=0.0), axis=0)
-    M = (D * HW).to(tl.float32)
     m1 = s1 / M
     var = tl.maximum(s2 / M - m1 * m1, 0.0)
     tl.store(mean_ptr + ng, K + m1)
@@ -143,8 +152,7 @@ def _bwd_partial_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa_ptr,
                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     # Per (n, c) partial sums over a slice of the spatial positions: A = sum dz, B = sum dz xhat.
-    ng = tl.program_id(0).to(tl.int64)
-    sp = tl.program_id(1)
+    ng, sp = _program(SPLIT)
     n = ng // G
     g = ng % G
     mean = tl.load(mean_ptr + ng)
@@ -219,7 +227,7 @@ def _geometry(x: torch.Tensor, num_groups: int):
     for s in x.shape[2:]:
         HW *= s
     D = C // num_groups
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = triton.next_power_of_2(max(D, 1))  # C == 0: no channel, and no kernel runs
     # Slices of the spatial positions per (n, group): about 4K elements a program, and at least
     # _MIN_PROGRAMS programs in all, so that a batch of one fills a large GPU (1x128x32x32 with 32
     # groups is 32 groups of 4096 elements: one program each would leave most SMs idle).
@@ -243,6 +251,14 @@ _MIN_TILE = 256
 _APPLY_BLOCK = 1024
 
 
+def _split_grid(rows: int, split: int) -> tuple[int]:
+    """The grid of the sliced reductions: rows * split programs on one axis (limit 2**31 - 1)."""
+    n = rows * split
+    if n >= 2**31:
+        raise ValueError(f"group_norm_silu: {n} programs exceed a CUDA grid (2**31 - 1)")
+    return (n,)
+
+
 @triton_op("fastddpm::group_norm_silu_triton_fwd", mutates_args={})
 def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                            num_groups: int, eps: float, silu: bool
@@ -255,21 +271,23 @@ def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: t
     rstd = torch.empty((N, G), dtype=torch.float32, device=x.device)
     if N * G == 0:
         return y, mean, rstd
-    if HW == 0:
+    if HW * D == 0:  # empty groups (no positions, or no channels): the CPU kernel's statistics
         mean.fill_(0.0)
         rstd.fill_(1.0 / eps ** 0.5)
         return y, mean, rstd
     p1 = torch.empty((N * G, split), dtype=torch.float32, device=x.device)
     p2 = torch.empty_like(p1)
-    wrap_triton(_stats_partial_kernel)[(N * G, split)](
-        xd, p1, p2, C, HW, G, D, s_per, split, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, CL=cl)
-    wrap_triton(_stats_final_kernel)[(N * G,)](
-        xd, p1, p2, mean, rstd, C, HW, G, D, split, eps, BLOCK_P=triton.next_power_of_2(split), CL=cl)
     total = xd.numel()
-    wrap_triton(_fwd_apply_kernel)[(triton.cdiv(total, _APPLY_BLOCK),)](
-        xd, y, mean, rstd, weight if weight is not None else xd, bias if bias is not None else xd,
-        total, C, HW, G, D, HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CL=cl,
-        BLOCK=_APPLY_BLOCK)
+    with launch_device(xd):
+        wrap_triton(_stats_partial_kernel)[_split_grid(N * G, split)](
+            xd, p1, p2, C, HW, G, D, s_per, split, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, CL=cl)
+        wrap_triton(_stats_final_kernel)[(N * G,)](
+            xd, p1, p2, mean, rstd, C, HW, G, D, split, eps, float(D * HW), BLOCK_P=triton.next_power_of_2(split),
+            CL=cl)
+        wrap_triton(_fwd_apply_kernel)[(triton.cdiv(total, _APPLY_BLOCK),)](
+            xd, y, mean, rstd, weight if weight is not None else xd, bias if bias is not None else xd,
+            total, C, HW, G, D, HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, CL=cl,
+            BLOCK=_APPLY_BLOCK)
     return y, mean, rstd
 
 
@@ -288,10 +306,11 @@ def group_norm_silu_triton_bwd(grad_y: torch.Tensor, x: torch.Tensor, mean: torc
     pa = torch.zeros((N, C, split), dtype=torch.float32, device=x.device)
     pb = torch.zeros_like(pa)
     if N * C * HW > 0:
-        wrap_triton(_bwd_partial_kernel)[(N * G, split)](
-            xd, dy, mean, rstd, weight if weight is not None else xd, bias if bias is not None else xd,
-            pa, pb, C, HW, G, D, s_per, split, HAS_W=weight is not None, HAS_B=bias is not None,
-            SILU=silu, CL=cl, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
+        with launch_device(xd):
+            wrap_triton(_bwd_partial_kernel)[_split_grid(N * G, split)](
+                xd, dy, mean, rstd, weight if weight is not None else xd, bias if bias is not None else xd,
+                pa, pb, C, HW, G, D, s_per, split, HAS_W=weight is not None, HAS_B=bias is not None,
+                SILU=silu, CL=cl, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
     A = pa.sum(dim=2)  # (N, C): sum dz
     B = pb.sum(dim=2)  # (N, C): sum dz xhat
     wf = weight.float() if weight is not None else torch.ones(C, device=x.device)
@@ -300,10 +319,11 @@ def group_norm_silu_triton_bwd(grad_y: torch.Tensor, x: torch.Tensor, mean: torc
     c2 = rstd * (B * wf).reshape(N, G, D).sum(dim=2) / M
     total = xd.numel()
     if total > 0:
-        wrap_triton(_bwd_apply_kernel)[(triton.cdiv(total, _APPLY_BLOCK),)](
-            xd, dy, dx, mean, rstd, weight if weight is not None else xd, bias if bias is not None else xd,
-            c1.contiguous(), c2.contiguous(), total, C, HW, G, D, HAS_W=weight is not None,
-            HAS_B=bias is not None, SILU=silu, CL=cl, BLOCK=_APPLY_BLOCK)
+        with launch_device(xd):
+            wrap_triton(_bwd_apply_kernel)[(triton.cdiv(total, _APPLY_BLOCK),)](
+                xd, dy, dx, mean, rstd, weight if weight is not None else xd, bias if bias is not None else xd,
+                c1.contiguous(), c2.contiguous(), total, C, HW, G, D, HAS_W=weight is not None,
+                HAS_B=bias is not None, SILU=silu, CL=cl, BLOCK=_APPLY_BLOCK)
     dw = B.sum(dim=0).to(weight.dtype) if weight is not None else x.new_empty(0)
     db = A.sum(dim=0).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, dw, db

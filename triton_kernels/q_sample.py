@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastddpm.ops._dispatch import launch_device
 from fastddpm.ops._layout import batch_major_dense, restore_format
 
 
@@ -44,10 +45,11 @@ def q_sample_triton(
     B, n = x0.shape[0], x0.numel()
     if n > 0:
         BLOCK = 1024
-        wrap_triton(_q_sample_kernel)[(triton.cdiv(n, BLOCK),)](
-            xin, ein, xt, v if with_v else xt, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-            sqrt_alphas_cumprod.shape[0], n, n // B, WITH_V=with_v, BLOCK=BLOCK,
-        )
+        with launch_device(xin):
+            wrap_triton(_q_sample_kernel)[(triton.cdiv(n, BLOCK),)](
+                xin, ein, xt, v if with_v else xt, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                sqrt_alphas_cumprod.shape[0], n, n // B, WITH_V=with_v, BLOCK=BLOCK,
+            )
     if not direct:
         xt = restore_format(xt, x0)
         if with_v:
