@@ -32,12 +32,28 @@ class ToyModel:
         self.W = torch.randn(self.out, C, generator=g) / math.sqrt(C)
         self.u = torch.randn(self.out, generator=g)
         self.kind = kind
+        self._params = {}  # (device, dtype) -> (W, u)
+
+    def to(self, device, dtype=torch.float32) -> ToyModel:
+        """Copy the weights to ``device`` now: a CUDA graph cannot capture the host-to-device copy."""
+        self._weights(torch.device(device), dtype)
+        return self
+
+    def _weights(self, device: torch.device, dtype: torch.dtype):
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (device, dtype)
+        if key not in self._params:
+            self._params[key] = (self.W.to(device, dtype), self.u.to(device, dtype))
+        return self._params[key]
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        # Computed on x's device and dtype (a CUDA sampling loop passes CUDA x and t).
+        # Computed on x's device and dtype (a CUDA sampling loop passes CUDA x and t), with weights copied
+        # there once (the first call, or .to(device) before a CUDA graph's capture).
+        W, u = self._weights(x.device, x.dtype)
         t = torch.as_tensor(t).reshape(-1, 1).to(x.device, x.dtype).expand(x.shape[0], 1)  # scalar or per sample
-        h = torch.einsum("oc,bc...->bo...", self.W.to(x.device, x.dtype), x)
-        h = h + (self.u.to(x.device, x.dtype) * t / self.T).reshape(x.shape[0], -1, *([1] * (x.dim() - 2)))
+        h = torch.einsum("oc,bc...->bo...", W, x)
+        h = h + (u * t / self.T).reshape(x.shape[0], -1, *([1] * (x.dim() - 2)))
         y = torch.tanh(h)
         if self.out > self.C:
             eps, var = y[:, : self.C], y[:, self.C :]
@@ -1112,7 +1128,7 @@ def test_graph_step_eager_equals_sample(sampler, steps, eta, noise):
 
 @pytest.mark.cuda
 def test_cuda_graph_matches_eager_on_gpu():
-    model = ToyModel(SHAPE[1], 1000)
+    model = ToyModel(SHAPE[1], 1000).to("cuda")  # device weights before the capture
     for noise in ("philox", "torch"):
         kw = dict(steps=20, noise=noise, device="cuda", progress=False)
         g = torch.Generator(device="cuda")

@@ -31,20 +31,35 @@ def check_like(x, ref: torch.Tensor, name: str, ref_name: str) -> torch.Tensor:
 
 # (value, batch, device) -> a read-only int64 tensor of that value: an int timestep costs a
 # dictionary lookup instead of a torch.full per call. The kernels only read t, and these
-# tensors never leave the op functions. Not used while tracing or capturing a CUDA graph.
+# tensors never leave the op functions. Never used while tracing or capturing a CUDA graph:
+# a graph keeps the addresses it was captured with, and an evicted entry's memory is freed and
+# reused, so a captured graph gets a tensor of its own (allocated in the graph's pool).
 _INT_TIMESTEPS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 _INT_TIMESTEPS_MAX = 8192
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether work for ``device`` is being captured into a CUDA graph (its current stream is capturing)."""
+    if device.type != "cuda":
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    idx = device.index
+    if idx is None or idx == torch.cuda.current_device():
+        return False
+    with torch.cuda.device(idx):  # a capture on the tensors' device while another is current
+        return torch.cuda.is_current_stream_capturing()
+
+
 def int_timesteps(t: int, batch: int, device: torch.device) -> torch.Tensor:
     """``torch.full((batch,), t)`` on ``device``, cached; ``t`` is already range-checked."""
+    if torch.compiler.is_compiling() or capturing(device):  # checked before the cache is read
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
     key = (t, batch, device)
     v = _INT_TIMESTEPS.get(key)
     if v is not None:
         return v
     v = torch.full((batch,), t, dtype=torch.int64, device=device)
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return v
     if len(_INT_TIMESTEPS) >= _INT_TIMESTEPS_MAX:
         _INT_TIMESTEPS.clear()
     _INT_TIMESTEPS[key] = v
