@@ -1,17 +1,50 @@
 """The `fastddpm` command: `info`, `demo`, and the subcommands other modules register.
 
-Exit codes: 0 on success, 2 on bad usage or bad input (one line on stderr, no traceback).
+Exit codes: 0 on success, 2 on bad usage or bad input (one line on stderr, no traceback; ``--debug`` or
+FASTDDPM_DEBUG=1 adds the traceback, for bug reports), 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 
 class UsageError(Exception):
     """Bad usage or bad input: reported in one line with exit code 2."""
+
+
+# Optional packages a command may import, and the pip command that installs each.
+_PIP = {
+    "safetensors": "pip install safetensors",
+    "sklearn": "pip install scikit-learn",
+    "matplotlib": "pip install matplotlib",
+    "diffusers": "pip install diffusers",
+    "triton": "pip install triton",
+    "torchvision": "pip install torchvision",
+    "PIL": "pip install pillow",
+    "tqdm": "pip install tqdm",
+    "numpy": "pip install numpy",
+    "denoising_diffusion_pytorch": "pip install denoising-diffusion-pytorch",
+    "pytest": "pip install pytest",
+    "pytest_benchmark": "pip install pytest-benchmark",
+}
+
+
+def require(module: str, what: str) -> None:
+    """Fail before any long work when an optional package ``module`` is missing (``what`` needs it)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UsageError(f"{what} needs the package {module!r}, which is not installed: "
+                         f"{_PIP.get(module, 'pip install ' + module)}")
 
 
 # name -> (help, add_arguments(parser), run(args) -> int)
@@ -82,12 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fastddpm", description="DDPM training and sampling on fused kernels.")
     parser.add_argument("--version", action="version", version=f"fastddpm {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (also FASTDDPM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add_args, fn) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         add_args(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback of an error (also FASTDDPM_DEBUG=1)")
         p.set_defaults(_run=fn)
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        msg = f"{exc.filename}: {exc.strerror}"
+    return " ".join(msg.split())  # one line, whatever the message held
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,15 +140,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    debug = getattr(args, "debug", False) or os.environ.get("FASTDDPM_DEBUG", "") not in ("", "0")
+
+    def fail(exc: BaseException, text: str | None = None) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"fastddpm {args.command}: error: {text or _one_line(exc)}", file=sys.stderr)
+        return 2
+
     try:
         return int(args._run(args) or 0)
     except UsageError as exc:
-        print(f"fastddpm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        # Bad input found deeper down (the library's errors name the argument).
-        print(f"fastddpm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
+    except ModuleNotFoundError as exc:
+        # An optional dependency that a code path imports late (the early checks name most of them).
+        top = (exc.name or "").split(".")[0]
+        if top not in _PIP:
+            raise
+        return fail(exc, f"needs the package {top!r}, which is not installed: {_PIP[top]}")
+    except (ValueError, TypeError, OSError) as exc:
+        # Bad input found deeper down (the library's errors name the argument), or a file that cannot be
+        # read or written.
+        return fail(exc)
     except KeyboardInterrupt:
         print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
         return 130

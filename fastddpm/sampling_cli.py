@@ -65,6 +65,37 @@ def generate(lm, n: int, batch_size: int, sampler: str, steps: int | None, seed:
     return out
 
 
+def check_sample_args(args: argparse.Namespace) -> None:
+    """Every mistake that can be seen before the model is loaded and sampled, as a UsageError."""
+    from ._io import IMAGE_FORMATS, check_output_dir, check_output_file
+
+    for name in ("n", "batch_size"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag}: expected a positive integer, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
+    if args.threads < 0:
+        raise UsageError(f"--threads: expected 0 (torch's default) or a positive integer, got {args.threads}")
+    try:
+        if args.out is not None or not (args.npz or args.png_dir):
+            check_output_file(args.out or "samples.png", "--out", tuple(IMAGE_FORMATS))
+        if args.npz:
+            check_output_file(args.npz, "--npz", (".npz",))
+        if args.png_dir:
+            check_output_dir(args.png_dir, "--png-dir")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    model = args.model if args.model or args.ckpt else "digits"
+    if model and model.endswith(".safetensors") and not os.path.isfile(model):
+        raise UsageError(f"--model: no such file {model!r} (an exported model is NAME.safetensors next to "
+                         f"NAME.json)")
+    if model:  # built-in and exported models are safetensors files
+        from .cli import require
+
+        require("safetensors", "sample --model")
+
+
 @command("sample", "sample images from a trained model (PNG grid, PNGs, .npz)", _args)
 def run(args: argparse.Namespace) -> int:
     import numpy as np
@@ -75,12 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from .train.checkpoint import CheckpointError
     from .train.loop import save_grid
 
-    for name in ("n", "batch_size"):
-        if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag}: expected a positive integer, got {getattr(args, name)}")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
+    check_sample_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

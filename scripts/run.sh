@@ -58,6 +58,8 @@ case "$cmd" in
     "$VENV/bin/fastddpm" demo --out demo_forward.png
     ;;
   test)
+    # A fastddpm._C that does not import is an error here, not a warning and a silent slow path.
+    export FASTDDPM_REQUIRE_EXTENSION=1
     setup
     echo "== ruff"
     "$VENV/bin/ruff" check .

@@ -191,15 +191,95 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+def _outputs_finite_on_random_input(ckpt_path: str) -> bool:
+    """Load a checkpoint's model and EMA as a user would (fastddpm sample's loader) and run them on random
+    input: the guard's own probe is not reused, so this is an independent check of usability."""
+    from fastddpm import pretrained
+
+    g = torch.Generator().manual_seed(1234)
+    for weights in ("model", "ema"):
+        lm = pretrained.load_training_checkpoint(ckpt_path, weights)
+        C, H, W = lm.image_shape
+        x = torch.randn((3, C, H, W), generator=g)
+        t = torch.randint(0, lm.schedule.num_train_timesteps, (3,), generator=g)
+        with torch.no_grad():
+            if not torch.isfinite(lm.model(x, t)).all():
+                return False
+    return True
+
+
+def test_nan_guard_huge_lr_keeps_no_broken_checkpoint(tmp_path, capsys):
+    # The issue's case: lr 1e12 makes the weights of step 1 finite (|w| near 1e12) but the outputs not.
     out = tmp_path / "n"
     rc = _run(out, "--steps", "50", "--save-every", "1", "--lr", "1e12", "--warmup", "0")
     err = capsys.readouterr().err
-    assert rc == 1 and "loss is" in err and "last good checkpoint" in err and "Traceback" not in err
+    assert rc == 1 and "NaN guard" in err and "Traceback" not in err
+    for _, path in ck.list_checkpoints(str(out / "checkpoints")):
+        assert _outputs_finite_on_random_input(path), path
+    assert "NaN guard" in (out / "train.log").read_text()
+
+
+def test_nan_guard_non_finite_weights_keep_last_usable_checkpoint(tmp_path, capsys, monkeypatch):
+    # Fault injection: after the 3rd optimiser step one weight becomes infinite (and the rest huge, as a
+    # divergence leaves them). Step 3 must not be written; step 2 is kept and works.
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):
+        r = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                ps = [p for g in self.param_groups for p in g["params"]]
+                ps[0].view(-1)[0] = float("inf")
+        return r
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "w"
+    rc = _run(out, "--steps", "10", "--save-every", "1", "--keep", "10")
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "after step 3" in err and "not finite" in err and "kept checkpoint step-00000002" in err
+    assert [s for s, _ in ck.list_checkpoints(str(out / "checkpoints"))] == [1, 2]
     step, path = _latest(out)
-    assert 1 <= step < 50
-    for v in load_file(os.path.join(path, "model.safetensors")).values():
-        assert torch.isfinite(v).all()
+    assert step == 2 and _outputs_finite_on_random_input(path)
+    assert "kept checkpoint step-00000002" in (out / "train.log").read_text()
+
+
+def test_nan_guard_non_finite_gradient_stops_before_the_update(tmp_path, capsys, monkeypatch):
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip(params, *a, **k):
+        params = list(params)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            params[0].grad.view(-1)[0] = float("nan")
+        return real_clip(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    out = tmp_path / "g"
+    rc = _run(out, "--steps", "10", "--save-every", "2")
+    err = capsys.readouterr().err
+    assert rc == 1 and "gradient norm is nan at step 4" in err and "kept checkpoint step-00000002" in err
+    step, path = _latest(out)
+    assert step == 2 and _outputs_finite_on_random_input(path)
+
+
+def test_nan_guard_on_resume_keeps_the_resumed_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    assert _run(out, "--steps", "2") == 0
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, *a, **k):
+        params = list(params)
+        params[0].grad.view(-1)[0] = float("inf")
+        return real_clip(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert main(["train", "--resume", str(out), "--steps", "4"]) == 1
+    assert "kept checkpoint step-00000002" in capsys.readouterr().err
+    assert _latest(out)[0] == 2
 
 
 def test_amp_refused_on_cpu(tmp_path, capsys):

@@ -95,5 +95,10 @@ def execute(args: argparse.Namespace, log=None) -> tuple[list[dict], dict, str]:
 @command("bench", "benchmark suite: fastddpm against torch, torch.compile, diffusers, denoising-diffusion-pytorch",
          add_arguments)
 def _bench(args: argparse.Namespace) -> int:
-    execute(args)
+    from . import ReferenceRunError
+
+    try:
+        execute(args)
+    except ReferenceRunError as exc:
+        raise UsageError(str(exc)) from exc
     return 0

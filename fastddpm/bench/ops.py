@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .. import NoiseSchedule, ops
 from ..ops import reference
+from . import refuse_reference_run
 
 Providers = dict[str, Callable[[], object]]
 
@@ -40,6 +41,7 @@ def eager_add_noise(x0, noise, t, ac):
 def q_sample_providers(shape, backend: str = "cpu", compile: bool = False, with_v: bool = True,
                        copy: bool = True) -> Providers:
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: reads x0 and eps, writes x_t (and v)."""
+    refuse_reference_run()  # never time the torch reference under fastddpm's name
     sched = _schedule()
     x0, noise = torch.randn(shape), torch.randn(shape)
     t = torch.randint(0, 1000, (shape[0],))
@@ -74,6 +76,7 @@ def ddpm_step_providers(shape, backend: str = "cpu", compile: bool = False, nois
     "tensor" (providers given the noise as a tensor: fastddpm's kernel against the reference formula in
     eager torch and under torch.compile), or None for both sets.
     """
+    refuse_reference_run()  # never time the torch reference under fastddpm's name
     import diffusers
 
     if noise not in (None, "generator", "tensor"):
@@ -129,6 +132,7 @@ def group_norm_silu_providers(shape, compile: bool = False, backward: bool = Fal
 
     With ``backward`` each call is forward + backward against a fixed upstream gradient (the in-place
     variant cannot be differentiated and is left out)."""
+    refuse_reference_run()  # never time the torch reference under fastddpm's name
     x, w, b = group_norm_silu_inputs(shape, grad=backward)
     G = GN_GROUPS
     fns = {
@@ -190,6 +194,7 @@ def attention_step(fn, q, k, v, backward: bool):
 
 def attention_providers(B, N, d, compile: bool = False, backward: bool = False) -> Providers:
     """Single-head attention over (B, 1, N, d), as the DDPM U-Net attends over a feature map."""
+    refuse_reference_run()  # never time the torch reference under fastddpm's name
     q, k, v = attention_inputs(B, N, d, grad=backward)
     fns = attention_providers_fns()
     if compile:

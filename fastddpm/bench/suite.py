@@ -492,8 +492,10 @@ def render(rows: list[dict], header: dict | None = None) -> str:
 def run(suite: str = "quick", only: list[str] | None = None, compile: bool = True,
         log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
     """Run a suite; returns (rows, header). Each row also carries the run's id and suite."""
+    from . import refuse_reference_run
     from .timing import copy_bandwidth, load_average, machine, versions
 
+    refuse_reference_run()  # the suite's fastddpm rows must time fastddpm's kernels
     selected = select(cases(suite, compile), only)
     run_id = datetime.datetime.now().isoformat(timespec="seconds")
     header = {"machine": machine(), "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),

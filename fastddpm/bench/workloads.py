@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import refuse_reference_run
 from .models import Network, ddpm_pytorch_diffusion, ddpm_pytorch_status, ddpm_pytorch_unet, diffusers_unet
 
 DDP = "denoising-diffusion-pytorch"
@@ -34,6 +35,7 @@ class Skip(Exception):
 
 def sampling_providers(net: Network, batch: int, steps: int, which: tuple[str, ...] | None = None
                        ) -> dict[str, Callable[[], object] | Skip]:
+    refuse_reference_run()  # never time the torch reference under fastddpm's name
     import diffusers
 
     import fastddpm
@@ -71,6 +73,7 @@ def _adamw(model):
 def training_providers(net: Network, batch: int, which: tuple[str, ...] | None = None,
                        ) -> dict[str, tuple[Callable[[], object], torch.nn.Module, torch.optim.Optimizer] | Skip]:
     """name -> (step, model, optimizer): step() runs one optimisation step."""
+    refuse_reference_run()  # never time the torch reference under fastddpm's name
     import copy
 
     import diffusers
@@ -156,6 +159,7 @@ def denoising_step_counters(net: Network, batch: int, steps: int = 4) -> dict[st
 
 def unet_forward_providers(net: Network, batch: int) -> dict[str, Callable[[], object] | Skip]:
     """One U-Net forward (eval, no_grad) per provider, the same weights for all but the last."""
+    refuse_reference_run()  # never time the torch reference under fastddpm's name
     from .models import unet_variants
 
     C, H, W = net.image_shape

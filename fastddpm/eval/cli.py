@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     from . import metrics
 
+    if args.threads < 0:
+        raise UsageError(f"--threads: expected 0 (torch's default) or a positive integer, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train_classifier:
@@ -64,8 +66,22 @@ def run(args: argparse.Namespace) -> int:
         x = torch.randn((args.n, 1, 16, 16), generator=g).clamp(-1, 1)
         what = "Gaussian noise"
     elif args.npz:
-        with np.load(args.npz) as z:
-            a = z["images"]
+        import zipfile
+        import zlib
+
+        from .._io import read_npz_or_npy
+
+        z = read_npz_or_npy(args.npz, "--npz")
+        try:
+            a = z if isinstance(z, np.ndarray) else z["images"]
+        except KeyError as exc:
+            raise UsageError(f"--npz: {args.npz!r} has no array 'images' (fastddpm sample --npz writes it)") \
+                from exc
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise UsageError(f"--npz: {args.npz!r} is a truncated or corrupt .npz file ({exc})") from exc
+        finally:
+            if hasattr(z, "close"):
+                z.close()
         if a.ndim != 4 or a.shape[-1] != 1:
             raise UsageError(f"--npz: expected 'images' (N, 16, 16, 1) uint8, got {a.shape}")
         x = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -8,14 +8,38 @@ next to their public functions.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
+
+# How to rebuild the extension against the torch now installed (an ABI change after a torch upgrade is the
+# usual reason it stops importing).
+REBUILD = ("rebuild it against the installed torch: pip install --no-build-isolation --no-deps "
+           "--force-reinstall <fastddpm source folder or sdist> (in a source checkout: "
+           "pip install --no-build-isolation --no-deps -e .)")
+
+
+class ExtensionImportError(ImportError):
+    """fastddpm._C did not import and FASTDDPM_REQUIRE_EXTENSION=1 asks for it."""
+
+
+class ExtensionMissingWarning(RuntimeWarning):
+    """fastddpm._C did not import: every op runs on the (slow) torch reference."""
+
 
 _C = None
 C_IMPORT_ERROR: str | None = None
 try:
     from .. import _C  # noqa: F811  (loads libfastddpm ops into torch.ops.fastddpm)
-except Exception as exc:  # pragma: no cover - depends on the build
-    C_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+except Exception as exc:  # noqa: BLE001  (any failure: a missing library, an undefined symbol, ...)
+    C_IMPORT_ERROR = " ".join(f"{type(exc).__name__}: {exc}".split())
+    _msg = (f"fastddpm: the C++ extension fastddpm._C did not import ({C_IMPORT_ERROR}); the CPU ops run on "
+            f"the torch reference, several times slower. To fix, {REBUILD}")
+    if os.environ.get("FASTDDPM_REQUIRE_EXTENSION", "") not in ("", "0"):
+        raise ExtensionImportError(_msg + " (FASTDDPM_REQUIRE_EXTENSION=1 makes this an error)") from exc
+    # Once per process: this module is imported once.
+    warnings.warn(_msg, ExtensionMissingWarning, stacklevel=2)
 
 
 def has_c() -> bool:
@@ -55,7 +79,7 @@ if _C is not None:
 
     @torch.library.register_fake("fastddpm::ddpm_step")
     def _ddpm_step_fake(sample, model_output, t, prev_t, ac, noise, pv, seed, offset, noise_mode,
-                        prediction_type, variance_type, clip_range, return_pred):
+                        prediction_type, variance_type, clip_range, return_pred, offset_tensor=None):
         out = torch.empty_like(sample)
         pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
         return out, pred

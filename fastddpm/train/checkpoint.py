@@ -26,6 +26,8 @@ import tempfile
 import numpy as np
 import torch
 
+from .._io import dir_mode, file_mode
+
 FORMAT = "fastddpm-train-checkpoint"
 VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -127,6 +129,7 @@ def save_checkpoint(root: str, step: int, *, model, ema, optimizer, state: dict,
         if name.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700 whatever the umask; it becomes the checkpoint
     files = {
         "model.safetensors": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "ema.safetensors": {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
@@ -137,6 +140,7 @@ def save_checkpoint(root: str, step: int, *, model, ema, optimizer, state: dict,
     for fn, tensors in files.items():
         p = os.path.join(tmp, fn)
         save_file(tensors, p, metadata={"format": FORMAT})
+        os.chmod(p, file_mode())  # safetensors writes 0600 whatever the umask
         _fsync_file(p)
         sums[fn] = _sha256(p)
     meta = dict(state)
@@ -162,6 +166,7 @@ def save_checkpoint(root: str, step: int, *, model, ema, optimizer, state: dict,
 
 def _write_latest(root: str, name: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=root)
+    os.fchmod(fd, file_mode())  # mkstemp's 0600 -> what open() would give under the umask
     with os.fdopen(fd, "w") as f:
         f.write(name + "\n")
         f.flush()

@@ -79,7 +79,14 @@ class TrainConfig:
         if self.sample_sampler not in ("ddpm", "ddim"):
             raise ValueError(f"--sample-sampler: expected ddpm or ddim, got {self.sample_sampler!r}")
         if not isinstance(self.unet, dict):
-            raise ValueError(f"unet: expected a table of UNetConfig fields, got {self.unet!r}")
+            raise ValueError(f"--unet: expected a table of UNetConfig fields, got {self.unet!r}")
+        from ..models.unet import UNetConfig
+
+        known = {f.name for f in dataclasses.fields(UNetConfig)}
+        unknown = sorted(set(self.unet) - known)
+        if unknown:
+            raise ValueError(f"--unet: unknown UNetConfig field(s) {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join(sorted(known))})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,7 +113,10 @@ def normalise_keys(d: dict, source: str) -> dict:
 
 
 def read_toml(path: str) -> dict:
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+        import tomli as tomllib
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config: no such file {path!r}")

@@ -80,19 +80,27 @@ def _from_array(a: np.ndarray, name: str) -> torch.Tensor:
 
 
 def _load_array(path: str) -> torch.Tensor:
+    import zipfile
+    import zlib
+
+    from .._io import read_npz_or_npy
+
+    z = read_npz_or_npy(path, "data")
     try:
-        if path.endswith(".npz"):
-            with np.load(path) as z:
-                keys = list(z.keys())
-                only = keys[0] if len(keys) == 1 else None
-                key = next((k for k in ("images", "x", "arr_0") if k in keys), only)
-                if key is None:
-                    raise ValueError(f"data: {path}: several arrays {keys}; name the images 'images' or 'x'")
-                a = z[key]
+        if isinstance(z, np.ndarray):
+            a = z
         else:
-            a = np.load(path)
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"data: cannot read {path}: {exc}") from exc
+            keys = list(z.keys())
+            only = keys[0] if len(keys) == 1 else None
+            key = next((k for k in ("images", "x", "arr_0") if k in keys), only)
+            if key is None:
+                raise ValueError(f"data: {path}: several arrays {keys}; name the images 'images' or 'x'")
+            a = z[key]
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"data: {path!r} is a truncated or corrupt .npz file ({exc})") from exc
+    finally:
+        if not isinstance(z, np.ndarray):
+            z.close()
     return _from_array(np.asarray(a), path)
 
 

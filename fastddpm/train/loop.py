@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._io import atomic_path
+from .._io import atomic_path, check_output_dir
 from ..models.unet import UNet, UNetConfig
 from ..schedule import NoiseSchedule
 from . import checkpoint as ckpt_mod
@@ -40,7 +40,27 @@ RESUMABLE_OVERRIDES = {"steps", "save_every", "keep", "sample_every", "sample_n"
 
 
 class TrainingError(RuntimeError):
-    """Training stopped (a non-finite loss): the message says why and where the last good checkpoint is."""
+    """Training stopped (a non-finite loss, gradient or weight): the message says why and which checkpoint
+    was kept."""
+
+
+@torch.no_grad()
+def unhealthy(model: torch.nn.Module, probe: tuple[torch.Tensor, torch.Tensor]) -> str | None:
+    """Why ``model`` must not be saved (a non-finite parameter or buffer, or non-finite outputs on the
+    random ``probe`` input), or None. Finite weights are not enough: after a huge step (lr 1e12) the
+    weights are finite near 1e12 and the activations overflow a few layers on."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"parameter {name} is not finite"
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(*probe)
+    finally:
+        model.train(was_training)
+    if not bool(torch.isfinite(out).all()):
+        return "its output on random input is not finite"
+    return None
 
 
 def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
@@ -279,6 +299,8 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
             # Continue in the run folder the checkpoint belongs to.
             parent = os.path.dirname(os.path.abspath(ck))
             cfg.out = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else cfg.out
+    # Before any long work: the run folder must be (or become) a writable folder.
+    check_output_dir(cfg.out, "--out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -334,6 +356,7 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
     csv_path = os.path.join(cfg.out, "metrics.csv")
     if dist.main:
         os.makedirs(cfg.out, exist_ok=True)
+        log = _run_log(log, os.path.join(cfg.out, "train.log"))
         with atomic_path(os.path.join(cfg.out, "config.json")) as tmp, open(tmp, "w") as f:
             f.write(cfg.to_json())
         _truncate_csv(csv_path, step)
@@ -351,13 +374,42 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "world_size": dist.world}
 
+    # A fixed random input on which a checkpoint's model and EMA must give finite outputs to be saved.
+    gp = torch.Generator().manual_seed(_mix(cfg.seed, 4))
+    probe = (torch.randn((min(B, 4), C, S, S), generator=gp).to(device),
+             torch.randint(0, cfg.num_train_timesteps, (min(B, 4),), generator=gp).to(device))
+
     def save(reason: str) -> str | None:
+        # The NaN guard: the weights of this step are checked before they are written, so the checkpoint
+        # kept after a divergence is one whose model works.
+        why = None
+        for name, m in (("model", model), ("EMA", ema)):
+            bad = unhealthy(m, probe)
+            if bad:
+                why = f"the {name} after step {step}: {bad}"
+                break
+        bad_flag = torch.tensor([float(why is not None)], device=device)
+        if dist.enabled and float(dist.all_reduce_sum(bad_flag)) > 0 and why is None:
+            why = f"another process found the weights after step {step} not finite"
+        if why:
+            fail(f"{why}; checkpoint not written")
         path = None
         if dist.main:
             path = ckpt_mod.save_checkpoint(ck_root, step, model=model, ema=ema, optimizer=opt, state=state(),
                                             keep=cfg.keep)
         dist.barrier()
         return path
+
+    def fail(why: str) -> None:
+        if last_saved:
+            kept = (f"kept checkpoint {os.path.basename(last_saved)} ({last_saved}): the last one whose "
+                    f"weights and outputs were checked finite")
+        else:
+            kept = "no checkpoint was kept (none was written by this run)"
+        msg = f"NaN guard: {why}; training stopped; {kept}. Lower --lr or check the data"
+        if dist.main:
+            log(msg)
+        raise TrainingError(msg)
 
     def sample_grid() -> None:
         if not dist.main:
@@ -373,7 +425,8 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and dist.main), desc="train",
                dynamic_ncols=True, file=sys.stderr)
-    stopped_by, last_loss, last_saved = None, float("nan"), None
+    stopped_by, last_loss = None, float("nan")
+    last_saved = ck if meta is not None else None  # the checkpoint resumed from counts as kept
     acc_loss, acc_n, t_log = 0.0, 0, time.perf_counter()
     t0 = time.perf_counter()
     f_csv = open(csv_path, "a", newline="") if dist.main else None
@@ -411,16 +464,17 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                 flags = dist.all_reduce_sum(flags.clone()) if dist.enabled else flags
                 mean_loss = float(flags[0]) / dist.world
                 if not math.isfinite(mean_loss):
-                    where = f"; the last good checkpoint is {last_saved}" if last_saved else \
-                        "; no checkpoint was written by this run"
-                    raise TrainingError(f"loss is {mean_loss} at step {step + 1} (lr {lr:g}): training "
-                                        f"stopped{where}. Lower --lr or check the data")
+                    fail(f"loss is {mean_loss} at step {step + 1} (lr {lr:g})")
                 # 4. backward, clip, step, EMA
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                     cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                # A non-finite gradient (with a finite loss) would turn every weight into NaN: stop
+                # before the optimiser applies it. The grad scaler of fp16 AMP skips such steps itself.
+                if not scaler.is_enabled() and not math.isfinite(float(gn)):
+                    fail(f"the gradient norm is {float(gn)} at step {step + 1} (lr {lr:g})")
                 scaler.step(opt)
                 scaler.update()
                 ema_update(ema, model, ema_decay_at(cfg, ema_n))
@@ -461,3 +515,17 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
     summary = {"step": step, "checkpoint": last_saved, "loss": last_loss, "stopped_by": stopped_by,
                "out": cfg.out, "config": dataclasses.asdict(cfg)}
     return summary
+
+
+def _run_log(log, path: str):
+    """``log`` that also appends each line, time-stamped, to the run's train.log."""
+
+    def both(msg: str) -> None:
+        log(msg)
+        try:
+            with open(path, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        except OSError:
+            pass
+
+    return both
