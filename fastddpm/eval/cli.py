@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -42,6 +43,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads < 0:
         raise UsageError(f"--threads: expected 0 (torch's default) or a positive integer, got {args.threads}")
+    from .._io import check_output_file
+
+    try:  # before the work: where the results go
+        if args.json:
+            check_output_file(args.json, "--json")
+        if args.train_classifier:
+            check_output_file(args.train_classifier, "--train-classifier", (".safetensors",))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.model and args.model.endswith(".safetensors") and not os.path.isfile(args.model):
+        raise UsageError(f"--model: no such file {args.model!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train_classifier:
