@@ -344,3 +344,23 @@ def test_public_op_under_capture_uses_fresh_timesteps(monkeypatch, empty_cache):
     r = reference.q_sample(x0.double(), eps.double(), torch.full((2,), 5), s.sqrt_alphas_cumprod.double(),
                            s.sqrt_one_minus_alphas_cumprod.double(), False)[0]
     assert rel_err(out, r) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton >= 3.4: its tl.randn draws the Philox words the other backends draw
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not _dispatch.triton_status()[0], reason="triton is not importable here")
+def test_triton_older_than_3_4_is_refused(monkeypatch):
+    import triton
+
+    try:
+        for version, ok in (("3.3.1", False), ("2.3.0", False), ("3.4.0", True), ("3.10.0+git1a2b", True)):
+            monkeypatch.setattr(triton, "__version__", version)
+            _dispatch.triton_status.cache_clear()
+            usable, why = _dispatch.triton_status()
+            assert usable == ok, version
+            assert ok or (version in why and "3.4" in why)
+    finally:
+        monkeypatch.undo()
+        _dispatch.triton_status.cache_clear()
+    assert _dispatch.triton_status()[0]

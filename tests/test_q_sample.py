@@ -176,18 +176,3 @@ def test_q_sample_cuda_runtime(backend):
     xt = ops.q_sample(x0, t, eps, SCHED, backend=backend)
     ref = ops.q_sample(x0.double(), t, eps.double(), SCHED)
     assert_close_ref(xt, ref, torch.float32)
-
-
-def test_auto_on_cuda_tensors_follows_the_gpu_evidence():
-    """auto picks the CUDA C++ kernels only for the ops a GPU run verified; the rest go to Triton."""
-    from fastddpm.ops import _dispatch, _library
-
-    if not _library.has_kernel("q_sample", "CUDA"):
-        pytest.skip("this build has no CUDA kernels")
-    cuda = torch.device("cuda", 0)
-    for op in ("q_sample", "ddpm_step"):
-        assert op in _dispatch.CUDA_VERIFIED_OPS
-        assert _dispatch.resolve(op, "auto", cuda, torch.float32) == "cuda"
-    if _dispatch.triton_status()[0]:
-        assert _dispatch.resolve("ddim_step", "auto", cuda, torch.float32) == "triton"
-    assert _dispatch.resolve("q_sample", "auto", torch.device("cpu"), torch.float32) == "cpu"

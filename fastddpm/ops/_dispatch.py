@@ -1,19 +1,19 @@
 """Backend selection shared by every op.
 
 Backends: ``cpu`` (C++), ``cuda`` (CUDA C++), ``triton``, ``torch`` (the
-reference). ``auto`` picks ``cpu`` for CPU tensors and ``triton`` for CUDA
-tensors, except the ops in ``CUDA_VERIFIED_OPS``, whose CUDA C++ kernels a GPU run
-showed correct and faster, where it picks ``cuda``; other CUDA C++ kernels are used
-only when asked for until a GPU run shows the same for them. ``FASTDDPM_BACKEND`` in the
-environment replaces ``auto``. A backend that cannot serve an input raises
-:class:`BackendNotSupported` with the reasons.
+reference). ``auto`` picks ``cpu`` for CPU tensors. For CUDA tensors it follows the last GPU run
+(``GPU_RUN``, ``GPU_EVIDENCE``): ``cuda`` only for the ops in ``CUDA_VERIFIED_OPS`` (that run's test
+file for the op passed on the device and its GPU suite matched float64), else ``triton`` where the
+GPU suite measured the Triton kernel correct, else ``torch``. Other CUDA C++ kernels are used only when
+asked for. ``FASTDDPM_BACKEND`` in the environment replaces ``auto``. A backend that cannot serve an
+input raises :class:`BackendNotSupported` with the reasons.
 """
-
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import re
 from collections.abc import Callable
 
 import torch
@@ -27,10 +27,56 @@ BACKENDS = ("cpu", "cuda", "triton", "torch")
 TORCH_NATIVE_OPS = frozenset({"attention"})
 
 
-# Ops whose CUDA C++ kernels a GPU run showed correct (against the float64 reference, on
-# the device) and faster than the Triton kernels: auto picks "cuda" for their CUDA tensors.
-# Evidence: benchmarks/results/gpu_h100_2026-11-25.* (H100, torch 2.11); see benchmarks/README.md.
-CUDA_VERIFIED_OPS = frozenset({"q_sample", "ddpm_step", "philox_normal_"})
+# The last GPU run: scripts/gpu_check.sh on a lent machine. Its results lie in ``results``.* (the GPU suite's
+# table and CSV, the per-file pytest summary); "commit" is the last commit before the run (that run did
+# not record its own: gpu_check.sh records it now).
+GPU_RUN = {
+    "device": "NVIDIA H100 80GB HBM3",
+    "gpu": "H100",
+    "date": "2026-11-25",
+    "torch": "2.11.0",
+    "commit": "8386f38",
+    "results": "benchmarks/results/gpu_h100_2026-11-25",
+}
+
+# What that run showed, per op (the names resolve() is called with). "tests": the op's test file on the
+# device, "passed" or what went wrong; "suite": the backends whose results the GPU suite matched against
+# float64 on the device (empty: the op was not in the suite). tests/test_gpu_evidence.py re-derives every
+# entry from the result files and checks README.md's backend table against it, so they cannot drift.
+GPU_EVIDENCE = {
+    "q_sample": {"test_file": "tests/test_q_sample.py",
+                 "tests": "crashed (segmentation fault) after 22 tests", "suite": ("triton", "cuda")},
+    "ddpm_step": {"test_file": "tests/test_ddpm_step.py", "tests": "passed", "suite": ("triton", "cuda")},
+    # philox_normal_ (ops.philox_randn) is tested in test_ddpm_step.py and ran in the suite's Philox step
+    "philox_normal_": {"test_file": "tests/test_ddpm_step.py", "tests": "passed", "suite": ("triton", "cuda")},
+    "ddim_step": {"test_file": "tests/test_ddim_step.py",
+                  "tests": "crashed (segmentation fault) after 41 tests", "suite": ()},
+    "group_norm_silu_fwd": {"test_file": "tests/test_group_norm_silu.py",
+                            "tests": "8 failures, then crashed (segmentation fault) after 52 tests",
+                            "suite": ("triton", "cuda")},
+    "attention": {"test_file": "tests/test_attention.py",
+                  "tests": "2 of 116 tests failed (the attention block against diffusers on that machine's CPU)",
+                  "suite": ("triton", "cuda")},
+}
+
+
+def _verified(op: str, backend: str) -> bool:
+    e = GPU_EVIDENCE.get(op)
+    return e is not None and e["tests"] == "passed" and backend in e["suite"]
+
+
+# Ops whose CUDA C++ kernels the last GPU run verified: auto picks "cuda" for their CUDA tensors.
+CUDA_VERIFIED_OPS = frozenset(op for op in GPU_EVIDENCE if _verified(op, "cuda"))
+# Ops whose Triton kernels that run measured correct: auto's choice for their CUDA tensors where the CUDA
+# C++ kernel is not verified; the others run the PyTorch path ("torch") on CUDA tensors.
+TRITON_CORRECT_OPS = frozenset(op for op, e in GPU_EVIDENCE.items() if "triton" in e["suite"])
+
+
+def cuda_auto_order(op: str) -> tuple[str, ...]:
+    """The backends auto tries, in order, for CUDA tensors of ``op``: the verified CUDA C++ kernel, the Triton
+    kernel the last GPU run measured correct, the PyTorch path."""
+    return (("cuda",) if op in CUDA_VERIFIED_OPS else ()) + (("triton",) if op in TRITON_CORRECT_OPS else ()) + (
+        "torch",)
 
 
 def _env_reader(name: str, default: str) -> Callable[[], str]:
@@ -61,13 +107,32 @@ class BackendNotSupported(RuntimeError):
     """A backend that was asked for cannot serve this input; the message says why."""
 
 
+MIN_TRITON = (3, 4)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    """(3, 4, 0) for "3.4.0", "3.4.0rc1" or "3.4.0+git1234"."""
+    out = []
+    for part in v.split("+")[0].split(".")[:3]:
+        m = re.match(r"\d+", part)
+        if m is None:
+            break
+        out.append(int(m.group()))
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=1)
 def triton_status() -> tuple[bool, str]:
-    """(importable, why not) for the Triton kernels."""
+    """(usable, why not) for the Triton kernels: importable, and Triton >= 3.4, whose tl.randn draws the
+    Philox4x32 words the other backends draw (older Triton uses Philox4x64 for int64 offsets)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:
         return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    version = getattr(triton, "__version__", "0")
+    if _version_tuple(version) < MIN_TRITON:
+        return False, (f"triton {version} is older than {'.'.join(map(str, MIN_TRITON))} "
+                       "(its Philox noise differs from the other backends'); upgrade triton")
     return True, ""
 
 
@@ -165,10 +230,8 @@ def _resolve(op, requested, env, device, dtype, extra_reason):
             return "torch"
         if device.type == "cpu":
             order = ("cpu", "torch")
-        elif op in CUDA_VERIFIED_OPS:
-            order = ("cuda", "triton", "torch")
         else:
-            order = ("triton", "torch")
+            order = cuda_auto_order(op)
         for b in order:
             if reason(b) is None:
                 return b
