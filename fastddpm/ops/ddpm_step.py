@@ -38,7 +38,7 @@ def ddpm_step(
     clip_sample_range: float = 1.0,
     *,
     seed: int | None = None,
-    offset: int | torch.Tensor = 0,
+    offset: int = 0,
     predicted_variance: torch.Tensor | None = None,
     return_pred_original: bool = False,
     backend: str = "auto",
@@ -56,8 +56,7 @@ def ddpm_step(
         t: per-sample timesteps (int64 (B,), or an int for all), in [0, T).
         schedule: the :class:`~fastddpm.NoiseSchedule`.
         prev_t: the timestep stepped to (default t - 1; respaced schedules pass
-            their own). Any prev_t < 0 is the end of the chain, where abar_prev = 1, as
-            diffusers reads it: with 50 of 1000 steps, t = 0 steps to prev_t = -20.
+            their own; -1 means the end of the chain, abar = 1).
         noise: z. A tensor (same shape as ``sample``); None to draw
             ``torch.randn(sample.shape, generator=generator)`` as diffusers does;
             "philox" to generate z inside the kernel from ``seed`` and ``offset``
@@ -69,9 +68,7 @@ def ddpm_step(
         variance_type: "fixed_small", "fixed_small_log", "fixed_large", "learned"
             or "learned_range" (the last two need ``predicted_variance``).
         clip_sample, clip_sample_range: clip the predicted x0.
-        seed, offset: the Philox stream for noise="philox". ``offset`` may be a 0-d int64 tensor on the
-            sample's device, read inside the kernel (no host sync): a CUDA graph replays the step with
-            whatever it holds at replay. The same value as an int gives bitwise the same result.
+        seed, offset: the Philox stream for noise="philox".
         predicted_variance: the model's variance output for the learned types.
         return_pred_original: also return the predicted x0.
         backend: "auto", "cpu", "cuda", "triton" or "torch".
@@ -100,7 +97,7 @@ def ddpm_step(
     if prev_t is None:
         pt = _checks.int_timesteps(t - 1, B, device) if type(t) is int else tt - 1
     else:
-        pt = _checks.timesteps(prev_t, B, device, T, name="prev_t", allow_negative=True)
+        pt = _checks.timesteps(prev_t, B, device, T, name="prev_t", allow_minus_one=True)
         if type(t) is int and type(prev_t) is int:
             if not prev_t < t:
                 raise ValueError(f"prev_t: expected prev_t < t, got prev_t={prev_t}, t={t}")
@@ -114,7 +111,7 @@ def ddpm_step(
     mode = NOISE_TENSOR
     if isinstance(noise, str):
         if noise == "philox":
-            _checks.philox_stream(seed, offset, device)
+            _checks.philox_stream(seed, offset)
             mode = NOISE_PHILOX
         elif noise == "none":
             mode = NOISE_NONE
@@ -136,13 +133,9 @@ def ddpm_step(
             )
             return (prev, pred) if return_pred_original else prev
         z, mode = generator_noise(sample, generator), NOISE_TENSOR
-    if isinstance(offset, torch.Tensor):  # read by the kernel (only with Philox noise)
-        off, off_t = 0, (offset if mode == NOISE_PHILOX else None)
-    else:
-        off, off_t = int(offset), None
     prev, pred = run(
-        b, sample, model_output, tt, pt, schedule, z, predicted_variance, int(seed or 0), off, mode,
-        PREDICTION_TYPES[prediction_type], VARIANCE_TYPES[variance_type], clip, return_pred_original, off_t,
+        b, sample, model_output, tt, pt, schedule, z, predicted_variance, int(seed or 0), int(offset), mode,
+        PREDICTION_TYPES[prediction_type], VARIANCE_TYPES[variance_type], clip, return_pred_original,
     )
     return (prev, pred) if return_pred_original else prev
 
@@ -186,17 +179,15 @@ def run(
     variance_code: int,
     clip: float,
     return_pred: bool,
-    offset_tensor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op on a resolved backend with checked, normalised arguments (int64 (B,) timesteps, codes).
 
-    :func:`ddpm_step` and the schedulers, which validate their arguments themselves, call this. The
-    Philox counter offset is ``offset`` plus, where given, the 0-d int64 device tensor ``offset_tensor``.
+    :func:`ddpm_step` and the schedulers, which validate their arguments themselves, call this.
     """
     fn, ac = kernel(backend, schedule, sample.device, sample.dtype)
     return fn(
         sample, model_output, tt, pt, ac, z, predicted_variance, seed, offset, mode, prediction_code,
-        variance_code, clip, return_pred, offset_tensor,
+        variance_code, clip, return_pred,
     )
 
 
