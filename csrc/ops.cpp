@@ -47,6 +47,14 @@ TORCH_LIBRARY(fastddpm, m) {
       "float final_alpha_cumprod, Tensor? noise, int seed, int offset, int noise_mode, "
       "int prediction_type, float eta, float clip_range, bool use_clipped_model_output, "
       "bool return_pred) -> (Tensor, Tensor)");
+  // One DPM-Solver++(2M) update (diffusers' DPMSolverMultistepScheduler, dpmsolver++, midpoint): from
+  // sample at t to prev_t (< 0: sigma = 0, the first-order step to x0), second order when prev_x0 (the x0
+  // prediction made at last_t > t) is given. Per-element math in dpmpp_step.h.
+  // Returns (prev_sample, the clipped x0 prediction or an empty tensor).
+  m.def(
+      "dpmpp_step(Tensor sample, Tensor model_output, Tensor? prev_x0, Tensor t, Tensor prev_t, "
+      "Tensor? last_t, Tensor alphas_cumprod, int prediction_type, float clip_range, "
+      "bool return_pred) -> (Tensor, Tensor)");
   // The raw Philox4x32-10 words of counters offset .. offset + n - 1 into an
   // int32 tensor of shape (n, 4).
   m.def("philox_bits_(Tensor(a!) out, int seed, int offset) -> ()");

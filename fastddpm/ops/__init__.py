@@ -10,6 +10,7 @@ from ._dispatch import BACKENDS, BackendNotSupported, available_backends
 from .attention import attention
 from .ddim_step import ddim_step
 from .ddpm_step import ddpm_step, philox_randn
+from .dpmpp_step import dpmpp_step
 from .group_norm_silu import group_norm_silu
 from .q_sample import q_sample
 
@@ -20,6 +21,7 @@ __all__ = [
     "available_backends",
     "ddim_step",
     "ddpm_step",
+    "dpmpp_step",
     "group_norm_silu",
     "philox_randn",
     "q_sample",

@@ -15,6 +15,7 @@ __all__ = [
     "q_sample",
     "ddpm_step",
     "ddim_step",
+    "dpmpp_step",
     "philox_bits",
     "philox_normal",
     "group_norm_silu",
@@ -292,5 +293,61 @@ def ddim_step(
         else:
             raise ValueError(f"noise_mode: expected 0, 1 or 2, got {noise_mode}")
         prev = prev + std * z
+    pred = x0.to(sample.dtype) if return_pred else sample.new_empty(0)
+    return prev.to(sample.dtype), pred
+
+
+def dpmpp_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    prev_x0: torch.Tensor | None,
+    t: torch.Tensor,
+    prev_t: torch.Tensor,
+    last_t: torch.Tensor | None,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: int,
+    clip_range: float,
+    return_pred: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DPM-Solver++(2M) update (Lu et al. 2022, Algorithm 2; diffusers' DPMSolverMultistepScheduler with
+    algorithm_type="dpmsolver++", solver_type="midpoint"), per sample, with the paper's formulas.
+
+    alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma); D0 is the (clipped) x0 prediction
+    at t, D_1 = ``prev_x0`` the one made at ``last_t``. prev_t = -1 is sigma = 0, where the update (first
+    order there, as diffusers) gives D0. Second order wherever ``prev_x0`` is given.
+    """
+    cd = _compute_dtype(sample)
+    shape = (-1, *([1] * (sample.dim() - 1)))
+    ac = alphas_cumprod.to(cd)
+    ab_s0 = ac[t].reshape(shape)
+    final = (prev_t < 0).reshape(shape)
+    ab_t = torch.where(final, torch.ones((), dtype=cd, device=sample.device), ac[prev_t.clamp(min=0)].reshape(shape))
+    x, m = sample.to(cd), model_output.to(cd)
+    alpha_s0, sigma_s0 = ab_s0.sqrt(), (1 - ab_s0).sqrt()
+    if prediction_type == 0:
+        x0 = (x - sigma_s0 * m) / alpha_s0
+    elif prediction_type == 1:
+        x0 = m
+    else:
+        x0 = alpha_s0 * x - sigma_s0 * m
+    if clip_range > 0:
+        x0 = x0.clamp(-clip_range, clip_range)
+
+    def lam(ab):
+        return 0.5 * (torch.log(ab) - torch.log1p(-ab))
+
+    # Where final, ab_t = 1 and lambda_t = inf; the values computed there are replaced below.
+    ab_tf = torch.where(final, ab_s0, ab_t)
+    h = lam(ab_tf) - lam(ab_s0)
+    alpha_t, sigma_t = ab_tf.sqrt(), (1 - ab_tf).sqrt()
+    k = -alpha_t * torch.expm1(-h)  # alpha_t (1 - e^{-h})
+    if prev_x0 is not None:
+        ab_s1 = ac[last_t].reshape(shape)
+        r0 = (lam(ab_s0) - lam(ab_s1)) / h
+        d1 = (x0 - prev_x0.to(cd)) / r0
+        prev = (sigma_t / sigma_s0) * x + k * x0 + 0.5 * k * d1
+    else:
+        prev = (sigma_t / sigma_s0) * x + k * x0
+    prev = torch.where(final, x0, prev)
     pred = x0.to(sample.dtype) if return_pred else sample.new_empty(0)
     return prev.to(sample.dtype), pred

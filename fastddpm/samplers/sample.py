@@ -2,9 +2,10 @@
 
     x = fastddpm.sample(model, (16, 3, 32, 32), steps=100, seed=0)
 
-The loop is Ho et al.'s Algorithm 2 (sampler="ddpm") or Song et al.'s DDIM (sampler="ddim"), each step
-one fused kernel. Fewer steps than the schedule has use Nichol & Dhariwal's respacing
-(fastddpm/samplers/respace.py). The same seed gives bitwise the same images on the CPU, run after run.
+The loop is Ho et al.'s Algorithm 2 (sampler="ddpm"), Song et al.'s DDIM (sampler="ddim") or Lu et al.'s
+DPM-Solver++(2M) (sampler="dpm++2m"), each step one fused kernel. Fewer steps than the schedule has use
+Nichol & Dhariwal's respacing (fastddpm/samplers/respace.py). The same seed gives bitwise the same images on
+the CPU, run after run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .respace import space_timesteps, step_tables
 
 __all__ = ["sample", "SamplingPlan", "plan_sampling", "call_model"]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 NOISES = ("torch", "philox")
 
 
@@ -73,7 +74,7 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
         )
     if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"):
         raise ValueError(f"variance_type: unknown {variance_type!r}")
-    if sampler == "ddim" and variance_type in ("learned", "learned_range"):
+    if sampler != "ddpm" and variance_type in ("learned", "learned_range"):
         raise ValueError("variance_type: the learned variance types apply to sampler='ddpm' only")
     if not float(eta) >= 0:
         raise ValueError(f"eta: expected a non-negative number, got {eta}")
@@ -94,12 +95,17 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
             raise ValueError("timesteps: expected distinct values")
     else:
         if steps is None:
-            steps = T if sampler == "ddpm" else min(50, T)
+            steps = T if sampler == "ddpm" else min(50 if sampler == "ddim" else 20, T)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected a positive integer, got {steps!r}")
         if steps > T:
             raise ValueError(f"steps: {steps} is more than the schedule's {T} training timesteps")
-        ts = list(range(T)) if steps == T else space_timesteps(T, steps)
+        if sampler == "dpm++2m":  # diffusers' spacing, so that the loop is diffusers' loop
+            from .dpmpp import dpmpp_timesteps
+
+            ts = dpmpp_timesteps(T, steps)
+        else:
+            ts = list(range(T)) if steps == T else space_timesteps(T, steps)
     device = torch.device(device) if device is not None else torch.device("cpu")
     t, prev = step_tables(ts)
     return SamplingPlan(schedule=schedule, shape=shape, t=t, prev_t=prev, sampler=sampler, eta=float(eta),
@@ -189,7 +195,7 @@ def sample(
     shape,
     *,
     steps: int | None = None,
-    sampler: Literal["ddpm", "ddim"] = "ddpm",
+    sampler: Literal["ddpm", "ddim", "dpm++2m"] = "ddpm",
     eta: float = 0.0,
     schedule: NoiseSchedule | None = None,
     generator: torch.Generator | None = None,
@@ -213,9 +219,12 @@ def sample(
         model: ``model(x, t) -> output``: a fastddpm UNet, any callable, or a diffusers UNet2DModel
             (its ``.sample`` is used). ``t`` is an int64 (B,) tensor of original timesteps.
         shape: (B, C, H, W) (any trailing dims).
-        steps: number of denoising steps; default the schedule's T for DDPM and 50 for DDIM. Fewer
-            than T respaces the schedule (Nichol & Dhariwal 2021), evenly with both ends kept.
-        sampler: "ddpm" (ancestral, Ho et al. Algorithm 2) or "ddim" (Song et al. 2021).
+        steps: number of denoising steps; default the schedule's T for DDPM, 50 for DDIM, 20 for DPM-Solver++.
+            Fewer than T respaces the schedule (Nichol & Dhariwal 2021), evenly with both ends kept; DPM-Solver++
+            takes diffusers' DPMSolverMultistepScheduler timesteps (round(linspace(0, T - 1, steps + 1)) but 0),
+            its last step going to sigma = 0.
+        sampler: "ddpm" (ancestral, Ho et al. Algorithm 2), "ddim" (Song et al. 2021) or "dpm++2m"
+            (DPM-Solver++(2M), Lu et al. 2022: diffusers' DPMSolverMultistepScheduler with its defaults).
         eta: DDIM's eta (0: deterministic).
         schedule: the :class:`~fastddpm.NoiseSchedule` the model was trained with (default: linear 1000).
         generator, seed: with noise="torch", noise comes from ``generator`` (or a CPU generator seeded
@@ -228,7 +237,8 @@ def sample(
         prediction_type: what the model predicts: "epsilon", "sample" (x0) or "v_prediction".
         variance_type: DDPM's sigma_t: "fixed_small" (beta tilde), "fixed_large" (beta), "learned",
             "learned_range" (model returns 2C channels).
-        clip_denoised: clip the predicted x0 to [-1, 1] (as the original DDPM code).
+        clip_denoised: clip the predicted x0 to [-1, 1] (as the original DDPM code; for DPM-Solver++ this is
+            its thresholding of the data prediction with a static threshold of 1).
         timesteps: explicit timesteps to visit instead of ``steps``.
         cuda_graph: capture one step (model + fused step) in a CUDA graph and replay it (CUDA only).
         backend: the fused ops' backend.
@@ -241,6 +251,8 @@ def sample(
                          prediction_type=prediction_type, variance_type=variance_type,
                          clip_denoised=clip_denoised, noise=noise, device=device, dtype=dtype)
     generator, seed = _resolve_rng(plan, generator, seed)
+    if cuda_graph and plan.sampler == "dpm++2m":
+        raise ValueError("cuda_graph: supported with sampler='ddpm' and 'ddim', not 'dpm++2m'")
     if cuda_graph:
         from .graph import sample_cuda_graph
 
@@ -253,16 +265,25 @@ def sample(
     t_host, prev_host = plan.t.tolist(), plan.prev_t.tolist()
     from tqdm.auto import tqdm
 
+    if plan.sampler == "dpm++2m":
+        from .dpmpp import DPMSolverState
+
+        solver = DPMSolverState()
+
     for i in tqdm(range(plan.num_steps), disable=not progress, desc=f"fastddpm {plan.sampler}"):
         t, prev = t_host[i], prev_host[i]
         tb = torch.full((B,), t, dtype=torch.int64, device=plan.device)
         m, pv = split_output(plan, call_model(model, x, tb), x)
-        if plan.noise == "philox":
-            z, off = "philox", plan.philox_offset(i)
+        if plan.sampler == "dpm++2m":  # deterministic: no noise after x_T
+            x = solver.step(x, m, t, prev, plan.schedule, prediction_type=plan.prediction_type,
+                            clip_sample=plan.clip_denoised, backend=backend)
         else:
-            # DDPM adds no noise at t = 0 and diffusers draws none there; DDIM draws only when eta > 0.
-            z, off = ("none" if plan.sampler == "ddpm" and t == 0 else None), 0
-        x = fused_step(plan, x, m, pv, t, prev, z, generator, seed, off, backend)
+            if plan.noise == "philox":
+                z, off = "philox", plan.philox_offset(i)
+            else:
+                # DDPM adds no noise at t = 0 and diffusers draws none there; DDIM draws only when eta > 0.
+                z, off = ("none" if plan.sampler == "ddpm" and t == 0 else None), 0
+            x = fused_step(plan, x, m, pv, t, prev, z, generator, seed, off, backend)
         if callback is not None:
             callback(i, t, x)
         if return_intermediates:
