@@ -323,6 +323,57 @@ def test_mixed_size_images_and_arrays(tmp_path):
     assert load_dataset(str(tmp_path / "d.npz")).shape == (5, 3, 8, 8)
 
 
+def _image_folder(folder, n=40, size=8, seed=0):
+    """n lossless RGB PNGs already at the training size (so no resize): the same pixels as an .npy."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    for i, a in enumerate(arr):
+        sub = folder / f"d{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(sub / f"{i:05d}.png")
+    # the folder's order: sorted paths
+    order = sorted(range(n), key=lambda i: f"d{i % 3}/{i:05d}.png")
+    return arr[order]
+
+
+def test_streaming_folder_equals_the_same_images_in_memory(tmp_path):
+    # Independent route: the same pixels written as an .npy go through the in-memory path; the streamed
+    # folder (2 DataLoader workers decoding per item) must train to the bitwise-same checkpoint.
+    arr = _image_folder(tmp_path / "imgs")
+    np.save(tmp_path / "same.npy", arr)
+    common = ["--steps", "4", "--batch-size", "8", "--save-every", "4"]
+    assert _run(tmp_path / "a", "--data", str(tmp_path / "imgs"), "--workers", "2", *common) == 0
+    assert _run(tmp_path / "b", "--data", str(tmp_path / "same.npy"), *common) == 0
+    _assert_same_checkpoint(_latest(tmp_path / "a")[1], _latest(tmp_path / "b")[1])
+    from fastddpm.train.data import ImageFolder
+
+    ds = ImageFolder(str(tmp_path / "imgs"))
+    assert ds.shape == (40, 3, 8, 8)
+    torch.testing.assert_close(ds[5], torch.from_numpy(arr[5]).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_streaming_folder_resume_is_bitwise_identical(tmp_path):
+    _image_folder(tmp_path / "imgs", n=30)
+    data = ["--data", str(tmp_path / "imgs"), "--workers", "1", "--batch-size", "8"]
+    assert _run(tmp_path / "ref", *data, "--steps", "6") == 0
+    assert _run(tmp_path / "r", *data, "--steps", "3") == 0
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "6", "--no-progress"]) == 0
+    _assert_same_checkpoint(_latest(tmp_path / "r")[1], _latest(tmp_path / "ref")[1])
+
+
+def test_streaming_folder_bad_image_in_a_worker_is_one_line(tmp_path, capsys):
+    _image_folder(tmp_path / "imgs", n=10)
+    ok = tmp_path / "imgs" / "d0" / "00000.png"
+    data = ok.read_bytes()
+    (tmp_path / "imgs" / "d0" / "zz-cut.png").write_bytes(data[: len(data) - 40])  # header fine, pixels cut
+    rc = _run(tmp_path / "o", "--data", str(tmp_path / "imgs"), "--workers", "2", "--steps", "20",
+              "--batch-size", "8")
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = [ln for ln in err.splitlines() if "error" in ln][-1]
+    assert "cannot read image" in line and "zz-cut.png" in line and "Traceback" not in err
+
+
 def test_toml_config_and_command_line_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('model = "tiny"\nimage_size = 8\nsteps = 3\nbatch-size = 4\nsample_every = 0\n'

@@ -28,6 +28,8 @@ _HELP = {
     "out": "run folder: checkpoints/, samples/, metrics.csv, loss.png, config.json",
     "device": "auto, cpu, cuda, cuda:1 ...",
     "threads": "torch intra-op threads (0: torch's default)",
+    "workers": "processes that decode and resize an image folder's images as batches need them (0: the "
+               "training process)",
     "flip": "random horizontal flips",
 }
 

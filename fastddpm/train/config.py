@@ -53,6 +53,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    workers: int = 2  # DataLoader processes that decode an image folder (0: the training process itself)
     progress: bool = True
 
     def validate(self) -> None:
@@ -64,7 +65,7 @@ class TrainConfig:
         for n in ("steps", "batch_size", "num_train_timesteps", "sample_n", "sample_steps", "log_every",
                   "keep"):
             pos(n)
-        for n in ("save_every", "sample_every", "warmup", "seed", "threads"):
+        for n in ("save_every", "sample_every", "warmup", "seed", "threads", "workers"):
             pos(n, 0)
         if self.image_size is not None:
             pos("image_size")

@@ -1,9 +1,10 @@
-"""Training data, all held in memory as a float32 tensor (N, C, S, S) in [-1, 1].
+"""Training data: a float32 tensor (N, C, S, S) in [-1, 1] held in memory, or an image folder streamed.
 
 Sources: ``digits`` (scikit-learn's 1,797 8x8 handwritten digits, bilinearly upscaled; the ``train`` split
 is 80% of them, the ``test`` split the other 20%, fixed forever so evaluation stays held out), an .npy/.npz
-array, or a folder of PNG/JPEG files (searched recursively; mixed sizes are centre-cropped to squares and
-resized).
+array (in memory), or a folder of PNG/JPEG files (searched recursively; mixed sizes are centre-cropped to
+squares and resized), which training streams: each image is decoded and resized when its batch needs it,
+by DataLoader worker processes (ImageFolder, stream_batches).
 
 Batches are a pure function of (seed, step): the sample at global position p = step * B + j is
 ``perm(seed, p // N)[p % N]``. Resuming therefore needs no data-loader state, and under torchrun each
@@ -104,37 +105,115 @@ def _load_array(path: str) -> torch.Tensor:
     return _from_array(np.asarray(a), path)
 
 
-def _load_folder(path: str, image_size: int | None) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+GREY_MODES = ("L", "1", "I", "I;16", "LA")
 
-    files = []
-    for root, _, names in os.walk(path):
-        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
-    files.sort()
-    if not files:
-        raise ValueError(f"data: no PNG or JPEG images found under {path}")
-    imgs = []
-    for fn in files:
+
+class ImageFolder(torch.utils.data.Dataset):
+    """A folder of PNG/JPEG files (searched recursively, sorted), decoded, centre-cropped and resized one
+    item at a time: memory holds a few images, never the folder (50,000 256x256 images decoded at once
+    would be 9.8 GB). Item i is a float32 (C, S, S) tensor in [-1, 1].
+
+    Opening the folder reads only each file's header (size and mode): C is 1 when every image is grey,
+    else 3; S is ``image_size`` or the smallest side in the folder.
+    """
+
+    def __init__(self, root: str, image_size: int | None = None) -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        files = []
+        for folder, _, names in os.walk(root):
+            files += [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
+        files.sort()
+        if not files:
+            raise ValueError(f"data: no PNG or JPEG images found under {root}")
+        grey, smallest = True, None
+        for fn in files:
+            try:
+                with Image.open(fn) as im:  # header only: no pixel is decoded here
+                    mode, (w, h) = im.mode, im.size
+            except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+                raise ValueError(f"data: cannot read image {fn}: {exc}") from exc
+            grey = grey and mode in GREY_MODES
+            smallest = min(w, h) if smallest is None else min(smallest, w, h)
+        self.root, self.files = root, files
+        self.mode = "L" if grey else "RGB"
+        self.channels = 1 if grey else 3
+        self.size = image_size or smallest
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), self.channels, self.size, self.size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        fn = self.files[i]
         try:
             with Image.open(fn) as im:
-                im.load()
-                imgs.append(im.copy())
-        except (OSError, UnidentifiedImageError) as exc:
+                im = im.convert(self.mode)
+        except (OSError, UnidentifiedImageError, SyntaxError) as exc:
             raise ValueError(f"data: cannot read image {fn}: {exc}") from exc
-    grey = all(im.mode in ("L", "1", "I", "I;16", "LA") for im in imgs)
-    mode = "L" if grey else "RGB"
-    size = image_size or min(min(im.size) for im in imgs)
-    out = np.empty((len(imgs), size, size, 1 if grey else 3), dtype=np.uint8)
-    for i, im in enumerate(imgs):
-        im = im.convert(mode)
         w, h = im.size
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        if s != size:
-            im = im.resize((size, size), Image.BICUBIC if s < size else Image.LANCZOS)
+        if s != self.size:
+            im = im.resize((self.size, self.size), Image.BICUBIC if s < self.size else Image.LANCZOS)
         a = np.asarray(im)
-        out[i] = a[..., None] if a.ndim == 2 else a
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255.0
+        a = a[..., None] if a.ndim == 2 else a
+        return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255.0 * 2 - 1  # (C, S, S)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The index lists of steps start..stop-1 (this process's slice of each global batch): the DataLoader
+    decodes exactly the images the in-memory path would index, so streaming changes no result and a
+    resumed run starts at its step."""
+
+    def __init__(self, seed: int, start: int, stop: int, batch: int, n: int, lo: int, local: int) -> None:
+        self.seed, self.start, self.stop, self.batch, self.n, self.lo, self.local = (
+            seed, start, stop, batch, n, lo, local)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.seed, step, self.batch, self.n)[self.lo:self.lo + self.local].tolist()
+
+
+def stream_batches(ds: ImageFolder, seed: int, start: int, stop: int, batch: int, lo: int, local: int,
+                   workers: int, pin_memory: bool = False):
+    """An iterator of (local, C, S, S) batches for steps start..stop-1, decoded by ``workers`` processes."""
+    sampler = StepBatches(seed, start, stop, batch, len(ds), lo, local)
+    kw = {"prefetch_factor": 2, "persistent_workers": False} if workers > 0 else {}
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                                         **kw)
+    # Starting the workers draws their seed from torch's global generator: leave the training's draws
+    # (initial weights, dropout) as they would be without streaming.
+    with torch.random.fork_rng(devices=[]):
+        it = iter(loader)
+    return _plain_errors(it)
+
+
+def _plain_errors(it):
+    while True:
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        except ValueError as exc:
+            # A worker's error arrives wrapped with its traceback; the user needs its last line.
+            last = str(exc).strip().splitlines()[-1]
+            raise ValueError(last.split(": ", 1)[1] if last.startswith("ValueError: ") else last) from exc
+
+
+def open_dataset(data: str, image_size: int | None = None) -> torch.Tensor | ImageFolder:
+    """An image folder as a streaming ImageFolder; anything else as load_dataset's tensor."""
+    if data != "digits" and os.path.isdir(data):
+        return ImageFolder(data, image_size)
+    return load_dataset(data, image_size)
 
 
 def load_dataset(data: str, image_size: int | None = None) -> torch.Tensor:
@@ -144,7 +223,11 @@ def load_dataset(data: str, image_size: int | None = None) -> torch.Tensor:
     if not os.path.exists(data):
         raise ValueError(f"data: no such file or folder {data!r} (or use the built-in 'digits')")
     if os.path.isdir(data):
-        x = _load_folder(data, image_size)
+        ds = ImageFolder(data, image_size)
+        x = torch.empty(ds.shape)  # (N, C, S, S): each image decoded and resized on its own
+        for i in range(len(ds)):
+            x[i] = ds[i]
+        return x
     elif data.endswith((".npy", ".npz")):
         x = _load_array(data)
     else:

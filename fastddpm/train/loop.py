@@ -30,13 +30,13 @@ from ..models.unet import UNet, UNetConfig
 from ..schedule import NoiseSchedule
 from . import checkpoint as ckpt_mod
 from .config import PREDICTION_TYPE, TrainConfig
-from .data import _mix, batch_indices, load_dataset, step_generator
+from .data import ImageFolder, _mix, batch_indices, open_dataset, step_generator, stream_batches
 
 PRESETS = {"digits": UNet.digits, "tiny": UNet.tiny, "ddpm_cifar10": UNet.ddpm_cifar10,
            "cifar10": UNet.ddpm_cifar10}
 # Settings that may change when a run resumes; every other one is taken from the checkpoint.
 RESUMABLE_OVERRIDES = {"steps", "save_every", "keep", "sample_every", "sample_n", "sample_sampler",
-                       "sample_steps", "log_every", "out", "device", "threads", "progress"}
+                       "sample_steps", "log_every", "out", "device", "threads", "progress", "workers"}
 
 
 class TrainingError(RuntimeError):
@@ -319,8 +319,10 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
 
 
 def _train(cfg, meta, ck, device, dist, log) -> dict:
-    data = load_dataset(cfg.data, cfg.image_size)  # (N, C, S, S) in [-1, 1]
+    # (N, C, S, S) in [-1, 1]: a tensor in memory, or an image folder decoded batch by batch
+    data = open_dataset(cfg.data, cfg.image_size)
     N, C, S = data.shape[0], data.shape[1], data.shape[-1]
+    streaming = isinstance(data, ImageFolder)
     ucfg = unet_config(cfg, C, S) if meta is None else UNetConfig.from_dict(meta["unet_config"])
     if (ucfg.in_channels, ucfg.sample_size) != (C, S):
         s = ucfg.sample_size
@@ -350,7 +352,8 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
     B = cfg.batch_size
     local_B = B // dist.world
     lo = dist.rank * local_B
-    data = data.to(device)
+    if not streaming:
+        data = data.to(device)
 
     ck_root = os.path.join(cfg.out, "checkpoints")
     csv_path = os.path.join(cfg.out, "metrics.csv")
@@ -430,6 +433,8 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
     acc_loss, acc_n, t_log = 0.0, 0, time.perf_counter()
     t0 = time.perf_counter()
     f_csv = open(csv_path, "a", newline="") if dist.main else None
+    batches = stream_batches(data, cfg.seed, step, cfg.steps, B, lo, local_B, cfg.workers,
+                             pin_memory=device.type == "cuda") if streaming else None
     try:
         writer = csv.DictWriter(f_csv, CSV_FIELDS) if f_csv else None
         if f_csv and f_csv.tell() == 0:
@@ -444,7 +449,8 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                 flip_all = torch.rand((B,), generator=g) < 0.5
                 torch.manual_seed(_mix(cfg.seed, 3, step, dist.rank))  # dropout
                 sl = slice(lo, lo + local_B)
-                x0 = data[idx[sl].to(device)]
+                # the images of the same indices, decoded ahead by the workers when streaming
+                x0 = next(batches).to(device, non_blocking=True) if streaming else data[idx[sl].to(device)]
                 if cfg.flip:
                     f = flip_all[sl].to(device)
                     x0 = torch.where(f[:, None, None, None], x0.flip(-1), x0)
