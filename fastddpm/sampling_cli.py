@@ -29,7 +29,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="number of images (default: 64; under torchrun spell it --num-images: "
                         "torchrun's own parser reads --n as an abbreviation of its options)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the model's (ddim for digits)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"),
+                   help="default: the model's (ddim for digits); dpm++2m: DPM-Solver++(2M), 20 steps by default")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 50 for digits)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -43,6 +44,13 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--npz", metavar="FILE.npz", help="also write the images as uint8 (N, H, W, C) 'images'")
     p.add_argument("--png-dir", metavar="DIR", help="also write every image as DIR/000000.png ...")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def default_steps(lm, sampler: str, steps: int | None) -> int:
+    """The number of steps fastddpm.sample takes for ``steps`` (None: the sampler's default)."""
+    from .samplers.sample import plan_sampling
+
+    return plan_sampling((1, 1), steps=steps, sampler=sampler, schedule=lm.schedule).num_steps
 
 
 def generate(lm, n: int, batch_size: int, sampler: str, steps: int | None, seed: int, device,
@@ -170,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         written.append(args.png_dir + "/")
     dt = time.perf_counter() - t0
     print(f"wrote {', '.join(written)}: {args.n} images {S}x{S} from {lm.source} ({sampler}, "
-          f"{steps or 'all'} steps) in {dt:.1f} s", file=sys.stderr)
+          f"{default_steps(lm, sampler, steps)} steps) in {dt:.1f} s", file=sys.stderr)
     return 0
 
 
