@@ -4,7 +4,7 @@ from . import ops
 from ._version import __version__
 from .compat.diffusers import patch, unpatch
 from .models import UNet, UNetConfig
-from .samplers import DDIMScheduler, DDPMPipeline, DDPMScheduler, sample
+from .samplers import sample
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -13,3 +13,20 @@ __all__ = [
     "DDPMScheduler",
     "NoiseSchedule", "UNet", "UNetConfig", "__version__", "ops", "patch", "sample", "unpatch",
 ]
+
+
+_LAZY = ("DDIMScheduler", "DDPMPipeline", "DDPMScheduler")  # imported on first use (fastddpm/samplers)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import samplers
+
+        value = getattr(samplers, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -15,11 +15,15 @@ float64-derived NoiseSchedule.)
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import json
 import math
 import os
 import tempfile
+import warnings
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -80,9 +84,14 @@ def diffusers_betas(
     T = int(num_train_timesteps)
     if trained_betas is not None:
         betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
-        if betas.dim() != 1 or betas.shape[0] != T:
-            raise ValueError(
-                f"trained_betas: expected {T} values (num_train_timesteps), got shape {tuple(betas.shape)}"
+        if betas.dim() != 1 or betas.shape[0] < 1:
+            raise ValueError(f"trained_betas: expected a 1-D list of betas, got shape {tuple(betas.shape)}")
+        if betas.shape[0] != T:
+            # diffusers takes the betas as given and num_train_timesteps as given; so does fastddpm.
+            warnings.warn(
+                f"trained_betas: {betas.shape[0]} values but num_train_timesteps={T}: timesteps from "
+                f"{betas.shape[0]} on have no beta and cannot be stepped",
+                stacklevel=3,
             )
     elif beta_schedule not in allowed:
         # diffusers raises NotImplementedError here too
@@ -102,9 +111,32 @@ def diffusers_betas(
         betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
-    if not torch.isfinite(betas).all() or (betas < 0).any() or (betas > 1).any():
-        raise ValueError("trained_betas/beta_start/beta_end: every beta must lie in [0, 1]")
     return betas
+
+
+def first_invalid_timestep(alphas_cumprod: torch.Tensor) -> int:
+    """The first timestep whose alphas_cumprod is negative or NaN (len(table) if none).
+
+    diffusers accepts betas above 1 (beta_end=2 is in its own tests), and so does fastddpm; from the
+    first beta > 1 on the cumulative product changes sign, its square root is NaN, and a step there
+    would return NaN. The schedulers raise at that step instead, naming the config fields.
+    """
+    bad = torch.nonzero(~(alphas_cumprod >= 0))
+    return int(bad[0, 0]) if bad.numel() else int(alphas_cumprod.shape[0])
+
+
+def invalid_timestep_error(t: int, owner) -> ValueError:
+    c = owner.config
+    n = int(owner.alphas_cumprod.shape[0])
+    if t >= n:
+        return ValueError(f"timestep: {t} cannot be stepped: trained_betas has {n} values (timesteps 0..{n - 1})")
+    src = "trained_betas" if c.get("trained_betas") is not None else (
+        f"beta_start={c['beta_start']}, beta_end={c['beta_end']}, beta_schedule={c['beta_schedule']!r}")
+    return ValueError(
+        f"timestep: {t} cannot be stepped: the betas of this config ({src}) exceed 1 before it, so "
+        f"alphas_cumprod[{t}] = {float(owner.alphas_cumprod[t]):.4g} has no real square root (the step "
+        "would be NaN); every beta must be at most 1 up to the timesteps sampled"
+    )
 
 
 class DiffusersTables(NoiseSchedule):
@@ -143,7 +175,10 @@ class DiffusersTables(NoiseSchedule):
 
 
 # ---------------------------------------------------------------------------
-# Config: the part of diffusers' ConfigMixin that users touch
+# Base classes: diffusers' own ConfigMixin, SchedulerMixin and BaseOutput when diffusers
+# imports (so save/load, model_index.json, compatibles, from_config and isinstance checks are
+# diffusers' machinery), else the standalone versions below with the same API. The schedulers'
+# maths is written once, on top of whichever is in use.
 # ---------------------------------------------------------------------------
 class FrozenConfig(dict):
     """A read-only dict whose keys are also attributes (as diffusers' FrozenDict)."""
@@ -178,13 +213,17 @@ def _jsonable(v):
     return v
 
 
-class ConfigMixin:
-    """config / from_config / save_pretrained / from_pretrained, as diffusers' schedulers have them."""
+class _StandaloneConfigMixin:
+    """config / register_to_config / from_config / save_pretrained / from_pretrained without diffusers."""
 
     config_name = CONFIG_NAME
+    ignore_for_config: list[str] = []
+    _deprecated_kwargs: list[str] = []
 
-    def _register_config(self, values: dict) -> None:
-        self._internal_dict = FrozenConfig({k: _jsonable(v) for k, v in values.items()})
+    def register_to_config(self, **kwargs) -> None:
+        values = dict(getattr(self, "_internal_dict", None) or {})
+        values.update({k: _jsonable(v) for k, v in kwargs.items()})
+        self._internal_dict = FrozenConfig(values)
 
     @property
     def config(self) -> FrozenConfig:
@@ -196,18 +235,13 @@ class ConfigMixin:
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """A scheduler from a config: a dict, diffusers' FrozenDict, or an object with ``.config``.
-
-        Keys this class does not take (another scheduler's options, ``_class_name``,
-        ``_diffusers_version``) are ignored, as diffusers ignores them; ``kwargs``
-        override the config's values.
-        """
+        """A scheduler from a config dict. Keys this class does not take (another scheduler's options,
+        ``_class_name``, ``_diffusers_version``) are ignored, as diffusers ignores them; ``kwargs``
+        override the config's values."""
         if config is None:
             config = {}
-        if not isinstance(config, dict) and hasattr(config, "config"):
-            config = config.config
-        if not hasattr(config, "items"):
-            raise TypeError(f"config: expected a dict or a scheduler config, got {type(config).__name__}")
+        if isinstance(config, (str, os.PathLike)):
+            config = cls.load_config(config)
         keys = cls._init_keys()
         merged = {k: v for k, v in dict(config.items()).items() if k in keys}
         unused = {k: v for k, v in kwargs.items() if k not in keys}
@@ -215,87 +249,209 @@ class ConfigMixin:
         obj = cls(**merged)
         return (obj, unused) if return_unused_kwargs else obj
 
-    def save_config(self, save_directory: str | os.PathLike, **kwargs) -> str:
-        return self.save_pretrained(save_directory, **kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> str:
-        """Write ``scheduler_config.json`` into ``save_directory`` (atomically: temp file + rename).
-
-        The file is diffusers' format, so diffusers' scheduler of the same name loads it.
-        """
-        if push_to_hub:
-            raise NotImplementedError("push_to_hub: fastddpm writes local directories only")
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory: {save_directory} is a file, expected a directory")
-        os.makedirs(save_directory, exist_ok=True)
-        try:
-            import diffusers
-
-            dv = diffusers.__version__
-        except Exception:  # pragma: no cover - diffusers is optional
-            dv = "0.0.0"
-        from .._version import __version__
-
-        data = {
-            "_class_name": type(self).__name__,
-            "_diffusers_version": dv,
-            "_fastddpm_version": __version__,
-        }
-        data.update(self.config)
-        path = os.path.join(save_directory, self.config_name)
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".scheduler_config.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+    def to_json_string(self) -> str:
+        data = {"_class_name": type(self).__name__, "_diffusers_version": "0.0.0"}
+        data.update({k: v for k, v in self.config.items() if k != "_use_default_values"})
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def load_config(
-        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None
-    ) -> dict:
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                    **kwargs) -> dict:
         p = os.fspath(pretrained_model_name_or_path)
         if subfolder:
             p = os.path.join(p, subfolder)
-        if os.path.isdir(p):
-            path = os.path.join(p, cls.config_name)
-            if (
-                not os.path.isfile(path)
-                and subfolder is None
-                and os.path.isfile(os.path.join(p, "scheduler", cls.config_name))
-            ):
-                path = os.path.join(p, "scheduler", cls.config_name)
-        elif os.path.isfile(p):
-            path = p
-        else:
-            raise OSError(
-                f"pretrained_model_name_or_path: {p} is not a local directory or file (fastddpm loads "
-                "local scheduler configs only; download the repository first)"
-            )
+        path = os.path.join(p, cls.config_name) if os.path.isdir(p) else p
         if not os.path.isfile(path):
-            raise OSError(f"pretrained_model_name_or_path: no {cls.config_name} in {p}")
+            raise OSError(
+                f"pretrained_model_name_or_path: no {cls.config_name} in {p} (without diffusers installed, "
+                "fastddpm loads local scheduler folders only)"
+            )
         with open(path) as f:
             return json.load(f)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {json.dumps(dict(self.config), indent=2, sort_keys=True)}"
+
+
+class _StandaloneSchedulerMixin:
+    """save_pretrained / from_pretrained / compatibles without diffusers."""
+
+    config_name = CONFIG_NAME
+    _compatibles: list[str] = []
+    has_compatibles = True
+
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        subfolder: str | None = None,
-        return_unused_kwargs: bool = False,
-        **kwargs,
-    ):
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder: str | None = None,
+                        return_unused_kwargs: bool = False, **kwargs):
         """Load ``scheduler_config.json`` from a local directory (or ``subfolder`` of one)."""
         config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder)
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__} {json.dumps(dict(self.config), indent=2, sort_keys=True)}"
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        self.save_config(save_directory=save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @property
+    def compatibles(self) -> list:
+        return self._get_compatibles()
+
+    @classmethod
+    def _get_compatibles(cls) -> list:
+        return []
+
+
+def _standalone_register_to_config(init):
+    """Record ``__init__``'s arguments (defaults filled in) as the config, as diffusers' decorator does."""
+
+    @functools.wraps(init)
+    def inner(self, *args, **kwargs):
+        ignore = getattr(self, "ignore_for_config", [])
+        names = [n for i, n in enumerate(inspect.signature(init).parameters) if i > 0 and n not in ignore]
+        defaults = {n: p.default for n, p in inspect.signature(init).parameters.items() if n in names}
+        values = dict(zip(names, args))
+        values.update({n: kwargs.get(n, defaults[n]) for n in names if n not in values})
+        values.update({k: v for k, v in kwargs.items() if k.startswith("_")})
+        self.register_to_config(**values)
+        init(self, *args, **{k: v for k, v in kwargs.items() if not k.startswith("_")})
+
+    return inner
+
+
+class _StandaloneBaseOutput(OrderedDict):
+    """diffusers' BaseOutput without diffusers: a dataclass whose non-None fields are also an ordered
+    mapping; ``out[0]``, ``out["prev_sample"]``, ``out.prev_sample``, keys/values/items, len, bool and
+    ``to_tuple()`` all see the same values."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                self[f.name] = v
+
+    def _immutable(self, *args, **kwargs):
+        raise Exception(f"You cannot use ``{type(self).__name__}`` mapping methods that remove or replace keys")
+
+    __delitem__ = setdefault = pop = update = _immutable
+
+    def __getitem__(self, k):
+        if isinstance(k, str):
+            return dict(self.items())[k]
+        return self.to_tuple()[k]
+
+    def __setattr__(self, name, value) -> None:
+        if name in self.keys() and value is not None:
+            super().__setitem__(name, value)
+        super().__setattr__(name, value)
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
+
+    def __reduce__(self):
+        fn, _args, *rest = super().__reduce__()
+        return (fn, tuple(getattr(self, f.name) for f in dataclasses.fields(self)), *rest)
+
+    def to_tuple(self) -> tuple:
+        return tuple(self[k] for k in self.keys())
+
+
+try:
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+    from diffusers.utils import BaseOutput
+
+    DIFFUSERS_IMPORT_ERROR: Exception | None = None
+    _KARRAS_NAMES = [e.name for e in KarrasDiffusionSchedulers]
+except Exception as _exc:  # ImportError, or a diffusers that fails to import against this torch
+    ConfigMixin = _StandaloneConfigMixin
+    SchedulerMixin = _StandaloneSchedulerMixin
+    register_to_config = _standalone_register_to_config
+    BaseOutput = _StandaloneBaseOutput
+    DIFFUSERS_IMPORT_ERROR = _exc
+    _KARRAS_NAMES = []
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
+    """What fastddpm's schedulers add to diffusers' (or the standalone) base classes."""
+
+    config_name = CONFIG_NAME
+    ignore_for_config = ["backend"]  # a property of this object, not of the model's scheduler
+    _compatibles = list(_KARRAS_NAMES)
+    order = 1
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """A scheduler from a config: a dict, diffusers' FrozenDict, or a scheduler (its ``.config``).
+
+        ``backend`` (keyword) picks the fused ops' backend of the new scheduler; other keys this class
+        does not take are ignored, as diffusers ignores them.
+        """
+        if config is not None and not isinstance(config, (dict, str, os.PathLike)):
+            inner = getattr(config, "config", None)
+            if not isinstance(inner, dict):
+                raise TypeError(
+                    f"config: expected a dict, a scheduler config or a scheduler, got {type(config).__name__}"
+                )
+            config = inner
+        backend = kwargs.pop("backend", None)
+        out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if backend is not None:
+            obj = out[0] if return_unused_kwargs else out
+            obj._set_backend(backend)
+        return out
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write ``scheduler_config.json`` (diffusers' format and text) into ``save_directory``, atomically:
+        a temporary file renamed into place, so a crash never leaves a half-written config."""
+        if push_to_hub:
+            raise NotImplementedError("push_to_hub: fastddpm writes local folders only")
+        if os.path.isfile(save_directory):
+            raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        write_text_atomic(os.path.join(save_directory, self.config_name), self.to_json_string())
+
+    def _set_backend(self, backend: str) -> None:
+        self.backend = backend
+        if hasattr(self, "_kernels"):
+            self._kernels = {}
+
+    @classmethod
+    def _get_compatibles(cls) -> list:
+        """fastddpm's DDPM and DDIM schedulers, then diffusers' schedulers that read the same config.
+
+        A diffusers scheduler whose optional dependency is missing here (torchsde, scipy) is left out
+        rather than failing the whole list, as diffusers' own ``compatibles`` would.
+        """
+        from .ddim import DDIMScheduler
+        from .ddpm import DDPMScheduler
+
+        out: list = [DDPMScheduler, DDIMScheduler]
+        if DIFFUSERS_IMPORT_ERROR is None:
+            import diffusers
+
+            for name in sorted(set([cls.__name__] + list(cls._compatibles))):
+                try:
+                    c = getattr(diffusers, name)
+                except Exception:
+                    continue
+                if ".dummy_" in c.__module__:  # diffusers' placeholder for a missing dependency
+                    continue
+                if c not in out:
+                    out.append(c)
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -407,34 +563,3 @@ def randn_like_diffusers(shape, generator, device: torch.device, dtype: torch.dt
         z = torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator])
         return z.to(device)
     return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
-
-
-class SchedulerOutput:
-    """A step's result: attributes ``prev_sample`` and ``pred_original_sample``, also indexable
-    (``out[0]``, ``out["prev_sample"]``) and ``to_tuple()``, as diffusers' BaseOutput."""
-
-    __slots__ = ("prev_sample", "pred_original_sample")
-
-    def __init__(self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None = None) -> None:
-        self.prev_sample = prev_sample
-        self.pred_original_sample = pred_original_sample
-
-    def to_tuple(self) -> tuple:
-        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
-
-    def keys(self):
-        return [k for k in self.__slots__ if getattr(self, k) is not None]
-
-    def __getitem__(self, k):
-        if isinstance(k, str):
-            return getattr(self, k)
-        return self.to_tuple()[k]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(prev_sample=..., pred_original_sample=...)"

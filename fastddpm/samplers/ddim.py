@@ -7,17 +7,23 @@ this class does the same (arithmetic on the timestep, no table, no host synchron
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from .. import ops
-from ._common import (
-    ConfigMixin,
+from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it up in this module)
+    BaseOutput,
     DiffusersTables,
-    SchedulerOutput,
+    FastddpmSchedulerMixin,
+    SchedulerMixin,
     diffusers_betas,
+    first_invalid_timestep,
     host_timestep,
+    invalid_timestep_error,
     randn_like_diffusers,
+    register_to_config,
     spaced_timesteps,
     threshold_sample,
 )
@@ -28,25 +34,29 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-class DDIMSchedulerOutput(SchedulerOutput):
-    """Output of :meth:`DDIMScheduler.step`: ``prev_sample`` and ``pred_original_sample``."""
+@dataclass
+class DDIMSchedulerOutput(BaseOutput):
+    """Output of :meth:`DDIMScheduler.step`: ``prev_sample`` and ``pred_original_sample`` (diffusers'
+    BaseOutput, or a standalone copy of its behaviour without diffusers)."""
 
-    __slots__ = ()
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
 
 
-class DDIMScheduler(ConfigMixin):
+class DDIMScheduler(FastddpmSchedulerMixin):
     """Denoising diffusion implicit models (Song et al. 2021), diffusers-compatible.
 
     The same arguments, defaults and results as diffusers' DDIMScheduler (within float32 rounding; the
     tables are diffusers' float32 tables). Differences, deliberate: ``backend`` (keyword, not in the
     config); invalid prediction types are rejected at construction; where 1 - abar_prev - sigma^2 rounds
     below zero (eta > 1) it is taken as 0 where diffusers gives NaN; with ``thresholding`` the step runs
-    unfused in torch (the quantile needs a sort, and DDIM's eps must stay the unthresholded one).
+    unfused in torch (the quantile needs a sort, and DDIM's eps must stay the unthresholded one); betas
+    above 1 are accepted as diffusers accepts them, and a step where alphas_cumprod is negative (NaN in
+    diffusers) raises, naming the config. Where diffusers imports, this is a diffusers
+    ``SchedulerMixin``/``ConfigMixin`` (save/load, compatibles, from_config are diffusers' own).
     """
 
-    order = 1
-    _compatibles: list[str] = []
-
+    @register_to_config
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -73,25 +83,6 @@ class DDIMScheduler(ConfigMixin):
             )
         if clip_sample and not clip_sample_range > 0:
             raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
-        self._register_config(
-            dict(
-                num_train_timesteps=num_train_timesteps,
-                beta_start=beta_start,
-                beta_end=beta_end,
-                beta_schedule=beta_schedule,
-                trained_betas=trained_betas,
-                clip_sample=clip_sample,
-                set_alpha_to_one=set_alpha_to_one,
-                steps_offset=steps_offset,
-                prediction_type=prediction_type,
-                thresholding=thresholding,
-                dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                clip_sample_range=clip_sample_range,
-                sample_max_value=sample_max_value,
-                timestep_spacing=timestep_spacing,
-                rescale_betas_zero_snr=rescale_betas_zero_snr,
-            )
-        )
         self.backend = backend
         self.betas = diffusers_betas(
             num_train_timesteps,
@@ -105,6 +96,7 @@ class DDIMScheduler(ConfigMixin):
         )
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._first_invalid = first_invalid_timestep(self.alphas_cumprod)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.schedule = DiffusersTables(self.betas)
         self.init_noise_sigma = 1.0
@@ -171,6 +163,8 @@ class DDIMScheduler(ConfigMixin):
             if not 0 <= t_host < T:
                 raise IndexError(f"timestep: {t_host} is outside [0, {T}) (num_train_timesteps={T})")
             t, prev_t = t_host, max(t_host - stride, -1)
+            if t >= self._first_invalid:
+                raise invalid_timestep_error(t, self)
         else:
             t = timestep.to(device=sample.device, dtype=torch.int64).reshape(-1)
             if t.numel() == 1:

@@ -13,6 +13,8 @@ forces a synchronisation.
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,14 +27,18 @@ from ..ops._codes import PREDICTION_TYPES as _PREDICTION_CODES
 from ..ops._codes import VARIANCE_TYPES as _VARIANCE_CODES
 from ..ops.ddpm_step import generator_noise, randn_in_op
 from ..ops.ddpm_step import kernel as ddpm_step_kernel
-from ._common import (
-    ConfigMixin,
+from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it up in this module)
+    BaseOutput,
     DiffusersTables,
-    SchedulerOutput,
+    FastddpmSchedulerMixin,
+    SchedulerMixin,
     diffusers_betas,
+    first_invalid_timestep,
     host_timestep,
+    invalid_timestep_error,
     prev_table,
     randn_like_diffusers,
+    register_to_config,
     spaced_timesteps,
     threshold_sample,
 )
@@ -51,10 +57,16 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
 
 
-class DDPMSchedulerOutput(SchedulerOutput):
-    """Output of :meth:`DDPMScheduler.step`: ``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (x0)."""
+@dataclass
+class DDPMSchedulerOutput(BaseOutput):
+    """Output of :meth:`DDPMScheduler.step`: ``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (x0).
 
-    __slots__ = ()
+    diffusers' BaseOutput (a standalone copy of its behaviour without diffusers): attributes, ``out[0]``,
+    ``out["prev_sample"]``, keys/values/items and ``to_tuple()``.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
 
 
 class _TimestepTables:
@@ -85,6 +97,8 @@ class _TimestepTables:
                     f"expected one of {self.timesteps.tolist()[:8]}"
                     f"{' ...' if len(self.timesteps) > 8 else ''}"
                 )
+            if t_host >= self._first_invalid or prev >= self._first_invalid:
+                raise invalid_timestep_error(t_host if t_host >= self._first_invalid else prev, self)
             return t_host, prev, t_host
         # A tensor on the device (0-d, or one timestep per sample): one gather, no synchronisation.
         if timestep.dtype.is_floating_point:
@@ -110,21 +124,26 @@ class _TimestepTables:
         return tt, pt, None
 
 
-class DDPMScheduler(_TimestepTables, ConfigMixin):
+class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
     """Denoising diffusion probabilistic models (Ho et al. 2020), diffusers-compatible.
 
     Takes diffusers' DDPMScheduler arguments with the same defaults and meaning,
     and returns what diffusers returns within float32 rounding (the tables are
-    diffusers' own float32 tables; see fastddpm/samplers/_common.py).
+    diffusers' own float32 tables; see fastddpm/samplers/_common.py). Where
+    diffusers imports, this is a diffusers ``SchedulerMixin``/``ConfigMixin``:
+    save_pretrained/from_pretrained, pipelines' model_index.json, ``compatibles``
+    and ``from_config`` are diffusers' own.
 
     Differences from diffusers, all deliberate:
 
     * ``backend`` (keyword, not part of the config) picks the fused op's backend.
-    * Invalid settings (prediction_type, variance_type) are rejected when the
-      scheduler is built, not at the first step. Custom timesteps must also be
-      non-negative. ``variance_type="fixed_large_log"`` is accepted in the config
-      (diffusers has it) but step raises: diffusers computes sqrt(log beta_t),
-      which is NaN.
+    * An unknown prediction_type is rejected when the scheduler is built, not at
+      the first step. Custom timesteps must be non-negative.
+      ``variance_type="fixed_large_log"`` is accepted in the config (diffusers has
+      it) but step raises: diffusers computes sqrt(log beta_t), which is NaN. An
+      unknown variance_type steps as fixed_small, as in diffusers, with a warning.
+    * Betas above 1 are accepted as diffusers accepts them; a step at a timestep
+      whose alphas_cumprod is negative (NaN in diffusers) raises, naming the config.
     * With a timestep tensor on a CUDA device, t is not read on the host, so the
       noise of the final step (t = 0, where no noise is added) is still drawn from
       ``generator``; the result is the same, the generator ends one draw further.
@@ -132,9 +151,7 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
       the fused step takes the thresholded x0 (as prediction_type="sample").
     """
 
-    order = 1
-    _compatibles: list[str] = []
-
+    @register_to_config
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -156,8 +173,10 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
         backend: str = "auto",
     ) -> None:
         if variance_type not in VARIANCE_TYPES:
-            raise ValueError(
-                f"variance_type: expected one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}"
+            warnings.warn(
+                f"variance_type: {variance_type!r} is not one of {', '.join(VARIANCE_TYPES)}; stepping with "
+                "'fixed_small', as diffusers does",
+                stacklevel=3,
             )
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
@@ -169,25 +188,6 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
             raise ValueError(
                 f"dynamic_thresholding_ratio: expected a value in (0, 1], got {dynamic_thresholding_ratio}"
             )
-        self._register_config(
-            dict(
-                num_train_timesteps=num_train_timesteps,
-                beta_start=beta_start,
-                beta_end=beta_end,
-                beta_schedule=beta_schedule,
-                trained_betas=trained_betas,
-                variance_type=variance_type,
-                clip_sample=clip_sample,
-                prediction_type=prediction_type,
-                thresholding=thresholding,
-                dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                clip_sample_range=clip_sample_range,
-                sample_max_value=sample_max_value,
-                timestep_spacing=timestep_spacing,
-                steps_offset=steps_offset,
-                rescale_betas_zero_snr=rescale_betas_zero_snr,
-            )
-        )
         self.backend = backend
         self._kernels: dict[tuple, tuple] = {}  # (device, dtype, backend, env) -> (backend, op, table)
         self.betas = diffusers_betas(
@@ -202,6 +202,7 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
         )
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._first_invalid = first_invalid_timestep(self.alphas_cumprod)
         self.one = torch.tensor(1.0)
         self.schedule = DiffusersTables(self.betas)
         self.init_noise_sigma = 1.0
@@ -211,6 +212,7 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
         self.timesteps = torch.from_numpy(np.arange(0, T)[::-1].copy())
         self._set_prev_table(np.arange(T, dtype=np.int64) - 1)
         self.variance_type = variance_type
+        self._step_variance = variance_type if variance_type in VARIANCE_TYPES else "fixed_small"
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """DDPM does not scale the model input (kept for interchangeability)."""
@@ -275,6 +277,32 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
             return torch.tensor(int(self._prev_np[t]))
         return timestep - 1
 
+    def _get_variance(self, t, predicted_variance=None, variance_type=None) -> torch.Tensor:
+        """sigma_t^2 of the step from ``t`` (diffusers' helper, Ho et al. eqs. 6-7; for "learned_range"
+        Nichol & Dhariwal eq. 15 as a log-variance interpolation), from the float32 tables.
+
+        ``step`` does not call this: the fused op forms the same variance inline.
+        """
+        prev_t = int(self.previous_timestep(t))
+        t = int(t)
+        ab_t = self.alphas_cumprod[t]
+        ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        beta_t = 1 - ab_t / ab_prev
+        posterior = ((1 - ab_prev) / (1 - ab_t) * beta_t).clamp(min=1e-20)  # log is taken below
+        vt = self.config.variance_type if variance_type is None else variance_type
+        if vt == "fixed_small_log":
+            return torch.exp(0.5 * torch.log(posterior))
+        if vt == "fixed_large":
+            return beta_t
+        if vt == "fixed_large_log":
+            return torch.log(beta_t)
+        if vt == "learned":
+            return predicted_variance
+        if vt == "learned_range":
+            frac = (predicted_variance + 1) / 2
+            return frac * torch.log(beta_t) + (1 - frac) * torch.log(posterior)
+        return posterior  # fixed_small, and (as diffusers) any unknown name
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -296,7 +324,7 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
             raise TypeError(f"sample: expected a torch.Tensor, got {type(sample).__name__}")
         if not isinstance(model_output, torch.Tensor):
             raise TypeError(f"model_output: expected a torch.Tensor, got {type(model_output).__name__}")
-        vt = self.variance_type
+        vt = self._step_variance
         predicted_variance = None
         if vt in ("learned", "learned_range"):
             C = sample.shape[1] if sample.dim() > 1 else -1
@@ -363,7 +391,9 @@ class DDPMScheduler(_TimestepTables, ConfigMixin):
             prev, pred = torch.ops.fastddpm.ddpm_step_randn(
                 sample, model_output, tt, pt, ac, generator, _PREDICTION_CODES[prediction_type], vcode, clip, True
             )
-            return (prev, pred) if not return_dict else DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+            if not return_dict:
+                return prev, pred
+            return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
         else:
             z = generator_noise(sample, generator)
         prev, pred = fn(
