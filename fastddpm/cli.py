@@ -92,6 +92,9 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--timesteps: expected comma-separated integers, got {args.timesteps!r}") from exc
     if args.image_size < 8:
         raise UsageError(f"--image-size: expected at least 8, got {args.image_size}")
+    from ._io import IMAGE_FORMATS, check_output_file
+
+    check_output_file(args.out, "--out", tuple(IMAGE_FORMATS))
     path = forward_strip(args.out, ts, image_size=args.image_size, seed=args.seed, backend=args.backend)
     print(f"wrote {path}")
     return 0
