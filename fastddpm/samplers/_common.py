@@ -115,14 +115,18 @@ def diffusers_betas(
 
 
 def first_invalid_timestep(alphas_cumprod: torch.Tensor) -> int:
-    """The first timestep whose alphas_cumprod is negative or NaN (len(table) if none).
+    """The first timestep from which a step is NaN in diffusers (len(table) if none).
 
-    diffusers accepts betas above 1 (beta_end=2 is in its own tests), and so does fastddpm; from the
-    first beta > 1 on the cumulative product changes sign, its square root is NaN, and a step there
-    would return NaN. The schedulers raise at that step instead, naming the config fields.
+    diffusers accepts betas above 1 (beta_end=2 is in its own tests), and so does fastddpm. From the
+    first beta > 1 the cumulative product changes sign (no real square root), or it has underflowed to
+    0 already, and then alpha_t = abar_t / abar_prev is 0/0. A single zero at the end is legitimate
+    (rescale_betas_zero_snr with v_prediction). The schedulers raise at such a step, naming the config.
     """
-    bad = torch.nonzero(~(alphas_cumprod >= 0))
-    return int(bad[0, 0]) if bad.numel() else int(alphas_cumprod.shape[0])
+    ac = alphas_cumprod
+    bad = ~(ac >= 0)
+    bad[1:] |= (ac[1:] == 0) & (ac[:-1] == 0)
+    idx = torch.nonzero(bad)
+    return int(idx[0, 0]) if idx.numel() else int(ac.shape[0])
 
 
 def invalid_timestep_error(t: int, owner) -> ValueError:
@@ -133,9 +137,9 @@ def invalid_timestep_error(t: int, owner) -> ValueError:
     src = "trained_betas" if c.get("trained_betas") is not None else (
         f"beta_start={c['beta_start']}, beta_end={c['beta_end']}, beta_schedule={c['beta_schedule']!r}")
     return ValueError(
-        f"timestep: {t} cannot be stepped: the betas of this config ({src}) exceed 1 before it, so "
-        f"alphas_cumprod[{t}] = {float(owner.alphas_cumprod[t]):.4g} has no real square root (the step "
-        "would be NaN); every beta must be at most 1 up to the timesteps sampled"
+        f"timestep: {t} cannot be stepped: with the betas of this config ({src}) alphas_cumprod[{t}] = "
+        f"{float(owner.alphas_cumprod[t]):.4g} (a beta above 1 before it, or the product underflowed to 0), "
+        "so the step would be NaN; keep the betas in [0, 1) up to the timesteps sampled"
     )
 
 
@@ -156,7 +160,7 @@ class DiffusersTables(NoiseSchedule):
         self.beta_schedule = "diffusers"
         self.beta_start = float(betas[0])
         self.beta_end = float(betas[-1])
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # betas > 1 (see below)
             f64 = NoiseSchedule._compute_tables(betas.double().numpy())
         exact = {
             "betas": betas,
