@@ -34,6 +34,9 @@ class LoadedModel:
     steps: int | None = None
     source: str = ""
     info: dict = field(default_factory=dict)
+    # A diffusers folder's scheduler (fastddpm's class, its config honoured): sampling runs diffusers'
+    # pipeline loop with it instead of fastddpm.sample.
+    scheduler: object = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -96,35 +99,19 @@ def load_training_checkpoint(path: str, weights: str = "ema") -> LoadedModel:
 
 
 def load_diffusers_folder(path: str) -> LoadedModel:
-    from .compat.diffusers import config_from_diffusers, state_dict_from_diffusers
+    """A diffusers pipeline or UNet2DModel folder, through the one loader (fastddpm/compat/folder.py):
+    the UNet into a fastddpm.UNet, the scheduler config into fastddpm's scheduler, every field honoured
+    or refused with an error naming it."""
+    from .compat import folder as _folder
+    from .samplers._common import DiffusersTables
 
-    root = path
-    if os.path.isfile(os.path.join(path, "unet", "config.json")):
-        path = os.path.join(path, "unet")
-    with open(os.path.join(path, "config.json")) as f:
-        conf = json.load(f)
-    if conf.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"--ckpt: {path} holds a {conf.get('_class_name')}, not a UNet2DModel")
-    cfg = config_from_diffusers(conf)
-    st = os.path.join(path, "diffusion_pytorch_model.safetensors")
-    bn = os.path.join(path, "diffusion_pytorch_model.bin")
-    if os.path.isfile(st):
-        sd = _load_safetensors(st)
-    elif os.path.isfile(bn):
-        sd = torch.load(bn, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"--ckpt: no diffusion_pytorch_model.safetensors or .bin in {path}")
-    model = UNet(cfg)
-    model.load_state_dict({k: v.float() for k, v in state_dict_from_diffusers(sd).items()})
-    sched, pred = {}, "epsilon"
-    sc = os.path.join(root, "scheduler", "scheduler_config.json")
-    if os.path.isfile(sc):
-        with open(sc) as f:
-            s = json.load(f)
-        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
-        sched = {k: s[k] for k in keys if k in s}
-        pred = s.get("prediction_type", "epsilon")
-    return LoadedModel(model.eval(), _schedule(sched), pred, "ddpm", None, path, {"diffusers_config": conf})
+    f = _folder.read(path)
+    sched = _folder.load_scheduler(f)
+    model = _folder.load_unet(f)
+    sampler = "ddim" if type(sched).__name__ == "DDIMScheduler" else "ddpm"
+    return LoadedModel(model, DiffusersTables(sched.betas), sched.config["prediction_type"], sampler, None,
+                       f.root, {"diffusers_config": f.unet_config, "scheduler_config": dict(sched.config)},
+                       scheduler=sched)
 
 
 def load(model: str | None = None, ckpt: str | None = None, weights: str = "ema") -> LoadedModel:
@@ -140,7 +127,7 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str = "ema"
         raise FileNotFoundError(f"--ckpt: no such folder {ckpt!r}")
     has = lambda *p: os.path.exists(os.path.join(ckpt, *p))
     diffusers = has("config.json") and not has("state.json") and not has("checkpoints")
-    if diffusers or has("unet", "config.json"):
+    if diffusers or has("unet", "config.json") or has("model_index.json"):
         return load_diffusers_folder(ckpt)
     return load_training_checkpoint(ckpt, weights)
 

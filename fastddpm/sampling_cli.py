@@ -64,6 +64,24 @@ def generate(lm, n: int, batch_size: int, sampler: str, steps: int | None, seed:
     out = {}
     nb = math.ceil(n / batch_size)
     model = lm.model.to(device)
+    if getattr(lm, "scheduler", None) is not None:
+        # A diffusers folder: its scheduler config (every field honoured) in diffusers' pipeline loop, so
+        # batch i equals diffusers.DDPMPipeline(batch_size=b, generator=Generator().manual_seed(seed + i)).
+        from .compat.folder import switch_scheduler
+        from .samplers.pipeline import denoise
+
+        sched = switch_scheduler(lm.scheduler, sampler)
+        T = lm.schedule.num_train_timesteps
+        nsteps = steps or (T if sampler == "ddpm" else min(50, T))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm as bar
+        for i in range(rank, nb, world):
+            b = min(batch_size, n - i * batch_size)
+            x = denoise(model, sched, (b, C, H, W), torch.Generator().manual_seed(seed + i), nsteps, device,
+                        eta=eta if sampler == "ddim" else None, progress=bar)
+            out[i] = x.cpu()
+        return out
     for i in range(rank, nb, world):
         b = min(batch_size, n - i * batch_size)
         x = sample(model, (b, C, H, W), steps=steps, sampler=sampler, eta=eta, schedule=lm.schedule,

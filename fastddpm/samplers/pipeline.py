@@ -1,36 +1,36 @@
 """fastddpm.DDPMPipeline: a drop-in for diffusers.DDPMPipeline on fastddpm's schedulers.
 
 The same call and output as diffusers' (batch_size, generator, num_inference_steps, output_type
-"pil"/"np"/"pt", return_dict); the unet may be a fastddpm UNet or a diffusers UNet2DModel (patched with
-fastddpm.patch or not), the scheduler fastddpm's (or diffusers') DDPMScheduler or DDIMScheduler.
+"pil"/"np"/"pt"/"latent", return_dict); the unet may be a fastddpm UNet or a diffusers UNet2DModel
+(patched with fastddpm.patch or not), the scheduler fastddpm's (or diffusers') DDPMScheduler or
+DDIMScheduler. ``from_pretrained``/``save_pretrained`` read and write diffusers' folder layout
+(model_index.json, unet/, scheduler/), so diffusers' DDPMPipeline loads what this one saves and the
+reverse; the command line samples a folder through the same loader (fastddpm/compat/folder.py) and the
+same loop (:func:`denoise`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 
-from ._common import randn_like_diffusers
+from ._common import BaseOutput, randn_like_diffusers
 from .ddpm import DDPMScheduler
 from .sample import call_model
 
 __all__ = ["DDPMPipeline", "ImagePipelineOutput"]
 
 
-class ImagePipelineOutput:
+@dataclass
+class ImagePipelineOutput(BaseOutput):
     """``images``: a list of PIL images, a numpy array (B, H, W, C) or a tensor (B, C, H, W)."""
 
-    def __init__(self, images) -> None:
-        self.images = images
-
-    def to_tuple(self) -> tuple:
-        return (self.images,)
-
-    def __getitem__(self, k):
-        return self.images if k in (0, "images") else self.to_tuple()[k]
-
-    def __repr__(self) -> str:
-        return f"ImagePipelineOutput(images=<{type(self.images).__name__}>)"
+    images: Any
 
 
 def numpy_to_pil(images: np.ndarray):
@@ -43,6 +43,22 @@ def numpy_to_pil(images: np.ndarray):
     if images.shape[-1] == 1:
         return [Image.fromarray(im.squeeze(), mode="L") for im in images]
     return [Image.fromarray(im) for im in images]
+
+
+def denoise(unet, scheduler, shape, generator=None, num_inference_steps: int = 1000, device=None,
+            dtype=torch.float32, eta: float | None = None, progress=None) -> torch.Tensor:
+    """diffusers' DDPMPipeline loop: x_T drawn as diffusers' randn_tensor draws it from ``generator``, then
+    ``scheduler.step(unet(x, t), t, x, generator=generator)`` for every timestep. Returns x_0 in the
+    model's range ([-1, 1] for DDPM models), unclamped. ``eta`` is passed to a DDIM scheduler's step."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    x = randn_like_diffusers(shape, generator, device, dtype)
+    scheduler.set_timesteps(num_inference_steps)
+    kw = {} if eta is None else {"eta": eta}
+    ts = scheduler.timesteps
+    for t in (progress(ts) if progress is not None else ts):
+        model_output = call_model(unet, x, t)
+        x = scheduler.step(model_output, t, x, generator=generator, **kw).prev_sample
+    return x
 
 
 class DDPMPipeline:
@@ -59,6 +75,78 @@ class DDPMPipeline:
         self.unet = unet
         self.scheduler = scheduler if scheduler is not None else DDPMScheduler()
         self._progress = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # diffusers' folder layout
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, unet: str = "fastddpm", backend: str = "auto",
+                        **kwargs) -> DDPMPipeline:
+        """A pipeline from a local diffusers DDPMPipeline folder (model_index.json, unet/, scheduler/), or
+        a bare UNet2DModel folder (then diffusers' DDPMScheduler defaults).
+
+        ``unet="fastddpm"`` (default) loads the weights into a :class:`fastddpm.UNet`; ``unet="diffusers"``
+        loads diffusers' ``UNet2DModel`` and :func:`fastddpm.patch` es it (needs diffusers). The scheduler
+        becomes fastddpm's class of the same name with the same config; a field fastddpm cannot honour is
+        refused with an error naming it (fastddpm/compat/folder.py). ``backend`` picks the fused step's
+        backend. Hub ids are not supported (local folders only).
+        """
+        from ..compat import folder as _folder
+
+        if kwargs:
+            raise TypeError(f"from_pretrained: unsupported arguments {', '.join(sorted(kwargs))} (fastddpm "
+                            "reads local folders; pass a loaded unet/scheduler to DDPMPipeline(...) instead)")
+        f = _folder.read(pretrained_model_name_or_path)
+        if unet == "fastddpm":
+            model = _folder.load_unet(f)
+        elif unet == "diffusers":
+            import diffusers
+
+            from ..compat.diffusers import patch
+
+            model = patch(diffusers.UNet2DModel.from_pretrained(f.unet_dir).eval())
+        else:
+            raise ValueError(f"unet: expected 'fastddpm' or 'diffusers', got {unet!r}")
+        return cls(model, _folder.load_scheduler(f, backend=backend))
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write the pipeline in diffusers' layout: unet/ (config.json + diffusion_pytorch_model.safetensors
+        with UNet2DModel's keys), scheduler/scheduler_config.json and model_index.json, which names
+        diffusers' classes, so ``diffusers.DDPMPipeline.from_pretrained`` loads it without fastddpm.
+        Each file is written atomically; model_index.json last, so an interrupted save is no pipeline."""
+        from .._io import atomic_path
+        from ..models.unet import UNet
+        from ._common import write_text_atomic
+
+        root = os.fspath(save_directory)
+        if os.path.isfile(root):
+            raise ValueError(f"save_directory: {root} is a file, expected a folder")
+        unet_dir = os.path.join(root, "unet")
+        os.makedirs(unet_dir, exist_ok=True)
+        version = _diffusers_version()
+        if isinstance(self.unet, UNet):
+            from safetensors.torch import save_file
+
+            from ..compat.diffusers import config_to_diffusers, state_dict_to_diffusers
+
+            conf = {"_class_name": "UNet2DModel", "_diffusers_version": version}
+            conf.update({k: list(v) if isinstance(v, tuple) else v
+                         for k, v in config_to_diffusers(self.unet.config).items()})
+            sd = {k: v.detach().to("cpu").contiguous()
+                  for k, v in state_dict_to_diffusers(self.unet.state_dict()).items()}
+            with atomic_path(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")) as tmp:
+                save_file(sd, tmp, metadata={"format": "pt"})
+            write_text_atomic(os.path.join(unet_dir, "config.json"), json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        elif hasattr(self.unet, "save_pretrained"):  # a diffusers UNet2DModel, patched or not
+            self.unet.save_pretrained(unet_dir)
+        else:
+            raise TypeError(f"unet: cannot save a {type(self.unet).__name__} (expected a fastddpm UNet or a "
+                            "diffusers UNet2DModel)")
+        sched_name = type(self.scheduler).__name__
+        self.scheduler.save_pretrained(os.path.join(root, "scheduler"))
+        index = {"_class_name": "DDPMPipeline", "_diffusers_version": version,
+                 "scheduler": ["diffusers", sched_name], "unet": ["diffusers", "UNet2DModel"]}
+        write_text_atomic(os.path.join(root, "model_index.json"), json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     # diffusers' pipeline conveniences
     def set_progress_bar_config(self, **kwargs) -> None:
@@ -89,21 +177,21 @@ class DDPMPipeline:
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000,
                  output_type: str = "pil", return_dict: bool = True):
+        """Images as diffusers' DDPMPipeline makes them. ``output_type``: "pil", "np" ((B, H, W, C) in
+        [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent" (diffusers' DDPMPipeline has no latent space
+        and returns the numpy array for it; so does this one)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type: expected 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type: expected 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         cfg = self.unet.config
         size = cfg.sample_size
         if isinstance(size, int):
             shape = (batch_size, cfg.in_channels, size, size)
         else:
             shape = (batch_size, cfg.in_channels, *size)
-        image = randn_like_diffusers(shape, generator, self.device, self.dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_output = call_model(self.unet, image, t)
-            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+        image = denoise(self.unet, self.scheduler, shape, generator, num_inference_steps, self.device,
+                        self.dtype, progress=self.progress_bar)
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -112,3 +200,12 @@ class DDPMPipeline:
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+def _diffusers_version() -> str:
+    try:
+        import diffusers
+
+        return diffusers.__version__
+    except Exception:  # diffusers is optional; the files are diffusers' format all the same
+        return "0.30.0"
