@@ -1,6 +1,8 @@
 """The GPU suite: every op on every backend, correctness against float64 on the device, then timings.
 
-    python benchmarks/gpu_suite.py [--quick] [--csv PATH]
+    python benchmarks/gpu_suite.py [--quick] [--no-compile] [--csv PATH]
+    python benchmarks/gpu_suite.py --unet-only --batches 1,64 --dtypes float32,bfloat16 [--max-autotune]
+                                   [--budget SECONDS] [--csv PATH]
 
 On any CUDA GPU: measures the device's copy bandwidth and matmul rates first (fp32, tf32, bf16, fp16);
 for each op and shape (q_sample; ddpm_step with a noise tensor and with in-kernel Philox; ddim_step
@@ -9,10 +11,12 @@ backend (triton, cuda, torch eager, torch.compile, and SDPA called directly for 
 float64 reference on the device, with the same bounds as the CPU tests, then times it with
 triton.testing.do_bench (median ms), reporting GB/s (counting the minimum bytes the op must move) and
 TFLOP/s (attention), each also as a fraction of the measured copy bandwidth and matmul rate. It ends
-with the whole denoising step of the CIFAR-10 U-Net with and without a CUDA graph, a short table and
-optional CSV rows. Exit code 1 when any backend's result is outside its bound against float64 ("NO") or
-a row errored (each such row is listed on stderr, after the table and the CSV); 2 without a GPU, with a
-clear message.
+with the whole denoising step of the CIFAR-10 U-Net (eager, CUDA graph, and with --max-autotune the model
+under torch.compile(mode="max-autotune")), each row's images checked: eager's against the same run on the
+PyTorch path, the others' against eager's; then a short table and optional CSV rows. Exit code 1 when
+any backend's result is outside its bound against float64 ("NO") or a row errored (each such row is
+listed on stderr, after the table and the CSV); 2 without a GPU, or for a bad option, with a clear
+message.
 
 Everything but the GPU timing runs on a CPU too (tests/test_gpu_suite.py checks the planning, the inputs,
 the providers and the float64 references on the CPU backends and on the triton backend through Triton's
@@ -22,6 +26,7 @@ interpreter, the fractions, the table, the CSV and the exit code).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -305,7 +310,9 @@ def device_rates(dev) -> dict:
     return out
 
 
-def run(quick: bool, csv_path: str | None) -> list[dict]:
+def run(quick: bool, csv_path: str | None, compile: bool = True, unet: dict | None = None) -> list[dict]:
+    """The op rows (``compile``: with torch.compile providers), then the whole denoising step (``unet``:
+    keyword arguments of whole_step; default batch 16, fp32, eager and CUDA graph)."""
     dev = torch.device("cuda")
     dr = device_rates(dev)
     print(f"# {machine()}")
@@ -313,45 +320,121 @@ def run(quick: bool, csv_path: str | None) -> list[dict]:
           "bf16 {bf16_tflops:.0f}, fp16 {fp16_tflops:.0f} TFLOP/s".format(**dr), flush=True)
     rows = []
     for case in plan(quick):
-        for row in check_and_time(case, dev, bench_median, dr):
+        for row in check_and_time(case, dev, bench_median, dr, compile=compile):
             rows.append(row)
             print(row, flush=True)
-    rows += whole_step(dev)
+    rows += whole_step(dev, **(unet or {}))
+    _finish(rows, csv_path, dr)
+    return rows
+
+
+def run_unet(csv_path: str | None, **unet) -> list[dict]:
+    """Only the whole-step rows (``unet``: keyword arguments of whole_step)."""
+    print(f"# {machine()}", flush=True)
+    rows = whole_step(torch.device("cuda"), **unet)
+    _finish(rows, csv_path, {})
+    return rows
+
+
+def _finish(rows: list[dict], csv_path: str | None, dr: dict) -> None:
     print()
     print(render_table(rows))
     if csv_path:
         write_csv(csv_path, [{**r, **dr} for r in rows])
-    return rows
 
 
-def whole_step(dev, reps: int = 3) -> list[dict]:
-    """One denoising step of the CIFAR-10 U-Net at batch 16 (fastddpm.sample, 20 steps, median of ``reps``
-    runs after a warm-up), eager and replaying a CUDA graph of the step."""
-    rows = []
+# Bounds of the whole-step rows, max |out - ref| / max(max |ref|, 1) over the final images after `steps` steps.
+# Eager against the PyTorch path (every fused op through the float-by-float torch reference): the kernels round
+# differently, and 20 steps carry the differences along. CUDA graph and torch.compile against eager: the same
+# kernels replayed (graph), or the model's ops fused by Inductor (compile).
+UNET_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+UNET_REPLAY_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+UNET_PROVIDERS = ("eager", "cuda graph", "torch.compile max-autotune")
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _cifar10_unet(dev, dtype):
+    import fastddpm
+
+    return fastddpm.UNet.ddpm_cifar10().to(dev, dtype).eval()
+
+
+def whole_step(dev, batches=(16,), dtypes=(torch.float32,), providers=("eager", "cuda graph"), steps: int = 20,
+               reps: int = 3, deadline: float | None = None, model_fn=None, sample_fn=None, sync=None) -> list[dict]:
+    """Whole denoising steps of the CIFAR-10 U-Net (``model_fn(dev, dtype)``): ``fastddpm.sample`` with ``steps``
+    DDPM steps and in-kernel Philox noise (seed 0), per batch size and dtype and provider: "eager", "cuda
+    graph" (the step captured once and replayed), "torch.compile max-autotune" (the model compiled). Each row
+    is the median of ``reps`` timed runs after a warm-up (which also captures or compiles), in ms per step,
+    and checks its images: eager's against the same run with every fused op on the PyTorch path
+    (FASTDDPM_BACKEND=torch), the others' against eager's. Providers not started before ``deadline``
+    (time.monotonic()) are rows marked "skipped: out of time" (not failures)."""
+    model_fn = model_fn or _cifar10_unet
+    if sample_fn is None:
         import fastddpm
 
-        model = fastddpm.UNet.ddpm_cifar10().to(dev).eval()
-        steps = 20
-        for graph in (False, True):
-            kw = dict(steps=steps, seed=0, progress=False, device=dev, cuda_graph=graph)
-            ts = []
-            with torch.no_grad():
-                fastddpm.sample(model, (16, 3, 32, 32), **kw)  # warm-up (and capture)
-                for _ in range(reps):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    fastddpm.sample(model, (16, 3, 32, 32), **kw)
-                    torch.cuda.synchronize()
-                    ts.append(time.perf_counter() - t0)
-            rows.append(dict(op="unet+step", shape="16x3x32x32", dtype="float32",
-                             provider="cuda graph" if graph else "eager",
-                             ms=statistics.median(ts) / steps * 1e3, ok="-"))
-            print(rows[-1], flush=True)
-    except Exception as exc:  # noqa: BLE001
-        rows.append(dict(op="unet+step", shape="16x3x32x32", dtype="float32", provider="-",
-                         ok=f"error: {type(exc).__name__}: {str(exc)[:100]}"))
-        print(rows[-1], flush=True)
+        sample_fn = fastddpm.sample
+    sync = sync or (torch.cuda.synchronize if dev.type == "cuda" else (lambda: None))
+    rows = []
+    for B in batches:
+        for dt in dtypes:
+            shape = (B, 3, 32, 32)
+            base = dict(op="unet+step", shape="x".join(map(str, shape)), dtype=str(dt).replace("torch.", ""))
+            kw = dict(steps=steps, seed=0, noise="philox", progress=False, device=dev)
+            try:
+                model = model_fn(dev, dt)
+                with torch.no_grad(), _env("FASTDDPM_BACKEND", "torch"):
+                    ref = sample_fn(model, shape, **kw).double()
+            except Exception as exc:  # noqa: BLE001
+                rows.append({**base, "provider": "-", "ok": f"error: {type(exc).__name__}: {str(exc)[:100]}"})
+                print(rows[-1], flush=True)
+                continue
+            eager_out = None
+            for prov in providers:
+                row = {**base, "provider": prov}
+                if deadline is not None and time.monotonic() > deadline:
+                    rows.append({**row, "ok": "skipped: out of time"})
+                    print(rows[-1], flush=True)
+                    continue
+                try:
+                    m = torch.compile(model, mode="max-autotune") if prov.startswith("torch.compile") else model
+                    pkw = dict(kw, cuda_graph=prov == "cuda graph")
+                    with torch.no_grad():
+                        out = sample_fn(m, shape, **pkw)  # warm-up (and capture, or compilation)
+                        ts = []
+                        for _ in range(reps):
+                            sync()
+                            t0 = time.perf_counter()
+                            sample_fn(m, shape, **pkw)
+                            sync()
+                            ts.append(time.perf_counter() - t0)
+                    if prov == "eager":
+                        eager_out = out
+                        against, tol, row["vs"] = ref, UNET_TOL[dt], "torch path"
+                    elif eager_out is None:
+                        raise RuntimeError("no eager row to check against (list 'eager' first)")
+                    else:
+                        against, tol, row["vs"] = eager_out.double(), UNET_REPLAY_TOL[dt], "eager"
+                        if prov.startswith("torch.compile"):
+                            tol = UNET_TOL[dt]  # Inductor fuses and reorders the model's arithmetic
+                    row["err"] = error(out, against)
+                    row["ok"] = "yes" if row["err"] <= tol else "NO"
+                    row["ms"] = statistics.median(ts) / steps * 1e3
+                except Exception as exc:  # noqa: BLE001
+                    row["ok"] = f"error: {type(exc).__name__}: {str(exc)[:100]}"
+                rows.append(row)
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -373,16 +456,44 @@ def report_failures(rows: list[dict]) -> int:
     return 1
 
 
+def _csv_list(text: str, kind):
+    return tuple(kind(v) for v in text.split(",") if v)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes, two dtypes")
+    ap.add_argument("--no-compile", action="store_true", help="no torch.compile providers in the op rows")
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
+    ap.add_argument("--unet-only", action="store_true", help="only the whole-step rows of the CIFAR-10 U-Net")
+    ap.add_argument("--batches", default="16", help="whole-step batch sizes, comma-separated (default 16)")
+    ap.add_argument("--dtypes", default="float32", help="whole-step dtypes: float32,bfloat16,float16")
+    ap.add_argument("--max-autotune", action="store_true",
+                    help="whole-step rows of the model under torch.compile(mode='max-autotune') (and eager's, "
+                         "its check) instead of eager and CUDA graph")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds from start after which no new whole-step provider starts (its row says so)")
     args = ap.parse_args(argv)
+    start = time.monotonic()
+    try:
+        batches = _csv_list(args.batches, int)
+        dtypes = _csv_list(args.dtypes, lambda n: {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                                   "float16": torch.float16}[n])
+    except (ValueError, KeyError) as exc:
+        print(f"gpu_suite: --batches/--dtypes: cannot read {exc} (e.g. --batches 1,64 --dtypes float32,bfloat16)",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device is visible (torch.cuda.is_available() is False); "
               "run it on a machine with an NVIDIA GPU", file=sys.stderr)
         return 2
-    return report_failures(run(args.quick, args.csv))
+    # --max-autotune: eager (what the compiled model is checked against) and the compiled model
+    providers = (UNET_PROVIDERS[0], UNET_PROVIDERS[2]) if args.max_autotune else UNET_PROVIDERS[:2]
+    unet = dict(batches=batches, dtypes=dtypes, providers=providers,
+                deadline=start + args.budget if args.budget else None)
+    if args.unet_only:
+        return report_failures(run_unet(args.csv, **unet))
+    return report_failures(run(args.quick, args.csv, compile=not args.no_compile, unet=unet))
 
 
 if __name__ == "__main__":
