@@ -159,18 +159,20 @@ def test_error_metric():
 def test_exit_code_fails_on_a_wrong_or_failing_backend(monkeypatch, capsys, bad_ok):
     """main() on fake rows (the GPU run replaced): 0 only when every checked row is "yes" ("-": not checked)."""
     good = [dict(op="q_sample", shape="2x3x8x8", dtype="float32", provider="triton", ms=0.01, err=1e-7, ok="yes"),
-            dict(op="unet+step", shape="16x3x32x32", dtype="float32", provider="eager", ms=36.0, ok="-")]
+            dict(op="unet+step", shape="16x3x32x32", dtype="float32", provider="eager", ms=36.0, ok="yes"),
+            dict(op="unet+step", shape="1x3x32x32", dtype="float32", provider="torch.compile max-autotune",
+                 ok="skipped: out of time")]
     bad = dict(op="attention", shape="1x1x16x8", dtype="bfloat16", provider="cuda", ms=0.02, err=0.25, ok=bad_ok)
     rows: list[dict] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gpu_suite, "run", lambda quick, csv_path: list(rows))
+    monkeypatch.setattr(gpu_suite, "run", lambda quick, csv_path, **kw: list(rows))
     rows[:] = good
     assert gpu_suite.main(["--quick"]) == 0
     assert capsys.readouterr().err == ""
-    rows[:] = [good[0], bad, good[1]]
+    rows[:] = [good[0], bad, *good[1:]]
     assert gpu_suite.main(["--quick"]) == 1
     err = capsys.readouterr().err
-    assert "1 of 3 rows failed" in err and f"attention 1x1x16x8 bfloat16 cuda: {bad_ok}" in err
+    assert "1 of 4 rows failed" in err and f"attention 1x1x16x8 bfloat16 cuda: {bad_ok}" in err
     assert ("2.50e-01" in err) == (bad_ok == "NO") and "q_sample" not in err
 
 
@@ -181,3 +183,70 @@ def test_refuses_clearly_without_gpu():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert "no CUDA device" in r.stderr
+
+
+def _tiny_unet(dev, dtype):
+    import fastddpm
+
+    return fastddpm.UNet.tiny().to(dev, dtype).eval()
+
+
+def _sample_fn(corrupt: str | None = None):
+    """fastddpm.sample, except that cuda_graph=True runs eagerly (no GPU here) and the provider named by
+    ``corrupt`` ("eager" or "cuda graph") returns its images off by 1%."""
+    import fastddpm
+
+    def fn(model, shape, cuda_graph=False, **kw):
+        out = fastddpm.sample(model, shape, **kw)
+        reference_run = os.environ.get("FASTDDPM_BACKEND") == "torch"
+        which = "cuda graph" if cuda_graph else "eager"
+        return out * 1.01 if (which == corrupt and not reference_run) else out
+
+    return fn
+
+
+def test_whole_step_rows_check_their_images():
+    """The whole-step rows on the CPU with the tiny U-Net: eager against the PyTorch path (a real check:
+    the C++ kernels against the reference ops), the replayed provider against eager."""
+    rows = gpu_suite.whole_step(torch.device("cpu"), batches=(2,), dtypes=(torch.float32,),
+                                providers=("eager", "cuda graph"), steps=4, reps=1, model_fn=_tiny_unet,
+                                sample_fn=_sample_fn())
+    assert [(r["provider"], r["vs"], r["ok"]) for r in rows] == [("eager", "torch path", "yes"),
+                                                                  ("cuda graph", "eager", "yes")]
+    assert rows[0]["err"] > 0  # the kernels and the reference ops round differently: a comparison happened
+    assert all(r["ms"] > 0 and r["shape"] == "2x3x32x32" for r in rows)
+    assert not gpu_suite.failures(rows)
+
+
+@pytest.mark.parametrize("corrupt", ["eager", "cuda graph"])
+def test_whole_step_flags_wrong_images(corrupt):
+    rows = gpu_suite.whole_step(torch.device("cpu"), batches=(1,), dtypes=(torch.float32,),
+                                providers=("eager", "cuda graph"), steps=3, reps=1, model_fn=_tiny_unet,
+                                sample_fn=_sample_fn(corrupt))
+    bad = {r["provider"] for r in rows if r["ok"] == "NO"}
+    # a wrong eager run fails its own row; the graph row compares with it and fails too (its images are right)
+    assert bad == ({"eager", "cuda graph"} if corrupt == "eager" else {"cuda graph"})
+    assert gpu_suite.report_failures(rows) == 1
+
+
+def test_whole_step_out_of_time_is_a_skip_not_a_failure():
+    rows = gpu_suite.whole_step(torch.device("cpu"), batches=(1,), dtypes=(torch.float32,),
+                                providers=("eager", "cuda graph", "torch.compile max-autotune"), steps=2, reps=1,
+                                deadline=0.0, model_fn=_tiny_unet, sample_fn=_sample_fn())
+    assert [r["ok"] for r in rows] == ["skipped: out of time"] * 3
+    assert not gpu_suite.failures(rows)
+
+
+def test_bad_batches_or_dtypes_are_a_one_line_error(capsys):
+    assert gpu_suite.main(["--unet-only", "--batches", "1,x"]) == 2
+    assert gpu_suite.main(["--unet-only", "--dtypes", "float32,int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "--batches" in err
+
+
+def test_quick_without_compile_has_no_compile_providers():
+    case = _small(gpu_suite.plan(quick=True)[0])
+    sched, args = gpu_suite._inputs(case, torch.device("cpu"))
+    names = set(gpu_suite.providers(case, sched, args, backends=("cpu",), compile=False))
+    assert names == {"cpu", "torch eager"}
+    assert "torch.compile" in gpu_suite.providers(case, sched, args, backends=("cpu",), compile=True)
