@@ -119,7 +119,7 @@ def check_sample_args(args: argparse.Namespace) -> None:
     if model:  # built-in and exported models are safetensors files
         from .cli import require
 
-        require("safetensors", "sample --model")
+        require("safetensors", "sample (its models are safetensors files)")
 
 
 @command("sample", "sample images from a trained model (PNG grid, PNGs, .npz)", _args)
