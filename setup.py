@@ -119,20 +119,37 @@ def _extensions():
     for s in sources:
         _log(f"  source {s}")
 
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+
     class Build(BuildExtension):
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                # setuptools gives every editable build a fresh temporary folder, so each `pip install -e .`
+                # recompiled every source; in a fixed folder ninja recompiles only what changed.
+                self.build_temp = os.path.join(ROOT, "build", "editable-temp")
+
         def run(self):
+            # Written only when the extension is built (not by sdist or egg_info), next to the sources for
+            # an in-place/editable build and into the build folder for a wheel (build_py copied the
+            # package there before this command runs).
+            targets = [os.path.join(ROOT, "fastddpm")]
+            if not self.inplace and self.build_lib:
+                targets.append(os.path.join(self.build_lib, "fastddpm"))
+            for folder in targets:
+                _write_build_info(folder, with_cuda, why, archs)
             super().run()
             _log("built fastddpm._C with " + ("CPU + CUDA" if with_cuda else "CPU") + " kernels")
 
-    _write_build_info(with_cuda, why, os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else "")
     return [ext], {"build_ext": Build.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
-def _write_build_info(with_cuda: bool, why: str, archs: str) -> None:
+def _write_build_info(folder: str, with_cuda: bool, why: str, archs: str) -> None:
     """Record what this build compiled, for `fastddpm info` and the tests (atomic write)."""
     import torch
 
-    path = os.path.join(ROOT, "fastddpm", "_build_info.py")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "_build_info.py")
     text = (
         '"""Written by setup.py: what the installed fastddpm._C was built with."""\n'
         f"WITH_CUDA = {with_cuda!r}\n"
