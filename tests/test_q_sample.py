@@ -176,3 +176,39 @@ def test_q_sample_cuda_runtime(backend):
     xt = ops.q_sample(x0, t, eps, SCHED, backend=backend)
     ref = ops.q_sample(x0.double(), t, eps.double(), SCHED)
     assert_close_ref(xt, ref, torch.float32)
+
+
+def _cudart_of_extension():
+    """The CUDA runtime library fastddpm._C calls (the last error lives in that runtime instance)."""
+    import ctypes
+
+    import fastddpm._C as ext
+
+    maps = [ln.split()[-1] for ln in open("/proc/self/maps") if "libcudart" in ln]
+    ldd = __import__("subprocess").run(["ldd", ext.__file__], capture_output=True, text=True).stdout
+    linked = [p for p in maps if any(p in ln or p.split("/")[-1] in ln for ln in ldd.splitlines())]
+    path = (linked or maps or [None])[0]
+    if path is None:
+        pytest.skip("fastddpm._C links the CUDA runtime statically: cannot plant an error from outside")
+    return ctypes.CDLL(path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_an_earlier_cuda_error_is_not_blamed_on_the_op():
+    """A CUDA error left pending by an earlier call (here a failed cudaMalloc, planted through the runtime the
+    extension uses) is reported as an earlier operation's, consumed, and the next call runs."""
+    import ctypes
+
+    x0 = torch.randn(4, 3, 8, 8, device="cuda")
+    t = torch.randint(0, 1000, (4,), device="cuda")
+    sab, s1m = SCHED.sqrt_alphas_cumprod.cuda(), SCHED.sqrt_one_minus_alphas_cumprod.cuda()
+    args = (x0, x0, t, sab, s1m, False)
+    expected = torch.ops.fastddpm.q_sample(*args)[0]  # also warms the allocator: no CUDA call below but ours
+    torch.cuda.synchronize()
+    cudart = _cudart_of_extension()
+    ptr = ctypes.c_void_p()
+    assert cudart.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(1 << 62)) != 0  # out of memory: pending
+    with pytest.raises(RuntimeError, match=r"already pending before this op launched.*not by q_sample"):
+        torch.ops.fastddpm.q_sample(*args)
+    assert torch.equal(torch.ops.fastddpm.q_sample(*args)[0], expected)  # consumed, not inherited

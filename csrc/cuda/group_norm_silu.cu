@@ -307,8 +307,10 @@ int launch_group_norm_silu_fwd(int dtype, const void* x, void* y, float* mean, f
     const scalar_t* xp = static_cast<const scalar_t*>(x);
     scalar_t* yp = static_cast<scalar_t*>(y);
     stats_partial_kernel<scalar_t><<<static_cast<unsigned>(N * G * split), kThreads, 0, stream>>>(xp, p1, p2, g);
+    FASTDDPM_RETURN_IF_LAUNCH_FAILED();
     stats_final_kernel<scalar_t><<<static_cast<unsigned>((N * G + 127) / 128), 128, 0, stream>>>(
         xp, p1, p2, mean, rstd, g, eps);
+    FASTDDPM_RETURN_IF_LAUNCH_FAILED();
     const bool vec = aligned16<scalar_t>(x, total) && aligned16<scalar_t>(y, total);
     const int blocks = grid_for(vec ? total / Pack<scalar_t>::kN : total, kThreads, 1);
     if (silu)
@@ -336,8 +338,10 @@ int launch_group_norm_silu_bwd(int dtype, const void* dy, const void* x, void* d
       bwd_partial_kernel<scalar_t, true><<<pblocks, kThreads, 0, stream>>>(xp, dyp, mean, rstd, w, b, pa, pb, g);
     else
       bwd_partial_kernel<scalar_t, false><<<pblocks, kThreads, 0, stream>>>(xp, dyp, mean, rstd, w, b, pa, pb, g);
+    FASTDDPM_RETURN_IF_LAUNCH_FAILED();
     const int64_t ct = N * G + C;
     bwd_coef_kernel<<<static_cast<unsigned>((ct + 127) / 128), 128, 0, stream>>>(pa, pb, rstd, w, c1, c2, dw, db, g);
+    FASTDDPM_RETURN_IF_LAUNCH_FAILED();
     if (total > 0) {
       const bool vec = aligned16<scalar_t>(x, total) && aligned16<scalar_t>(dy, total) &&
                        aligned16<scalar_t>(dx, total);

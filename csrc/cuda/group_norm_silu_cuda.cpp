@@ -69,19 +69,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({N, G}, f32), rstd = at::empty({N, G}, f32);
-  if (HW == 0) {
+  if (x.numel() == 0) {  // no sample, no channel or no position: empty groups, the CPU kernel's statistics
     mean.fill_(0.0);
     rstd.fill_(1.0 / std::sqrt(eps));
     return {y, mean, rstd};
   }
   at::Tensor p1 = at::empty({N * G * split}, f32), p2 = at::empty({N * G * split}, f32);
   const at::Tensor w = param_f32(weight), b = param_f32(bias);
-  check_launch(cuda::launch_group_norm_silu_fwd(cuda_dtype_code(x), x.data_ptr(), y.data_ptr(),
-                                                mean.data_ptr<float>(), rstd.data_ptr<float>(), ptr(w), ptr(b),
-                                                p1.data_ptr<float>(), p2.data_ptr<float>(), N, C, G, HW, cl,
-                                                silu, static_cast<float>(eps), split, s_per,
-                                                c10::cuda::getCurrentCUDAStream()),
-               "group_norm_silu_fwd");
+  launch_checked("group_norm_silu_fwd", [&] {
+    return cuda::launch_group_norm_silu_fwd(cuda_dtype_code(x), x.data_ptr(), y.data_ptr(), mean.data_ptr<float>(),
+                                            rstd.data_ptr<float>(), ptr(w), ptr(b), p1.data_ptr<float>(),
+                                            p2.data_ptr<float>(), N, C, G, HW, cl, silu, static_cast<float>(eps),
+                                            split, s_per, c10::cuda::getCurrentCUDAStream());
+  });
   return {y, mean, rstd};
 }
 
@@ -117,13 +117,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_c
   at::Tensor dw = at::empty({C}, f32), db = at::empty({C}, f32);
   const at::Tensor w = param_f32(weight), b = param_f32(bias);
   const auto mc = mean.contiguous(), rc = rstd.contiguous();
-  check_launch(cuda::launch_group_norm_silu_bwd(cuda_dtype_code(x), dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
-                                                mc.data_ptr<float>(), rc.data_ptr<float>(), ptr(w), ptr(b),
-                                                pa.data_ptr<float>(), pb.data_ptr<float>(), c1.data_ptr<float>(),
-                                                c2.data_ptr<float>(), dw.data_ptr<float>(), db.data_ptr<float>(),
-                                                N, C, G, HW, cl, silu, split, s_per,
-                                                c10::cuda::getCurrentCUDAStream()),
-               "group_norm_silu_bwd");
+  if (x.numel() == 0) {  // sums over no element: zero weight and bias gradients, as the CPU kernel gives
+    dw.zero_();
+    db.zero_();
+  } else {
+    launch_checked("group_norm_silu_bwd", [&] {
+      return cuda::launch_group_norm_silu_bwd(cuda_dtype_code(x), dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
+                                              mc.data_ptr<float>(), rc.data_ptr<float>(), ptr(w), ptr(b),
+                                              pa.data_ptr<float>(), pb.data_ptr<float>(), c1.data_ptr<float>(),
+                                              c2.data_ptr<float>(), dw.data_ptr<float>(), db.data_ptr<float>(), N,
+                                              C, G, HW, cl, silu, split, s_per, c10::cuda::getCurrentCUDAStream());
+    });
+  }
   const bool hw = weight.has_value() && weight->defined(), hb = bias.has_value() && bias->defined();
   at::Tensor dshift = at::empty({0}, x.options());
   if (shift.has_value() && shift->defined()) {

@@ -29,11 +29,12 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0, const at:
   at::Tensor v = with_v ? at::empty_like(xin) : at::empty({0}, x0.options());
   const int64_t B = x0.size(0);
   if (B > 0 && x0.numel() > 0) {
-    check_launch(cuda::launch_q_sample(cuda_dtype_code(x0), xin.data_ptr(), ein.data_ptr(), xt.data_ptr(),
-                                       with_v ? v.data_ptr() : nullptr, tc.data_ptr<int64_t>(),
-                                       ta.data_ptr<float>(), tb.data_ptr<float>(), ta.size(0), B,
-                                       x0.numel() / B, c10::cuda::getCurrentCUDAStream()),
-                 "q_sample");
+    launch_checked("q_sample", [&] {
+      return cuda::launch_q_sample(cuda_dtype_code(x0), xin.data_ptr(), ein.data_ptr(), xt.data_ptr(),
+                                   with_v ? v.data_ptr() : nullptr, tc.data_ptr<int64_t>(), ta.data_ptr<float>(),
+                                   tb.data_ptr<float>(), ta.size(0), B, x0.numel() / B,
+                                   c10::cuda::getCurrentCUDAStream());
+    });
   }
   if (!direct) {
     const auto fmt = x0.suggest_memory_format();

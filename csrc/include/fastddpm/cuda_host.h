@@ -20,8 +20,28 @@ inline int cuda_dtype_code(const at::Tensor& x) {
   return -1;
 }
 
+// A CUDA error pending before an op launches belongs to an earlier operation (the runtime keeps the last
+// error of any call until someone reads it): raise it as such, consuming it, so that the op's own check
+// after its launch sees only its own launches and the next op does not inherit it either. Peeking first
+// leaves a clean state untouched (a sticky error, such as a device-side assertion, stays pending anyway).
+inline void check_no_pending_error(const char* op) {
+  if (cudaPeekAtLastError() == cudaSuccess) return;
+  const cudaError_t e = cudaGetLastError();
+  TORCH_CHECK(e == cudaSuccess, op, ": a CUDA error was already pending before this op launched its kernels ",
+              "(raised by an earlier operation, not by ", op, "): ", cudaGetErrorString(e));
+}
+
+// `err`: what a launcher of cuda_launch.h returned right after its own launches.
 inline void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, op, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+// check_no_pending_error, then `launch()` (a launcher call returning its cudaError_t as an int), then
+// check_launch: an error is reported by the op that caused it.
+template <typename F>
+inline void launch_checked(const char* op, F&& launch) {
+  check_no_pending_error(op);
+  check_launch(launch(), op);
 }
 
 }  // namespace fastddpm

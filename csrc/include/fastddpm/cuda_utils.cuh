@@ -38,6 +38,16 @@ inline int grid_for(int64_t n, int threads, int per_thread = 4) {
 }  // namespace cuda
 }  // namespace fastddpm
 
+// Inside a launcher (which returns its cudaError_t as an int): read the launch error right after each
+// launch, so that a launcher of several kernels returns the first failing one's and never runs the rest
+// on a failed launch's (unwritten) outputs. The caller has consumed any earlier error first
+// (check_no_pending_error in cuda_host.h), so what is read here is this launch's.
+#define FASTDDPM_RETURN_IF_LAUNCH_FAILED()                  \
+  do {                                                      \
+    const cudaError_t fastddpm_launch_err = cudaGetLastError(); \
+    if (fastddpm_launch_err != cudaSuccess) return static_cast<int>(fastddpm_launch_err); \
+  } while (0)
+
 // Dispatch on DType with `scalar_t` bound in the body.
 #define FASTDDPM_CUDA_DISPATCH(dt, ...)                                  \
   do {                                                                   \
