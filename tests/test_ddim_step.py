@@ -137,6 +137,46 @@ def test_ddim_step_layouts_and_noise_modes(dev):
     assert torch.equal(g.get_state(), torch.Generator(device=dev).manual_seed(0).get_state())
 
 
+@pytest.mark.parametrize("dev", DEVICES, ids=str)
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_any_negative_prev_t_is_the_final_alpha_as_diffusers(dev, set_alpha_to_one):
+    # diffusers' DDIM reads every prev_t < 0 as the final alpha (1, or abar_0 with set_alpha_to_one=False):
+    # with 50 of 1000 steps the last step goes from t = 0 to prev_t = -20.
+    from diffusers import DDIMScheduler as DiffusersDDIM
+
+    d = DiffusersDDIM(num_train_timesteps=1000, set_alpha_to_one=set_alpha_to_one, clip_sample=False)
+    d.set_timesteps(50)
+    assert int(d.timesteps[-1]) == 0
+    final = float(d.final_alpha_cumprod)
+    g = torch.Generator().manual_seed(31 + set_alpha_to_one)
+    x, m, z = (torch.randn(3, 2, 5, 4, generator=g) for _ in range(3))
+    t, pt = torch.tensor([0, 15, 40]), torch.tensor([-20, -3, -1000])
+    kw = dict(eta=0.6, final_alpha_cumprod=final)
+    ref = ops.ddim_step(x.double(), m.double(), t, SCHED, pt, noise=z.double(), backend="torch", **kw)
+    # float64 eq. 12 written out at abar_prev = final (on the float32 table the kernels read; near t = 0 its
+    # rounding alone moves 1 - abar_t by 3e-4 relative)
+    ab = SCHED.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    x0 = (x.double() - (1 - ab).sqrt() * m.double()) / ab.sqrt()
+    std = 0.6 * ((1 - final) / (1 - ab) * (1 - ab / final)).clamp(min=0).sqrt()  # 0 at t = 0 (see reference)
+    want64 = final**0.5 * x0 + (1 - final - std**2).sqrt() * m.double() + std * z.double()
+    ab64 = SCHED.table("alphas_cumprod", dtype=torch.float64)[t].view(-1, 1, 1, 1)
+    x0_64 = (x.double() - (1 - ab64).sqrt() * m.double()) / ab64.sqrt()
+    std64 = 0.6 * ((1 - final) / (1 - ab64) * (1 - ab64 / final)).clamp(min=0).sqrt()
+    ref64 = final**0.5 * x0_64 + (1 - final - std64**2).sqrt() * m.double() + std64 * z.double()
+    torch.testing.assert_close(ref, ref64, rtol=1e-12, atol=1e-12)  # the reference on the float64 table
+    x, m, z, t, pt = (u.to(dev) for u in (x, m, z, t, pt))
+    want = d.step(m.cpu()[:1], 0, x.cpu()[:1], eta=0.6, variance_noise=z.cpu()[:1]).prev_sample
+    for b in backends_for(dev, "ddim_step"):
+        out = ops.ddim_step(x, m, t, SCHED, pt, noise=z, backend=b, **kw)
+        k = forward_scale(x, m, t, pt, 0.6, "epsilon", final)[1] + z.double().abs()
+        assert err_ratio(out, want64.to(dev), k) < 1e-6, b
+        for i in range(3):  # bit for bit the prev_t = -1 result on each backend
+            one = ops.ddim_step(x[i:i + 1], m[i:i + 1], int(t[i]), SCHED, -1, noise=z[i:i + 1], backend=b, **kw)
+            assert torch.equal(out[i:i + 1], one), (b, i)
+        got = ops.ddim_step(x[:1], m[:1], 0, SCHED, -20, noise=z[:1], backend=b, **kw)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_ddim_step_fake_tensor():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -214,6 +214,35 @@ def test_respaced_prev_t():
         assert forward_error_ratio(out, ref, x, m, z, t, prev_t=prev_t) <= 1e-6, backend
 
 
+@pytest.mark.parametrize("device,backend", list(_cases()))
+def test_any_negative_prev_t_is_the_end_as_diffusers(device, backend):
+    # diffusers reads every prev_t < 0 as "before the first step" (DDPMScheduler.step: alphas_cumprod[prev_t]
+    # if prev_t >= 0 else one); with 50 of 1000 steps DDIM's t = 0 steps to prev_t = t - 20 = -20, and a
+    # caller's own table may step from t > 0 to below 0.
+    from diffusers import DDPMScheduler as DiffusersDDPM
+
+    x, m, z, _, _ = _inputs((3, 2, 5, 4), torch.float32, device, 7)
+    t = torch.tensor([0, 15, 40], device=device)
+    prev_t = torch.tensor([-20, -3, -1000], device=device)
+    out, x0 = ops.ddpm_step(x, m, t, SCHED, prev_t, noise=z, backend=backend, return_pred_original=True)
+    # float64, written out with abar_prev = 1: beta = 1 - abar_t, mean = x0 (eq. 7 with abar_prev = 1),
+    # sigma^2 = 0 (the posterior variance carries 1 - abar_prev) and no noise at t = 0.
+    ab = SCHED.table("alphas_cumprod", dtype=torch.float64)[t.cpu()].view(-1, 1, 1, 1).to(device)
+    x0_64 = (x.double() - (1 - ab).sqrt() * m.double()) / ab.sqrt()
+    assert scaled_err(x0, x0_64) <= FP32_BOUND
+    assert scaled_err(out, x0_64) <= FP32_BOUND
+    for i in range(3):  # the same numbers as prev_t = -1, bit for bit, on each backend
+        one = ops.ddpm_step(x[i:i + 1], m[i:i + 1], int(t[i]), SCHED, -1, noise=z[i:i + 1], backend=backend)
+        assert torch.equal(out[i:i + 1], one), (backend, i)
+    # diffusers' own last step of a 50-step schedule (its prev_t there is negative: abar_prev = 1)
+    d = DiffusersDDPM(num_train_timesteps=1000, clip_sample=False)
+    d.set_timesteps(50)
+    assert int(d.timesteps[-1]) == 0 and int(d.previous_timestep(0)) < 0
+    want = d.step(m.cpu()[:1], 0, x.cpu()[:1]).prev_sample
+    got = ops.ddpm_step(x[:1], m[:1], 0, SCHED, -20, noise=z[:1], backend=backend)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_philox_streams_identical_across_backends():
     from fastddpm.triton_kernels.ddpm_step import philox_bits_triton  # noqa: F401  (interpreter or GPU)
 
@@ -369,7 +398,8 @@ def test_ddpm_step_opcheck_and_compile():
         (dict(t=torch.tensor([3.0, 1.0])), TypeError, "t: expected an integer"),
         (dict(prev_t=torch.tensor([5, 5]), t=torch.tensor([5, 6])), ValueError, "prev_t"),
         (dict(prev_t=10, t=10), ValueError, "prev_t: expected prev_t < t"),
-        (dict(prev_t=-2, t=10), ValueError, "prev_t: expected a timestep in"),
+        (dict(prev_t=1000, t=10), ValueError, "prev_t: expected a timestep in"),
+        (dict(prev_t=torch.tensor([-5, 1000]), t=10), ValueError, "prev_t: expected timesteps in"),
         (dict(model_output=torch.randn(2, 3, 4)), ValueError, "model_output: expected shape"),
         (dict(noise=torch.randn(1, 3, 4, 4)), ValueError, "noise: expected shape"),
         (dict(noise="gaussian"), ValueError, "noise"),

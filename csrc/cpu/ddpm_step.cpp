@@ -108,8 +108,9 @@ std::vector<StepCoeffs> step_coeffs(const at::Tensor& t, const at::Tensor& prev_
   for (int64_t b = 0; b < B; ++b) {
     const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
     TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
-    TORCH_CHECK(pb >= -1 && pb < tb, "prev_t: expected -1 <= prev_t < t (", tb, "), got ", pb,
-                " at index ", b);
+    // Any prev_t < 0 is the end of the chain, abar_prev = 1 (diffusers: t = 0 steps to -20 with 50 of
+    // 1000 steps).
+    TORCH_CHECK(pb < tb, "prev_t: expected prev_t < t (", tb, "), got ", pb, " at index ", b);
     coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0);
   }
   return coeffs;

@@ -66,19 +66,22 @@ def int_timesteps(t: int, batch: int, device: torch.device) -> torch.Tensor:
     return v
 
 
-def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allow_minus_one: bool = False):
+def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allow_negative: bool = False):
     """``t`` as an int64 tensor of shape (batch,) on ``device``, range-checked.
 
     Accepts a Python int, a 0-d tensor (broadcast over the batch) or a tensor of
     shape (batch,). The range is checked on the host for CPU tensors and with an
     asynchronous device assertion (no host synchronisation) for CUDA tensors.
+    ``allow_negative`` (prev_t): any value below 0 means "before the first step", as
+    diffusers reads it (50 of 1000 steps: t = 0 steps to prev_t = -20).
     """
-    lo = -1 if allow_minus_one else 0
+    lo = None if allow_negative else 0
+    rng = f"(-inf, {T})" if allow_negative else f"[0, {T})"
     if isinstance(t, bool):
         raise TypeError(f"{name}: expected an integer timestep, got bool")
     if isinstance(t, int):
-        if not lo <= t < T:
-            raise ValueError(f"{name}: expected a timestep in [{lo}, {T}), got {t}")
+        if not (lo is None or lo <= t) or not t < T:
+            raise ValueError(f"{name}: expected a timestep in {rng}, got {t}")
         return int_timesteps(t, batch, device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected an int or an integer tensor, got {type(t).__name__}")
@@ -96,11 +99,12 @@ def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allo
         # and the Triton/CUDA kernels clamp their table reads.
         return t
     if t.device.type == "cpu":
-        if t.numel() and (int(t.min()) < lo or int(t.max()) >= T):
-            bad = t[(t < lo) | (t >= T)][0].item()
-            raise ValueError(f"{name}: expected timesteps in [{lo}, {T}), got {bad}")
+        if t.numel() and ((lo is not None and int(t.min()) < lo) or int(t.max()) >= T):
+            bad = t[(t >= T) if lo is None else ((t < lo) | (t >= T))][0].item()
+            raise ValueError(f"{name}: expected timesteps in {rng}, got {bad}")
     else:
-        torch._assert_async(((t >= lo) & (t < T)).all(), f"{name}: timesteps outside [{lo}, {T})")
+        ok = (t < T) if lo is None else ((t >= lo) & (t < T))
+        torch._assert_async(ok.all(), f"{name}: timesteps outside {rng}")
     return t
 
 

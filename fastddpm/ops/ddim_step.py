@@ -65,8 +65,8 @@ def ddim_step(
         model_output: the model's prediction, same shape/dtype/device.
         t: per-sample timesteps (int64 (B,), or an int for all), in [0, T).
         schedule: the :class:`~fastddpm.NoiseSchedule` (its ``alphas_cumprod`` table).
-        prev_t: the timestep stepped to (-1: the end, where abar_prev = ``final_alpha_cumprod``);
-            default t - 1.
+        prev_t: the timestep stepped to; default t - 1. Any prev_t < 0 is the end, where abar_prev =
+            ``final_alpha_cumprod``, as diffusers reads it (50 of 1000 steps: t = 0 steps to -20).
         eta: the DDIM eta (>= 0). Noise is drawn and added only when eta > 0.
         noise: z. A tensor; None to draw ``torch.randn(sample.shape, generator=generator)`` as diffusers;
             "philox" for in-kernel noise from ``seed`` and ``offset`` (as ddpm_step); "none".
@@ -97,7 +97,7 @@ def ddim_step(
     if prev_t is None:
         pt = tt - 1
     else:
-        pt = _checks.timesteps(prev_t, B, sample.device, T, name="prev_t", allow_minus_one=True)
+        pt = _checks.timesteps(prev_t, B, sample.device, T, name="prev_t", allow_negative=True)
         if pt.device.type == "cpu" and bool((pt >= tt).any()):
             raise ValueError("prev_t: expected prev_t < t for every sample")
     if clip_sample and not clip_sample_range > 0:

@@ -56,7 +56,8 @@ def ddpm_step(
         t: per-sample timesteps (int64 (B,), or an int for all), in [0, T).
         schedule: the :class:`~fastddpm.NoiseSchedule`.
         prev_t: the timestep stepped to (default t - 1; respaced schedules pass
-            their own; -1 means the end of the chain, abar = 1).
+            their own). Any prev_t < 0 is the end of the chain, where abar_prev = 1, as
+            diffusers reads it: with 50 of 1000 steps, t = 0 steps to prev_t = -20.
         noise: z. A tensor (same shape as ``sample``); None to draw
             ``torch.randn(sample.shape, generator=generator)`` as diffusers does;
             "philox" to generate z inside the kernel from ``seed`` and ``offset``
@@ -97,7 +98,7 @@ def ddpm_step(
     if prev_t is None:
         pt = _checks.int_timesteps(t - 1, B, device) if type(t) is int else tt - 1
     else:
-        pt = _checks.timesteps(prev_t, B, device, T, name="prev_t", allow_minus_one=True)
+        pt = _checks.timesteps(prev_t, B, device, T, name="prev_t", allow_negative=True)
         if type(t) is int and type(prev_t) is int:
             if not prev_t < t:
                 raise ValueError(f"prev_t: expected prev_t < t, got prev_t={prev_t}, t={t}")

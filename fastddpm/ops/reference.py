@@ -280,7 +280,9 @@ def ddim_step(
         eps = ab_t**0.5 * m + beta_prod_t**0.5 * x
     if clip_range > 0:
         x0 = x0.clamp(-clip_range, clip_range)
-    variance = (1 - ab_prev) / beta_prod_t * (1 - ab_t / ab_prev)
+    # clamped at 0 as the kernels clamp it: at t = 0 with set_alpha_to_one=False, abar_prev is abar_0 rounded to
+    # float32, and against the float64 table 1 - abar_t / abar_prev rounds to a tiny negative number
+    variance = ((1 - ab_prev) / beta_prod_t * (1 - ab_t / ab_prev)).clamp(min=0)
     std = eta * variance**0.5
     if use_clipped_model_output:
         eps = (x - ab_t**0.5 * x0) / beta_prod_t**0.5
