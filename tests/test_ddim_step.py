@@ -177,6 +177,70 @@ def test_ddim_any_negative_prev_t_is_the_final_alpha_as_diffusers(dev, set_alpha
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+def ddim_eq12_clipped_eps(x, m, ab_t, ab_prev, eta, z, pred_type, clip):
+    """Song et al. 2021 eq. 12 in float64 with consistent clipping, written from the paper: x0 from the
+    model's output, clipped to [-clip, clip]; eps recomputed from the clipped x0 so that x_t =
+    sqrt(abar_t) x0 + sqrt(1 - abar_t) eps still holds; then
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z."""
+    x, m = x.double(), m.double()
+    a, s = ab_t.sqrt(), (1 - ab_t).sqrt()
+    x0 = {"epsilon": (x - s * m) / a, "sample": m, "v_prediction": a * x - s * m}[pred_type]
+    x0 = x0.clamp(-clip, clip)
+    eps = (x - a * x0) / s
+    sigma = eta * ((1 - ab_prev) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_prev).clamp(min=0).sqrt()
+    return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).sqrt() * eps + sigma * z.double(), x0, (a, s)
+
+
+@pytest.mark.parametrize("dev", DEVICES, ids=str)
+@pytest.mark.parametrize("pred_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_consistent_clip_matches_float64_eq12(dev, pred_type, eta):
+    # use_clipped_model_output=True (issue 17, fastddpm.sample's default): the direction to x_t uses the
+    # eps of the clipped x0, on every backend, against the float64 eq. 12 above.
+    B = 6
+    g = torch.Generator().manual_seed(zlib.crc32(repr((pred_type, eta)).encode()))
+    x = torch.randn(B, 3, 7, 5, generator=g) * 1.5
+    m = torch.randn(B, 3, 7, 5, generator=g) * 1.5
+    z = torch.randn(B, 3, 7, 5, generator=g)
+    t = torch.tensor([999, 700, 300, 60, 5, 1])
+    pt = torch.tensor([950, 640, 250, 10, -1, -20])
+    f32 = float(SCHED.alphas_cumprod[0])
+    # the float32 table the kernels read, in float64: near t = 0, 1 - abar_t is 1e-4, and the table's
+    # rounding (3e-8) alone moves it by 3e-4 relative; this test is about the kernels' arithmetic
+    ac = SCHED.alphas_cumprod.double()
+    ab_t = ac[t].view(-1, 1, 1, 1)
+    ab_prev = torch.where(pt >= 0, ac[pt.clamp(min=0)], torch.tensor(f32, dtype=torch.float64)).view(-1, 1, 1, 1)
+    want, want_x0, (a, s) = ddim_eq12_clipped_eps(x, m, ab_t, ab_prev, eta, z, pred_type, 1.0)
+    raw_x0 = {"epsilon": (x.double() - s * m.double()) / a, "sample": m.double(),
+              "v_prediction": a * x.double() - s * m.double()}[pred_type]
+    assert (raw_x0.abs() > 1).double().mean() > 0.1  # the clip is active on many elements
+    # fp32 forward-error scale of the kernel's expression: K = sqrt(abar_prev) K_x0 + c_eps K_eps + sigma |z|,
+    # K_x0 the scale of x0's own evaluation (before the clip) and K_eps = (|x| + sqrt(abar_t) K_x0) /
+    # sqrt(1 - abar_t): eps = (x - sqrt(abar_t) x0) / sqrt(1 - abar_t) cancels where x0 is not clipped
+    k_x0 = forward_scale(x, m, t, pt, eta, pred_type, f32)[0]
+    k_eps = (x.double().abs() + a * k_x0) / s
+    k = ab_prev.sqrt() * k_x0 + (1 - ab_prev).sqrt() * k_eps + z.double().abs()
+    # the torch backend is the float64 reference: on float64 inputs (and table) against eq. 12 on that table
+    ac64 = SCHED.table("alphas_cumprod", dtype=torch.float64)
+    ap64 = torch.where(pt >= 0, ac64[pt.clamp(min=0)], torch.tensor(f32, dtype=torch.float64)).view(-1, 1, 1, 1)
+    want64 = ddim_eq12_clipped_eps(x, m, ac64[t].view(-1, 1, 1, 1), ap64, eta, z, pred_type, 1.0)[0]
+    ref = ops.ddim_step(x.double(), m.double(), t, SCHED, pt, eta=eta, noise=z.double(), prediction_type=pred_type,
+                        clip_sample=True, final_alpha_cumprod=f32, use_clipped_model_output=True, backend="torch")
+    torch.testing.assert_close(ref, want64, rtol=1e-10, atol=1e-10)
+    x, m, z, t, pt = (u.to(dev) for u in (x, m, z, t, pt))
+    kw = dict(eta=eta, noise=z, prediction_type=pred_type, clip_sample=True, final_alpha_cumprod=f32,
+              return_pred_original=True)
+    kernels = [b for b in backends_for(dev, "ddim_step") if b != "torch"]
+    assert kernels
+    for b in kernels:
+        out, x0 = ops.ddim_step(x, m, t, SCHED, pt, use_clipped_model_output=True, backend=b, **kw)
+        assert err_ratio(out.cpu(), want, k) < 1e-6, (b, err_ratio(out.cpu(), want, k))
+        assert torch.equal(x0.cpu().double(), want_x0.float().double()) or err_ratio(x0.cpu(), want_x0, k_x0) < 1e-6
+        # and the model's eps with the clipped x0 (diffusers' default) is a different step: the check can fail
+        other, _ = ops.ddim_step(x, m, t, SCHED, pt, use_clipped_model_output=False, backend=b, **kw)
+        assert err_ratio(other.cpu(), want, k) > 1e-3, b
+
+
 def test_ddim_step_fake_tensor():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

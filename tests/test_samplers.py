@@ -964,9 +964,11 @@ def test_sample_x0_and_v_models_equal_the_epsilon_model(sampler, steps, eta):
     assert rel(fastddpm.sample(Rewritten(eps_model, "sample"), SHAPE, **kw), ref) > 1e-2
 
 
-def ddim_eq12(model, x, ts, eta, generator, clip):
-    """Song et al. 2021, eq. 12 in float64, diffusers' reading (x0 clipped, eps kept; the last step to
-    abar = 1); z ~ N(0, I) drawn in float32 at every step, as fastddpm.sample draws it when eta > 0."""
+def ddim_eq12(model, x, ts, eta, generator, clip, consistent=False):
+    """Song et al. 2021, eq. 12 in float64 (the last step to abar = 1); z ~ N(0, I) drawn in float32 at every
+    step, as fastddpm.sample draws it when eta > 0. With clip, x0 is clipped; ``consistent`` then recomputes
+    eps from the clipped x0 (the pair (x0, eps) that reproduces x_t, DDIM's own reading), else eps is the
+    model's (diffusers' default reading)."""
     x = x.double()
     for i, t in enumerate(ts):
         ab = HO_ABAR[t]
@@ -975,31 +977,40 @@ def ddim_eq12(model, x, ts, eta, generator, clip):
         x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
         if clip:
             x0 = x0.clamp(-1, 1)
+            if consistent:
+                eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
         z = torch.randn(x.shape, generator=generator, dtype=torch.float32).double()
         x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - sigma**2) * eps + sigma * z
     return x
 
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_sample_ddim_equals_eq12(clip):
+@pytest.mark.parametrize("clip,consistent", [(False, True), (True, True), (True, False)])
+def test_sample_ddim_equals_eq12(clip, consistent):
+    # The default (consistent=True) recomputes eps from the clipped x0 (issue 17: the model's eps with a
+    # clipped x0 drifts off DDIM's path, and DDIM's images got worse with more steps); False is diffusers'.
     from fastddpm.samplers.respace import space_timesteps
 
     # the toy model's chain runs away unclipped (to |x| ~ 500); the Gaussian one stays put
     model = ToyModel(SHAPE[1], 1000) if clip else GaussianEps(SHAPE[1])
     ts = space_timesteps(1000, 20)[::-1]
     seen = []
+    kw = {} if consistent else dict(use_clipped_model_output=False)
     ours = fastddpm.sample(model, SHAPE, steps=20, sampler="ddim", eta=0.6, seed=9, clip_denoised=clip,
-                           progress=False, callback=lambda i, t, x: seen.append(t))
+                           progress=False, callback=lambda i, t, x: seen.append(t), **kw)
     assert seen == ts
     g = torch.Generator().manual_seed(9)
-    ref = ddim_eq12(model, torch.randn(SHAPE, generator=g), ts, 0.6, g, clip)
+    ref = ddim_eq12(model, torch.randn(SHAPE, generator=g), ts, 0.6, g, clip, consistent)
     # fastddpm's float64-derived float32 tables and float32 steps against float64 throughout, 20 steps:
     # measured 2e-6
     assert rel(ours, ref) < 1e-5, rel(ours, ref)
     deterministic = fastddpm.sample(model, SHAPE, steps=20, sampler="ddim", eta=0.0, seed=9, clip_denoised=clip,
-                                    progress=False)
+                                    progress=False, **kw)
     assert rel(deterministic, ref) > 1e-2  # eta reaches the noise term
+    if clip:  # the two readings of a clipped step differ on this chain, so each check above can fail
+        g = torch.Generator().manual_seed(9)
+        other = ddim_eq12(model, torch.randn(SHAPE, generator=g), ts, 0.6, g, clip, not consistent)
+        assert rel(ours, other) > 1e-3, rel(ours, other)
 
 
 def learned_range_loop(model, x, ts, generator):

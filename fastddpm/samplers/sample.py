@@ -44,6 +44,7 @@ class SamplingPlan:
     noise: str
     device: torch.device
     dtype: torch.dtype
+    use_clipped_model_output: bool = True  # DDIM: eps recomputed from the clipped x0
 
     @property
     def num_steps(self) -> int:
@@ -63,7 +64,7 @@ class SamplingPlan:
 
 def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, timesteps=None,
                   prediction_type="epsilon", variance_type="fixed_small", clip_denoised=True, noise="torch",
-                  device=None, dtype=None) -> SamplingPlan:
+                  device=None, dtype=None, use_clipped_model_output=True) -> SamplingPlan:
     """Check the settings and build the step tables (no model, no images)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
@@ -112,7 +113,7 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
     return SamplingPlan(schedule=schedule, shape=shape, t=t, prev_t=prev, sampler=sampler, eta=float(eta),
                         prediction_type=prediction_type, variance_type=variance_type,
                         clip_denoised=bool(clip_denoised), noise=noise, device=device,
-                        dtype=dtype or torch.float32)
+                        dtype=dtype or torch.float32, use_clipped_model_output=bool(use_clipped_model_output))
 
 
 def call_model(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -157,8 +158,9 @@ def fused_step(plan: SamplingPlan, x, m, pv, t, prev_t, noise, generator, seed, 
                              clip_sample=plan.clip_denoised, predicted_variance=pv, seed=seed, offset=offset,
                              backend=backend)
     return ops.ddim_step(x, m, t, plan.schedule, prev_t, eta=plan.eta, noise=noise, generator=generator,
-                         prediction_type=plan.prediction_type, clip_sample=plan.clip_denoised, seed=seed,
-                         offset=offset, backend=backend)
+                         prediction_type=plan.prediction_type, clip_sample=plan.clip_denoised,
+                         use_clipped_model_output=plan.use_clipped_model_output, seed=seed, offset=offset,
+                         backend=backend)
 
 
 def initial_noise(plan: SamplingPlan, generator, seed) -> torch.Tensor:
@@ -237,6 +239,7 @@ def sample(
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon",
     variance_type: str = "fixed_small",
     clip_denoised: bool = True,
+    use_clipped_model_output: bool = True,
     timesteps=None,
     cuda_graph: bool = False,
     backend: str = "auto",
@@ -268,6 +271,12 @@ def sample(
             "learned_range" (model returns 2C channels).
         clip_denoised: clip the predicted x0 to [-1, 1] (as the original DDPM code; for DPM-Solver++ this is
             its thresholding of the data prediction with a static threshold of 1).
+        use_clipped_model_output: DDIM with ``clip_denoised``: the direction to x_t uses the epsilon
+            recomputed from the clipped x0, eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), so that
+            (x0, eps) stay a consistent pair and the step stays on DDIM's path (Song et al. eq. 12;
+            diffusers' ``use_clipped_model_output=True``). False keeps the model's own epsilon, as
+            diffusers' DDIMScheduler does by default: that mismatch accumulates over steps, and images
+            get worse as DDIM takes more steps. No effect on DDPM, whose posterior mean uses x0 alone.
         timesteps: explicit timesteps to visit instead of ``steps``.
         cuda_graph: capture one step (model + fused step) in a CUDA graph and replay it (CUDA only).
         backend: the fused ops' backend.
@@ -281,7 +290,8 @@ def sample(
     device, dtype = _infer_device_dtype(model, device, dtype)
     plan = plan_sampling(shape, steps=steps, sampler=sampler, eta=eta, schedule=schedule, timesteps=timesteps,
                          prediction_type=prediction_type, variance_type=variance_type,
-                         clip_denoised=clip_denoised, noise=noise, device=device, dtype=dtype)
+                         clip_denoised=clip_denoised, noise=noise, device=device, dtype=dtype,
+                         use_clipped_model_output=use_clipped_model_output)
     generator, seed = _resolve_rng(plan, generator, seed)
     if cuda_graph and plan.sampler == "dpm++2m":
         raise ValueError("cuda_graph: supported with sampler='ddpm' and 'ddim', not 'dpm++2m'")
