@@ -390,3 +390,59 @@ def test_patched_model_in_ddpm_pipeline():
 
 def test_top_level_exports():
     assert fastddpm.patch is patch and fastddpm.unpatch is unpatch
+
+
+# ----------------------------------------------------------------------------------------------
+# patch() says what it did
+# ----------------------------------------------------------------------------------------------
+def _small_unet(**kw):
+    torch.manual_seed(0)
+    base = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    return UNet2DModel(**{**base, **kw})
+
+
+def test_patch_counts_the_blocks_it_patched():
+    import warnings
+
+    from fastddpm.compat.diffusers import patched_blocks
+
+    m = _small_unet()
+    resnets = sum(type(x).__name__ == "ResnetBlock2D" for x in m.modules())
+    attns = sum(type(x).__name__ == "Attention" for x in m.modules())
+    assert resnets > 0 and attns > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a full patch warns about nothing
+        _, n = patch(m, return_count=True)
+    assert n == resnets + attns + 1  # + conv_norm_out/conv_act
+    assert patched_blocks(m) == {"resnet": resnets, "attention": attns, "norm_out": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patching again: nothing new, nothing to warn about
+        assert patch(m, return_count=True)[1] == 0
+    unpatch(m)
+    assert patched_blocks(m) == {"resnet": 0, "attention": 0, "norm_out": 0}
+
+
+@pytest.mark.parametrize("what,why", [
+    ("linear", "Linear holds no diffusers ResnetBlock2D or Attention block"),
+    ("fastddpm", "a fastddpm.UNet runs the fused ops already"),
+    ("mish", "ResnetBlock2D with activation Mish"),
+])
+def test_patch_warns_naming_why(what, why):
+    from fastddpm.compat.diffusers import patched_blocks
+
+    if what == "linear":
+        m = torch.nn.Linear(2, 2)
+    elif what == "fastddpm":
+        m = UNet(UNetConfig(sample_size=8, base_channels=8, channel_mult=(1,), norm_num_groups=4,
+                            attention_resolutions=()))
+    else:
+        m = _small_unet(act_fn="mish")
+    with pytest.warns(UserWarning, match=why):
+        patch(m)
+    if what == "mish":  # the mid-block attention and the output norm are still patched, and said so
+        counts = patched_blocks(m)
+        assert counts["resnet"] == 0 and counts["attention"] > 0
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        patch("not a model")

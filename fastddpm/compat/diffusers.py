@@ -31,6 +31,7 @@ __all__ = [
     "from_diffusers",
     "is_patched",
     "patch",
+    "patched_blocks",
     "state_dict_from_diffusers",
     "state_dict_to_diffusers",
     "to_diffusers",
@@ -355,34 +356,88 @@ def _attention(q, k, v, scale):
     return attention(q, k, v, scale=scale)
 
 
-def patch(model):
+def patch(model, return_count: bool = False):
     """Swap fastddpm's fused ops into a diffusers ``UNet2DModel`` (or any module containing diffusers
-    ResnetBlock2D / Attention blocks), in place; returns the model. :func:`unpatch` undoes it.
+    ResnetBlock2D / Attention blocks), in place; returns the model (with ``return_count=True``, the pair
+    (model, number of blocks patched by this call)). :func:`unpatch` undoes it; :func:`patched_blocks`
+    counts what is patched.
 
     What changes: every ``ResnetBlock2D`` with GroupNorm and SiLU runs its two norm + SiLU pairs as the
     fused op; the model's ``conv_norm_out`` + ``conv_act`` become one fused op; every ``Attention``
     with a GroupNorm gets :class:`FastddpmAttnProcessor`. Parameters, buffers, module names and the
     state_dict stay exactly as they were.
+
+    Never silent: a ``UserWarning`` says why when nothing was patched (no diffusers block in the model,
+    an activation other than SiLU, a norm other than an affine GroupNorm; no warning for a model patched
+    already), and which blocks were left when only some were.
     """
+    import warnings
+
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a diffusers UNet2DModel), got {type(model).__name__}")
+    count = 0
+    skipped: dict[str, int] = {}
+    seen = 0
     for m in model.modules():
         if getattr(type(m), "_fastddpm_original_class", None) is not None:
             continue
         if isinstance(m, ResnetBlock2D):
-            if (isinstance(m.norm1, nn.GroupNorm) and isinstance(m.norm2, nn.GroupNorm)
-                    and _silu_ok(m.nonlinearity) and m.norm1.affine and m.norm2.affine):
+            seen += 1
+            if not _silu_ok(m.nonlinearity):
+                why = f"ResnetBlock2D with activation {type(m.nonlinearity).__name__} (fused: SiLU only)"
+            elif not (isinstance(m.norm1, nn.GroupNorm) and isinstance(m.norm2, nn.GroupNorm)
+                      and m.norm1.affine and m.norm2.affine):
+                why = f"ResnetBlock2D with {type(m.norm1).__name__} norms (fused: affine GroupNorm only)"
+            else:
                 m.__class__ = _patched_class(type(m), _fused_resnet_forward, "")
+                count += 1
+                continue
+            skipped[why] = skipped.get(why, 0) + 1
         elif isinstance(m, Attention):
-            if m.group_norm is not None and not isinstance(m.processor, FastddpmAttnProcessor):
-                m.set_processor(FastddpmAttnProcessor(m.processor))
+            seen += 1
+            if isinstance(m.processor, FastddpmAttnProcessor):
+                continue
+            if m.group_norm is None:
+                why = "Attention without a GroupNorm (cross- or transformer attention)"
+                skipped[why] = skipped.get(why, 0) + 1
+                continue
+            m.set_processor(FastddpmAttnProcessor(m.processor))
+            count += 1
     norm, act = getattr(model, "conv_norm_out", None), getattr(model, "conv_act", None)
     if (type(norm) is nn.GroupNorm and norm.affine and type(act) is nn.SiLU):
         # UNet2DModel.forward runs conv_norm_out then conv_act: fuse into the first, skip the second.
         norm.__class__ = _patched_class(nn.GroupNorm, _fused_norm_silu_forward, "SiLU")
         act.__class__ = _patched_class(nn.SiLU, _identity_forward, "Fused")
-    return model
+        count += 1
+    if count == 0 and sum(patched_blocks(model).values()) == 0:
+        if seen == 0:
+            hint = " (a fastddpm.UNet runs the fused ops already)" if isinstance(model, UNet) else ""
+            why = f"{type(model).__name__} holds no diffusers ResnetBlock2D or Attention block{hint}"
+        else:
+            why = "; ".join(f"{n} x {w}" for w, n in skipped.items())
+        warnings.warn(f"fastddpm.patch: patched nothing: {why}", UserWarning, stacklevel=2)
+    elif skipped:
+        why = "; ".join(f"{n} x {w}" for w, n in skipped.items())
+        warnings.warn(f"fastddpm.patch: patched {count} blocks, left unpatched: {why}", UserWarning, stacklevel=2)
+    return (model, count) if return_count else model
+
+
+def patched_blocks(model) -> dict[str, int]:
+    """How many blocks of ``model`` run fastddpm's fused ops through :func:`patch`:
+    {"resnet": ResnetBlock2D count, "attention": Attention count, "norm_out": 0 or 1}."""
+    out = {"resnet": 0, "attention": 0, "norm_out": 0}
+    for m in model.modules():
+        if isinstance(getattr(m, "processor", None), FastddpmAttnProcessor):
+            out["attention"] += 1
+        orig = getattr(type(m), "_fastddpm_original_class", None)
+        if orig is nn.GroupNorm:
+            out["norm_out"] += 1
+        elif orig is not None and orig is not nn.SiLU:
+            out["resnet"] += 1
+    return out
 
 
 def unpatch(model):
