@@ -124,7 +124,9 @@ run_stage() {
   local t0; t0=$(date +%s)
   echo "=== $name (limit ${limit}s): $*" >> "$file"
   # bash -c: a stage may be one of this script's functions (exported below), which `timeout` cannot run itself
-  timeout --kill-after=5 "$limit" bash -c '"$@"' stage "$@" >> "$file" 2>&1
+  # STAGE_LIMIT: a stage that can wrap up by itself (pytest's summary, the bisect's partial results) stops
+  # a little before it is killed
+  STAGE_LIMIT="$limit" timeout --kill-after=5 "$limit" bash -c '"$@"' stage "$@" >> "$file" 2>&1
   local rc=$? status=passed
   [ "$rc" = 0 ] || status="failed"
   { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && status="failed: timed out"
@@ -327,10 +329,13 @@ if __name__ == "__main__":
 PY
 }
 
-stage_bisect() { write_bisect && "$PY" "$WORK/bisect.py"; }  # FASTDDPM_BISECT_SECONDS: set from the stage's limit
+stage_bisect() {  # the children's deadline: 10 s before the stage's limit
+  write_bisect && FASTDDPM_BISECT_SECONDS=$(( STAGE_LIMIT > 20 ? STAGE_LIMIT - 10 : STAGE_LIMIT / 2 )) "$PY" "$WORK/bisect.py"
+}
 
 pytest_args() {
-  local args=(tests -k cuda -p no:cacheprovider -q -rfEs --continue-on-collection-errors)
+  # -v: one line per test as it ends, so that a run cut short still says what passed and what failed
+  local args=(tests -k cuda -p no:cacheprovider -v -rfEs --continue-on-collection-errors)
   "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && args+=(--timeout=90)
   if "$PY" -c "import xdist" >/dev/null 2>&1; then
     args+=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
@@ -345,8 +350,10 @@ stage_tests() {
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" .whl/*.whl && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
+  # SIGINT 10 s before the stage's limit: pytest stops and still prints its summary of failures
   # shellcheck disable=SC2046
-  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest $(pytest_args)
+  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -s INT --kill-after=8 $(( STAGE_LIMIT - 10 )) \
+    "$PY" -m pytest $(pytest_args)
 }
 
 stage_tests_dry() {
@@ -397,9 +404,7 @@ for s in "${STAGES[@]}"; do
     build)
       if [ "$DRY" = 1 ]; then dry_stage build "$lim" "$OUT/build.log" "TORCH_CUDA_ARCH_LIST=<this GPU> MAX_JOBS=$(nproc) FASTDDPM_CUDA=1 $PY setup.py -q build_ext --inplace"
       else run_stage build "$lim" "$OUT/build.log" stage_build; fi ;;
-    bisect)
-      export FASTDDPM_BISECT_SECONDS=$(( lim > 20 ? lim - 10 : lim / 2 ))  # the children's deadline
-      run_stage bisect "$lim" "$OUT/bisect.txt" stage_bisect ;;
+    bisect) run_stage bisect "$lim" "$OUT/bisect.txt" stage_bisect ;;
     tests)
       if [ "$DRY" = 1 ]; then
         dry_stage tests "$lim" "$OUT/pytest.txt" "$PY -m pytest $(pytest_args 2>/dev/null)"
