@@ -488,3 +488,48 @@ print(json.dumps(out))
         cfg = json.loads((tmp_path / name / "scheduler_config.json").read_text())
         theirs = getattr(diffusers, name).from_pretrained(tmp_path / name)  # diffusers reads the standalone file
         assert theirs.config.beta_schedule == cfg["beta_schedule"] == "squaredcos_cap_v2"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The last step of a respaced chain: prev_t below -1, as diffusers computes it
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [{}, {"set_alpha_to_one": False}, {"steps_offset": 1},
+                                 {"timestep_spacing": "trailing"}])  # trailing: the last t is 19, prev -1
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_last_step_goes_below_minus_one(cfg, eta, monkeypatch):
+    # 50 of 1000 steps: the last t (0, or 1 with steps_offset=1) steps to t - 20 < -1, which diffusers
+    # reads as "before the first step" (final_alpha_cumprod). The scheduler hands that prev_t to the op
+    # unchanged, and the step equals diffusers' for an int, a 0-d and a per-sample timestep.
+    ours, theirs = DDIMScheduler(**cfg), diffusers.DDIMScheduler(**cfg)
+    ours.set_timesteps(50)
+    theirs.set_timesteps(50)
+    t = theirs.timesteps[-1]
+    seen = []
+    real = fastddpm.ops.ddim_step
+
+    def spy(*args, **kw):
+        seen.append(args[4] if len(args) > 4 else kw["prev_t"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fastddpm.ops, "ddim_step", spy)
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    want = theirs.step(m, t, x, eta, generator=torch.Generator().manual_seed(4)).prev_sample
+    for tt in (int(t), t, t.expand(2)):
+        got = ours.step(m, tt, x, eta, generator=torch.Generator().manual_seed(4)).prev_sample
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (tt, (got - want).abs().max())
+    stride = 1000 // 50
+    assert all(torch.as_tensor(p).min().item() == int(t) - stride < 0 for p in seen), seen
+    assert (int(t) - stride < -1) == (cfg.get("timestep_spacing") != "trailing")
+
+
+def test_ddim_50_step_loop_equals_diffusers():
+    for eta in (0.0, 0.5):
+        ours, theirs = DDIMScheduler(set_alpha_to_one=False), diffusers.DDIMScheduler(set_alpha_to_one=False)
+        ours.set_timesteps(50)
+        theirs.set_timesteps(50)
+        a = b = ramp()
+        ga, gb = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        for t in theirs.timesteps:
+            a = ours.step(toy_model(a, t), t, a, eta, generator=ga).prev_sample
+            b = theirs.step(toy_model(b, t), t, b, eta, generator=gb).prev_sample
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (eta, (a - b).abs().max())

@@ -162,14 +162,14 @@ class DDIMScheduler(FastddpmSchedulerMixin):
         if t_host is not None:
             if not 0 <= t_host < T:
                 raise IndexError(f"timestep: {t_host} is outside [0, {T}) (num_train_timesteps={T})")
-            t, prev_t = t_host, max(t_host - stride, -1)
+            t, prev_t = t_host, t_host - stride  # below 0 at the last step (-20 for 50 of 1000), as diffusers
             if t >= self._first_invalid:
                 raise invalid_timestep_error(t, self)
         else:
             t = timestep.to(device=sample.device, dtype=torch.int64).reshape(-1)
             if t.numel() == 1:
                 t = t.expand(sample.shape[0])
-            prev_t = (t - stride).clamp(min=-1)
+            prev_t = t - stride
         final = float(self.final_alpha_cumprod)
 
         noise, gen = "none", None
