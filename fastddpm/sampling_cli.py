@@ -21,8 +21,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model",
                      help="a built-in model (digits) or an exported .safetensors (default: digits)")
     src.add_argument("--ckpt", metavar="DIR",
-                     help="a training run or checkpoint folder, or a diffusers UNet2DModel folder "
-                          "(config.json + diffusion_pytorch_model.safetensors/.bin)")
+                     help="a training run or checkpoint folder, or a local diffusers DDPMPipeline folder "
+                          "(model_index.json, unet/, scheduler/: sampled with its scheduler config) or "
+                          "UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors/.bin)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"),
                    help="which weights of a training checkpoint (default: ema)")
     p.add_argument("--n", "--num-images", dest="n", type=int, default=64,

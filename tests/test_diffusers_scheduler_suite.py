@@ -533,3 +533,32 @@ def test_ddim_50_step_loop_equals_diffusers():
             a = ours.step(toy_model(a, t), t, a, eta, generator=ga).prev_sample
             b = theirs.step(toy_model(b, t), t, b, eta, generator=gb).prev_sample
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (eta, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("second", [True, False])
+def test_step_output_fast_init_equals_base_outputs(second):
+    # The outputs' own __init__ (no per-field generic path) leaves what diffusers' dataclass __init__
+    # and __post_init__ leave: attributes, mapping, tuple, pickle, pytree.
+    import pickle
+    from dataclasses import dataclass
+
+    import torch.utils._pytree as pytree
+    from diffusers.utils import BaseOutput
+
+    @dataclass
+    class Reference(BaseOutput):
+        prev_sample: torch.Tensor
+        pred_original_sample: torch.Tensor | None = None
+
+    a, b = torch.rand(2), (torch.rand(2) if second else None)
+    ref = Reference(a, b)
+    for cls in (fastddpm.samplers.DDPMSchedulerOutput, fastddpm.samplers.DDIMSchedulerOutput):
+        o = cls(a, b)
+        assert list(o.keys()) == list(ref.keys()) and len(o) == len(ref) and bool(o) == bool(ref)
+        assert all(x is y for x, y in zip(o.to_tuple(), ref.to_tuple()))
+        assert o.prev_sample is a and o.pred_original_sample is b and o[0] is a
+        back = pickle.loads(pickle.dumps(o))
+        assert type(back) is cls and list(back.keys()) == list(o.keys())
+        leaves, spec = pytree.tree_flatten(o)
+        assert len(leaves) == len(ref) and type(pytree.tree_unflatten(leaves, spec)) is cls
+        assert cls(prev_sample=a, pred_original_sample=b).keys() == o.keys()

@@ -14,7 +14,8 @@ from ..cli import UsageError, command
 def _args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a built-in model (digits) or an exported .safetensors")
-    src.add_argument("--ckpt", metavar="DIR", help="a training run or checkpoint folder")
+    src.add_argument("--ckpt", metavar="DIR", help="a training run or checkpoint folder, or a local diffusers "
+                     "pipeline/UNet2DModel folder (sampled with its scheduler config)")
     src.add_argument("--npz", metavar="FILE.npz", help="images already sampled (fastddpm sample --npz)")
     src.add_argument("--real", choices=("train", "noise"),
                      help="baselines: n real train-split digits (the floor) or n Gaussian-noise images "

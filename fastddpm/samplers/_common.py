@@ -374,6 +374,17 @@ except Exception as _exc:  # ImportError, or a diffusers that fails to import ag
     _KARRAS_NAMES = []
 
 
+def step_output_init(self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None = None) -> None:
+    """``__init__`` of the step outputs: what BaseOutput's dataclass __init__ and __post_init__ leave
+    (the two attributes, and the mapping of those not None, in field order) without their per-field
+    generic path, which costs ~13 us a step against ~1 us for this (a step on small images takes tens)."""
+    object.__setattr__(self, "prev_sample", prev_sample)
+    object.__setattr__(self, "pred_original_sample", pred_original_sample)
+    OrderedDict.__setitem__(self, "prev_sample", prev_sample)
+    if pred_original_sample is not None:
+        OrderedDict.__setitem__(self, "pred_original_sample", pred_original_sample)
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     folder = os.path.dirname(os.path.abspath(path))

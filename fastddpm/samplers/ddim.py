@@ -25,6 +25,7 @@ from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it
     randn_like_diffusers,
     register_to_config,
     spaced_timesteps,
+    step_output_init,
     threshold_sample,
 )
 
@@ -34,13 +35,15 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-@dataclass
+@dataclass(init=False)
 class DDIMSchedulerOutput(BaseOutput):
     """Output of :meth:`DDIMScheduler.step`: ``prev_sample`` and ``pred_original_sample`` (diffusers'
     BaseOutput, or a standalone copy of its behaviour without diffusers)."""
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
+
+    __init__ = step_output_init
 
 
 class DDIMScheduler(FastddpmSchedulerMixin):

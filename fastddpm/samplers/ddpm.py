@@ -40,6 +40,7 @@ from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it
     randn_like_diffusers,
     register_to_config,
     spaced_timesteps,
+    step_output_init,
     threshold_sample,
 )
 
@@ -57,7 +58,7 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
 
 
-@dataclass
+@dataclass(init=False)
 class DDPMSchedulerOutput(BaseOutput):
     """Output of :meth:`DDPMScheduler.step`: ``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (x0).
 
@@ -67,6 +68,8 @@ class DDPMSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
+
+    __init__ = step_output_init
 
 
 class _TimestepTables:
