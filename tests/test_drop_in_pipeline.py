@@ -254,3 +254,35 @@ def test_loader_refuses_non_local_and_non_unet(tmp_path):
     (d / "unet" / "config.json").write_text(json.dumps(conf))
     with pytest.raises(dfolder.FolderError, match="_class_name"):
         fastddpm.DDPMPipeline.from_pretrained(d)
+
+
+def test_cli_eval_and_sampler_switch_on_a_diffusers_folder(tmp_path):
+    # eval --ckpt goes through the same loader and loop: the folder's DDIMScheduler is the default
+    # sampler; --sampler ddpm switches class from its config (as diffusers' from_config); dpm++2m is
+    # refused in one line.
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(steps_offset=1)).save_pretrained(tmp_path / "f")
+    root = os.path.dirname(os.path.dirname(__file__))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "fastddpm", *args], capture_output=True, text=True,
+                              timeout=300, cwd=root)
+
+    r = cli("eval", "--ckpt", str(tmp_path / "f"), "--n", "4", "--steps", "2")
+    assert r.returncode == 0 and "(ddim, 2 steps): FD" in r.stdout, r.stderr[-2000:]
+    npz = tmp_path / "x.npz"
+    r = cli("sample", "--ckpt", str(tmp_path / "f"), "--n", "2", "--steps", "3", "--sampler", "ddpm",
+            "--npz", str(npz), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pipe = diffusers.DDPMPipeline(unet=unet.eval(), scheduler=diffusers.DDPMScheduler.from_config(
+        diffusers.DDIMScheduler(steps_offset=1).config))
+    pipe.set_progress_bar_config(disable=True)
+    x = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="pt").images
+    want = (x * 255).round().permute(0, 2, 3, 1).numpy()
+    assert np.abs(np.load(npz)["images"].astype(int) - want.astype(int)).max() <= 1
+    r = cli("sample", "--ckpt", str(tmp_path / "f"), "--n", "1", "--sampler", "dpm++2m", "--npz", str(npz))
+    assert r.returncode == 2 and "--sampler" in r.stderr and len(r.stderr.strip().splitlines()) == 1
