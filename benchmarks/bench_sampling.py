@@ -3,12 +3,16 @@
     python -m pytest benchmarks/bench_sampling.py     # pytest-benchmark, one provider at a time
     python benchmarks/bench_sampling.py step counts   # step() table, dispatch counts
     python benchmarks/bench_sampling.py runs --runs cifar10:1:50 digits:16:1000 [--rounds 3]
+    python benchmarks/bench_sampling.py dpmpp runs --runs digits:64:20 --providers "fastddpm.sample (philox)" \
+        "fastddpm.sample (philox, NCHW)" "diffusers DPMSolverMultistep loop" "fastddpm.sample dpm++2m"
 
 Sections (default: step counts runs):
 * step: step() alone at batch 16 (3x32x32), interleaved: diffusers.DDPMScheduler.step vs
   fastddpm.DDPMScheduler.step (both with a torch.Generator: the same numbers), the fused step with
   in-kernel Philox noise (ops.ddpm_step(noise="philox"), what fastddpm.sample(noise="philox") runs)
   and torch.randn alone, the floor of generator-compatible noise.
+* dpmpp: one DPM-Solver++(2M) update at batch 16: diffusers' DPMSolverMultistepScheduler.step against the
+  fused ops.dpmpp_step and the reference in eager torch.
 * counts: per call, the operators dispatched and the bytes of tensors they allocate (a
   TorchDispatchMode counts every aten op and sums its outputs' sizes): the proxy for GPU launch count
   and memory traffic this GPU-less machine can measure.
@@ -17,7 +21,9 @@ Sections (default: step counts runs):
   (fastddpm/assets, 687 k parameters, trained, 1x16x16). Providers: diffusers' DDPMPipeline with a
   diffusers UNet2DModel (fastddpm.compat.diffusers.to_diffusers of the same weights), fastddpm's
   DDPMPipeline (fastddpm UNet + fastddpm DDPMScheduler, the same generator and numbers), and
-  fastddpm.sample with Philox noise.
+  fastddpm.sample with Philox noise (on the CPU in channels_last, its default there; "NCHW": the same run
+  with channels_last=False); on request, DPM-Solver++(2M) runs of the same number of steps (diffusers'
+  scheduler on diffusers' U-Net, and fastddpm.sample(sampler="dpm++2m")).
 
 Every section prints the load average before and after it.
 """
@@ -173,8 +179,66 @@ def run_providers(name: str, batch: int, steps: int, which: list[str]):
                                                generator=gen(), return_dict=False)[0],
         "fastddpm.sample (philox)": lambda: fastddpm.sample(ours, shape, steps=steps, noise="philox", seed=0,
                                                             progress=False),
+        # the same run with the model in NCHW (fastddpm.sample's CPU default is channels_last)
+        "fastddpm.sample (philox, NCHW)": lambda: fastddpm.sample(ours, shape, steps=steps, noise="philox", seed=0,
+                                                                  progress=False, channels_last=False),
+        # DPM-Solver++(2M) with the same number of model evaluations: diffusers' scheduler on diffusers' U-Net,
+        # and fastddpm.sample (fused dpmpp_step, fastddpm U-Net)
+        "diffusers DPMSolverMultistep loop": lambda: dpm_loop(theirs, shape, steps),
+        "fastddpm.sample dpm++2m": lambda: fastddpm.sample(ours, shape, steps=steps, sampler="dpm++2m", seed=0,
+                                                           progress=False),
     }
     return {k: v for k, v in fns.items() if k in which}
+
+
+def dpm_loop(unet, shape, steps):
+    """diffusers' DPMSolverMultistepScheduler (its defaults: dpmsolver++, order 2) driven as its pipelines do."""
+    import diffusers
+
+    sched = diffusers.DPMSolverMultistepScheduler()
+    sched.set_timesteps(steps)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+def dpmpp_providers(shape=SHAPE):
+    """One second-order DPM-Solver++(2M) update at batch 16 (3x32x32): diffusers' step() in steady state (its
+    step index rewound each call), the fused op, and the reference's eager torch in fp32."""
+    import diffusers
+
+    theirs = diffusers.DPMSolverMultistepScheduler()
+    theirs.set_timesteps(20)
+    x, m, prev = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    t, tp, tl = (int(theirs.timesteps[i]) for i in (5, 6, 4))
+    tt = theirs.timesteps[5]
+    theirs.step(prev, theirs.timesteps[0], x)  # fills the model-output history
+
+    def diffusers_step():
+        theirs._step_index, theirs.lower_order_nums = 5, 2
+        return theirs.step(m, tt, x).prev_sample
+
+    sched = fastddpm.NoiseSchedule()
+    return {
+        "diffusers DPMSolverMultistep step()": diffusers_step,
+        "fastddpm dpmpp_step (fused)": lambda: ops.dpmpp_step(x, m, t, sched, tp, prev, tl),
+        "reference dpmpp_step (eager torch)": lambda: ops.dpmpp_step(x, m, t, sched, tp, prev, tl, backend="torch"),
+    }
+
+
+def section_dpmpp(rounds: int) -> None:
+    print(f"\n## DPM-Solver++(2M) update at batch 16, 3x32x32, fp32 (interleaved, {rounds} rounds of 10 calls)\n")
+    print(f"before: {load()}")
+    times = interleaved(dpmpp_providers(), rounds=rounds, inner=10)
+    print(f"after: {load()}\n")
+    base = median(times["diffusers DPMSolverMultistep step()"])
+    print("| provider | median (us) | IQR (us) | speed-up vs diffusers |")
+    print("|---|---|---|---|")
+    for k, v in times.items():
+        lo, hi = spread(v)
+        print(f"| {k} | {median(v) * 1e6:.0f} | {lo * 1e6:.0f}-{hi * 1e6:.0f} | {base / median(v):.2f}x |")
 
 
 def section_runs(specs: list[str], rounds: int, which: list[str], warmup: int = 1) -> None:
@@ -207,7 +271,8 @@ def main(argv=None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sections", nargs="*", default=["step", "counts", "runs"], choices=["step", "counts", "runs"])
+    ap.add_argument("sections", nargs="*", default=["step", "counts", "runs"],
+                    choices=["step", "dpmpp", "counts", "runs"])
     ap.add_argument("--runs", nargs="+", default=["cifar10:1:20"], metavar="MODEL:BATCH:STEPS",
                     help="whole-sampling runs (models: cifar10, digits; default: cifar10:1:20)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each whole run (default 3)")
@@ -223,6 +288,8 @@ def main(argv=None) -> None:
     print(f"machine: {machine()}")
     if "step" in a.sections:
         section_step(a.step_rounds)
+    if "dpmpp" in a.sections:
+        section_dpmpp(a.step_rounds)
     if "counts" in a.sections:
         section_counts()
     if "runs" in a.sections:

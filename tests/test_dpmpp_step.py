@@ -270,8 +270,7 @@ def digits():
     return pretrained.load("digits")
 
 
-@pytest.mark.parametrize("steps", [10, 20])
-@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("steps,clip", [(10, False), (20, True)])
 def test_sample_dpmpp_matches_diffusers(digits, steps, clip):
     """The whole loop against diffusers' DPMSolverMultistepScheduler with its defaults (dpmsolver++, order 2,
     midpoint, lower_order_final, final sigma 0, linspace spacing) on the shipped model and the same x_T.
@@ -293,9 +292,10 @@ def test_sample_dpmpp_matches_diffusers(digits, steps, clip):
     # log(alpha) - log(sigma), ours through log1p), a few 1e-7 relative per step; measured 1-2e-6 over 20
     # steps on images of scale 1. 2e-5 leaves a 10x margin and is still 1e4 below a one-step difference.
     assert (ours - x).abs().max().item() < 2e-5
-    one_off = fastddpm.sample(model, shape, sampler="dpm++2m", steps=steps + 1, schedule=digits.schedule,
-                              generator=torch.Generator().manual_seed(3), clip_denoised=clip, progress=False)
-    assert (one_off - x).abs().max().item() > 1e-3  # the check can tell two different runs apart
+    if clip:  # the check tells apart two runs that differ only in that clip
+        other = fastddpm.sample(model, shape, sampler="dpm++2m", steps=steps, schedule=digits.schedule,
+                                generator=torch.Generator().manual_seed(3), clip_denoised=False, progress=False)
+        assert (other - x).abs().max().item() > 1e-3
 
 
 def test_sample_dpmpp_api(digits):
