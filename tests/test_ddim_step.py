@@ -241,6 +241,65 @@ def test_ddim_consistent_clip_matches_float64_eq12(dev, pred_type, eta):
         assert err_ratio(other.cpu(), want, k) > 1e-3, b
 
 
+@pytest.mark.parametrize("dev", DEVICES, ids=str)
+def test_ddim_tensor_offset_is_bitwise_the_int_offset(dev):
+    # A 0-d int64 offset on the sample's device is read inside the kernel (what a CUDA graph replays) and
+    # gives bit for bit the numbers of the same int, on every backend.
+    x, m = torch.randn(3, 2, 7, 5, device=dev), torch.randn(3, 2, 7, 5, device=dev)
+    t, pt = torch.tensor([900, 400, 7], device=dev), torch.tensor([880, 380, -13], device=dev)
+    for b in backends_for(dev, "ddim_step"):
+        for off in (0, 555, 2**32 - 9, 2**41 + 1):
+            a = ops.ddim_step(x, m, t, SCHED, pt, eta=0.9, noise="philox", seed=4, offset=off, backend=b)
+            ot = torch.tensor(off, device=dev)
+            assert torch.equal(a, ops.ddim_step(x, m, t, SCHED, pt, eta=0.9, noise="philox", seed=4, offset=ot,
+                                                backend=b)), (b, off)
+            ot.add_(1)
+            c = ops.ddim_step(x, m, t, SCHED, pt, eta=0.9, noise="philox", seed=4, offset=ot, backend=b)
+            assert torch.equal(c, ops.ddim_step(x, m, t, SCHED, pt, eta=0.9, noise="philox", seed=4,
+                                                offset=off + 1, backend=b)) and not torch.equal(a, c), (b, off)
+    with pytest.raises(TypeError, match="offset"):
+        ops.ddim_step(x, m, t, SCHED, pt, eta=0.9, noise="philox", seed=4, offset=torch.tensor([1], device=dev))
+
+
+def test_ddim_step_opcheck_with_tensor_offset():
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t, pt = torch.tensor([5, 3]), torch.tensor([4, -7])
+    op = torch.ops.fastddpm.ddim_step.default
+    torch.library.opcheck(op, (x, m, t, pt, SCHED.alphas_cumprod, 1.0, None, 1, 3, 2, 0, 0.5, 1.0, True, True,
+                               torch.tensor(12)))
+    a, _ = op(x, m, t, pt, SCHED.alphas_cumprod, 1.0, None, 1, 3, 2, 0, 0.5, 0.0, False, False, torch.tensor(4))
+    assert torch.equal(a, ops.ddim_step(x, m, t, SCHED, pt, eta=0.5, noise="philox", seed=1, offset=7,
+                                        backend="cpu"))
+
+    def f(x, m, off):
+        return ops.ddim_step(x, m, t, SCHED, pt, eta=0.5, noise="philox", seed=1, offset=off, backend="cpu") + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    off = torch.tensor(30)
+    assert torch.equal(compiled(x, m, off), f(x, m, off))
+    off.fill_(31)
+    assert torch.equal(compiled(x, m, off), f(x, m, torch.tensor(31)))
+
+
+def test_ddim_step_triton_launches_under_the_tensors_device(monkeypatch):
+    from _utils import interpreted
+
+    if not (interpreted() or HAS_CUDA):
+        pytest.skip("triton runs neither on a GPU nor through its interpreter here")
+    import fastddpm.triton_kernels.ddim_step as mod
+    from test_launch import _guarded_launches
+
+    dev = torch.device("cuda" if HAS_CUDA else "cpu")
+    state = _guarded_launches(monkeypatch, mod)
+    x, m = torch.randn(2, 3, 5, 4, device=dev), torch.randn(2, 3, 5, 4, device=dev)
+    t = torch.tensor([500, 2], device=dev)
+    out = ops.ddim_step(x, m, t, SCHED, eta=0.3, noise="philox", seed=3, offset=torch.tensor(9, device=dev),
+                        backend="triton")
+    ref = ops.ddim_step(x, m, t, SCHED, eta=0.3, noise="philox", seed=3, offset=9, backend="torch")
+    assert (out - ref).abs().max().item() < 1e-5
+    assert state["launches"] == 1 and state["devices"] == [dev]
+
+
 def test_ddim_step_fake_tensor():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -250,6 +309,10 @@ def test_ddim_step_fake_tensor():
                                                  torch.zeros(2, dtype=torch.long), torch.empty(1000), 1.0, None,
                                                  0, 0, 0, 0, 0.0, 0.0, False, True)
         assert out.shape == x.shape and pred.shape == x.shape
+        out, pred = torch.ops.fastddpm.ddim_step(x, x, torch.zeros(2, dtype=torch.long),
+                                                 torch.zeros(2, dtype=torch.long), torch.empty(1000), 1.0, None,
+                                                 0, 0, 2, 0, 1.0, 0.0, False, False, torch.zeros((), dtype=torch.long))
+        assert out.shape == x.shape and pred.shape == (0,)
 
 
 def test_ddim_step_bad_input():

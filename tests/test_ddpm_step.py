@@ -1,5 +1,7 @@
 """ddpm_step on every backend against the float64 reference, diffusers and Algorithm 2."""
 
+import contextlib
+
 import pytest
 import torch
 from _utils import HAS_CUDA, backends_for, devices_to_test, half_bound, rel_err
@@ -268,6 +270,149 @@ def test_philox_noise_same_on_every_backend(device, backend):
     a = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=42, offset=1000, backend=backend)
     b = ops.ddpm_step(x, m, t, SCHED, noise=got, backend=backend)
     assert scaled_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("device,backend", list(_cases()) + [(d, "torch") for d in devices_to_test()])
+def test_tensor_offset_is_bitwise_the_int_offset(device, backend):
+    # A 0-d int64 offset on the sample's device, read inside the kernel (what a CUDA graph replays), gives
+    # bit for bit the numbers of the same int, including past the 32-bit counter word.
+    x, m, _, pv, t = _inputs((3, 2, 7, 5), torch.float32, device, 11)
+    for off in (0, 1000, 2**32 - 17, 2**40 + 3):
+        for vt, kw in (("fixed_small", {}), ("learned_range", dict(predicted_variance=pv))):
+            a = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=77, offset=off, variance_type=vt,
+                              backend=backend, **kw)
+            ot = torch.tensor(off, device=device)
+            b = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=77, offset=ot, variance_type=vt,
+                              backend=backend, **kw)
+            assert torch.equal(a, b), (backend, off, vt)
+            ot.add_(x.numel())  # the value at call time is read, not the one at the first call
+            c = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=77, offset=ot, variance_type=vt,
+                              backend=backend, **kw)
+            want = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=77, offset=off + x.numel(),
+                                 variance_type=vt, backend=backend, **kw)
+            assert torch.equal(c, want) and not torch.equal(c, a), (backend, off, vt)
+
+
+def test_tensor_offset_bad_input_opcheck_and_compile():
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    bad = [
+        (torch.tensor(5.0), TypeError, "offset: expected an int or a 0-d int64 tensor"),
+        (torch.tensor([5]), TypeError, "offset: expected an int or a 0-d int64 tensor"),
+        (torch.tensor(-1), ValueError, "offset: expected a non-negative"),
+        (torch.tensor(5, device="meta"), ValueError, "offset: expected a tensor on cpu"),
+        (-3, ValueError, "offset: expected a non-negative"),
+    ]
+    for off, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            ops.ddpm_step(x, m, 10, SCHED, noise="philox", seed=1, offset=off)
+    t, pt = torch.tensor([5, 0]), torch.tensor([4, -1])
+    op = torch.ops.fastddpm.ddpm_step.default
+    with pytest.raises((ValueError, RuntimeError), match="offset_tensor: expected a non-negative"):
+        op(x, m, t, pt, SCHED.alphas_cumprod, None, None, 1, 0, 2, 0, 0, 0.0, False, torch.tensor(-2))
+    with pytest.raises((TypeError, RuntimeError), match="offset_tensor: expected a 0-d int64"):
+        op(x, m, t, pt, SCHED.alphas_cumprod, None, None, 1, 0, 2, 0, 0, 0.0, False, torch.tensor([2]))
+    # the kernel adds the int and the tensor: offset 3 + tensor 4 is offset 7
+    a, _ = op(x, m, t, pt, SCHED.alphas_cumprod, None, None, 1, 3, 2, 0, 0, 0.0, False, torch.tensor(4))
+    assert torch.equal(a, ops.ddpm_step(x, m, t, SCHED, pt, noise="philox", seed=1, offset=7, backend="cpu"))
+    torch.library.opcheck(op, (x, m, t, pt, SCHED.alphas_cumprod, None, None, 1, 3, 2, 0, 0, 1.0, True,
+                               torch.tensor(12)))
+
+    def f(x, m, t, off):
+        return ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=1, offset=off, backend="cpu") * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    off = torch.tensor(40)
+    torch.testing.assert_close(compiled(x, m, t, off), f(x, m, t, off), rtol=0, atol=0)
+    off.fill_(41)  # the compiled graph reads the new value
+    torch.testing.assert_close(compiled(x, m, t, off), f(x, m, t, 41), rtol=0, atol=0)
+
+
+def test_ddpm_step_triton_launches_under_the_tensors_device(monkeypatch):
+    # Triton launches on the current CUDA device: every launch of this file's kernels must happen inside
+    # launch_device of the op's tensors (tests/test_launch.py records it; a cuda:1 run is its GPU check).
+    from _utils import interpreted
+
+    if not (interpreted() or HAS_CUDA):
+        pytest.skip("triton runs neither on a GPU nor through its interpreter here")
+    import fastddpm.triton_kernels.ddpm_step as mod
+    from test_launch import _guarded_launches
+
+    dev = torch.device("cuda" if HAS_CUDA else "cpu")
+    state = _guarded_launches(monkeypatch, mod)
+    x, m, z, _, t = _inputs((2, 3, 5, 4), torch.float32, dev, 2)
+    out = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=3, offset=torch.tensor(9, device=dev), backend="triton")
+    assert scaled_err(out, ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=3, offset=9, backend="torch")) < 1e-5
+    assert state["launches"] == 1 and state["devices"] == [dev]
+    # the Philox helpers launch their kernels directly
+    entered = []
+    inside = []
+    real = mod.launch_device
+
+    @contextlib.contextmanager
+    def recording(t):
+        entered.append(t.device)
+        inside.append(True)
+        try:
+            with real(t):
+                yield
+        finally:
+            inside.pop()
+
+    class Checked:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            assert inside, f"{self.kernel} launched outside launch_device"
+            return self.kernel[grid]
+
+    monkeypatch.setattr(mod, "launch_device", recording)
+    monkeypatch.setattr(mod, "_philox_normal_kernel", Checked(mod._philox_normal_kernel))
+    monkeypatch.setattr(mod, "_philox_bits_kernel", Checked(mod._philox_bits_kernel))
+    mod.philox_normal_triton((5, 7), 1, 2, dev)
+    mod.philox_bits_triton(10, 1, 2, dev)
+    assert entered == [dev, dev]
+
+
+@pytest.mark.parametrize("device,backend", list(_cases()))
+def test_diffusers_beta_returns_diffusers_numbers(device, backend):
+    # diffusers evaluates beta_t = 1 - abar_t / abar_prev in fp32; where beta_t ~ 1e-4 that cancellation is off
+    # by up to ~5e-4 (relative), and the exact form (abar_prev - abar_t) / abar_prev gives other numbers (the
+    # drop-in's full-loop sum 387.9677 against diffusers' 387.9466). diffusers_beta=True evaluates diffusers'
+    # form, for the drop-in; the default stays the more accurate one (checked against float64 here too).
+    from diffusers import DDPMScheduler as DiffusersDDPM
+
+    from fastddpm.samplers._common import DiffusersTables
+
+    d = DiffusersDDPM(num_train_timesteps=1000, clip_sample=False)
+    tables = DiffusersTables(d.betas)
+    x, m, z, _, _ = _inputs((4, 3, 6, 5), torch.float32, device, 21)
+    for t in (1, 2, 3, 7):
+        ac = d.alphas_cumprod
+        ab_t, ab_p = ac[t], ac[t - 1]
+        cur_beta = 1 - ab_t / ab_p  # diffusers' own fp32 expressions, as in DDPMScheduler.step
+        c0 = ab_p**0.5 * cur_beta / (1 - ab_t)
+        c1 = (ab_t / ab_p) ** 0.5 * (1 - ab_p) / (1 - ab_t)
+        x0 = (x.cpu() - (1 - ab_t) ** 0.5 * m.cpu()) / ab_t**0.5
+        sd = ((1 - ab_p) / (1 - ab_t) * cur_beta).clamp(min=1e-20) ** 0.5
+        want = c0 * x0 + c1 * x.cpu() + sd * z.cpu()
+        got = ops.ddpm_step(x, m, t, tables, noise=z, backend=backend, diffusers_beta=True).cpu()
+        exact = ops.ddpm_step(x, m, t, tables, noise=z, backend=backend).cpu()
+        e_d, e_x = (got - want).abs().max().item(), (exact - want).abs().max().item()
+        # a few ulp of |x_prev| ~ 2-4 (the kernels fuse multiply-adds, diffusers rounds each product)
+        assert e_d <= 1e-6 and e_x > 10 * max(e_d, 1e-8), (backend, t, e_d, e_x)
+        ref64, _ = reference.ddpm_step(x.double().cpu(), m.double().cpu(), torch.full((4,), t),
+                                       torch.full((4,), t - 1), tables.alphas_cumprod.double(), z.double().cpu(),
+                                       None, 0, 0, 1, 0, 0, 0.0, False)
+        assert (exact - ref64).abs().max() < (got - ref64).abs().max(), (backend, t)  # the default is closer
+        if t != 1:
+            continue
+        # DDIM's sigma carries the same difference (largest at t = 1, where beta_t is smallest)
+        a = ops.ddim_step(x, m, t, tables, t - 1, eta=1.0, noise=z, backend=backend, diffusers_beta=True).cpu()
+        b = ops.ddim_step(x, m, t, tables, t - 1, eta=1.0, noise=z, backend=backend).cpu()
+        var = (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
+        want_ddim = ab_p**0.5 * x0 + (1 - ab_p - var) ** 0.5 * m.cpu() + var**0.5 * z.cpu()
+        assert (a - want_ddim).abs().mean() < (b - want_ddim).abs().mean(), (backend, t)
 
 
 def test_philox_normal_statistics():

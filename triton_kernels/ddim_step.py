@@ -8,14 +8,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastddpm.ops._dispatch import launch_device
 from fastddpm.ops._layout import batch_major_dense, restore_format
 
 
 @triton.jit
-def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_ptr,
+def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_ptr, off_ptr,
                       T, n, M, seed, offset, final_ac, eta, clip_range,
                       NOISE_MODE: tl.constexpr, PRED_TYPE: tl.constexpr, CLIP: tl.constexpr,
-                      USE_CLIPPED: tl.constexpr, RETURN_PRED: tl.constexpr, BLOCK: tl.constexpr):
+                      USE_CLIPPED: tl.constexpr, RETURN_PRED: tl.constexpr, OFFSET_PTR: tl.constexpr,
+                      DIFFUSERS_BETA: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -28,7 +30,10 @@ def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_
     ab_prev = tl.where(pt >= 0, tl.load(ac_ptr + tl.maximum(pt, 0), mask=mask, other=1.0), final_ac)
     beta_prod_t = 1.0 - ab_t
     beta_prod_prev = 1.0 - ab_prev
-    cur_beta = (ab_prev - ab_t) / ab_prev  # exact subtraction of nearby values (Sterbenz)
+    if DIFFUSERS_BETA:  # diffusers' fp32 evaluation (elementwise.h step_beta)
+        cur_beta = 1.0 - ab_t / ab_prev
+    else:
+        cur_beta = (ab_prev - ab_t) / ab_prev  # exact subtraction of nearby values (Sterbenz)
     var = tl.maximum(beta_prod_prev / beta_prod_t * cur_beta, 0.0)
     sqrt_ab = tl.sqrt(ab_t)
     sqrt_1mab = tl.sqrt(beta_prod_t)
@@ -55,7 +60,10 @@ def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_
     if NOISE_MODE == 1:
         out = out + std * tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     elif NOISE_MODE == 2:
-        out = out + std * tl.randn(seed, offset + offs)
+        if OFFSET_PTR:  # the counter offset read on the device: a CUDA graph replays a new one
+            out = out + std * tl.randn(seed, offset + tl.load(off_ptr) + offs)
+        else:
+            out = out + std * tl.randn(seed, offset + offs)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -76,9 +84,12 @@ def ddim_step_triton(
     clip_range: float,
     use_clipped_model_output: bool,
     return_pred: bool,
+    offset_tensor: torch.Tensor | None = None,
+    diffusers_beta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     mode = noise_mode if eta > 0 else 0
     z = noise if mode == 1 else None
+    off_t = offset_tensor if mode == 2 else None
     direct = batch_major_dense(sample, model_output, z)
     if mode == 2 and not sample.is_contiguous():
         direct = False  # Philox noise is indexed in NCHW order
@@ -89,12 +100,14 @@ def ddim_step_triton(
     B, n = sample.shape[0], sample.numel()
     if n > 0:
         BLOCK = 1024
-        wrap_triton(_ddim_step_kernel)[(triton.cdiv(n, BLOCK),)](
-            xs, ms, zs if zs is not None else xs, out, pred if return_pred else out, t, prev_t,
-            alphas_cumprod, alphas_cumprod.shape[0], n, n // B, seed, offset, final_alpha_cumprod, eta,
-            clip_range, NOISE_MODE=mode, PRED_TYPE=prediction_type, CLIP=clip_range > 0,
-            USE_CLIPPED=use_clipped_model_output, RETURN_PRED=return_pred, BLOCK=BLOCK,
-        )
+        with launch_device(xs):
+            wrap_triton(_ddim_step_kernel)[(triton.cdiv(n, BLOCK),)](
+                xs, ms, zs if zs is not None else xs, out, pred if return_pred else out, t, prev_t,
+                alphas_cumprod, off_t if off_t is not None else t, alphas_cumprod.shape[0], n, n // B, seed,
+                offset, final_alpha_cumprod, eta, clip_range, NOISE_MODE=mode, PRED_TYPE=prediction_type,
+                CLIP=clip_range > 0, USE_CLIPPED=use_clipped_model_output, RETURN_PRED=return_pred,
+                OFFSET_PTR=off_t is not None, DIFFUSERS_BETA=diffusers_beta, BLOCK=BLOCK,
+            )
     if not direct:
         out = restore_format(out, sample)
         if return_pred:

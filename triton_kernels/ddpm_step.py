@@ -12,14 +12,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastddpm.ops._dispatch import launch_device
 from fastddpm.ops._layout import batch_major_dense, restore_format
 
 
 @triton.jit
-def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_ptr,
+def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_ptr, off_ptr,
                       T, n, M, seed, offset, clip_range,
                       NOISE_MODE: tl.constexpr, PRED_TYPE: tl.constexpr, VAR_TYPE: tl.constexpr,
-                      CLIP: tl.constexpr, RETURN_PRED: tl.constexpr, BLOCK: tl.constexpr):
+                      CLIP: tl.constexpr, RETURN_PRED: tl.constexpr, OFFSET_PTR: tl.constexpr,
+                      DIFFUSERS_BETA: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -32,8 +34,11 @@ def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_
     ab_prev = tl.where(pt >= 0, tl.load(ac_ptr + tl.maximum(pt, 0), mask=mask, other=1.0), 1.0)
     beta_prod_t = 1.0 - ab_t
     beta_prod_prev = 1.0 - ab_prev
-    cur_beta = (ab_prev - ab_t) / ab_prev  # exact subtraction of nearby values (Sterbenz)
     cur_alpha = ab_t / ab_prev
+    if DIFFUSERS_BETA:  # diffusers' fp32 evaluation (elementwise.h step_beta)
+        cur_beta = 1.0 - cur_alpha
+    else:
+        cur_beta = (ab_prev - ab_t) / ab_prev  # exact subtraction of nearby values (Sterbenz)
     sqrt_ab = tl.sqrt(ab_t)
     sqrt_1mab = tl.sqrt(beta_prod_t)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -59,7 +64,10 @@ def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_
         if NOISE_MODE == 1:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            z = tl.randn(seed, offset + offs)
+            if OFFSET_PTR:  # the counter offset read on the device: a CUDA graph replays a new one
+                z = tl.randn(seed, offset + tl.load(off_ptr) + offs)
+            else:
+                z = tl.randn(seed, offset + offs)
         var = tl.maximum(beta_prod_prev / beta_prod_t * cur_beta, 1e-20)
         if VAR_TYPE == 2:
             sigma = tl.sqrt(cur_beta)
@@ -91,8 +99,11 @@ def ddpm_step_triton(
     variance_type: int,
     clip_range: float,
     return_pred: bool,
+    offset_tensor: torch.Tensor | None = None,
+    diffusers_beta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     z = noise if noise_mode == 1 else None
+    off_t = offset_tensor if noise_mode == 2 else None
     pv = predicted_variance if variance_type in (4, 5) else None
     direct = batch_major_dense(sample, model_output, z, pv)
     if noise_mode == 2 and not sample.is_contiguous():
@@ -104,13 +115,15 @@ def ddpm_step_triton(
     B, n = sample.shape[0], sample.numel()
     if n > 0:
         BLOCK = 1024
-        wrap_triton(_ddpm_step_kernel)[(triton.cdiv(n, BLOCK),)](
-            xs, ms, zs if zs is not None else xs, ps if ps is not None else xs, out,
-            pred if return_pred else out, t, prev_t, alphas_cumprod,
-            alphas_cumprod.shape[0], n, n // B, seed, offset, clip_range,
-            NOISE_MODE=noise_mode, PRED_TYPE=prediction_type, VAR_TYPE=variance_type,
-            CLIP=clip_range > 0, RETURN_PRED=return_pred, BLOCK=BLOCK,
-        )
+        with launch_device(xs):
+            wrap_triton(_ddpm_step_kernel)[(triton.cdiv(n, BLOCK),)](
+                xs, ms, zs if zs is not None else xs, ps if ps is not None else xs, out,
+                pred if return_pred else out, t, prev_t, alphas_cumprod, off_t if off_t is not None else t,
+                alphas_cumprod.shape[0], n, n // B, seed, offset, clip_range,
+                NOISE_MODE=noise_mode, PRED_TYPE=prediction_type, VAR_TYPE=variance_type,
+                CLIP=clip_range > 0, RETURN_PRED=return_pred, OFFSET_PTR=off_t is not None,
+                DIFFUSERS_BETA=diffusers_beta, BLOCK=BLOCK,
+            )
     if not direct:
         out = restore_format(out, sample)
         if return_pred:
@@ -140,7 +153,8 @@ def philox_normal_triton(shape: tuple[int, ...], seed: int, offset: int, device:
     out = torch.empty(shape, dtype=torch.float32, device=device)
     n = out.numel()
     if n:
-        _philox_normal_kernel[(triton.cdiv(n, 1024),)](out, n, seed, offset, BLOCK=1024)
+        with launch_device(out):
+            _philox_normal_kernel[(triton.cdiv(n, 1024),)](out, n, seed, offset, BLOCK=1024)
     return out
 
 
@@ -148,5 +162,6 @@ def philox_bits_triton(n: int, seed: int, offset: int, device: torch.device) -> 
     """The four Philox words of counters offset .. offset + n - 1, as int32 (n, 4)."""
     out = torch.empty((n, 4), dtype=torch.int32, device=device)
     if n:
-        _philox_bits_kernel[(triton.cdiv(n, 256),)](out, n, seed, offset, BLOCK=256)
+        with launch_device(out):
+            _philox_bits_kernel[(triton.cdiv(n, 256),)](out, n, seed, offset, BLOCK=256)
     return out

@@ -90,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& prev_t,
     const at::Tensor& alphas_cumprod, double final_alpha_cumprod, const c10::optional<at::Tensor>& noise,
     int64_t seed, int64_t offset, int64_t noise_mode, int64_t prediction_type, double eta, double clip_range,
-    bool use_clipped_model_output, bool return_pred) {
+    bool use_clipped_model_output, bool return_pred, const c10::optional<at::Tensor>& offset_tensor,
+    bool diffusers_beta) {
   check_float_tensor(sample, "sample");
   TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
   check_like(model_output, sample, "model_output", "sample");
@@ -109,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(
   }
   TORCH_CHECK(seed >= 0, "seed: expected a non-negative integer, got ", seed);
   TORCH_CHECK(offset >= 0, "offset: expected a non-negative integer, got ", offset);
+  if (noise_mode == kNoisePhilox && eta > 0.0) offset = philox_offset(offset, offset_tensor, sample);
 
   const int64_t B = sample.size(0);
   const int64_t T = alphas_cumprod.size(0);
@@ -121,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(
     // Any prev_t < 0 is the end of the chain (diffusers: t = 0 steps to -20 with 50 of 1000 steps).
     TORCH_CHECK(pb < tb, "prev_t: expected prev_t < t (", tb, "), got ", pb, " at index ", b);
     coeffs[b] = ddim_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : static_cast<float>(final_alpha_cumprod),
-                                 static_cast<float>(eta));
+                                 static_cast<float>(eta), diffusers_beta);
   }
   // As ddpm_step: Philox noise is indexed by the row-major position, so other layouts go
   // through a contiguous copy.

@@ -100,7 +100,7 @@ void ddpm_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* z, con
 
 // The per-sample coefficients, with t and prev_t range-checked.
 std::vector<StepCoeffs> step_coeffs(const at::Tensor& t, const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
-                                    int64_t variance_type, int64_t B) {
+                                    int64_t variance_type, int64_t B, bool diffusers_beta) {
   const int64_t T = alphas_cumprod.size(0);
   const auto tc = t.contiguous(), pc = prev_t.contiguous(), ac = alphas_cumprod.contiguous();
   const float* abar = ac.data_ptr<float>();
@@ -111,7 +111,7 @@ std::vector<StepCoeffs> step_coeffs(const at::Tensor& t, const at::Tensor& prev_
     // Any prev_t < 0 is the end of the chain, abar_prev = 1 (diffusers: t = 0 steps to -20 with 50 of
     // 1000 steps).
     TORCH_CHECK(pb < tb, "prev_t: expected prev_t < t (", tb, "), got ", pb, " at index ", b);
-    coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0);
+    coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0, diffusers_beta);
   }
   return coeffs;
 }
@@ -121,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
     const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
     const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& predicted_variance,
     int64_t seed, int64_t offset, int64_t noise_mode, int64_t prediction_type,
-    int64_t variance_type, double clip_range, bool return_pred) {
+    int64_t variance_type, double clip_range, bool return_pred, const c10::optional<at::Tensor>& offset_tensor,
+    bool diffusers_beta) {
   check_float_tensor(sample, "sample");
   TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
   check_like(model_output, sample, "model_output", "sample");
@@ -148,9 +149,10 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
   }
   TORCH_CHECK(seed >= 0, "seed: expected a non-negative integer, got ", seed);
   TORCH_CHECK(offset >= 0, "offset: expected a non-negative integer, got ", offset);
+  if (noise_mode == kNoisePhilox) offset = philox_offset(offset, offset_tensor, sample);
 
   const int64_t B = sample.size(0);
-  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B);
+  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B, diffusers_beta);
 
   // Philox noise is indexed by the row-major (NCHW) position, so layouts other
   // than contiguous go through a contiguous copy to keep the numbers layout-free.
@@ -188,7 +190,7 @@ constexpr int64_t kOverlapMin = 4096;
 std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
     const at::Tensor& prev_t, const at::Tensor& alphas_cumprod, const c10::optional<at::Generator>& generator,
-    int64_t prediction_type, int64_t variance_type, double clip_range, bool return_pred) {
+    int64_t prediction_type, int64_t variance_type, double clip_range, bool return_pred, bool diffusers_beta) {
   check_float_tensor(sample, "sample");
   TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
   TORCH_CHECK(variance_type == kFixedSmall || variance_type == kFixedSmallLog || variance_type == kFixedLarge,
@@ -204,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
   if (!overlap) {
     z.normal_(0.0, 1.0, generator);
     return ddpm_step_cpu(sample, model_output, t, prev_t, alphas_cumprod, z, c10::nullopt, 0, 0, kNoiseTensor,
-                         prediction_type, variance_type, clip_range, return_pred);
+                         prediction_type, variance_type, clip_range, return_pred, c10::nullopt, diffusers_beta);
   }
   check_like(model_output, sample, "model_output", "sample");
   check_timesteps(t, sample, "t");
@@ -213,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
   TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2,
               "prediction_type: expected 0 (epsilon), 1 (sample) or 2 (v_prediction), got ", prediction_type);
   const int64_t B = sample.size(0), M = sample.numel() / B;
-  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B);
+  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B, diffusers_beta);
   at::Tensor out = at::empty_like(sample);
   at::Tensor pred = return_pred ? at::empty_like(sample) : at::empty({0}, sample.options());
   const float* x = sample.data_ptr<float>();

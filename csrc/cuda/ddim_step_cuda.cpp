@@ -11,8 +11,8 @@ namespace cuda {
 int launch_ddim_step(int dtype, const void* x, const void* m, const void* z, void* out, void* pred,
                      const int64_t* t, const int64_t* prev_t, const float* alphas_cumprod, int64_t T,
                      int64_t B, int64_t M, float final_alpha_cumprod, uint64_t seed, uint64_t offset,
-                     int64_t noise_mode, int64_t prediction_type, float eta, float clip_range,
-                     bool use_clipped, cudaStream_t stream);
+                     const int64_t* offset_ptr, int64_t noise_mode, int64_t prediction_type, float eta,
+                     float clip_range, bool use_clipped, bool diffusers_beta, cudaStream_t stream);
 }  // namespace cuda
 
 namespace {
@@ -21,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& prev_t,
     const at::Tensor& alphas_cumprod, double final_alpha_cumprod, const c10::optional<at::Tensor>& noise,
     int64_t seed, int64_t offset, int64_t noise_mode, int64_t prediction_type, double eta, double clip_range,
-    bool use_clipped_model_output, bool return_pred) {
+    bool use_clipped_model_output, bool return_pred, const c10::optional<at::Tensor>& offset_tensor,
+    bool diffusers_beta) {
   check_float_tensor(sample, "sample");
   TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
   check_like(model_output, sample, "model_output", "sample");
@@ -40,6 +41,8 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(
     check_like(*noise, sample, "noise", "sample");
   }
   TORCH_CHECK(seed >= 0 && offset >= 0, "seed, offset: expected non-negative integers");
+  // Read by the kernel (no host sync); its sign is the caller's to check (fastddpm.ops does, asynchronously).
+  const int64_t* offset_ptr = mode == kNoisePhilox ? offset_tensor_ptr(offset_tensor, sample) : nullptr;
   const c10::cuda::CUDAGuard guard(sample.device());
   const at::Tensor& noise_t = mode == kNoiseTensor ? *noise : at::Tensor();
   bool direct = batch_major_dense({sample, model_output, noise_t});
@@ -56,9 +59,9 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(
                                         return_pred ? pred.data_ptr() : nullptr, tc.data_ptr<int64_t>(),
                                         pc.data_ptr<int64_t>(), ac.data_ptr<float>(), ac.size(0), B,
                                         sample.numel() / B, static_cast<float>(final_alpha_cumprod),
-                                        static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), mode,
+                                        static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), offset_ptr, mode,
                                         prediction_type, static_cast<float>(eta),
-                                        static_cast<float>(clip_range), use_clipped_model_output,
+                                        static_cast<float>(clip_range), use_clipped_model_output, diffusers_beta,
                                         c10::cuda::getCurrentCUDAStream()),
                  "ddim_step");
   }

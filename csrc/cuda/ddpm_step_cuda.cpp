@@ -14,7 +14,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(
     const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
     const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& predicted_variance,
     int64_t seed, int64_t offset, int64_t noise_mode, int64_t prediction_type,
-    int64_t variance_type, double clip_range, bool return_pred) {
+    int64_t variance_type, double clip_range, bool return_pred, const c10::optional<at::Tensor>& offset_tensor,
+    bool diffusers_beta) {
   check_float_tensor(sample, "sample");
   TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
   check_like(model_output, sample, "model_output", "sample");
@@ -38,6 +39,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(
     check_like(*predicted_variance, sample, "predicted_variance", "sample");
   }
   TORCH_CHECK(seed >= 0 && offset >= 0, "seed, offset: expected non-negative integers");
+  // Read by the kernel (no host sync); its sign is the caller's to check (fastddpm.ops does, asynchronously).
+  const int64_t* offset_ptr = noise_mode == kNoisePhilox ? offset_tensor_ptr(offset_tensor, sample) : nullptr;
   const c10::cuda::CUDAGuard guard(sample.device());
   const at::Tensor& noise_t = noise_mode == kNoiseTensor ? *noise : at::Tensor();
   const at::Tensor& pv_t = learned ? *predicted_variance : at::Tensor();
@@ -56,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(
                                         return_pred ? pred.data_ptr() : nullptr, tc.data_ptr<int64_t>(),
                                         pc.data_ptr<int64_t>(), ac.data_ptr<float>(), ac.size(0), B,
                                         sample.numel() / B, static_cast<uint64_t>(seed),
-                                        static_cast<uint64_t>(offset), noise_mode, prediction_type,
-                                        variance_type, static_cast<float>(clip_range),
+                                        static_cast<uint64_t>(offset), offset_ptr, noise_mode, prediction_type,
+                                        variance_type, static_cast<float>(clip_range), diffusers_beta,
                                         c10::cuda::getCurrentCUDAStream()),
                  "ddpm_step");
   }

@@ -108,11 +108,32 @@ def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allo
     return t
 
 
-def philox_stream(seed, offset) -> None:
-    """Check the (seed, offset) of an in-kernel Philox noise stream."""
+def philox_stream(seed, offset, device: torch.device | None = None) -> None:
+    """Check the (seed, offset) of an in-kernel Philox noise stream.
+
+    ``offset`` is an int or a 0-d int64 tensor on ``device`` (the kernels read it there, so a CUDA graph
+    replays the step with the value the tensor holds at replay). A tensor's sign is checked on the host
+    for CPU tensors and with an asynchronous device assertion on CUDA (no host synchronisation).
+    """
     if seed is None:
         raise ValueError("seed: required with noise='philox'")
     if not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
-    if not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset: expected a non-negative integer, got {offset!r}")
+    if isinstance(offset, torch.Tensor):
+        if offset.dtype != torch.int64 or offset.dim() != 0:
+            raise TypeError(
+                f"offset: expected an int or a 0-d int64 tensor, got a {offset.dtype} tensor of shape "
+                f"{tuple(offset.shape)}"
+            )
+        if device is not None and offset.device != device:
+            raise ValueError(f"offset: expected a tensor on {device} (that of sample), got one on {offset.device}")
+        if torch.compiler.is_compiling():
+            return  # the C++ kernel checks it; traced code cannot branch on a value
+        if offset.device.type == "cpu":
+            if int(offset) < 0:
+                raise ValueError(f"offset: expected a non-negative integer, got {int(offset)}")
+        else:
+            torch._assert_async(offset >= 0, "offset: expected a non-negative integer")
+        return
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset: expected a non-negative integer or a 0-d int64 tensor, got {offset!r}")

@@ -79,14 +79,15 @@ if _C is not None:
 
     @torch.library.register_fake("fastddpm::ddpm_step")
     def _ddpm_step_fake(sample, model_output, t, prev_t, ac, noise, pv, seed, offset, noise_mode,
-                        prediction_type, variance_type, clip_range, return_pred, offset_tensor=None):
+                        prediction_type, variance_type, clip_range, return_pred, offset_tensor=None,
+                        diffusers_beta=False):
         out = torch.empty_like(sample)
         pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
         return out, pred
 
     @torch.library.register_fake("fastddpm::ddpm_step_randn")
     def _ddpm_step_randn_fake(sample, model_output, t, prev_t, ac, generator, prediction_type, variance_type,
-                              clip_range, return_pred):
+                              clip_range, return_pred, diffusers_beta=False):
         out = torch.empty_like(sample)
         pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
         return out, pred

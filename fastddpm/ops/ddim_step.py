@@ -27,7 +27,8 @@ if _library.has_c():
 
     @torch.library.register_fake("fastddpm::ddim_step")
     def _ddim_step_fake(sample, model_output, t, prev_t, ac, final_ac, noise, seed, offset, noise_mode,
-                        prediction_type, eta, clip_range, use_clipped, return_pred):
+                        prediction_type, eta, clip_range, use_clipped, return_pred, offset_tensor=None,
+                        diffusers_beta=False):
         out = torch.empty_like(sample)
         pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
         return out, pred
@@ -49,7 +50,8 @@ def ddim_step(
     final_alpha_cumprod: float = 1.0,
     use_clipped_model_output: bool = False,
     seed: int | None = None,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
+    diffusers_beta: bool = False,
     return_pred_original: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +71,16 @@ def ddim_step(
             ``final_alpha_cumprod``, as diffusers reads it (50 of 1000 steps: t = 0 steps to -20).
         eta: the DDIM eta (>= 0). Noise is drawn and added only when eta > 0.
         noise: z. A tensor; None to draw ``torch.randn(sample.shape, generator=generator)`` as diffusers;
-            "philox" for in-kernel noise from ``seed`` and ``offset`` (as ddpm_step); "none".
+            "philox" for in-kernel noise from ``seed`` and ``offset`` (as ddpm_step; ``offset`` may be a
+            0-d int64 tensor on the sample's device, read inside the kernel); "none".
         prediction_type: "epsilon", "sample" or "v_prediction".
         clip_sample, clip_sample_range: clip the predicted x0.
         final_alpha_cumprod: abar at prev_t = -1 (diffusers' set_alpha_to_one: 1.0, else abar_0).
-        use_clipped_model_output: recompute eps from the clipped x0 (diffusers' option).
+        use_clipped_model_output: recompute eps from the clipped x0 for the direction to x_t (diffusers'
+            option; DDIM's own pairing of x0 and eps, fastddpm.sample's default).
+        diffusers_beta: evaluate 1 - abar_t / abar_prev (in sigma) as diffusers does in fp32, whose
+            cancellation is off by up to ~5e-4 (relative) where it is ~1e-4, to return diffusers' own numbers
+            (the DDIMScheduler drop-in); default the exact form (abar_prev - abar_t) / abar_prev.
         return_pred_original: also return the predicted x0.
         backend: "auto", "cpu", "cuda", "triton" or "torch".
     """
@@ -98,7 +105,7 @@ def ddim_step(
         pt = tt - 1
     else:
         pt = _checks.timesteps(prev_t, B, sample.device, T, name="prev_t", allow_negative=True)
-        if pt.device.type == "cpu" and bool((pt >= tt).any()):
+        if pt.device.type == "cpu" and not torch.compiler.is_compiling() and bool((pt >= tt).any()):
             raise ValueError("prev_t: expected prev_t < t for every sample")
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
@@ -108,7 +115,7 @@ def ddim_step(
     mode = NOISE_TENSOR
     if isinstance(noise, str):
         if noise == "philox":
-            _checks.philox_stream(seed, offset)
+            _checks.philox_stream(seed, offset, sample.device)
             mode = NOISE_PHILOX
         elif noise == "none":
             mode = NOISE_NONE
@@ -130,9 +137,16 @@ def ddim_step(
         ac = schedule.table("alphas_cumprod", sample.device, torch.float64)
     else:
         ac = schedule.tables(sample.device)["alphas_cumprod"]
+    if isinstance(offset, torch.Tensor):  # read by the kernel (only with Philox noise)
+        off, off_t = 0, (offset if mode == NOISE_PHILOX else None)
+    else:
+        off, off_t = int(offset), None
+    extra = () if off_t is None else (off_t,)
+    kw = dict(diffusers_beta=True) if diffusers_beta else {}
     prev, pred = _impl(b)(
-        sample, model_output, tt, pt, ac, final_alpha_cumprod, z, int(seed or 0), int(offset), mode,
-        PREDICTION_TYPES[prediction_type], eta, clip, bool(use_clipped_model_output), return_pred_original,
+        sample, model_output, tt, pt, ac, final_alpha_cumprod, z, int(seed or 0), off, mode,
+        PREDICTION_TYPES[prediction_type], eta, clip, bool(use_clipped_model_output), return_pred_original, *extra,
+        **kw,
     )
     return (prev, pred) if return_pred_original else prev
 

@@ -38,7 +38,8 @@ def ddpm_step(
     clip_sample_range: float = 1.0,
     *,
     seed: int | None = None,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
+    diffusers_beta: bool = False,
     predicted_variance: torch.Tensor | None = None,
     return_pred_original: bool = False,
     backend: str = "auto",
@@ -69,7 +70,13 @@ def ddpm_step(
         variance_type: "fixed_small", "fixed_small_log", "fixed_large", "learned"
             or "learned_range" (the last two need ``predicted_variance``).
         clip_sample, clip_sample_range: clip the predicted x0.
-        seed, offset: the Philox stream for noise="philox".
+        seed, offset: the Philox stream for noise="philox". ``offset`` may be a 0-d int64 tensor on the
+            sample's device, read inside the kernel (no host sync): a CUDA graph replays the step with
+            whatever it holds at replay. The same value as an int gives bitwise the same result.
+        diffusers_beta: evaluate beta_t = 1 - abar_t / abar_prev as diffusers does in fp32, whose
+            cancellation is off by up to ~5e-4 (relative) where beta_t ~ 1e-4 (a whole loop's numbers move by
+            ~5e-5), to return diffusers' own numbers (the DDPMScheduler drop-in); default the exact form
+            (abar_prev - abar_t) / abar_prev.
         predicted_variance: the model's variance output for the learned types.
         return_pred_original: also return the predicted x0.
         backend: "auto", "cpu", "cuda", "triton" or "torch".
@@ -112,7 +119,7 @@ def ddpm_step(
     mode = NOISE_TENSOR
     if isinstance(noise, str):
         if noise == "philox":
-            _checks.philox_stream(seed, offset)
+            _checks.philox_stream(seed, offset, device)
             mode = NOISE_PHILOX
         elif noise == "none":
             mode = NOISE_NONE
@@ -128,15 +135,21 @@ def ddpm_step(
     if mode == NOISE_GENERATOR:
         if randn_in_op(b, generator, variance_type):
             fn, ac = kernel(b, schedule, device, sample.dtype)
+            kw = dict(diffusers_beta=True) if diffusers_beta else {}
             prev, pred = torch.ops.fastddpm.ddpm_step_randn(
                 sample, model_output, tt, pt, ac, generator, PREDICTION_TYPES[prediction_type],
-                VARIANCE_TYPES[variance_type], clip, return_pred_original,
+                VARIANCE_TYPES[variance_type], clip, return_pred_original, **kw,
             )
             return (prev, pred) if return_pred_original else prev
         z, mode = generator_noise(sample, generator), NOISE_TENSOR
+    if isinstance(offset, torch.Tensor):  # read by the kernel (only with Philox noise)
+        off, off_t = 0, (offset if mode == NOISE_PHILOX else None)
+    else:
+        off, off_t = int(offset), None
     prev, pred = run(
-        b, sample, model_output, tt, pt, schedule, z, predicted_variance, int(seed or 0), int(offset), mode,
-        PREDICTION_TYPES[prediction_type], VARIANCE_TYPES[variance_type], clip, return_pred_original,
+        b, sample, model_output, tt, pt, schedule, z, predicted_variance, int(seed or 0), off, mode,
+        PREDICTION_TYPES[prediction_type], VARIANCE_TYPES[variance_type], clip, return_pred_original, off_t,
+        diffusers_beta,
     )
     return (prev, pred) if return_pred_original else prev
 
@@ -180,15 +193,20 @@ def run(
     variance_code: int,
     clip: float,
     return_pred: bool,
+    offset_tensor: torch.Tensor | None = None,
+    diffusers_beta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op on a resolved backend with checked, normalised arguments (int64 (B,) timesteps, codes).
 
-    :func:`ddpm_step` and the schedulers, which validate their arguments themselves, call this.
+    :func:`ddpm_step` and the schedulers, which validate their arguments themselves, call this. The
+    Philox counter offset is ``offset`` plus, where given, the 0-d int64 device tensor ``offset_tensor``.
     """
     fn, ac = kernel(backend, schedule, sample.device, sample.dtype)
+    extra = () if offset_tensor is None else (offset_tensor,)
+    kw = dict(diffusers_beta=True) if diffusers_beta else {}
     return fn(
         sample, model_output, tt, pt, ac, z, predicted_variance, seed, offset, mode, prediction_code,
-        variance_code, clip, return_pred,
+        variance_code, clip, return_pred, *extra, **kw,
     )
 
 

@@ -68,9 +68,12 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_bits(n: int, seed: int, offset: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The four Philox4x32-10 words of counters offset .. offset+n-1, as int64 (n, 4)."""
-    ctr = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+def philox_bits(n: int, seed: int, offset: int | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The four Philox4x32-10 words of counters offset .. offset+n-1, as int64 (n, 4).
+
+    ``offset`` may be a 0-d int64 tensor on ``device``: read on the device, so a CUDA graph replays it.
+    """
+    ctr = torch.arange(n, dtype=torch.int64, device=device) + offset
     c0, c1 = ctr & _M32, (ctr >> 32) & _M32
     c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
@@ -93,7 +96,7 @@ def _uniform(word: torch.Tensor) -> torch.Tensor:
 def philox_normal(
     shape: tuple[int, ...] | torch.Size,
     seed: int,
-    offset: int,
+    offset: int | torch.Tensor,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
@@ -128,10 +131,15 @@ def ddpm_step(
     variance_type: int,
     clip_range: float,
     return_pred: bool,
+    offset_tensor: torch.Tensor | None = None,
+    diffusers_beta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' DDPMScheduler.step, per sample, with diffusers' own formulas.
 
-    Codes as in fastddpm/ops/_codes.py; clip_range <= 0 disables clipping.
+    Codes as in fastddpm/ops/_codes.py; clip_range <= 0 disables clipping. The Philox counter offset is
+    ``offset`` plus, where given, the 0-d int64 ``offset_tensor`` (read on the device, no host sync).
+    ``diffusers_beta`` is accepted for the kernels' signature: this evaluates diffusers' formulas always (in
+    float64 the two forms of beta_t agree).
     """
     cd = _compute_dtype(sample)
     nd = sample.dim()
@@ -163,7 +171,8 @@ def ddpm_step(
         if noise_mode == NOISE_TENSOR:
             z = noise.to(cd)
         elif noise_mode == NOISE_PHILOX:
-            z = philox_normal(sample.shape, seed, offset, sample.device, cd)
+            off = offset if offset_tensor is None else offset_tensor + offset
+            z = philox_normal(sample.shape, seed, off, sample.device, cd)
         else:
             raise ValueError(f"noise_mode: expected 0, 1 or 2, got {noise_mode}")
         var = (beta_prod_prev / beta_prod_t * cur_beta).clamp(min=1e-20)
@@ -255,10 +264,13 @@ def ddim_step(
     clip_range: float,
     use_clipped_model_output: bool,
     return_pred: bool,
+    offset_tensor: torch.Tensor | None = None,
+    diffusers_beta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' DDIMScheduler.step (Song et al. 2021, eq. 12), per sample, with diffusers' formulas.
 
-    abar_prev is ``final_alpha_cumprod`` where prev_t < 0; noise is added when eta > 0.
+    abar_prev is ``final_alpha_cumprod`` where prev_t < 0; noise is added when eta > 0. The Philox
+    counter offset is ``offset`` plus, where given, the 0-d int64 ``offset_tensor``.
     """
     cd = _compute_dtype(sample)
     nd = sample.dim()
@@ -291,7 +303,8 @@ def ddim_step(
         if noise_mode == NOISE_TENSOR:
             z = noise.to(cd)
         elif noise_mode == NOISE_PHILOX:
-            z = philox_normal(sample.shape, seed, offset, sample.device, cd)
+            off = offset if offset_tensor is None else offset_tensor + offset
+            z = philox_normal(sample.shape, seed, off, sample.device, cd)
         else:
             raise ValueError(f"noise_mode: expected 0, 1 or 2, got {noise_mode}")
         prev = prev + std * z

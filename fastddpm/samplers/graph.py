@@ -6,11 +6,10 @@ may be a Python number inside the captured region:
 * t and prev_t are read from device tables (``GraphBuffers.t_table`` / ``prev_table``) at a device-side
   step index (``step_index``, incremented by the graph itself);
 * the noise is drawn inside the graph: noise="torch" with a CUDA generator registered with the graph
-  (torch's graph-safe Philox, whose offset advances on every replay); noise="philox" by a torch
-  implementation of the kernels' Philox stream whose counter offset is read from a device table.
-  (The fused ops take seed/offset as ints, which a graph would freeze; until an op variant reads them
-  from a tensor, the graph passes the noise as a tensor. It is the same stream the in-kernel noise
-  uses: element i of step k is normal(seed, (k + 1) * numel + i).)
+  (torch's graph-safe Philox, whose offset advances on every replay); noise="philox" by the fused step's
+  own in-kernel Philox, its counter offset a 0-d device tensor (``GraphBuffers.offset``) that the kernel
+  reads and the graph advances by numel per step: element i of step k is normal(seed, (k + 1) * numel + i),
+  the stream fastddpm.sample's eager loop uses, so the images are bitwise the same on the CPU.
 * x lives in one static buffer that each replay overwrites.
 
 ``graph_step`` is the captured function; it also runs eagerly (any device), which is how the CPU tests
@@ -23,10 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import reference
 from .sample import SamplingPlan, call_model, fused_step, initial_noise, split_output
 
-__all__ = ["GraphBuffers", "plan_buffers", "graph_step", "philox_normal_at", "sample_cuda_graph"]
+__all__ = ["GraphBuffers", "plan_buffers", "graph_step", "sample_cuda_graph"]
 
 
 @dataclass
@@ -36,7 +34,7 @@ class GraphBuffers:
     x: torch.Tensor  # (B, ...) the images, overwritten in place by each step
     t_table: torch.Tensor  # (n,) int64
     prev_table: torch.Tensor  # (n,) int64
-    offset_table: torch.Tensor  # (n,) int64, Philox counter offset of each step's noise
+    offset: torch.Tensor  # () int64, Philox counter offset of the next step's noise, read by the kernel
     step_index: torch.Tensor  # (1,) int64, the step the next replay runs
 
 
@@ -45,44 +43,20 @@ def plan_buffers(plan: SamplingPlan, x_T: torch.Tensor) -> GraphBuffers:
     if tuple(x_T.shape) != plan.shape:
         raise ValueError(f"x_T: expected shape {plan.shape}, got {tuple(x_T.shape)}")
     dev = plan.device
-    n = plan.num_steps
-    offsets = torch.arange(1, n + 1, dtype=torch.int64) * plan.numel
     return GraphBuffers(
         x=x_T.to(device=dev, dtype=plan.dtype).clone(memory_format=torch.contiguous_format),
         t_table=plan.t.to(dev),
         prev_table=plan.prev_t.to(dev),
-        offset_table=offsets.to(dev),
+        offset=torch.tensor(plan.philox_offset(0), dtype=torch.int64, device=dev),
         step_index=torch.zeros(1, dtype=torch.int64, device=dev),
     )
 
 
-_M32 = 0xFFFFFFFF
-
-
-def philox_normal_at(shape, seed: int, offset: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """normal(seed, offset + i) for element i, with ``offset`` a device tensor (1,) int64.
-
-    The kernels' stream (fastddpm.ops.reference.philox_normal) with the counter offset read on the
-    device, so a CUDA graph replays it with a new offset every step. Box-Muller runs in float32 here;
-    the kernels' log/cos may differ from torch's in the last bit.
-    """
-    n = 1
-    for s in shape:
-        n *= int(s)
-    ctr = torch.arange(n, dtype=torch.int64, device=offset.device) + offset.reshape(())
-    c0, c1 = ctr & _M32, (ctr >> 32) & _M32
-    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(10):
-        hi_b, lo_b = reference._mul_hi_lo(0xCD9E8D57, c2)
-        hi_a, lo_a = reference._mul_hi_lo(0xD2511F53, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + 0x9E3779B9) & _M32
-        k1 = (k1 + 0xBB67AE85) & _M32
-    u1 = torch.clamp(reference._uniform(c0), min=1.0e-7)
-    u2 = reference._uniform(c1)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(u2 * 6.283185307179586)
-    return z.reshape(tuple(shape)).to(dtype)
+def reset_buffers(plan: SamplingPlan, buf: GraphBuffers, x_T: torch.Tensor) -> None:
+    """Back to step 0 in place (the addresses a captured graph reads stay the same)."""
+    buf.x.copy_(x_T)
+    buf.step_index.zero_()
+    buf.offset.fill_(plan.philox_offset(0))
 
 
 def graph_step(model, plan: SamplingPlan, buf: GraphBuffers, generator=None, seed: int | None = None,
@@ -97,14 +71,15 @@ def graph_step(model, plan: SamplingPlan, buf: GraphBuffers, generator=None, see
     if plan.sampler == "ddim" and plan.eta == 0:
         z = "none"
     elif plan.noise == "philox":
-        z = philox_normal_at(plan.shape, seed, buf.offset_table.index_select(0, i), plan.dtype)
+        z = "philox"  # in the kernel, at the offset buf.offset holds when the step runs (or replays)
     else:
         # Drawn at t = 0 too (the step adds none there): a graph cannot branch on t.
         gd = generator.device if generator is not None else x.device
         z = torch.randn(plan.shape, generator=generator, device=gd, dtype=plan.dtype)
-    new = fused_step(plan, x, m, pv, t, prev, z, None, None, 0, backend)
+    new = fused_step(plan, x, m, pv, t, prev, z, None, seed, buf.offset, backend)
     x.copy_(new)
     i.add_(1)
+    buf.offset.add_(plan.numel)
 
 
 def sample_cuda_graph(model, plan: SamplingPlan, *, generator=None, seed=None, progress=True, callback=None,
@@ -136,8 +111,7 @@ def sample_cuda_graph(model, plan: SamplingPlan, *, generator=None, seed=None, p
         for _ in range(2):
             graph_step(model, plan, buf, generator, seed, backend)
     torch.cuda.current_stream(plan.device).wait_stream(side)
-    buf.x.copy_(x_T)
-    buf.step_index.zero_()
+    reset_buffers(plan, buf, x_T)
     if generator is not None:
         generator.set_state(rng_state)
     graph = torch.cuda.CUDAGraph()
@@ -146,8 +120,7 @@ def sample_cuda_graph(model, plan: SamplingPlan, *, generator=None, seed=None, p
     with torch.cuda.graph(graph):
         graph_step(model, plan, buf, generator, seed, backend)
     # Capture does not execute: reset once more (capture recorded the increments, not applied them).
-    buf.x.copy_(x_T)
-    buf.step_index.zero_()
+    reset_buffers(plan, buf, x_T)
     intermediates = []
     from tqdm.auto import tqdm
 

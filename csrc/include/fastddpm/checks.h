@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -117,6 +118,32 @@ inline void check_group_norm_args(const at::Tensor& x, const std::optional<at::T
     TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), "shift: expected a floating-point dtype, got ",
                      s.scalar_type());
   }
+}
+
+// The Philox offset tensor of ddpm_step/ddim_step: a 0-d int64 tensor on x's device.
+inline void check_offset_tensor(const at::Tensor& o, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(o.scalar_type() == at::kLong && o.dim() == 0, "offset_tensor: expected a 0-d int64 tensor, got a ",
+                   o.scalar_type(), " tensor of shape ", o.sizes());
+  TORCH_CHECK_VALUE(o.device() == x.device(), "offset_tensor: expected device ", x.device(),
+                    " (the device of sample), got ", o.device());
+}
+
+// CPU kernels: the Philox counter offset, offset plus the value of offset_tensor where given.
+inline int64_t philox_offset(int64_t offset, const c10::optional<at::Tensor>& offset_tensor, const at::Tensor& x) {
+  if (!offset_tensor.has_value() || !offset_tensor->defined()) return offset;
+  check_offset_tensor(*offset_tensor, x);
+  const int64_t v = offset_tensor->item<int64_t>();
+  TORCH_CHECK_VALUE(v >= 0, "offset_tensor: expected a non-negative value, got ", v);
+  TORCH_CHECK_VALUE(v <= std::numeric_limits<int64_t>::max() - offset, "offset + offset_tensor: overflows int64 (",
+                    offset, " + ", v, ")");
+  return offset + v;
+}
+
+// CUDA kernels: the device address of offset_tensor (read by the kernel, no host sync), or nullptr.
+inline const int64_t* offset_tensor_ptr(const c10::optional<at::Tensor>& offset_tensor, const at::Tensor& x) {
+  if (!offset_tensor.has_value() || !offset_tensor->defined()) return nullptr;
+  check_offset_tensor(*offset_tensor, x);
+  return offset_tensor->data_ptr<int64_t>();
 }
 
 }  // namespace fastddpm

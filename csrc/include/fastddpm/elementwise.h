@@ -109,14 +109,22 @@ struct StepCoeffs {
   bool add_noise;       // t > 0
 };
 
+// beta_t = 1 - alpha_t as diffusers evaluates it in fp32, 1 - abar_t / abar_prev: the subtraction cancels, and
+// where beta_t ~ 1e-4 it is off by up to ~5e-4 (relative), which moves a whole loop's numbers by ~5e-5. The
+// diffusers drop-in schedulers ask for it (diffusers_beta) so that they return diffusers' own numbers;
+// otherwise the exact form (abar_prev - abar_t) / abar_prev.
+FASTDDPM_HD float step_beta(float ab_t, float ab_prev, bool diffusers_beta) {
+  return diffusers_beta ? 1.0f - ab_t / ab_prev : (ab_prev - ab_t) / ab_prev;
+}
+
 // ab_t = abar_t; ab_prev = abar_{prev_t}, or 1 where prev_t < 0.
 FASTDDPM_HD StepCoeffs ddpm_step_coeffs(float ab_t, float ab_prev, int64_t variance_type,
-                                        bool add_noise) {
+                                        bool add_noise, bool diffusers_beta = false) {
   StepCoeffs c;
   const float beta_prod_t = 1.0f - ab_t;
   const float beta_prod_prev = 1.0f - ab_prev;
-  const float cur_beta = (ab_prev - ab_t) / ab_prev;  // 1 - alpha_t
-  const float cur_alpha = ab_t / ab_prev;             // alpha_t
+  const float cur_beta = step_beta(ab_t, ab_prev, diffusers_beta);  // 1 - alpha_t
+  const float cur_alpha = ab_t / ab_prev;                             // alpha_t
   c.sqrt_ab = sqrtf(ab_t);
   c.sqrt_1mab = sqrtf(beta_prod_t);
   c.inv_sqrt_ab = 1.0f / c.sqrt_ab;
@@ -184,11 +192,11 @@ struct DdimCoeffs {
   float std;           // sigma
 };
 
-FASTDDPM_HD DdimCoeffs ddim_step_coeffs(float ab_t, float ab_prev, float eta) {
+FASTDDPM_HD DdimCoeffs ddim_step_coeffs(float ab_t, float ab_prev, float eta, bool diffusers_beta = false) {
   DdimCoeffs c;
   const float beta_prod_t = 1.0f - ab_t;
   const float beta_prod_prev = 1.0f - ab_prev;
-  const float cur_beta = (ab_prev - ab_t) / ab_prev;  // exact difference (Sterbenz), as ddpm_step_coeffs
+  const float cur_beta = step_beta(ab_t, ab_prev, diffusers_beta);  // as ddpm_step_coeffs
   float var = beta_prod_prev / beta_prod_t * cur_beta;
   var = var > 0.0f ? var : 0.0f;
   c.sqrt_ab = sqrtf(ab_t);
