@@ -138,6 +138,10 @@ class DDIMScheduler(FastddpmSchedulerMixin):
         """x_prev from x_t (``sample``) and the model's output at ``timestep``, one fused pass.
 
         Noise (drawn from ``generator`` as diffusers draws it, or ``variance_noise``) is added when eta > 0.
+        ``use_clipped_model_output`` is False by default, as in diffusers, so that the numbers are diffusers';
+        with ``clip_sample`` (or thresholding), True gives the better images: eps is recomputed from the clipped
+        x0 (DDIM's own pairing, fastddpm.sample's default), where the model's eps with a clipped x0 drifts off
+        DDIM's path and images get worse as the number of steps grows.
         """
         if self.num_inference_steps is None:
             raise ValueError(
