@@ -218,6 +218,37 @@ static void test_ddpm_step_forms() {
   EXPECT(rel(ddpm_prev_sample(0.3f, x0, 1.0f, 100.0f, c0), x0) < 1e-6, "t=0 returns x0");
 }
 
+static void test_step_beta() {
+  // beta_t = 1 - alpha_t from fp32 abar values: the exact form (abar_prev - abar_t) / abar_prev is within an ulp
+  // or two of its float64 value; diffusers' 1 - abar_t / abar_prev (diffusers_beta, for the drop-in's numbers)
+  // is that expression to the bit and, where beta_t ~ 1e-4, off by far more (its subtraction cancels).
+  const int T = 1000;
+  static double ab[T];
+  double p = 1.0;
+  for (int i = 0; i < T; ++i) {
+    p *= 1.0 - (1e-4 + (0.02 - 1e-4) * i / (T - 1));
+    ab[i] = p;
+  }
+  double worst_diffusers_t1 = 0.0, worst_exact_t1 = 0.0;
+  for (int t : {1, 2, 10, 500, 999}) {
+    const float abt = static_cast<float>(ab[t]), abp = static_cast<float>(ab[t - 1]);
+    const double want = (static_cast<double>(abp) - abt) / abp;  // of the fp32 values the kernels read
+    const float exact = step_beta(abt, abp, false), diff = step_beta(abt, abp, true);
+    EXPECT(std::fabs(exact - want) / want < 2.5e-7, "t=%d: exact beta %.9g vs float64 %.9g", t, exact, want);
+    EXPECT(diff == 1.0f - abt / abp, "t=%d: diffusers' form is not 1 - abar_t / abar_prev in fp32", t);
+    if (t == 1) {
+      worst_exact_t1 = std::fabs(exact - want) / want;
+      worst_diffusers_t1 = std::fabs(diff - want) / want;
+    }
+    const StepCoeffs c = ddpm_step_coeffs(abt, abp, kFixedLarge, true, true);
+    EXPECT(c.std == std::sqrt(diff), "t=%d: diffusers_beta does not reach the coefficients", t);
+    const DdimCoeffs d = ddim_step_coeffs(abt, abp, 1.0f, true), e = ddim_step_coeffs(abt, abp, 1.0f, false);
+    EXPECT(d.sqrt_ab_prev == e.sqrt_ab_prev && (t != 1 || d.std != e.std), "t=%d: ddim diffusers_beta", t);
+  }
+  EXPECT(worst_diffusers_t1 > 1e-5 && worst_diffusers_t1 > 20 * worst_exact_t1,
+         "t=1: diffusers' beta off by %g, the exact form by %g", worst_diffusers_t1, worst_exact_t1);
+}
+
 static void test_silu() {
   // silu and its derivative (group_norm_silu's CUDA kernels) against float64: the function itself, and
   // the derivative against a central difference of it (independent of the closed form).
@@ -297,6 +328,7 @@ int main() {
   test_philox_normal_moments();
   test_q_sample();
   test_ddpm_step_forms();
+  test_step_beta();
   test_silu();
   test_group_norm_split();
   if (failures) {
