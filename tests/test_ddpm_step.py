@@ -316,6 +316,20 @@ def test_tensor_offset_bad_input_opcheck_and_compile():
     assert torch.equal(a, ops.ddpm_step(x, m, t, SCHED, pt, noise="philox", seed=1, offset=7, backend="cpu"))
     torch.library.opcheck(op, (x, m, t, pt, SCHED.alphas_cumprod, None, None, 1, 3, 2, 0, 0, 1.0, True,
                                torch.tensor(12)))
+    torch.library.opcheck(op, (x, m, t, pt, SCHED.alphas_cumprod, None, None, 1, 3, 2, 0, 2, 1.0, True,
+                               torch.tensor(12), True))  # diffusers_beta
+    randn = torch.ops.fastddpm.ddpm_step_randn.default
+    a, _ = randn(x, m, t, pt, SCHED.alphas_cumprod, torch.Generator().manual_seed(3), 0, 2, 0.0, False, True)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    b, _ = op(x, m, t, pt, SCHED.alphas_cumprod, z, None, 0, 0, 1, 0, 2, 0.0, False, None, True)
+    assert torch.equal(a, b)  # ddpm_step_randn passes diffusers_beta on
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fx = torch.empty(2, 3, 4, 4)
+        ft = torch.zeros(2, dtype=torch.long)
+        out, _ = randn(fx, fx, ft, ft, torch.empty(1000), None, 0, 0, 0.0, False, True)
+        assert out.shape == fx.shape
 
     def f(x, m, t, off):
         return ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=1, offset=off, backend="cpu") * 2
@@ -560,6 +574,25 @@ def test_ddpm_step_bad_input(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         ops.ddpm_step(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_steps_on_the_second_device(backend):
+    # Tensors on cuda:1 while cuda:0 is current: the kernels must run on the tensors' device (a Triton launch on
+    # the current device would get device-1 pointers), with the Philox offset read from a cuda:1 tensor.
+    dev = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    x, m, _, _, t = _inputs((3, 2, 8, 8), torch.float32, dev, 5)
+    off = torch.tensor(123, device=dev)
+    a = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=2, offset=off, backend=backend)
+    b = ops.ddpm_step(x.cpu(), m.cpu(), t.cpu(), SCHED, noise="philox", seed=2, offset=123, backend="cpu")
+    assert a.device == dev and scaled_err(a.cpu(), b) < 1e-5
+    c = ops.ddim_step(x, m, t, SCHED, eta=0.5, noise="philox", seed=2, offset=off, backend=backend)
+    d = ops.ddim_step(x.cpu(), m.cpu(), t.cpu(), SCHED, eta=0.5, noise="philox", seed=2, offset=123, backend="cpu")
+    assert c.device == dev and (c.cpu() - d).abs().max().item() < 1e-5
+    assert torch.cuda.current_device() == 0
 
 
 @pytest.mark.cuda
