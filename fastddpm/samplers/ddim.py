@@ -214,6 +214,7 @@ class DDIMScheduler(FastddpmSchedulerMixin):
                 use_clipped_model_output=use_clipped_model_output,
                 return_pred_original=True,
                 backend=self.backend,
+                diffusers_beta=True,  # sigma from diffusers' float32 1 - abar_t / abar_prev, as DDPMScheduler
             )
         if not return_dict:
             return prev, pred

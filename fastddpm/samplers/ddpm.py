@@ -392,7 +392,8 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
         elif randn_in_op(backend, generator, vt):
             # z = torch.randn(generator) drawn inside the op, overlapped with the posterior mean
             prev, pred = torch.ops.fastddpm.ddpm_step_randn(
-                sample, model_output, tt, pt, ac, generator, _PREDICTION_CODES[prediction_type], vcode, clip, True
+                sample, model_output, tt, pt, ac, generator, _PREDICTION_CODES[prediction_type], vcode, clip, True,
+                diffusers_beta=True,
             )
             if not return_dict:
                 return prev, pred
@@ -414,6 +415,10 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
             vcode,
             clip,
             True,
+            # diffusers' float32 rounding of beta_t = 1 - abar_t / abar_prev, not the op's exact
+            # (abar_prev - abar_t) / abar_prev: diffusers' own pinned whole-loop numbers need it
+            # (tests/test_diffusers_scheduler_suite.py::test_ddpm_noised_loop_exact_op_is_float64)
+            diffusers_beta=True,
         )
         if not return_dict:
             return prev, pred
