@@ -185,7 +185,7 @@ def _resolve_rng(plan: SamplingPlan, generator, seed):
 
 def _use_channels_last(model, plan: SamplingPlan, channels_last: bool | None) -> bool:
     if channels_last is None:
-        # Measured faster on the CPU (benchmarks/bench_sampling.py runs, benchmarks/README.md "Sampling");
+        # Measured faster on the CPU (benchmarks/README.md, "DPM-Solver++(2M) and channels_last sampling");
         # on CUDA no run has compared the layouts, so NCHW stays.
         return plan.device.type == "cpu" and len(plan.shape) == 4 and isinstance(model, torch.nn.Module)
     if channels_last and len(plan.shape) != 4:
