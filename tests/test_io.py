@@ -83,3 +83,23 @@ def test_training_run_and_samples_are_0644_under_umask_022(tmp_path, umask):
     dirs = {k: v for k, v in modes.items() if k not in files}
     assert "checkpoints/step-00000002" in dirs
     assert {k: oct(v) for k, v in dirs.items() if v != 0o755} == {}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_scheduler_and_pipeline_files_follow_umask(tmp_path, umask, mask):
+    # scheduler_config.json, model_index.json and the UNet's config.json go through the same atomic writer.
+    umask(mask)
+    ref = tmp_path / "plain.txt"
+    ref.write_text("x")
+    want = stat.S_IMODE(os.stat(ref).st_mode)
+    from fastddpm import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet
+    from fastddpm.models.unet import UNetConfig
+
+    DDPMScheduler().save_config(tmp_path / "ddpm")
+    DDIMScheduler().save_config(tmp_path / "ddim")
+    cfg = UNetConfig(sample_size=8, base_channels=32, channel_mult=(1,), layers_per_block=1, attention_resolutions=())
+    DDPMPipeline(UNet(cfg), DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    files = {k: v for k, v in _modes(tmp_path).items() if k.endswith(".json")}
+    assert {"ddpm/scheduler_config.json", "ddim/scheduler_config.json", "pipe/model_index.json",
+            "pipe/scheduler/scheduler_config.json"} <= set(files)
+    assert all(m == want for m in files.values()), files

@@ -21,7 +21,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -386,17 +385,12 @@ def step_output_init(self, prev_sample: torch.Tensor, pred_original_sample: torc
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (``_io.atomic_path``: a temporary file, fsync, rename), with the
+    mode a plain open() would give under the umask."""
+    from .._io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
