@@ -138,6 +138,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .ops import _library
+
+    if _library.REQUIRED_ERROR:  # FASTDDPM_REQUIRE_EXTENSION=1 and the C++ kernels did not load
+        print(_library.REQUIRED_ERROR, file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -62,6 +62,10 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 def load_exported(weights: str) -> LoadedModel:
     meta_path = os.path.splitext(weights)[0] + ".json"
+    # The weights first: a wrong path would otherwise be reported as a missing metadata file.
+    if not os.path.isfile(weights):
+        what = "a folder, not a file" if os.path.isdir(weights) else "missing"
+        raise FileNotFoundError(f"{weights}: the weights file is {what}")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{weights}: its metadata {meta_path} is missing")
     with open(meta_path) as f:

@@ -28,18 +28,44 @@ class ExtensionMissingWarning(RuntimeWarning):
     """fastddpm._C did not import: every op runs on the (slow) torch reference."""
 
 
+def _require() -> bool:
+    return os.environ.get("FASTDDPM_REQUIRE_EXTENSION", "") not in ("", "0")
+
+
+# Set instead of raising when the `fastddpm` command itself imports the package: the package import runs
+# before the command's code, so an error raised here would be a traceback, where the command prints
+# this one line and exits with status 2.
+REQUIRED_ERROR: str | None = None
+
+
+def _is_cli() -> bool:
+    import sys
+
+    if os.path.splitext(os.path.basename(sys.argv[0] if sys.argv else ""))[0] == "fastddpm":
+        return True  # the console script
+    argv = getattr(sys, "orig_argv", [])  # python -m fastddpm: sys.argv[0] is still "-m" here
+    return any(a == "-m" and b in ("fastddpm", "fastddpm.cli") for a, b in zip(argv, argv[1:]))
+
+
+def _missing(msg: str, exc: BaseException | None = None) -> None:
+    global REQUIRED_ERROR
+    if _require():
+        if _is_cli():
+            REQUIRED_ERROR = msg + " (FASTDDPM_REQUIRE_EXTENSION=1 makes this an error)"
+            return
+        raise ExtensionImportError(msg + " (FASTDDPM_REQUIRE_EXTENSION=1 makes this an error)") from exc
+    # Once per process: this module is imported once.
+    warnings.warn(msg, ExtensionMissingWarning, stacklevel=3)
+
+
 _C = None
 C_IMPORT_ERROR: str | None = None
 try:
     from .. import _C  # noqa: F811  (loads libfastddpm ops into torch.ops.fastddpm)
 except Exception as exc:  # noqa: BLE001  (any failure: a missing library, an undefined symbol, ...)
     C_IMPORT_ERROR = " ".join(f"{type(exc).__name__}: {exc}".split())
-    _msg = (f"fastddpm: the C++ extension fastddpm._C did not import ({C_IMPORT_ERROR}); the CPU ops run on "
-            f"the torch reference, several times slower. To fix, {REBUILD}")
-    if os.environ.get("FASTDDPM_REQUIRE_EXTENSION", "") not in ("", "0"):
-        raise ExtensionImportError(_msg + " (FASTDDPM_REQUIRE_EXTENSION=1 makes this an error)") from exc
-    # Once per process: this module is imported once.
-    warnings.warn(_msg, ExtensionMissingWarning, stacklevel=2)
+    _missing(f"fastddpm: the C++ extension fastddpm._C did not import ({C_IMPORT_ERROR}); the CPU ops run on "
+             f"the torch reference, several times slower. To fix, {REBUILD}", exc)
 
 
 def has_c() -> bool:

@@ -1,0 +1,30 @@
+"""fastddpm.pretrained.load_exported names the file that is actually missing."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastddpm import pretrained
+
+
+def test_missing_weights_named_before_metadata(tmp_path):
+    # Both the weights and the .json are missing: the weights path is the user's mistake, so it is named.
+    w = tmp_path / "x.safetensors"
+    with pytest.raises(FileNotFoundError) as ei:
+        pretrained.load_exported(str(w))
+    msg = str(ei.value)
+    assert f"{w}: the weights file is missing" in msg and "metadata" not in msg
+
+
+def test_weights_path_is_a_folder(tmp_path):
+    w = tmp_path / "x.safetensors"
+    w.mkdir()
+    with pytest.raises(FileNotFoundError, match="the weights file is a folder, not a file"):
+        pretrained.load_exported(str(w))
+
+
+def test_missing_metadata_still_named(tmp_path):
+    w = tmp_path / "x.safetensors"
+    w.write_bytes(b"not read before the metadata check")
+    with pytest.raises(FileNotFoundError, match=r"its metadata .*x\.json is missing"):
+        pretrained.load_exported(str(w))
