@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def stable_seed(*parts) -> int:
+    """A seed that depends only on ``parts`` (a test's parameters), the same in every process.
+
+    Python's hash() of a str is randomised per process (PYTHONHASHSEED), so a failure seeded from it
+    cannot be replayed; crc32 of the repr is fixed. Parameters must have a stable repr (tuples, str,
+    numbers, torch dtypes, None)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def backends_for(device: torch.device, op: str) -> list[str]:
