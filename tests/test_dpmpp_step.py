@@ -170,7 +170,7 @@ def test_dpmpp_step_matches_reference(shape, dtype, pred_type, dev):
 @pytest.mark.parametrize("dev", DEVICES, ids=str)
 def test_dpmpp_step_small_steps(dev):
     # 1000 steps: h ~ 1e-3 between neighbouring timesteps, where lambda_t - lambda_s written as a difference of
-    # two lambdas of size ~5 would lose about 12 bits; the kernels' log1p form must keep fp32 accuracy.
+    # two lambdas loses several bits; the kernels' log1p form must keep fp32 accuracy.
     x, m, p = (torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(i)).to(dev) for i in range(3))
     t = torch.tensor([500, 900, 3], device=dev)
     pt, lt = t - 1, t + 1

@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "fastddpm/dpmpp_step.h"
 #include "fastddpm/elementwise.h"
 #include "fastddpm/group_norm_split.h"
 #include "fastddpm/philox_cpu.h"
@@ -307,6 +308,47 @@ static void test_group_norm_split() {
   EXPECT(32 * split >= 512, "1x128x32x32 forward: %lld blocks", (long long)(32 * split));
 }
 
+static void test_dpmpp_coeffs() {
+  // dpmpp_step_coeffs against float64 evaluations of DPM-Solver++(2M)'s coefficients (Lu et al. 2022, the paper's
+  // lambda = log(alpha / sigma) differences) from the same fp32 abar values; adjacent timesteps included, where
+  // the difference of two fp32 lambdas (diffusers' form) is off by ~5e-6: asserted, so the check can fail.
+  const int T = 1000;
+  static double ab[T];
+  double p = 1.0;
+  for (int i = 0; i < T; ++i) {
+    p *= 1.0 - (1e-4 + (0.02 - 1e-4) * i / (T - 1));
+    ab[i] = p;
+  }
+  auto lam = [](double a) { return 0.5 * std::log(a / (1.0 - a)); };
+  struct Case { int s0, t, s1; };
+  double worst = 0.0, naive_adjacent = 0.0;
+  for (const Case c : {Case{999, 949, 999}, Case{500, 450, 550}, Case{500, 499, 501}, Case{51, 1, 101},
+                       Case{3, 2, 4}, Case{949, 899, 999}}) {
+    const float a0 = static_cast<float>(ab[c.s0]), at = static_cast<float>(ab[c.t]), a1 = static_cast<float>(ab[c.s1]);
+    const double h = lam(at) - lam(a0), r0 = (lam(a0) - lam(a1)) / h;
+    const double k = std::sqrt(static_cast<double>(at)) * -std::expm1(-h);
+    const double cx = std::sqrt((1.0 - at) / (1.0 - static_cast<double>(a0)));
+    for (bool second : {false, true}) {
+      if (second && c.s1 == c.s0) continue;
+      const DpmppCoeffs d = dpmpp_step_coeffs(a0, at, a1, false, second);
+      const double want_x0 = second ? k * (1.0 + 0.5 / r0) : k, want_prev = second ? -k * 0.5 / r0 : 0.0;
+      const double scale = std::fabs(want_x0) + std::fabs(want_prev);
+      const double e = std::fmax(std::fabs(d.c_x - cx) / cx, (std::fabs(d.c_x0 - want_x0) +
+                                                              std::fabs(d.c_prev - want_prev)) / scale);
+      worst = std::fmax(worst, e);
+      EXPECT(e < 1e-6, "dpmpp s0=%d t=%d s1=%d second=%d: relative error %g", c.s0, c.t, c.s1, second, e);
+    }
+    if (c.t == 499) {
+      const float nh = 0.5f * (std::log(at / (1.0f - at)) - std::log(a0 / (1.0f - a0)));
+      naive_adjacent = std::fabs(nh - h) / h;
+    }
+    const DpmppCoeffs f = dpmpp_step_coeffs(a0, at, a1, true, true);  // to sigma = 0: x0 itself
+    EXPECT(f.c_x == 0.0f && f.c_x0 == 1.0f && f.c_prev == 0.0f, "dpmpp final step s0=%d", c.s0);
+  }
+  EXPECT(naive_adjacent > 10 * worst, "the fp32 lambda difference (%g) should be far worse than the kernel's (%g)",
+         naive_adjacent, worst);
+}
+
 int main() {
   // A build for an instruction set this CPU lacks has nothing to run here.
 #if defined(__AVX512F__)
@@ -328,6 +370,7 @@ int main() {
   test_philox_normal_moments();
   test_q_sample();
   test_ddpm_step_forms();
+  test_dpmpp_coeffs();
   test_step_beta();
   test_silu();
   test_group_norm_split();
