@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _utils import interpreted, rel_err
+from fastddpm.triton_kernels._common import launch_device
 
 from fastddpm import NoiseSchedule, ops
 from fastddpm.ops import _checks, _dispatch, reference
@@ -51,17 +52,17 @@ def test_launch_device_enters_the_tensors_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", _RecordingDevice)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     on_cuda1 = types.SimpleNamespace(device=torch.device("cuda", 1))  # only .device is read
-    with _dispatch.launch_device(on_cuda1):
+    with launch_device(on_cuda1):
         pass
     assert _RecordingDevice.entered == [torch.device("cuda", 1)]
     # CPU tensors (Triton's interpreter) need no device context
-    with _dispatch.launch_device(torch.zeros(1)):
+    with launch_device(torch.zeros(1)):
         pass
     assert len(_RecordingDevice.entered) == 1
     # fake CUDA tensors where CUDA was never initialised (tracing on a GPU-less host): entering would
     # initialise CUDA and fail
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    with _dispatch.launch_device(on_cuda1):
+    with launch_device(on_cuda1):
         pass
     assert len(_RecordingDevice.entered) == 1
 

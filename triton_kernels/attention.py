@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastddpm.ops._dispatch import launch_device
+from ._common import launch_device
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512

@@ -12,8 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastddpm.ops._dispatch import launch_device
-from fastddpm.ops._layout import batch_major_dense, restore_format
+from ._common import batch_major_dense, launch_device, restore_format
 
 
 @triton.jit

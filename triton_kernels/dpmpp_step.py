@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastddpm.ops._layout import batch_major_dense, restore_format
+from ._common import batch_major_dense, restore_format
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastddpm.ops._dispatch import launch_device
+from ._common import launch_device
 
 
 @triton.jit

@@ -10,7 +10,6 @@ input raises :class:`BackendNotSupported` with the reasons.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import re
@@ -240,19 +239,6 @@ def _resolve(op, requested, env, device, dtype, extra_reason):
     if why is not None:
         raise BackendNotSupported(f"{op}: backend {requested!r} cannot serve this input: {why}")
     return requested
-
-
-def launch_device(t: torch.Tensor):
-    """A context in which a Triton kernel for ``t`` launches on ``t``'s device and that device's current stream.
-
-    Triton launches on the current device: with tensors on cuda:1 and cuda:0 current, a kernel would run
-    on device 0 with device-1 pointers. Not needed (and not entered) for CPU tensors, under
-    torch.compile (Inductor guards the device of the kernels it emits), or for fake tensors, whose
-    CUDA device no runtime backs (CUDA is not initialised then, and entering would initialise it).
-    """
-    if t.device.type != "cuda" or torch.compiler.is_compiling() or not torch.cuda.is_initialized():
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
 
 
 def available_backends(op: str, device: torch.device) -> dict[str, str | None]:

@@ -1,6 +1,10 @@
-"""Memory-layout helpers shared by the Triton wrappers (mirrors csrc/include/fastddpm/checks.h)."""
+"""Helpers shared by the Triton wrappers: memory layout (mirrors csrc/include/fastddpm/checks.h) and the
+device a launch runs on. Here rather than in fastddpm.ops so that the kernels import nothing private
+from the package above them."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -34,3 +38,16 @@ def restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
         return out.contiguous(memory_format=torch.channels_last_3d)
     return out
+
+
+def launch_device(t: torch.Tensor):
+    """A context in which a Triton kernel for ``t`` launches on ``t``'s device and that device's current stream.
+
+    Triton launches on the current device: with tensors on cuda:1 and cuda:0 current, a kernel would run
+    on device 0 with device-1 pointers. Not needed (and not entered) for CPU tensors, under
+    torch.compile (Inductor guards the device of the kernels it emits), or for fake tensors, whose
+    CUDA device no runtime backs (CUDA is not initialised then, and entering would initialise it).
+    """
+    if t.device.type != "cuda" or torch.compiler.is_compiling() or not torch.cuda.is_initialized():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
