@@ -129,6 +129,9 @@ def plot(summary: list[dict], path: str) -> None:
     floor = next((s for s in summary if s["id"] == "real_train"), None)
     if floor:
         ax.axhline(floor["fd"]["mean"], color="grey", ls="--", lw=1, label="real digits (floor)")
+    ddpm = next((s for s in summary if s["id"] == "ddpm_1000"), None)
+    if ddpm:  # the quality targets are read against DDPM 1000's mean: within 10% of it
+        ax.axhline(1.1 * ddpm["fd"]["mean"], color="C0", ls=":", lw=1, label="DDPM 1000 + 10%")
     ax.set_xscale("log")
     ax.set_xlabel("sampling steps (model evaluations)")
     ax.set_ylabel("FD to held-out digits (lower is better)")
