@@ -49,6 +49,12 @@ def _commit() -> str:
         return "-"
 
 
+def _eval(cmd: list[str]) -> None:
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
+
+
 def _cached(row, seed: int, n: int) -> dict | None:
     """The cached run of ``row`` with this seed and n, or None."""
     rid, _, eval_args, _, _ = row
@@ -70,9 +76,7 @@ def _run_one(row, seed: int, n: int, force: bool, log) -> dict:
     cmd = [sys.executable, "-m", "fastddpm", "eval", *eval_args, "--seed", str(seed), "--n", str(n), "--threads",
            "1", "--json", path]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
+    _eval(cmd)
     with open(path) as f:
         r = json.load(f)
     r["settings"] = settings

@@ -80,3 +80,50 @@ def test_default_ddim_settles_with_steps(tmp_path):
         res[steps] = json.loads(out.read_text())["fd"]
     spread = max(res[50]["std"], res[200]["std"])
     assert res[200]["mean"] <= res[50]["mean"] + spread, res
+
+
+def test_quality_script_builds_the_table_from_its_cache(tmp_path, monkeypatch):
+    """benchmarks/quality.py on a cache of made-up runs: every row summarised over the seeds (mean and sample
+    std recomputed here), the README's block between the markers replaced and nothing else, the plot written;
+    a row missing from the cache is run (here: refused, so nothing is sampled)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from benchmarks import quality
+
+    cache, results = tmp_path / "quality", tmp_path
+    cache.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{quality.START}\nold table\n{quality.END}\nafter\n")
+    monkeypatch.setattr(quality, "CACHE", str(cache))
+    monkeypatch.setattr(quality, "RESULTS", str(results))
+    monkeypatch.setattr(quality, "README", str(readme))
+    fds = {}
+    for k, (rid, _, eval_args, _, _) in enumerate(quality.ROWS):
+        for seed in (1, 2, 3):
+            fd = 20.0 + k + seed * 0.5 + (seed == 3) * k * 0.1
+            fds.setdefault(rid, []).append(fd)
+            run = {"fd": fd, "confidence": 0.9, "confident_0.9": 0.8, "class_entropy_bits": 3.3, "n": 359,
+                   "what": rid, "seconds": 1.0, "settings": {"eval_args": eval_args, "seed": seed, "n": 359}}
+            (cache / f"{rid}_s{seed}.json").write_text(json.dumps(run))
+
+    def no_sampling(*a, **k):
+        raise AssertionError("everything is cached: nothing should run")
+
+    monkeypatch.setattr(quality, "_eval", no_sampling)
+    monkeypatch.setattr(quality, "_commit", lambda: "test")
+    assert quality.main(["--seeds", "1,2,3"]) == 0
+    summary = json.loads((results / "quality.json").read_text())
+    for row in summary["rows"]:
+        v = fds[row["id"]]
+        mean = sum(v) / 3
+        assert row["fd"]["mean"] == pytest.approx(mean)
+        assert row["fd"]["std"] == pytest.approx((sum((x - mean) ** 2 for x in v) / 2) ** 0.5)
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{quality.START}\n| images (n = 359), 3 seeds") and text.endswith(
+        f"{quality.END}\nafter\n")
+    assert "old table" not in text and text.count("| DDIM, 200 steps |") == 1
+    assert (results / "quality.png").stat().st_size > 1000
+    # a different n is not the cached runs: they would be rerun
+    with pytest.raises(AssertionError, match="nothing should run"):
+        quality.main(["--seeds", "1,2,3", "--n", "100", "--no-readme"])
