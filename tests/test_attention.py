@@ -146,6 +146,39 @@ def test_auto_picks_cpu_sdpa_for_cpu_tensors(monkeypatch):
     assert _dispatch.resolve("attention", "auto", CPU, torch.float32) == "cpu"
 
 
+@pytest.mark.parametrize("env", [None, "auto"])
+def test_auto_on_cuda_tensors_follows_the_measured_order(monkeypatch, env):
+    """auto for CUDA tensors (resolution only: no GPU needed): SDPA for float32, the Triton kernel for
+    float16/bfloat16, SDPA where the Triton kernel refuses (d > 512), never the materialised reference
+    for a float type the fused kernels serve; float64 and an explicit choice (argument or
+    FASTDDPM_BACKEND) are left alone."""
+    from fastddpm.ops import _dispatch
+
+    if env is None:
+        monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FASTDDPM_BACKEND", env)
+    cuda = torch.device("cuda", 0)
+    triton_ok = _dispatch.backend_unavailable_reason("triton", "attention", cuda) is None
+
+    def resolve(dtype, d=64, backend="auto"):
+        def limits(b):  # attention()'s own limit, as it passes it
+            return "d > 512" if b == "triton" and d > 512 else None
+        return _dispatch.resolve("attention", backend, cuda, dtype, extra_reason=limits)
+
+    assert resolve(torch.float32) == "cuda"
+    assert resolve(torch.float32, d=600) == "cuda"
+    for half in (torch.float16, torch.bfloat16):
+        assert resolve(half) == ("triton" if triton_ok else "cuda")
+        assert resolve(half, d=600) == "cuda"
+    assert resolve(torch.float64) == "torch"
+    assert resolve(torch.float32, backend="torch") == "torch"
+    if triton_ok:
+        assert resolve(torch.float32, backend="triton") == "triton"
+        monkeypatch.setenv("FASTDDPM_BACKEND", "triton")
+        assert resolve(torch.float32) == "triton"
+
+
 def test_bad_inputs():
     q = _rand(2, 1, 9, 16)
     with pytest.raises(ValueError, match="k: expected shape"):

@@ -4,9 +4,10 @@ Backends: ``cpu`` (C++), ``cuda`` (CUDA C++), ``triton``, ``torch`` (the
 reference). ``auto`` picks ``cpu`` for CPU tensors. For CUDA tensors it follows the last GPU run
 (``GPU_RUN``, ``GPU_EVIDENCE``): ``cuda`` only for the ops in ``CUDA_VERIFIED_OPS`` (that run's test
 file for the op passed on the device and its GPU suite matched float64), else ``triton`` where the
-GPU suite measured the Triton kernel correct, else ``torch``. Other CUDA C++ kernels are used only when
-asked for. ``FASTDDPM_BACKEND`` in the environment replaces ``auto``. A backend that cannot serve an
-input raises :class:`BackendNotSupported` with the reasons.
+GPU suite measured the Triton kernel correct, else ``torch``; where that run measured one correct backend
+faster (``MEASURED_CUDA_ORDER``: attention), that one. Other CUDA C++ kernels are used only when asked for.
+``FASTDDPM_BACKEND`` in the environment replaces ``auto``. A backend that cannot serve an input raises
+:class:`BackendNotSupported` with the reasons.
 """
 from __future__ import annotations
 
@@ -71,9 +72,25 @@ CUDA_VERIFIED_OPS = frozenset(op for op in GPU_EVIDENCE if _verified(op, "cuda")
 TRITON_CORRECT_OPS = frozenset(op for op, e in GPU_EVIDENCE.items() if "triton" in e["suite"])
 
 
-def cuda_auto_order(op: str) -> tuple[str, ...]:
-    """The backends auto tries, in order, for CUDA tensors of ``op``: the verified CUDA C++ kernel, the Triton
-    kernel the last GPU run measured correct, the PyTorch path."""
+# Where that run measured one correct backend faster than the order below would pick: auto's order for
+# CUDA tensors of the op, per dtype. attention (benchmarks/README.md, "GPU run: NVIDIA H100"; SDPA and the
+# Triton kernel both matched float64 there, forward and backward): at the CIFAR-10 U-Net's shape (16 x 256
+# tokens x 256) SDPA ("cuda", PyTorch's own kernels) was 3.9x faster than the Triton kernel in float32 (it
+# uses exact fp32 dots, no TF32) and the Triton kernel 1.3x faster than SDPA in bfloat16. Where the Triton
+# kernel cannot serve (d > 512), SDPA's fused kernels, never the materialised "torch" path.
+_ATTENTION_HALF = ("triton", "cuda", "torch")
+MEASURED_CUDA_ORDER = {
+    "attention": {torch.float32: ("cuda", "torch"), torch.float16: _ATTENTION_HALF, torch.bfloat16: _ATTENTION_HALF},
+}
+
+
+def cuda_auto_order(op: str, dtype: torch.dtype | None = None) -> tuple[str, ...]:
+    """The backends auto tries, in order, for CUDA tensors of ``op`` (of ``dtype``): a measured preference
+    (``MEASURED_CUDA_ORDER``), else the verified CUDA C++ kernel, the Triton kernel the last GPU run measured
+    correct, the PyTorch path."""
+    measured = MEASURED_CUDA_ORDER.get(op, {}).get(dtype)
+    if measured is not None:
+        return measured
     return (("cuda",) if op in CUDA_VERIFIED_OPS else ()) + (("triton",) if op in TRITON_CORRECT_OPS else ()) + (
         "torch",)
 
@@ -230,7 +247,7 @@ def _resolve(op, requested, env, device, dtype, extra_reason):
         if device.type == "cpu":
             order = ("cpu", "torch")
         else:
-            order = cuda_auto_order(op)
+            order = cuda_auto_order(op, dtype)
         for b in order:
             if reason(b) is None:
                 return b

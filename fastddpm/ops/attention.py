@@ -16,14 +16,13 @@ benchmarks/README.md ("GPU run: NVIDIA H100"; both backends matched float64 ther
 at the CIFAR-10 U-Net's shape (16 x 256 tokens x 256) SDPA was 3.9x faster than the Triton kernel in
 float32 (the Triton kernel uses exact fp32 dots, no TF32) and the Triton kernel 1.3x faster than SDPA in
 bfloat16, so ``auto`` picks ``cuda`` for float32 and ``triton`` for float16/bfloat16 (``cuda`` for
-d > 512). One shape was measured; ``gpu_bench_attention`` covers the rest where a GPU exists. Every
-backend is differentiable.
+d > 512): fastddpm.ops._dispatch.MEASURED_CUDA_ORDER. One shape was measured; ``gpu_bench_attention``
+covers the rest where a GPU exists. Every backend is differentiable.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -115,10 +114,6 @@ def attention(
         return None
 
     b = _dispatch.resolve("attention", backend, q.device, q.dtype, extra_reason=limits)
-    auto = backend == "auto" and not os.environ.get("FASTDDPM_BACKEND")
-    if auto and q.device.type == "cuda" and q.dtype != torch.float64 and b in ("torch", "triton"):
-        if b == "torch" or q.dtype == torch.float32:
-            b = "cuda"  # fp32 (measured faster), or d > 512: SDPA's fused kernels, never the materialised one
     s = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     return _IMPLS[b](q, k, v, s)
 
