@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import batch_major_dense, restore_format
+from ._common import batch_major_dense, launch_device, restore_format
 
 
 @triton.jit
@@ -104,11 +104,13 @@ def dpmpp_step_triton(
     B, n = sample.shape[0], sample.numel()
     if n > 0:
         BLOCK = 1024
-        wrap_triton(_dpmpp_step_kernel)[(triton.cdiv(n, BLOCK),)](
-            xs, ms, ps if second else xs, out, pred if return_pred else out, t, prev_t,
-            last_t if second else t, alphas_cumprod, alphas_cumprod.shape[0], n, n // B, clip_range,
-            PRED_TYPE=prediction_type, CLIP=clip_range > 0, SECOND=second, RETURN_PRED=return_pred, BLOCK=BLOCK,
-        )
+        with launch_device(xs):
+            wrap_triton(_dpmpp_step_kernel)[(triton.cdiv(n, BLOCK),)](
+                xs, ms, ps if second else xs, out, pred if return_pred else out, t, prev_t,
+                last_t if second else t, alphas_cumprod, alphas_cumprod.shape[0], n, n // B, clip_range,
+                PRED_TYPE=prediction_type, CLIP=clip_range > 0, SECOND=second, RETURN_PRED=return_pred,
+                BLOCK=BLOCK,
+            )
     if not direct:
         out = restore_format(out, sample)
         if return_pred:
