@@ -26,7 +26,7 @@ import tempfile
 import numpy as np
 import torch
 
-from .._io import dir_mode, file_mode
+from .._io import atomic_path, dir_mode, file_mode
 
 FORMAT = "fastddpm-train-checkpoint"
 VERSION = 1
@@ -165,14 +165,8 @@ def save_checkpoint(root: str, step: int, *, model, ema, optimizer, state: dict,
 
 
 def _write_latest(root: str, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=root)
-    os.fchmod(fd, file_mode())  # mkstemp's 0600 -> what open() would give under the umask
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(os.path.join(root, "latest")) as tmp, open(tmp, "w") as f:
         f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, "latest"))
-    _fsync_dir(root)
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
