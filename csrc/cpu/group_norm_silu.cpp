@@ -61,29 +61,6 @@ using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename T>
 constexpr int64_t kBuf = std::is_same_v<T, opmath_t<T>> ? 1 : kBlock;
 
-// Converts up to kBlock elements to the compute type (in place when it already is).
-template <typename T, typename A>
-struct Blk {
-  static const A* load(const T* src, A* buf, int64_t n) {
-    if constexpr (std::is_same_v<T, A>) {
-      return src;
-    } else {
-      at::vec::convert(src, buf, n);
-      return buf;
-    }
-  }
-  static A* out(T* dst, A* buf) {
-    if constexpr (std::is_same_v<T, A>) {
-      return dst;
-    } else {
-      return buf;
-    }
-  }
-  static void store(T* dst, const A* buf, int64_t n) {
-    if constexpr (!std::is_same_v<T, A>) at::vec::convert(buf, dst, n);
-  }
-};
-
 #if defined(CPU_CAPABILITY_AVX512)
 // exp(-z) for z >= -87: 2^t with t = -z log2 e = n + f, n = round(t), |f| <= 1/2, 2^f by a degree-6
 // polynomial fitted for relative error (9.6e-8 with fp32 evaluation, measured on 2e5 points), scaled
@@ -154,12 +131,6 @@ inline at::vec::Vectorized<A> act_grad(const at::vec::Vectorized<A>& z, const at
   }
 }
 
-template <typename A>
-inline double hsum(const at::vec::Vectorized<A>& v) {
-  using V = at::vec::Vectorized<A>;
-  return at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, v);
-}
-
 // sum of n elements of p (converted in blocks), in double.
 template <typename T>
 double sum_run(const T* p, int64_t n) {
@@ -169,7 +140,7 @@ double sum_run(const T* p, int64_t n) {
   double s = 0;
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t len = std::min(kBlock, n - i);
-    const A* q = Blk<T, A>::load(p + i, buf, len);
+    const A* q = ComputeBlock<T, A>::load(p + i, buf, len);
     V a0(A(0)), a1(A(0));
     int64_t j = 0;
     for (; j + 2 * V::size() <= len; j += 2 * V::size()) {
@@ -192,7 +163,7 @@ void centred_run(const T* p, int64_t n, opmath_t<T> c, double& s1, double& s2) {
   const V vc(c);
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t len = std::min(kBlock, n - i);
-    const A* q = Blk<T, A>::load(p + i, buf, len);
+    const A* q = ComputeBlock<T, A>::load(p + i, buf, len);
     V a0(A(0)), a1(A(0)), b0(A(0)), b1(A(0));
     int64_t j = 0;
     for (; j + 2 * V::size() <= len; j += 2 * V::size()) {
@@ -222,8 +193,8 @@ void apply_run(const T* x, T* y, int64_t n, opmath_t<T> a, opmath_t<T> m, opmath
   const V va(a), vm(m), vb(b);
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t len = std::min(kBlock, n - i);
-    const A* q = Blk<T, A>::load(x + i, bx, len);
-    A* o = Blk<T, A>::out(y + i, by);
+    const A* q = ComputeBlock<T, A>::load(x + i, bx, len);
+    A* o = ComputeBlock<T, A>::out(y + i, by);
     int64_t j = 0;
     for (; j + 2 * V::size() <= len; j += 2 * V::size()) {  // two chains in flight
       const V z0 = at::vec::fmadd(V::loadu(q + j) - vm, va, vb);
@@ -234,7 +205,7 @@ void apply_run(const T* x, T* y, int64_t n, opmath_t<T> a, opmath_t<T> m, opmath
     for (; j + V::size() <= len; j += V::size())
       act<A, SILU>(at::vec::fmadd(V::loadu(q + j) - vm, va, vb)).store(o + j);
     if (j < len) act<A, SILU>(at::vec::fmadd(V::loadu(q + j, len - j) - vm, va, vb)).store(o + j, len - j);
-    Blk<T, A>::store(y + i, o, len);
+    ComputeBlock<T, A>::store(y + i, o, len);
   }
 }
 
@@ -269,8 +240,8 @@ void apply_group(const T* x, T* y, int64_t D, int64_t HW, const opmath_t<T>* ca,
   const int64_t n = D * HW;
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t len = std::min(kBlock, n - i);
-    const A* q = Blk<T, A>::load(x + i, bx, len);
-    A* o = Blk<T, A>::out(y + i, by);
+    const A* q = ComputeBlock<T, A>::load(x + i, bx, len);
+    A* o = ComputeBlock<T, A>::out(y + i, by);
     int64_t j = 0;
     for (; j + 4 * VS <= len; j += 4 * VS) {
       if (pf) {
@@ -286,7 +257,7 @@ void apply_group(const T* x, T* y, int64_t D, int64_t HW, const opmath_t<T>* ca,
       act<A, SILU>(z3).store(o + j + 3 * VS);
     }
     for (; j < len; j += VS) act<A, SILU>(z_of(q + j, next())).store(o + j);
-    Blk<T, A>::store(y + i, o, len);
+    ComputeBlock<T, A>::store(y + i, o, len);
   }
 }
 
@@ -444,7 +415,7 @@ struct Forward {
       const T* row = x + (n * g.HW + s) * C;
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t len = std::min(kBlock, C - c0);
-        const A* q = Blk<T, A>::load(row + c0, buf, len);
+        const A* q = ComputeBlock<T, A>::load(row + c0, buf, len);
         int64_t j = 0;
         for (; j < len; j += V::size()) {
           const int64_t cnt = std::min<int64_t>(V::size(), len - j);
@@ -534,8 +505,8 @@ struct Forward {
       const int64_t off = (n * g.HW + s) * C;
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t len = std::min(kBlock, C - c0);
-        const A* q = Blk<T, A>::load(x + off + c0, bx, len);
-        A* o = Blk<T, A>::out(y + off + c0, by);
+        const A* q = ComputeBlock<T, A>::load(x + off + c0, bx, len);
+        A* o = ComputeBlock<T, A>::out(y + off + c0, by);
         int64_t j = 0;
         for (; j + V::size() <= len; j += V::size()) {
           const int64_t c = c0 + j;
@@ -548,7 +519,7 @@ struct Forward {
                                       V::loadu(cb + c, cnt)))
               .store(o + j, cnt);
         }
-        Blk<T, A>::store(y + off + c0, o, len);
+        ComputeBlock<T, A>::store(y + off + c0, o, len);
       }
     }
   }
@@ -832,8 +803,8 @@ struct Backward {
     const V va(a), vm(m), vb(bb);
     for (int64_t i = 0; i < n; i += kBlock) {
       const int64_t len = std::min(kBlock, n - i);
-      const A* q = Blk<T, A>::load(px + i, bx, len);
-      const A* r = Blk<T, A>::load(pd + i, bd, len);
+      const A* q = ComputeBlock<T, A>::load(px + i, bx, len);
+      const A* r = ComputeBlock<T, A>::load(pd + i, bd, len);
       V acc_a(A(0)), acc_b(A(0)), acc_s(A(0));
       for (int64_t j = 0; j < len; j += V::size()) {
         const int64_t cnt = std::min<int64_t>(V::size(), len - j);
@@ -863,9 +834,9 @@ struct Backward {
     const V va(a), vm(m), vb(bb), vw(wc), vr(rs), vh(h), vl(l), v2(k2);
     for (int64_t i = 0; i < n; i += kBlock) {
       const int64_t len = std::min(kBlock, n - i);
-      const A* q = Blk<T, A>::load(px + i, bx, len);
-      const A* r = kept ? nullptr : Blk<T, A>::load(pd + i, bd, len);
-      A* o = Blk<T, A>::out(po + i, bo);
+      const A* q = ComputeBlock<T, A>::load(px + i, bx, len);
+      const A* r = kept ? nullptr : ComputeBlock<T, A>::load(pd + i, bd, len);
+      A* o = ComputeBlock<T, A>::out(po + i, bo);
       for (int64_t j = 0; j < len; j += V::size()) {
         const int64_t cnt = std::min<int64_t>(V::size(), len - j);
         const V xc = V::loadu(q + j, cnt) - vm;
@@ -877,7 +848,7 @@ struct Backward {
         else
           res.store(o + j, cnt);
       }
-      Blk<T, A>::store(po + i, o, len);
+      ComputeBlock<T, A>::store(po + i, o, len);
     }
   }
 
@@ -907,8 +878,8 @@ struct Backward {
       const int64_t off = (n * g.HW + s) * C;
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t len = std::min(kBlock, C - c0);
-        const A* q = Blk<T, A>::load(x + off + c0, bx, len);
-        const A* r = Blk<T, A>::load(dy + off + c0, bd, len);
+        const A* q = ComputeBlock<T, A>::load(x + off + c0, bx, len);
+        const A* r = ComputeBlock<T, A>::load(dy + off + c0, bd, len);
         for (int64_t j = 0; j < len; j += V::size()) {
           const int64_t cnt = std::min<int64_t>(V::size(), len - j);
           const int64_t c = c0 + j;
@@ -941,9 +912,9 @@ struct Backward {
       const int64_t off = (n * g.HW + s) * C;
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t len = std::min(kBlock, C - c0);
-        const A* q = Blk<T, A>::load(x + off + c0, bx, len);
-        const A* r = kept ? nullptr : Blk<T, A>::load(dy + off + c0, bd, len);
-        A* o = Blk<T, A>::out(dx + off + c0, bo);
+        const A* q = ComputeBlock<T, A>::load(x + off + c0, bx, len);
+        const A* r = kept ? nullptr : ComputeBlock<T, A>::load(dy + off + c0, bd, len);
+        A* o = ComputeBlock<T, A>::out(dx + off + c0, bo);
         for (int64_t j = 0; j < len; j += V::size()) {
           const int64_t cnt = std::min<int64_t>(V::size(), len - j);
           const int64_t c = c0 + j;
@@ -959,7 +930,7 @@ struct Backward {
           else
             res.store(o + j, cnt);
         }
-        Blk<T, A>::store(dx + off + c0, o, len);
+        ComputeBlock<T, A>::store(dx + off + c0, o, len);
       }
     }
   }

@@ -16,30 +16,47 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace fastddpm {
 
 using Vec = at::vec::Vectorized<float>;
 
-// Blocks of kBlock elements are converted to float in stack buffers, computed
-// with Vec, and converted back; fp32 tensors are used in place.
+// Blocks of kBlock elements are converted to the compute type A (float, or double for
+// float64 kernels) in stack buffers, computed with at::vec, and converted back; tensors
+// already of type A are used in place.
 constexpr int64_t kBlock = 1024;
 
-template <typename T>
-struct FloatBlock {
-  static const float* load(const T* src, float* buf, int64_t n) {
-    at::vec::convert(src, buf, n);
-    return buf;
+template <typename T, typename A = float>
+struct ComputeBlock {
+  static const A* load(const T* src, A* buf, int64_t n) {
+    if constexpr (std::is_same_v<T, A>) {
+      return src;
+    } else {
+      at::vec::convert(src, buf, n);
+      return buf;
+    }
   }
-  static float* out(T* /*dst*/, float* buf) { return buf; }
-  static void store(T* dst, const float* buf, int64_t n) { at::vec::convert(buf, dst, n); }
+  static A* out(T* dst, A* buf) {
+    if constexpr (std::is_same_v<T, A>) {
+      return dst;
+    } else {
+      return buf;
+    }
+  }
+  static void store(T* dst, const A* buf, int64_t n) {
+    if constexpr (!std::is_same_v<T, A>) at::vec::convert(buf, dst, n);
+  }
 };
 
-template <>
-struct FloatBlock<float> {
-  static const float* load(const float* src, float* /*buf*/, int64_t /*n*/) { return src; }
-  static float* out(float* dst, float* /*buf*/) { return dst; }
-  static void store(float* /*dst*/, const float* /*buf*/, int64_t /*n*/) {}
-};
+template <typename T>
+using FloatBlock = ComputeBlock<T, float>;
+
+// The sum of a vector's lanes, returned in double for the caller's accumulation.
+template <typename A>
+inline double hsum(const at::vec::Vectorized<A>& v) {
+  using V = at::vec::Vectorized<A>;
+  return at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, v);
+}
 
 }  // namespace fastddpm
