@@ -127,3 +127,55 @@ def test_quality_script_builds_the_table_from_its_cache(tmp_path, monkeypatch):
     # a different n is not the cached runs: they would be rerun
     with pytest.raises(AssertionError, match="nothing should run"):
         quality.main(["--seeds", "1,2,3", "--n", "100", "--no-readme"])
+
+
+def test_fast_math_sets_and_restores_the_backend_flags():
+    # The flags the model sees during sampling, and after: fast_math turns cuDNN autotuning and TF32 on for the
+    # call only; without it the caller's settings are what the model sees.
+    flags = lambda: (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                     torch.backends.cuda.matmul.allow_tf32)
+    saved = flags()
+    seen = []
+
+    def model(x, t):
+        seen.append(flags())
+        return torch.zeros_like(x)
+
+    try:
+        torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        fastddpm.sample(model, (1, 1, 4, 4), steps=2, sampler="ddim", seed=0, progress=False, fast_math=True)
+        assert seen and all(f == (True, True, True) for f in seen)
+        assert flags() == (False, False, False)
+        seen.clear()
+        fastddpm.sample(model, (1, 1, 4, 4), steps=2, sampler="ddim", seed=0, progress=False)
+        assert seen and all(f == (False, False, False) for f in seen)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
+        torch.backends.cuda.matmul.allow_tf32 = saved[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_channels_last_end_to_end(dtype):
+    # A half-precision U-Net sampled in channels_last: every fused GroupNorm+SiLU and attention block returns
+    # the half dtype in channels_last (no op falls back to NCHW or float32), and so does every step.
+    from fastddpm import UNet
+    from fastddpm.models.unet import UNetConfig
+
+    # 3 input channels: with 1, torch's conv_in returns NCHW for an input that is both layouts at once
+    cfg = UNetConfig(sample_size=8, in_channels=3, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
+                     attention_resolutions=(4,), norm_num_groups=8)
+    model = UNet(cfg).to(dtype).eval()
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, a, o: outs.append((type(m).__name__, o)))
+             for m in model.modules() if type(m).__name__ in ("GroupNormSiLU", "AttentionBlock", "SelfAttention")]
+    assert hooks, "no fused module found to watch"
+    steps = []
+    x = fastddpm.sample(model, (2, 3, 8, 8), steps=3, sampler="ddim", seed=0, progress=False, dtype=dtype,
+                        channels_last=True, callback=lambda i, t, x: steps.append(x))
+    for h in hooks:
+        h.remove()
+    assert outs and all(o.dtype == dtype and o.is_contiguous(memory_format=torch.channels_last)
+                        for _, o in outs if o.dim() == 4), {n for n, o in outs}
+    assert all(s.dtype == dtype and s.is_contiguous(memory_format=torch.channels_last) for s in steps)
+    assert x.dtype == dtype and torch.isfinite(x.float()).all()
