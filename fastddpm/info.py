@@ -58,6 +58,16 @@ def report() -> str:
         except ImportError:
             built = "unknown"
         lines.append(f"extension fastddpm._C: built with {built}")
+        variants = _library.cpu_variants_built()
+        built_cpu = ", ".join(f"{k} ({v})" if k == "flags" else k for k, v in variants.items()) or "unknown"
+        cap = torch.backends.cpu.get_cpu_capability()
+        if _library.CPU_VARIANT == "in fastddpm._C":
+            lines.append("CPU kernels: inside fastddpm._C (a build from before the per-CPU builds; rebuild for them)")
+        elif _library.CPU_VARIANT is not None:
+            lines.append(f"CPU kernels: the {_library.CPU_VARIANT} build in use (built: {built_cpu}; torch's CPU "
+                         f"capability {cap})")
+        else:
+            lines.append(f"CPU kernels: NOT loaded ({_library.CPU_LOAD_ERROR}; built: {built_cpu})")
     else:
         lines.append(f"extension fastddpm._C: NOT importable ({_library.C_IMPORT_ERROR})")
     interp = " (Triton interpreter on)" if _dispatch.triton_interpreting() else ""

@@ -209,8 +209,9 @@ import sys
 import time
 
 WORK = os.environ.get("FASTDDPM_GPU_CHECK_WORK", "/tmp")
-# setup.py's flags for the C++ sources (tests/test_gpu_check.py checks that they stay equal)
-OUR_CFLAGS = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-march=native"]
+# setup.py's flags for the C++ sources, with its AVX2 build's set (every GPU host seen has AVX2);
+# tests/test_gpu_check.py checks that they stay equal
+OUR_CFLAGS = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
 OUR_LDFLAGS = ["-fopenmp"]
 
 CHILD_PRELUDE = r'''

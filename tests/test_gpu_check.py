@@ -150,13 +150,15 @@ def test_packing_refuses_more_than_8_files_and_cuts_huge_logs(tmp_path):
 
 
 def test_bisect_flags_are_setup_pys():
-    """The bisect's "our flags" variant compiles with setup.py's flags for the C++ sources."""
+    """The bisect's "our flags" variant compiles with setup.py's flags for the C++ sources plus those of its
+    AVX2 build of the CPU kernels."""
     src = open(SCRIPT).read()
     ours = ast.literal_eval(re.search(r"^OUR_CFLAGS = (\[.*\])$", src, re.M).group(1))
-    setup = open(os.path.join(ROOT, "setup.py")).read()
-    cxx = re.search(r'cxx = \[(.*)\*cpu_flags\]', setup).group(1)
-    default_cpu = re.search(r'os.environ.get\("FASTDDPM_CPU_FLAGS", "([^"]*)"\)', setup).group(1).split()
-    assert ours == ast.literal_eval("[" + cxx + "]") + default_cpu
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    consts = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+              for t in node.targets if isinstance(t, ast.Name) and t.id in ("CXX_FLAGS", "CPU_VARIANTS")}
+    assert ours == consts["CXX_FLAGS"] + consts["CPU_VARIANTS"]["avx2"]
 
 
 @pytest.mark.slow

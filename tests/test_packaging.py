@@ -141,3 +141,22 @@ print(bi.WITH_CUDA, bi.CUDA_ARCHS)
 
         (so,) = g.glob(str(site / "fastddpm" / "_C*.so"))
         assert b"group_norm_silu" in open(so, "rb").read() and b"cudaLaunch" in open(so, "rb").read()
+
+    # The wheel's portable CPU kernels: all three builds on x86-64 (the baseline elsewhere), and each one this
+    # CPU runs gives the float64 reference's answers (tests/test_cpu_variants.py's CHECK) when loaded.
+    import platform
+
+    from test_cpu_variants import CHECK
+
+    from fastddpm.ops import _library
+
+    ns: dict = {}
+    exec((site / "fastddpm" / "_build_info.py").read_text(), ns)
+    expected = ["avx2", "avx512", "default"] if platform.machine() == "x86_64" else ["default"]
+    assert sorted(ns["CPU_VARIANTS"]) == expected and ns["CPU_VARIANTS_MODE"] == "all", ns["CPU_VARIANTS"]
+    for name in expected:
+        assert glob.glob(str(site / "fastddpm" / f"_cpu_{name}*.so")), name
+    for name in _library.cpu_variants_runnable():
+        r = subprocess.run([sys.executable, "-c", CHECK, os.path.join(ROOT, "tests")], cwd=tmp_path,
+                           env=dict(penv, FASTDDPM_CPU_VARIANT=name), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and r.stdout.split() == [name, "ok"], (name, r.stdout, r.stderr[-3000:])
