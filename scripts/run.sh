@@ -26,7 +26,7 @@ setup() {
   flock /tmp/fastddpm-build.lock "$PY" -m pip install -q --disable-pip-version-check \
     --no-build-isolation --no-deps -e . 2>&1 | grep -E "fastddpm build|error|Error" || true
   "$PY" -c "import fastddpm._C" || { echo "fastddpm._C failed to import"; exit 1; }
-  "$PY" -c "from fastddpm import _build_info as b; print('== built fastddpm._C:', 'CPU + CUDA kernels (archs ' + b.CUDA_ARCHS + ')' if b.WITH_CUDA else 'CPU kernels only (' + b.CUDA_REASON + ')')"
+  "$PY" -c "from fastddpm import _build_info as b; print('== built fastddpm._C:', 'CPU + CUDA kernels (archs ' + b.CUDA_ARCHS + ')' if b.WITH_CUDA else 'CPU kernels only (' + b.CUDA_REASON + ')'); print('== CPU kernel builds:', ', '.join(getattr(b, 'CPU_VARIANTS', {})) or 'none', '(' + getattr(b, 'CPU_VARIANTS_MODE', '?') + ')')"
 }
 
 ctest_run() {

@@ -1,7 +1,7 @@
 // at::vec for the CPU kernels, with the instruction set this build targets.
-// setup.py compiles the CPU sources with -march=native by default (a source build
-// runs where it is built; FASTDDPM_CPU_FLAGS overrides), and this header tells
-// ATen's vector headers which implementation to use.
+// setup.py compiles the CPU sources once per CPU build (baseline x86-64, AVX2, AVX-512;
+// one build with FASTDDPM_CPU_FLAGS when set), each with its own -m flags, and this
+// header tells ATen's vector headers which implementation those flags allow.
 #pragma once
 
 #if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
