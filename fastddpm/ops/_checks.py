@@ -8,6 +8,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_tensor(x, name: str, min_dim: int = 1) -> torch.Tensor:
+    """``x`` if it is a float32/float16/bfloat16/float64 tensor of at least ``min_dim`` dimensions, else a
+    TypeError/ValueError naming ``name``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -18,6 +20,8 @@ def check_tensor(x, name: str, min_dim: int = 1) -> torch.Tensor:
 
 
 def check_like(x, ref: torch.Tensor, name: str, ref_name: str) -> torch.Tensor:
+    """``x`` if it is a tensor of ``ref``'s shape, device and dtype, else an error naming ``name`` and
+    ``ref_name``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.shape != ref.shape:

@@ -12,6 +12,7 @@ faster (``MEASURED_CUDA_ORDER``: attention), that one. Other CUDA C++ kernels ar
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import re
 from collections.abc import Callable
@@ -256,6 +257,19 @@ def _resolve(op, requested, env, device, dtype, extra_reason):
     if why is not None:
         raise BackendNotSupported(f"{op}: backend {requested!r} cannot serve this input: {why}")
     return requested
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function that runs ``op`` on a resolved ``backend`` (arguments as its schema in csrc/ops.cpp):
+    the C++ op for "cpu"/"cuda", ``triton_kernels.<op>.<op>_triton`` for "triton", ``reference.<op>`` for
+    "torch"."""
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.fastddpm, op)
+    if backend == "triton":
+        return getattr(importlib.import_module(f"..triton_kernels.{op}", __package__), f"{op}_triton")
+    from . import reference
+
+    return getattr(reference, op)
 
 
 def available_backends(op: str, device: torch.device) -> dict[str, str | None]:

@@ -7,20 +7,10 @@ from typing import Literal
 import torch
 
 from ..schedule import NoiseSchedule
-from . import _checks, _dispatch, _library, reference
-from ._codes import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, PREDICTION_TYPES
+from . import _checks, _library, prepared
+from ._codes import PREDICTION_TYPES
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
-
-
-def _impl(backend: str):
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastddpm.ddim_step
-    if backend == "triton":
-        from ..triton_kernels.ddim_step import ddim_step_triton
-
-        return ddim_step_triton
-    return reference.ddim_step
 
 
 if _library.has_c():
@@ -109,44 +99,21 @@ def ddim_step(
             raise ValueError("prev_t: expected prev_t < t for every sample")
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
-    clip = float(clip_sample_range) if clip_sample else 0.0
 
-    z = None
-    mode = NOISE_TENSOR
     if isinstance(noise, str):
         if noise == "philox":
             _checks.philox_stream(seed, offset, sample.device)
-            mode = NOISE_PHILOX
-        elif noise == "none":
-            mode = NOISE_NONE
-        else:
+        elif noise != "none":
             raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
-    elif noise is None:
-        if eta > 0:  # diffusers draws only when eta > 0
-            gen_device = generator.device if generator is not None else sample.device
-            z = torch.randn(sample.shape, generator=generator, device=gen_device, dtype=sample.dtype)
-            z = z.to(sample.device)
-        else:
-            mode = NOISE_NONE
-    else:
+    elif noise is not None:
         _checks.check_like(noise, sample, "noise", "sample")
-        z = noise
 
-    b = _dispatch.resolve("ddim_step", backend, sample.device, sample.dtype)
-    if b == "torch" and sample.dtype == torch.float64:
-        ac = schedule.table("alphas_cumprod", sample.device, torch.float64)
-    else:
-        ac = schedule.tables(sample.device)["alphas_cumprod"]
-    if isinstance(offset, torch.Tensor):  # read by the kernel (only with Philox noise)
-        off, off_t = 0, (offset if mode == NOISE_PHILOX else None)
-    else:
-        off, off_t = int(offset), None
-    extra = () if off_t is None else (off_t,)
-    kw = dict(diffusers_beta=True) if diffusers_beta else {}
-    prev, pred = _impl(b)(
-        sample, model_output, tt, pt, ac, final_alpha_cumprod, z, int(seed or 0), off, mode,
-        PREDICTION_TYPES[prediction_type], eta, clip, bool(use_clipped_model_output), return_pred_original, *extra,
-        **kw,
+    step = prepared.cached_step("ddim_step", schedule, sample.device, sample.dtype, backend)
+    prev, pred = step(
+        sample, model_output, tt, pt, eta=eta, noise=noise, generator=generator, prediction_type=prediction_type,
+        clip_sample=clip_sample, clip_sample_range=clip_sample_range, final_alpha_cumprod=final_alpha_cumprod,
+        use_clipped_model_output=use_clipped_model_output, seed=seed, offset=offset, diffusers_beta=diffusers_beta,
+        return_pred_original=return_pred_original,
     )
     return (prev, pred) if return_pred_original else prev
 

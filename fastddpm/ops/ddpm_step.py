@@ -7,21 +7,11 @@ from typing import Literal
 import torch
 
 from ..schedule import NoiseSchedule
-from . import _checks, _dispatch, _library, reference
-from ._codes import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, PREDICTION_TYPES, VARIANCE_TYPES
+from . import _checks, _dispatch, _library, prepared, reference
+from ._codes import PREDICTION_TYPES, VARIANCE_TYPES
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
-
-
-def _impl(backend: str):
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastddpm.ddpm_step
-    if backend == "triton":
-        from ..triton_kernels.ddpm_step import ddpm_step_triton
-
-        return ddpm_step_triton
-    return reference.ddpm_step
 
 
 def ddpm_step(
@@ -113,108 +103,33 @@ def ddpm_step(
             raise ValueError("prev_t: expected prev_t < t for every sample")
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
-    clip = float(clip_sample_range) if clip_sample else 0.0
 
-    z = None
-    mode = NOISE_TENSOR
     if isinstance(noise, str):
         if noise == "philox":
             _checks.philox_stream(seed, offset, device)
-            mode = NOISE_PHILOX
-        elif noise == "none":
-            mode = NOISE_NONE
-        else:
+        elif noise != "none":
             raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
-    elif noise is None:
-        mode = NOISE_GENERATOR
-    else:
+    elif noise is not None:
         _checks.check_like(noise, sample, "noise", "sample")
-        z = noise
 
-    b = _dispatch.resolve("ddpm_step", backend, device, sample.dtype)
-    if mode == NOISE_GENERATOR:
-        if randn_in_op(b, generator, variance_type):
-            fn, ac = kernel(b, schedule, device, sample.dtype)
-            kw = dict(diffusers_beta=True) if diffusers_beta else {}
-            prev, pred = torch.ops.fastddpm.ddpm_step_randn(
-                sample, model_output, tt, pt, ac, generator, PREDICTION_TYPES[prediction_type],
-                VARIANCE_TYPES[variance_type], clip, return_pred_original, **kw,
-            )
-            return (prev, pred) if return_pred_original else prev
-        z, mode = generator_noise(sample, generator), NOISE_TENSOR
-    if isinstance(offset, torch.Tensor):  # read by the kernel (only with Philox noise)
-        off, off_t = 0, (offset if mode == NOISE_PHILOX else None)
-    else:
-        off, off_t = int(offset), None
-    prev, pred = run(
-        b, sample, model_output, tt, pt, schedule, z, predicted_variance, int(seed or 0), off, mode,
-        PREDICTION_TYPES[prediction_type], VARIANCE_TYPES[variance_type], clip, return_pred_original, off_t,
-        diffusers_beta,
+    step = prepared.cached_step("ddpm_step", schedule, device, sample.dtype, backend)
+    prev, pred = step(
+        sample, model_output, tt, pt, noise=noise, generator=generator, prediction_type=prediction_type,
+        variance_type=variance_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range, seed=seed,
+        offset=offset, diffusers_beta=diffusers_beta, predicted_variance=predicted_variance,
+        return_pred_original=return_pred_original,
     )
     return (prev, pred) if return_pred_original else prev
 
 
-NOISE_GENERATOR = -1  # Python-side only: z to be drawn from a torch.Generator
-
-
-def randn_in_op(backend: str, generator, variance_type: str) -> bool:
-    """Whether ddpm_step_randn can draw z (torch's own normal_, on the calling thread, while a
-    second thread computes the posterior mean): the CPU kernel, one CPU generator (or the
-    default one), a fixed variance type, outside tracing."""
-    return (
-        backend == "cpu"
-        and variance_type in ("fixed_small", "fixed_small_log", "fixed_large")
-        and (generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cpu"))
-        and not torch.compiler.is_compiling()
-    )
-
-
-def generator_noise(sample: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """z as diffusers' randn_tensor draws it: on the generator's device, then moved to the sample's."""
-    if generator is None or generator.device == sample.device:
-        return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-    z = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=sample.dtype)
-    return z.to(sample.device)
-
-
-def run(
-    backend: str,
-    sample: torch.Tensor,
-    model_output: torch.Tensor,
-    tt: torch.Tensor,
-    pt: torch.Tensor,
-    schedule: NoiseSchedule,
-    z: torch.Tensor | None,
-    predicted_variance: torch.Tensor | None,
-    seed: int,
-    offset: int,
-    mode: int,
-    prediction_code: int,
-    variance_code: int,
-    clip: float,
-    return_pred: bool,
-    offset_tensor: torch.Tensor | None = None,
-    diffusers_beta: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op on a resolved backend with checked, normalised arguments (int64 (B,) timesteps, codes).
-
-    :func:`ddpm_step` and the schedulers, which validate their arguments themselves, call this. The
-    Philox counter offset is ``offset`` plus, where given, the 0-d int64 device tensor ``offset_tensor``.
-    """
-    fn, ac = kernel(backend, schedule, sample.device, sample.dtype)
-    extra = () if offset_tensor is None else (offset_tensor,)
-    kw = dict(diffusers_beta=True) if diffusers_beta else {}
-    return fn(
-        sample, model_output, tt, pt, ac, z, predicted_variance, seed, offset, mode, prediction_code,
-        variance_code, clip, return_pred, *extra, **kw,
-    )
+# The names the schedulers imported before fastddpm.ops.prepare_step; kept until they use it.
+randn_in_op, generator_noise = prepared.randn_in_op, prepared.generator_noise
 
 
 def kernel(backend: str, schedule: NoiseSchedule, device: torch.device, dtype: torch.dtype):
     """(the op function of ``backend``, the alphas_cumprod table it reads) for tensors of device/dtype."""
-    if backend == "torch" and dtype == torch.float64:
-        return _impl(backend), schedule.table("alphas_cumprod", device, torch.float64)
-    return _impl(backend), schedule.tables(device)["alphas_cumprod"]
+    step = prepared.cached_step("ddpm_step", schedule, device, dtype, backend)
+    return step.fn, step.alphas_cumprod
 
 
 def philox_randn(

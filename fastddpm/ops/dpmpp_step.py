@@ -7,20 +7,10 @@ from typing import Literal
 import torch
 
 from ..schedule import NoiseSchedule
-from . import _checks, _dispatch, _library, reference
+from . import _checks, _library, prepared
 from ._codes import PREDICTION_TYPES
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
-
-
-def _impl(backend: str):
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastddpm.dpmpp_step
-    if backend == "triton":
-        from ..triton_kernels.dpmpp_step import dpmpp_step_triton
-
-        return dpmpp_step_triton
-    return reference.dpmpp_step
 
 
 if _library.has_c():
@@ -99,7 +89,6 @@ def dpmpp_step(
         )
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
-    clip = float(clip_sample_range) if clip_sample else 0.0
     T = schedule.num_train_timesteps
     B = sample.shape[0]
     tt = _checks.timesteps(t, B, sample.device, T)
@@ -118,13 +107,10 @@ def dpmpp_step(
     elif last_t is not None:
         raise ValueError("last_t: given without prev_x0")
 
-    b = _dispatch.resolve("dpmpp_step", backend, sample.device, sample.dtype)
-    if b == "torch" and sample.dtype == torch.float64:
-        ac = schedule.table("alphas_cumprod", sample.device, torch.float64)
-    else:
-        ac = schedule.tables(sample.device)["alphas_cumprod"]
-    prev, pred = _impl(b)(sample, model_output, prev_x0, tt, pt, lt, ac, PREDICTION_TYPES[prediction_type], clip,
-                          bool(return_pred_original))
+    step = prepared.cached_step("dpmpp_step", schedule, sample.device, sample.dtype, backend)
+    prev, pred = step(sample, model_output, tt, pt, prev_x0=prev_x0, last_t=lt, prediction_type=prediction_type,
+                      clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                      return_pred_original=return_pred_original)
     return (prev, pred) if return_pred_original else prev
 
 
