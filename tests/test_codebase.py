@@ -66,3 +66,122 @@ def test_triton_kernels_import_no_private_fastddpm_module():
     assert len(files) >= 6, f"found only {len(files)} files under triton_kernels/"
     bad = {f.name: m for f in files if (m := private_fastddpm_imports(f.read_text()))}
     assert not bad, f"triton_kernels import private fastddpm modules: {bad}"
+
+
+def package_sources() -> dict[str, Path]:
+    """Every source module of the installed package by its dotted name: fastddpm/**.py, and triton_kernels/*.py
+    as fastddpm.triton_kernels.* (setup.py's package_dir)."""
+    out = {}
+    for base, prefix in ((ROOT / "fastddpm", ("fastddpm",)), (ROOT / "triton_kernels", ("fastddpm", "triton_kernels"))):
+        for f in base.rglob("*.py"):
+            parts = prefix + f.relative_to(base).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def _top_level_names(source: str) -> set[str]:
+    names = set()
+    for n in ast.parse(source).body:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(n.name)
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in n.names)
+        elif isinstance(n, (ast.Assign, ast.AnnAssign)):
+            for t in n.targets if isinstance(n, ast.Assign) else [n.target]:
+                names.update(x.id for x in ast.walk(t) if isinstance(x, ast.Name))
+    return names
+
+
+def import_graph(sources: dict[str, str], packages: set[str]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, from every import statement in its source: at module level
+    and inside functions alike (a lazy import delays a dependency, it does not remove it); only the imports
+    under ``if TYPE_CHECKING:``, which never run, are left out.
+
+    ``from M import n`` counts as importing M.n when that is a module (or is not bound in M's __init__: an
+    extension module such as fastddpm._C), else M. The implicit import of a module's parent packages is left
+    out: Python runs a package's __init__ before its submodules whatever they import."""
+    bound = {p: _top_level_names(sources[p]) for p in packages if p in sources}
+    graph = {}
+    for name, source in sources.items():
+        pkg = name if name in packages else name.rpartition(".")[0]
+        deps = set()
+        tree = ast.parse(source)
+        typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+                       for stmt in n.body for x in ast.walk(stmt)}
+        for n in ast.walk(tree):
+            if id(n) in typing_only:
+                continue
+            if isinstance(n, ast.Import):
+                targets = [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom):
+                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - n.level + 1]) if n.level else ""
+                mod = ".".join(p for p in (base, n.module) if p)
+                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in sources or a.name not in bound.get(mod, {a.name})
+                           else mod for a in n.names]
+            else:
+                continue
+            deps.update(t for t in targets if t.split(".")[0] == "fastddpm" and t != name)
+        graph[name] = deps
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on_stack.discard(comp[-1])
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_import_cycle_check_finds_a_lazy_cycle():
+    # b imports a only inside a function: still a circle. c imports a name from the package (its __init__), d
+    # an extension module the package does not define; neither is a circle.
+    sources = {
+        "fastddpm": "from . import ops\n",
+        "fastddpm.ops": "x = 1\n",
+        "fastddpm.s": "",
+        "fastddpm.s.a": "from .b import f\nfrom .. import ops\n",
+        "fastddpm.s.b": "import torch\ndef f():\n    from fastddpm.s.a import g\n",
+        "fastddpm.s.c": "from . import a\nfrom fastddpm import ops as o, x\nfrom .. import _C\n",
+    }
+    graph = import_graph(sources, {"fastddpm", "fastddpm.s"})
+    assert graph["fastddpm.s.a"] == {"fastddpm.s.b", "fastddpm.ops"}
+    assert graph["fastddpm.s.c"] == {"fastddpm.s.a", "fastddpm.ops", "fastddpm.x", "fastddpm._C"}
+    assert import_cycles(graph) == [["fastddpm.s.a", "fastddpm.s.b"]]
+    sources["fastddpm.s.b"] = "import torch\n"
+    assert import_cycles(import_graph(sources, {"fastddpm", "fastddpm.s"})) == []
+    sources["fastddpm.ops"] = "from fastddpm import s\n"  # through the package fastddpm.s
+    sources["fastddpm.s"] = "from .c import o\n"
+    assert import_cycles(import_graph(sources, {"fastddpm", "fastddpm.s"})) == [
+        ["fastddpm.ops", "fastddpm.s", "fastddpm.s.a", "fastddpm.s.c"]]
+    sources["fastddpm.ops"] = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fastddpm import s\n"
+    assert import_cycles(import_graph(sources, {"fastddpm", "fastddpm.s"})) == []
+
+
+def test_no_import_cycles_among_fastddpm_modules():
+    files = package_sources()
+    assert len(files) > 40 and "fastddpm.samplers.sample" in files, sorted(files)
+    packages = {name for name, f in files.items() if f.name == "__init__.py"}
+    graph = import_graph({name: f.read_text() for name, f in files.items()}, packages)
+    assert graph["fastddpm.samplers.sample"], "the import graph found no imports in samplers/sample.py"
+    assert not (cycles := import_cycles(graph)), f"import circles among fastddpm modules: {cycles}"

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import ops
 from ..schedule import NoiseSchedule
 
 CONFIG_NAME = "scheduler_config.json"
@@ -437,6 +438,17 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
         if hasattr(self, "_kernels"):
             self._kernels = {}
 
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4), through the fused q_sample."""
+        return _q(self.schedule, original_samples, noise, timesteps, self.backend, velocity=False)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022)."""
+        return _q(self.schedule, sample, noise, timesteps, self.backend, velocity=True)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
     @classmethod
     def _get_compatibles(cls) -> list:
         """fastddpm's DDPM and DDIM schedulers, then diffusers' schedulers that read the same config.
@@ -444,10 +456,11 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
         A diffusers scheduler whose optional dependency is missing here (torchsde, scipy) is left out
         rather than failing the whole list, as diffusers' own ``compatibles`` would.
         """
-        from .ddim import DDIMScheduler
-        from .ddpm import DDPMScheduler
+        # By name from the package's public namespace, as diffusers looks up its own _compatibles: the
+        # scheduler modules import this one, so it imports neither of them.
+        from .. import samplers
 
-        out: list = [DDPMScheduler, DDIMScheduler]
+        out: list = [samplers.DDPMScheduler, samplers.DDIMScheduler]
         if DIFFUSERS_IMPORT_ERROR is None:
             import diffusers
 
@@ -572,3 +585,32 @@ def randn_like_diffusers(shape, generator, device: torch.device, dtype: torch.dt
         z = torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator])
         return z.to(device)
     return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+def _q(
+    schedule, x: torch.Tensor, noise: torch.Tensor, timesteps, backend: str, velocity: bool
+) -> torch.Tensor:
+    """add_noise / get_velocity: the fused q_sample where shapes allow, diffusers' broadcasting otherwise."""
+    if not isinstance(timesteps, torch.Tensor):
+        timesteps = torch.as_tensor(timesteps)
+    B = x.shape[0] if x.dim() else 0
+    t = timesteps.to(x.device).reshape(-1)
+    if t.dtype.is_floating_point:
+        t = t.long()
+    fused = x.dim() >= 1 and noise.shape == x.shape and noise.dtype == x.dtype and t.numel() in (1, B)
+    if fused:
+        if t.numel() == 1 and B != 1:
+            t = t.expand(B)
+        if velocity:
+            return ops.q_sample(x, t, noise, schedule, target="v", backend=backend)[1]
+        return ops.q_sample(x, t, noise, schedule, backend=backend)
+    # Anything else (broadcast noise, per-element timesteps): diffusers' own formula.
+    ac = schedule.table(
+        "alphas_cumprod", x.device, torch.float64 if x.dtype == torch.float64 else torch.float32
+    )
+    ac = ac.to(x.dtype)[t]
+    a = ac**0.5
+    s = (1 - ac) ** 0.5
+    while a.dim() < x.dim():
+        a, s = a.unsqueeze(-1), s.unsqueeze(-1)
+    return a * noise - s * x if velocity else a * x + s * noise

@@ -253,18 +253,3 @@ class DDIMScheduler(FastddpmSchedulerMixin):
                 noise = torch.randn(x.shape, generator=gen, device=gd, dtype=x.dtype).to(x.device)
             prev = prev + std * noise
         return prev.to(x.dtype), x0
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4), through the fused q_sample."""
-        from .ddpm import _q
-
-        return _q(self.schedule, original_samples, noise, timesteps, self.backend, velocity=False)
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022)."""
-        from .ddpm import _q
-
-        return _q(self.schedule, sample, noise, timesteps, self.backend, velocity=True)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps

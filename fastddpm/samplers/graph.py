@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sample import SamplingPlan, call_model, fused_step, initial_noise, split_output
+from .plan import SamplingPlan, call_model, fused_step, initial_noise, split_output
 
 __all__ = ["GraphBuffers", "plan_buffers", "graph_step", "sample_cuda_graph"]
 

@@ -21,7 +21,7 @@ import torch
 
 from ._common import BaseOutput, randn_like_diffusers
 from .ddpm import DDPMScheduler
-from .sample import call_model
+from .plan import call_model
 
 __all__ = ["DDPMPipeline", "ImagePipelineOutput"]
 

@@ -1,0 +1,164 @@
+"""The sampling plan: what a sampling loop needs before it sees the model or the images (the schedule, the
+(t, prev_t) pair of every step, the settings), and the per-step helpers that both loops, the eager one of
+fastddpm.sample and the CUDA-graph one (graph.py), share: calling the model, splitting its output, the fused
+step with the plan's settings, and x_T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..schedule import NoiseSchedule
+from .respace import space_timesteps, step_tables
+
+__all__ = ["SamplingPlan", "plan_sampling", "call_model", "split_output", "fused_step", "initial_noise"]
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+NOISES = ("torch", "philox")
+
+
+@dataclass
+class SamplingPlan:
+    """Everything a sampling loop needs that does not depend on the images: the schedule, the
+    (t, prev_t) pair of every step in order, and the settings. Built on the host, once."""
+
+    schedule: NoiseSchedule
+    shape: tuple[int, ...]
+    t: torch.Tensor  # (n,) int64, descending
+    prev_t: torch.Tensor  # (n,) int64, t[i + 1] and -1 at the end
+    sampler: str
+    eta: float
+    prediction_type: str
+    variance_type: str
+    clip_denoised: bool
+    noise: str
+    device: torch.device
+    dtype: torch.dtype
+    use_clipped_model_output: bool = True  # DDIM: eps recomputed from the clipped x0
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.t.shape[0])
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+    def philox_offset(self, i: int) -> int:
+        """Counter offset of step i's noise: x_T takes [0, numel), step i takes the next numel."""
+        return (i + 1) * self.numel
+
+
+def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, timesteps=None,
+                  prediction_type="epsilon", variance_type="fixed_small", clip_denoised=True, noise="torch",
+                  device=None, dtype=None, use_clipped_model_output=True) -> SamplingPlan:
+    """Check the settings and build the step tables (no model, no images)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if noise not in NOISES:
+        raise ValueError(f"noise: expected one of {', '.join(NOISES)}, got {noise!r}")
+    if prediction_type not in ("epsilon", "sample", "v_prediction"):
+        raise ValueError(
+            f"prediction_type: expected 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}"
+        )
+    if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"):
+        raise ValueError(f"variance_type: unknown {variance_type!r}")
+    if sampler != "ddpm" and variance_type in ("learned", "learned_range"):
+        raise ValueError("variance_type: the learned variance types apply to sampler='ddpm' only")
+    if not float(eta) >= 0:
+        raise ValueError(f"eta: expected a non-negative number, got {eta}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"shape: expected (batch, channels, ...) with positive sizes, got {shape}")
+    schedule = schedule if schedule is not None else NoiseSchedule()
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
+    T = schedule.num_train_timesteps
+    if timesteps is not None:
+        if steps is not None:
+            raise ValueError("steps, timesteps: pass one of them, not both")
+        ts = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+        if any(int(t) < 0 or int(t) >= T for t in ts):
+            raise ValueError(f"timesteps: expected values in [0, {T}), got {ts}")
+        if len(set(int(t) for t in ts)) != len(ts):
+            raise ValueError("timesteps: expected distinct values")
+    else:
+        if steps is None:
+            steps = T if sampler == "ddpm" else min(50 if sampler == "ddim" else 20, T)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+        if steps > T:
+            raise ValueError(f"steps: {steps} is more than the schedule's {T} training timesteps")
+        if sampler == "dpm++2m":  # diffusers' spacing, so that the loop is diffusers' loop
+            from .dpmpp import dpmpp_timesteps
+
+            ts = dpmpp_timesteps(T, steps)
+        else:
+            ts = list(range(T)) if steps == T else space_timesteps(T, steps)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    t, prev = step_tables(ts)
+    return SamplingPlan(schedule=schedule, shape=shape, t=t, prev_t=prev, sampler=sampler, eta=float(eta),
+                        prediction_type=prediction_type, variance_type=variance_type,
+                        clip_denoised=bool(clip_denoised), noise=noise, device=device,
+                        dtype=dtype or torch.float32, use_clipped_model_output=bool(use_clipped_model_output))
+
+
+def call_model(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """model(x, t) for a fastddpm UNet, a plain callable, or a diffusers UNet2DModel (``.sample``)."""
+    out = model(x, t)
+    if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"model: expected it to return a tensor (or an object with .sample), got {type(out).__name__}"
+        )
+    return out
+
+
+def split_output(plan: SamplingPlan, out: torch.Tensor, x: torch.Tensor):
+    """(model output, predicted variance or None), checked against x's shape."""
+    C = x.shape[1]
+    learned = plan.variance_type in ("learned", "learned_range")
+    if learned:
+        if out.shape[1] != 2 * C or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"model output: variance_type={plan.variance_type!r} needs 2 x {C} channels (output and "
+                f"variance), got shape {tuple(out.shape)} for images of shape {tuple(x.shape)}"
+            )
+        m, pv = torch.split(out, C, dim=1)
+        return m.to(x.dtype), pv.to(x.dtype)
+    if out.shape != x.shape:
+        hint = " (2x channels: pass variance_type='learned_range')" if out.dim() == x.dim() and \
+            out.shape[1] == 2 * C else ""
+        raise ValueError(f"model output: expected shape {tuple(x.shape)}, got {tuple(out.shape)}{hint}")
+    return out.to(x.dtype), None
+
+
+def fused_step(plan: SamplingPlan, x, m, pv, t, prev_t, noise, generator, seed, offset, backend):
+    """One fused step (either sampler) with the plan's settings. ``noise``: a tensor, None (draw from
+    ``generator``), "philox" or "none"."""
+    if plan.sampler == "ddpm":
+        return ops.ddpm_step(x, m, t, plan.schedule, prev_t, noise=noise, generator=generator,
+                             prediction_type=plan.prediction_type, variance_type=plan.variance_type,
+                             clip_sample=plan.clip_denoised, predicted_variance=pv, seed=seed, offset=offset,
+                             backend=backend)
+    return ops.ddim_step(x, m, t, plan.schedule, prev_t, eta=plan.eta, noise=noise, generator=generator,
+                         prediction_type=plan.prediction_type, clip_sample=plan.clip_denoised,
+                         use_clipped_model_output=plan.use_clipped_model_output, seed=seed, offset=offset,
+                         backend=backend)
+
+
+def initial_noise(plan: SamplingPlan, generator, seed) -> torch.Tensor:
+    """x_T: from the generator (drawn on its device, then moved, as diffusers' randn_tensor) or Philox."""
+    if plan.noise == "philox":
+        return ops.philox_randn(plan.shape, seed, 0, device=plan.device).to(plan.dtype)
+    gd = generator.device if generator is not None else plan.device
+    return torch.randn(plan.shape, generator=generator, device=gd, dtype=plan.dtype).to(plan.device)
