@@ -92,25 +92,10 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(
     int64_t seed, int64_t offset, int64_t noise_mode, int64_t prediction_type, double eta, double clip_range,
     bool use_clipped_model_output, bool return_pred, const c10::optional<at::Tensor>& offset_tensor,
     bool diffusers_beta) {
-  check_float_tensor(sample, "sample");
-  TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
-  check_like(model_output, sample, "model_output", "sample");
-  check_timesteps(t, sample, "t");
-  check_timesteps(prev_t, sample, "prev_t");
-  check_table(alphas_cumprod, sample, "alphas_cumprod");
-  TORCH_CHECK(noise_mode >= 0 && noise_mode <= 2, "noise_mode: expected 0, 1 or 2, got ", noise_mode);
-  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2,
-              "prediction_type: expected 0 (epsilon), 1 (sample) or 2 (v_prediction), got ", prediction_type);
-  TORCH_CHECK(eta >= 0.0, "eta: expected a non-negative number, got ", eta);
-  TORCH_CHECK(final_alpha_cumprod > 0.0 && final_alpha_cumprod <= 1.0,
-              "final_alpha_cumprod: expected a value in (0, 1], got ", final_alpha_cumprod);
-  if (noise_mode == kNoiseTensor) {
-    TORCH_CHECK(noise.has_value() && noise->defined(), "noise: required when noise_mode is 1");
-    check_like(*noise, sample, "noise", "sample");
-  }
-  TORCH_CHECK(seed >= 0, "seed: expected a non-negative integer, got ", seed);
-  TORCH_CHECK(offset >= 0, "offset: expected a non-negative integer, got ", offset);
-  if (noise_mode == kNoisePhilox && eta > 0.0) offset = philox_offset(offset, offset_tensor, sample);
+  check_ddim_step_args(sample, model_output, t, prev_t, alphas_cumprod, final_alpha_cumprod, noise, seed, offset,
+                       noise_mode, prediction_type, eta);
+  const int64_t mode = ddim_noise_mode(noise_mode, eta);
+  if (mode == kNoisePhilox) offset = philox_offset(offset, offset_tensor, sample);
 
   const int64_t B = sample.size(0);
   const int64_t T = alphas_cumprod.size(0);
@@ -119,38 +104,27 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(
   std::vector<DdimCoeffs> coeffs(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
-    TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
-    // Any prev_t < 0 is the end of the chain (diffusers: t = 0 steps to -20 with 50 of 1000 steps).
-    TORCH_CHECK(pb < tb, "prev_t: expected prev_t < t (", tb, "), got ", pb, " at index ", b);
+    check_step_timestep_values(tb, pb, T, b);
     coeffs[b] = ddim_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : static_cast<float>(final_alpha_cumprod),
                                  static_cast<float>(eta), diffusers_beta);
   }
   // As ddpm_step: Philox noise is indexed by the row-major position, so other layouts go
   // through a contiguous copy.
-  const at::Tensor& noise_t = noise_mode == kNoiseTensor ? *noise : at::Tensor();
-  bool direct = batch_major_dense({sample, model_output, noise_t});
-  if (noise_mode == kNoisePhilox && !sample.is_contiguous()) direct = false;
-  auto prep = [&](const at::Tensor& x) { return (direct || !x.defined()) ? x : x.contiguous(); };
-  const at::Tensor xs = prep(sample), ms = prep(model_output), zs = prep(noise_t);
-  at::Tensor out = at::empty_like(xs);
-  at::Tensor pred = return_pred ? at::empty_like(xs) : at::empty({0}, sample.options());
+  const at::Tensor& noise_t = mode == kNoiseTensor ? *noise : at::Tensor();
+  const StepLayout io({sample, model_output, noise_t}, /*row_major=*/mode == kNoisePhilox);
+  const at::Tensor ms = io.in(model_output), zs = io.in(noise_t);
+  auto [out, pred] = io.outputs(return_pred);
   const DdimArgs args{noise_mode, prediction_type, static_cast<float>(clip_range), use_clipped_model_output,
                       eta > 0.0 && noise_mode != kNoNoise, static_cast<uint64_t>(seed),
                       static_cast<uint64_t>(offset)};
-  if (B > 0 && sample.numel() > 0) {
-    const int64_t M = sample.numel() / B;
+  if (io.has_elements()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sample.scalar_type(), "ddim_step_cpu", [&] {
-      ddim_step_loop<scalar_t>(xs.data_ptr<scalar_t>(), ms.data_ptr<scalar_t>(),
-                               zs.defined() ? zs.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                               return_pred ? pred.data_ptr<scalar_t>() : nullptr, coeffs, args, B, M);
+      ddim_step_loop<scalar_t>(io.first().data_ptr<scalar_t>(), ms.data_ptr<scalar_t>(), data_or_null<scalar_t>(zs),
+                               out.data_ptr<scalar_t>(), return_pred ? pred.data_ptr<scalar_t>() : nullptr, coeffs,
+                               args, B, io.per_sample());
     });
   }
-  if (!direct) {
-    const auto fmt = sample.suggest_memory_format();
-    out = out.contiguous(fmt);
-    if (return_pred) pred = pred.contiguous(fmt);
-  }
-  return {out, pred};
+  return io.finish(out, pred, return_pred);
 }
 
 }  // namespace

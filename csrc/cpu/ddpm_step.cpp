@@ -107,10 +107,7 @@ std::vector<StepCoeffs> step_coeffs(const at::Tensor& t, const at::Tensor& prev_
   std::vector<StepCoeffs> coeffs(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
-    TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
-    // Any prev_t < 0 is the end of the chain, abar_prev = 1 (diffusers: t = 0 steps to -20 with 50 of
-    // 1000 steps).
-    TORCH_CHECK(pb < tb, "prev_t: expected prev_t < t (", tb, "), got ", pb, " at index ", b);
+    check_step_timestep_values(tb, pb, T, b);  // any prev_t < 0: abar_prev = 1
     coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0, diffusers_beta);
   }
   return coeffs;
@@ -123,32 +120,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
     int64_t seed, int64_t offset, int64_t noise_mode, int64_t prediction_type,
     int64_t variance_type, double clip_range, bool return_pred, const c10::optional<at::Tensor>& offset_tensor,
     bool diffusers_beta) {
-  check_float_tensor(sample, "sample");
-  TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
-  check_like(model_output, sample, "model_output", "sample");
-  check_timesteps(t, sample, "t");
-  check_timesteps(prev_t, sample, "prev_t");
-  check_table(alphas_cumprod, sample, "alphas_cumprod");
-  TORCH_CHECK(noise_mode >= 0 && noise_mode <= 2, "noise_mode: expected 0, 1 or 2, got ", noise_mode);
-  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2,
-              "prediction_type: expected 0 (epsilon), 1 (sample) or 2 (v_prediction), got ",
-              prediction_type);
-  TORCH_CHECK(variance_type == kFixedSmall || variance_type == kFixedSmallLog ||
-                  variance_type == kFixedLarge || variance_type == kLearned ||
-                  variance_type == kLearnedRange,
-              "variance_type: expected 0, 1, 2, 4 or 5, got ", variance_type);
-  const bool learned = variance_type == kLearned || variance_type == kLearnedRange;
-  if (noise_mode == kNoiseTensor) {
-    TORCH_CHECK(noise.has_value() && noise->defined(), "noise: required when noise_mode is 1");
-    check_like(*noise, sample, "noise", "sample");
-  }
-  if (learned) {
-    TORCH_CHECK(predicted_variance.has_value() && predicted_variance->defined(),
-                "predicted_variance: required for the learned variance types");
-    check_like(*predicted_variance, sample, "predicted_variance", "sample");
-  }
-  TORCH_CHECK(seed >= 0, "seed: expected a non-negative integer, got ", seed);
-  TORCH_CHECK(offset >= 0, "offset: expected a non-negative integer, got ", offset);
+  check_ddpm_step_args(sample, model_output, t, prev_t, alphas_cumprod, noise, predicted_variance, seed, offset,
+                       noise_mode, prediction_type, variance_type);
   if (noise_mode == kNoisePhilox) offset = philox_offset(offset, offset_tensor, sample);
 
   const int64_t B = sample.size(0);
@@ -157,31 +130,21 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
   // Philox noise is indexed by the row-major (NCHW) position, so layouts other
   // than contiguous go through a contiguous copy to keep the numbers layout-free.
   const at::Tensor& noise_t = noise_mode == kNoiseTensor ? *noise : at::Tensor();
-  const at::Tensor& pv_t = learned ? *predicted_variance : at::Tensor();
-  bool direct = batch_major_dense({sample, model_output, noise_t, pv_t});
-  if (noise_mode == kNoisePhilox && !sample.is_contiguous()) direct = false;
-  auto prep = [&](const at::Tensor& x) { return (direct || !x.defined()) ? x : x.contiguous(); };
-  const at::Tensor xs = prep(sample), ms = prep(model_output), zs = prep(noise_t), ps = prep(pv_t);
-  at::Tensor out = at::empty_like(xs);
-  at::Tensor pred = return_pred ? at::empty_like(xs) : at::empty({0}, sample.options());
+  const at::Tensor& pv_t = is_learned_variance(variance_type) ? *predicted_variance : at::Tensor();
+  const StepLayout io({sample, model_output, noise_t, pv_t}, /*row_major=*/noise_mode == kNoisePhilox);
+  const at::Tensor ms = io.in(model_output), zs = io.in(noise_t), ps = io.in(pv_t);
+  auto [out, pred] = io.outputs(return_pred);
   const StepArgs args{noise_mode, prediction_type, variance_type, static_cast<float>(clip_range),
                       static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
-  if (B > 0 && sample.numel() > 0) {
-    const int64_t M = sample.numel() / B;
+  if (io.has_elements()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sample.scalar_type(), "ddpm_step_cpu", [&] {
-      ddpm_step_loop<scalar_t>(xs.data_ptr<scalar_t>(), ms.data_ptr<scalar_t>(),
-                               zs.defined() ? zs.data_ptr<scalar_t>() : nullptr,
-                               ps.defined() ? ps.data_ptr<scalar_t>() : nullptr,
-                               out.data_ptr<scalar_t>(),
-                               return_pred ? pred.data_ptr<scalar_t>() : nullptr, coeffs, args, B, M);
+      ddpm_step_loop<scalar_t>(io.first().data_ptr<scalar_t>(), ms.data_ptr<scalar_t>(),
+                               data_or_null<scalar_t>(zs), data_or_null<scalar_t>(ps), out.data_ptr<scalar_t>(),
+                               return_pred ? pred.data_ptr<scalar_t>() : nullptr, coeffs, args, B,
+                               io.per_sample());
     });
   }
-  if (!direct) {
-    const auto fmt = sample.suggest_memory_format();
-    out = out.contiguous(fmt);
-    if (return_pred) pred = pred.contiguous(fmt);
-  }
-  return {out, pred};
+  return io.finish(out, pred, return_pred);
 }
 
 // Below this many elements the draw is short and a second thread does not pay.
@@ -191,12 +154,9 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
     const at::Tensor& prev_t, const at::Tensor& alphas_cumprod, const c10::optional<at::Generator>& generator,
     int64_t prediction_type, int64_t variance_type, double clip_range, bool return_pred, bool diffusers_beta) {
-  check_float_tensor(sample, "sample");
-  TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
-  TORCH_CHECK(variance_type == kFixedSmall || variance_type == kFixedSmallLog || variance_type == kFixedLarge,
-              "variance_type: ddpm_step_randn takes the fixed variance types 0, 1 or 2, got ", variance_type);
-  TORCH_CHECK(!generator.has_value() || !generator->defined() || generator->device().is_cpu(),
-              "generator: expected a CPU generator, got one on ", generator->device());
+  // Checked before the draw, so that a refused call leaves the generator as it was.
+  check_ddpm_step_randn_args(sample, model_output, t, prev_t, alphas_cumprod, generator, prediction_type,
+                             variance_type);
   // z exactly as torch.randn(sample.shape, generator=generator, dtype=sample.dtype): a
   // contiguous tensor filled by torch's normal_, which also advances the generator as it does.
   at::Tensor z = at::empty(sample.sizes(), sample.options().memory_format(at::MemoryFormat::Contiguous));
@@ -208,12 +168,6 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
     return ddpm_step_cpu(sample, model_output, t, prev_t, alphas_cumprod, z, c10::nullopt, 0, 0, kNoiseTensor,
                          prediction_type, variance_type, clip_range, return_pred, c10::nullopt, diffusers_beta);
   }
-  check_like(model_output, sample, "model_output", "sample");
-  check_timesteps(t, sample, "t");
-  check_timesteps(prev_t, sample, "prev_t");
-  check_table(alphas_cumprod, sample, "alphas_cumprod");
-  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2,
-              "prediction_type: expected 0 (epsilon), 1 (sample) or 2 (v_prediction), got ", prediction_type);
   const int64_t B = sample.size(0), M = sample.numel() / B;
   const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B, diffusers_beta);
   at::Tensor out = at::empty_like(sample);
@@ -261,9 +215,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
 }
 
 void philox_normal_cpu(const at::Tensor& out, int64_t seed, int64_t offset) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(),
-              "out: expected a contiguous float32 tensor");
-  TORCH_CHECK(seed >= 0 && offset >= 0, "seed, offset: expected non-negative integers");
+  check_philox_normal_args(out, seed, offset);
   float* p = out.data_ptr<float>();
   at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += kBlock) {
@@ -277,7 +229,7 @@ void philox_bits_cpu(const at::Tensor& out, int64_t seed, int64_t offset) {
   TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous() && out.dim() == 2 &&
                   out.size(1) == 4,
               "out: expected a contiguous int32 tensor of shape (n, 4)");
-  TORCH_CHECK(seed >= 0 && offset >= 0, "seed, offset: expected non-negative integers");
+  check_seed_offset(seed, offset);
   auto* p = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   for (int64_t i = 0; i < out.size(0); ++i) {
     const uint64_t ctr = static_cast<uint64_t>(offset + i);

@@ -71,20 +71,8 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_step_cpu(
     const at::Tensor& sample, const at::Tensor& model_output, const c10::optional<at::Tensor>& prev_x0,
     const at::Tensor& t, const at::Tensor& prev_t, const c10::optional<at::Tensor>& last_t,
     const at::Tensor& alphas_cumprod, int64_t prediction_type, double clip_range, bool return_pred) {
-  check_float_tensor(sample, "sample");
-  TORCH_CHECK(sample.dim() >= 1, "sample: expected a batch dimension, got a 0-d tensor");
-  check_like(model_output, sample, "model_output", "sample");
+  check_dpmpp_step_args(sample, model_output, prev_x0, t, prev_t, last_t, alphas_cumprod, prediction_type);
   const bool second = prev_x0.has_value() && prev_x0->defined();
-  if (second) {
-    check_like(*prev_x0, sample, "prev_x0", "sample");
-    TORCH_CHECK(last_t.has_value() && last_t->defined(), "last_t: required when prev_x0 is given");
-    check_timesteps(*last_t, sample, "last_t");
-  }
-  check_timesteps(t, sample, "t");
-  check_timesteps(prev_t, sample, "prev_t");
-  check_table(alphas_cumprod, sample, "alphas_cumprod");
-  TORCH_CHECK(prediction_type >= 0 && prediction_type <= 2,
-              "prediction_type: expected 0 (epsilon), 1 (sample) or 2 (v_prediction), got ", prediction_type);
 
   const int64_t B = sample.size(0);
   const int64_t T = alphas_cumprod.size(0);
@@ -94,8 +82,7 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_step_cpu(
   std::vector<DpmppCoeffs> coeffs(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
-    TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
-    TORCH_CHECK(pb < tb, "prev_t: expected prev_t < t (", tb, "), got ", pb, " at index ", b);
+    check_step_timestep_values(tb, pb, T, b);
     int64_t lb = tb;
     if (second) {
       lb = lc.data_ptr<int64_t>()[b];
@@ -105,26 +92,18 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_step_cpu(
     coeffs[b] = dpmpp_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, abar[lb], pb < 0, second);
   }
   const at::Tensor& p_t = second ? *prev_x0 : at::Tensor();
-  const bool direct = batch_major_dense({sample, model_output, p_t});
-  auto prep = [&](const at::Tensor& x) { return (direct || !x.defined()) ? x : x.contiguous(); };
-  const at::Tensor xs = prep(sample), ms = prep(model_output), ps = prep(p_t);
-  at::Tensor out = at::empty_like(xs);
-  at::Tensor pred = return_pred ? at::empty_like(xs) : at::empty({0}, sample.options());
-  if (B > 0 && sample.numel() > 0) {
-    const int64_t M = sample.numel() / B;
+  const StepLayout io({sample, model_output, p_t});
+  const at::Tensor ms = io.in(model_output), ps = io.in(p_t);
+  auto [out, pred] = io.outputs(return_pred);
+  if (io.has_elements()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sample.scalar_type(), "dpmpp_step_cpu", [&] {
-      dpmpp_step_loop<scalar_t>(xs.data_ptr<scalar_t>(), ms.data_ptr<scalar_t>(),
-                                ps.defined() ? ps.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+      dpmpp_step_loop<scalar_t>(io.first().data_ptr<scalar_t>(), ms.data_ptr<scalar_t>(),
+                                data_or_null<scalar_t>(ps), out.data_ptr<scalar_t>(),
                                 return_pred ? pred.data_ptr<scalar_t>() : nullptr, coeffs, prediction_type,
-                                static_cast<float>(clip_range), B, M);
+                                static_cast<float>(clip_range), B, io.per_sample());
     });
   }
-  if (!direct) {
-    const auto fmt = sample.suggest_memory_format();
-    out = out.contiguous(fmt);
-    if (return_pred) pred = pred.contiguous(fmt);
-  }
-  return {out, pred};
+  return io.finish(out, pred, return_pred);
 }
 
 }  // namespace

@@ -681,11 +681,6 @@ struct Forward {
   }
 };
 
-void check_input(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                 const std::optional<at::Tensor>& shift, int64_t num_groups) {
-  check_group_norm_args(x, weight, bias, shift, num_groups, at::kCPU, /*allow_double=*/true);
-}
-
 // x in one of the two layouts the kernels read: NCHW-contiguous or channels_last.
 at::Tensor dense_layout(const at::Tensor& x, bool& cl) {
   cl = is_channels_last_dense(x);
@@ -698,8 +693,7 @@ at::Tensor dense_layout(const at::Tensor& x, bool& cl) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu, bool with_stats) {
-  check_input(x_in, weight, bias, shift, num_groups);
-  TORCH_CHECK_VALUE(eps >= 0, "eps: expected a non-negative float, got ", eps);
+  check_group_norm_silu_fwd_args(x_in, weight, bias, shift, num_groups, eps, at::kCPU, /*allow_double=*/true);
   bool cl = false;
   const at::Tensor x = dense_layout(x_in, cl);
   const Geometry g = geometry(x, num_groups, cl);
@@ -1128,22 +1122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_c
     const at::Tensor& grad_y, const at::Tensor& x_in, const std::optional<at::Tensor>& shift,
     const at::Tensor& mean_t, const at::Tensor& rstd_t, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t num_groups, bool silu) {
-  check_input(x_in, weight, bias, shift, num_groups);
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y: expected shape ", x_in.sizes(), " (that of x), got ",
-              grad_y.sizes());
-  TORCH_CHECK(grad_y.device() == x_in.device(), "grad_y: expected device ", x_in.device(), ", got ",
-              grad_y.device());
-  const int64_t N = x_in.size(0);
-  for (const auto* p : {&mean_t, &rstd_t}) {
-    const char* name = p == &mean_t ? "mean" : "rstd";
-    TORCH_CHECK(p->dim() == 2 && p->size(0) == N && p->size(1) == num_groups, name, ": expected shape (", N,
-                ", ", num_groups, "), got ", p->sizes());
-    TORCH_CHECK(p->device() == x_in.device(), name, ": expected device ", x_in.device(), ", got ", p->device());
-    TORCH_CHECK(at::isFloatingType(p->scalar_type()), name, ": expected a floating-point dtype, got ",
-                p->scalar_type());
-  }
-  TORCH_CHECK(rstd_t.scalar_type() == mean_t.scalar_type(), "rstd: expected the dtype of mean (",
-              mean_t.scalar_type(), "), got ", rstd_t.scalar_type());
+  check_group_norm_silu_bwd_args(grad_y, x_in, shift, mean_t, rstd_t, weight, bias, num_groups, at::kCPU,
+                                 /*allow_double=*/true);
   bool cl = false;
   const at::Tensor x = dense_layout(x_in, cl);
   const at::Tensor dy = match_layout(grad_y.scalar_type() == x.scalar_type() ? grad_y : grad_y.to(x.scalar_type()), cl);

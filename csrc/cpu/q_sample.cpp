@@ -48,15 +48,7 @@ void q_sample_loop(const scalar_t* x0, const scalar_t* eps, scalar_t* xt, scalar
 std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::Tensor& noise,
                                                 const at::Tensor& t, const at::Tensor& sqrt_ab,
                                                 const at::Tensor& sqrt_1mab, bool with_v) {
-  check_float_tensor(x0, "x0");
-  TORCH_CHECK(x0.dim() >= 1, "x0: expected a batch dimension, got a 0-d tensor");
-  check_like(noise, x0, "noise", "x0");
-  check_timesteps(t, x0, "t");
-  check_table(sqrt_ab, x0, "sqrt_alphas_cumprod");
-  check_table(sqrt_1mab, x0, "sqrt_one_minus_alphas_cumprod");
-  TORCH_CHECK(sqrt_ab.size(0) == sqrt_1mab.size(0),
-              "sqrt_one_minus_alphas_cumprod: expected the length of sqrt_alphas_cumprod (",
-              sqrt_ab.size(0), "), got ", sqrt_1mab.size(0));
+  check_q_sample_args(x0, noise, t, sqrt_ab, sqrt_1mab);
 
   const int64_t B = x0.size(0);
   const int64_t T = sqrt_ab.size(0);
@@ -72,27 +64,16 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::
     s1mab[b] = tb.data_ptr<float>()[tb_];
   }
 
-  // Work in x0's layout when every operand shares it; otherwise in NCHW order.
-  const bool direct = batch_major_dense({x0, noise});
-  const at::Tensor xin = direct ? x0 : x0.contiguous();
-  const at::Tensor ein = direct ? noise : noise.contiguous();
-  at::Tensor xt = at::empty_like(xin);
-  at::Tensor v = with_v ? at::empty_like(xin) : at::empty({0}, x0.options());
-  if (B > 0 && x0.numel() > 0) {
-    const int64_t M = x0.numel() / B;
+  const StepLayout io({x0, noise});
+  const at::Tensor ein = io.in(noise);
+  auto [xt, v] = io.outputs(with_v);
+  if (io.has_elements()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
-      q_sample_loop<scalar_t>(xin.data_ptr<scalar_t>(), ein.data_ptr<scalar_t>(),
-                              xt.data_ptr<scalar_t>(),
-                              with_v ? v.data_ptr<scalar_t>() : nullptr, sab, s1mab, B, M);
+      q_sample_loop<scalar_t>(io.first().data_ptr<scalar_t>(), ein.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
+                              with_v ? v.data_ptr<scalar_t>() : nullptr, sab, s1mab, B, io.per_sample());
     });
   }
-  if (!direct) {
-    // Give the result the memory format of x0 (channels_last stays channels_last).
-    const auto fmt = x0.suggest_memory_format();
-    xt = xt.contiguous(fmt);
-    if (with_v) v = v.contiguous(fmt);
-  }
-  return {xt, v};
+  return io.finish(xt, v, with_v);
 }
 
 }  // namespace

@@ -8,6 +8,10 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <type_traits>
+
+#include "fastddpm/elementwise.h"
 
 namespace fastddpm {
 
@@ -144,6 +148,243 @@ inline const int64_t* offset_tensor_ptr(const c10::optional<at::Tensor>& offset_
   if (!offset_tensor.has_value() || !offset_tensor->defined()) return nullptr;
   check_offset_tensor(*offset_tensor, x);
   return offset_tensor->data_ptr<int64_t>();
+}
+
+// ---------------------------------------------------------------------------
+// Codes (elementwise.h's table) and scalars common to several ops.
+// ---------------------------------------------------------------------------
+inline void check_prediction_type(int64_t pt) {
+  TORCH_CHECK(pt == kEpsilon || pt == kSample || pt == kVPrediction, "prediction_type: expected ", kEpsilon,
+              " (epsilon), ", kSample, " (sample) or ", kVPrediction, " (v_prediction), got ", pt);
+}
+
+inline void check_noise_mode(int64_t mode) {
+  TORCH_CHECK(mode == kNoNoise || mode == kNoiseTensor || mode == kNoisePhilox, "noise_mode: expected ", kNoNoise,
+              ", ", kNoiseTensor, " or ", kNoisePhilox, ", got ", mode);
+}
+
+inline bool is_learned_variance(int64_t vt) { return vt == kLearned || vt == kLearnedRange; }
+inline bool is_fixed_variance(int64_t vt) { return vt == kFixedSmall || vt == kFixedSmallLog || vt == kFixedLarge; }
+
+inline void check_variance_type(int64_t vt) {
+  TORCH_CHECK(is_fixed_variance(vt) || is_learned_variance(vt), "variance_type: expected ", kFixedSmall, ", ",
+              kFixedSmallLog, ", ", kFixedLarge, ", ", kLearned, " or ", kLearnedRange, ", got ", vt);
+}
+
+// The (seed, offset) of a Philox stream; an offset tensor is checked where it is read (philox_offset,
+// offset_tensor_ptr).
+inline void check_seed_offset(int64_t seed, int64_t offset) {
+  TORCH_CHECK(seed >= 0, "seed: expected a non-negative integer, got ", seed);
+  TORCH_CHECK(offset >= 0, "offset: expected a non-negative integer, got ", offset);
+}
+
+// The batched input every elementwise op takes first (x0, sample).
+inline void check_batched(const at::Tensor& x, const char* name) {
+  check_float_tensor(x, name);
+  TORCH_CHECK(x.dim() >= 1, name, ": expected a batch dimension, got a 0-d tensor");
+}
+
+// An optional operand that `why` makes required: defined, and of x's shape, device and dtype.
+inline void check_required_like(const c10::optional<at::Tensor>& p, const at::Tensor& x, const char* name,
+                                const char* x_name, const char* why) {
+  TORCH_CHECK(p.has_value() && p->defined(), name, ": required ", why);
+  check_like(*p, x, name, x_name);
+}
+
+// sample, model_output, t, prev_t and the alphas_cumprod table: what every reverse step takes.
+inline void check_step_inputs(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
+                              const at::Tensor& prev_t, const at::Tensor& alphas_cumprod) {
+  check_batched(sample, "sample");
+  check_like(model_output, sample, "model_output", "sample");
+  check_timesteps(t, sample, "t");
+  check_timesteps(prev_t, sample, "prev_t");
+  check_table(alphas_cumprod, sample, "alphas_cumprod");
+}
+
+// ---------------------------------------------------------------------------
+// One argument check per op, called by its CPU (csrc/cpu/<op>.cpp) and CUDA (csrc/cuda/<op>_cuda.cpp)
+// registrations alike, in the order of the schema's arguments (csrc/ops.cpp). What only one device can
+// check stays with it: timestep values on the CPU (on a GPU they would cost a sync: its kernels clamp
+// them into the table) and the offset tensor, read on the host by the CPU and by the kernel on a GPU.
+// ---------------------------------------------------------------------------
+inline void check_q_sample_args(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
+                                const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab) {
+  check_batched(x0, "x0");
+  check_like(noise, x0, "noise", "x0");
+  check_timesteps(t, x0, "t");
+  check_table(sqrt_ab, x0, "sqrt_alphas_cumprod");
+  check_table(sqrt_1mab, x0, "sqrt_one_minus_alphas_cumprod");
+  TORCH_CHECK(sqrt_ab.size(0) == sqrt_1mab.size(0),
+              "sqrt_one_minus_alphas_cumprod: expected the length of sqrt_alphas_cumprod (", sqrt_ab.size(0),
+              "), got ", sqrt_1mab.size(0));
+}
+
+inline void check_ddpm_step_args(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
+                                 const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
+                                 const c10::optional<at::Tensor>& noise,
+                                 const c10::optional<at::Tensor>& predicted_variance, int64_t seed, int64_t offset,
+                                 int64_t noise_mode, int64_t prediction_type, int64_t variance_type) {
+  check_step_inputs(sample, model_output, t, prev_t, alphas_cumprod);
+  check_noise_mode(noise_mode);
+  check_prediction_type(prediction_type);
+  check_variance_type(variance_type);
+  if (noise_mode == kNoiseTensor) check_required_like(noise, sample, "noise", "sample", "when noise_mode is 1");
+  if (is_learned_variance(variance_type)) {
+    check_required_like(predicted_variance, sample, "predicted_variance", "sample",
+                        "for the learned variance types");
+  }
+  check_seed_offset(seed, offset);
+}
+
+// ddpm_step_randn: ddpm_step with torch's own normal_ noise (CPU only), fixed variance types.
+inline void check_ddpm_step_randn_args(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
+                                       const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
+                                       const c10::optional<at::Generator>& generator, int64_t prediction_type,
+                                       int64_t variance_type) {
+  check_batched(sample, "sample");
+  TORCH_CHECK(is_fixed_variance(variance_type), "variance_type: ddpm_step_randn takes the fixed variance types ",
+              kFixedSmall, ", ", kFixedSmallLog, " or ", kFixedLarge, ", got ", variance_type);
+  TORCH_CHECK(!generator.has_value() || !generator->defined() || generator->device().is_cpu(),
+              "generator: expected a CPU generator, got one on ", generator->device());
+  check_step_inputs(sample, model_output, t, prev_t, alphas_cumprod);
+  check_prediction_type(prediction_type);
+}
+
+inline void check_ddim_step_args(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
+                                 const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
+                                 double final_alpha_cumprod, const c10::optional<at::Tensor>& noise, int64_t seed,
+                                 int64_t offset, int64_t noise_mode, int64_t prediction_type, double eta) {
+  check_step_inputs(sample, model_output, t, prev_t, alphas_cumprod);
+  check_noise_mode(noise_mode);
+  check_prediction_type(prediction_type);
+  TORCH_CHECK(eta >= 0.0, "eta: expected a non-negative number, got ", eta);
+  TORCH_CHECK(final_alpha_cumprod > 0.0 && final_alpha_cumprod <= 1.0,
+              "final_alpha_cumprod: expected a value in (0, 1], got ", final_alpha_cumprod);
+  if (noise_mode == kNoiseTensor) check_required_like(noise, sample, "noise", "sample", "when noise_mode is 1");
+  check_seed_offset(seed, offset);
+}
+
+// CPU kernels, which read the timesteps on the host: sample b's t in [0, T) and prev_t < t (any negative
+// prev_t is the end of the chain, as diffusers reads it: DDIM's t = 0 steps to -20 with 50 of 1000 steps).
+inline void check_step_timestep_values(int64_t tb, int64_t pb, int64_t T, int64_t b) {
+  TORCH_CHECK(tb >= 0 && tb < T, "t: expected timesteps in [0, ", T, "), got ", tb, " at index ", b);
+  TORCH_CHECK(pb < tb, "prev_t: expected prev_t < t (", tb, "), got ", pb, " at index ", b);
+}
+
+// The noise ddim_step adds: none where eta == 0 (diffusers draws none), else noise_mode's.
+inline int64_t ddim_noise_mode(int64_t noise_mode, double eta) { return eta > 0.0 ? noise_mode : kNoNoise; }
+
+inline void check_dpmpp_step_args(const at::Tensor& sample, const at::Tensor& model_output,
+                                  const c10::optional<at::Tensor>& prev_x0, const at::Tensor& t,
+                                  const at::Tensor& prev_t, const c10::optional<at::Tensor>& last_t,
+                                  const at::Tensor& alphas_cumprod, int64_t prediction_type) {
+  check_batched(sample, "sample");
+  check_like(model_output, sample, "model_output", "sample");
+  if (prev_x0.has_value() && prev_x0->defined()) {
+    check_like(*prev_x0, sample, "prev_x0", "sample");
+    TORCH_CHECK(last_t.has_value() && last_t->defined(), "last_t: required when prev_x0 is given");
+    check_timesteps(*last_t, sample, "last_t");
+  }
+  check_timesteps(t, sample, "t");
+  check_timesteps(prev_t, sample, "prev_t");
+  check_table(alphas_cumprod, sample, "alphas_cumprod");
+  check_prediction_type(prediction_type);
+}
+
+// philox_normal_'s output.
+inline void check_philox_normal_args(const at::Tensor& out, int64_t seed, int64_t offset) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "out: expected a contiguous float32 tensor");
+  check_seed_offset(seed, offset);
+}
+
+// group_norm_silu / group_norm_silu_fwd: check_group_norm_args and eps.
+inline void check_group_norm_silu_fwd_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& shift, int64_t num_groups, double eps,
+                                           at::DeviceType device, bool allow_double) {
+  check_group_norm_args(x, weight, bias, shift, num_groups, device, allow_double);
+  TORCH_CHECK_VALUE(eps >= 0, "eps: expected a non-negative float, got ", eps);
+}
+
+// group_norm_silu_bwd: the forward's arguments, grad_y of x's shape, and the saved (N, G) statistics
+// mean and rstd in one floating dtype (float32 alone where !allow_double: the CUDA kernels read fp32).
+inline void check_group_norm_silu_bwd_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                           const std::optional<at::Tensor>& shift, const at::Tensor& mean,
+                                           const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias, int64_t num_groups,
+                                           at::DeviceType device, bool allow_double) {
+  check_group_norm_args(x, weight, bias, shift, num_groups, device, allow_double);
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "grad_y: expected shape ", x.sizes(), " (that of x), got ",
+              grad_y.sizes());
+  TORCH_CHECK(grad_y.device() == x.device(), "grad_y: expected device ", x.device(), ", got ", grad_y.device());
+  const int64_t N = x.size(0);
+  for (const auto* p : {&mean, &rstd}) {
+    const char* name = p == &mean ? "mean" : "rstd";
+    TORCH_CHECK(p->dim() == 2 && p->size(0) == N && p->size(1) == num_groups, name, ": expected shape (", N, ", ",
+                num_groups, "), got ", p->sizes());
+    TORCH_CHECK(p->device() == x.device(), name, ": expected device ", x.device(), ", got ", p->device());
+    TORCH_CHECK(at::isFloatingType(p->scalar_type()), name, ": expected a floating-point dtype, got ",
+                p->scalar_type());
+    TORCH_CHECK(allow_double || p->scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+                p->scalar_type());
+  }
+  TORCH_CHECK(rstd.scalar_type() == mean.scalar_type(), "rstd: expected the dtype of mean (", mean.scalar_type(),
+              "), got ", rstd.scalar_type());
+}
+
+// ---------------------------------------------------------------------------
+// The layout the elementwise ops (q_sample, ddpm_step, ddim_step, dpmpp_step) work in, on every device:
+// the operands as given when they share one batch-major dense layout (batch_major_dense), else
+// contiguous copies. Where row_major (in-kernel Philox noise, indexed by the row-major position, so the
+// numbers do not depend on the layout) the first operand must be contiguous to be used in place. The
+// outputs are allocated in the working layout and handed back in the first operand's memory format
+// (channels_last stays channels_last).
+// ---------------------------------------------------------------------------
+class StepLayout {
+ public:
+  StepLayout(std::initializer_list<at::Tensor> operands, bool row_major = false)
+      : ref_(*operands.begin()),
+        direct_(batch_major_dense(operands) && (!row_major || ref_.is_contiguous())),
+        first_(in(ref_)) {}
+
+  // x in the working layout (an undefined x stays undefined).
+  at::Tensor in(const at::Tensor& x) const { return (direct_ || !x.defined()) ? x : x.contiguous(); }
+  // The first operand in the working layout.
+  const at::Tensor& first() const { return first_; }
+  int64_t batch() const { return ref_.size(0); }
+  // Elements per sample (call only where has_elements()).
+  int64_t per_sample() const { return ref_.numel() / ref_.size(0); }
+  bool has_elements() const { return ref_.size(0) > 0 && ref_.numel() > 0; }
+
+  // Two outputs like the first operand; the second only where `second` (else an empty tensor).
+  std::tuple<at::Tensor, at::Tensor> outputs(bool second) const {
+    return {at::empty_like(first_), second ? at::empty_like(first_) : at::empty({0}, ref_.options())};
+  }
+  // The outputs in the first operand's memory format.
+  std::tuple<at::Tensor, at::Tensor> finish(at::Tensor a, at::Tensor b, bool second) const {
+    if (!direct_) {
+      const auto fmt = ref_.suggest_memory_format();
+      a = a.contiguous(fmt);
+      if (second) b = b.contiguous(fmt);
+    }
+    return {a, b};
+  }
+
+ private:
+  at::Tensor ref_;
+  bool direct_;
+  at::Tensor first_;
+};
+
+// The data pointer of an optional operand (undefined: null).
+template <typename T = void>
+inline T* data_or_null(const at::Tensor& x) {
+  if (!x.defined()) return nullptr;
+  if constexpr (std::is_void_v<T>) {
+    return x.data_ptr();
+  } else {
+    return x.data_ptr<T>();
+  }
 }
 
 }  // namespace fastddpm
