@@ -8,9 +8,10 @@ namespace fastddpm {
 namespace cuda {
 namespace {
 
+// The scalars of DdpmStepParams, passed by value (the tensors go as typed pointers).
 struct Args {
   int64_t T, n, M;
-  uint64_t seed, offset;
+  PhiloxStream philox;
   int64_t noise_mode, prediction_type, variance_type;
   float clip_range;
   bool diffusers_beta;
@@ -20,18 +21,16 @@ template <typename T>
 __global__ void ddpm_step_kernel(const T* __restrict__ x, const T* __restrict__ m, const T* __restrict__ z,
                                  const T* __restrict__ pv, T* __restrict__ out, T* __restrict__ pred,
                                  const int64_t* __restrict__ t, const int64_t* __restrict__ prev_t,
-                                 const float* __restrict__ ac, const int64_t* __restrict__ offset_ptr, Args a) {
+                                 const float* __restrict__ ac, Args a) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  // The counter offset read on the device (when given), so a CUDA graph replays the step with a new one.
-  const uint64_t offset = a.offset + (offset_ptr != nullptr ? static_cast<uint64_t>(__ldg(offset_ptr)) : 0u);
+  const uint64_t offset = philox_counter_offset(a.philox);
   int64_t cur_b = -1;
   StepCoeffs c{};
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.n; i += stride) {
     const int64_t b = i / a.M;
     if (b != cur_b) {
       int64_t tb = t[b], pb = prev_t[b];
-      tb = tb < 0 ? 0 : (tb >= a.T ? a.T - 1 : tb);
-      pb = pb >= tb ? tb - 1 : pb;
+      clamp_step_timesteps(tb, pb, a.T);
       const float ab_t = __ldg(ac + tb);
       const float ab_prev = pb >= 0 ? __ldg(ac + pb) : 1.0f;
       c = ddpm_step_coeffs(ab_t, ab_prev, a.variance_type, tb > 0, a.diffusers_beta);
@@ -42,7 +41,7 @@ __global__ void ddpm_step_kernel(const T* __restrict__ x, const T* __restrict__ 
     if (pred != nullptr) pred[i] = from_float<T>(x0);
     float zv = 0.0f, sigma = 0.0f;
     if (c.add_noise && a.noise_mode != kNoNoise) {
-      zv = a.noise_mode == kNoiseTensor ? to_float(z[i]) : philox_normal(a.seed, offset + static_cast<uint64_t>(i));
+      zv = a.noise_mode == kNoiseTensor ? to_float(z[i]) : philox_normal(a.philox.seed, offset + static_cast<uint64_t>(i));
       sigma = ddpm_sigma(c, a.variance_type, pv != nullptr ? to_float(pv[i]) : 0.0f);
     }
     StepCoeffs cc = c;
@@ -60,20 +59,20 @@ __global__ void philox_normal_kernel(float* __restrict__ out, int64_t n, uint64_
 
 }  // namespace
 
-int launch_ddpm_step(int dtype, const void* x, const void* m, const void* z, const void* pv, void* out,
-                     void* pred, const int64_t* t, const int64_t* prev_t, const float* alphas_cumprod,
-                     int64_t T, int64_t B, int64_t M, uint64_t seed, uint64_t offset, const int64_t* offset_ptr,
-                     int64_t noise_mode, int64_t prediction_type, int64_t variance_type, float clip_range,
-                     bool diffusers_beta, cudaStream_t stream) {
-  const int64_t n = B * M;
+int launch_ddpm_step(const DdpmStepParams& p, cudaStream_t stream) {
+  const int64_t n = p.B * p.M;
   if (n == 0) return 0;
-  const Args a{T, n, M, seed, offset, noise_mode, prediction_type, variance_type, clip_range, diffusers_beta};
+  // The offset tensor is read only for in-kernel noise.
+  const PhiloxStream philox{p.philox.seed, p.philox.offset,
+                            p.noise_mode == kNoisePhilox ? p.philox.offset_ptr : nullptr};
+  const Args a{p.T, n, p.M, philox, p.noise_mode, p.prediction_type, p.variance_type, p.clip_range,
+               p.diffusers_beta};
   constexpr int kThreads = 256;
   const int blocks = grid_for(n, kThreads);
-  FASTDDPM_CUDA_DISPATCH(static_cast<DType>(dtype), ddpm_step_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-      static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(m), static_cast<const scalar_t*>(z),
-      static_cast<const scalar_t*>(pv), static_cast<scalar_t*>(out), static_cast<scalar_t*>(pred), t, prev_t,
-      alphas_cumprod, noise_mode == kNoisePhilox ? offset_ptr : nullptr, a));
+  FASTDDPM_CUDA_DISPATCH(p.dtype, ddpm_step_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+      static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.m), static_cast<const scalar_t*>(p.z),
+      static_cast<const scalar_t*>(p.pv), static_cast<scalar_t*>(p.out), static_cast<scalar_t*>(p.pred), p.t,
+      p.prev_t, p.alphas_cumprod, a));
   return static_cast<int>(cudaGetLastError());
 }
 

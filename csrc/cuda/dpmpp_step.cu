@@ -1,6 +1,7 @@
 // dpmpp_step on CUDA: one pass; per-sample coefficients recomputed only when a thread's element crosses
 // into another sample. The per-element math is dpmpp_step_coeffs / dpmpp_x0 / dpmpp_update
 // (dpmpp_step.h), shared with the CPU kernel.
+#include "fastddpm/cuda_launch.h"
 #include "fastddpm/cuda_utils.cuh"
 #include "fastddpm/dpmpp_step.h"
 
@@ -20,8 +21,7 @@ __global__ void dpmpp_step_kernel(const T* __restrict__ x, const T* __restrict__
     if (b != cur_b) {
       // The host checked the timesteps; clamping keeps a bad index from reading out of bounds.
       int64_t tb = a.t[b], pb = a.prev_t[b];
-      tb = tb < 0 ? 0 : (tb >= a.T ? a.T - 1 : tb);
-      pb = pb >= tb ? tb - 1 : pb;
+      clamp_step_timesteps(tb, pb, a.T);
       int64_t lb = p != nullptr ? a.last_t[b] : tb;
       lb = lb <= tb ? tb : (lb >= a.T ? a.T - 1 : lb);
       const float* ac = a.alphas_cumprod;
@@ -43,7 +43,7 @@ int launch_dpmpp_step(const DpmppStepParams& a, cudaStream_t stream) {
   if (n == 0) return 0;
   constexpr int kThreads = 256;
   const int blocks = grid_for(n, kThreads);
-  FASTDDPM_CUDA_DISPATCH(static_cast<DType>(a.dtype), dpmpp_step_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+  FASTDDPM_CUDA_DISPATCH(a.dtype, dpmpp_step_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
       static_cast<const scalar_t*>(a.x), static_cast<const scalar_t*>(a.m), static_cast<const scalar_t*>(a.p),
       static_cast<scalar_t*>(a.out), static_cast<scalar_t*>(a.pred), a));
   return static_cast<int>(cudaGetLastError());

@@ -12,6 +12,7 @@
 // x is NCHW-contiguous (CL = false) or channels_last, i.e. (N, HW, C) dense (CL = true).
 #include <atomic>
 
+#include "fastddpm/cuda_launch.h"
 #include "fastddpm/cuda_utils.cuh"
 #include "fastddpm/elementwise.h"
 #include "fastddpm/group_norm_split.h"
@@ -258,16 +259,16 @@ __global__ void bwd_apply_kernel(const T* __restrict__ x, const T* __restrict__ 
   }
 }
 
-Geo make_geo(int64_t N, int64_t C, int64_t G, int64_t HW, bool cl, int64_t split, int64_t s_per) {
+Geo make_geo(const GroupNormSiluShape& s) {
   Geo g;
-  g.N = N;
-  g.C = C;
-  g.G = G;
-  g.D = C / G;
-  g.HW = HW;
-  g.cl = cl;
-  g.split = split;
-  g.s_per = s_per;
+  g.N = s.N;
+  g.C = s.C;
+  g.G = s.G;
+  g.D = s.C / s.G;
+  g.HW = s.HW;
+  g.cl = s.cl;
+  g.split = s.split;
+  g.s_per = s.s_per;
   return g;
 }
 
@@ -278,8 +279,7 @@ bool aligned16(const void* p, int64_t total) {
 
 }  // namespace
 
-// The spatial slices per (n, g) (forward, per_row = D) or (n, c) (backward, per_row = 1) for the
-// current device: at least four blocks per SM in all (group_norm_split.h).
+// Caches each device's SM count (cudaDeviceGetAttribute is a per-call cost).
 void group_norm_silu_split(int64_t HW, int64_t per_row, int64_t rows, int64_t* split, int64_t* s_per) {
   static std::atomic<int> cached[64];  // SMs per device (zero-initialised: static storage)
   int dev = 0, sms = 0;
@@ -296,62 +296,63 @@ void group_norm_silu_split(int64_t HW, int64_t per_row, int64_t rows, int64_t* s
   group_norm_split(HW, per_row, rows, 4 * static_cast<int64_t>(sms), split, s_per);
 }
 
-int launch_group_norm_silu_fwd(int dtype, const void* x, void* y, float* mean, float* rstd, const float* w,
-                               const float* b, float* p1, float* p2, int64_t N, int64_t C, int64_t G,
-                               int64_t HW, bool cl, bool silu, float eps, int64_t split, int64_t s_per,
-                               cudaStream_t stream) {
-  const Geo g = make_geo(N, C, G, HW, cl, split, s_per);
-  const int64_t total = N * C * HW;
+int launch_group_norm_silu_fwd(const GroupNormSiluFwdParams& p, cudaStream_t stream) {
+  const Geo g = make_geo(p.shape);
+  const int64_t N = g.N, C = g.C, G = g.G, split = g.split;
+  const int64_t total = N * C * g.HW;
   if (N * G == 0 || total == 0) return 0;
-  FASTDDPM_CUDA_DISPATCH(static_cast<DType>(dtype), {
-    const scalar_t* xp = static_cast<const scalar_t*>(x);
-    scalar_t* yp = static_cast<scalar_t*>(y);
-    stats_partial_kernel<scalar_t><<<static_cast<unsigned>(N * G * split), kThreads, 0, stream>>>(xp, p1, p2, g);
+  FASTDDPM_CUDA_DISPATCH(p.dtype, {
+    const scalar_t* xp = static_cast<const scalar_t*>(p.x);
+    scalar_t* yp = static_cast<scalar_t*>(p.y);
+    stats_partial_kernel<scalar_t><<<static_cast<unsigned>(N * G * split), kThreads, 0, stream>>>(xp, p.p1, p.p2,
+                                                                                                  g);
     FASTDDPM_RETURN_IF_LAUNCH_FAILED();
     stats_final_kernel<scalar_t><<<static_cast<unsigned>((N * G + 127) / 128), 128, 0, stream>>>(
-        xp, p1, p2, mean, rstd, g, eps);
+        xp, p.p1, p.p2, p.mean, p.rstd, g, p.eps);
     FASTDDPM_RETURN_IF_LAUNCH_FAILED();
-    const bool vec = aligned16<scalar_t>(x, total) && aligned16<scalar_t>(y, total);
+    const bool vec = aligned16<scalar_t>(p.x, total) && aligned16<scalar_t>(p.y, total);
     const int blocks = grid_for(vec ? total / Pack<scalar_t>::kN : total, kThreads, 1);
-    if (silu)
-      fwd_apply_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, mean, rstd, w, b, g, total, vec);
+    if (p.shape.silu)
+      fwd_apply_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xp, yp, p.mean, p.rstd, p.w, p.b, g, total,
+                                                                        vec);
     else
-      fwd_apply_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, mean, rstd, w, b, g, total, vec);
+      fwd_apply_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(xp, yp, p.mean, p.rstd, p.w, p.b, g, total,
+                                                                         vec);
   });
   return static_cast<int>(cudaGetLastError());
 }
 
-int launch_group_norm_silu_bwd(int dtype, const void* dy, const void* x, void* dx, const float* mean,
-                               const float* rstd, const float* w, const float* b, float* pa, float* pb,
-                               float* c1, float* c2, float* dw, float* db, int64_t N, int64_t C, int64_t G,
-                               int64_t HW, bool cl, bool silu, int64_t split, int64_t s_per,
-                               cudaStream_t stream) {
-  const Geo g = make_geo(N, C, G, HW, cl, split, s_per);
-  const int64_t total = N * C * HW;
+int launch_group_norm_silu_bwd(const GroupNormSiluBwdParams& p, cudaStream_t stream) {
+  const Geo g = make_geo(p.shape);
+  const int64_t N = g.N, C = g.C, G = g.G, split = g.split;
+  const int64_t total = N * C * g.HW;
   if (N * C == 0) return 0;
-  FASTDDPM_CUDA_DISPATCH(static_cast<DType>(dtype), {
-    const scalar_t* xp = static_cast<const scalar_t*>(x);
-    const scalar_t* dyp = static_cast<const scalar_t*>(dy);
-    scalar_t* dxp = static_cast<scalar_t*>(dx);
+  FASTDDPM_CUDA_DISPATCH(p.dtype, {
+    const scalar_t* xp = static_cast<const scalar_t*>(p.x);
+    const scalar_t* dyp = static_cast<const scalar_t*>(p.dy);
+    scalar_t* dxp = static_cast<scalar_t*>(p.dx);
     const unsigned pblocks = static_cast<unsigned>(N * C * split);
-    if (silu)
-      bwd_partial_kernel<scalar_t, true><<<pblocks, kThreads, 0, stream>>>(xp, dyp, mean, rstd, w, b, pa, pb, g);
+    if (p.shape.silu)
+      bwd_partial_kernel<scalar_t, true><<<pblocks, kThreads, 0, stream>>>(xp, dyp, p.mean, p.rstd, p.w, p.b, p.pa,
+                                                                            p.pb, g);
     else
-      bwd_partial_kernel<scalar_t, false><<<pblocks, kThreads, 0, stream>>>(xp, dyp, mean, rstd, w, b, pa, pb, g);
+      bwd_partial_kernel<scalar_t, false><<<pblocks, kThreads, 0, stream>>>(xp, dyp, p.mean, p.rstd, p.w, p.b, p.pa,
+                                                                             p.pb, g);
     FASTDDPM_RETURN_IF_LAUNCH_FAILED();
     const int64_t ct = N * G + C;
-    bwd_coef_kernel<<<static_cast<unsigned>((ct + 127) / 128), 128, 0, stream>>>(pa, pb, rstd, w, c1, c2, dw, db, g);
+    bwd_coef_kernel<<<static_cast<unsigned>((ct + 127) / 128), 128, 0, stream>>>(p.pa, p.pb, p.rstd, p.w, p.c1, p.c2,
+                                                                                  p.dw, p.db, g);
     FASTDDPM_RETURN_IF_LAUNCH_FAILED();
     if (total > 0) {
-      const bool vec = aligned16<scalar_t>(x, total) && aligned16<scalar_t>(dy, total) &&
-                       aligned16<scalar_t>(dx, total);
+      const bool vec = aligned16<scalar_t>(p.x, total) && aligned16<scalar_t>(p.dy, total) &&
+                       aligned16<scalar_t>(p.dx, total);
       const int blocks = grid_for(vec ? total / Pack<scalar_t>::kN : total, kThreads, 1);
-      if (silu)
-        bwd_apply_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xp, dyp, dxp, mean, rstd, w, b, c1, c2,
-                                                                          g, total, vec);
+      if (p.shape.silu)
+        bwd_apply_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xp, dyp, dxp, p.mean, p.rstd, p.w, p.b,
+                                                                          p.c1, p.c2, g, total, vec);
       else
-        bwd_apply_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(xp, dyp, dxp, mean, rstd, w, b, c1,
-                                                                           c2, g, total, vec);
+        bwd_apply_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(xp, dyp, dxp, p.mean, p.rstd, p.w, p.b,
+                                                                           p.c1, p.c2, g, total, vec);
     }
   });
   return static_cast<int>(cudaGetLastError());

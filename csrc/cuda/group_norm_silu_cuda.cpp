@@ -7,22 +7,9 @@
 
 #include "fastddpm/checks.h"
 #include "fastddpm/cuda_host.h"
+#include "fastddpm/cuda_launch.h"
 
 namespace fastddpm {
-namespace cuda {
-// Defined in group_norm_silu.cu.
-void group_norm_silu_split(int64_t HW, int64_t per_row, int64_t rows, int64_t* split, int64_t* s_per);
-int launch_group_norm_silu_fwd(int dtype, const void* x, void* y, float* mean, float* rstd, const float* w,
-                               const float* b, float* p1, float* p2, int64_t N, int64_t C, int64_t G,
-                               int64_t HW, bool cl, bool silu, float eps, int64_t split, int64_t s_per,
-                               cudaStream_t stream);
-int launch_group_norm_silu_bwd(int dtype, const void* dy, const void* x, void* dx, const float* mean,
-                               const float* rstd, const float* w, const float* b, float* pa, float* pb,
-                               float* c1, float* c2, float* dw, float* db, int64_t N, int64_t C, int64_t G,
-                               int64_t HW, bool cl, bool silu, int64_t split, int64_t s_per,
-                               cudaStream_t stream);
-}  // namespace cuda
-
 namespace {
 
 at::Tensor dense(const at::Tensor& x, bool& cl) {
@@ -35,8 +22,6 @@ at::Tensor param_f32(const c10::optional<at::Tensor>& p) {
   if (!p.has_value() || !p->defined()) return at::Tensor();
   return p->to(at::kFloat).contiguous();
 }
-
-const float* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 // x + shift[:, :, None, ...] in x's dtype and layout, or x itself.
 at::Tensor shifted(const at::Tensor& x, const c10::optional<at::Tensor>& shift) {
@@ -57,7 +42,7 @@ int64_t spatial(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
     const at::Tensor& x_arg, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu) {
-  check_group_norm_args(x_arg, weight, bias, shift, num_groups, at::kCUDA, /*allow_double=*/false);
+  check_group_norm_silu_fwd_args(x_arg, weight, bias, shift, num_groups, eps, at::kCUDA, /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard0(x_arg.device());
   const at::Tensor x_in = shifted(x_arg, shift);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -76,12 +61,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
   }
   at::Tensor p1 = at::empty({N * G * split}, f32), p2 = at::empty({N * G * split}, f32);
   const at::Tensor w = param_f32(weight), b = param_f32(bias);
-  launch_checked("group_norm_silu_fwd", [&] {
-    return cuda::launch_group_norm_silu_fwd(cuda_dtype_code(x), x.data_ptr(), y.data_ptr(), mean.data_ptr<float>(),
-                                            rstd.data_ptr<float>(), ptr(w), ptr(b), p1.data_ptr<float>(),
-                                            p2.data_ptr<float>(), N, C, G, HW, cl, silu, static_cast<float>(eps),
-                                            split, s_per, c10::cuda::getCurrentCUDAStream());
-  });
+  const cuda::GroupNormSiluFwdParams p{.dtype = cuda_dtype(x),
+                                       .x = x.data_ptr(),
+                                       .y = y.data_ptr(),
+                                       .mean = mean.data_ptr<float>(),
+                                       .rstd = rstd.data_ptr<float>(),
+                                       .w = data_or_null<float>(w),
+                                       .b = data_or_null<float>(b),
+                                       .p1 = p1.data_ptr<float>(),
+                                       .p2 = p2.data_ptr<float>(),
+                                       .shape = {N, C, G, HW, cl, silu, split, s_per},
+                                       .eps = static_cast<float>(eps)};
+  launch_checked("group_norm_silu_fwd", [&] { return cuda::launch_group_norm_silu_fwd(p, current_stream()); });
   return {y, mean, rstd};
 }
 
@@ -89,19 +80,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_c
     const at::Tensor& grad_y, const at::Tensor& x_arg, const c10::optional<at::Tensor>& shift,
     const at::Tensor& mean, const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, int64_t num_groups, bool silu) {
-  check_group_norm_args(x_arg, weight, bias, shift, num_groups, at::kCUDA, /*allow_double=*/false);
+  check_group_norm_silu_bwd_args(grad_y, x_arg, shift, mean, rstd, weight, bias, num_groups, at::kCUDA,
+                                 /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard0(x_arg.device());
   const at::Tensor x_in = shifted(x_arg, shift);
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y: expected shape ", x_in.sizes(), " (that of x), got ",
-              grad_y.sizes());
-  TORCH_CHECK(grad_y.device() == x_in.device(), "grad_y: expected device ", x_in.device(), ", got ",
-              grad_y.device());
   const int64_t N = x_in.size(0);
-  TORCH_CHECK(mean.dim() == 2 && mean.size(0) == N && mean.size(1) == num_groups &&
-                  mean.scalar_type() == at::kFloat,
-              "mean: expected a float32 tensor of shape (", N, ", ", num_groups, "), got ", mean.sizes());
-  TORCH_CHECK(rstd.sizes() == mean.sizes() && rstd.scalar_type() == at::kFloat,
-              "rstd: expected a float32 tensor of shape (", N, ", ", num_groups, "), got ", rstd.sizes());
   const c10::cuda::CUDAGuard guard(x_in.device());
   bool cl = false;
   const at::Tensor x = dense(x_in, cl);
@@ -121,13 +104,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_c
     dw.zero_();
     db.zero_();
   } else {
-    launch_checked("group_norm_silu_bwd", [&] {
-      return cuda::launch_group_norm_silu_bwd(cuda_dtype_code(x), dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
-                                              mc.data_ptr<float>(), rc.data_ptr<float>(), ptr(w), ptr(b),
-                                              pa.data_ptr<float>(), pb.data_ptr<float>(), c1.data_ptr<float>(),
-                                              c2.data_ptr<float>(), dw.data_ptr<float>(), db.data_ptr<float>(), N,
-                                              C, G, HW, cl, silu, split, s_per, c10::cuda::getCurrentCUDAStream());
-    });
+    const cuda::GroupNormSiluBwdParams p{.dtype = cuda_dtype(x),
+                                         .dy = dy.data_ptr(),
+                                         .x = x.data_ptr(),
+                                         .dx = dx.data_ptr(),
+                                         .mean = mc.data_ptr<float>(),
+                                         .rstd = rc.data_ptr<float>(),
+                                         .w = data_or_null<float>(w),
+                                         .b = data_or_null<float>(b),
+                                         .pa = pa.data_ptr<float>(),
+                                         .pb = pb.data_ptr<float>(),
+                                         .c1 = c1.data_ptr<float>(),
+                                         .c2 = c2.data_ptr<float>(),
+                                         .dw = dw.data_ptr<float>(),
+                                         .db = db.data_ptr<float>(),
+                                         .shape = {N, C, G, HW, cl, silu, split, s_per}};
+    launch_checked("group_norm_silu_bwd", [&] { return cuda::launch_group_norm_silu_bwd(p, current_stream()); });
   }
   const bool hw = weight.has_value() && weight->defined(), hb = bias.has_value() && bias->defined();
   at::Tensor dshift = at::empty({0}, x.options());

@@ -8,17 +8,22 @@
 #include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "fastddpm/cuda_launch.h"
+
 namespace fastddpm {
 
-inline int cuda_dtype_code(const at::Tensor& x) {
+// The element type of a launch's tensors (checked by the op's check_*_args before).
+inline cuda::DType cuda_dtype(const at::Tensor& x) {
   switch (x.scalar_type()) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kHalf: return cuda::DType::kHalf;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
     default: TORCH_CHECK(false, "expected float32, float16 or bfloat16, got ", x.scalar_type());
   }
-  return -1;
+  return cuda::DType::kFloat;
 }
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 // A CUDA error pending before an op launches belongs to an earlier operation (the runtime keeps the last
 // error of any call until someone reads it): raise it as such, consuming it, so that the op's own check

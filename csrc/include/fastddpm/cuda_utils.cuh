@@ -7,11 +7,10 @@
 
 #include <cstdint>
 
+#include "fastddpm/cuda_launch.h"
+
 namespace fastddpm {
 namespace cuda {
-
-// Element types, as the host side passes them.
-enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -25,6 +24,20 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Sample b's timesteps clamped into a table of T values, t into [0, T) and prev_t below t (any
+// negative prev_t is the end of the chain): the host checks the values only where they live on it
+// (reading a GPU tensor's would cost a sync), so a bad index here never reads outside the table.
+__device__ __forceinline__ void clamp_step_timesteps(int64_t& tb, int64_t& pb, int64_t T) {
+  tb = tb < 0 ? 0 : (tb >= T ? T - 1 : tb);
+  pb = pb >= tb ? tb - 1 : pb;
+}
+
+// The Philox counter offset of a launch: the stream's offset plus, where given, the device int64 it
+// points to (read on the device, so a CUDA graph replays the step with a new offset).
+__device__ __forceinline__ uint64_t philox_counter_offset(const PhiloxStream& s) {
+  return s.offset + (s.offset_ptr != nullptr ? static_cast<uint64_t>(__ldg(s.offset_ptr)) : 0u);
+}
 
 // Blocks for a grid-stride loop over n elements: enough to fill any current GPU,
 // bounded so the grid stays legal.

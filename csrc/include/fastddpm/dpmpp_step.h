@@ -87,29 +87,4 @@ FASTDDPM_HD float dpmpp_update(float x, float x0, float prev_x0, const DpmppCoef
   return c.c_x * x + c.c_x0 * x0 + c.c_prev * prev_x0;
 }
 
-// The CUDA launch (csrc/cuda/dpmpp_step.cu) with its arguments in one struct; tensors batch-major dense,
-// sample b the run [b*M, (b+1)*M); p (prev_x0) and last_t null for the first-order update.
-struct DpmppStepParams {
-  int dtype;  // 0 float, 1 half, 2 bfloat16
-  const void* x;
-  const void* m;
-  const void* p;
-  void* out;
-  void* pred;  // null: x0 not written
-  const int64_t* t;
-  const int64_t* prev_t;
-  const int64_t* last_t;
-  const float* alphas_cumprod;
-  int64_t T, B, M, prediction_type;
-  float clip_range;
-};
-
-}  // namespace fastddpm
-
-typedef struct CUstream_st* cudaStream_t;
-
-namespace fastddpm {
-namespace cuda {
-int launch_dpmpp_step(const DpmppStepParams& a, cudaStream_t stream);
-}  // namespace cuda
 }  // namespace fastddpm
