@@ -23,109 +23,81 @@ struct StepArgs {
   uint64_t seed, offset;
 };
 
+// Which noise term a block adds: none (t = 0 or no noise), sigma_t of a fixed variance type, or the
+// learned sigma of the predicted-variance channel.
+enum class NoiseTerm { kNone, kFixed, kLearned };
+
+// One block of n elements of one sample: elementwise.h's ddpm_pred_x0 (diffusers' steps 2-3), posterior
+// mean and noise (4-6) on vectors, the functions the CUDA kernel runs per element. c.add_noise is set as
+// the term says.
+template <NoiseTerm N>
+inline void ddpm_block(const float* px, const float* pm, const float* pz, const float* pp, float* po, float* px0,
+                       const StepCoeffs& c, const StepArgs& a, int64_t n) {
+  for_each_vec(n, [&](int64_t j, int64_t r) {
+    const Vec xv = Vec::loadu(px + j, r);
+    const Vec x0 = ddpm_pred_x0(xv, Vec::loadu(pm + j, r), c, a.prediction_type, a.clip_range);
+    x0.store(px0 + j, r);
+    Vec sigma(0.0f), z(0.0f);
+    if constexpr (N != NoiseTerm::kNone) {
+      z = Vec::loadu(pz + j, r);
+      sigma = ddpm_sigma(c, a.variance_type, N == NoiseTerm::kLearned ? Vec::loadu(pp + j, r) : Vec(0.0f));
+    }
+    ddpm_prev_sample(xv, x0, sigma, z, c).store(po + j, r);
+  });
+}
+
 template <typename scalar_t>
 void ddpm_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* z, const scalar_t* pv,
                     scalar_t* out, scalar_t* pred, const std::vector<StepCoeffs>& coeffs,
                     const StepArgs& a, int64_t B, int64_t M) {
   using Block = FloatBlock<scalar_t>;
-  at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
+  const bool learned = a.variance_type == kLearned || a.variance_type == kLearnedRange;
+  for_each_sample_block(B, M, kGrain, [&](int64_t b, int64_t i, int64_t n) {
     alignas(64) float bx[kBlock], bm[kBlock], bz[kBlock], bp[kBlock], bo[kBlock], b0[kBlock];
-    int64_t i = begin;
-    while (i < end) {
-      const int64_t b = i / M;
-      const int64_t seg_end = std::min(end, (b + 1) * M);
-      const StepCoeffs c = coeffs[b];
-      while (i < seg_end) {
-        const int64_t n = std::min(kBlock, seg_end - i);
-        const float* px = Block::load(x + i, bx, n);
-        const float* pm = Block::load(m + i, bm, n);
-        float* px0 = pred != nullptr ? Block::out(pred + i, b0) : b0;
-        float* po = Block::out(out + i, bo);
-        const bool noisy = c.add_noise && a.noise_mode != kNoNoise;
-        const float* pz = nullptr;
-        if (noisy) {
-          if (a.noise_mode == kNoiseTensor) {
-            pz = Block::load(z + i, bz, n);
-          } else {
-            philox_normal_block(a.seed, a.offset + static_cast<uint64_t>(i), n, bz);
-            pz = bz;
-          }
-        }
-        const bool learned = a.variance_type == kLearned || a.variance_type == kLearnedRange;
-        // One pass: predicted x0 (diffusers step 2), clip (3), posterior mean (4-5) and,
-        // for the fixed variance types, + sigma_t z (6). Learned sigma is added below.
-        const bool add_fixed = noisy && !learned;
-        const Vec sab(c.sqrt_ab), s1m(c.sqrt_1mab), isab(c.inv_sqrt_ab), cx0(c.c_x0), cxt(c.c_xt), sd(c.std);
-        const bool clip = a.clip_range > 0.0f;
-        const Vec lo(-a.clip_range), hi(a.clip_range);
-        const int64_t pt = a.prediction_type;
-        auto x0_of = [&](Vec xv, Vec mv) {
-          Vec x0 = pt == kEpsilon ? (xv - s1m * mv) * isab : (pt == kSample ? mv : sab * xv - s1m * mv);
-          return clip ? at::vec::clamp(x0, lo, hi) : x0;
-        };
-        int64_t j = 0;
-        constexpr int64_t W = Vec::size();
-        if (add_fixed) {
-          for (; j + W <= n; j += W) {
-            const Vec xv = Vec::loadu(px + j), x0 = x0_of(xv, Vec::loadu(pm + j));
-            x0.store(px0 + j);
-            at::vec::fmadd(sd, Vec::loadu(pz + j), at::vec::fmadd(cx0, x0, cxt * xv)).store(po + j);
-          }
-        } else {
-          for (; j + W <= n; j += W) {
-            const Vec xv = Vec::loadu(px + j), x0 = x0_of(xv, Vec::loadu(pm + j));
-            x0.store(px0 + j);
-            at::vec::fmadd(cx0, x0, cxt * xv).store(po + j);
-          }
-        }
-        if (j < n) {  // the tail, through the same vector code on a partial load
-          const int64_t r = n - j;
-          const Vec xv = Vec::loadu(px + j, r), x0 = x0_of(xv, Vec::loadu(pm + j, r));
-          x0.store(px0 + j, r);
-          Vec o = at::vec::fmadd(cx0, x0, cxt * xv);
-          if (add_fixed) o = at::vec::fmadd(sd, Vec::loadu(pz + j, r), o);
-          o.store(po + j, r);
-        }
-        if (noisy && learned) {
-          const float* pp = Block::load(pv + i, bp, n);
-          for (int64_t k = 0; k < n; ++k) po[k] += ddpm_sigma(c, a.variance_type, pp[k]) * pz[k];
-        }
-        if (pred != nullptr) Block::store(pred + i, px0, n);
-        Block::store(out + i, po, n);
-        i += n;
+    StepCoeffs c = coeffs[b];
+    c.add_noise = c.add_noise && a.noise_mode != kNoNoise;  // as the CUDA kernel
+    const float* px = Block::load(x + i, bx, n);
+    const float* pm = Block::load(m + i, bm, n);
+    float* px0 = pred != nullptr ? Block::out(pred + i, b0) : b0;
+    float* po = Block::out(out + i, bo);
+    if (!c.add_noise) {
+      ddpm_block<NoiseTerm::kNone>(px, pm, nullptr, nullptr, po, px0, c, a, n);
+    } else {
+      const float* pz;
+      if (a.noise_mode == kNoiseTensor) {
+        pz = Block::load(z + i, bz, n);
+      } else {
+        philox_normal_block(a.seed, a.offset + static_cast<uint64_t>(i), n, bz);
+        pz = bz;
+      }
+      if (learned) {
+        ddpm_block<NoiseTerm::kLearned>(px, pm, pz, Block::load(pv + i, bp, n), po, px0, c, a, n);
+      } else {
+        ddpm_block<NoiseTerm::kFixed>(px, pm, pz, nullptr, po, px0, c, a, n);
       }
     }
+    if (pred != nullptr) Block::store(pred + i, px0, n);
+    Block::store(out + i, po, n);
   });
 }
 
 // The per-sample coefficients, with t and prev_t range-checked.
 std::vector<StepCoeffs> step_coeffs(const at::Tensor& t, const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
-                                    int64_t variance_type, int64_t B, bool diffusers_beta) {
-  const int64_t T = alphas_cumprod.size(0);
-  const auto tc = t.contiguous(), pc = prev_t.contiguous(), ac = alphas_cumprod.contiguous();
-  const float* abar = ac.data_ptr<float>();
-  std::vector<StepCoeffs> coeffs(B);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t tb = tc.data_ptr<int64_t>()[b], pb = pc.data_ptr<int64_t>()[b];
-    check_step_timestep_values(tb, pb, T, b);  // any prev_t < 0: abar_prev = 1
-    coeffs[b] = ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0, diffusers_beta);
-  }
-  return coeffs;
+                                    int64_t variance_type, bool diffusers_beta) {
+  return host_step_coeffs(t, prev_t, alphas_cumprod, [&](int64_t, int64_t tb, int64_t pb, const float* abar) {
+    // any prev_t < 0: abar_prev = 1
+    return ddpm_step_coeffs(abar[tb], pb >= 0 ? abar[pb] : 1.0f, variance_type, tb > 0, diffusers_beta);
+  });
 }
 
-std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
-    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
-    const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
-    const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& predicted_variance,
-    int64_t seed, int64_t offset, int64_t noise_mode, int64_t prediction_type,
-    int64_t variance_type, double clip_range, bool return_pred, const c10::optional<at::Tensor>& offset_tensor,
-    bool diffusers_beta) {
-  check_ddpm_step_args(sample, model_output, t, prev_t, alphas_cumprod, noise, predicted_variance, seed, offset,
-                       noise_mode, prediction_type, variance_type);
+// The arguments are checked by ddpm_step_op (checks.h).
+TensorPair ddpm_step_cpu(DdpmStepArgs a) {
+  auto& [sample, model_output, t, prev_t, alphas_cumprod, noise, predicted_variance, seed, offset, noise_mode,
+         prediction_type, variance_type, clip_range, return_pred, offset_tensor, diffusers_beta] = a;
   if (noise_mode == kNoisePhilox) offset = philox_offset(offset, offset_tensor, sample);
 
   const int64_t B = sample.size(0);
-  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B, diffusers_beta);
+  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, diffusers_beta);
 
   // Philox noise is indexed by the row-major (NCHW) position, so layouts other
   // than contiguous go through a contiguous copy to keep the numbers layout-free.
@@ -165,11 +137,12 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
                        at::get_num_threads() > 1 && !at::in_parallel_region();
   if (!overlap) {
     z.normal_(0.0, 1.0, generator);
-    return ddpm_step_cpu(sample, model_output, t, prev_t, alphas_cumprod, z, c10::nullopt, 0, 0, kNoiseTensor,
-                         prediction_type, variance_type, clip_range, return_pred, c10::nullopt, diffusers_beta);
+    const OptTensor noise(z), none;
+    return ddpm_step_cpu({sample, model_output, t, prev_t, alphas_cumprod, noise, none, 0, 0, kNoiseTensor,
+                          prediction_type, variance_type, clip_range, return_pred, none, diffusers_beta});
   }
   const int64_t B = sample.size(0), M = sample.numel() / B;
-  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, B, diffusers_beta);
+  const std::vector<StepCoeffs> coeffs = step_coeffs(t, prev_t, alphas_cumprod, variance_type, diffusers_beta);
   at::Tensor out = at::empty_like(sample);
   at::Tensor pred = return_pred ? at::empty_like(sample) : at::empty({0}, sample.options());
   const float* x = sample.data_ptr<float>();
@@ -189,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
       }
     }
   });
-  // + sigma_t z where t > 0: the same fmadd on the same mean as ddpm_step's one pass, so
+  // + sigma_t z where t > 0: ddpm_add_noise on the same mean as ddpm_step's one pass, so
   // the result is bit for bit that of ddpm_step with this z as the noise tensor.
   const float* pz = z.data_ptr<float>();
   at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
@@ -197,16 +170,14 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_randn_cpu(
     while (i < end) {
       const int64_t b = i / M;
       const int64_t seg_end = std::min(end, (b + 1) * M);
-      if (coeffs[b].add_noise) {
-        const Vec sd(coeffs[b].std);
-        int64_t j = i;
-        for (; j + Vec::size() <= seg_end; j += Vec::size()) {
-          at::vec::fmadd(sd, Vec::loadu(pz + j), Vec::loadu(po + j)).store(po + j);
-        }
-        if (j < seg_end) {
-          const int64_t r = seg_end - j;
-          at::vec::fmadd(sd, Vec::loadu(pz + j, r), Vec::loadu(po + j, r)).store(po + j, r);
-        }
+      const StepCoeffs& c = coeffs[b];
+      if (c.add_noise) {
+        const Vec sd = ddpm_sigma(c, variance_type, Vec(0.0f));  // a fixed variance type: sigma_t
+        float* o = po + i;
+        const float* zi = pz + i;
+        for_each_vec(seg_end - i, [&](int64_t j, int64_t r) {
+          ddpm_add_noise(Vec::loadu(o + j, r), sd, Vec::loadu(zi + j, r), c).store(o + j, r);
+        });
       }
       i = seg_end;
     }
@@ -245,7 +216,7 @@ void philox_bits_cpu(const at::Tensor& out, int64_t seed, int64_t offset) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
-  m.impl("ddpm_step", &ddpm_step_cpu);
+  m.impl("ddpm_step", &ddpm_step_op<ddpm_step_cpu>);
   m.impl("ddpm_step_randn", &ddpm_step_randn_cpu);
   m.impl("philox_normal_", &philox_normal_cpu);
   m.impl("philox_bits_", &philox_bits_cpu);

@@ -1,5 +1,6 @@
 // q_sample on the CPU: one pass, vectorised with at::vec, parallel over the
-// flattened batch so a batch of one still uses every core.
+// flattened batch. The per-element math is
+// elementwise.h's q_sample_xt / q_sample_v on vectors, the functions the CUDA kernel runs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,35 +21,25 @@ void q_sample_loop(const scalar_t* x0, const scalar_t* eps, scalar_t* xt, scalar
                    const std::vector<float>& sab, const std::vector<float>& s1mab, int64_t B,
                    int64_t M) {
   using Block = FloatBlock<scalar_t>;
-  at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
+  for_each_sample_block(B, M, kGrain, [&](int64_t b, int64_t i, int64_t n) {
     alignas(64) float bx[kBlock], be[kBlock], bo[kBlock], bv[kBlock];
-    int64_t i = begin;
-    while (i < end) {
-      const int64_t b = i / M;
-      const int64_t seg_end = std::min(end, (b + 1) * M);
-      const Vec va(sab[b]), vs(s1mab[b]);
-      while (i < seg_end) {
-        const int64_t n = std::min(kBlock, seg_end - i);
-        const float* px = Block::load(x0 + i, bx, n);
-        const float* pe = Block::load(eps + i, be, n);
-        float* po = Block::out(xt + i, bo);
-        at::vec::map2([=](Vec x, Vec e) { return va * x + vs * e; }, po, px, pe, n);
-        Block::store(xt + i, po, n);
-        if (v != nullptr) {
-          float* pv = Block::out(v + i, bv);
-          at::vec::map2([=](Vec x, Vec e) { return va * e - vs * x; }, pv, px, pe, n);
-          Block::store(v + i, pv, n);
-        }
-        i += n;
-      }
+    const Vec va(sab[b]), vs(s1mab[b]);
+    const float* px = Block::load(x0 + i, bx, n);
+    const float* pe = Block::load(eps + i, be, n);
+    float* po = Block::out(xt + i, bo);
+    at::vec::map2([=](Vec x, Vec e) { return q_sample_xt(x, e, va, vs); }, po, px, pe, n);
+    Block::store(xt + i, po, n);
+    if (v != nullptr) {
+      float* pv = Block::out(v + i, bv);
+      at::vec::map2([=](Vec x, Vec e) { return q_sample_v(x, e, va, vs); }, pv, px, pe, n);
+      Block::store(v + i, pv, n);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::Tensor& noise,
-                                                const at::Tensor& t, const at::Tensor& sqrt_ab,
-                                                const at::Tensor& sqrt_1mab, bool with_v) {
-  check_q_sample_args(x0, noise, t, sqrt_ab, sqrt_1mab);
+// The arguments are checked by q_sample_op (checks.h).
+TensorPair q_sample_cpu(QSampleArgs a) {
+  const auto& [x0, noise, t, sqrt_ab, sqrt_1mab, with_v] = a;
 
   const int64_t B = x0.size(0);
   const int64_t T = sqrt_ab.size(0);
@@ -78,6 +69,6 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastddpm, CPU, m) { m.impl("q_sample", &q_sample_cpu); }
+TORCH_LIBRARY_IMPL(fastddpm, CPU, m) { m.impl("q_sample", &q_sample_op<q_sample_cpu>); }
 
 }  // namespace fastddpm

@@ -181,28 +181,214 @@ static void test_philox_cpu_accuracy() {
 
 static double rel(double a, double b) { return std::fabs(a - b) / std::fmax(std::fabs(b), 1.0); }
 
+// abar_t of the paper's linear schedule (beta from 1e-4 to 0.02 over 1000 steps), in float64.
+static const double* linear_abar() {
+  static double ab[1000];
+  static bool done = false;
+  if (!done) {
+    double p = 1.0;
+    for (int i = 0; i < 1000; ++i) {
+      p *= 1.0 - (1e-4 + (0.02 - 1e-4) * i / 999.0);
+      ab[i] = p;
+    }
+    done = true;
+  }
+  return ab;
+}
+
+// |got - want| within tol of scale, the sum of the magnitudes of the terms (so cancellation is not an error).
+#define EXPECT_NEAR(got, want, scale, tol, ...)                                                         \
+  do {                                                                                                   \
+    const double g_ = (got), w_ = (want), s_ = (scale);                                                  \
+    if (!(std::fabs(g_ - w_) <= (tol) * s_)) {                                                           \
+      EXPECT(false, __VA_ARGS__);                                                                        \
+      std::printf("  got %.9g, float64 %.9g, scale %.3g\n", g_, w_, s_);                                \
+    }                                                                                                    \
+  } while (0)
+
+// Every branch of elementwise.h's formulas, in the float instantiation the CUDA kernels run, against float64
+// evaluations of the papers' equations written here from the same fp32 abar values the kernels read. The CPU
+// kernels instantiate the same templates on vectors (cpu_vec.h), so a mutation of any branch (a flipped sign,
+// swapped coefficients, a skipped clip) fails here without a GPU, and in tests/test_*.py, which compare the CPU
+// kernels with float64 for every prediction type, variance type and clip setting. Measured errors are a few fp32
+// ulp; the tolerance of 4e-6 of the terms' magnitudes is ~30 ulp, a mutation moves the result by O(1).
+constexpr double kTol = 4e-6;
+constexpr int64_t kPredictionTypes[] = {kEpsilon, kSample, kVPrediction};
+static const char* const kPredictionNames[] = {"epsilon", "sample", "v_prediction"};
+// (x_t, model output) pairs of both sign patterns, small and large.
+constexpr double kPairs[][2] = {{0.5, -1.5}, {-1.25, 0.75}, {2.0, 1.5}, {-0.3, -2.5}, {0.05, 0.02}};
+constexpr int kTimesteps[] = {1, 2, 10, 500, 999};
+
 static void test_q_sample() {
-  const double ab = 0.3141592, x0 = -0.75, eps = 1.25;
-  const double sa = std::sqrt(ab), s1 = std::sqrt(1 - ab);
-  EXPECT(rel(q_sample_xt(x0, eps, sa, s1), sa * x0 + s1 * eps) < 1e-6, "x_t");
-  EXPECT(rel(q_sample_v(x0, eps, sa, s1), sa * eps - s1 * x0) < 1e-6, "v");
+  const double* ab = linear_abar();
+  for (int t : kTimesteps) {
+    const float abt = static_cast<float>(ab[t]);
+    const float sa = std::sqrt(abt), s1 = std::sqrt(1.0f - abt);
+    for (const auto& xe : kPairs) {
+      const float x0 = static_cast<float>(xe[0]), eps = static_cast<float>(xe[1]);
+      const double sa64 = std::sqrt(static_cast<double>(abt)), s164 = std::sqrt(1.0 - abt);
+      const double scale = sa64 * std::fabs(x0) + s164 * std::fabs(eps);
+      EXPECT_NEAR(q_sample_xt(x0, eps, sa, s1), sa64 * x0 + s164 * eps, scale, kTol, "q_sample x_t, t=%d", t);
+      EXPECT_NEAR(q_sample_v(x0, eps, sa, s1), sa64 * eps - s164 * x0, scale, kTol, "q_sample v, t=%d", t);
+    }
+  }
+}
+
+// x0 from the model output (Ho et al. eq. 15; Salimans & Ho's v), clipped: float64.
+static double x0_ref(double x, double m, double abt, int64_t pt, double clip, double* scale) {
+  const double sa = std::sqrt(abt), s1 = std::sqrt(1.0 - abt);
+  double x0;
+  if (pt == kEpsilon) {
+    x0 = (x - s1 * m) / sa;
+    *scale = (std::fabs(x) + s1 * std::fabs(m)) / sa;
+  } else if (pt == kSample) {
+    x0 = m;
+    *scale = std::fabs(m);
+  } else {
+    x0 = sa * x - s1 * m;
+    *scale = sa * std::fabs(x) + s1 * std::fabs(m);
+  }
+  return clip > 0.0 ? std::fmin(std::fmax(x0, -clip), clip) : x0;
+}
+
+static void test_pred_x0_branches() {
+  // The x0 of ddpm_step, ddim_step and dpmpp_step (one function, pred_x0, through each op's coefficients):
+  // every prediction type, without and with a clip that both binds and does not.
+  const double* ab = linear_abar();
+  int clipped = 0, inside = 0;
+  for (int t : kTimesteps) {
+    const float abt = static_cast<float>(ab[t]), abp = static_cast<float>(ab[t - 1]);
+    const StepCoeffs c = ddpm_step_coeffs(abt, abp, kFixedSmall, true);
+    const DdimCoeffs d = ddim_step_coeffs(abt, abp, 0.0f);
+    const DpmppCoeffs e = dpmpp_step_coeffs(abt, abp, abt, false, false);
+    for (int k = 0; k < 3; ++k) {
+      const int64_t pt = kPredictionTypes[k];
+      for (const auto& xm : kPairs) {
+        const float x = static_cast<float>(xm[0]), m = static_cast<float>(xm[1]);
+        for (float clip : {0.0f, 1.0f}) {
+          double scale;
+          const double want = x0_ref(x, m, abt, pt, clip, &scale);
+          if (clip > 0.0f) (std::fabs(want) == 1.0 ? clipped : inside)++;
+          float ddim_x0;
+          ddim_mean(x, m, d, pt, clip, false, &ddim_x0);
+          EXPECT_NEAR(ddpm_pred_x0(x, m, c, pt, clip), want, scale, kTol, "ddpm x0 %s t=%d clip=%g",
+                      kPredictionNames[k], t, clip);
+          EXPECT_NEAR(ddim_x0, want, scale, kTol, "ddim x0 %s t=%d clip=%g", kPredictionNames[k], t, clip);
+          EXPECT_NEAR(dpmpp_x0(x, m, e, pt, clip), want, scale, kTol, "dpmpp x0 %s t=%d clip=%g",
+                      kPredictionNames[k], t, clip);
+        }
+      }
+    }
+  }
+  EXPECT(clipped > 10 && inside > 10, "the clip bound %d cases and left %d: both branches must run", clipped, inside);
+}
+
+static void test_ddpm_variance_branches() {
+  // sigma_t of every variance type and the whole update x_{t-1} = c_x0 x0 + c_xt x_t + sigma_t z (Ho et al.
+  // eqs. 6-7; learned_range: Nichol & Dhariwal eq. 15), with and without noise, against float64.
+  const double* ab = linear_abar();
+  for (int t : kTimesteps) {
+    const float abt = static_cast<float>(ab[t]), abp = static_cast<float>(ab[t - 1]);
+    const double at = abt, ap = abp, beta = (ap - at) / ap;
+    const double var = (1.0 - ap) / (1.0 - at) * beta;
+    const double c_x0 = std::sqrt(ap) * beta / (1.0 - at), c_xt = std::sqrt(at / ap) * (1.0 - ap) / (1.0 - at);
+    struct Case { int64_t type; double pv, sigma; const char* name; };
+    const double frac = 0.5 * (0.3 + 1.0);
+    const Case cases[] = {
+        {kFixedSmall, 0.0, std::sqrt(var), "fixed_small"},
+        {kFixedSmallLog, 0.0, std::sqrt(var), "fixed_small_log"},
+        {kFixedLarge, 0.0, std::sqrt(beta), "fixed_large"},
+        {kLearned, 0.37 * var, std::sqrt(0.37 * var), "learned"},
+        {kLearnedRange, 0.3, std::exp(0.5 * (frac * std::log(beta) + (1.0 - frac) * std::log(var))), "learned_range"},
+    };
+    for (const Case& k : cases) {
+      const float pv = static_cast<float>(k.pv);
+      for (bool noise : {true, false}) {
+        const StepCoeffs c = ddpm_step_coeffs(abt, abp, k.type, noise);
+        const float sigma = ddpm_sigma(c, k.type, pv);
+        EXPECT_NEAR(sigma, k.sigma, k.sigma, kTol, "%s sigma, t=%d", k.name, t);
+        for (const auto& xm : kPairs) {
+          const float x = static_cast<float>(xm[0]), x0 = static_cast<float>(xm[1]), z = 0.875f;
+          const double want = c_x0 * x0 + c_xt * x + (noise ? k.sigma * z : 0.0);
+          const double scale = std::fabs(c_x0 * x0) + std::fabs(c_xt * x) + (noise ? k.sigma * z : 0.0);
+          EXPECT_NEAR(ddpm_prev_sample(x, x0, sigma, z, c), want, scale, kTol, "%s x_{t-1}, t=%d noise=%d",
+                      k.name, t, noise);
+        }
+      }
+    }
+  }
+}
+
+static void test_ddim_branches() {
+  // ddim_mean (Song et al. eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps, eps
+  // predicted from the model output or, with use_clipped_model_output, from the clipped x0; every prediction
+  // type, clip and eta 0 and 0.7, against float64.
+  const double* ab = linear_abar();
+  for (int t : kTimesteps) {
+    const int tp = t >= 20 ? t - 20 : t - 1;
+    const float abt = static_cast<float>(ab[t]), abp = static_cast<float>(ab[tp]);
+    const double at = abt, ap = abp, sa = std::sqrt(at), s1 = std::sqrt(1.0 - at);
+    for (float eta : {0.0f, 0.7f}) {
+      const DdimCoeffs d = ddim_step_coeffs(abt, abp, eta);
+      const double sigma2 = eta * eta * (1.0 - ap) / (1.0 - at) * ((ap - at) / ap);
+      const double c_eps = std::sqrt(1.0 - ap - sigma2);
+      EXPECT_NEAR(d.std, std::sqrt(sigma2), std::sqrt(sigma2) + 1e-30, kTol, "ddim sigma, t=%d eta=%g", t, eta);
+      for (int k = 0; k < 3; ++k) {
+        const int64_t pt = kPredictionTypes[k];
+        for (const auto& xm : kPairs) {
+          const float x = static_cast<float>(xm[0]), m = static_cast<float>(xm[1]);
+          for (float clip : {0.0f, 1.0f}) {
+            for (bool use_clipped : {false, true}) {
+              double x0_scale;
+              const double x0 = x0_ref(x, m, at, pt, clip, &x0_scale);
+              double eps, eps_scale;
+              if (use_clipped) {
+                eps = (x - sa * x0) / s1;
+                eps_scale = (std::fabs(x) + sa * x0_scale) / s1;
+              } else if (pt == kEpsilon) {
+                eps = m;
+                eps_scale = std::fabs(m);
+              } else if (pt == kSample) {
+                eps = (x - sa * m) / s1;
+                eps_scale = (std::fabs(x) + sa * std::fabs(m)) / s1;
+              } else {
+                eps = sa * m + s1 * x;
+                eps_scale = sa * std::fabs(m) + s1 * std::fabs(x);
+              }
+              float got_x0;
+              const float got = ddim_mean(x, m, d, pt, clip, use_clipped, &got_x0);
+              EXPECT_NEAR(got, std::sqrt(ap) * x0 + c_eps * eps, std::sqrt(ap) * x0_scale + c_eps * eps_scale, kTol,
+                          "ddim %s t=%d eta=%g clip=%g use_clipped=%d", kPredictionNames[k], t, eta, clip,
+                          use_clipped);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+static void test_dpmpp_update() {
+  // The DPM-Solver++(2M) update from its coefficients (checked against float64 in test_dpmpp_coeffs).
+  const double* ab = linear_abar();
+  const float a0 = static_cast<float>(ab[500]), at = static_cast<float>(ab[450]), a1 = static_cast<float>(ab[550]);
+  const DpmppCoeffs c = dpmpp_step_coeffs(a0, at, a1, false, true);
+  for (const auto& xm : kPairs) {
+    const float x = static_cast<float>(xm[0]), x0 = static_cast<float>(xm[1]), p = 0.625f;
+    const double want = static_cast<double>(c.c_x) * x + static_cast<double>(c.c_x0) * x0 +
+                        static_cast<double>(c.c_prev) * p;
+    const double scale = std::fabs(c.c_x * x) + std::fabs(c.c_x0 * x0) + std::fabs(c.c_prev * p);
+    EXPECT_NEAR(dpmpp_update(x, x0, p, c), want, scale, kTol, "dpmpp update");
+  }
 }
 
 static void test_ddpm_step_forms() {
-  // The linear schedule of the paper, in float64.
-  const int T = 1000;
-  static double ab[T];
-  double p = 1.0;
-  for (int i = 0; i < T; ++i) {
-    const double beta = 1e-4 + (0.02 - 1e-4) * i / (T - 1);
-    p *= 1.0 - beta;
-    ab[i] = p;
-  }
+  const double* ab = linear_abar();
   for (int t : {1, 2, 10, 500, 999}) {
     const double abt = ab[t], abp = ab[t - 1];
     const double alpha = abt / abp, beta = 1 - alpha;
     const StepCoeffs c = ddpm_step_coeffs(static_cast<float>(abt), static_cast<float>(abp), kFixedSmall, true);
-    const double x = 0.5, eps = -1.5, z = 0.25;
+    const float x = 0.5f, eps = -1.5f, z = 0.25f;
     const double sigma = std::sqrt((1 - abp) / (1 - abt) * beta);
     // Algorithm 2 of Ho et al.: 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-abar_t) eps) + sigma_t z.
     const double alg2 = 1 / std::sqrt(alpha) * (x - beta / std::sqrt(1 - abt) * eps) + sigma * z;
@@ -223,13 +409,7 @@ static void test_step_beta() {
   // beta_t = 1 - alpha_t from fp32 abar values: the exact form (abar_prev - abar_t) / abar_prev is within an ulp
   // or two of its float64 value; diffusers' 1 - abar_t / abar_prev (diffusers_beta, for the drop-in's numbers)
   // is that expression to the bit and, where beta_t ~ 1e-4, off by far more (its subtraction cancels).
-  const int T = 1000;
-  static double ab[T];
-  double p = 1.0;
-  for (int i = 0; i < T; ++i) {
-    p *= 1.0 - (1e-4 + (0.02 - 1e-4) * i / (T - 1));
-    ab[i] = p;
-  }
+  const double* ab = linear_abar();
   double worst_diffusers_t1 = 0.0, worst_exact_t1 = 0.0;
   for (int t : {1, 2, 10, 500, 999}) {
     const float abt = static_cast<float>(ab[t]), abp = static_cast<float>(ab[t - 1]);
@@ -312,13 +492,7 @@ static void test_dpmpp_coeffs() {
   // dpmpp_step_coeffs against float64 evaluations of DPM-Solver++(2M)'s coefficients (Lu et al. 2022, the paper's
   // lambda = log(alpha / sigma) differences) from the same fp32 abar values; adjacent timesteps included, where
   // the difference of two fp32 lambdas (diffusers' form) is off by ~5e-6: asserted, so the check can fail.
-  const int T = 1000;
-  static double ab[T];
-  double p = 1.0;
-  for (int i = 0; i < T; ++i) {
-    p *= 1.0 - (1e-4 + (0.02 - 1e-4) * i / (T - 1));
-    ab[i] = p;
-  }
+  const double* ab = linear_abar();
   auto lam = [](double a) { return 0.5 * std::log(a / (1.0 - a)); };
   struct Case { int s0, t, s1; };
   double worst = 0.0, naive_adjacent = 0.0;
@@ -369,6 +543,10 @@ int main() {
   test_philox_cpu_accuracy();
   test_philox_normal_moments();
   test_q_sample();
+  test_pred_x0_branches();
+  test_ddpm_variance_branches();
+  test_ddim_branches();
+  test_dpmpp_update();
   test_ddpm_step_forms();
   test_dpmpp_coeffs();
   test_step_beta();

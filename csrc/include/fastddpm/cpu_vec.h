@@ -12,11 +12,14 @@
 #endif
 #endif
 
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <type_traits>
+
+#include "fastddpm/elementwise.h"
 
 namespace fastddpm {
 
@@ -51,6 +54,44 @@ struct ComputeBlock {
 
 template <typename T>
 using FloatBlock = ComputeBlock<T, float>;
+
+// elementwise.h's formulas on vectors: the CPU kernels instantiate them with V = Vec.
+template <>
+struct ValueOps<Vec> {
+  static Vec fmadd(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
+  static Vec clamp(const Vec& x, const Vec& lo, const Vec& hi) { return at::vec::clamp(x, lo, hi); }
+  static Vec sqrt(const Vec& x) { return x.sqrt(); }
+  static Vec exp(const Vec& x) { return x.exp(); }
+};
+
+// f(b, i, n) for the blocks [i, i + n) of at most kBlock elements of a batch-major tensor of B samples of M
+// elements, in parallel over the flattened batch (a batch of one still uses every core); no block crosses
+// into another sample, so f computes sample b's coefficients once per block.
+template <typename F>
+inline void for_each_sample_block(int64_t B, int64_t M, int64_t grain, const F& f) {
+  at::parallel_for(0, B * M, grain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t b = i / M;
+      const int64_t seg_end = std::min(end, (b + 1) * M);
+      while (i < seg_end) {
+        const int64_t n = std::min(kBlock, seg_end - i);
+        f(b, i, n);
+        i += n;
+      }
+    }
+  });
+}
+
+// f(j, r) for the vectors of [0, n): r = Vec::size() lanes, then the tail's n - j (f loads and stores with
+// Vec::loadu(p, r) / store(p, r), so the tail runs the same vector code on a partial load).
+template <typename F>
+inline void for_each_vec(int64_t n, const F& f) {
+  constexpr int64_t W = Vec::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) f(j, W);
+  if (j < n) f(j, n - j);
+}
 
 // The sum of a vector's lanes, returned in double for the caller's accumulation.
 template <typename A>

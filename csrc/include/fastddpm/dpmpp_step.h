@@ -67,24 +67,15 @@ FASTDDPM_HD DpmppCoeffs dpmpp_step_coeffs(float ab_s0, float ab_t, float ab_s1, 
 }
 
 // x0 from the model output (epsilon, sample or v), clipped to [-clip_range, clip_range] when clip_range > 0
-// (DPM-Solver++'s thresholding of the data prediction, with a static threshold).
-FASTDDPM_HD float dpmpp_x0(float x, float m, const DpmppCoeffs& c, int64_t prediction_type, float clip_range) {
-  float x0;
-  if (prediction_type == kEpsilon) {
-    x0 = (x - c.sqrt_1mab * m) * c.inv_sqrt_ab;
-  } else if (prediction_type == kSample) {
-    x0 = m;
-  } else {
-    x0 = c.sqrt_ab * x - c.sqrt_1mab * m;
-  }
-  if (clip_range > 0.0f) {
-    x0 = x0 < -clip_range ? -clip_range : (x0 > clip_range ? clip_range : x0);
-  }
-  return x0;
+// (DPM-Solver++'s thresholding of the data prediction, with a static threshold): elementwise.h's pred_x0.
+template <typename V>
+FASTDDPM_HD V dpmpp_x0(V x, V m, const DpmppCoeffs& c, int64_t prediction_type, float clip_range) {
+  return pred_x0(x, m, c, prediction_type, clip_range);
 }
 
-FASTDDPM_HD float dpmpp_update(float x, float x0, float prev_x0, const DpmppCoeffs& c) {
-  return c.c_x * x + c.c_x0 * x0 + c.c_prev * prev_x0;
+template <typename V>
+FASTDDPM_HD V dpmpp_update(V x, V x0, V prev_x0, const DpmppCoeffs& c) {
+  return V(c.c_x) * x + V(c.c_x0) * x0 + V(c.c_prev) * prev_x0;
 }
 
 }  // namespace fastddpm

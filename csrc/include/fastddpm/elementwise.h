@@ -1,7 +1,11 @@
 // Per-element math of the fused elementwise ops (q_sample, ddpm_step, ddim_step,
 // GroupNorm + SiLU) and the in-kernel Philox4x32-10 normal generator. Host and device: the CPU kernels,
-// the CUDA kernels and the C++ unit tests (csrc/tests) all use these functions,
+// the CUDA kernels and the C++ unit tests (csrc/tests) all evaluate these functions,
 // so the CPU tests cover the formulas the GPU runs.
+//
+// The formulas are templates on the value type V: float in the CUDA kernels and csrc/tests, and the CPU's
+// SIMD vector (at::vec::Vectorized<float>, whose ValueOps are in cpu_vec.h) in the CPU kernels, so one
+// expression serves both. Coefficients stay float and are broadcast with V(c).
 //
 // No torch headers here: the CUDA translation units include this file without
 // pulling in ATen, which keeps nvcc fast.
@@ -28,6 +32,27 @@ enum VarianceType : int64_t {
   kLearnedRange = 5,   // log sigma_t^2 interpolated between the two (Nichol & Dhariwal)
 };
 enum NoiseMode : int64_t { kNoNoise = 0, kNoiseTensor = 1, kNoisePhilox = 2 };
+
+// What the formulas need beyond + - *, per value type. float here; cpu_vec.h specialises it for the
+// CPU's vectors (at::vec's fmadd, clamp, sqrt, exp).
+template <typename V>
+struct ValueOps;
+
+template <>
+struct ValueOps<float> {
+  // One rounding where the hardware fuses (every GPU; CPU builds with FMA, like at::vec::fmadd there).
+  static FASTDDPM_HD float fmadd(float a, float b, float c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__)
+    return fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+  }
+  // NaN stays NaN, as with at::vec::clamp.
+  static FASTDDPM_HD float clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+  static FASTDDPM_HD float sqrt(float x) { return sqrtf(x); }
+  static FASTDDPM_HD float exp(float x) { return expf(x); }
+};
 
 // ---------------------------------------------------------------------------
 // Philox4x32-10 (Salmon et al. 2011), with the exact conventions of Triton's
@@ -80,10 +105,12 @@ FASTDDPM_HD float philox_normal(uint64_t seed, uint64_t offset) {
 // q_sample (Ho et al. eq. 4): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
 // and the v target (Salimans & Ho 2022): v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0.
 // ---------------------------------------------------------------------------
-FASTDDPM_HD float q_sample_xt(float x0, float eps, float sqrt_ab, float sqrt_1mab) {
+template <typename V>
+FASTDDPM_HD V q_sample_xt(V x0, V eps, V sqrt_ab, V sqrt_1mab) {
   return sqrt_ab * x0 + sqrt_1mab * eps;
 }
-FASTDDPM_HD float q_sample_v(float x0, float eps, float sqrt_ab, float sqrt_1mab) {
+template <typename V>
+FASTDDPM_HD V q_sample_v(V x0, V eps, V sqrt_ab, V sqrt_1mab) {
   return sqrt_ab * eps - sqrt_1mab * x0;
 }
 
@@ -143,37 +170,55 @@ FASTDDPM_HD StepCoeffs ddpm_step_coeffs(float ab_t, float ab_prev, int64_t varia
   return c;
 }
 
-FASTDDPM_HD float ddpm_pred_x0(float x, float m, const StepCoeffs& c, int64_t prediction_type,
-                               float clip_range) {
-  float x0;
+// x0 from the model output m at x_t (diffusers' step 2; epsilon: Ho et al. eq. 15; v: Salimans & Ho 2022),
+// clipped to [-clip_range, clip_range] when clip_range > 0 (step 3). C: any coefficient struct with sqrt_ab,
+// sqrt_1mab and inv_sqrt_ab of abar_t (StepCoeffs, DdimCoeffs, DpmppCoeffs).
+template <typename V, typename C>
+FASTDDPM_HD V pred_x0(V x, V m, const C& c, int64_t prediction_type, float clip_range) {
+  V x0;
   if (prediction_type == kEpsilon) {
-    x0 = (x - c.sqrt_1mab * m) * c.inv_sqrt_ab;
+    x0 = (x - V(c.sqrt_1mab) * m) * V(c.inv_sqrt_ab);
   } else if (prediction_type == kSample) {
     x0 = m;
   } else {
-    x0 = c.sqrt_ab * x - c.sqrt_1mab * m;
+    x0 = V(c.sqrt_ab) * x - V(c.sqrt_1mab) * m;
   }
-  if (clip_range > 0.0f) {
-    x0 = x0 < -clip_range ? -clip_range : (x0 > clip_range ? clip_range : x0);
-  }
-  return x0;
+  return clip_range > 0.0f ? ValueOps<V>::clamp(x0, V(-clip_range), V(clip_range)) : x0;
+}
+
+template <typename V>
+FASTDDPM_HD V ddpm_pred_x0(V x, V m, const StepCoeffs& c, int64_t prediction_type, float clip_range) {
+  return pred_x0(x, m, c, prediction_type, clip_range);
 }
 
 // sigma_t for one element; pv is the model's predicted variance channel
 // (learned: sigma^2 itself; learned_range: a value in [-1, 1]).
-FASTDDPM_HD float ddpm_sigma(const StepCoeffs& c, int64_t variance_type, float pv) {
-  if (variance_type == kLearned) return sqrtf(pv);
+template <typename V>
+FASTDDPM_HD V ddpm_sigma(const StepCoeffs& c, int64_t variance_type, V pv) {
+  if (variance_type == kLearned) return ValueOps<V>::sqrt(pv);
   if (variance_type == kLearnedRange) {
-    const float frac = 0.5f * (pv + 1.0f);
-    return expf(0.5f * (frac * c.log_var_large + (1.0f - frac) * c.log_var_small));
+    const V frac = V(0.5f) * (pv + V(1.0f));
+    return ValueOps<V>::exp(V(0.5f) * (frac * V(c.log_var_large) + (V(1.0f) - frac) * V(c.log_var_small)));
   }
-  return c.std;
+  return V(c.std);
 }
 
-// x_{t-1} from the predicted x0 and x_t, plus sigma z where t > 0.
-FASTDDPM_HD float ddpm_prev_sample(float x, float x0, float sigma, float z, const StepCoeffs& c) {
-  const float mean = c.c_x0 * x0 + c.c_xt * x;
-  return c.add_noise ? mean + sigma * z : mean;
+// The posterior mean of eq. 7 at the predicted x0 (diffusers' steps 4-5).
+template <typename V>
+FASTDDPM_HD V ddpm_posterior_mean(V x, V x0, const StepCoeffs& c) {
+  return ValueOps<V>::fmadd(V(c.c_x0), x0, V(c.c_xt) * x);
+}
+
+// + sigma z where c.add_noise (t > 0 and noise asked for; step 6).
+template <typename V>
+FASTDDPM_HD V ddpm_add_noise(V mean, V sigma, V z, const StepCoeffs& c) {
+  return c.add_noise ? ValueOps<V>::fmadd(sigma, z, mean) : mean;
+}
+
+// x_{t-1} from the predicted x0 and x_t, plus sigma z where c.add_noise.
+template <typename V>
+FASTDDPM_HD V ddpm_prev_sample(V x, V x0, V sigma, V z, const StepCoeffs& c) {
+  return ddpm_add_noise(ddpm_posterior_mean(x, x0, c), sigma, z, c);
 }
 
 // ---------------------------------------------------------------------------
@@ -211,25 +256,22 @@ FASTDDPM_HD DdimCoeffs ddim_step_coeffs(float ab_t, float ab_prev, float eta, bo
 }
 
 // The deterministic part of the DDIM update for one element; x0 (clipped) goes to *x0_out.
-FASTDDPM_HD float ddim_mean(float x, float m, const DdimCoeffs& c, int64_t prediction_type, float clip_range,
-                            bool use_clipped_model_output, float* x0_out) {
-  float x0, eps;
-  if (prediction_type == kEpsilon) {
-    x0 = (x - c.sqrt_1mab * m) * c.inv_sqrt_ab;
+template <typename V>
+FASTDDPM_HD V ddim_mean(V x, V m, const DdimCoeffs& c, int64_t prediction_type, float clip_range,
+                        bool use_clipped_model_output, V* x0_out) {
+  const V x0 = pred_x0(x, m, c, prediction_type, clip_range);
+  V eps;
+  if (use_clipped_model_output) {
+    eps = (x - V(c.sqrt_ab) * x0) * V(c.inv_sqrt_1mab);
+  } else if (prediction_type == kEpsilon) {
     eps = m;
   } else if (prediction_type == kSample) {
-    x0 = m;
-    eps = (x - c.sqrt_ab * m) * c.inv_sqrt_1mab;
+    eps = (x - V(c.sqrt_ab) * m) * V(c.inv_sqrt_1mab);
   } else {
-    x0 = c.sqrt_ab * x - c.sqrt_1mab * m;
-    eps = c.sqrt_ab * m + c.sqrt_1mab * x;
+    eps = V(c.sqrt_ab) * m + V(c.sqrt_1mab) * x;
   }
-  if (clip_range > 0.0f) {
-    x0 = x0 < -clip_range ? -clip_range : (x0 > clip_range ? clip_range : x0);
-  }
-  if (use_clipped_model_output) eps = (x - c.sqrt_ab * x0) * c.inv_sqrt_1mab;
   *x0_out = x0;
-  return c.sqrt_ab_prev * x0 + c.c_eps * eps;
+  return V(c.sqrt_ab_prev) * x0 + V(c.c_eps) * eps;
 }
 
 // ---------------------------------------------------------------------------
