@@ -185,3 +185,70 @@ def test_no_import_cycles_among_fastddpm_modules():
     graph = import_graph({name: f.read_text() for name, f in files.items()}, packages)
     assert graph["fastddpm.samplers.sample"], "the import graph found no imports in samplers/sample.py"
     assert not (cycles := import_cycles(graph)), f"import circles among fastddpm modules: {cycles}"
+
+
+def private_ops_uses(source: str, module: str, public: set[str]) -> list[str]:
+    """What ``source`` (the module named ``module``) takes from fastddpm.ops that is not its public API: an
+    import of a private module (fastddpm.ops._checks) or of a name that fastddpm.ops does not export in
+    ``public`` (its __all__: ``from fastddpm.ops.ddpm_step import kernel``), and attribute reads ``ops.X``
+    (the module imported under its own name) of such names (``ops._dispatch``, ``ops.randn_in_op``). The
+    calls these names make are the op layer's to change; a caller that reaches them bypasses its checks."""
+    pkg = module.rpartition(".")[0]
+    ops_aliases, found = set(), []
+
+    def private_module(m):
+        parts = m.split(".")
+        return parts[:2] == ["fastddpm", "ops"] and any(p.startswith("_") for p in parts[2:])
+
+    tree = ast.parse(source)
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            for a in n.names:
+                if private_module(a.name):
+                    found.append(a.name)
+                elif a.name == "fastddpm.ops" and a.asname:
+                    ops_aliases.add(a.asname)
+        elif isinstance(n, ast.ImportFrom):
+            base = ".".join(pkg.split(".")[: len(pkg.split(".")) - n.level + 1]) if n.level else ""
+            mod = ".".join(p for p in (base, n.module) if p)
+            for a in n.names:
+                if mod == "fastddpm" and a.name == "ops":
+                    ops_aliases.add(a.asname or "ops")
+                elif private_module(mod) or private_module(f"{mod}.{a.name}"):
+                    found.append(f"{mod}.{a.name}")
+                elif mod.split(".")[:2] == ["fastddpm", "ops"] and a.name not in public:
+                    found.append(f"{mod}.{a.name}")
+    for n in ast.walk(tree):
+        if (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in ops_aliases
+                and n.attr not in public):
+            found.append(f"fastddpm.ops.{n.attr}")
+    return found
+
+
+def test_private_ops_check_finds_private_names():
+    public = {"attention", "ddpm_step", "prepare_step", "check_tensor", "reference"}
+    src = ("from .. import ops\nfrom ..ops import _checks as c, prepare_step\nfrom ..ops._codes import NOISE_NONE\n"
+           "from ..ops.ddpm_step import kernel, ddpm_step\nimport fastddpm.ops._dispatch\n"
+           "def f(x):\n    ops.check_tensor(x, 'x')\n"
+           "    return ops._dispatch.resolve(), ops.randn_in_op, torch.ops.x\n")
+    assert sorted(private_ops_uses(src, "fastddpm.samplers.ddpm", public)) == sorted([
+        "fastddpm.ops._checks", "fastddpm.ops._codes.NOISE_NONE", "fastddpm.ops.ddpm_step.kernel",
+        "fastddpm.ops._dispatch", "fastddpm.ops._dispatch", "fastddpm.ops.randn_in_op"])
+    clean = "import fastddpm.ops as o\nfrom fastddpm.ops.attention import attention\nstep = o.prepare_step\n"
+    assert private_ops_uses(clean, "fastddpm.nn.attention", public) == []
+    assert private_ops_uses("import fastddpm.ops as o\nx = o._library\n", "fastddpm.nn.x", public) == [
+        "fastddpm.ops._library"]
+
+
+def test_samplers_models_nn_use_only_the_public_ops_api():
+    # The samplers, models and modules call the ops through what fastddpm.ops exports (the op functions,
+    # prepare_step, the check helpers): its private modules are the op layer's to change.
+    import fastddpm.ops
+
+    public = set(fastddpm.ops.__all__)
+    files = package_sources()
+    chosen = {m: f for m, f in files.items() if m.split(".")[:2] in (["fastddpm", "samplers"], ["fastddpm", "models"],
+                                                                      ["fastddpm", "nn"])}
+    assert len(chosen) >= 12 and "fastddpm.samplers.ddpm" in chosen, sorted(chosen)
+    bad = {m: u for m, f in chosen.items() if (u := private_ops_uses(f.read_text(), m, public))}
+    assert not bad, f"private fastddpm.ops names used outside the op layer: {bad}"

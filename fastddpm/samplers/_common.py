@@ -435,8 +435,28 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def _set_backend(self, backend: str) -> None:
         self.backend = backend
-        if hasattr(self, "_kernels"):
-            self._kernels = {}
+        self.__dict__.pop("_steps", None)
+
+    def _prepared_step(self, op: str, sample: torch.Tensor) -> ops.PreparedStep:
+        """The fused step op ``op`` for ``sample``'s device and dtype (fastddpm.ops.prepare_step): the backend
+        resolved and the table fetched once per device, dtype, backend and FASTDDPM_BACKEND, not every step.
+        Checks ``sample`` whenever it prepares (its dtype), and its rank every call (the ops need a batch)."""
+        steps = self.__dict__.get("_steps")
+        if steps is None:
+            steps = self._steps = {}
+        key = (op, sample.device, sample.dtype, self.backend, os.environ.get("FASTDDPM_BACKEND"))
+        step = steps.get(key)
+        if step is None:
+            ops.check_tensor(sample, "sample")
+            step = steps[key] = ops.prepare_step(op, self.schedule, sample.device, sample.dtype, self.backend)
+        elif sample.dim() < 1:
+            ops.check_tensor(sample, "sample")
+        return step
+
+    def __getstate__(self):  # pickle/deepcopy: prepared steps hold op handles; prepared again on use
+        state = self.__dict__.copy()
+        state.pop("_steps", None)
+        return state
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4), through the fused q_sample."""

@@ -164,19 +164,18 @@ class DDIMScheduler(FastddpmSchedulerMixin):
             raise ValueError(f"eta: expected a non-negative number, got {eta}")
         cfg = self.config
         T = cfg.num_train_timesteps
-        stride = T // self.num_inference_steps
+        stride = T // self.num_inference_steps  # >= 1: set_timesteps takes at most T steps
         t_host = host_timestep(timestep)
         if t_host is not None:
             if not 0 <= t_host < T:
                 raise IndexError(f"timestep: {t_host} is outside [0, {T}) (num_train_timesteps={T})")
-            t, prev_t = t_host, t_host - stride  # below 0 at the last step (-20 for 50 of 1000), as diffusers
+            t = t_host
             if t >= self._first_invalid:
                 raise invalid_timestep_error(t, self)
         else:
             t = timestep.to(device=sample.device, dtype=torch.int64).reshape(-1)
             if t.numel() == 1:
                 t = t.expand(sample.shape[0])
-            prev_t = t - stride
         final = float(self.final_alpha_cumprod)
 
         noise, gen = "none", None
@@ -194,31 +193,44 @@ class DDIMScheduler(FastddpmSchedulerMixin):
                 noise, gen = None, generator
 
         if cfg.thresholding:
+            # prev_t below 0 at the last step (-20 for 50 of 1000), as diffusers
             prev, pred = self._step_thresholded(
-                model_output, t, prev_t, sample, eta, use_clipped_model_output, noise, gen, final
+                model_output, t, t - stride, sample, eta, use_clipped_model_output, noise, gen, final
             )
         else:
-            prev, pred = ops.ddim_step(
-                sample,
-                model_output,
-                t,
-                self.schedule,
-                prev_t,
-                eta=eta,
-                noise=noise,
-                generator=gen,
-                prediction_type=cfg.prediction_type,
-                clip_sample=bool(cfg.clip_sample),
-                clip_sample_range=float(cfg.clip_sample_range),
-                final_alpha_cumprod=final,
-                use_clipped_model_output=use_clipped_model_output,
-                return_pred_original=True,
-                backend=self.backend,
-                diffusers_beta=True,  # sigma from diffusers' float32 1 - abar_t / abar_prev, as DDPMScheduler
-            )
+            prev, pred = self._step_fused(model_output, t, t - stride, sample, eta, use_clipped_model_output,
+                                          noise, gen, final)
         if not return_dict:
             return prev, pred
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
+
+    def _step_fused(self, m, t, prev_t, x, eta, use_clipped, noise, gen, final):
+        # The checks of fastddpm.ops.ddim_step that the scheduler's own do not cover, then its prepared step.
+        step = self._prepared_step("ddim_step", x)  # also checks x's dtype and rank
+        ops.check_like(m, x, "model_output", "sample")
+        if not 0 < final <= 1:
+            raise ValueError(f"final_alpha_cumprod: expected a value in (0, 1], got {final}")
+        if isinstance(t, torch.Tensor):
+            t = ops.check_timesteps(t, x.shape[0], x.device, self.config.num_train_timesteps)  # prev_t = t - stride
+        if isinstance(noise, torch.Tensor):
+            ops.check_like(noise, x, "noise", "sample")
+        cfg = self.config
+        return step(
+            x,
+            m,
+            t,
+            prev_t,
+            eta=eta,
+            noise=noise,
+            generator=gen,
+            prediction_type=cfg.prediction_type,
+            clip_sample=bool(cfg.clip_sample),
+            clip_sample_range=float(cfg.clip_sample_range),
+            final_alpha_cumprod=final,
+            use_clipped_model_output=use_clipped,
+            return_pred_original=True,
+            diffusers_beta=True,  # sigma from diffusers' float32 1 - abar_t / abar_prev, as DDPMScheduler
+        )
 
     def _step_thresholded(self, m, t, prev_t, x, eta, use_clipped, noise, gen, final):
         # Unfused: diffusers' formulas on our tables with the thresholded x0.

@@ -12,20 +12,12 @@ forces a synchronisation.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..ops import _checks as _op_checks
-from ..ops import _dispatch
-from ..ops._codes import NOISE_NONE, NOISE_TENSOR
-from ..ops._codes import PREDICTION_TYPES as _PREDICTION_CODES
-from ..ops._codes import VARIANCE_TYPES as _VARIANCE_CODES
-from ..ops.ddpm_step import generator_noise, randn_in_op
-from ..ops.ddpm_step import kernel as ddpm_step_kernel
 from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it up in this module)
     BaseOutput,
     DiffusersTables,
@@ -191,7 +183,6 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
                 f"dynamic_thresholding_ratio: expected a value in (0, 1], got {dynamic_thresholding_ratio}"
             )
         self.backend = backend
-        self._kernels: dict[tuple, tuple] = {}  # (device, dtype, backend, env) -> (backend, op, table)
         self.betas = diffusers_betas(
             num_train_timesteps,
             beta_start,
@@ -356,7 +347,7 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
             model_output = model_output.to(sample.dtype)
             if predicted_variance is not None:
                 predicted_variance = predicted_variance.to(sample.dtype)
-        backend, fn, ac = self._kernel_for(sample)  # also checks sample's dtype and rank
+        step = self._prepared_step("ddpm_step", sample)  # also checks sample's dtype and rank
         t, prev_t, t_host = self._resolve_timestep(timestep, sample)
 
         cfg = self.config  # read by key: attribute access goes through a failed lookup first
@@ -376,68 +367,32 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
             model_output = threshold_sample(x0, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
             prediction_type = "sample"
 
-        B = sample.shape[0]
-        if t_host is not None:  # ints checked by _resolve_timestep: cached (B,) tensors, no device work
-            tt, pt = _op_checks.int_timesteps(t, B, sample.device), _op_checks.int_timesteps(prev_t, B, sample.device)
-        else:
-            tt, pt = t, prev_t
-        vcode = _VARIANCE_CODES["fixed_small" if vt == "fixed_small_log" else vt]
-        clip = float(cfg["clip_sample_range"]) if cfg["clip_sample"] and not thresholding else 0.0
-        z, mode = None, NOISE_TENSOR
+        noise = None  # drawn from generator by the step, as diffusers draws it
         if t_host == 0 or (t_host is None and t.device.type == "cpu" and not bool((t > 0).any())):
-            mode = NOISE_NONE  # diffusers draws no noise at t = 0
+            noise = "none"  # diffusers draws no noise at t = 0
         elif isinstance(generator, (list, tuple)):
-            z = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype)
-        elif randn_in_op(backend, generator, vt):
-            # z = torch.randn(generator) drawn inside the op, overlapped with the posterior mean
-            prev, pred = torch.ops.fastddpm.ddpm_step_randn(
-                sample, model_output, tt, pt, ac, generator, _PREDICTION_CODES[prediction_type], vcode, clip, True,
-                diffusers_beta=True,
-            )
-            if not return_dict:
-                return prev, pred
-            return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
-        else:
-            z = generator_noise(sample, generator)
-        prev, pred = fn(
+            noise, generator = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype), None
+        prev, pred = step(
             sample,
             model_output,
-            tt,
-            pt,
-            ac,
-            z,
-            predicted_variance,
-            0,
-            0,
-            mode,
-            _PREDICTION_CODES[prediction_type],
-            vcode,
-            clip,
-            True,
+            t,
+            prev_t,
+            noise=noise,
+            generator=generator,
+            prediction_type=prediction_type,
+            # diffusers' fixed_small_log is the same sigma, sqrt of the posterior variance (through exp/log)
+            variance_type="fixed_small" if vt == "fixed_small_log" else vt,
+            clip_sample=bool(cfg["clip_sample"]) and not thresholding,
+            clip_sample_range=float(cfg["clip_sample_range"]),
+            predicted_variance=predicted_variance,
             # diffusers' float32 rounding of beta_t = 1 - abar_t / abar_prev, not the op's exact
             # (abar_prev - abar_t) / abar_prev: diffusers' own pinned whole-loop numbers need it
             # (tests/test_diffusers_scheduler_suite.py::test_ddpm_noised_loop_exact_op_is_float64)
             diffusers_beta=True,
+            return_pred_original=True,
         )
         if not return_dict:
             return prev, pred
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)
 
-    def __getstate__(self):  # pickle/deepcopy: the kernel cache holds op handles; rebuilt on use
-        state = self.__dict__.copy()
-        state["_kernels"] = {}
-        return state
-
-    def _kernel_for(self, sample: torch.Tensor):
-        """(backend, op function, alphas_cumprod table) of the fused step for ``sample``'s device and dtype,
-        resolved once per pair (fastddpm.ops.ddpm_step.kernel)."""
-        key = (sample.device, sample.dtype, self.backend, os.environ.get("FASTDDPM_BACKEND"))
-        k = self._kernels.get(key)
-        if k is None:
-            _op_checks.check_tensor(sample, "sample")
-            b = _dispatch.resolve("ddpm_step", self.backend, sample.device, sample.dtype)
-            k = self._kernels[key] = (b, *ddpm_step_kernel(b, self.schedule, sample.device, sample.dtype))
-        elif sample.dim() < 1:
-            _op_checks.check_tensor(sample, "sample")
-        return k
 

@@ -35,23 +35,26 @@ def dpmpp_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
 
 @dataclass
 class DPMSolverState:
-    """What DPM-Solver++(2M) carries from one step to the next: the previous x0 prediction and its timestep."""
+    """What DPM-Solver++(2M) carries from one step to the next: the previous x0 prediction and its timestep,
+    and the prepared dpmpp_step op it steps with (``fastddpm.ops.prepare_step("dpmpp_step", ...)``)."""
 
+    op: ops.PreparedStep
     prev_x0: torch.Tensor | None = None
     last_t: int | None = None
 
-    def step(self, x: torch.Tensor, model_output: torch.Tensor, t: int, prev_t: int, schedule, *,
-             prediction_type: str = "epsilon", clip_sample: bool = False, backend: str = "auto") -> torch.Tensor:
-        """x at ``prev_t`` (< 0: the end) from x at ``t``: first order at the first step and at the last (as
-        diffusers' lower_order_final with final_sigmas_type="zero"), second order between."""
+    def step(self, x: torch.Tensor, model_output: torch.Tensor, t: int, prev_t: int, *,
+             prediction_type: str = "epsilon", clip_sample: bool = False) -> torch.Tensor:
+        """x at ``prev_t`` (< 0: the end) from x at ``t`` (timesteps of a checked plan, descending):
+        first order at the first step and at the last (as diffusers' lower_order_final with
+        final_sigmas_type="zero"), second order between."""
         final = prev_t < 0
         second = self.prev_x0 is not None and not final
-        out = ops.dpmpp_step(x, model_output, t, schedule, prev_t, self.prev_x0 if second else None,
-                             self.last_t if second else None, prediction_type=prediction_type,
-                             clip_sample=clip_sample, return_pred_original=not final, backend=backend)
+        ops.check_like(model_output, x, "model_output", "sample")
+        x_prev, x0 = self.op(x, model_output, t, prev_t, prev_x0=self.prev_x0 if second else None,
+                             last_t=self.last_t if second else None, prediction_type=prediction_type,
+                             clip_sample=clip_sample, return_pred_original=not final)
         if final:
             self.prev_x0, self.last_t = None, None
-            return out
-        x_prev, self.prev_x0 = out
-        self.last_t = t
+        else:
+            self.prev_x0, self.last_t = x0, t
         return x_prev

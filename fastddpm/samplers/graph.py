@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import SamplingPlan, call_model, fused_step, initial_noise, split_output
+from .plan import SamplingPlan, call_model, fused_step, initial_noise, prepare, split_output
 
 __all__ = ["GraphBuffers", "plan_buffers", "graph_step", "sample_cuda_graph"]
 
@@ -60,12 +60,14 @@ def reset_buffers(plan: SamplingPlan, buf: GraphBuffers, x_T: torch.Tensor) -> N
 
 
 def graph_step(model, plan: SamplingPlan, buf: GraphBuffers, generator=None, seed: int | None = None,
-               backend: str = "auto") -> None:
-    """One denoising step that reads everything step-dependent from device tensors. In place on buf.x."""
+               backend: str = "auto", step=None) -> None:
+    """One denoising step that reads everything step-dependent from device tensors. In place on buf.x.
+    ``step``: the plan's prepared step op (:func:`~fastddpm.samplers.plan.prepare`), prepared here if None."""
+    step = step if step is not None else prepare(plan, backend)
     B = plan.shape[0]
-    i = buf.step_index
-    t = buf.t_table.index_select(0, i).expand(B)  # (B,)
-    prev = buf.prev_table.index_select(0, i).expand(B)  # (B,)
+    i = buf.step_index.expand(B)  # (B,) views of the one counter
+    t = buf.t_table.index_select(0, i)  # (B,)
+    prev = buf.prev_table.index_select(0, i)  # (B,)
     x = buf.x
     m, pv = split_output(plan, call_model(model, x, t), x)
     if plan.sampler == "ddim" and plan.eta == 0:
@@ -76,9 +78,9 @@ def graph_step(model, plan: SamplingPlan, buf: GraphBuffers, generator=None, see
         # Drawn at t = 0 too (the step adds none there): a graph cannot branch on t.
         gd = generator.device if generator is not None else x.device
         z = torch.randn(plan.shape, generator=generator, device=gd, dtype=plan.dtype)
-    new = fused_step(plan, x, m, pv, t, prev, z, None, seed, buf.offset, backend)
+    new = fused_step(plan, step, x, m, pv, t, prev, z, None, seed, buf.offset)
     x.copy_(new)
-    i.add_(1)
+    buf.step_index.add_(1)
     buf.offset.add_(plan.numel)
 
 
@@ -100,6 +102,7 @@ def sample_cuda_graph(model, plan: SamplingPlan, *, generator=None, seed=None, p
             # A CPU generator cannot be advanced by a replay; seed a CUDA one from it, deterministically.
             s = int(torch.randint(0, 2**62, (1,), generator=generator).item())
             generator = torch.Generator(device=plan.device).manual_seed(s)
+    step = prepare(plan, backend)
     x_T = initial_noise(plan, generator, seed)
     buf = plan_buffers(plan, x_T)
     # Warm up on a side stream (lazy initialisation, cuDNN autotuning) without disturbing the real run:
@@ -109,7 +112,7 @@ def sample_cuda_graph(model, plan: SamplingPlan, *, generator=None, seed=None, p
     side.wait_stream(torch.cuda.current_stream(plan.device))
     with torch.cuda.stream(side):
         for _ in range(2):
-            graph_step(model, plan, buf, generator, seed, backend)
+            graph_step(model, plan, buf, generator, seed, step=step)
     torch.cuda.current_stream(plan.device).wait_stream(side)
     reset_buffers(plan, buf, x_T)
     if generator is not None:
@@ -118,7 +121,7 @@ def sample_cuda_graph(model, plan: SamplingPlan, *, generator=None, seed=None, p
     if generator is not None and hasattr(graph, "register_generator_state"):
         graph.register_generator_state(generator)
     with torch.cuda.graph(graph):
-        graph_step(model, plan, buf, generator, seed, backend)
+        graph_step(model, plan, buf, generator, seed, step=step)
     # Capture does not execute: reset once more (capture recorded the increments, not applied them).
     reset_buffers(plan, buf, x_T)
     intermediates = []

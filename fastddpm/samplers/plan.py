@@ -14,7 +14,7 @@ from .. import ops
 from ..schedule import NoiseSchedule
 from .respace import space_timesteps, step_tables
 
-__all__ = ["SamplingPlan", "plan_sampling", "call_model", "split_output", "fused_step", "initial_noise"]
+__all__ = ["SamplingPlan", "plan_sampling", "prepare", "call_model", "split_output", "fused_step", "initial_noise"]
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 NOISES = ("torch", "philox")
@@ -142,18 +142,27 @@ def split_output(plan: SamplingPlan, out: torch.Tensor, x: torch.Tensor):
     return out.to(x.dtype), None
 
 
-def fused_step(plan: SamplingPlan, x, m, pv, t, prev_t, noise, generator, seed, offset, backend):
-    """One fused step (either sampler) with the plan's settings. ``noise``: a tensor, None (draw from
-    ``generator``), "philox" or "none"."""
+STEP_OPS = {"ddpm": "ddpm_step", "ddim": "ddim_step", "dpm++2m": "dpmpp_step"}
+
+
+def prepare(plan: SamplingPlan, backend: str = "auto") -> ops.PreparedStep:
+    """The fused step op of ``plan.sampler`` for the plan's device and dtype (fastddpm.ops.prepare_step): the
+    backend resolved and the schedule's table fetched once for the whole loop, not at every step."""
+    return ops.prepare_step(STEP_OPS[plan.sampler], plan.schedule, plan.device, plan.dtype, backend)
+
+
+def fused_step(plan: SamplingPlan, step: ops.PreparedStep, x, m, pv, t, prev_t, noise, generator, seed, offset):
+    """One fused step (DDPM or DDIM) with the plan's settings; ``step`` is :func:`prepare`'s. ``noise``: a
+    tensor, None (draw from ``generator``), "philox" or "none". The plan checked the settings, timesteps and
+    seed once, split_output the output's shape and dtype; the model may still have put it on another device."""
+    ops.check_like(m, x, "model_output", "sample")
     if plan.sampler == "ddpm":
-        return ops.ddpm_step(x, m, t, plan.schedule, prev_t, noise=noise, generator=generator,
-                             prediction_type=plan.prediction_type, variance_type=plan.variance_type,
-                             clip_sample=plan.clip_denoised, predicted_variance=pv, seed=seed, offset=offset,
-                             backend=backend)
-    return ops.ddim_step(x, m, t, plan.schedule, prev_t, eta=plan.eta, noise=noise, generator=generator,
-                         prediction_type=plan.prediction_type, clip_sample=plan.clip_denoised,
-                         use_clipped_model_output=plan.use_clipped_model_output, seed=seed, offset=offset,
-                         backend=backend)
+        return step(x, m, t, prev_t, noise=noise, generator=generator, prediction_type=plan.prediction_type,
+                    variance_type=plan.variance_type, clip_sample=plan.clip_denoised, predicted_variance=pv,
+                    seed=seed, offset=offset)[0]
+    return step(x, m, t, prev_t, eta=plan.eta, noise=noise, generator=generator,
+                prediction_type=plan.prediction_type, clip_sample=plan.clip_denoised,
+                use_clipped_model_output=plan.use_clipped_model_output, seed=seed, offset=offset)[0]
 
 
 def initial_noise(plan: SamplingPlan, generator, seed) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from ..schedule import NoiseSchedule
-from .plan import SamplingPlan, call_model, fused_step, initial_noise, plan_sampling, split_output
+from .plan import SamplingPlan, call_model, fused_step, initial_noise, plan_sampling, prepare, split_output
 
 # The plan's names stay importable from here, where they lived before plan.py (fastddpm.samplers.sample.*).
 __all__ = ["sample", "SamplingPlan", "plan_sampling", "call_model", "initial_noise"]
@@ -182,6 +182,7 @@ def _sample(model, plan, generator, seed, progress, callback, return_intermediat
         return sample_cuda_graph(model, plan, generator=generator, seed=seed, progress=progress,
                                  callback=callback, return_intermediates=return_intermediates,
                                  backend=backend)
+    step = prepare(plan, backend)
     cl = _use_channels_last(model, plan, channels_last)
     with channels_last_weights(model if cl else None):
         x = initial_noise(plan, generator, seed)
@@ -195,22 +196,21 @@ def _sample(model, plan, generator, seed, progress, callback, return_intermediat
         if plan.sampler == "dpm++2m":
             from .dpmpp import DPMSolverState
 
-            solver = DPMSolverState()
+            solver = DPMSolverState(step)
 
         for i in tqdm(range(plan.num_steps), disable=not progress, desc=f"fastddpm {plan.sampler}"):
             t, prev = t_host[i], prev_host[i]
             tb = torch.full((B,), t, dtype=torch.int64, device=plan.device)
             m, pv = split_output(plan, call_model(model, x, tb), x)
             if plan.sampler == "dpm++2m":  # deterministic: no noise after x_T
-                x = solver.step(x, m, t, prev, plan.schedule, prediction_type=plan.prediction_type,
-                                clip_sample=plan.clip_denoised, backend=backend)
+                x = solver.step(x, m, t, prev, prediction_type=plan.prediction_type, clip_sample=plan.clip_denoised)
             else:
                 if plan.noise == "philox":
                     z, off = "philox", plan.philox_offset(i)
                 else:
                     # DDPM adds no noise at t = 0 and diffusers draws none there; DDIM draws only when eta > 0.
                     z, off = ("none" if plan.sampler == "ddpm" and t == 0 else None), 0
-                x = fused_step(plan, x, m, pv, t, prev, z, generator, seed, off, backend)
+                x = fused_step(plan, step, x, m, pv, t, prev, z, generator, seed, off)
             if callback is not None:
                 callback(i, t, x)
             if return_intermediates:
