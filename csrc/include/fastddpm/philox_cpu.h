@@ -128,6 +128,91 @@ inline void normal_block_scalar(uint64_t seed, uint64_t offset, int64_t n, float
   }
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// The intrinsics of the word-to-normal transform at this build's vector width, so that the AVX-512 and the AVX2
+// paths run one sequence of steps: normal_from_words_v below, the vector twin of normal_from_words.
+// _mm512_* / __m512 on AVX-512 builds, _mm256_* / __m256 on AVX2 builds.
+#if defined(__AVX512F__)
+#define FASTDDPM_SIMD_BITS 512
+#else
+#define FASTDDPM_SIMD_BITS 256
+#endif
+#define FASTDDPM_CAT5(a, b, c, d, e) a##b##c##d##e
+#define FASTDDPM_XCAT5(a, b, c, d, e) FASTDDPM_CAT5(a, b, c, d, e)
+#define FASTDDPM_MM(name) FASTDDPM_XCAT5(_mm, FASTDDPM_SIMD_BITS, _##name, , )
+#define FASTDDPM_MM_SI(name) FASTDDPM_XCAT5(_mm, FASTDDPM_SIMD_BITS, _##name, _si, FASTDDPM_SIMD_BITS)
+#define FASTDDPM_MM_SI_PS FASTDDPM_XCAT5(_mm, FASTDDPM_SIMD_BITS, _castsi, FASTDDPM_SIMD_BITS, _ps)
+using SimdF = FASTDDPM_XCAT5(__m, FASTDDPM_SIMD_BITS, , , );
+using SimdI = FASTDDPM_XCAT5(__m, FASTDDPM_SIMD_BITS, i, , );
+struct Simd {
+  using F = SimdF;
+  using I = SimdI;
+  static F set1(float v) { return FASTDDPM_MM(set1_ps)(v); }
+  static I set1_i(uint32_t v) { return FASTDDPM_MM(set1_epi32)(static_cast<int>(v)); }
+  static F sub(F a, F b) { return FASTDDPM_MM(sub_ps)(a, b); }
+  static F mul(F a, F b) { return FASTDDPM_MM(mul_ps)(a, b); }
+  static F fmadd(F a, F b, F c) { return FASTDDPM_MM(fmadd_ps)(a, b, c); }
+  static F min(F a, F b) { return FASTDDPM_MM(min_ps)(a, b); }
+  static F max(F a, F b) { return FASTDDPM_MM(max_ps)(a, b); }
+  static F sqrt(F a) { return FASTDDPM_MM(sqrt_ps)(a); }
+  static F zero() { return FASTDDPM_MM(setzero_ps)(); }
+  static F to_float(I a) { return FASTDDPM_MM(cvtepi32_ps)(a); }
+  static I sub_i(I a, I b) { return FASTDDPM_MM(sub_epi32)(a, b); }
+  static I bits(F a) { return FASTDDPM_MM_SI(castps)(a); }
+  static I xor_i(I a, I b) { return FASTDDPM_MM_SI(xor)(a, b); }
+  static F from_bits(I a) { return FASTDDPM_MM_SI_PS(a); }
+  template <int N>
+  static I sra(I a) { return FASTDDPM_MM(srai_epi32)(a, N); }
+  template <int N>
+  static I sll(I a) { return FASTDDPM_MM(slli_epi32)(a, N); }
+};
+#undef FASTDDPM_MM
+#undef FASTDDPM_MM_SI
+#undef FASTDDPM_MM_SI_PS
+#undef FASTDDPM_XCAT5
+#undef FASTDDPM_CAT5
+#undef FASTDDPM_SIMD_BITS
+
+// minus2_log on a vector, step for step.
+inline Simd::F minus2_log_v(Simd::F x) {
+  using S = Simd;
+  const S::I xb = S::bits(x);
+  const S::I e = S::sra<23>(S::sub_i(xb, S::set1_i(kSqrtHalfBits)));
+  const S::F m = S::from_bits(S::sub_i(xb, S::sll<23>(e)));
+  const S::F f = S::sub(m, S::set1(1.0f));
+  const S::F z = S::mul(f, f);
+  S::F p = S::set1(kLogPm2[0]);
+  for (int k = 1; k < 9; ++k) p = S::fmadd(p, f, S::set1(kLogPm2[k]));
+  const S::F fe = S::to_float(e);
+  S::F y = S::mul(S::mul(p, f), z);
+  y = S::fmadd(fe, S::set1(-2.0f * kLn2Lo), y);
+  y = S::fmadd(f, f, y);
+  return S::fmadd(fe, S::set1(-2.0f * kLn2Hi), S::fmadd(S::set1(-2.0f), f, y));
+}
+
+// cos_quarter_turns on a vector, step for step.
+inline Simd::F cos_quarter_turns_v(Simd::F q) {
+  using S = Simd;
+  const S::F t = S::min(S::sub(q, S::set1(1.0f)), S::sub(S::set1(3.0f), q));
+  const S::F s = S::mul(t, t);
+  S::F p = S::fmadd(S::set1(kSinT3), s, S::set1(kSinT2));
+  p = S::fmadd(p, s, S::set1(kSinT1));
+  p = S::fmadd(p, s, S::set1(kSinT0));
+  const S::F rest = S::fmadd(S::mul(t, s), p, S::mul(t, S::set1(kMinusPio2Lo)));
+  return S::fmadd(t, S::set1(kMinusPio2Hi), rest);
+}
+
+// normal_from_words on a vector of word pairs.
+inline Simd::F normal_from_words_v(Simd::I w0, Simd::I w1) {
+  using S = Simd;
+  const S::I a = S::xor_i(w0, S::sra<31>(w0));
+  const S::I b = S::xor_i(w1, S::sra<31>(w1));
+  const S::F u1 = S::max(S::mul(S::to_float(a), S::set1(kUniformScale)), S::set1(1.0e-7f));
+  const S::F q = S::fmadd(S::to_float(b), S::set1(kUniformScale4), S::zero());
+  return S::mul(S::sqrt(minus2_log_v(u1)), cos_quarter_turns_v(q));
+}
+#endif
+
 #if defined(__AVX512F__)
 constexpr int64_t kVecWidth = 16;
 
@@ -183,41 +268,6 @@ inline void philox8(__m512i ctr, uint32_t hi, uint32_t k0, uint32_t k1, __m512i&
   w1 = pb;
 }
 
-inline __m512 minus2_log16(__m512 x) {
-  const __m512i xb = _mm512_castps_si512(x);
-  const __m512i e = _mm512_srai_epi32(_mm512_sub_epi32(xb, _mm512_set1_epi32(static_cast<int>(kSqrtHalfBits))), 23);
-  const __m512 m = _mm512_castsi512_ps(_mm512_sub_epi32(xb, _mm512_slli_epi32(e, 23)));
-  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
-  const __m512 z = _mm512_mul_ps(f, f);
-  __m512 p = _mm512_set1_ps(kLogPm2[0]);
-  for (int k = 1; k < 9; ++k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLogPm2[k]));
-  const __m512 fe = _mm512_cvtepi32_ps(e);
-  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, f), z);
-  y = _mm512_fmadd_ps(fe, _mm512_set1_ps(-2.0f * kLn2Lo), y);
-  y = _mm512_fmadd_ps(f, f, y);
-  return _mm512_fmadd_ps(fe, _mm512_set1_ps(-2.0f * kLn2Hi), _mm512_fmadd_ps(_mm512_set1_ps(-2.0f), f, y));
-}
-
-inline __m512 cos_quarter_turns16(__m512 q) {
-  const __m512 t = _mm512_min_ps(_mm512_sub_ps(q, _mm512_set1_ps(1.0f)), _mm512_sub_ps(_mm512_set1_ps(3.0f), q));
-  const __m512 s = _mm512_mul_ps(t, t);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kSinT3), s, _mm512_set1_ps(kSinT2));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kSinT1));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kSinT0));
-  const __m512 rest = _mm512_fmadd_ps(_mm512_mul_ps(t, s), p, _mm512_mul_ps(t, _mm512_set1_ps(kMinusPio2Lo)));
-  return _mm512_fmadd_ps(t, _mm512_set1_ps(kMinusPio2Hi), rest);
-}
-
-inline __m512 normal_from_words16(__m512i w0, __m512i w1) {
-  const __m512i a = _mm512_xor_si512(w0, _mm512_srai_epi32(w0, 31));
-  const __m512i b = _mm512_xor_si512(w1, _mm512_srai_epi32(w1, 31));
-  const __m512 u1 = _mm512_max_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(kUniformScale)),
-                                  _mm512_set1_ps(1.0e-7f));
-  const __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), _mm512_set1_ps(kUniformScale4), _mm512_setzero_ps());
-  const __m512 r = _mm512_sqrt_ps(minus2_log16(u1));
-  return _mm512_mul_ps(r, cos_quarter_turns16(q));
-}
-
 // Words 0 and 1 of counters offset .. offset + 15, packed in counter order.
 inline void words16(uint64_t offset, uint32_t k0, uint32_t k1, uint32_t* w0, uint32_t* w1) {
   const __m512i base = _mm512_set1_epi64(static_cast<long long>(offset));
@@ -247,11 +297,11 @@ inline void words_block(uint64_t seed, uint64_t offset, int64_t n, uint32_t* w0,
 inline void normals_from_words(const uint32_t* w0, const uint32_t* w1, int64_t n, float* out) {
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    _mm512_storeu_ps(out + j, normal_from_words16(_mm512_loadu_si512(w0 + j), _mm512_loadu_si512(w1 + j)));
+    _mm512_storeu_ps(out + j, normal_from_words_v(_mm512_loadu_si512(w0 + j), _mm512_loadu_si512(w1 + j)));
   }
   if (j < n) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (n - j)) - 1u);
-    _mm512_mask_storeu_ps(out + j, mask, normal_from_words16(_mm512_loadu_si512(w0 + j), _mm512_loadu_si512(w1 + j)));
+    _mm512_mask_storeu_ps(out + j, mask, normal_from_words_v(_mm512_loadu_si512(w0 + j), _mm512_loadu_si512(w1 + j)));
   }
 }
 
@@ -285,41 +335,6 @@ inline void philox4(__m256i ctr, uint32_t k0, uint32_t k1, __m256i& w0, __m256i&
   w1 = pb;
 }
 
-inline __m256 minus2_log8(__m256 x) {
-  const __m256i xb = _mm256_castps_si256(x);
-  const __m256i e = _mm256_srai_epi32(_mm256_sub_epi32(xb, _mm256_set1_epi32(static_cast<int>(kSqrtHalfBits))), 23);
-  const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(xb, _mm256_slli_epi32(e, 23)));
-  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
-  const __m256 z = _mm256_mul_ps(f, f);
-  __m256 p = _mm256_set1_ps(kLogPm2[0]);
-  for (int k = 1; k < 9; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kLogPm2[k]));
-  const __m256 fe = _mm256_cvtepi32_ps(e);
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);
-  y = _mm256_fmadd_ps(fe, _mm256_set1_ps(-2.0f * kLn2Lo), y);
-  y = _mm256_fmadd_ps(f, f, y);
-  return _mm256_fmadd_ps(fe, _mm256_set1_ps(-2.0f * kLn2Hi), _mm256_fmadd_ps(_mm256_set1_ps(-2.0f), f, y));
-}
-
-inline __m256 cos_quarter_turns8(__m256 q) {
-  const __m256 t = _mm256_min_ps(_mm256_sub_ps(q, _mm256_set1_ps(1.0f)), _mm256_sub_ps(_mm256_set1_ps(3.0f), q));
-  const __m256 s = _mm256_mul_ps(t, t);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kSinT3), s, _mm256_set1_ps(kSinT2));
-  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(kSinT1));
-  p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(kSinT0));
-  const __m256 rest = _mm256_fmadd_ps(_mm256_mul_ps(t, s), p, _mm256_mul_ps(t, _mm256_set1_ps(kMinusPio2Lo)));
-  return _mm256_fmadd_ps(t, _mm256_set1_ps(kMinusPio2Hi), rest);
-}
-
-inline __m256 normal_from_words8(__m256i w0, __m256i w1) {
-  const __m256i a = _mm256_xor_si256(w0, _mm256_srai_epi32(w0, 31));
-  const __m256i b = _mm256_xor_si256(w1, _mm256_srai_epi32(w1, 31));
-  const __m256 u1 = _mm256_max_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(kUniformScale)),
-                                  _mm256_set1_ps(1.0e-7f));
-  const __m256 q = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), _mm256_set1_ps(kUniformScale4), _mm256_setzero_ps());
-  const __m256 r = _mm256_sqrt_ps(minus2_log8(u1));
-  return _mm256_mul_ps(r, cos_quarter_turns8(q));
-}
-
 // The low halves of the 64-bit lanes of a (counters 0-3) and b (4-7), in order.
 inline __m256i pack_lo(__m256i a, __m256i b) {
   const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
@@ -343,7 +358,7 @@ inline void words_block(uint64_t seed, uint64_t offset, int64_t n, uint32_t* w0,
 
 inline void normals_from_words(const uint32_t* w0, const uint32_t* w1, int64_t n, float* out) {
   auto at = [&](int64_t j) {
-    return normal_from_words8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + j)),
+    return normal_from_words_v(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + j)),
                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + j)));
   };
   int64_t j = 0;
