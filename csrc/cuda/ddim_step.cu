@@ -22,20 +22,13 @@ template <typename T>
 __global__ void ddim_step_kernel(const T* __restrict__ x, const T* __restrict__ m, const T* __restrict__ z,
                                  T* __restrict__ out, T* __restrict__ pred, const int64_t* __restrict__ t,
                                  const int64_t* __restrict__ prev_t, const float* __restrict__ ac, DdimArgs a) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   const uint64_t offset = philox_counter_offset(a.philox);
-  int64_t cur_b = -1;
-  DdimCoeffs c{};
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.n; i += stride) {
-    const int64_t b = i / a.M;
-    if (b != cur_b) {
-      int64_t tb = t[b], pb = prev_t[b];
-      clamp_step_timesteps(tb, pb, a.T);
-      const float ab_t = __ldg(ac + tb);
-      const float ab_prev = pb >= 0 ? __ldg(ac + pb) : a.final_ac;
-      c = ddim_step_coeffs(ab_t, ab_prev, a.eta, a.diffusers_beta);
-      cur_b = b;
-    }
+  auto coeffs_of = [=](int64_t, int64_t tb, int64_t pb) {
+    const float ab_t = __ldg(ac + tb);
+    const float ab_prev = pb >= 0 ? __ldg(ac + pb) : a.final_ac;
+    return ddim_step_coeffs(ab_t, ab_prev, a.eta, a.diffusers_beta);
+  };
+  for_each_step_element<DdimCoeffs>(a.n, a.M, a.T, t, prev_t, coeffs_of, [=](int64_t i, const DdimCoeffs& c) {
     float x0;
     float o = ddim_mean(to_float(x[i]), to_float(m[i]), c, a.prediction_type, a.clip_range, a.use_clipped, &x0);
     if (pred != nullptr) pred[i] = from_float<T>(x0);
@@ -45,24 +38,25 @@ __global__ void ddim_step_kernel(const T* __restrict__ x, const T* __restrict__ 
       o += c.std * philox_normal(a.philox.seed, offset + static_cast<uint64_t>(i));
     }
     out[i] = from_float<T>(o);
-  }
+  });
 }
 
 }  // namespace
 
 int launch_ddim_step(const DdimStepParams& p, cudaStream_t stream) {
-  const int64_t n = p.B * p.M;
+  const StepOperands& s = p.s;
+  const int64_t n = s.B * s.M;
   if (n == 0) return 0;
   // The offset tensor is read only for in-kernel noise.
   const PhiloxStream philox{p.philox.seed, p.philox.offset,
                             p.noise_mode == kNoisePhilox ? p.philox.offset_ptr : nullptr};
-  const DdimArgs a{p.T, n, p.M, philox, p.noise_mode, p.prediction_type, p.final_alpha_cumprod, p.eta,
+  const DdimArgs a{s.T, n, s.M, philox, p.noise_mode, p.prediction_type, p.final_alpha_cumprod, p.eta,
                    p.clip_range, p.use_clipped_model_output, p.diffusers_beta};
-  constexpr int kThreads = 256;
-  const int blocks = grid_for(n, kThreads);
-  FASTDDPM_CUDA_DISPATCH(p.dtype, ddim_step_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-      static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.m), static_cast<const scalar_t*>(p.z),
-      static_cast<scalar_t*>(p.out), static_cast<scalar_t*>(p.pred), p.t, p.prev_t, p.alphas_cumprod, a));
+  FASTDDPM_CUDA_DISPATCH(
+      s.dtype, ddim_step_kernel<scalar_t><<<grid_for(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+                   static_cast<const scalar_t*>(s.x), static_cast<const scalar_t*>(s.m),
+                   static_cast<const scalar_t*>(p.z), static_cast<scalar_t*>(s.out), static_cast<scalar_t*>(s.pred),
+                   s.t, s.prev_t, s.alphas_cumprod, a));
   return static_cast<int>(cudaGetLastError());
 }
 

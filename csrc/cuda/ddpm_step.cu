@@ -22,20 +22,13 @@ __global__ void ddpm_step_kernel(const T* __restrict__ x, const T* __restrict__ 
                                  const T* __restrict__ pv, T* __restrict__ out, T* __restrict__ pred,
                                  const int64_t* __restrict__ t, const int64_t* __restrict__ prev_t,
                                  const float* __restrict__ ac, Args a) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   const uint64_t offset = philox_counter_offset(a.philox);
-  int64_t cur_b = -1;
-  StepCoeffs c{};
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.n; i += stride) {
-    const int64_t b = i / a.M;
-    if (b != cur_b) {
-      int64_t tb = t[b], pb = prev_t[b];
-      clamp_step_timesteps(tb, pb, a.T);
-      const float ab_t = __ldg(ac + tb);
-      const float ab_prev = pb >= 0 ? __ldg(ac + pb) : 1.0f;
-      c = ddpm_step_coeffs(ab_t, ab_prev, a.variance_type, tb > 0, a.diffusers_beta);
-      cur_b = b;
-    }
+  auto coeffs_of = [=](int64_t, int64_t tb, int64_t pb) {
+    const float ab_t = __ldg(ac + tb);
+    const float ab_prev = pb >= 0 ? __ldg(ac + pb) : 1.0f;
+    return ddpm_step_coeffs(ab_t, ab_prev, a.variance_type, tb > 0, a.diffusers_beta);
+  };
+  for_each_step_element<StepCoeffs>(a.n, a.M, a.T, t, prev_t, coeffs_of, [=](int64_t i, const StepCoeffs& c) {
     const float xv = to_float(x[i]);
     const float x0 = ddpm_pred_x0(xv, to_float(m[i]), c, a.prediction_type, a.clip_range);
     if (pred != nullptr) pred[i] = from_float<T>(x0);
@@ -47,7 +40,7 @@ __global__ void ddpm_step_kernel(const T* __restrict__ x, const T* __restrict__ 
     StepCoeffs cc = c;
     cc.add_noise = c.add_noise && a.noise_mode != kNoNoise;
     out[i] = from_float<T>(ddpm_prev_sample(xv, x0, sigma, zv, cc));
-  }
+  });
 }
 
 __global__ void philox_normal_kernel(float* __restrict__ out, int64_t n, uint64_t seed, uint64_t offset) {
@@ -60,26 +53,25 @@ __global__ void philox_normal_kernel(float* __restrict__ out, int64_t n, uint64_
 }  // namespace
 
 int launch_ddpm_step(const DdpmStepParams& p, cudaStream_t stream) {
-  const int64_t n = p.B * p.M;
+  const StepOperands& s = p.s;
+  const int64_t n = s.B * s.M;
   if (n == 0) return 0;
   // The offset tensor is read only for in-kernel noise.
   const PhiloxStream philox{p.philox.seed, p.philox.offset,
                             p.noise_mode == kNoisePhilox ? p.philox.offset_ptr : nullptr};
-  const Args a{p.T, n, p.M, philox, p.noise_mode, p.prediction_type, p.variance_type, p.clip_range,
+  const Args a{s.T, n, s.M, philox, p.noise_mode, p.prediction_type, p.variance_type, p.clip_range,
                p.diffusers_beta};
-  constexpr int kThreads = 256;
-  const int blocks = grid_for(n, kThreads);
-  FASTDDPM_CUDA_DISPATCH(p.dtype, ddpm_step_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-      static_cast<const scalar_t*>(p.x), static_cast<const scalar_t*>(p.m), static_cast<const scalar_t*>(p.z),
-      static_cast<const scalar_t*>(p.pv), static_cast<scalar_t*>(p.out), static_cast<scalar_t*>(p.pred), p.t,
-      p.prev_t, p.alphas_cumprod, a));
+  FASTDDPM_CUDA_DISPATCH(
+      s.dtype, ddpm_step_kernel<scalar_t><<<grid_for(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+                   static_cast<const scalar_t*>(s.x), static_cast<const scalar_t*>(s.m),
+                   static_cast<const scalar_t*>(p.z), static_cast<const scalar_t*>(p.pv),
+                   static_cast<scalar_t*>(s.out), static_cast<scalar_t*>(s.pred), s.t, s.prev_t, s.alphas_cumprod, a));
   return static_cast<int>(cudaGetLastError());
 }
 
 int launch_philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset, cudaStream_t stream) {
   if (n == 0) return 0;
-  constexpr int kThreads = 256;
-  philox_normal_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out, n, seed, offset);
+  philox_normal_kernel<<<grid_for(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(out, n, seed, offset);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -1,4 +1,5 @@
-// ddpm_step's CUDA registration: checks and allocation; the kernel is in ddpm_step.cu.
+// ddpm_step's CUDA registration: allocation (the arguments are checked by ddpm_step_op, checks.h); the
+// kernel is in ddpm_step.cu.
 #include <torch/library.h>
 
 #include "fastddpm/checks.h"
@@ -9,15 +10,9 @@
 namespace fastddpm {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(
-    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
-    const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
-    const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& predicted_variance,
-    int64_t seed, int64_t offset, int64_t noise_mode, int64_t prediction_type,
-    int64_t variance_type, double clip_range, bool return_pred, const c10::optional<at::Tensor>& offset_tensor,
-    bool diffusers_beta) {
-  check_ddpm_step_args(sample, model_output, t, prev_t, alphas_cumprod, noise, predicted_variance, seed, offset,
-                       noise_mode, prediction_type, variance_type);
+TensorPair ddpm_step_cuda(DdpmStepArgs a) {
+  const auto& [sample, model_output, t, prev_t, alphas_cumprod, noise, predicted_variance, seed, offset, noise_mode,
+               prediction_type, variance_type, clip_range, return_pred, offset_tensor, diffusers_beta] = a;
   // Read by the kernel (no host sync); its sign is the caller's to check (fastddpm.ops does, asynchronously).
   const int64_t* offset_ptr = noise_mode == kNoisePhilox ? offset_tensor_ptr(offset_tensor, sample) : nullptr;
   const c10::cuda::CUDAGuard guard(sample.device());
@@ -29,19 +24,9 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(
   auto [out, pred] = io.outputs(return_pred);
   if (io.has_elements()) {
     const cuda::DdpmStepParams p{
-        .dtype = cuda_dtype(sample),
-        .x = io.first().data_ptr(),
-        .m = ms.data_ptr(),
+        .s = step_operands(io, ms, out, pred, return_pred, tc, pc, ac),
         .z = data_or_null(zs),
         .pv = data_or_null(ps),
-        .out = out.data_ptr(),
-        .pred = return_pred ? pred.data_ptr() : nullptr,
-        .t = tc.data_ptr<int64_t>(),
-        .prev_t = pc.data_ptr<int64_t>(),
-        .alphas_cumprod = ac.data_ptr<float>(),
-        .T = ac.size(0),
-        .B = io.batch(),
-        .M = io.per_sample(),
         .philox = {static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), offset_ptr},
         .noise_mode = noise_mode,
         .prediction_type = prediction_type,
@@ -65,7 +50,7 @@ void philox_normal_cuda(const at::Tensor& out, int64_t seed, int64_t offset) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
-  m.impl("ddpm_step", &ddpm_step_cuda);
+  m.impl("ddpm_step", &ddpm_step_op<ddpm_step_cuda>);
   m.impl("philox_normal_", &philox_normal_cuda);
 }
 

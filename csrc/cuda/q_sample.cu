@@ -29,9 +29,8 @@ __global__ void q_sample_kernel(const T* __restrict__ x0, const T* __restrict__ 
 int launch_q_sample(const QSampleParams& p, cudaStream_t stream) {
   const int64_t n = p.B * p.M;
   if (n == 0) return 0;
-  constexpr int kThreads = 256;
-  const int blocks = grid_for(n, kThreads);
-  FASTDDPM_CUDA_DISPATCH(p.dtype, q_sample_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+  FASTDDPM_CUDA_DISPATCH(
+      p.dtype, q_sample_kernel<scalar_t><<<grid_for(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
       static_cast<const scalar_t*>(p.x0), static_cast<const scalar_t*>(p.eps), static_cast<scalar_t*>(p.xt),
       static_cast<scalar_t*>(p.v), p.t, p.sqrt_ab, p.sqrt_1mab, p.T, n, p.M));
   return static_cast<int>(cudaGetLastError());

@@ -1,5 +1,5 @@
-// q_sample's CUDA registration: argument checks and allocation here (host
-// compiler), the kernel in q_sample.cu (torch-free).
+// q_sample's CUDA registration: allocation here (host compiler; the arguments are checked by
+// q_sample_op, checks.h), the kernel in q_sample.cu (torch-free).
 #include <torch/library.h>
 
 #include "fastddpm/checks.h"
@@ -9,10 +9,8 @@
 namespace fastddpm {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0, const at::Tensor& noise,
-                                                 const at::Tensor& t, const at::Tensor& sqrt_ab,
-                                                 const at::Tensor& sqrt_1mab, bool with_v) {
-  check_q_sample_args(x0, noise, t, sqrt_ab, sqrt_1mab);
+TensorPair q_sample_cuda(QSampleArgs a) {
+  const auto& [x0, noise, t, sqrt_ab, sqrt_1mab, with_v] = a;
   const c10::cuda::CUDAGuard guard(x0.device());
   const StepLayout io({x0, noise});
   const at::Tensor ein = io.in(noise);
@@ -37,6 +35,6 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) { m.impl("q_sample", &q_sample_cuda); }
+TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) { m.impl("q_sample", &q_sample_op<q_sample_cuda>); }
 
 }  // namespace fastddpm

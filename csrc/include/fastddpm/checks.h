@@ -10,6 +10,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "fastddpm/elementwise.h"
 
@@ -271,6 +272,25 @@ inline void check_step_timestep_values(int64_t tb, int64_t pb, int64_t T, int64_
   TORCH_CHECK(pb < tb, "prev_t: expected prev_t < t (", tb, "), got ", pb, " at index ", b);
 }
 
+// CPU kernels: a step's per-sample coefficients coeffs_of(b, t_b, prev_t_b, abar), the timesteps read on
+// the host and range-checked first (check_step_timestep_values).
+template <typename F>
+auto host_step_coeffs(const at::Tensor& t, const at::Tensor& prev_t, const at::Tensor& alphas_cumprod,
+                      F&& coeffs_of) {
+  using Coeffs = decltype(coeffs_of(int64_t{0}, int64_t{0}, int64_t{0}, static_cast<const float*>(nullptr)));
+  const int64_t B = t.size(0), T = alphas_cumprod.size(0);
+  const auto tc = t.contiguous(), pc = prev_t.contiguous(), ac = alphas_cumprod.contiguous();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  const float* abar = ac.data_ptr<float>();
+  std::vector<Coeffs> coeffs(B);
+  for (int64_t b = 0; b < B; ++b) {
+    check_step_timestep_values(tp[b], pp[b], T, b);
+    coeffs[b] = coeffs_of(b, tp[b], pp[b], abar);
+  }
+  return coeffs;
+}
+
 // The noise ddim_step adds: none where eta == 0 (diffusers draws none), else noise_mode's.
 inline int64_t ddim_noise_mode(int64_t noise_mode, double eta) { return eta > 0.0 ? noise_mode : kNoNoise; }
 
@@ -330,6 +350,91 @@ inline void check_group_norm_silu_bwd_args(const at::Tensor& grad_y, const at::T
   }
   TORCH_CHECK(rstd.scalar_type() == mean.scalar_type(), "rstd: expected the dtype of mean (", mean.scalar_type(),
               "), got ", rstd.scalar_type());
+}
+
+// ---------------------------------------------------------------------------
+// Each op's schema-shaped entry, csrc/ops.cpp's argument list written once: it runs the op's
+// check_*_args and hands the arguments, in one struct of references, to a device's implementation Impl.
+// The CPU and CUDA files register <op>_op<their impl>, so neither restates the signature and neither can
+// skip the checks.
+// ---------------------------------------------------------------------------
+using OptTensor = c10::optional<at::Tensor>;
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+
+struct QSampleArgs {
+  const at::Tensor &x0, &noise, &t, &sqrt_ab, &sqrt_1mab;
+  bool with_v;
+};
+template <TensorPair (*Impl)(QSampleArgs)>
+TensorPair q_sample_op(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                       const at::Tensor& sqrt_1mab, bool with_v) {
+  check_q_sample_args(x0, noise, t, sqrt_ab, sqrt_1mab);
+  return Impl({x0, noise, t, sqrt_ab, sqrt_1mab, with_v});
+}
+
+struct DdpmStepArgs {
+  const at::Tensor &sample, &model_output, &t, &prev_t, &alphas_cumprod;
+  const OptTensor &noise, &predicted_variance;
+  int64_t seed, offset, noise_mode, prediction_type, variance_type;
+  double clip_range;
+  bool return_pred;
+  const OptTensor& offset_tensor;
+  bool diffusers_beta;
+};
+template <TensorPair (*Impl)(DdpmStepArgs)>
+TensorPair ddpm_step_op(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
+                        const at::Tensor& prev_t, const at::Tensor& alphas_cumprod, const OptTensor& noise,
+                        const OptTensor& predicted_variance, int64_t seed, int64_t offset, int64_t noise_mode,
+                        int64_t prediction_type, int64_t variance_type, double clip_range, bool return_pred,
+                        const OptTensor& offset_tensor, bool diffusers_beta) {
+  check_ddpm_step_args(sample, model_output, t, prev_t, alphas_cumprod, noise, predicted_variance, seed, offset,
+                       noise_mode, prediction_type, variance_type);
+  return Impl({sample, model_output, t, prev_t, alphas_cumprod, noise, predicted_variance, seed, offset, noise_mode,
+               prediction_type, variance_type, clip_range, return_pred, offset_tensor, diffusers_beta});
+}
+
+struct DdimStepArgs {
+  const at::Tensor &sample, &model_output, &t, &prev_t, &alphas_cumprod;
+  double final_alpha_cumprod;
+  const OptTensor& noise;
+  int64_t seed, offset, noise_mode, prediction_type;
+  double eta, clip_range;
+  bool use_clipped_model_output, return_pred;
+  const OptTensor& offset_tensor;
+  bool diffusers_beta;
+};
+template <TensorPair (*Impl)(DdimStepArgs)>
+TensorPair ddim_step_op(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
+                        const at::Tensor& prev_t, const at::Tensor& alphas_cumprod, double final_alpha_cumprod,
+                        const OptTensor& noise, int64_t seed, int64_t offset, int64_t noise_mode,
+                        int64_t prediction_type, double eta, double clip_range, bool use_clipped_model_output,
+                        bool return_pred, const OptTensor& offset_tensor, bool diffusers_beta) {
+  check_ddim_step_args(sample, model_output, t, prev_t, alphas_cumprod, final_alpha_cumprod, noise, seed, offset,
+                       noise_mode, prediction_type, eta);
+  return Impl({sample, model_output, t, prev_t, alphas_cumprod, final_alpha_cumprod, noise, seed, offset, noise_mode,
+               prediction_type, eta, clip_range, use_clipped_model_output, return_pred, offset_tensor,
+               diffusers_beta});
+}
+
+struct DpmppStepArgs {
+  const at::Tensor &sample, &model_output;
+  const OptTensor& prev_x0;
+  const at::Tensor &t, &prev_t;
+  const OptTensor& last_t;
+  const at::Tensor& alphas_cumprod;
+  int64_t prediction_type;
+  double clip_range;
+  bool return_pred;
+  bool second() const { return prev_x0.has_value() && prev_x0->defined(); }  // DPM-Solver++(2M)'s second order
+};
+template <TensorPair (*Impl)(DpmppStepArgs)>
+TensorPair dpmpp_step_op(const at::Tensor& sample, const at::Tensor& model_output, const OptTensor& prev_x0,
+                         const at::Tensor& t, const at::Tensor& prev_t, const OptTensor& last_t,
+                         const at::Tensor& alphas_cumprod, int64_t prediction_type, double clip_range,
+                         bool return_pred) {
+  check_dpmpp_step_args(sample, model_output, prev_x0, t, prev_t, last_t, alphas_cumprod, prediction_type);
+  return Impl({sample, model_output, prev_x0, t, prev_t, last_t, alphas_cumprod, prediction_type, clip_range,
+               return_pred});
 }
 
 // ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "fastddpm/checks.h"
 #include "fastddpm/cuda_launch.h"
 
 namespace fastddpm {
@@ -24,6 +25,25 @@ inline cuda::DType cuda_dtype(const at::Tensor& x) {
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// The operands of a reverse step's launch: sample (io.first()), model_output ms and the outputs in io's working
+// layout, the contiguous timesteps tc, pc and table ac (alive until the launch is queued); pred null where not
+// returned.
+inline cuda::StepOperands step_operands(const StepLayout& io, const at::Tensor& ms, const at::Tensor& out,
+                                        const at::Tensor& pred, bool return_pred, const at::Tensor& tc,
+                                        const at::Tensor& pc, const at::Tensor& ac) {
+  return {cuda_dtype(io.first()),
+          io.first().data_ptr(),
+          ms.data_ptr(),
+          out.data_ptr(),
+          return_pred ? pred.data_ptr() : nullptr,
+          tc.data_ptr<int64_t>(),
+          pc.data_ptr<int64_t>(),
+          ac.data_ptr<float>(),
+          ac.size(0),
+          io.batch(),
+          io.per_sample()};
+}
 
 // A CUDA error pending before an op launches belongs to an earlier operation (the runtime keeps the last
 // error of any call until someone reads it): raise it as such, consuming it, so that the op's own check

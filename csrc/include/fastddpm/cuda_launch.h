@@ -40,18 +40,23 @@ struct PhiloxStream {
   const int64_t* offset_ptr;
 };
 
-struct DdpmStepParams {
+// What every reverse step (ddpm_step, ddim_step, dpmpp_step) reads and writes.
+struct StepOperands {
   DType dtype;
-  const void* x;   // sample x_t
-  const void* m;   // model_output
-  const void* z;   // the noise tensor (noise_mode kNoiseTensor), else null
-  const void* pv;  // predicted_variance (learned variance types), else null
-  void* out;       // prev_sample
-  void* pred;      // pred_original_sample, or null
+  const void* x;  // sample x_t
+  const void* m;  // model_output
+  void* out;      // prev_sample
+  void* pred;     // the (clipped) x0 prediction, or null
   const int64_t* t;
   const int64_t* prev_t;
   const float* alphas_cumprod;  // T values
   int64_t T, B, M;
+};
+
+struct DdpmStepParams {
+  StepOperands s;
+  const void* z;   // the noise tensor (noise_mode kNoiseTensor), else null
+  const void* pv;  // predicted_variance (learned variance types), else null
   PhiloxStream philox;
   int64_t noise_mode, prediction_type, variance_type;  // codes of elementwise.h
   float clip_range;                                    // <= 0: no clipping
@@ -60,16 +65,8 @@ struct DdpmStepParams {
 int launch_ddpm_step(const DdpmStepParams& p, cudaStream_t stream);
 
 struct DdimStepParams {
-  DType dtype;
-  const void* x;  // sample x_t
-  const void* m;  // model_output
-  const void* z;  // the noise tensor (noise_mode kNoiseTensor), else null
-  void* out;      // prev_sample
-  void* pred;     // pred_original_sample, or null
-  const int64_t* t;
-  const int64_t* prev_t;
-  const float* alphas_cumprod;  // T values
-  int64_t T, B, M;
+  StepOperands s;
+  const void* z;              // the noise tensor (noise_mode kNoiseTensor), else null
   float final_alpha_cumprod;  // abar_prev where prev_t < 0
   PhiloxStream philox;
   int64_t noise_mode, prediction_type;  // codes of elementwise.h; kNoNoise where eta == 0
@@ -79,17 +76,10 @@ struct DdimStepParams {
 int launch_ddim_step(const DdimStepParams& p, cudaStream_t stream);
 
 struct DpmppStepParams {
-  DType dtype;
-  const void* x;  // sample
-  const void* m;  // model_output
-  const void* p;  // prev_x0, null for the first-order update
-  void* out;      // prev_sample
-  void* pred;     // the clipped x0 prediction, or null
-  const int64_t* t;
-  const int64_t* prev_t;
+  StepOperands s;
+  const void* p;          // prev_x0, null for the first-order update
   const int64_t* last_t;  // null for the first-order update
-  const float* alphas_cumprod;
-  int64_t T, B, M, prediction_type;
+  int64_t prediction_type;
   float clip_range;
 };
 int launch_dpmpp_step(const DpmppStepParams& a, cudaStream_t stream);

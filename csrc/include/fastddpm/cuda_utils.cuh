@@ -39,6 +39,30 @@ __device__ __forceinline__ uint64_t philox_counter_offset(const PhiloxStream& s)
   return s.offset + (s.offset_ptr != nullptr ? static_cast<uint64_t>(__ldg(s.offset_ptr)) : 0u);
 }
 
+// The grid-stride loop of the reverse-step kernels over n elements, samples of M elements each: body(i, c)
+// for every element i of this thread, c = coeffs_of(b, t_b, prev_t_b) the coefficients of its sample b
+// (timesteps clamped by clamp_step_timesteps), computed again only where i crosses into another sample.
+template <typename Coeffs, typename CoeffsOf, typename Body>
+__device__ __forceinline__ void for_each_step_element(int64_t n, int64_t M, int64_t T, const int64_t* t,
+                                                      const int64_t* prev_t, CoeffsOf coeffs_of, Body body) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  int64_t cur_b = -1;
+  Coeffs c{};
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    const int64_t b = i / M;
+    if (b != cur_b) {
+      int64_t tb = t[b], pb = prev_t[b];
+      clamp_step_timesteps(tb, pb, T);
+      c = coeffs_of(b, tb, pb);
+      cur_b = b;
+    }
+    body(i, c);
+  }
+}
+
+// Threads per block of the one-pass elementwise kernels (grid_for gives the blocks).
+constexpr int kElementwiseThreads = 256;
+
 // Blocks for a grid-stride loop over n elements: enough to fill any current GPU,
 // bounded so the grid stays legal.
 inline int grid_for(int64_t n, int threads, int per_thread = 4) {
