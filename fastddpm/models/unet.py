@@ -473,32 +473,32 @@ class UNet(nn.Module):
 
     # -- presets -------------------------------------------------------------------------------
     @classmethod
+    def _preset(cls, overrides: dict, **config) -> UNet:
+        """A preset in the original DDPM code's conventions (one attention head, GroupNorm eps 1e-6, the
+        embedding's sin-cos order with shift 1, no padding before the strided downsampling convolution):
+        ``config`` on top of them, then the caller's ``overrides``."""
+        cfg = UNetConfig(num_heads=1, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
+                         **config)
+        return cls(dataclasses.replace(cfg, **overrides) if overrides else cfg)
+
+    @classmethod
     def ddpm_cifar10(cls, **overrides) -> UNet:
         """The DDPM CIFAR-10 network (Ho et al. 2020; google/ddpm-cifar10-32): 35,746,307 parameters."""
-        cfg = UNetConfig(sample_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
-                         layers_per_block=2, attention_resolutions=(16,), num_heads=1, dropout=0.1,
-                         norm_num_groups=32, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
-                         downsample_padding=0)
-        return cls(dataclasses.replace(cfg, **overrides) if overrides else cfg)
+        return cls._preset(overrides, sample_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
+                           layers_per_block=2, attention_resolutions=(16,), dropout=0.1, norm_num_groups=32)
 
     @classmethod
     def digits(cls, **overrides) -> UNet:
         """A small greyscale 16x16 network (about 1.5M parameters) that trains on a laptop CPU in minutes
         (e.g. on scikit-learn's 8x8 digits upsampled to 16x16)."""
-        cfg = UNetConfig(sample_size=16, in_channels=1, base_channels=32, channel_mult=(1, 2, 2),
-                         layers_per_block=1, attention_resolutions=(8,), num_heads=1, dropout=0.0,
-                         norm_num_groups=8, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
-                         downsample_padding=0)
-        return cls(dataclasses.replace(cfg, **overrides) if overrides else cfg)
+        return cls._preset(overrides, sample_size=16, in_channels=1, base_channels=32, channel_mult=(1, 2, 2),
+                           layers_per_block=1, attention_resolutions=(8,), dropout=0.0, norm_num_groups=8)
 
     @classmethod
     def tiny(cls, **overrides) -> UNet:
         """A few-thousand-parameter network for tests: 8x8, two levels, attention at 4x4."""
-        cfg = UNetConfig(sample_size=8, in_channels=3, base_channels=16, channel_mult=(1, 2),
-                         layers_per_block=1, attention_resolutions=(4,), num_heads=1, dropout=0.0,
-                         norm_num_groups=4, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
-                         downsample_padding=0)
-        return cls(dataclasses.replace(cfg, **overrides) if overrides else cfg)
+        return cls._preset(overrides, sample_size=8, in_channels=3, base_channels=16, channel_mult=(1, 2),
+                           layers_per_block=1, attention_resolutions=(4,), dropout=0.0, norm_num_groups=4)
 
     # -- switches ------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, enabled: bool = True) -> UNet:

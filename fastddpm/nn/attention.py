@@ -64,14 +64,21 @@ class AttentionBlock(nn.Module):
             raise ValueError(
                 f"num_groups: expected a positive divisor of channels={channels}, got {num_groups}")
         self.channels = channels
-        self.num_groups = num_groups
-        self.eps = eps
         self.heads = heads
         self.rescale_output_factor = rescale_output_factor
         self.backend = backend
         self.norm = _make_norm(num_groups, channels, eps)
         self.qkv = nn.Linear(channels, 3 * channels)  # rows: [W_q; W_k; W_v]
         self.proj_out = nn.Linear(channels, channels)
+
+    # The norm's own settings, read from it so that there is one copy to change.
+    @property
+    def num_groups(self) -> int:
+        return self.norm.num_groups
+
+    @property
+    def eps(self) -> float:
+        return self.norm.eps
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_groups={self.num_groups}, eps={self.eps}, heads={self.heads}"

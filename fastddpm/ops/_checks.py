@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..schedule import NoiseSchedule
+from ._codes import PREDICTION_TYPES
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -141,3 +144,43 @@ def philox_stream(seed, offset, device: torch.device | None = None) -> None:
         return
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset: expected a non-negative integer or a 0-d int64 tensor, got {offset!r}")
+
+
+def check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range) -> None:
+    """The arguments every step op (ddpm_step, ddim_step, dpmpp_step) takes: the tensors, the schedule,
+    the prediction type's name and the clip range."""
+    check_tensor(sample, "sample")
+    check_like(model_output, sample, "model_output", "sample")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if clip_sample and not clip_sample_range > 0:
+        raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
+
+
+def step_timesteps(t, prev_t, batch: int, device: torch.device, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, prev_t) of a step op as int64 (B,) tensors, range-checked; prev_t defaults to t - 1, and any
+    prev_t < 0 is the end of the chain. prev_t < t is checked on the host where that costs no device sync."""
+    tt = timesteps(t, batch, device, T)
+    if prev_t is None:
+        return tt, (int_timesteps(t - 1, batch, device) if type(t) is int else tt - 1)
+    pt = timesteps(prev_t, batch, device, T, name="prev_t", allow_negative=True)
+    if type(t) is int and type(prev_t) is int:
+        if not prev_t < t:
+            raise ValueError(f"prev_t: expected prev_t < t, got prev_t={prev_t}, t={t}")
+    elif pt.device.type == "cpu" and not torch.compiler.is_compiling() and bool((pt >= tt).any()):
+        raise ValueError("prev_t: expected prev_t < t for every sample")
+    return tt, pt
+
+
+def check_noise(noise, seed, offset, sample: torch.Tensor) -> None:
+    """The noise argument of ddpm_step/ddim_step: a tensor like ``sample``, None, "philox" (with a valid
+    ``seed``/``offset`` stream) or "none"."""
+    if isinstance(noise, str):
+        if noise == "philox":
+            philox_stream(seed, offset, sample.device)
+        elif noise != "none":
+            raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
+    elif noise is not None:
+        check_like(noise, sample, "noise", "sample")

@@ -1,9 +1,9 @@
-"""Loading of the compiled extension and the Python side of its op registrations.
+"""Loading of the compiled extension (fastddpm._C: the schemas of csrc/ops.cpp, the CUDA kernels; the CPU
+kernel build this CPU runs) and what was loaded (has_c, has_kernel).
 
-The schemas live in csrc/ops.cpp. Here each op gets a fake (meta)
-implementation, so torch.compile(fullgraph=True) traces through it, and, where
-training needs one, an autograd formula. Ops of other modules register theirs
-next to their public functions.
+Each op's fake (meta) implementation, so that torch.compile(fullgraph=True) traces through it, and its
+autograd formula where training needs one, are registered next to its public function
+(fastddpm/ops/<op>.py).
 """
 
 from __future__ import annotations
@@ -184,56 +184,3 @@ _KERNELS = _kernel_table()
 def has_kernel(op: str, key: str) -> bool:
     """Whether op ``fastddpm::<op>`` has a C++ kernel for dispatch key ``key`` ("CPU", "CUDA")."""
     return (op, key) in _KERNELS
-
-
-if _C is not None:
-
-    @torch.library.register_fake("fastddpm::q_sample")
-    def _q_sample_fake(x0, noise, t, sqrt_ab, sqrt_1mab, with_v):
-        xt = torch.empty_like(x0)
-        v = torch.empty_like(x0) if with_v else x0.new_empty(0)
-        return xt, v
-
-    @torch.library.register_fake("fastddpm::ddpm_step")
-    def _ddpm_step_fake(sample, model_output, t, prev_t, ac, noise, pv, seed, offset, noise_mode,
-                        prediction_type, variance_type, clip_range, return_pred, offset_tensor=None,
-                        diffusers_beta=False):
-        out = torch.empty_like(sample)
-        pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
-        return out, pred
-
-    @torch.library.register_fake("fastddpm::ddpm_step_randn")
-    def _ddpm_step_randn_fake(sample, model_output, t, prev_t, ac, generator, prediction_type, variance_type,
-                              clip_range, return_pred, diffusers_beta=False):
-        out = torch.empty_like(sample)
-        pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
-        return out, pred
-
-    @torch.library.register_fake("fastddpm::philox_normal_")
-    def _philox_normal_fake(out, seed, offset):
-        return None
-
-    @torch.library.register_fake("fastddpm::philox_bits_")
-    def _philox_bits_fake(out, seed, offset):
-        return None
-
-    def _q_sample_setup(ctx, inputs, output):
-        x0, noise, t, sqrt_ab, sqrt_1mab, with_v = inputs
-        ctx.save_for_backward(t, sqrt_ab, sqrt_1mab)
-        ctx.with_v = with_v
-
-    def _q_sample_backward(ctx, grad_xt, grad_v):
-        # x_t = a x0 + s eps and v = a eps - s x0 are linear in (x0, eps).
-        t, sqrt_ab, sqrt_1mab = ctx.saved_tensors
-        shape = (-1,) + (1,) * (grad_xt.dim() - 1)
-        a = sqrt_ab[t].reshape(shape).to(grad_xt.dtype)
-        s = sqrt_1mab[t].reshape(shape).to(grad_xt.dtype)
-        g_x0, g_eps = a * grad_xt, s * grad_xt
-        if ctx.with_v and grad_v is not None and grad_v.numel() > 0:
-            g_x0 = g_x0 - s * grad_v
-            g_eps = g_eps + a * grad_v
-        return g_x0, g_eps, None, None, None, None
-
-    torch.library.register_autograd(
-        "fastddpm::q_sample", _q_sample_backward, setup_context=_q_sample_setup
-    )

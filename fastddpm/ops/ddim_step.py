@@ -8,20 +8,8 @@ import torch
 
 from ..schedule import NoiseSchedule
 from . import _checks, _library, prepared
-from ._codes import PREDICTION_TYPES
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
-
-
-if _library.has_c():
-
-    @torch.library.register_fake("fastddpm::ddim_step")
-    def _ddim_step_fake(sample, model_output, t, prev_t, ac, final_ac, noise, seed, offset, noise_mode,
-                        prediction_type, eta, clip_range, use_clipped, return_pred, offset_tensor=None,
-                        diffusers_beta=False):
-        out = torch.empty_like(sample)
-        pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
-        return out, pred
 
 
 def ddim_step(
@@ -74,39 +62,15 @@ def ddim_step(
         return_pred_original: also return the predicted x0.
         backend: "auto", "cpu", "cuda", "triton" or "torch".
     """
-    _checks.check_tensor(sample, "sample")
-    _checks.check_like(model_output, sample, "model_output", "sample")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
-        )
+    _checks.check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range)
     eta = float(eta)
     if not eta >= 0:
         raise ValueError(f"eta: expected a non-negative number, got {eta}")
     final_alpha_cumprod = float(final_alpha_cumprod)
     if not 0 < final_alpha_cumprod <= 1:
         raise ValueError(f"final_alpha_cumprod: expected a value in (0, 1], got {final_alpha_cumprod}")
-    T = schedule.num_train_timesteps
-    B = sample.shape[0]
-    tt = _checks.timesteps(t, B, sample.device, T)
-    if prev_t is None:
-        pt = tt - 1
-    else:
-        pt = _checks.timesteps(prev_t, B, sample.device, T, name="prev_t", allow_negative=True)
-        if pt.device.type == "cpu" and not torch.compiler.is_compiling() and bool((pt >= tt).any()):
-            raise ValueError("prev_t: expected prev_t < t for every sample")
-    if clip_sample and not clip_sample_range > 0:
-        raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
-
-    if isinstance(noise, str):
-        if noise == "philox":
-            _checks.philox_stream(seed, offset, sample.device)
-        elif noise != "none":
-            raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
-    elif noise is not None:
-        _checks.check_like(noise, sample, "noise", "sample")
+    tt, pt = _checks.step_timesteps(t, prev_t, sample.shape[0], sample.device, schedule.num_train_timesteps)
+    _checks.check_noise(noise, seed, offset, sample)
 
     step = prepared.cached_step("ddim_step", schedule, sample.device, sample.dtype, backend)
     prev, pred = step(
@@ -117,5 +81,14 @@ def ddim_step(
     )
     return (prev, pred) if return_pred_original else prev
 
+
+# The C++ op's fake (schema in csrc/ops.cpp).
+if _library.has_c():
+
+    @torch.library.register_fake("fastddpm::ddim_step")
+    def _ddim_step_fake(sample, model_output, t, prev_t, ac, final_ac, noise, seed, offset, noise_mode,
+                        prediction_type, eta, clip_range, use_clipped, return_pred, offset_tensor=None,
+                        diffusers_beta=False):
+        return prepared.step_fake(sample, return_pred)
 
 __all__ = ["ddim_step"]

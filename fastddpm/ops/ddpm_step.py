@@ -8,7 +8,7 @@ import torch
 
 from ..schedule import NoiseSchedule
 from . import _checks, _dispatch, _library, prepared, reference
-from ._codes import PREDICTION_TYPES, VARIANCE_TYPES
+from ._codes import VARIANCE_TYPES
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
@@ -74,12 +74,7 @@ def ddpm_step(
     Returns:
         x_{t-1}, or (x_{t-1}, predicted x0) with ``return_pred_original``.
     """
-    _checks.check_tensor(sample, "sample")
-    _checks.check_like(model_output, sample, "model_output", "sample")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    _checks.check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type: expected one of {', '.join(VARIANCE_TYPES)}, got {variance_type!r}")
     if variance_type in ("learned", "learned_range"):
@@ -88,29 +83,9 @@ def ddpm_step(
         _checks.check_like(predicted_variance, sample, "predicted_variance", "sample")
     elif predicted_variance is not None:
         raise ValueError(f"predicted_variance: only used by the learned variance types, not {variance_type!r}")
-    T = schedule.num_train_timesteps
-    B = sample.shape[0]
     device = sample.device
-    tt = _checks.timesteps(t, B, device, T)
-    if prev_t is None:
-        pt = _checks.int_timesteps(t - 1, B, device) if type(t) is int else tt - 1
-    else:
-        pt = _checks.timesteps(prev_t, B, device, T, name="prev_t", allow_negative=True)
-        if type(t) is int and type(prev_t) is int:
-            if not prev_t < t:
-                raise ValueError(f"prev_t: expected prev_t < t, got prev_t={prev_t}, t={t}")
-        elif pt.device.type == "cpu" and not torch.compiler.is_compiling() and bool((pt >= tt).any()):
-            raise ValueError("prev_t: expected prev_t < t for every sample")
-    if clip_sample and not clip_sample_range > 0:
-        raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
-
-    if isinstance(noise, str):
-        if noise == "philox":
-            _checks.philox_stream(seed, offset, device)
-        elif noise != "none":
-            raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
-    elif noise is not None:
-        _checks.check_like(noise, sample, "noise", "sample")
+    tt, pt = _checks.step_timesteps(t, prev_t, sample.shape[0], device, schedule.num_train_timesteps)
+    _checks.check_noise(noise, seed, offset, sample)
 
     step = prepared.cached_step("ddpm_step", schedule, device, sample.dtype, backend)
     prev, pred = step(
@@ -154,5 +129,26 @@ def philox_randn(
     return out
 
 
+# The C++ ops' fakes (schemas in csrc/ops.cpp).
+if _library.has_c():
+
+    @torch.library.register_fake("fastddpm::ddpm_step")
+    def _ddpm_step_fake(sample, model_output, t, prev_t, ac, noise, pv, seed, offset, noise_mode,
+                        prediction_type, variance_type, clip_range, return_pred, offset_tensor=None,
+                        diffusers_beta=False):
+        return prepared.step_fake(sample, return_pred)
+
+    @torch.library.register_fake("fastddpm::ddpm_step_randn")
+    def _ddpm_step_randn_fake(sample, model_output, t, prev_t, ac, generator, prediction_type, variance_type,
+                              clip_range, return_pred, diffusers_beta=False):
+        return prepared.step_fake(sample, return_pred)
+
+    @torch.library.register_fake("fastddpm::philox_normal_")
+    def _philox_normal_fake(out, seed, offset):
+        return None
+
+    @torch.library.register_fake("fastddpm::philox_bits_")
+    def _philox_bits_fake(out, seed, offset):
+        return None
+
 __all__ = ["ddpm_step", "philox_randn"]
-_ = _library

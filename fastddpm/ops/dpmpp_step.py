@@ -8,19 +8,8 @@ import torch
 
 from ..schedule import NoiseSchedule
 from . import _checks, _library, prepared
-from ._codes import PREDICTION_TYPES
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
-
-
-if _library.has_c():
-
-    @torch.library.register_fake("fastddpm::dpmpp_step")
-    def _dpmpp_step_fake(sample, model_output, prev_x0, t, prev_t, last_t, ac, prediction_type, clip_range,
-                         return_pred):
-        out = torch.empty_like(sample)
-        pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
-        return out, pred
 
 
 def _prev_timesteps(prev_t, B: int, device: torch.device, T: int) -> torch.Tensor:
@@ -79,16 +68,7 @@ def dpmpp_step(
         return_pred_original: also return D0, to pass as ``prev_x0`` to the next step.
         backend: "auto", "cpu", "cuda", "triton" or "torch".
     """
-    _checks.check_tensor(sample, "sample")
-    _checks.check_like(model_output, sample, "model_output", "sample")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
-        )
-    if clip_sample and not clip_sample_range > 0:
-        raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
+    _checks.check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range)
     T = schedule.num_train_timesteps
     B = sample.shape[0]
     tt = _checks.timesteps(t, B, sample.device, T)
@@ -113,5 +93,13 @@ def dpmpp_step(
                       return_pred_original=return_pred_original)
     return (prev, pred) if return_pred_original else prev
 
+
+# The C++ op's fake (schema in csrc/ops.cpp).
+if _library.has_c():
+
+    @torch.library.register_fake("fastddpm::dpmpp_step")
+    def _dpmpp_step_fake(sample, model_output, prev_x0, t, prev_t, last_t, ac, prediction_type, clip_range,
+                         return_pred):
+        return prepared.step_fake(sample, return_pred)
 
 __all__ = ["dpmpp_step"]

@@ -63,6 +63,12 @@ def _noise_mode(noise, seed, offset) -> tuple[int | None, torch.Tensor | None, i
     return mode, z, int(seed or 0), 0 if isinstance(offset, torch.Tensor) else int(offset), None
 
 
+def step_fake(sample: torch.Tensor, return_pred: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of every step op's schema, for its fake: (x_prev, predicted x0 or an empty tensor)."""
+    pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
+    return torch.empty_like(sample), pred
+
+
 def randn_in_op(backend: str, generator, variance_type: str) -> bool:
     """Whether ddpm_step_randn can draw z (torch's own normal_, on the calling thread, while a
     second thread computes the posterior mean): the CPU kernel, one CPU generator (or the

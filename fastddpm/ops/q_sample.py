@@ -7,19 +7,9 @@ from typing import Literal
 import torch
 
 from ..schedule import NoiseSchedule
-from . import _checks, _dispatch, _library, reference
+from . import _checks, _dispatch, _library
 
 Target = Literal["eps", "x0", "v"]
-
-
-def _impl(backend: str):
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fastddpm.q_sample
-    if backend == "triton":
-        from ..triton_kernels.q_sample import q_sample_triton
-
-        return q_sample_triton
-    return reference.q_sample
 
 
 def q_sample(
@@ -58,11 +48,40 @@ def q_sample(
     if b == "torch" and x0.dtype == torch.float64:
         sab = schedule.table("sqrt_alphas_cumprod", x0.device, torch.float64)
         s1m = schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, torch.float64)
-    xt, v = _impl(b)(x0, noise, tt, sab, s1m, target == "v")
+    xt, v = _dispatch.implementation("q_sample", b)(x0, noise, tt, sab, s1m, target == "v")
     if target is None:
         return xt
     return xt, {"eps": noise, "x0": x0, "v": v}[target]
 
 
+# The C++ op's registrations (schema in csrc/ops.cpp): fake and autograd.
+def _q_sample_fake(x0, noise, t, sqrt_ab, sqrt_1mab, with_v):
+    xt = torch.empty_like(x0)
+    v = torch.empty_like(x0) if with_v else x0.new_empty(0)
+    return xt, v
+
+
+def _q_sample_setup(ctx, inputs, output):
+    x0, noise, t, sqrt_ab, sqrt_1mab, with_v = inputs
+    ctx.save_for_backward(t, sqrt_ab, sqrt_1mab)
+    ctx.with_v = with_v
+
+
+def _q_sample_backward(ctx, grad_xt, grad_v):
+    # x_t = a x0 + s eps and v = a eps - s x0 are linear in (x0, eps).
+    t, sqrt_ab, sqrt_1mab = ctx.saved_tensors
+    shape = (-1,) + (1,) * (grad_xt.dim() - 1)
+    a = sqrt_ab[t].reshape(shape).to(grad_xt.dtype)
+    s = sqrt_1mab[t].reshape(shape).to(grad_xt.dtype)
+    g_x0, g_eps = a * grad_xt, s * grad_xt
+    if ctx.with_v and grad_v is not None and grad_v.numel() > 0:
+        g_x0 = g_x0 - s * grad_v
+        g_eps = g_eps + a * grad_v
+    return g_x0, g_eps, None, None, None, None
+
+
+if _library.has_c():
+    torch.library.register_fake("fastddpm::q_sample")(_q_sample_fake)
+    torch.library.register_autograd("fastddpm::q_sample", _q_sample_backward, setup_context=_q_sample_setup)
+
 __all__ = ["q_sample"]
-_ = _library  # registrations (fake, autograd) happen on import

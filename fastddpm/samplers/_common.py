@@ -32,6 +32,7 @@ from .. import ops
 from ..schedule import NoiseSchedule
 
 CONFIG_NAME = "scheduler_config.json"
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # what both schedulers take
 
 
 # ---------------------------------------------------------------------------
@@ -432,6 +433,37 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
         os.makedirs(save_directory, exist_ok=True)
         write_text_atomic(os.path.join(save_directory, self.config_name), self.to_json_string())
+
+    def _check_config(self, prediction_type: str, clip_sample: bool, clip_sample_range: float) -> None:
+        """The config checks both schedulers make when built, where diffusers would fail at the first step."""
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
+            )
+        if clip_sample and not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
+
+    def _init_tables(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                     rescale_betas_zero_snr, beta_schedules: tuple[str, ...], backend: str) -> None:
+        """diffusers' betas and float32 alphas_cumprod (its attributes of the same names), and the schedule
+        the fused ops read (DiffusersTables: diffusers' own float32 tables)."""
+        self.backend = backend
+        self.betas = diffusers_betas(
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+            beta_schedules,
+            type(self).__name__,
+        )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._first_invalid = first_invalid_timestep(self.alphas_cumprod)
+        self.schedule = DiffusersTables(self.betas)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
 
     def _set_backend(self, backend: str) -> None:
         self.backend = backend

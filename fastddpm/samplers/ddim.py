@@ -15,11 +15,8 @@ import torch
 from .. import ops
 from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it up in this module)
     BaseOutput,
-    DiffusersTables,
     FastddpmSchedulerMixin,
     SchedulerMixin,
-    diffusers_betas,
-    first_invalid_timestep,
     host_timestep,
     invalid_timestep_error,
     randn_like_diffusers,
@@ -31,7 +28,6 @@ from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it
 
 __all__ = ["DDIMScheduler", "DDIMSchedulerOutput"]
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -80,30 +76,10 @@ class DDIMScheduler(FastddpmSchedulerMixin):
         *,
         backend: str = "auto",
     ) -> None:
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
-            )
-        if clip_sample and not clip_sample_range > 0:
-            raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
-        self.backend = backend
-        self.betas = diffusers_betas(
-            num_train_timesteps,
-            beta_start,
-            beta_end,
-            beta_schedule,
-            trained_betas,
-            rescale_betas_zero_snr,
-            BETA_SCHEDULES,
-            type(self).__name__,
-        )
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self._first_invalid = first_invalid_timestep(self.alphas_cumprod)
+        self._check_config(prediction_type, clip_sample, clip_sample_range)
+        self._init_tables(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                          rescale_betas_zero_snr, BETA_SCHEDULES, backend)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.schedule = DiffusersTables(self.betas)
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
         self.timesteps = torch.from_numpy(
             np.arange(0, int(num_train_timesteps))[::-1].copy().astype(np.int64)
         )

@@ -20,11 +20,8 @@ import torch
 
 from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it up in this module)
     BaseOutput,
-    DiffusersTables,
     FastddpmSchedulerMixin,
     SchedulerMixin,
-    diffusers_betas,
-    first_invalid_timestep,
     host_timestep,
     invalid_timestep_error,
     prev_table,
@@ -45,7 +42,6 @@ VARIANCE_TYPES = (
     "learned",
     "learned_range",
 )
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
 
 
@@ -172,35 +168,15 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
                 "'fixed_small', as diffusers does",
                 stacklevel=3,
             )
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
-            )
-        if clip_sample and not clip_sample_range > 0:
-            raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
+        self._check_config(prediction_type, clip_sample, clip_sample_range)
         if thresholding and not 0 < dynamic_thresholding_ratio <= 1:
             raise ValueError(
                 f"dynamic_thresholding_ratio: expected a value in (0, 1], got {dynamic_thresholding_ratio}"
             )
-        self.backend = backend
-        self.betas = diffusers_betas(
-            num_train_timesteps,
-            beta_start,
-            beta_end,
-            beta_schedule,
-            trained_betas,
-            rescale_betas_zero_snr,
-            BETA_SCHEDULES,
-            type(self).__name__,
-        )
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self._first_invalid = first_invalid_timestep(self.alphas_cumprod)
+        self._init_tables(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                          rescale_betas_zero_snr, BETA_SCHEDULES, backend)
         self.one = torch.tensor(1.0)
-        self.schedule = DiffusersTables(self.betas)
-        self.init_noise_sigma = 1.0
         self.custom_timesteps = False
-        self.num_inference_steps = None
         T = int(num_train_timesteps)
         self.timesteps = torch.from_numpy(np.arange(0, T)[::-1].copy())
         self._set_prev_table(np.arange(T, dtype=np.int64) - 1)
