@@ -4,16 +4,15 @@
 
 Runs each implementation once on the CPU under fastddpm.bench.countops.Traffic, which adds up, kernel by
 kernel, the tensors every non-view operator reads and writes (no reuse between kernels through a cache,
-as on a GPU for tensors larger than its L2). Shapes are the U-Net's at a size where bytes, not launches,
-bound a GPU. The minimum is what the op must move at least: its inputs read once and its outputs written
-once (ddpm_step: x_t and the model output read, x_{t-1} written; 4 tensors with a noise tensor); beyond
-it a fused op moves only a few KiB that do not grow with the image (schedule tables, t, GroupNorm's weights
-and statistics, attention's log-sum-exp). Each implementation runs once uncounted first, so one-time
-state (cached schedule scalars, the U-Net's time projections) is not charged to it. Each
-kernel's inputs count once: a fused kernel that reads its input twice (the two-pass GroupNorm+SiLU
-kernels: statistics, then the output) moves more than it shows here. "Floor" is the total divided by the
-copy bandwidth (default: 2,947 GB/s, measured on an H100 by benchmarks/gpu_suite.py), the time no
-kernel can beat; the kernel count times a launch (~5 us from Python) is the other floor at small sizes.
+as on a GPU for tensors larger than its L2); a fastddpm op is charged its GPU kernels pass by pass
+(countops.PASSES: the fused GroupNorm+SiLU is 3 launches that read x twice). Shapes are the U-Net's at a
+size where bytes, not launches, bound a GPU. The minimum (countops.min_bytes) is what the op must move at
+least: its inputs read once and its outputs written once. Each implementation runs once uncounted first,
+so one-time state (cached schedule scalars, the U-Net's time projections) is not charged to it. ATen's
+operators, attention's included, are charged their inputs once (a flash kernel rereads K and V per query
+tile, mostly from L2). "Floor" is the total divided by the copy bandwidth (default: 2,947 GB/s, measured on
+an H100 by benchmarks/gpu_suite.py), the time no kernel can beat; the kernel count times a launch (~5 us
+from Python) is the other floor at small sizes.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastddpm import NoiseSchedule, ops  # noqa: E402
-from fastddpm.bench.countops import traffic  # noqa: E402
+from fastddpm.bench.countops import min_bytes, traffic  # noqa: E402
 from fastddpm.bench.ops import eager_add_noise  # noqa: E402
 from fastddpm.ops import reference  # noqa: E402
 
@@ -68,56 +67,56 @@ def rows(shapes: dict | None = None) -> list[dict]:
         out.append(dict(case=case, impl=impl, kernels=t.kernels, read=t.read, written=t.written, minimum=minimum))
 
     img = tuple(sh["image"])
-    n4 = torch.Size(img).numel() * 4
     x0, eps = torch.randn(img, generator=g), torch.randn(img, generator=g)
     t = torch.randint(0, 1000, (img[0],), generator=g)
     case = f"q_sample {_x(img)}"
-    add(case, "eager (diffusers add_noise)", lambda: eager_add_noise(x0, eps, t, sched.alphas_cumprod), 3 * n4)
-    add(case, "fastddpm (fused)", lambda: ops.q_sample(x0, t, eps, sched), 3 * n4)
+    add(case, "eager (diffusers add_noise)", lambda: eager_add_noise(x0, eps, t, sched.alphas_cumprod),
+        min_bytes("q_sample", img))
+    add(case, "fastddpm (fused)", lambda: ops.q_sample(x0, t, eps, sched), min_bytes("q_sample", img))
     case = f"q_sample + v target {_x(img)}"
     add(case, "eager (add_noise + get_velocity)",
-        lambda: (dsched.add_noise(x0, eps, t), dsched.get_velocity(x0, eps, t)), 4 * n4)
-    add(case, "fastddpm (fused, target='v')", lambda: ops.q_sample(x0, t, eps, sched, target="v"), 4 * n4)
+        lambda: (dsched.add_noise(x0, eps, t), dsched.get_velocity(x0, eps, t)), min_bytes("q_sample", img, v=True))
+    add(case, "fastddpm (fused, target='v')", lambda: ops.q_sample(x0, t, eps, sched, target="v"),
+        min_bytes("q_sample", img, v=True))
 
     xt, m, z = torch.randn(img, generator=g), torch.randn(img, generator=g), torch.randn(img, generator=g)
     case = f"ddpm_step {_x(img)}"
-    add(case, "diffusers step (draws its noise)", lambda: dsched.step(m, 500, xt, generator=g).prev_sample, 3 * n4)
+    mn = min_bytes("ddpm_step", img)
+    add(case, "diffusers step (draws its noise)", lambda: dsched.step(m, 500, xt, generator=g).prev_sample, mn)
     add(case, "fastddpm, noise tensor (fused)", lambda: ops.ddpm_step(xt, m, 500, sched, noise=z, clip_sample=True),
-        4 * n4)
+        min_bytes("ddpm_step", img, noise_tensor=True))
     add(case, "fastddpm, in-kernel Philox (fused)",
-        lambda: ops.ddpm_step(xt, m, 500, sched, noise="philox", seed=1, clip_sample=True), 3 * n4)
+        lambda: ops.ddpm_step(xt, m, 500, sched, noise="philox", seed=1, clip_sample=True), mn)
 
     gshape = tuple(sh["group_norm"])
     C = gshape[1]
-    gn = torch.Size(gshape).numel() * 4
+    gn, gn_bwd = min_bytes("group_norm_silu", gshape), min_bytes("group_norm_silu", gshape, backward=True)
     x = torch.randn(gshape, generator=g)
     w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
     case = f"group_norm_silu fwd {_x(gshape)}"
-    add(case, "eager (group_norm, silu)", lambda: F.silu(F.group_norm(x, 32, w, b)), 2 * gn)
-    add(case, "fastddpm (fused)", lambda: ops.group_norm_silu(x, 32, w, b), 2 * gn)
+    add(case, "eager (group_norm, silu)", lambda: F.silu(F.group_norm(x, 32, w, b)), gn)
+    add(case, "fastddpm (fused)", lambda: ops.group_norm_silu(x, 32, w, b), gn)
     xg, wg, bg = (a.clone().requires_grad_() for a in (x, w, b))
     dy = torch.randn(gshape, generator=g)
     case = f"group_norm_silu fwd+bwd {_x(gshape)}"
-    # minimum: forward reads x, writes y; backward reads x (recomputing from it) and dy, writes dx
     add(case, "eager (autograd of group_norm, silu)",
-        lambda: torch.autograd.grad(F.silu(F.group_norm(xg, 32, wg, bg)), (xg, wg, bg), dy), 5 * gn, grad=True)
+        lambda: torch.autograd.grad(F.silu(F.group_norm(xg, 32, wg, bg)), (xg, wg, bg), dy), gn_bwd, grad=True)
     add(case, "fastddpm (fused forward and backward)",
-        lambda: torch.autograd.grad(ops.group_norm_silu(xg, 32, wg, bg), (xg, wg, bg), dy), 5 * gn, grad=True)
+        lambda: torch.autograd.grad(ops.group_norm_silu(xg, 32, wg, bg), (xg, wg, bg), dy), gn_bwd, grad=True)
 
     B, N, d = sh["attention"]
     q, k, v = (torch.randn(B, 1, N, d, generator=g) for _ in range(3))
-    an = B * N * d * 4
+    an, an_bwd = min_bytes("attention", (B, 1, N, d)), min_bytes("attention", (B, 1, N, d), backward=True)
     case = f"attention fwd {_x((B, 1, N, d))}"
-    add(case, "materialised (softmax(QK^T) V)", lambda: reference.attention(q, k, v), 4 * an)
-    add(case, "fastddpm (fused: no N x N scores)", lambda: ops.attention(q, k, v), 4 * an)
+    add(case, "materialised (softmax(QK^T) V)", lambda: reference.attention(q, k, v), an)
+    add(case, "fastddpm (fused: no N x N scores)", lambda: ops.attention(q, k, v), an)
     qg, kg, vg = (a.clone().requires_grad_() for a in (q, k, v))
     do = torch.randn(B, 1, N, d, generator=g)
     case = f"attention fwd+bwd {_x((B, 1, N, d))}"
-    # minimum: forward reads q, k, v, writes o; backward reads q, k, v, o, do, writes dq, dk, dv
     add(case, "materialised (autograd)",
-        lambda: torch.autograd.grad(reference.attention(qg, kg, vg), (qg, kg, vg), do), 12 * an, grad=True)
+        lambda: torch.autograd.grad(reference.attention(qg, kg, vg), (qg, kg, vg), do), an_bwd, grad=True)
     add(case, "fastddpm (fused forward and backward)",
-        lambda: torch.autograd.grad(ops.attention(qg, kg, vg), (qg, kg, vg), do), 12 * an, grad=True)
+        lambda: torch.autograd.grad(ops.attention(qg, kg, vg), (qg, kg, vg), do), an_bwd, grad=True)
 
     if sh["network"] is None:
         return out

@@ -27,75 +27,53 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
+import functools
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import machine, write_csv  # noqa: E402
+from fastddpm.bench.countops import min_bytes  # noqa: E402
+from fastddpm.bench.suite import Case  # noqa: E402
+from fastddpm.bench.timing import cuda_ms, machine, time_calls, write_csv  # noqa: E402
 
 BACKENDS = ("triton", "cuda")
 
 
-@dataclass
-class Case:
-    op: str
-    shape: tuple
-    dtype: torch.dtype
-    bytes_moved: int = 0  # bytes the fused kernels read + write (each input once, x twice for the two-pass norm)
-    flops: float = 0.0
-    extra: dict = field(default_factory=dict)
+def nbytes(case: Case) -> int:
+    """The minimum bytes the case's op must move (GB/s counts against it)."""
+    es = torch.finfo(case.dtype).bits // 8
+    noise = case.extra.get("noise") == "tensor" or bool(case.extra.get("eta"))
+    return min_bytes(case.op, case.shape, es, noise_tensor=noise, backward=case.backward)
 
-    @property
-    def backward(self) -> bool:
-        return bool(self.extra.get("backward"))
 
-    @property
-    def label(self) -> str:
-        tags = [f"{k}={v}" if not isinstance(v, bool) else k for k, v in self.extra.items() if v is not False]
-        return self.op + (f"[{','.join(tags)}]" if tags else "")
+def flops(case: Case) -> float:
+    """Attention's matmul FLOPs: forward 4 B H N^2 d, backward 2.5x that (FlashAttention-2's count)."""
+    if case.op != "attention":
+        return 0.0
+    B, H, N, d = case.shape
+    return 4.0 * B * H * N * N * d * (3.5 if case.backward else 1.0)
 
 
 def plan(quick: bool = False) -> list[Case]:
     """The cases of the suite (pure: no GPU needed)."""
-    cases: list[Case] = []
     dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float32, torch.float16, torch.bfloat16]
     img = [(16, 3, 32, 32), (64, 3, 256, 256)]  # the U-Net's images; the large one is bandwidth-bound
     gn = [(16, 128, 32, 32), (64, 256, 32, 32)] if quick else [(16, 128, 32, 32), (16, 256, 16, 16),
                                                                (1, 256, 8, 8), (64, 256, 32, 32)]
     att = [(16, 256, 256)] if quick else [(16, 256, 256), (16, 1024, 128), (1, 64, 512), (64, 1024, 256)]
-    for dt in dtypes:
-        es = torch.finfo(dt).bits // 8
-        for s in img:
-            n = math.prod(s)
-            cases.append(Case("q_sample", s, dt, bytes_moved=3 * n * es))  # read x0, eps; write x_t
-            cases.append(Case("ddpm_step", s, dt, bytes_moved=4 * n * es, extra={"noise": "tensor"}))
-            cases.append(Case("ddpm_step", s, dt, bytes_moved=3 * n * es, extra={"noise": "philox"}))
-            cases.append(Case("ddim_step", s, dt, bytes_moved=3 * n * es, extra={"eta": 0}))
-            if not quick:
-                cases.append(Case("ddim_step", s, dt, bytes_moved=4 * n * es, extra={"eta": 1}))
-        for s in gn:
-            n = math.prod(s)
-            cases.append(Case("group_norm_silu", s, dt, bytes_moved=3 * n * es))  # read x twice, write y
-            # forward + backward of the two-pass kernels: the forward's 3, then x and dy read twice
-            # (the statistics of dy, then dx) and dx written
-            cases.append(Case("group_norm_silu", s, dt, bytes_moved=8 * n * es, extra={"backward": True}))
-        for B, N, d in att:
-            cases.append(Case("attention", (B, 1, N, d), dt, bytes_moved=4 * B * N * d * es,
-                              flops=4.0 * B * N * N * d))
-            # forward + backward: q, k, v read, o written; then q, k, v, o, do read, dq, dk, dv written;
-            # 3.5x the forward's matmul work
-            cases.append(Case("attention", (B, 1, N, d), dt, bytes_moved=12 * B * N * d * es,
-                              flops=3.5 * 4.0 * B * N * N * d, extra={"backward": True}))
-    return cases
+    ops_ = [("q_sample", s, {}) for s in img]
+    ops_ += [("ddpm_step", s, {"noise": n}) for s in img for n in ("tensor", "philox")]
+    ops_ += [("ddim_step", s, {"eta": e}) for s in img for e in ((0,) if quick else (0, 1))]
+    ops_ += [("group_norm_silu", s, b) for s in gn for b in ({}, {"backward": True})]
+    ops_ += [("attention", (B, 1, N, d), b) for B, N, d in att for b in ({}, {"backward": True})]
+    return [Case("op", op, s, dtype=dt, extra=x) for dt in dtypes for op, s, x in ops_]
 
 
 def _inputs(case: Case, dev):
@@ -229,14 +207,14 @@ def tolerance(case: Case, provider: str) -> float:
     return tol * (4 if case.backward else 1)
 
 
-def rates(case: Case, ms: float, device: dict) -> dict:
+def rates(case: Case, ms: float, device: dict, nbytes_: int | None = None) -> dict:
     """GB/s and TFLOP/s of one timed call, and their fractions of the device's measured rates (pure)."""
-    out = {"gbps": case.bytes_moved / ms * 1e-6 if case.bytes_moved else float("nan"),
-           "tflops": case.flops / ms * 1e-9 if case.flops else float("nan")}
+    b, f = nbytes(case) if nbytes_ is None else nbytes_, flops(case)
+    out = {"gbps": b / ms * 1e-6 if b else float("nan"), "tflops": f / ms * 1e-9 if f else float("nan")}
     out["bw_frac"] = out["gbps"] / device["copy_gbps"] if device.get("copy_gbps") else float("nan")
     peak = device.get({torch.float32: "fp32_tflops", torch.float16: "fp16_tflops",
                        torch.bfloat16: "bf16_tflops"}[case.dtype])
-    out["flops_frac"] = out["tflops"] / peak if peak and case.flops else float("nan")
+    out["flops_frac"] = out["tflops"] / peak if peak and f else float("nan")
     return out
 
 
@@ -282,12 +260,7 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_median(fn: Callable[[], object]) -> float:
-    """triton.testing.do_bench's median time of ``fn`` in ms, as the table reports; its default return_mode
-    is the mean, which one preempted repetition can move."""
-    import triton.testing
-
-    return triton.testing.do_bench(fn, return_mode="median")
+bench_median = cuda_ms  # fastddpm.bench.timing's CUDA mode: do_bench medians in ms
 
 
 def device_rates(dev) -> dict:
@@ -372,7 +345,7 @@ def _cifar10_unet(dev, dtype):
 
 
 def whole_step(dev, batches=(16,), dtypes=(torch.float32,), providers=("eager", "cuda graph"), steps: int = 20,
-               reps: int = 3, deadline: float | None = None, model_fn=None, sample_fn=None, sync=None) -> list[dict]:
+               reps: int = 3, deadline: float | None = None, model_fn=None, sample_fn=None) -> list[dict]:
     """Whole denoising steps of the CIFAR-10 U-Net (``model_fn(dev, dtype)``): ``fastddpm.sample`` with ``steps``
     DDPM steps and in-kernel Philox noise (seed 0), per batch size and dtype and provider: "eager", "cuda
     graph" (the step captured once and replayed), "torch.compile max-autotune" (the model compiled). Each row
@@ -385,7 +358,6 @@ def whole_step(dev, batches=(16,), dtypes=(torch.float32,), providers=("eager", 
         import fastddpm
 
         sample_fn = fastddpm.sample
-    sync = sync or (torch.cuda.synchronize if dev.type == "cuda" else (lambda: None))
     rows = []
     for B in batches:
         for dt in dtypes:
@@ -412,13 +384,8 @@ def whole_step(dev, batches=(16,), dtypes=(torch.float32,), providers=("eager", 
                     pkw = dict(kw, cuda_graph=prov == "cuda graph")
                     with torch.no_grad():
                         out = sample_fn(m, shape, **pkw)  # warm-up (and capture, or compilation)
-                        ts = []
-                        for _ in range(reps):
-                            sync()
-                            t0 = time.perf_counter()
-                            sample_fn(m, shape, **pkw)
-                            sync()
-                            ts.append(time.perf_counter() - t0)
+                        run = functools.partial(sample_fn, m, shape, **pkw)
+                        ts = [time_calls(run, 1, dev) for _ in range(reps)]
                     if prov == "eager":
                         eager_out = out
                         against, tol, row["vs"] = ref, UNET_TOL[dt], "torch path"

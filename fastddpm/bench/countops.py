@@ -1,23 +1,90 @@
-"""The GPU cost proxy a GPU-less machine can measure: operators dispatched and bytes they allocate.
+"""The GPU cost proxy a GPU-less machine can measure: operators dispatched, the kernels they launch, the bytes
+they allocate (CountOps) and the bytes their kernels read and write (Traffic).
 
 On a GPU every aten operator that reaches a kernel is (at least) one launch, and every tensor it returns
 is memory written and later read; counting both per denoising step or per training step predicts where a
-fused implementation saves launches and traffic, independent of the machine's load.
+fused implementation saves launches and traffic, independent of the machine's load. A fastddpm op is one
+operator to the dispatcher but may launch several kernels, each a pass over memory: PASSES says which.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+# The kernels of each fastddpm op, pass by pass: (reads, writes), each a {tensor: multiple} of the sizes of the
+# op's arguments (by schema name) and outputs ("out0", "out1", ...). A tensor of the op's that no pass names
+# (timesteps, schedule tables, weights, mean/rstd: small) is read once in the first pass or written once in
+# the last. The passes are the GPU kernels `auto` runs on CUDA tensors (CUDA C++ and Triton make the same
+# passes), except ddpm_step_randn, which is CPU only. declare_passes() adds an op (tests use it).
+_ONE_PASS = "one kernel over the elements"
+PASSES: dict[str, list[tuple[dict, dict]]] = {
+    # csrc/cuda/q_sample.cu (one launch), triton_kernels/q_sample.py (one), csrc/cpu/q_sample.cpp (one loop)
+    "fastddpm::q_sample": [({"x0": 1, "noise": 1}, {"out0": 1, "out1": 1})],
+    # csrc/cuda/ddpm_step.cu:73, triton_kernels/ddpm_step.py (one launch); noise None in Philox mode
+    "fastddpm::ddpm_step": [({"sample": 1, "model_output": 1, "noise": 1, "predicted_variance": 1},
+                             {"out0": 1, "out1": 1})],
+    # csrc/cpu/ddpm_step.cpp, ddpm_step_randn on 2+ threads: torch's normal_ writes z (sample's size), while the
+    # posterior mean pass reads sample and model_output and writes out0; then out0 += sigma z rereads both
+    "fastddpm::ddpm_step_randn": [({}, {"sample": 1}), ({"sample": 1, "model_output": 1}, {"out0": 1, "out1": 1}),
+                                  ({"sample": 1, "out0": 1}, {"out0": 1})],
+    # csrc/cuda/ddpm_step.cu:83 (philox_normal_kernel), one launch writing out
+    "fastddpm::philox_normal_": [({}, {"out": 1})],
+    "fastddpm::philox_bits_": [({}, {"out": 1})],
+    # csrc/cuda/ddim_step.cu and csrc/cuda/dpmpp_step.cu: one launch each (triton_kernels: one each)
+    "fastddpm::ddim_step": [({"sample": 1, "model_output": 1, "noise": 1}, {"out0": 1, "out1": 1})],
+    "fastddpm::dpmpp_step": [({"sample": 1, "model_output": 1, "prev_x0": 1}, {"out0": 1, "out1": 1})],
+    # csrc/cuda/group_norm_silu.cu launch_group_norm_silu_fwd (triton_kernels/group_norm_silu.py the same):
+    # stats_partial_kernel reads x, stats_final_kernel reduces the partial sums, fwd_apply_kernel reads x
+    # again and writes y: 3 launches, x read twice
+    "fastddpm::group_norm_silu": [({"x": 1}, {}), ({}, {}), ({"x": 1}, {"out0": 1})],
+    "fastddpm::group_norm_silu_fwd": [({"x": 1}, {}), ({}, {}), ({"x": 1}, {"out0": 1})],
+    # launch_group_norm_silu_bwd: bwd_partial_kernel reads x and dy, bwd_coef_kernel (Triton: torch sums)
+    # folds the per-channel sums, bwd_apply_kernel reads x and dy again and writes dx
+    "fastddpm::group_norm_silu_bwd": [({"x": 1, "grad_y": 1}, {}), ({}, {}),
+                                      ({"x": 1, "grad_y": 1}, {"out0": 1})],
+}
+
+
+def declare_passes(op: str, passes: list[tuple[dict, dict]]) -> None:
+    """Charge the operator ``op`` ("namespace::name") these passes from now on."""
+    PASSES[op] = passes
+
+
+def min_bytes(op: str, shape, itemsize: int = 4, *, v: bool = False, noise_tensor: bool = False,
+              backward: bool = False) -> int:
+    """The bytes ``op`` must move at least on tensors of ``shape``: its large inputs read once and outputs
+    written once, whatever the implementation (GB/s is counted against it, and a bound row copies it).
+
+    q_sample: x0 and the noise read, x_t (and v) written; ddpm_step and ddim_step: the sample and the
+    model output read (and the noise, as a tensor), the previous sample written; dpmpp_step: the same
+    with the previous x0 read; group_norm_silu: x read, y written (backward: x and dy read, dx written);
+    attention over (B, H, N, d): q, k, v read, o written (backward: q, k, v, o, do read, dq, dk, dv written).
+    """
+    n = math.prod(shape) * itemsize
+    sizes = {"q_sample": 4 if v else 3, "ddpm_step": 4 if noise_tensor else 3, "ddim_step": 4 if noise_tensor else 3,
+             "dpmpp_step": 4, "group_norm_silu": 5 if backward else 2, "attention": 12 if backward else 4}
+    if op not in sizes:
+        raise ValueError(f"op: expected one of {', '.join(sizes)}, got {op!r}")
+    return sizes[op] * n
+
+
+def _outputs(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+_ONE = [({}, {})]
 
 
 class CountOps(TorchDispatchMode):
     """Counts aten ops and the bytes of the tensors they return (views and in-place ops excluded).
 
     ``ops`` counts every operator, views included; ``kernels`` leaves out the pure views (detach,
-    expand, reshape without a copy, ...), which launch nothing on a GPU.
+    expand, reshape without a copy, ...), which launch nothing on a GPU, and counts a fastddpm op's
+    launches (PASSES).
     """
 
     def __init__(self):
@@ -35,7 +102,7 @@ class CountOps(TorchDispatchMode):
         schema = func._schema
         aliasing = any(r.alias_info is not None for r in schema.returns)
         if not aliasing or any(r.alias_info is not None and r.alias_info.is_write for r in schema.returns):
-            self.kernels += 1
+            self.kernels += len(PASSES.get(schema.name, _ONE))
         if not aliasing:
             for o in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(o, torch.Tensor):
@@ -68,10 +135,10 @@ def _span_bytes(t: torch.Tensor) -> int:
 
 
 class Traffic(TorchDispatchMode):
-    """Memory traffic of an unfused sequence, kernel by kernel: every operator that is not a pure view
-    reads its tensor inputs and writes its outputs once, from and to memory (no cache reuse between
-    kernels: what a GPU does for tensors larger than its cache). ``kernels``, ``read`` and ``written``
-    sum over the block; ``per_op`` keeps (name, read, written) in order."""
+    """Memory traffic of a sequence, kernel by kernel (no cache reuse between kernels: what a GPU does for
+    tensors larger than its cache). An operator that is not a pure view is one kernel reading its tensor
+    inputs once and writing its outputs once, except the ops of PASSES, charged pass by pass.
+    ``kernels``, ``read`` and ``written`` sum over the block; ``per_op`` keeps (name, read, written) in order."""
 
     def __init__(self):
         super().__init__()
@@ -83,19 +150,30 @@ class Traffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        rets = func._schema.returns
-        view = any(r.alias_info is not None and not r.alias_info.is_write for r in rets)
-        if view:
-            return out
-        seen, r = set(), 0
-        for a in list(args) + list(kwargs.values()):
-            for x in a if isinstance(a, (list, tuple)) else (a,):
-                if isinstance(x, torch.Tensor) and id(x) not in seen:
-                    seen.add(id(x))
-                    r += _span_bytes(x)
-        w = sum(_span_bytes(o) for o in (out if isinstance(out, (tuple, list)) else (out,))
-                if isinstance(o, torch.Tensor))
-        self.kernels += 1
+        schema = func._schema
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+            return out  # a view
+        named = dict(zip((a.name for a in schema.arguments), args), **kwargs)
+        tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+        listed = [x for v in named.values() if isinstance(v, (list, tuple)) for x in v if isinstance(x, torch.Tensor)]
+        outs = {f"out{i}": o for i, o in enumerate(_outputs(out)) if isinstance(o, torch.Tensor)}
+        size = {k: _span_bytes(v) for k, v in {**tensors, **outs}.items()}
+        passes = PASSES.get(schema.name)
+        if passes is None:  # one kernel: every distinct input read once, every output written once
+            seen: dict[int, int] = {}
+            for x in [*tensors.values(), *listed]:
+                seen.setdefault(id(x), _span_bytes(x))
+            r, w = sum(seen.values()), sum(size[k] for k in outs)
+            kernels = 1
+        else:
+            named_r = {k for rd, _ in passes for k in rd}
+            named_w = {k for _, wr in passes for k in wr}
+            r = sum(m * size.get(k, 0) for rd, _ in passes for k, m in rd.items())
+            r += sum(size[k] for k in tensors if k not in named_r and k not in named_w)  # small: once
+            w = sum(m * size.get(k, 0) for _, wr in passes for k, m in wr.items())
+            w += sum(size[k] for k in outs if k not in named_w)
+            kernels = len(passes)
+        self.kernels += kernels
         self.read += r
         self.written += w
         self.per_op.append((str(func.overloadpacket), r, w))

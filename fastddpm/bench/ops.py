@@ -2,7 +2,8 @@
 
 A provider is a zero-argument callable over inputs made once (fresh random values, never zeros). The
 per-op scripts in benchmarks/ and the `fastddpm bench` suite both take their providers from here.
-Bytes counted for GB/s are the minimum each op must move (reads + writes of whole tensors).
+Bytes counted for GB/s are the minimum each op must move (countops.min_bytes); a "bound" provider copies
+exactly those bytes, a "component" provider runs one part of the op's work alone (drawing the noise).
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ import torch.nn.functional as F
 from .. import NoiseSchedule, ops
 from ..ops import reference
 from . import refuse_reference_run
+from .countops import min_bytes
 
 Providers = dict[str, Callable[[], object]]
+COPY = "torch copy (minimum bytes)"  # the name suite.role() reads as a bound
+
+
+def copy_bound(nbytes: int) -> Callable[[], object]:
+    """A copy that reads and writes ``nbytes`` in all (a float32 buffer of nbytes / 8 into another): what no
+    implementation of an op that must move ``nbytes`` can beat."""
+    src = torch.randn(max(1, nbytes // 8))
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
 
 
 def _schedule() -> NoiseSchedule:
@@ -57,13 +68,14 @@ def q_sample_providers(shape, backend: str = "cpu", compile: bool = False, with_
     if compile:
         p["torch.compile (eager)"] = torch.compile(eager)
     if copy:
-        p["torch copy (same bytes)"] = lambda: x0.clone()
+        p[COPY] = copy_bound(min_bytes("q_sample", shape))
+        if with_v:
+            p[f"{COPY} (x_t and v)"] = copy_bound(min_bytes("q_sample", shape, v=True))
     return p
 
 
 def q_sample_bytes(shape, provider: str) -> int:
-    n = math.prod(shape)
-    return 4 * n * (4 if "and v" in provider else (2 if "copy" in provider else 3))
+    return min_bytes("q_sample", shape, v="and v" in provider)
 
 
 # ----------------------------------------------------------------------------- ddpm_step
@@ -72,9 +84,10 @@ def ddpm_step_providers(shape, backend: str = "cpu", compile: bool = False, nois
     """One reverse step at t = 500 (epsilon, fixed_small, clipped x0, as diffusers' defaults).
 
     ``noise``: "generator" (providers that draw their own noise: diffusers' step with a torch.Generator,
-    fastddpm with the same generator or with in-kernel Philox, and torch.randn alone as the floor),
-    "tensor" (providers given the noise as a tensor: fastddpm's kernel against the reference formula in
-    eager torch and under torch.compile), or None for both sets.
+    fastddpm with the same generator or with in-kernel Philox, and torch.randn alone, a component: the
+    generator's draw the first two cannot avoid), "tensor" (providers given the noise as a tensor:
+    fastddpm's kernel against the reference formula in eager torch and under torch.compile), or None for
+    both sets. Each set has a copy of its minimum bytes (the bound).
     """
     refuse_reference_run()  # never time the torch reference under fastddpm's name
     import diffusers
@@ -102,14 +115,48 @@ def ddpm_step_providers(shape, backend: str = "cpu", compile: bool = False, nois
             p["torch.compile (reference, noise tensor)"] = torch.compile(ref)
     if noise in (None, "generator"):
         p["torch.randn alone"] = lambda: torch.randn(shape, generator=g)
+        p[COPY] = copy_bound(min_bytes("ddpm_step", shape))
+    if noise == "tensor":
+        p[COPY] = copy_bound(min_bytes("ddpm_step", shape, noise_tensor=True))
     return p
 
 
 def ddpm_step_bytes(shape, provider: str) -> int:
-    n = math.prod(shape)
     if provider == "torch.randn alone":
-        return 4 * n  # the noise written
-    return 4 * n * (4 if "tensor" in provider else 3)  # x_t and the model output read, x_{t-1} written
+        return 4 * math.prod(shape)  # the noise written
+    return min_bytes("ddpm_step", shape, noise_tensor="tensor" in provider)
+
+
+# ----------------------------------------------------------------------------- ddim_step
+def ddim_step_providers(shape, backend: str = "cpu", compile: bool = False) -> Providers:
+    """One DDIM step of a 50-step schedule, t = 500 to 480 (epsilon, clipped x0, as diffusers' defaults):
+    diffusers' DDIMScheduler.step (eta 0), fastddpm's kernel with eta 0 and with eta 1 and a noise tensor,
+    the reference formula in eager torch (and compiled), and the bound."""
+    refuse_reference_run()  # never time the torch reference under fastddpm's name
+    import diffusers
+
+    sched = _schedule()
+    theirs = diffusers.DDIMScheduler()
+    theirs.set_timesteps(50)
+    x, m, z = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    kw = dict(clip_sample=True)
+    tt, pt = torch.full((shape[0],), 500), torch.full((shape[0],), 480)
+    ref = lambda: ops.ddim_step(x, m, tt, sched, pt, backend="torch", noise="none", **kw)
+    p: Providers = {
+        "diffusers step (eta 0)": lambda: theirs.step(m, 500, x, eta=0.0).prev_sample,
+        f"fastddpm {backend} (eta 0)": lambda: ops.ddim_step(x, m, 500, sched, 480, backend=backend, **kw),
+        f"fastddpm {backend} (eta 1, noise tensor)": lambda: ops.ddim_step(x, m, 500, sched, 480, eta=1.0, noise=z,
+                                                                           backend=backend, **kw),
+        "eager (reference, eta 0)": ref,
+    }
+    if compile:
+        p["torch.compile (reference, eta 0)"] = torch.compile(ref)
+    p[COPY] = copy_bound(min_bytes("ddim_step", shape))
+    return p
+
+
+def ddim_step_bytes(shape, provider: str) -> int:
+    return min_bytes("ddim_step", shape, noise_tensor="tensor" in provider)
 
 
 # ----------------------------------------------------------------------------- group_norm_silu
@@ -127,8 +174,10 @@ def group_norm_silu_inputs(shape, grad: bool = False):
     return x, w, b
 
 
-def group_norm_silu_providers(shape, compile: bool = False, backward: bool = False) -> Providers:
-    """silu(group_norm(x)) with 32 groups: the fused op, eager, eager with an in-place SiLU, compiled.
+def group_norm_silu_providers(shape, compile: bool = False, backward: bool = False, copy: bool = False
+                              ) -> Providers:
+    """silu(group_norm(x)) with 32 groups: the fused op, eager, eager with an in-place SiLU, compiled, and
+    (``copy``) the copy of the minimum bytes.
 
     With ``backward`` each call is forward + backward against a fixed upstream gradient (the in-place
     variant cannot be differentiated and is left out)."""
@@ -143,11 +192,16 @@ def group_norm_silu_providers(shape, compile: bool = False, backward: bool = Fal
         fns["eager (in-place silu)"] = lambda: F.silu(F.group_norm(x, G, w, b), inplace=True)
     if compile:
         fns["torch.compile (eager)"] = torch.compile(lambda: F.silu(F.group_norm(x, G, w, b)))
+    if copy:
+        fns[COPY] = copy_bound(min_bytes("group_norm_silu", shape, backward=backward))
     if not backward:
         return {k: _no_grad(f) for k, f in fns.items()}
     dy = torch.randn(shape)
 
     def fwd_bwd(f):
+        if f is fns.get(COPY):
+            return f
+
         def run():
             f().backward(dy)
             x.grad = w.grad = b.grad = None
@@ -157,10 +211,7 @@ def group_norm_silu_providers(shape, compile: bool = False, backward: bool = Fal
 
 
 def group_norm_silu_bytes(shape, backward: bool = False) -> int:
-    # the minimum: forward reads x and writes y; backward reads x and dy and writes dx (a two-pass kernel
-    # reads x, and dy, once more: its statistics pass)
-    n = math.prod(shape)
-    return 4 * n * (2 + (3 if backward else 0))
+    return min_bytes("group_norm_silu", shape, backward=backward)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -200,6 +251,10 @@ def attention_providers(B, N, d, compile: bool = False, backward: bool = False) 
     if compile:
         fns["torch.compile (materialised)"] = torch.compile(reference.attention)
     return {name: (lambda f=f: attention_step(f, q, k, v, backward)) for name, f in fns.items()}
+
+
+def attention_bytes(B, N, d, backward: bool = False) -> int:
+    return min_bytes("attention", (B, 1, N, d), backward=backward)
 
 
 def attention_flops(B, N, d, backward: bool = False) -> float:

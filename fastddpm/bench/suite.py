@@ -29,12 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import ops as bops
-from .timing import median, spread
+from .timing import median, peak_rss_mib, spread, time_calls
 
 SUITES = ("smoke", "quick", "full")
-BOUNDS = {"torch copy (same bytes)", "torch.randn alone"}
-
-
+COMPONENTS = {"torch.randn alone"}
 OWN_NETWORK = {"denoising-diffusion-pytorch"}
 
 
@@ -46,12 +44,15 @@ def role(provider: str) -> str:
       the same weights, SDPA): the best of them is what fastddpm is measured against;
     * "other": the same task with its own network (denoising-diffusion-pytorch's U-Net of matching
       widths, other FLOPs): shown with its ratio, never the best peer;
-    * "bound": a floor that is not an implementation (a plain copy, drawing the noise alone).
+    * "bound": a floor no implementation can beat (a copy of exactly the op's minimum bytes);
+    * "component": one part of the work alone (drawing the noise), for scale: neither a bound nor a peer.
     """
     if provider.startswith("fastddpm") or "patch" in provider:
         return "ours"
-    if provider in BOUNDS:
+    if provider.startswith("torch copy (minimum bytes)"):
         return "bound"
+    if provider in COMPONENTS:
+        return "component"
     if provider in OWN_NETWORK:
         return "other"
     return "peer"
@@ -59,10 +60,13 @@ def role(provider: str) -> str:
 
 @dataclass
 class Case:
+    """A workload at one size and its providers: a case of the suite, of a per-op script, of the GPU suite
+    (which reads ``dtype`` and ``extra`` and builds its providers from them)."""
+
     kind: str  # "op", "unet", "sampling", "training" or "counts"
-    workload: str
-    shape: str
-    build: Callable[[], dict]  # provider -> callable | Skip | (callable, model, optimizer) | counter spec
+    workload: str  # the op's name for the GPU suite
+    shape: str | tuple
+    build: Callable[[], dict] | None = None  # provider -> callable | Skip | (callable, model, optimizer) | counts
     rate: Callable[[str], tuple[float, str]] | None = None  # provider -> (work per call, unit)
     budget_s: float = 8.0  # time for the timed rounds (after warm-up)
     min_rounds: int = 3
@@ -71,10 +75,27 @@ class Case:
     target_sample_s: float = 0.0  # each sample the mean of enough calls to last this long (0: one call)
     note: str = ""
     prewarm: Callable[[], dict] | None = None  # cheaper providers of the same names, each called once first
+    memory: bool = False  # measure each provider's peak resident memory after the timed rounds
+    rounds: int = 0  # a fixed number of rounds (0: from the budget)
+    dtype: object = None
+    extra: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return f"{self.workload} {self.shape}"
+        return f"{self.workload} {shape_str(self.shape)}"
+
+    @property
+    def op(self) -> str:
+        return self.workload
+
+    @property
+    def backward(self) -> bool:
+        return bool(self.extra.get("backward"))
+
+    @property
+    def label(self) -> str:
+        tags = [f"{k}={v}" if not isinstance(v, bool) else k for k, v in self.extra.items() if v is not False]
+        return self.workload + (f"[{','.join(tags)}]" if tags else "")
 
 
 @dataclass
@@ -85,8 +106,37 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- the cases
-def _shape(s) -> str:
-    return "x".join(map(str, s))
+def shape_str(s) -> str:
+    return s if isinstance(s, str) else "x".join(map(str, s))
+
+
+# workload -> (providers(shape, compile), bytes or FLOPs per call(shape, provider)): the op cases of the suite
+# and of the per-op scripts in benchmarks/
+OPS: dict[str, tuple[Callable, Callable]] = {
+    "q_sample": (lambda s, c: bops.q_sample_providers(s, compile=c, copy=True),
+                 lambda s, p: (bops.q_sample_bytes(s, p), "GB/s")),
+    "ddpm_step, generator noise": (lambda s, c: bops.ddpm_step_providers(s, compile=c, noise="generator"),
+                                   lambda s, p: (bops.ddpm_step_bytes(s, p), "GB/s")),
+    "ddpm_step, tensor noise": (lambda s, c: bops.ddpm_step_providers(s, compile=c, noise="tensor"),
+                                lambda s, p: (bops.ddpm_step_bytes(s, p), "GB/s")),
+    "ddim_step": (lambda s, c: bops.ddim_step_providers(s, compile=c),
+                  lambda s, p: (bops.ddim_step_bytes(s, p), "GB/s")),
+    "group_norm_silu fwd": (lambda s, c: bops.group_norm_silu_providers(s, compile=c, copy=True),
+                            lambda s, p: (bops.group_norm_silu_bytes(s), "GB/s")),
+    "group_norm_silu fwd+bwd": (lambda s, c: bops.group_norm_silu_providers(s, compile=c, backward=True, copy=True),
+                                lambda s, p: (bops.group_norm_silu_bytes(s, True), "GB/s")),
+    "attention fwd": (lambda s, c: bops.attention_providers(s[0], s[2], s[3], compile=c),
+                      lambda s, p: (bops.attention_flops(s[0], s[2], s[3]), "GFLOP/s")),
+    "attention fwd+bwd": (lambda s, c: bops.attention_providers(s[0], s[2], s[3], compile=c, backward=True),
+                          lambda s, p: (bops.attention_flops(s[0], s[2], s[3], True), "GFLOP/s")),
+}
+
+
+def op_case(workload: str, shape: tuple, compile: bool = False, **kw) -> Case:
+    """The case of one op (a key of OPS) at one shape; ``kw``: Case's scheduling fields."""
+    providers, rate = OPS[workload]
+    return Case("op", workload, shape_str(shape), lambda: providers(shape, compile), rate=lambda p: rate(shape, p),
+                **kw)
 
 
 def _op_cases(suite: str, compile: bool) -> list[Case]:
@@ -103,37 +153,16 @@ def _op_cases(suite: str, compile: bool) -> list[Case]:
                                       if full else [(16, 256, 256)])
     att_bwd = [(1, 16, 8)] if smoke else ([(1, 256, 256), (16, 256, 256)] if full else [])
     # torch.compile costs a compilation per case (the first one ~15 s here): in smoke only once
-    cq = compile
-    cs = compile and not smoke
     kw = dict(target_sample_s=0.005, budget_s=2.0 if smoke else 6.0, min_rounds=2 if smoke else 5,
               max_rounds=2 if smoke else 25)
-    cases = []
-    for s in img:
-        cases.append(Case("op", "q_sample", _shape(s), lambda s=s: bops.q_sample_providers(s, compile=cq),
-                          rate=lambda p, s=s: (bops.q_sample_bytes(s, p), "GB/s"), **kw))
-    for s in step:
-        for noise in ("generator", "tensor"):
-            cases.append(Case("op", f"ddpm_step, {noise} noise", _shape(s),
-                              lambda s=s, noise=noise: bops.ddpm_step_providers(s, compile=cs, noise=noise),
-                              rate=lambda p, s=s: (bops.ddpm_step_bytes(s, p), "GB/s"), **kw))
-    for s in gn:
-        cases.append(Case("op", "group_norm_silu fwd", _shape(s),
-                          lambda s=s: bops.group_norm_silu_providers(s, compile=cs),
-                          rate=lambda p, s=s: (bops.group_norm_silu_bytes(s), "GB/s"), **kw))
-    for s in gn_bwd:
-        cases.append(Case("op", "group_norm_silu fwd+bwd", _shape(s),
-                          lambda s=s: bops.group_norm_silu_providers(s, compile=cs, backward=True),
-                          rate=lambda p, s=s: (bops.group_norm_silu_bytes(s, True), "GB/s"), **kw))
-    for B, N, d in att:
-        cases.append(Case("op", "attention fwd", _shape((B, 1, N, d)),
-                          lambda B=B, N=N, d=d: bops.attention_providers(B, N, d, compile=cs),
-                          rate=lambda p, B=B, N=N, d=d: (bops.attention_flops(B, N, d), "GFLOP/s"), **kw))
-    for B, N, d in att_bwd:
-        cases.append(Case("op", "attention fwd+bwd", _shape((B, 1, N, d)),
-                          lambda B=B, N=N, d=d: bops.attention_providers(B, N, d, compile=cs, backward=True),
-                          rate=lambda p, B=B, N=N, d=d: (bops.attention_flops(B, N, d, True), "GFLOP/s"),
-                          **kw))
-    return cases
+    plan = [("q_sample", s, compile) for s in img]
+    plan += [(f"ddpm_step, {noise} noise", s, compile and not smoke) for s in step for noise in ("generator", "tensor")]
+    plan += [("ddim_step", s, compile and not smoke) for s in step]
+    plan += [("group_norm_silu fwd", s, compile and not smoke) for s in gn]
+    plan += [("group_norm_silu fwd+bwd", s, compile and not smoke) for s in gn_bwd]
+    plan += [("attention fwd", (B, 1, N, d), compile and not smoke) for B, N, d in att]
+    plan += [("attention fwd+bwd", (B, 1, N, d), compile and not smoke) for B, N, d in att_bwd]
+    return [op_case(w, s, c, **kw) for w, s, c in plan]
 
 
 _NETS: dict[str, object] = {}
@@ -177,9 +206,9 @@ def _unet_case(net_name: str, batch: int, smoke: bool) -> Case:
 
 
 def _sampling_case(net_name: str, batch: int, steps: int, smoke: bool, long: bool = False) -> Case:
-    from .workloads import sampling_providers
+    from .workloads import SUITE_SAMPLERS, sampling_providers
 
-    which = None
+    which = SUITE_SAMPLERS
     if long:  # the drop-in pipeline costs what fastddpm.sample costs per step: leave it out of hour-long runs
         which = ("fastddpm.sample", "diffusers DDPMPipeline", "denoising-diffusion-pytorch")
     # long runs: a 2-step run of each provider warms it up; two rounds where a round takes seconds, one
@@ -267,13 +296,6 @@ def select(all_cases: list[Case], only: list[str] | None) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- running
-def _call_timed(fn, inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
-
-
 def _error(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
 
@@ -320,7 +342,7 @@ def run_case(case: Case, log: Callable[[str], None] = lambda s: None) -> Result:
         try:
             for _ in range(case.warmup):
                 fns[name]()
-            est[name] = _call_timed(fns[name], 1) if case.warmup else 0.0
+            est[name] = time_calls(fns[name]) if case.warmup else 0.0
         except Exception as exc:  # noqa: BLE001
             skipped[name] = _error(exc)
             del fns[name]
@@ -330,14 +352,17 @@ def run_case(case: Case, log: Callable[[str], None] = lambda s: None) -> Result:
     inner = {n: max(1, min(1000, round(case.target_sample_s / max(est[n], 1e-7)))) if case.target_sample_s else 1
              for n in fns}
     per_round = sum(est[n] * inner[n] for n in fns)
-    rounds = case.min_rounds if per_round <= 0 else \
-        int(max(case.min_rounds, min(case.max_rounds, case.budget_s // per_round)))
+    rounds = case.rounds or (case.min_rounds if per_round <= 0 else
+                             int(max(case.min_rounds, min(case.max_rounds, case.budget_s // per_round))))
     log(f"  {case.name}: {len(fns)} providers, {rounds} rounds")
     times: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(rounds):
         for n, fn in fns.items():
-            times[n].append(_call_timed(fn, inner[n]))
+            times[n].append(time_calls(fn, inner[n]))
     res.rows += summarise(case, times, {n: inner[n] for n in fns})
+    if case.memory:
+        for r in res.rows:
+            r["peak_mib"] = peak_rss_mib(fns[r["provider"]])
     if case.kind == "training":
         from .timing import peak_tensor_bytes
         from .workloads import persistent_bytes
@@ -431,7 +456,8 @@ def render_timings(rows: list[dict]) -> str:
     for r in rows:
         if r.get("kind") == "counts":
             continue
-        who = r["provider"] + {"bound": " *(bound)*", "other": " *(own U-Net)*"}.get(r.get("role"), "")
+        who = r["provider"] + {"bound": " *(bound)*", "component": " *(component)*",
+                               "other": " *(own U-Net)*"}.get(r.get("role"), "")
         if r.get("status"):
             lines.append(f"| {r['workload']} | {r['shape']} | {who} | {r['status']} | | | |")
             continue
@@ -470,9 +496,10 @@ LEGEND = (
     "(and interquartile range) of the per-round ratios; > 1 is faster than the best peer. Peers compute the "
     "same thing (torch eager, torch.compile, diffusers with the same weights, SDPA); *own U-Net* rows "
     "(denoising-diffusion-pytorch) run the same task on their own network of matching widths (other FLOPs) and "
-    "are never the best peer; *bound* rows are floors, not implementations. GB/s counts the minimum bytes an "
-    "op must move; GFLOP/s counts matmuls and convolutions. Peak MiB: parameters, AdamW state and the most "
-    "tensor memory a step allocates at once (from the allocator's events).")
+    "are never the best peer; *bound* rows copy exactly the minimum bytes the op must move (a floor no "
+    "implementation beats); *component* rows run one part of the op's work alone (drawing the noise). GB/s "
+    "counts the minimum bytes an op must move; GFLOP/s counts matmuls and convolutions. Peak MiB: parameters, "
+    "AdamW state and the most tensor memory a step allocates at once (from the allocator's events).")
 
 
 def render(rows: list[dict], header: dict | None = None) -> str:
@@ -514,3 +541,44 @@ def run(suite: str = "quick", only: list[str] | None = None, compile: bool = Tru
     header["load average at end"] = load_average()
     header["wall time"] = f"{time.perf_counter() - t0:.0f} s"
     return rows, header
+
+
+# ----------------------------------------------------------------------------- the per-op scripts
+def script_main(doc: str, plan: Callable[[object], list[Case]], argv=None, rounds: int = 25,
+                extend: Callable | None = None) -> tuple[list[dict], object]:
+    """The command line of a script in benchmarks/: its cases (``plan(args)``) timed interleaved, the table
+    printed (with the machine, the copy bandwidth and the load before and after) and, with --csv, the rows
+    appended to a CSV. ``extend(parser)`` adds the script's own options. Returns (rows, args)."""
+    import argparse
+
+    from .timing import copy_bandwidth, load_average, machine, write_csv
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", "--reps", type=int, default=rounds, help=f"interleaved rounds (default {rounds})")
+    ap.add_argument("--csv", default=None, metavar="FILE", help="append the rows (with the machine) to FILE")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile providers")
+    ap.add_argument("--providers", default="", help="comma-separated subset of providers (the peers always run)")
+    if extend is not None:
+        extend(ap)
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    keep = {p for p in args.providers.split(",") if p}
+    rows: list[dict] = []
+    cases_ = plan(args)
+    if cases_:
+        print(f"# {machine()}; copy bandwidth {copy_bandwidth() / 1e9:.1f} GB/s; load average {load_average()}",
+              flush=True)
+    for c in cases_:
+        c.rounds = c.rounds or max(1, args.rounds)
+        if keep:
+            c.build = (lambda b: lambda: {k: v for k, v in b().items() if k in keep or role(k) == "peer"})(c.build)
+        rows += run_case(c, log=lambda s: print(s, flush=True)).rows
+    if rows:
+        print(render_timings(rows) + "\n\n" + LEGEND + f"\n\nload average at the end: {load_average()}")
+    if args.csv and rows:
+        write_csv(args.csv, rows)
+    return rows, args

@@ -66,8 +66,18 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize()
 
 
+def time_calls(fn: Callable[[], object], inner: int = 1, device: torch.device | str | None = None) -> float:
+    """Seconds per call of ``fn``, the mean of ``inner`` calls (the device synchronised before and after)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / inner
+
+
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 30, inner: int = 5,
-                warmup: int = 3) -> dict[str, list[float]]:
+                warmup: int = 3, device: torch.device | str | None = None) -> dict[str, list[float]]:
     """Time each function ``rounds`` times, A B C A B C ..., each sample the mean of ``inner`` calls (s)."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -75,11 +85,16 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 30, inner: i
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[k].append((time.perf_counter() - t0) / inner)
+            times[k].append(time_calls(fn, inner, device))
     return times
+
+
+def cuda_ms(fn: Callable[[], object]) -> float:
+    """The CUDA mode: triton.testing.do_bench's median time of ``fn`` in ms (its default return_mode is the
+    mean, which one preempted repetition can move)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, return_mode="median")
 
 
 def median(xs: list[float]) -> float:
@@ -98,13 +113,7 @@ def copy_bandwidth(nbytes: int = 64 * 2**20, rounds: int = 20) -> float:
     """Measured bytes/s of a plain tensor copy (read + write counted) on this CPU."""
     src = torch.randn(nbytes // 4)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        ts.append(time.perf_counter() - t0)
-    return 2 * nbytes / median(ts)
+    return 2 * nbytes / median(interleaved({"copy": lambda: dst.copy_(src)}, rounds, 1, 1)["copy"])
 
 
 @contextlib.contextmanager
@@ -143,6 +152,43 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)  # glibc
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
+
+
+def peak_rss_mib(fn: Callable[[], object]) -> float:
+    """Resident memory (MiB) one call of ``fn`` adds at its peak: VmHWM after a reset, minus VmRSS before
+    (Linux; NaN elsewhere).
+
+    glibc keeps freed blocks resident: without handing them back first (malloc_trim), a call that reuses
+    what an earlier call freed adds next to nothing (a warm U-Net training step measured 0-230 MiB instead
+    of 700-1050).
+    """
+    import gc
+
+    gc.collect()
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _status_kib("VmRSS")
+    except (OSError, StopIteration):
+        return float("nan")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 # ----------------------------------------------------------------------------- CSV

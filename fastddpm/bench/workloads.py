@@ -33,8 +33,28 @@ class Skip(Exception):
     """A provider that cannot run here; the message says why."""
 
 
-def sampling_providers(net: Network, batch: int, steps: int, which: tuple[str, ...] | None = None
+# the suite's sampling providers; benchmarks/bench_sampling.py runs the others on request
+SUITE_SAMPLERS = ("fastddpm.sample", "fastddpm DDPMPipeline", "diffusers DDPMPipeline", "denoising-diffusion-pytorch")
+
+
+def dpm_loop(unet, shape, steps):
+    """diffusers' DPMSolverMultistepScheduler (its defaults: dpmsolver++, order 2) driven as its pipelines do."""
+    import diffusers
+
+    sched = diffusers.DPMSolverMultistepScheduler()
+    sched.set_timesteps(steps)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+def sampling_providers(net: Network, batch: int, steps: int, which: tuple[str, ...] | None = SUITE_SAMPLERS
                        ) -> dict[str, Callable[[], object] | Skip]:
+    """Whole sampling runs, the same weights: fastddpm.sample (DDPM; with Philox noise, on the CPU in
+    channels_last, its default there, and in NCHW; DPM-Solver++(2M)), the drop-in DDPMPipeline, diffusers'
+    DDPMPipeline and DPM-Solver++ loop, denoising-diffusion-pytorch. ``which``: the names to build (None: all)."""
     refuse_reference_run()  # never time the torch reference under fastddpm's name
     import diffusers
 
@@ -45,8 +65,13 @@ def sampling_providers(net: Network, batch: int, steps: int, which: tuple[str, .
     ours = net.ours.eval()
     theirs = diffusers_unet(net)
     out: dict[str, Callable[[], object] | Skip] = {}
-    out["fastddpm.sample"] = lambda: fastddpm.sample(ours, shape, steps=steps, sampler="ddpm", seed=0,
-                                                     progress=False)
+    kw = dict(steps=steps, seed=0, progress=False)
+    out["fastddpm.sample"] = lambda: fastddpm.sample(ours, shape, sampler="ddpm", **kw)
+    out["fastddpm.sample (philox)"] = lambda: fastddpm.sample(ours, shape, noise="philox", **kw)
+    out["fastddpm.sample (philox, NCHW)"] = lambda: fastddpm.sample(ours, shape, noise="philox", channels_last=False,
+                                                                    **kw)
+    out["fastddpm.sample dpm++2m"] = lambda: fastddpm.sample(ours, shape, sampler="dpm++2m", **kw)
+    out["diffusers DPMSolverMultistep loop"] = lambda: dpm_loop(theirs, shape, steps)
     pipe = fastddpm.DDPMPipeline(ours, fastddpm.DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     out["fastddpm DDPMPipeline"] = lambda: pipe(batch_size=batch, num_inference_steps=steps, output_type="np",
@@ -55,14 +80,15 @@ def sampling_providers(net: Network, batch: int, steps: int, which: tuple[str, .
     dpipe.set_progress_bar_config(disable=True)
     out["diffusers DDPMPipeline"] = lambda: dpipe(batch_size=batch, num_inference_steps=steps, output_type="np",
                                                   generator=torch.Generator().manual_seed(0))
-    why = ddpm_pytorch_status()
-    if why:
-        out[DDP] = Skip(why)
-    else:
-        diff = ddpm_pytorch_diffusion(net, sampling_steps=steps).eval()
-        out[DDP] = lambda: diff.sample(batch_size=batch)
+    if which is None or DDP in which:
+        why = ddpm_pytorch_status()
+        if why:
+            out[DDP] = Skip(why)
+        else:
+            diff = ddpm_pytorch_diffusion(net, sampling_steps=steps).eval()
+            out[DDP] = lambda: diff.sample(batch_size=batch)
     if which is not None:
-        out = {k: v for k, v in out.items() if k in which}
+        out = {k: out[k] for k in which if k in out}
     return out
 
 
@@ -157,8 +183,11 @@ def denoising_step_counters(net: Network, batch: int, steps: int = 4) -> dict[st
                                                         "diffusers DDPMPipeline", DDP))
 
 
-def unet_forward_providers(net: Network, batch: int) -> dict[str, Callable[[], object] | Skip]:
-    """One U-Net forward (eval, no_grad) per provider, the same weights for all but the last."""
+def unet_forward_providers(net: Network, batch: int, backward: bool = False
+                           ) -> dict[str, Callable[[], object] | Skip]:
+    """One U-Net forward (eval, no_grad) per provider, the same weights for all but the last; with
+    ``backward`` forward + backward of mean(out^2) in train mode (dropout 0 on both sides: the same
+    computation), gradients freed after each call."""
     refuse_reference_run()  # never time the torch reference under fastddpm's name
     from .models import unet_variants
 
@@ -168,17 +197,22 @@ def unet_forward_providers(net: Network, batch: int) -> dict[str, Callable[[], o
     t = torch.randint(0, 1000, (batch,), generator=g)
     out: dict = {}
     for name, m in unet_variants(net.ours).items():
-        m.eval()
         xx = x.to(memory_format=torch.channels_last) if name == "fastddpm-cl" else x
-        out[name] = _forward(m, xx, t)
+        out[name] = _forward(m, xx, t, backward)
     why = ddpm_pytorch_status()
-    out[DDP] = Skip(why) if why else _forward(ddpm_pytorch_unet(net), x, t)
+    out[DDP] = Skip(why) if why else _forward(ddpm_pytorch_unet(net), x, t, backward)
     return out
 
 
-def _forward(m, x, t):
+def _forward(m, x, t, backward=False):
     def run():
-        with torch.no_grad():
+        m.train(backward)  # the "fastddpm" variant is the network itself, which other cases share
+        with torch.set_grad_enabled(backward):
             y = m(x, t)
-        return y.sample if hasattr(y, "sample") else y
+            y = y.sample if hasattr(y, "sample") else y
+        if backward:
+            y.pow(2).mean().backward()
+            for p in m.parameters():
+                p.grad = None
+        return y
     return run
