@@ -252,3 +252,65 @@ def test_samplers_models_nn_use_only_the_public_ops_api():
     assert len(chosen) >= 12 and "fastddpm.samplers.ddpm" in chosen, sorted(chosen)
     bad = {m: u for m, f in chosen.items() if (u := private_ops_uses(f.read_text(), m, public))}
     assert not bad, f"private fastddpm.ops names used outside the op layer: {bad}"
+
+
+# ----------------------------------------------------------------------------- integer codes by name
+CODE_ARGS = {"PRED_TYPE", "VAR_TYPE", "NOISE_MODE", "noise_mode", "mode", "prediction_type", "variance_type"}
+
+
+def elementwise_h_codes() -> dict[str, int]:
+    """The enums of csrc/include/fastddpm/elementwise.h, the one table of the schemas' integer codes:
+    {"kEpsilon": 0, ...}."""
+    import re
+
+    src = (ROOT / "csrc" / "include" / "fastddpm" / "elementwise.h").read_text()
+    codes: dict[str, int] = {}
+    for body in re.findall(r"enum \w+ : int64_t \{(.*?)\};", src, re.S):
+        for name, value in re.findall(r"(k\w+)\s*=\s*(\d+)", body):
+            codes[name] = int(value)
+    return codes
+
+
+def _camel(name: str) -> str:  # "v_prediction" / "V_PREDICTION" -> "VPrediction"
+    return "".join(p.capitalize() for p in name.lower().split("_"))
+
+
+def test_code_tables_agree_with_elementwise_h():
+    """fastddpm/ops/_codes.py and triton_kernels/_common.py give every code elementwise.h names, with its
+    value, and no other (names matched as kFixedSmall ~ "fixed_small" ~ FIXED_SMALL)."""
+    from fastddpm.triton_kernels import _common
+
+    from fastddpm.ops import _codes
+
+    header = elementwise_h_codes()
+    assert {"kEpsilon", "kVPrediction", "kFixedSmall", "kLearnedRange", "kNoNoise", "kNoisePhilox"} <= set(header)
+    python = {f"k{_camel(k)}": v for k, v in {**_codes.PREDICTION_TYPES, **_codes.VARIANCE_TYPES}.items()}
+    python.update(kNoNoise=_codes.NOISE_NONE, kNoiseTensor=_codes.NOISE_TENSOR, kNoisePhilox=_codes.NOISE_PHILOX)
+    assert python == header
+    triton = {f"k{_camel(k)}": getattr(_common, k).value for k in dir(_common)
+              if k.isupper() and type(getattr(_common, k)).__name__ == "constexpr"}
+    assert triton == header
+
+
+def bare_code_comparisons(source: str) -> list[int]:
+    """Line numbers where a code argument (CODE_ARGS) is compared with a bare integer."""
+    bad = []
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.Compare):
+            sides = [n.left, *n.comparators]
+            names = {s.id for s in sides if isinstance(s, ast.Name)}
+            if names & CODE_ARGS and any(isinstance(s, ast.Constant) and type(s.value) is int for s in sides):
+                bad.append(n.lineno)
+    return bad
+
+
+def test_bare_code_check_finds_a_number():
+    src = "if PRED_TYPE == 0:\n    pass\nif PRED_TYPE == EPSILON:\n    pass\nif n == 0:\n    pass\n"
+    assert bare_code_comparisons(src) == [1]
+
+
+def test_triton_kernels_compare_codes_by_name():
+    files = sorted((ROOT / "triton_kernels").glob("*.py"))
+    assert len(files) >= 6
+    bad = [f"{f.name}:{line}" for f in files for line in bare_code_comparisons(f.read_text())]
+    assert not bad, f"codes compared with bare numbers (use triton_kernels/_common.py's names): {bad}"

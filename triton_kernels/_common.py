@@ -7,6 +7,22 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import triton.language as tl
+
+# The integer codes of the C++ schemas, named as csrc/include/fastddpm/elementwise.h names them (kEpsilon, ...;
+# fastddpm/ops/_codes.py holds the same table for Python): the kernels compare their constexpr arguments with
+# these names, never with bare numbers (tests/test_codebase.py checks the three tables and the kernels).
+EPSILON = tl.constexpr(0)
+SAMPLE = tl.constexpr(1)
+V_PREDICTION = tl.constexpr(2)
+FIXED_SMALL = tl.constexpr(0)
+FIXED_SMALL_LOG = tl.constexpr(1)
+FIXED_LARGE = tl.constexpr(2)
+LEARNED = tl.constexpr(4)
+LEARNED_RANGE = tl.constexpr(5)
+NO_NOISE = tl.constexpr(0)
+NOISE_TENSOR = tl.constexpr(1)
+NOISE_PHILOX = tl.constexpr(2)
 
 
 def batch_major_dense(*ts: torch.Tensor | None) -> bool:

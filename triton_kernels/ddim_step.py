@@ -8,7 +8,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import batch_major_dense, launch_device, restore_format
+from ._common import (
+    EPSILON,
+    NO_NOISE,
+    NOISE_PHILOX,
+    NOISE_TENSOR,
+    SAMPLE,
+    batch_major_dense,
+    launch_device,
+    restore_format,
+)
 
 
 @triton.jit
@@ -40,10 +49,10 @@ def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_
     c_eps = tl.sqrt(tl.maximum(beta_prod_prev - std * std, 0.0))
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if PRED_TYPE == 0:
+    if PRED_TYPE == EPSILON:
         x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
         eps = m
-    elif PRED_TYPE == 1:
+    elif PRED_TYPE == SAMPLE:
         x0 = m
         eps = (x - sqrt_ab * m) * (1.0 / sqrt_1mab)
     else:
@@ -56,9 +65,9 @@ def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_
     if RETURN_PRED:
         tl.store(pred_ptr + offs, x0.to(pred_ptr.dtype.element_ty), mask=mask)
     out = tl.sqrt(ab_prev) * x0 + c_eps * eps
-    if NOISE_MODE == 1:
+    if NOISE_MODE == NOISE_TENSOR:
         out = out + std * tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    elif NOISE_MODE == 2:
+    elif NOISE_MODE == NOISE_PHILOX:
         if OFFSET_PTR:  # the counter offset read on the device: a CUDA graph replays a new one
             out = out + std * tl.randn(seed, offset + tl.load(off_ptr) + offs)
         else:
@@ -86,11 +95,11 @@ def ddim_step_triton(
     offset_tensor: torch.Tensor | None = None,
     diffusers_beta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mode = noise_mode if eta > 0 else 0
-    z = noise if mode == 1 else None
-    off_t = offset_tensor if mode == 2 else None
+    mode = noise_mode if eta > 0 else NO_NOISE
+    z = noise if mode == NOISE_TENSOR else None
+    off_t = offset_tensor if mode == NOISE_PHILOX else None
     direct = batch_major_dense(sample, model_output, z)
-    if mode == 2 and not sample.is_contiguous():
+    if mode == NOISE_PHILOX and not sample.is_contiguous():
         direct = False  # Philox noise is indexed in NCHW order
     prep = (lambda u: u) if direct else (lambda u: None if u is None else u.contiguous())
     xs, ms, zs = prep(sample), prep(model_output), prep(z)

@@ -12,7 +12,19 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import batch_major_dense, launch_device, restore_format
+from ._common import (
+    EPSILON,
+    FIXED_LARGE,
+    LEARNED,
+    LEARNED_RANGE,
+    NO_NOISE,
+    NOISE_PHILOX,
+    NOISE_TENSOR,
+    SAMPLE,
+    batch_major_dense,
+    launch_device,
+    restore_format,
+)
 
 
 @triton.jit
@@ -43,9 +55,9 @@ def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # 2. predicted x0 (Ho et al. eq. 15)
-    if PRED_TYPE == 0:
+    if PRED_TYPE == EPSILON:
         x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
-    elif PRED_TYPE == 1:
+    elif PRED_TYPE == SAMPLE:
         x0 = m
     else:
         x0 = sqrt_ab * x - sqrt_1mab * m
@@ -59,8 +71,8 @@ def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_
     c_xt = tl.sqrt(cur_alpha) * beta_prod_prev / beta_prod_t
     out = c_x0 * x0 + c_xt * x
     # 6. sigma_t z where t > 0
-    if NOISE_MODE != 0:
-        if NOISE_MODE == 1:
+    if NOISE_MODE != NO_NOISE:
+        if NOISE_MODE == NOISE_TENSOR:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             if OFFSET_PTR:  # the counter offset read on the device: a CUDA graph replays a new one
@@ -68,11 +80,11 @@ def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_
             else:
                 z = tl.randn(seed, offset + offs)
         var = tl.maximum(beta_prod_prev / beta_prod_t * cur_beta, 1e-20)
-        if VAR_TYPE == 2:
+        if VAR_TYPE == FIXED_LARGE:
             sigma = tl.sqrt(cur_beta)
-        elif VAR_TYPE == 4:
+        elif VAR_TYPE == LEARNED:
             sigma = tl.sqrt(tl.load(pv_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-        elif VAR_TYPE == 5:
+        elif VAR_TYPE == LEARNED_RANGE:
             frac = 0.5 * (tl.load(pv_ptr + offs, mask=mask, other=0.0).to(tl.float32) + 1.0)
             log_large = tl.log(tl.maximum(cur_beta, 1e-20))
             sigma = tl.exp(0.5 * (frac * log_large + (1.0 - frac) * tl.log(var)))
@@ -101,11 +113,11 @@ def ddpm_step_triton(
     offset_tensor: torch.Tensor | None = None,
     diffusers_beta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    z = noise if noise_mode == 1 else None
-    off_t = offset_tensor if noise_mode == 2 else None
+    z = noise if noise_mode == NOISE_TENSOR else None
+    off_t = offset_tensor if noise_mode == NOISE_PHILOX else None
     pv = predicted_variance if variance_type in (4, 5) else None
     direct = batch_major_dense(sample, model_output, z, pv)
-    if noise_mode == 2 and not sample.is_contiguous():
+    if noise_mode == NOISE_PHILOX and not sample.is_contiguous():
         direct = False  # Philox noise is indexed in NCHW order
     prep = (lambda u: u) if direct else (lambda u: None if u is None else u.contiguous())
     xs, ms, zs, ps = prep(sample), prep(model_output), prep(z), prep(pv)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import batch_major_dense, launch_device, restore_format
+from ._common import EPSILON, SAMPLE, batch_major_dense, launch_device, restore_format
 
 
 @triton.jit
@@ -58,9 +58,9 @@ def _dpmpp_step_kernel(x_ptr, m_ptr, p_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, lt
     c_x = tl.sqrt((1.0 - ab_t) / (1.0 - ab_s0))
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if PRED_TYPE == 0:
+    if PRED_TYPE == EPSILON:
         x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
-    elif PRED_TYPE == 1:
+    elif PRED_TYPE == SAMPLE:
         x0 = m
     else:
         x0 = sqrt_ab * x - sqrt_1mab * m
