@@ -30,19 +30,26 @@ enum class NoiseTerm { kNone, kFixed, kLearned };
 // One block of n elements of one sample: elementwise.h's ddpm_pred_x0 (diffusers' steps 2-3), posterior
 // mean and noise (4-6) on vectors, the functions the CUDA kernel runs per element. c.add_noise is set as
 // the term says.
+// The coefficients are copied into the block (cb: a local whose address the stores through po/px0 cannot
+// reach, so the compiler keeps its fields in registers instead of reloading them after every store), and a
+// fixed sigma_t, the same for every element, is evaluated once per block.
 template <NoiseTerm N>
 inline void ddpm_block(const float* px, const float* pm, const float* pz, const float* pp, float* po, float* px0,
                        const StepCoeffs& c, const StepArgs& a, int64_t n) {
+  const StepCoeffs cb = c;
+  const int64_t pt = a.prediction_type, vt = a.variance_type;
+  const float clip = a.clip_range;
+  const Vec fixed_sigma = N == NoiseTerm::kFixed ? ddpm_sigma(cb, vt, Vec(0.0f)) : Vec(0.0f);
   for_each_vec(n, [&](int64_t j, int64_t r) {
     const Vec xv = Vec::loadu(px + j, r);
-    const Vec x0 = ddpm_pred_x0(xv, Vec::loadu(pm + j, r), c, a.prediction_type, a.clip_range);
+    const Vec x0 = ddpm_pred_x0(xv, Vec::loadu(pm + j, r), cb, pt, clip);
     x0.store(px0 + j, r);
     Vec sigma(0.0f), z(0.0f);
     if constexpr (N != NoiseTerm::kNone) {
       z = Vec::loadu(pz + j, r);
-      sigma = ddpm_sigma(c, a.variance_type, N == NoiseTerm::kLearned ? Vec::loadu(pp + j, r) : Vec(0.0f));
+      sigma = N == NoiseTerm::kLearned ? ddpm_sigma(cb, vt, Vec::loadu(pp + j, r)) : fixed_sigma;
     }
-    ddpm_prev_sample(xv, x0, sigma, z, c).store(po + j, r);
+    ddpm_prev_sample(xv, x0, sigma, z, cb).store(po + j, r);
   });
 }
 
