@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import triton
 import triton.language as tl
 
 # The integer codes of the C++ schemas, named as csrc/include/fastddpm/elementwise.h names them (kEpsilon, ...;
@@ -23,6 +24,45 @@ LEARNED_RANGE = tl.constexpr(5)
 NO_NOISE = tl.constexpr(0)
 NOISE_TENSOR = tl.constexpr(1)
 NOISE_PHILOX = tl.constexpr(2)
+
+
+# ----------------------------------------------------------------------------- per-element pieces of the steps
+@triton.jit
+def step_timesteps(t_ptr, pt_ptr, offs, mask, M, T):
+    """(b, t, prev_t) of each element: its sample b, t clamped to [0, T), prev_t below t (the CUDA kernels'
+    clamp_step_timesteps; the host checked the values, this keeps every lane's table reads in range)."""
+    b = offs // M
+    tt = tl.load(t_ptr + b, mask=mask, other=1)
+    tt = tl.minimum(tl.maximum(tt, 0), T - 1)
+    pt = tl.load(pt_ptr + b, mask=mask, other=0)
+    pt = tl.where(pt >= tt, tt - 1, pt)
+    return b, tt, pt
+
+
+@triton.jit
+def step_beta(ab_t, ab_prev, DIFFUSERS_BETA: tl.constexpr):
+    """beta_t = 1 - abar_t / abar_prev (elementwise.h step_beta): diffusers' fp32 evaluation, or the exact
+    subtraction of nearby values (Sterbenz)."""
+    if DIFFUSERS_BETA:
+        beta = 1.0 - ab_t / ab_prev
+    else:
+        beta = (ab_prev - ab_t) / ab_prev
+    return beta
+
+
+@triton.jit
+def pred_x0(x, m, sqrt_ab, sqrt_1mab, clip_range, PRED_TYPE: tl.constexpr, CLIP: tl.constexpr):
+    """x0 from the model output m at x_t (elementwise.h pred_x0: epsilon, Ho et al. eq. 15; sample; v, Salimans
+    & Ho 2022), clipped to [-clip_range, clip_range] with CLIP."""
+    if PRED_TYPE == EPSILON:
+        x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
+    elif PRED_TYPE == SAMPLE:
+        x0 = m
+    else:
+        x0 = sqrt_ab * x - sqrt_1mab * m
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    return x0
 
 
 def batch_major_dense(*ts: torch.Tensor | None) -> bool:

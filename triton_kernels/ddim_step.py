@@ -17,6 +17,8 @@ from ._common import (
     batch_major_dense,
     launch_device,
     restore_format,
+    step_beta,
+    step_timesteps,
 )
 
 
@@ -29,19 +31,12 @@ def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    b = offs // M
-    tt = tl.load(t_ptr + b, mask=mask, other=1)
-    tt = tl.minimum(tl.maximum(tt, 0), T - 1)
-    pt = tl.load(pt_ptr + b, mask=mask, other=0)
-    pt = tl.where(pt >= tt, tt - 1, pt)
+    b, tt, pt = step_timesteps(t_ptr, pt_ptr, offs, mask, M, T)
     ab_t = tl.load(ac_ptr + tt, mask=mask, other=0.5)
     ab_prev = tl.where(pt >= 0, tl.load(ac_ptr + tl.maximum(pt, 0), mask=mask, other=1.0), final_ac)
     beta_prod_t = 1.0 - ab_t
     beta_prod_prev = 1.0 - ab_prev
-    if DIFFUSERS_BETA:  # diffusers' fp32 evaluation (elementwise.h step_beta)
-        cur_beta = 1.0 - ab_t / ab_prev
-    else:
-        cur_beta = (ab_prev - ab_t) / ab_prev  # exact subtraction of nearby values (Sterbenz)
+    cur_beta = step_beta(ab_t, ab_prev, DIFFUSERS_BETA)
     var = tl.maximum(beta_prod_prev / beta_prod_t * cur_beta, 0.0)
     sqrt_ab = tl.sqrt(ab_t)
     sqrt_1mab = tl.sqrt(beta_prod_t)

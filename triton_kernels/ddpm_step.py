@@ -13,17 +13,18 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._common import (
-    EPSILON,
     FIXED_LARGE,
     LEARNED,
     LEARNED_RANGE,
     NO_NOISE,
     NOISE_PHILOX,
     NOISE_TENSOR,
-    SAMPLE,
     batch_major_dense,
     launch_device,
+    pred_x0,
     restore_format,
+    step_beta,
+    step_timesteps,
 )
 
 
@@ -36,34 +37,19 @@ def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    b = offs // M
-    tt = tl.load(t_ptr + b, mask=mask, other=1)
-    tt = tl.minimum(tl.maximum(tt, 0), T - 1)
-    pt = tl.load(pt_ptr + b, mask=mask, other=0)
-    pt = tl.where(pt >= tt, tt - 1, pt)
+    b, tt, pt = step_timesteps(t_ptr, pt_ptr, offs, mask, M, T)
     ab_t = tl.load(ac_ptr + tt, mask=mask, other=0.5)
     ab_prev = tl.where(pt >= 0, tl.load(ac_ptr + tl.maximum(pt, 0), mask=mask, other=1.0), 1.0)
     beta_prod_t = 1.0 - ab_t
     beta_prod_prev = 1.0 - ab_prev
     cur_alpha = ab_t / ab_prev
-    if DIFFUSERS_BETA:  # diffusers' fp32 evaluation (elementwise.h step_beta)
-        cur_beta = 1.0 - cur_alpha
-    else:
-        cur_beta = (ab_prev - ab_t) / ab_prev  # exact subtraction of nearby values (Sterbenz)
+    cur_beta = step_beta(ab_t, ab_prev, DIFFUSERS_BETA)
     sqrt_ab = tl.sqrt(ab_t)
     sqrt_1mab = tl.sqrt(beta_prod_t)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # 2. predicted x0 (Ho et al. eq. 15)
-    if PRED_TYPE == EPSILON:
-        x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
-    elif PRED_TYPE == SAMPLE:
-        x0 = m
-    else:
-        x0 = sqrt_ab * x - sqrt_1mab * m
-    # 3. clip
-    if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    # 2-3. predicted x0 (Ho et al. eq. 15), clipped
+    x0 = pred_x0(x, m, sqrt_ab, sqrt_1mab, clip_range, PRED_TYPE, CLIP)
     if RETURN_PRED:
         tl.store(pred_ptr + offs, x0.to(pred_ptr.dtype.element_ty), mask=mask)
     # 4-5. posterior mean (eq. 7)

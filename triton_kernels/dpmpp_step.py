@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import EPSILON, SAMPLE, batch_major_dense, launch_device, restore_format
+from ._common import batch_major_dense, launch_device, pred_x0, restore_format, step_timesteps
 
 
 @triton.jit
@@ -40,11 +40,7 @@ def _dpmpp_step_kernel(x_ptr, m_ptr, p_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, lt
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    b = offs // M
-    tt = tl.load(t_ptr + b, mask=mask, other=1)
-    tt = tl.minimum(tl.maximum(tt, 0), T - 1)
-    pt = tl.load(pt_ptr + b, mask=mask, other=0)
-    pt = tl.where(pt >= tt, tt - 1, pt)
+    b, tt, pt = step_timesteps(t_ptr, pt_ptr, offs, mask, M, T)
     final = pt < 0
     ab_s0 = tl.load(ac_ptr + tt, mask=mask, other=0.5)
     # Where final (or masked), some abar in (ab_s0, 1) stands in so that every lane stays finite (the
@@ -58,14 +54,7 @@ def _dpmpp_step_kernel(x_ptr, m_ptr, p_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, lt
     c_x = tl.sqrt((1.0 - ab_t) / (1.0 - ab_s0))
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if PRED_TYPE == EPSILON:
-        x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
-    elif PRED_TYPE == SAMPLE:
-        x0 = m
-    else:
-        x0 = sqrt_ab * x - sqrt_1mab * m
-    if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    x0 = pred_x0(x, m, sqrt_ab, sqrt_1mab, clip_range, PRED_TYPE, CLIP)
     if SECOND:
         lt = tl.load(lt_ptr + b, mask=mask, other=0)
         lt = tl.minimum(tl.maximum(lt, tt), T - 1)
