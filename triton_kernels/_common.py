@@ -96,6 +96,31 @@ def restore_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class Layout:
+    """The working layout of an elementwise op (checks.h's StepLayout): the operands as given when they share
+    one batch-major dense layout, else contiguous copies (with ``row_major``, also when the first is not
+    NCHW-contiguous: Philox noise is indexed in NCHW order). ``ins`` are the operands to launch on (None stays
+    None); ``outputs`` allocates the output and an optional second one in that layout, ``finish`` returns them
+    in the first operand's memory format."""
+
+    def __init__(self, *tensors: torch.Tensor | None, row_major: bool = False):
+        self.like = tensors[0]
+        self.direct = batch_major_dense(*tensors) and not (row_major and not self.like.is_contiguous())
+        self.ins = [u if self.direct or u is None else u.contiguous() for u in tensors]
+        self.batch, self.numel = self.like.shape[0], self.like.numel()
+
+    def outputs(self, second: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.ins[0]
+        return torch.empty_like(x), (torch.empty_like(x) if second else self.like.new_empty(0))
+
+    def finish(self, out: torch.Tensor, out2: torch.Tensor, second: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.direct:
+            out = restore_format(out, self.like)
+            if second:
+                out2 = restore_format(out2, self.like)
+        return out, out2
+
+
 def launch_device(t: torch.Tensor):
     """A context in which a Triton kernel for ``t`` launches on ``t``'s device and that device's current stream.
 

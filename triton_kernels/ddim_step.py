@@ -14,9 +14,8 @@ from ._common import (
     NOISE_PHILOX,
     NOISE_TENSOR,
     SAMPLE,
-    batch_major_dense,
+    Layout,
     launch_device,
-    restore_format,
     step_beta,
     step_timesteps,
 )
@@ -93,14 +92,10 @@ def ddim_step_triton(
     mode = noise_mode if eta > 0 else NO_NOISE
     z = noise if mode == NOISE_TENSOR else None
     off_t = offset_tensor if mode == NOISE_PHILOX else None
-    direct = batch_major_dense(sample, model_output, z)
-    if mode == NOISE_PHILOX and not sample.is_contiguous():
-        direct = False  # Philox noise is indexed in NCHW order
-    prep = (lambda u: u) if direct else (lambda u: None if u is None else u.contiguous())
-    xs, ms, zs = prep(sample), prep(model_output), prep(z)
-    out = torch.empty_like(xs)
-    pred = torch.empty_like(xs) if return_pred else sample.new_empty(0)
-    B, n = sample.shape[0], sample.numel()
+    io = Layout(sample, model_output, z, row_major=mode == NOISE_PHILOX)
+    xs, ms, zs = io.ins
+    out, pred = io.outputs(return_pred)
+    B, n = io.batch, io.numel
     if n > 0:
         BLOCK = 1024
         with launch_device(xs):
@@ -111,8 +106,4 @@ def ddim_step_triton(
                 CLIP=clip_range > 0, USE_CLIPPED=use_clipped_model_output, RETURN_PRED=return_pred,
                 OFFSET_PTR=off_t is not None, DIFFUSERS_BETA=diffusers_beta, BLOCK=BLOCK,
             )
-    if not direct:
-        out = restore_format(out, sample)
-        if return_pred:
-            pred = restore_format(pred, sample)
-    return out, pred
+    return io.finish(out, pred, return_pred)

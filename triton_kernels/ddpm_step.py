@@ -19,10 +19,9 @@ from ._common import (
     NO_NOISE,
     NOISE_PHILOX,
     NOISE_TENSOR,
-    batch_major_dense,
+    Layout,
     launch_device,
     pred_x0,
-    restore_format,
     step_beta,
     step_timesteps,
 )
@@ -102,14 +101,10 @@ def ddpm_step_triton(
     z = noise if noise_mode == NOISE_TENSOR else None
     off_t = offset_tensor if noise_mode == NOISE_PHILOX else None
     pv = predicted_variance if variance_type in (4, 5) else None
-    direct = batch_major_dense(sample, model_output, z, pv)
-    if noise_mode == NOISE_PHILOX and not sample.is_contiguous():
-        direct = False  # Philox noise is indexed in NCHW order
-    prep = (lambda u: u) if direct else (lambda u: None if u is None else u.contiguous())
-    xs, ms, zs, ps = prep(sample), prep(model_output), prep(z), prep(pv)
-    out = torch.empty_like(xs)
-    pred = torch.empty_like(xs) if return_pred else sample.new_empty(0)
-    B, n = sample.shape[0], sample.numel()
+    io = Layout(sample, model_output, z, pv, row_major=noise_mode == NOISE_PHILOX)
+    xs, ms, zs, ps = io.ins
+    out, pred = io.outputs(return_pred)
+    B, n = io.batch, io.numel
     if n > 0:
         BLOCK = 1024
         with launch_device(xs):
@@ -121,11 +116,7 @@ def ddpm_step_triton(
                 CLIP=clip_range > 0, RETURN_PRED=return_pred, OFFSET_PTR=off_t is not None,
                 DIFFUSERS_BETA=diffusers_beta, BLOCK=BLOCK,
             )
-    if not direct:
-        out = restore_format(out, sample)
-        if return_pred:
-            pred = restore_format(pred, sample)
-    return out, pred
+    return io.finish(out, pred, return_pred)
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import batch_major_dense, launch_device, pred_x0, restore_format, step_timesteps
+from ._common import Layout, launch_device, pred_x0, step_timesteps
 
 
 @triton.jit
@@ -85,12 +85,10 @@ def dpmpp_step_triton(
     return_pred: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     second = prev_x0 is not None
-    direct = batch_major_dense(sample, model_output, prev_x0)
-    prep = (lambda u: u) if direct else (lambda u: None if u is None else u.contiguous())
-    xs, ms, ps = prep(sample), prep(model_output), prep(prev_x0)
-    out = torch.empty_like(xs)
-    pred = torch.empty_like(xs) if return_pred else sample.new_empty(0)
-    B, n = sample.shape[0], sample.numel()
+    io = Layout(sample, model_output, prev_x0)
+    xs, ms, ps = io.ins
+    out, pred = io.outputs(return_pred)
+    B, n = io.batch, io.numel
     if n > 0:
         BLOCK = 1024
         with launch_device(xs):
@@ -100,8 +98,4 @@ def dpmpp_step_triton(
                 PRED_TYPE=prediction_type, CLIP=clip_range > 0, SECOND=second, RETURN_PRED=return_pred,
                 BLOCK=BLOCK,
             )
-    if not direct:
-        out = restore_format(out, sample)
-        if return_pred:
-            pred = restore_format(pred, sample)
-    return out, pred
+    return io.finish(out, pred, return_pred)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import batch_major_dense, launch_device, restore_format
+from ._common import Layout, launch_device
 
 
 @triton.jit
@@ -36,12 +36,10 @@ def q_sample_triton(
     sqrt_one_minus_alphas_cumprod: torch.Tensor,
     with_v: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    direct = batch_major_dense(x0, noise)
-    xin = x0 if direct else x0.contiguous()
-    ein = noise if direct else noise.contiguous()
-    xt = torch.empty_like(xin)
-    v = torch.empty_like(xin) if with_v else x0.new_empty(0)
-    B, n = x0.shape[0], x0.numel()
+    io = Layout(x0, noise)
+    xin, ein = io.ins
+    xt, v = io.outputs(with_v)
+    B, n = io.batch, io.numel
     if n > 0:
         BLOCK = 1024
         with launch_device(xin):
@@ -49,8 +47,4 @@ def q_sample_triton(
                 xin, ein, xt, v if with_v else xt, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
                 sqrt_alphas_cumprod.shape[0], n, n // B, WITH_V=with_v, BLOCK=BLOCK,
             )
-    if not direct:
-        xt = restore_format(xt, x0)
-        if with_v:
-            v = restore_format(v, x0)
-    return xt, v
+    return io.finish(xt, v, with_v)
