@@ -5,10 +5,11 @@
 Runs each implementation once on the CPU under fastddpm.bench.countops.Traffic, which adds up, kernel by
 kernel, the tensors every non-view operator reads and writes (no reuse between kernels through a cache,
 as on a GPU for tensors larger than its L2); a fastddpm op is charged its GPU kernels pass by pass
-(countops.PASSES: the fused GroupNorm+SiLU is 3 launches that read x twice). Shapes are the U-Net's at a
+(countops.PASSES: the fused GroupNorm+SiLU is 3 launches that read x twice; ATen's GroupNorm is charged
+its passes too). Shapes are the U-Net's at a
 size where bytes, not launches, bound a GPU. The minimum (countops.min_bytes) is what the op must move at
 least: its inputs read once and its outputs written once. Each implementation runs once uncounted first,
-so one-time state (cached schedule scalars, the U-Net's time projections) is not charged to it. ATen's
+so one-time state (cached schedule scalars, the U-Net's time projections) is not charged to it. Other ATen
 operators, attention's included, are charged their inputs once (a flash kernel rereads K and V per query
 tile, mostly from L2). "Floor" is the total divided by the copy bandwidth (default: 2,947 GB/s, measured on
 an H100 by benchmarks/gpu_suite.py), the time no kernel can beat; the kernel count times a launch (~5 us

@@ -46,6 +46,14 @@ PASSES: dict[str, list[tuple[dict, dict]]] = {
     # folds the per-channel sums, bwd_apply_kernel reads x and dy again and writes dx
     "fastddpm::group_norm_silu_bwd": [({"x": 1, "grad_y": 1}, {}), ({}, {}),
                                       ({"x": 1, "grad_y": 1}, {"out0": 1})],
+    # ATen's own GroupNorm on CUDA makes the same passes (aten/src/ATen/native/cuda/group_norm_kernel.cu):
+    # forward RowwiseMomentsCUDAKernel reads x, ComputeFusedParamsCUDAKernel folds the statistics, the
+    # elementwise apply reads x again and writes y; backward ComputeInternalGradientsCUDAKernel reads dy and x,
+    # ComputeBackwardFusedParamsCUDAKernel folds them, the dx kernel reads dy and x again, GammaBetaBackward
+    # reduces the per-channel sums
+    "aten::native_group_norm": [({"input": 1}, {}), ({}, {}), ({"input": 1}, {"out0": 1})],
+    "aten::native_group_norm_backward": [({"grad_out": 1, "input": 1}, {}), ({}, {}),
+                                         ({"grad_out": 1, "input": 1}, {"out0": 1}), ({}, {})],
 }
 
 

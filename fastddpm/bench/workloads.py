@@ -67,6 +67,8 @@ def sampling_providers(net: Network, batch: int, steps: int, which: tuple[str, .
     out: dict[str, Callable[[], object] | Skip] = {}
     kw = dict(steps=steps, seed=0, progress=False)
     out["fastddpm.sample"] = lambda: fastddpm.sample(ours, shape, sampler="ddpm", **kw)
+    # what fastddpm.sample runs on a GPU (NCHW; channels_last is its default on CPU tensors only): the GPU proxy
+    out["fastddpm.sample (NCHW)"] = lambda: fastddpm.sample(ours, shape, sampler="ddpm", channels_last=False, **kw)
     out["fastddpm.sample (philox)"] = lambda: fastddpm.sample(ours, shape, noise="philox", **kw)
     out["fastddpm.sample (philox, NCHW)"] = lambda: fastddpm.sample(ours, shape, noise="philox", channels_last=False,
                                                                     **kw)
@@ -178,8 +180,9 @@ def persistent_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
 
 
 def denoising_step_counters(net: Network, batch: int, steps: int = 4) -> dict[str, Callable[[], object] | Skip]:
-    """Sampling runs of ``steps`` steps to count operators per denoising step (divide by ``steps``)."""
-    return sampling_providers(net, batch, steps, which=("fastddpm.sample", "fastddpm DDPMPipeline",
+    """Sampling runs of ``steps`` steps to count operators per denoising step (divide by ``steps``), as they
+    run on a GPU (fastddpm.sample in NCHW, its layout there)."""
+    return sampling_providers(net, batch, steps, which=("fastddpm.sample (NCHW)", "fastddpm DDPMPipeline",
                                                         "diffusers DDPMPipeline", DDP))
 
 
