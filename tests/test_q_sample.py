@@ -212,3 +212,29 @@ def test_an_earlier_cuda_error_is_not_blamed_on_the_op():
     with pytest.raises(RuntimeError, match=r"already pending before this op launched.*not by q_sample"):
         torch.ops.fastddpm.q_sample(*args)
     assert torch.equal(torch.ops.fastddpm.q_sample(*args)[0], expected)  # consumed, not inherited
+
+
+@pytest.mark.parametrize("batch", [3, 64, 65, 200])  # both host checks: tolist() up to 64, reductions above
+def test_timestep_range_checks_at_every_batch_size(batch):
+    sched = SCHED
+    x = torch.randn(batch, 1, 2, 2)
+    for bad in (1000, -1):
+        t = torch.full((batch,), 7)
+        t[-1] = bad
+        with pytest.raises(ValueError, match=f"t: expected timesteps in \\[0, 1000\\), got {bad}"):
+            ops.q_sample(x, t, torch.randn_like(x), sched)
+    t = torch.full((batch,), 500)
+    ok = ops.q_sample(x, t, torch.randn_like(x), sched)
+    assert ok.shape == x.shape
+    # prev_t < t and last_t > t for every sample, the last one breaking it
+    pt = t - 20
+    pt[-1] = 500
+    with pytest.raises(ValueError, match="prev_t: expected prev_t < t for every sample"):
+        ops.ddpm_step(x, x, t, sched, pt)
+    with pytest.raises(ValueError, match="prev_t: expected prev_t < t for every sample"):
+        ops.dpmpp_step(x, x, t, sched, pt)
+    lt = t + 20
+    lt[-1] = 500
+    with pytest.raises(ValueError, match="last_t: expected last_t > t for every sample"):
+        ops.dpmpp_step(x, x, t, sched, t - 20, x, lt)
+    ops.dpmpp_step(x, x, t, sched, t - 20, x, t + 20)  # all valid: no error

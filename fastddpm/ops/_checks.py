@@ -73,6 +73,18 @@ def int_timesteps(t: int, batch: int, device: torch.device) -> torch.Tensor:
     return v
 
 
+# Up to this many timesteps, host-side checks read them with one tolist() (about 1 us for 16) instead of
+# tensor reductions and item() calls (about 1 us each).
+_HOST_LIST_MAX = 64
+
+
+def all_less(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a < b elementwise, for two int64 (B,) CPU tensors."""
+    if a.numel() <= _HOST_LIST_MAX:
+        return all(x < y for x, y in zip(a.tolist(), b.tolist()))
+    return not bool((a >= b).any())
+
+
 def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allow_negative: bool = False):
     """``t`` as an int64 tensor of shape (batch,) on ``device``, range-checked.
 
@@ -106,7 +118,11 @@ def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allo
         # and the Triton/CUDA kernels clamp their table reads.
         return t
     if t.device.type == "cpu":
-        if t.numel() and ((lo is not None and int(t.min()) < lo) or int(t.max()) >= T):
+        if t.numel() <= _HOST_LIST_MAX:  # a short batch: one tolist() costs less than two reductions
+            bad_vals = [v for v in t.tolist() if (lo is not None and v < lo) or v >= T]
+            if bad_vals:
+                raise ValueError(f"{name}: expected timesteps in {rng}, got {bad_vals[0]}")
+        elif (lo is not None and int(t.min()) < lo) or int(t.max()) >= T:
             bad = t[(t >= T) if lo is None else ((t < lo) | (t >= T))][0].item()
             raise ValueError(f"{name}: expected timesteps in {rng}, got {bad}")
     else:
@@ -169,7 +185,7 @@ def step_timesteps(t, prev_t, batch: int, device: torch.device, T: int) -> tuple
     if type(t) is int and type(prev_t) is int:
         if not prev_t < t:
             raise ValueError(f"prev_t: expected prev_t < t, got prev_t={prev_t}, t={t}")
-    elif pt.device.type == "cpu" and not torch.compiler.is_compiling() and bool((pt >= tt).any()):
+    elif pt.device.type == "cpu" and not torch.compiler.is_compiling() and not all_less(pt, tt):
         raise ValueError("prev_t: expected prev_t < t for every sample")
     return tt, pt
 

@@ -74,7 +74,7 @@ def dpmpp_step(
     tt = _checks.timesteps(t, B, sample.device, T)
     pt = (tt - 1) if prev_t is None else _prev_timesteps(prev_t, B, sample.device, T)
     check_host = tt.device.type == "cpu" and not torch.compiler.is_compiling()
-    if check_host and bool((pt >= tt).any()):
+    if check_host and not _checks.all_less(pt, tt):
         raise ValueError("prev_t: expected prev_t < t for every sample")
     lt = None
     if prev_x0 is not None:
@@ -82,7 +82,7 @@ def dpmpp_step(
         if last_t is None:
             raise ValueError("last_t: required with prev_x0 (the timestep of that prediction)")
         lt = _checks.timesteps(last_t, B, sample.device, T, name="last_t")
-        if check_host and bool((lt <= tt).any()):
+        if check_host and not _checks.all_less(tt, lt):
             raise ValueError("last_t: expected last_t > t for every sample")
     elif last_t is not None:
         raise ValueError("last_t: given without prev_x0")
