@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 
@@ -77,3 +78,38 @@ def poison_like(x: torch.Tensor) -> torch.Tensor:
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Draw every parameter afresh (norm weights near 1, biases near 0, other weights ~ 1/sqrt(fan_in)):
+    weights of exactly 1 and biases of exactly 0 hide mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return model
+
+
+def assert_backends_tested(op: str) -> None:
+    """Every backend that should run ``op`` here is among backends_for()'s (a backend that stopped resolving
+    would drop out of the op's tests silently): torch always, triton where it imports, the C++ CPU kernel on
+    the CPU, the CUDA kernel on a GPU when fastddpm._C was built with CUDA."""
+    from conftest import TRITON_OK
+
+    try:  # written by setup.py: whether fastddpm._C was built with CUDA kernels
+        from fastddpm._build_info import WITH_CUDA
+    except ImportError:
+        WITH_CUDA = False
+    for dev in devices_to_test():
+        tested = backends_for(dev, op)
+        assert "torch" in tested
+        if TRITON_OK:
+            assert "triton" in tested, f"triton imports but is not tested on {dev}: {tested}"
+        if dev.type == "cpu":
+            assert "cpu" in tested, f"the C++ CPU kernel is not tested: {tested}"
+        elif WITH_CUDA:  # built with CUDA kernels: a GPU run must exercise them
+            assert "cuda" in tested, f"fastddpm._C was built with CUDA but its kernel is not tested: {tested}"

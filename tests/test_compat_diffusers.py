@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from _utils import randomise
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
@@ -73,18 +74,6 @@ SMALL = {
 }
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-    return model
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -98,7 +87,7 @@ def _inputs(cfg: dict, B: int, seed: int = 1):
 
 
 def _diffusers_model(cfg: dict, seed: int = 0) -> UNet2DModel:
-    return _randomise(UNet2DModel(**cfg), seed).eval()
+    return randomise(UNet2DModel(**cfg), seed).eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,7 +132,7 @@ def test_from_diffusers_parity(name):
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_to_diffusers_parity(name):
     cfg = config_from_diffusers(SMALL[name])
-    u = _randomise(UNet(cfg), seed=3).eval()
+    u = randomise(UNet(cfg), seed=3).eval()
     d = to_diffusers(u)
     assert isinstance(d, UNet2DModel) and not d.training
     x, t = _inputs(SMALL[name], 2, seed=4)
@@ -187,7 +176,7 @@ NATIVE = {
 @pytest.mark.parametrize("name", sorted(NATIVE))
 def test_to_diffusers_parity_native_config(name):
     cfg = UNetConfig(**NATIVE[name])
-    u = _randomise(UNet(cfg), seed=6).eval()
+    u = randomise(UNet(cfg), seed=6).eval()
     d = to_diffusers(u)
     assert d.config.out_channels == cfg.out_channels_resolved
     # the same heads in every block (attention blocks have the same module names in both)
@@ -215,7 +204,7 @@ def test_cifar10_parity_both_directions():
     with torch.no_grad():
         ref = d(x, t).sample
         assert _rel(u(x, t), ref) < RTOL
-    u2 = _randomise(UNet.ddpm_cifar10(), seed=5).eval()
+    u2 = randomise(UNet.ddpm_cifar10(), seed=5).eval()
     d2 = to_diffusers(u2)
     with torch.no_grad():
         assert _rel(u2(x, t), d2(x, t).sample) < RTOL

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _utils import HAS_CUDA, backends_for, devices_to_test, stable_seed
+from _utils import HAS_CUDA, assert_backends_tested, backends_for, devices_to_test, stable_seed
 
 from fastddpm import NoiseSchedule, ops
 from fastddpm.ops import reference
@@ -39,21 +39,7 @@ DEVICES = devices_to_test()
 def test_backends_tested():
     # Each test below runs every backend backends_for() names on each device; a backend that stopped
     # resolving would drop out of them silently.
-    from conftest import TRITON_OK
-
-    try:  # written by setup.py: whether fastddpm._C was built with CUDA kernels
-        from fastddpm._build_info import WITH_CUDA
-    except ImportError:
-        WITH_CUDA = False
-    for dev in DEVICES:
-        tested = backends_for(dev, "ddim_step")
-        assert "torch" in tested
-        if TRITON_OK:
-            assert "triton" in tested, f"triton imports but is not tested on {dev}: {tested}"
-        if dev.type == "cpu":
-            assert "cpu" in tested, f"the C++ CPU kernel is not tested: {tested}"
-        elif WITH_CUDA:  # built with CUDA kernels: a GPU run must exercise them
-            assert "cuda" in tested, f"fastddpm._C was built with CUDA but its kernel is not tested: {tested}"
+    assert_backends_tested("ddim_step")
     assert [d.type for d in DEVICES] == (["cpu", "cuda"] if HAS_CUDA else ["cpu"])
 
 

@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 import torch
-from _utils import HAS_CUDA, backends_for, devices_to_test
+from _utils import HAS_CUDA, assert_backends_tested, backends_for, devices_to_test
 
 import fastddpm
 from fastddpm import NoiseSchedule, ops
@@ -94,21 +94,7 @@ def err_ratio(actual, ref, k):
 
 
 def test_backends_tested():
-    from conftest import TRITON_OK
-
-    try:
-        from fastddpm._build_info import WITH_CUDA
-    except ImportError:
-        WITH_CUDA = False
-    for dev in DEVICES:
-        tested = backends_for(dev, "dpmpp_step")
-        assert "torch" in tested
-        if TRITON_OK:
-            assert "triton" in tested, f"triton imports but is not tested on {dev}: {tested}"
-        if dev.type == "cpu":
-            assert "cpu" in tested, f"the C++ CPU kernel is not tested: {tested}"
-        elif WITH_CUDA:
-            assert "cuda" in tested, f"fastddpm._C was built with CUDA but its kernel is not tested: {tested}"
+    assert_backends_tested("dpmpp_step")
     assert [d.type for d in DEVICES] == (["cpu", "cuda"] if HAS_CUDA else ["cpu"])
 
 

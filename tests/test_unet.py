@@ -8,24 +8,11 @@ import math
 
 import pytest
 import torch
+from _utils import randomise
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastddpm import UNet, UNetConfig
 from fastddpm.models.unet import SinusoidalTimesteps
-
-
-def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    # Norm weights of exactly 1 and biases of exactly 0 hide mistakes: draw every parameter afresh.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-    return model
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -107,7 +94,7 @@ def test_attention_placement():
 
 def test_other_image_sizes_run():
     # The network is convolutional: any size divisible by 2**(levels-1) runs (attention placement fixed).
-    m = _randomise(UNet.tiny()).eval()
+    m = randomise(UNet.tiny()).eval()
     with torch.no_grad():
         assert m(torch.randn(1, 3, 12, 6), 1).shape == (1, 3, 12, 6)
     with pytest.raises(ValueError, match="multiples of 2"):
@@ -117,7 +104,7 @@ def test_other_image_sizes_run():
 
 
 def test_timestep_forms_agree():
-    m = _randomise(UNet.tiny()).eval()
+    m = randomise(UNet.tiny()).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         ref = m(x, torch.tensor([17, 17]))
@@ -179,7 +166,7 @@ def test_time_projections_are_each_blocks_own_and_follow_weight_updates():
     # load_state_dict and replaced parameters.
     from fastddpm.models.unet import ResnetBlock
 
-    m = _randomise(UNet.tiny()).eval()
+    m = randomise(UNet.tiny()).eval()
     blocks = [b for b in m.modules() if isinstance(b, ResnetBlock)]
     temb = torch.randn(2, m.config.time_embed_dim)
 
@@ -254,7 +241,7 @@ def test_bad_config_raises_at_construction(kwargs, match):
 # ------------------------------------------------------------------------------------------------
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
-    m = _randomise(UNet.tiny(num_heads=2)).train()
+    m = randomise(UNet.tiny(num_heads=2)).train()
     x = torch.randn(2, 3, 8, 8)
     loss = (m(x, torch.tensor([3, 700])) - torch.randn_like(x)).pow(2).mean()
     loss.backward()
@@ -265,11 +252,11 @@ def test_gradients_reach_every_parameter():
 
 
 def test_state_dict_round_trip():
-    a = _randomise(UNet.tiny(), seed=1).eval()
+    a = randomise(UNet.tiny(), seed=1).eval()
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    b = _randomise(UNet(UNetConfig.from_json(a.config.to_json())), seed=2).eval()
+    b = randomise(UNet(UNetConfig.from_json(a.config.to_json())), seed=2).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert not torch.equal(a(x, 5), b(x, 5))
@@ -278,7 +265,7 @@ def test_state_dict_round_trip():
 
 
 def test_dropout_in_train_mode_only():
-    m = _randomise(UNet.tiny(dropout=0.3))
+    m = randomise(UNet.tiny(dropout=0.3))
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         m.train()
@@ -291,7 +278,7 @@ def test_gradient_checkpointing_same_gradients():
     from fastddpm.models.unet import ResnetBlock
     from fastddpm.nn import AttentionBlock
 
-    m = _randomise(UNet.tiny(channel_mult=(1, 2, 2), sample_size=8, attention_resolutions=(4,))).train()
+    m = randomise(UNet.tiny(channel_mult=(1, 2, 2), sample_size=8, attention_resolutions=(4,))).train()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
     noise = torch.randn_like(x)
     # Recomputation is what checkpointing is: count the calls of one ResNet block and one attention
@@ -339,7 +326,7 @@ def test_gradient_checkpointing_same_gradients():
 
 
 def test_channels_last_end_to_end():
-    m = _randomise(UNet.tiny(num_heads=2)).eval()
+    m = randomise(UNet.tiny(num_heads=2)).eval()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
     with torch.no_grad():
         ref = m(x, t)
@@ -366,7 +353,7 @@ def test_channels_last_end_to_end():
 
 
 def test_inference_mode():
-    m = _randomise(UNet.tiny()).eval()
+    m = randomise(UNet.tiny()).eval()
     assert all(p.requires_grad for p in m.parameters())  # what would make autograd record
     x = torch.randn(1, 3, 8, 8)
     saved = []
@@ -407,7 +394,7 @@ def fresh_dynamo():
 def test_compile_fullgraph_no_graph_breaks(fresh_dynamo):
     import torch._dynamo
 
-    m = _randomise(UNet.tiny(num_heads=2)).eval()
+    m = randomise(UNet.tiny(num_heads=2)).eval()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
     with torch.no_grad():
         explanation = torch._dynamo.explain(m)(x, t)
@@ -419,7 +406,7 @@ def test_compile_fullgraph_no_graph_breaks(fresh_dynamo):
 def test_compile_training_graph_no_graph_breaks(fresh_dynamo):
     import torch._dynamo
 
-    m = _randomise(UNet.tiny()).train()
+    m = randomise(UNet.tiny()).train()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
 
     def step(x, t):
@@ -437,7 +424,7 @@ def test_compile_fullgraph_matches_eager(fresh_dynamo):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    m = _randomise(UNet.tiny(num_heads=2)).eval()
+    m = randomise(UNet.tiny(num_heads=2)).eval()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
     noise = torch.randn_like(x)
     counter = CompileCounterWithBackend("aot_eager")
@@ -591,7 +578,7 @@ def test_cifar10_preset_is_the_original_ddpm_network():
 
 def test_original_ddpm_layout_parity_and_round_trip():
     torch.manual_seed(0)
-    ref = _randomise(_RefDDPM(32, (1, 2, 2), 1, (8,), 16, 8), seed=7).eval()
+    ref = randomise(_RefDDPM(32, (1, 2, 2), 1, (8,), 16, 8), seed=7).eval()
     ours = UNet(UNetConfig(sample_size=16, base_channels=32, channel_mult=(1, 2, 2), layers_per_block=1,
                            attention_resolutions=(8,), dropout=0.0, norm_num_groups=8, norm_eps=1e-6,
                            flip_sin_to_cos=False, freq_shift=1, downsample_padding=0)).eval()
