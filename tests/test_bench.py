@@ -243,6 +243,21 @@ def test_long_case_prewarms_each_provider_then_times_without_warmup():
     assert [(r["provider"], r["rounds"]) for r in rows] == [("fastddpm.sample", 2), ("diffusers", 2)]
 
 
+def test_settled_case_calls_each_provider_once_before_each_timed_sample():
+    """settle: a timed sample starts after one untimed call of the same provider, never right after another
+    provider (whose frees would be charged to it); op cases settle by default."""
+    calls = []
+
+    def provider(tag):
+        return lambda: calls.append(tag)
+
+    case = S.Case("op", "w", "s", build=lambda: {"fastddpm cpu": provider("A"), "eager": provider("B")},
+                  rounds=2, warmup=0, settle=True)
+    S.run_case(case)
+    assert calls == ["A", "A", "B", "B", "A", "A", "B", "B"]
+    assert S.op_case("q_sample", (1, 3, 8, 8)).settle
+
+
 def test_a_failing_provider_is_reported_not_fatal():
     def boom():
         raise RuntimeError("kernel said no")

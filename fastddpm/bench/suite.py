@@ -77,6 +77,10 @@ class Case:
     prewarm: Callable[[], dict] | None = None  # cheaper providers of the same names, each called once first
     memory: bool = False  # measure each provider's peak resident memory after the timed rounds
     rounds: int = 0  # a fixed number of rounds (0: from the budget)
+    # one untimed call before each timed sample: the op's steady state. Without it the sample after a provider
+    # that allocates and frees much (diffusers' step: 20 ms of large temporaries) pays for fresh pages, about
+    # 0.5 ms at 16x3x256x256, whichever op comes next. Op cases settle; long cases cannot afford it.
+    settle: bool = False
     dtype: object = None
     extra: dict = field(default_factory=dict)
 
@@ -135,6 +139,7 @@ OPS: dict[str, tuple[Callable, Callable]] = {
 def op_case(workload: str, shape: tuple, compile: bool = False, **kw) -> Case:
     """The case of one op (a key of OPS) at one shape; ``kw``: Case's scheduling fields."""
     providers, rate = OPS[workload]
+    kw.setdefault("settle", True)
     return Case("op", workload, shape_str(shape), lambda: providers(shape, compile), rate=lambda p: rate(shape, p),
                 **kw)
 
@@ -351,13 +356,15 @@ def run_case(case: Case, log: Callable[[str], None] = lambda s: None) -> Result:
         return res
     inner = {n: max(1, min(1000, round(case.target_sample_s / max(est[n], 1e-7)))) if case.target_sample_s else 1
              for n in fns}
-    per_round = sum(est[n] * inner[n] for n in fns)
+    per_round = sum(est[n] * (inner[n] + case.settle) for n in fns)
     rounds = case.rounds or (case.min_rounds if per_round <= 0 else
                              int(max(case.min_rounds, min(case.max_rounds, case.budget_s // per_round))))
     log(f"  {case.name}: {len(fns)} providers, {rounds} rounds")
     times: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(rounds):
         for n, fn in fns.items():
+            if case.settle:
+                fn()
             times[n].append(time_calls(fn, inner[n]))
     res.rows += summarise(case, times, {n: inner[n] for n in fns})
     if case.memory:
