@@ -20,7 +20,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # (timesteps, schedule tables, weights, mean/rstd: small) is read once in the first pass or written once in
 # the last. The passes are the GPU kernels `auto` runs on CUDA tensors (CUDA C++ and Triton make the same
 # passes), except ddpm_step_randn, which is CPU only. declare_passes() adds an op (tests use it).
-_ONE_PASS = "one kernel over the elements"
 PASSES: dict[str, list[tuple[dict, dict]]] = {
     # csrc/cuda/q_sample.cu (one launch), triton_kernels/q_sample.py (one), csrc/cpu/q_sample.cpp (one loop)
     "fastddpm::q_sample": [({"x0": 1, "noise": 1}, {"out0": 1, "out1": 1})],

@@ -49,7 +49,7 @@ def role(provider: str) -> str:
     """
     if provider.startswith("fastddpm") or "patch" in provider:
         return "ours"
-    if provider.startswith("torch copy (minimum bytes)"):
+    if provider.startswith(bops.COPY):
         return "bound"
     if provider in COMPONENTS:
         return "component"

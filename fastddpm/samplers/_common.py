@@ -32,7 +32,6 @@ from .. import ops
 from ..schedule import NoiseSchedule
 
 CONFIG_NAME = "scheduler_config.json"
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # what both schedulers take
 
 
 # ---------------------------------------------------------------------------
@@ -436,9 +435,9 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def _check_config(self, prediction_type: str, clip_sample: bool, clip_sample_range: float) -> None:
         """The config checks both schedulers make when built, where diffusers would fail at the first step."""
-        if prediction_type not in PREDICTION_TYPES:
+        if prediction_type not in ops.PREDICTION_TYPES:
             raise ValueError(
-                f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
+                f"prediction_type: expected one of {', '.join(ops.PREDICTION_TYPES)}, got {prediction_type!r}"
             )
         if clip_sample and not clip_sample_range > 0:
             raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
