@@ -79,10 +79,14 @@ class Case:
     rounds: int = 0  # a fixed number of rounds (0: from the budget)
     # one untimed call before each timed sample: the op's steady state. Without it the sample after a provider
     # that allocates and frees much (diffusers' step: 20 ms of large temporaries) pays for fresh pages, about
-    # 0.5 ms at 16x3x256x256, whichever op comes next. Op cases settle; long cases cannot afford it.
-    settle: bool = False
+    # 0.5 ms at 16x3x256x256, whichever op comes next. None: op cases settle, the others (long) cannot afford it.
+    settle: bool | None = None
     dtype: object = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.settle is None:
+            self.settle = self.kind == "op"
 
     @property
     def name(self) -> str:
@@ -139,7 +143,6 @@ OPS: dict[str, tuple[Callable, Callable]] = {
 def op_case(workload: str, shape: tuple, compile: bool = False, **kw) -> Case:
     """The case of one op (a key of OPS) at one shape; ``kw``: Case's scheduling fields."""
     providers, rate = OPS[workload]
-    kw.setdefault("settle", True)
     return Case("op", workload, shape_str(shape), lambda: providers(shape, compile), rate=lambda p: rate(shape, p),
                 **kw)
 
