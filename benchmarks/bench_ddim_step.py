@@ -10,23 +10,14 @@ output read, x_{t-1} written (plus the noise read when it is a tensor).
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastddpm.bench import suite as S  # noqa: E402
 from fastddpm.bench.ops import ddim_step_providers  # noqa: E402
 
 SHAPES = [(1, 3, 32, 32), (16, 3, 32, 32), (16, 3, 256, 256)]
-
-
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=S.shape_str)
-@pytest.mark.parametrize("provider", ["diffusers step (eta 0)", "fastddpm cpu (eta 0)",
-                                      "fastddpm cpu (eta 1, noise tensor)"])
-def test_ddim_step(benchmark, shape, provider):
-    pytest.importorskip("diffusers")
-    benchmark(ddim_step_providers(shape)[provider])
-
+test_ddim_step = S.pytest_benchmark(ddim_step_providers, SHAPES[:2], [
+    "diffusers step (eta 0)", "fastddpm cpu (eta 0)", "fastddpm cpu (eta 1, noise tensor)"], needs="diffusers")
 
 if __name__ == "__main__":
-    S.script_main(__doc__, lambda a: [S.op_case("ddim_step", s, a.compile, target_sample_s=0.005) for s in SHAPES])
+    S.op_script(__doc__, ["ddim_step"], SHAPES)

@@ -9,24 +9,14 @@ Bytes counted: sample and model output read, x_{t-1} written (plus the noise rea
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastddpm.bench import suite as S  # noqa: E402
 from fastddpm.bench.ops import ddpm_step_providers  # noqa: E402
 
 SHAPES = [(1, 3, 32, 32), (16, 3, 32, 32), (16, 3, 256, 256)]
-
-
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=S.shape_str)
-@pytest.mark.parametrize("provider", ["diffusers step (generator)", "fastddpm cpu (generator)",
-                                      "fastddpm cpu (philox)"])
-def test_ddpm_step(benchmark, shape, provider):
-    pytest.importorskip("diffusers")
-    benchmark(ddpm_step_providers(shape, noise="generator")[provider])
-
+test_ddpm_step = S.pytest_benchmark(lambda s: ddpm_step_providers(s, noise="generator"), SHAPES[:2], [
+    "diffusers step (generator)", "fastddpm cpu (generator)", "fastddpm cpu (philox)"], needs="diffusers")
 
 if __name__ == "__main__":
-    S.script_main(__doc__, lambda a: [S.op_case(f"ddpm_step, {n} noise", s, a.compile, target_sample_s=0.005)
-                                      for s in SHAPES for n in ("generator", "tensor")])
+    S.op_script(__doc__, ["ddpm_step, generator noise", "ddpm_step, tensor noise"], SHAPES)

@@ -74,7 +74,6 @@ def test_peak_memory_stack():
 
 
 if __name__ == "__main__":
-    S.script_main(__doc__, lambda a: [S.op_case(f"group_norm_silu {m}", s, a.compile, target_sample_s=0.005)
-                                      for s in SHAPES for m in ("fwd", "fwd+bwd")], rounds=15)
+    S.op_script(__doc__, ["group_norm_silu fwd", "group_norm_silu fwd+bwd"], SHAPES, rounds=15)
     mem = {k: peak_memory_mib(k) for k in ("fused", "eager")}
     print("fwd+bwd through 6 x (conv -> GroupNorm+SiLU), 16x128x32x32 fp32: (peak RSS MiB, saved MiB):", mem)

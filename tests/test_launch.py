@@ -68,10 +68,13 @@ def test_launch_device_enters_the_tensors_device(monkeypatch):
 
 
 def _guarded_launches(monkeypatch, module):
-    """Replace ``module``'s launch_device and wrap_triton: every launch must happen inside launch_device
-    of a tensor of the op, and still runs (the result is checked by the caller)."""
+    """Replace ``module``'s launch_device and wrap_triton, and those of triton_kernels._common (whose
+    Layout.launch runs the elementwise kernels): every launch must happen inside launch_device of a tensor of
+    the op, and still runs (the result is checked by the caller)."""
+    from fastddpm.triton_kernels import _common
+
     state = {"depth": 0, "devices": [], "launches": 0}
-    real_wrap = module.wrap_triton
+    real_wrap = _common.wrap_triton
 
     @contextlib.contextmanager
     def recording_launch_device(t):
@@ -96,8 +99,10 @@ def _guarded_launches(monkeypatch, module):
 
         return _Grid()
 
-    monkeypatch.setattr(module, "launch_device", recording_launch_device)
-    monkeypatch.setattr(module, "wrap_triton", checked_wrap)
+    for m in {module, _common}:
+        for name, fake in (("launch_device", recording_launch_device), ("wrap_triton", checked_wrap)):
+            if hasattr(m, name):
+                monkeypatch.setattr(m, name, fake)
     return state
 
 

@@ -9,6 +9,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # The integer codes of the C++ schemas, named as csrc/include/fastddpm/elementwise.h names them (kEpsilon, ...;
 # fastddpm/ops/_codes.py holds the same table for Python): the kernels compare their constexpr arguments with
@@ -27,6 +28,42 @@ NOISE_PHILOX = tl.constexpr(2)
 
 
 # ----------------------------------------------------------------------------- per-element pieces of the steps
+BLOCK = 1024  # elements per program of the elementwise kernels (Layout.launch)
+
+
+@triton.jit
+def elements(n, BLOCK: tl.constexpr):
+    """This program's BLOCK element offsets (int64: no overflow past 2**31 elements) and their mask < n."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
+def step_elements(x_ptr, m_ptr, t_ptr, pt_ptr, ac_ptr, T, n, M, final_ac, BLOCK: tl.constexpr):
+    """What every step kernel starts from, per element of this program: offsets and mask, t and prev_t
+    (step_timesteps), abar_t and abar_prev (``final_ac`` where prev_t < 0), x_t and the model output in fp32."""
+    offs, mask = elements(n, BLOCK)
+    b, tt, pt = step_timesteps(t_ptr, pt_ptr, offs, mask, M, T)
+    ab_t = tl.load(ac_ptr + tt, mask=mask, other=0.5)
+    ab_prev = tl.where(pt >= 0, tl.load(ac_ptr + tl.maximum(pt, 0), mask=mask, other=1.0), final_ac)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, tt, pt, ab_t, ab_prev, x, m
+
+
+@triton.jit
+def step_noise(z_ptr, off_ptr, offs, mask, seed, offset, NOISE_MODE: tl.constexpr, OFFSET_PTR: tl.constexpr):
+    """z of each element: the noise tensor's (NOISE_TENSOR), or normal(seed, offset + i) from Philox, with the
+    counter offset read on the device under OFFSET_PTR (a CUDA graph replays a new one)."""
+    if NOISE_MODE == NOISE_TENSOR:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    elif OFFSET_PTR:
+        z = tl.randn(seed, offset + tl.load(off_ptr) + offs)
+    else:
+        z = tl.randn(seed, offset + offs)
+    return z
+
+
 @triton.jit
 def step_timesteps(t_ptr, pt_ptr, offs, mask, M, T):
     """(b, t, prev_t) of each element: its sample b, t clamped to [0, T), prev_t below t (the CUDA kernels'
@@ -108,6 +145,7 @@ class Layout:
         self.direct = batch_major_dense(*tensors) and not (row_major and not self.like.is_contiguous())
         self.ins = [u if self.direct or u is None else u.contiguous() for u in tensors]
         self.batch, self.numel = self.like.shape[0], self.like.numel()
+        self.per_sample = self.numel // max(self.batch, 1)  # M: element i belongs to sample i // M
 
     def outputs(self, second: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.ins[0]
@@ -119,6 +157,14 @@ class Layout:
             if second:
                 out2 = restore_format(out2, self.like)
         return out, out2
+
+
+    def launch(self, kernel, *args, **constexprs) -> None:
+        """``kernel(*args, **constexprs, BLOCK=BLOCK)`` on one program per BLOCK elements, on the operands' device
+        (nothing to launch for an empty tensor)."""
+        if self.numel:
+            with launch_device(self.like):
+                wrap_triton(kernel)[(triton.cdiv(self.numel, BLOCK),)](*args, **constexprs, BLOCK=BLOCK)
 
 
 def launch_device(t: torch.Tensor):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ._common import (
     EPSILON,
@@ -15,9 +15,9 @@ from ._common import (
     NOISE_TENSOR,
     SAMPLE,
     Layout,
-    launch_device,
     step_beta,
-    step_timesteps,
+    step_elements,
+    step_noise,
 )
 
 
@@ -27,12 +27,8 @@ def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_
                       NOISE_MODE: tl.constexpr, PRED_TYPE: tl.constexpr, CLIP: tl.constexpr,
                       USE_CLIPPED: tl.constexpr, RETURN_PRED: tl.constexpr, OFFSET_PTR: tl.constexpr,
                       DIFFUSERS_BETA: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    b, tt, pt = step_timesteps(t_ptr, pt_ptr, offs, mask, M, T)
-    ab_t = tl.load(ac_ptr + tt, mask=mask, other=0.5)
-    ab_prev = tl.where(pt >= 0, tl.load(ac_ptr + tl.maximum(pt, 0), mask=mask, other=1.0), final_ac)
+    offs, mask, tt, pt, ab_t, ab_prev, x, m = step_elements(x_ptr, m_ptr, t_ptr, pt_ptr, ac_ptr, T, n, M, final_ac,
+                                                            BLOCK)
     beta_prod_t = 1.0 - ab_t
     beta_prod_prev = 1.0 - ab_prev
     cur_beta = step_beta(ab_t, ab_prev, DIFFUSERS_BETA)
@@ -41,8 +37,6 @@ def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_
     sqrt_1mab = tl.sqrt(beta_prod_t)
     std = eta * tl.sqrt(var)
     c_eps = tl.sqrt(tl.maximum(beta_prod_prev - std * std, 0.0))
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PRED_TYPE == EPSILON:
         x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
         eps = m
@@ -59,13 +53,8 @@ def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_
     if RETURN_PRED:
         tl.store(pred_ptr + offs, x0.to(pred_ptr.dtype.element_ty), mask=mask)
     out = tl.sqrt(ab_prev) * x0 + c_eps * eps
-    if NOISE_MODE == NOISE_TENSOR:
-        out = out + std * tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    elif NOISE_MODE == NOISE_PHILOX:
-        if OFFSET_PTR:  # the counter offset read on the device: a CUDA graph replays a new one
-            out = out + std * tl.randn(seed, offset + tl.load(off_ptr) + offs)
-        else:
-            out = out + std * tl.randn(seed, offset + offs)
+    if NOISE_MODE != NO_NOISE:
+        out = out + std * step_noise(z_ptr, off_ptr, offs, mask, seed, offset, NOISE_MODE, OFFSET_PTR)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,15 +84,9 @@ def ddim_step_triton(
     io = Layout(sample, model_output, z, row_major=mode == NOISE_PHILOX)
     xs, ms, zs = io.ins
     out, pred = io.outputs(return_pred)
-    B, n = io.batch, io.numel
-    if n > 0:
-        BLOCK = 1024
-        with launch_device(xs):
-            wrap_triton(_ddim_step_kernel)[(triton.cdiv(n, BLOCK),)](
-                xs, ms, zs if zs is not None else xs, out, pred if return_pred else out, t, prev_t,
-                alphas_cumprod, off_t if off_t is not None else t, alphas_cumprod.shape[0], n, n // B, seed,
-                offset, final_alpha_cumprod, eta, clip_range, NOISE_MODE=mode, PRED_TYPE=prediction_type,
-                CLIP=clip_range > 0, USE_CLIPPED=use_clipped_model_output, RETURN_PRED=return_pred,
-                OFFSET_PTR=off_t is not None, DIFFUSERS_BETA=diffusers_beta, BLOCK=BLOCK,
-            )
+    io.launch(_ddim_step_kernel, xs, ms, zs if zs is not None else xs, out, pred if return_pred else out, t, prev_t,
+              alphas_cumprod, off_t if off_t is not None else t, alphas_cumprod.shape[0], io.numel, io.per_sample,
+              seed, offset, final_alpha_cumprod, eta, clip_range, NOISE_MODE=mode, PRED_TYPE=prediction_type,
+              CLIP=clip_range > 0, USE_CLIPPED=use_clipped_model_output, RETURN_PRED=return_pred,
+              OFFSET_PTR=off_t is not None, DIFFUSERS_BETA=diffusers_beta)
     return io.finish(out, pred, return_pred)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ._common import (
     FIXED_LARGE,
@@ -20,10 +20,12 @@ from ._common import (
     NOISE_PHILOX,
     NOISE_TENSOR,
     Layout,
+    elements,
     launch_device,
     pred_x0,
     step_beta,
-    step_timesteps,
+    step_elements,
+    step_noise,
 )
 
 
@@ -33,20 +35,13 @@ def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_
                       NOISE_MODE: tl.constexpr, PRED_TYPE: tl.constexpr, VAR_TYPE: tl.constexpr,
                       CLIP: tl.constexpr, RETURN_PRED: tl.constexpr, OFFSET_PTR: tl.constexpr,
                       DIFFUSERS_BETA: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    b, tt, pt = step_timesteps(t_ptr, pt_ptr, offs, mask, M, T)
-    ab_t = tl.load(ac_ptr + tt, mask=mask, other=0.5)
-    ab_prev = tl.where(pt >= 0, tl.load(ac_ptr + tl.maximum(pt, 0), mask=mask, other=1.0), 1.0)
+    offs, mask, tt, pt, ab_t, ab_prev, x, m = step_elements(x_ptr, m_ptr, t_ptr, pt_ptr, ac_ptr, T, n, M, 1.0, BLOCK)
     beta_prod_t = 1.0 - ab_t
     beta_prod_prev = 1.0 - ab_prev
     cur_alpha = ab_t / ab_prev
     cur_beta = step_beta(ab_t, ab_prev, DIFFUSERS_BETA)
     sqrt_ab = tl.sqrt(ab_t)
     sqrt_1mab = tl.sqrt(beta_prod_t)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # 2-3. predicted x0 (Ho et al. eq. 15), clipped
     x0 = pred_x0(x, m, sqrt_ab, sqrt_1mab, clip_range, PRED_TYPE, CLIP)
     if RETURN_PRED:
@@ -57,13 +52,7 @@ def _ddpm_step_kernel(x_ptr, m_ptr, z_ptr, pv_ptr, out_ptr, pred_ptr, t_ptr, pt_
     out = c_x0 * x0 + c_xt * x
     # 6. sigma_t z where t > 0
     if NOISE_MODE != NO_NOISE:
-        if NOISE_MODE == NOISE_TENSOR:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            if OFFSET_PTR:  # the counter offset read on the device: a CUDA graph replays a new one
-                z = tl.randn(seed, offset + tl.load(off_ptr) + offs)
-            else:
-                z = tl.randn(seed, offset + offs)
+        z = step_noise(z_ptr, off_ptr, offs, mask, seed, offset, NOISE_MODE, OFFSET_PTR)
         var = tl.maximum(beta_prod_prev / beta_prod_t * cur_beta, 1e-20)
         if VAR_TYPE == FIXED_LARGE:
             sigma = tl.sqrt(cur_beta)
@@ -100,35 +89,27 @@ def ddpm_step_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     z = noise if noise_mode == NOISE_TENSOR else None
     off_t = offset_tensor if noise_mode == NOISE_PHILOX else None
-    pv = predicted_variance if variance_type in (4, 5) else None
+    pv = predicted_variance if variance_type in (LEARNED, LEARNED_RANGE) else None
     io = Layout(sample, model_output, z, pv, row_major=noise_mode == NOISE_PHILOX)
     xs, ms, zs, ps = io.ins
     out, pred = io.outputs(return_pred)
-    B, n = io.batch, io.numel
-    if n > 0:
-        BLOCK = 1024
-        with launch_device(xs):
-            wrap_triton(_ddpm_step_kernel)[(triton.cdiv(n, BLOCK),)](
-                xs, ms, zs if zs is not None else xs, ps if ps is not None else xs, out,
-                pred if return_pred else out, t, prev_t, alphas_cumprod, off_t if off_t is not None else t,
-                alphas_cumprod.shape[0], n, n // B, seed, offset, clip_range,
-                NOISE_MODE=noise_mode, PRED_TYPE=prediction_type, VAR_TYPE=variance_type,
-                CLIP=clip_range > 0, RETURN_PRED=return_pred, OFFSET_PTR=off_t is not None,
-                DIFFUSERS_BETA=diffusers_beta, BLOCK=BLOCK,
-            )
+    io.launch(_ddpm_step_kernel, xs, ms, zs if zs is not None else xs, ps if ps is not None else xs, out,
+              pred if return_pred else out, t, prev_t, alphas_cumprod, off_t if off_t is not None else t,
+              alphas_cumprod.shape[0], io.numel, io.per_sample, seed, offset, clip_range,
+              NOISE_MODE=noise_mode, PRED_TYPE=prediction_type, VAR_TYPE=variance_type, CLIP=clip_range > 0,
+              RETURN_PRED=return_pred, OFFSET_PTR=off_t is not None, DIFFUSERS_BETA=diffusers_beta)
     return io.finish(out, pred, return_pred)
 
 
 @triton.jit
 def _philox_normal_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.randn(seed, offset + offs), mask=offs < n)
+    offs, mask = elements(n, BLOCK)
+    tl.store(out_ptr + offs, tl.randn(seed, offset + offs), mask=mask)
 
 
 @triton.jit
 def _philox_bits_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = elements(n, BLOCK)
     c0, c1, c2, c3 = tl.randint4x(seed, offset + offs)
     tl.store(out_ptr + 4 * offs, c0.to(tl.int32, bitcast=True), mask=mask)
     tl.store(out_ptr + 4 * offs + 1, c1.to(tl.int32, bitcast=True), mask=mask)

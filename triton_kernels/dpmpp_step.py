@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import Layout, launch_device, pred_x0, step_timesteps
+from ._common import Layout, elements, pred_x0, step_timesteps
 
 
 @triton.jit
@@ -37,9 +37,7 @@ def _dpmpp_step_kernel(x_ptr, m_ptr, p_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, lt
                        T, n, M, clip_range,
                        PRED_TYPE: tl.constexpr, CLIP: tl.constexpr, SECOND: tl.constexpr,
                        RETURN_PRED: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = elements(n, BLOCK)
     b, tt, pt = step_timesteps(t_ptr, pt_ptr, offs, mask, M, T)
     final = pt < 0
     ab_s0 = tl.load(ac_ptr + tt, mask=mask, other=0.5)
@@ -88,14 +86,7 @@ def dpmpp_step_triton(
     io = Layout(sample, model_output, prev_x0)
     xs, ms, ps = io.ins
     out, pred = io.outputs(return_pred)
-    B, n = io.batch, io.numel
-    if n > 0:
-        BLOCK = 1024
-        with launch_device(xs):
-            wrap_triton(_dpmpp_step_kernel)[(triton.cdiv(n, BLOCK),)](
-                xs, ms, ps if second else xs, out, pred if return_pred else out, t, prev_t,
-                last_t if second else t, alphas_cumprod, alphas_cumprod.shape[0], n, n // B, clip_range,
-                PRED_TYPE=prediction_type, CLIP=clip_range > 0, SECOND=second, RETURN_PRED=return_pred,
-                BLOCK=BLOCK,
-            )
+    io.launch(_dpmpp_step_kernel, xs, ms, ps if second else xs, out, pred if return_pred else out, t, prev_t,
+              last_t if second else t, alphas_cumprod, alphas_cumprod.shape[0], io.numel, io.per_sample, clip_range,
+              PRED_TYPE=prediction_type, CLIP=clip_range > 0, SECOND=second, RETURN_PRED=return_pred)
     return io.finish(out, pred, return_pred)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import Layout, launch_device
+from ._common import Layout, elements
 
 
 @triton.jit
 def _q_sample_kernel(x0_ptr, eps_ptr, xt_ptr, v_ptr, t_ptr, sab_ptr, s1m_ptr, T, n, M,
                      WITH_V: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = elements(n, BLOCK)
     tt = tl.load(t_ptr + offs // M, mask=mask, other=0)
     tt = tl.minimum(tl.maximum(tt, 0), T - 1)  # never read outside the table
     a = tl.load(sab_ptr + tt, mask=mask, other=0.0)
@@ -39,12 +37,6 @@ def q_sample_triton(
     io = Layout(x0, noise)
     xin, ein = io.ins
     xt, v = io.outputs(with_v)
-    B, n = io.batch, io.numel
-    if n > 0:
-        BLOCK = 1024
-        with launch_device(xin):
-            wrap_triton(_q_sample_kernel)[(triton.cdiv(n, BLOCK),)](
-                xin, ein, xt, v if with_v else xt, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-                sqrt_alphas_cumprod.shape[0], n, n // B, WITH_V=with_v, BLOCK=BLOCK,
-            )
+    io.launch(_q_sample_kernel, xin, ein, xt, v if with_v else xt, t, sqrt_alphas_cumprod,
+              sqrt_one_minus_alphas_cumprod, sqrt_alphas_cumprod.shape[0], io.numel, io.per_sample, WITH_V=with_v)
     return io.finish(xt, v, with_v)

@@ -554,6 +554,27 @@ def run(suite: str = "quick", only: list[str] | None = None, compile: bool = Tru
 
 
 # ----------------------------------------------------------------------------- the per-op scripts
+def pytest_benchmark(providers: Callable[[tuple], dict], shapes: list, names: list[str], needs: str | None = None):
+    """A pytest-benchmark test (assign it to a ``test_*`` name of a script): each of the providers ``names`` of
+    ``providers(shape)`` at each shape, one at a time; skipped without the package ``needs``."""
+    import pytest
+
+    @pytest.mark.parametrize("shape", shapes, ids=shape_str)
+    @pytest.mark.parametrize("provider", names)
+    def test(benchmark, shape, provider):
+        if needs:
+            pytest.importorskip(needs)
+        benchmark(providers(shape)[provider])
+
+    return test
+
+
+def op_script(doc: str, workloads: list[str], shapes: list, argv=None, rounds: int = 25):
+    """script_main over op_case(workload, shape) for each shape and workload (keys of OPS)."""
+    return script_main(doc, lambda a: [op_case(w, s, a.compile, target_sample_s=0.005) for s in shapes
+                                       for w in workloads], argv, rounds=rounds)
+
+
 def script_main(doc: str, plan: Callable[[object], list[Case]], argv=None, rounds: int = 25,
                 extend: Callable | None = None) -> tuple[list[dict], object]:
     """The command line of a script in benchmarks/: its cases (``plan(args)``) timed interleaved, the table
