@@ -56,11 +56,8 @@ int launch_ddpm_step(const DdpmStepParams& p, cudaStream_t stream) {
   const StepOperands& s = p.s;
   const int64_t n = s.B * s.M;
   if (n == 0) return 0;
-  // The offset tensor is read only for in-kernel noise.
-  const PhiloxStream philox{p.philox.seed, p.philox.offset,
-                            p.noise_mode == kNoisePhilox ? p.philox.offset_ptr : nullptr};
-  const Args a{s.T, n, s.M, philox, p.noise_mode, p.prediction_type, p.variance_type, p.clip_range,
-               p.diffusers_beta};
+  const Args a{s.T, n, s.M, step_philox(p.philox, p.noise_mode), p.noise_mode, p.prediction_type, p.variance_type,
+               p.clip_range, p.diffusers_beta};
   FASTDDPM_CUDA_DISPATCH(
       s.dtype, ddpm_step_kernel<scalar_t><<<grid_for(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
                    static_cast<const scalar_t*>(s.x), static_cast<const scalar_t*>(s.m),
