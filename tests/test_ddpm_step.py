@@ -535,6 +535,8 @@ def test_int_timesteps_are_cached_and_left_unchanged():
         want = ops.ddpm_step(x, m, torch.full((3,), 7), SCHED, prev_t=torch.full((3,), 6), noise=z, backend=backend)
         assert torch.equal(got, want), backend
         assert torch.equal(a, torch.full((3,), 7)), backend  # no backend writes into t
+        tt, pt = _checks._INT_STEPS[(7, 6, 3, torch.device("cpu"))]  # what the int call stepped with
+        assert torch.equal(tt, torch.full((3,), 7)) and torch.equal(pt, torch.full((3,), 6)), backend
 
 
 def test_ddpm_step_opcheck_and_compile():

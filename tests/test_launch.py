@@ -329,6 +329,23 @@ def test_capture_gets_a_tensor_of_its_own(monkeypatch, empty_cache):
     assert captured.tolist() == [7] * 4
 
 
+def test_step_op_under_capture_uses_fresh_timesteps(monkeypatch):
+    """ops.ddpm_step with int t and prev_t: the (t, prev_t) pair is cached outside capture, and under (mocked)
+    capture a fresh pair is made and nothing is cached."""
+    monkeypatch.setattr(_checks, "_INT_STEPS", {})
+    s = NoiseSchedule()
+    x, m = torch.randn(2, 3), torch.randn(2, 3)
+    want = ops.ddpm_step(x, m, torch.tensor([5, 5]), s, prev_t=torch.tensor([3, 3]), noise="none", backend="torch")
+    assert torch.equal(ops.ddpm_step(x, m, 5, s, prev_t=3, noise="none", backend="torch"), want)
+    cached = dict(_checks._INT_STEPS)
+    assert list(cached) == [(5, 3, 2, torch.device("cpu"))]
+    monkeypatch.setattr(_checks, "capturing", lambda device: True)
+    assert torch.equal(ops.ddpm_step(x, m, 6, s, prev_t=3, noise="none", backend="torch"),
+                       ops.ddpm_step(x, m, torch.tensor([6, 6]), s, prev_t=torch.tensor([3, 3]), noise="none",
+                                     backend="torch"))
+    assert _checks._INT_STEPS == cached  # nothing made under capture was cached
+
+
 def test_public_op_under_capture_uses_fresh_timesteps(monkeypatch, empty_cache):
     """ops.q_sample with an int t under (mocked) capture: the timestep tensor is not the cached one."""
     seen = []

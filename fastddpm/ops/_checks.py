@@ -73,6 +73,27 @@ def int_timesteps(t: int, batch: int, device: torch.device) -> torch.Tensor:
     return v
 
 
+# (t, prev_t, batch, device) -> the pair of such tensors, for a step op called with ints (every sampler's
+# loop): one lookup instead of two, under the same rules as _INT_TIMESTEPS.
+_INT_STEPS: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _int_step_timesteps(t: int, prev_t: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int_timesteps(t), int_timesteps(prev_t)) of already checked ints, cached as a pair."""
+    if torch.compiler.is_compiling() or capturing(device):  # checked before the cache is read
+        return (torch.full((batch,), t, dtype=torch.int64, device=device),
+                torch.full((batch,), prev_t, dtype=torch.int64, device=device))
+    key = (t, prev_t, batch, device)
+    v = _INT_STEPS.get(key)
+    if v is None:
+        v = (torch.full((batch,), t, dtype=torch.int64, device=device),
+             torch.full((batch,), prev_t, dtype=torch.int64, device=device))
+        if len(_INT_STEPS) >= _INT_TIMESTEPS_MAX:
+            _INT_STEPS.clear()
+        _INT_STEPS[key] = v
+    return v
+
+
 # Up to this many timesteps, host-side checks read them with one tolist() (about 1 us for 16) instead of
 # tensor reductions and item() calls (about 1 us each).
 _HOST_LIST_MAX = 64
@@ -178,6 +199,11 @@ def check_step(sample, model_output, schedule, prediction_type, clip_sample, cli
 def step_timesteps(t, prev_t, batch: int, device: torch.device, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, prev_t) of a step op as int64 (B,) tensors, range-checked; prev_t defaults to t - 1, and any
     prev_t < 0 is the end of the chain. prev_t < t is checked on the host where that costs no device sync."""
+    if type(t) is int and 0 <= t < T:  # a sampler's loop: valid ints, one cached pair (errors: below)
+        if prev_t is None:
+            return _int_step_timesteps(t, t - 1, batch, device)
+        if type(prev_t) is int and prev_t < t:
+            return _int_step_timesteps(t, prev_t, batch, device)
     tt = timesteps(t, batch, device, T)
     if prev_t is None:
         return tt, (int_timesteps(t - 1, batch, device) if type(t) is int else tt - 1)
