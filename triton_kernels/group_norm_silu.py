@@ -19,11 +19,20 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import launch_device
+from ._common import elements, launch_device
 
 
 @triton.jit
-def _tile_offsets(n, g, s0, C, HW, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CL: tl.constexpr):
+def _slice(sp, S_PER, HW):
+    # the positions [s_begin, s_end) of slice sp of a group's HW positions
+    s_begin = sp * S_PER
+    return s_begin, tl.minimum(s_begin + S_PER, HW)
+
+
+@triton.jit
+def _tile_offsets(n, g, s0, s_end, C, HW, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CL: tl.constexpr):
+    # offsets of the (BLOCK_S positions from s0) x (BLOCK_D channels of group g) tile of sample n, masked to
+    # positions below s_end (<= HW) and the group's D channels
     s = s0 + tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     c = g * D + d
@@ -31,7 +40,7 @@ def _tile_offsets(n, g, s0, C, HW, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constex
         offs = (n * HW + s[:, None]) * C + c[None, :]
     else:
         offs = (n * C + c[None, :]) * HW + s[:, None]
-    mask = (s[:, None] < HW) & (d[None, :] < D)
+    mask = (s[:, None] < s_end) & (d[None, :] < D)
     return offs, mask, c, d
 
 
@@ -67,11 +76,9 @@ def _stats_partial_kernel(x_ptr, p1_ptr, p2_ptr, C, HW, G, D, S_PER, SPLIT,
     K = _shift(x_ptr, n, g, C, HW, D, CL)
     acc1 = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    s_begin = sp * S_PER
-    s_end = tl.minimum(s_begin + S_PER, HW)
+    s_begin, s_end = _slice(sp, S_PER, HW)
     for s0 in range(s_begin, s_end, BLOCK_S):
-        offs, mask, c, d = _tile_offsets(n, g, s0, C, HW, D, BLOCK_S, BLOCK_D, CL)
-        mask = mask & ((s0 + tl.arange(0, BLOCK_S))[:, None] < s_end)
+        offs, mask, c, d = _tile_offsets(n, g, s0, s_end, C, HW, D, BLOCK_S, BLOCK_D, CL)
         v = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K, 0.0)
         acc1 += v
         acc2 += v * v
@@ -113,15 +120,22 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _fwd_apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, total, C, HW, G, D,
-                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
+def _apply_elements(x_ptr, mean_ptr, rstd_ptr, total, C, HW, G, D, CL: tl.constexpr, BLOCK: tl.constexpr):
+    # what both apply kernels start from, per element of this program: offsets and mask, its channel and
+    # (sample, group), x in fp32 and its group's mean and rstd
+    offs, mask = elements(total, BLOCK)
     c, ng = _channel_and_group(offs, C, HW, G, D, CL)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + ng, mask=mask, other=0.0)
     rstd = tl.load(rstd_ptr + ng, mask=mask, other=1.0)
+    return offs, mask, c, ng, x, mean, rstd
+
+
+@triton.jit
+def _fwd_apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, total, C, HW, G, D,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    offs, mask, c, ng, x, mean, rstd = _apply_elements(x_ptr, mean_ptr, rstd_ptr, total, C, HW, G, D, CL, BLOCK)
     a = rstd
     if HAS_W:
         a = a * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
@@ -168,11 +182,9 @@ def _bwd_partial_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa_ptr,
         b = tl.load(b_ptr + c, mask=dmask, other=0.0).to(tl.float32)
     acc_a = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    s_begin = sp * S_PER
-    s_end = tl.minimum(s_begin + S_PER, HW)
+    s_begin, s_end = _slice(sp, S_PER, HW)
     for s0 in range(s_begin, s_end, BLOCK_S):
-        offs, mask, c2, d2 = _tile_offsets(n, g, s0, C, HW, D, BLOCK_S, BLOCK_D, CL)
-        mask = mask & ((s0 + tl.arange(0, BLOCK_S))[:, None] < s_end)
+        offs, mask, c2, d2 = _tile_offsets(n, g, s0, s_end, C, HW, D, BLOCK_S, BLOCK_D, CL)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dz, xc = _dz(x, dy, mean, a[None, :], b[None, :], SILU)
@@ -189,13 +201,8 @@ def _bwd_apply_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, c
                       total, C, HW, G, D,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, CL: tl.constexpr,
                       BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    c, ng = _channel_and_group(offs, C, HW, G, D, CL)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, c, ng, x, mean, rstd = _apply_elements(x_ptr, mean_ptr, rstd_ptr, total, C, HW, G, D, CL, BLOCK)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + ng, mask=mask, other=0.0)
-    rstd = tl.load(rstd_ptr + ng, mask=mask, other=1.0)
     w = tl.full([BLOCK], 1.0, tl.float32)
     if HAS_W:
         w = tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)

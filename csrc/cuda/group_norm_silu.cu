@@ -55,6 +55,18 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
   return v;  // valid in thread 0
 }
 
+// The block's sums of a and b, written by thread 0 to this block's slot of the partial-sum arrays (b times
+// b_scale): the end of both partial-sum kernels.
+__device__ __forceinline__ void store_block_sums(float a, float b, float* sh, float* pa, float* pb,
+                                                 float b_scale = 1.f) {
+  a = block_sum(a, sh);
+  b = block_sum(b, sh);
+  if (threadIdx.x == 0) {
+    pa[blockIdx.x] = a;
+    pb[blockIdx.x] = b * b_scale;
+  }
+}
+
 // The shift K of the sums: the mean of (up to) the first 64 positions of the group's first channel
 // (the variance's rounding error grows with ((mean - K) / sigma)^2, and a single element could be
 // an outlier). Both statistics kernels compute it in the same order, so they agree on K.
@@ -91,12 +103,7 @@ __global__ void stats_partial_kernel(const T* __restrict__ x, float* __restrict_
     a1 += v;
     a2 = fmaf(v, v, a2);
   }
-  a1 = block_sum(a1, sh);
-  a2 = block_sum(a2, sh);
-  if (threadIdx.x == 0) {
-    p1[blockIdx.x] = a1;
-    p2[blockIdx.x] = a2;
-  }
+  store_block_sums(a1, a2, sh, p1, p2);
 }
 
 template <typename T>
@@ -182,12 +189,7 @@ __global__ void bwd_partial_kernel(const T* __restrict__ x, const T* __restrict_
     sa += dz;
     sb = fmaf(dz, xc, sb);
   }
-  sa = block_sum(sa, sh);
-  sb = block_sum(sb, sh);
-  if (threadIdx.x == 0) {
-    pa[blockIdx.x] = sa;
-    pb[blockIdx.x] = sb * rs;
-  }
+  store_block_sums(sa, sb, sh, pa, pb, rs);
 }
 
 // Per (n, g) coefficients (threads [0, N G)) and per-channel parameter gradients (threads
