@@ -27,23 +27,14 @@ struct DdimArgs {
 template <typename scalar_t>
 void ddim_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* z, scalar_t* out, scalar_t* pred,
                     const std::vector<DdimCoeffs>& coeffs, const DdimArgs& a, int64_t B, int64_t M) {
-  using Block = FloatBlock<scalar_t>;
   for_each_sample_block(B, M, kGrain, [&](int64_t b, int64_t i, int64_t n) {
-    alignas(64) float bx[kBlock], bm[kBlock], bz[kBlock], bo[kBlock], b0[kBlock];
+    StepBlock<scalar_t> k(x, m, out, pred, i, n);
     const DdimCoeffs c = coeffs[b];
-    const float* px = Block::load(x + i, bx, n);
-    const float* pm = Block::load(m + i, bm, n);
-    float* px0 = pred != nullptr ? Block::out(pred + i, b0) : b0;
-    float* po = Block::out(out + i, bo);
-    const float* pz = nullptr;
-    if (a.add_noise) {
-      if (a.noise_mode == kNoiseTensor) {
-        pz = Block::load(z + i, bz, n);
-      } else {
-        philox_normal_block(a.seed, a.offset + static_cast<uint64_t>(i), n, bz);
-        pz = bz;
-      }
-    }
+    const float* pz = a.add_noise ? k.noise(z, a.noise_mode, a.seed, a.offset) : nullptr;
+    const float* px = k.px;
+    const float* pm = k.pm;
+    float* px0 = k.px0;
+    float* po = k.po;
     const Vec sd(c.std);
     for_each_vec(n, [&](int64_t j, int64_t r) {
       Vec x0;
@@ -53,8 +44,7 @@ void ddim_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* z, sca
       if (pz != nullptr) o = o + sd * Vec::loadu(pz + j, r);
       o.store(po + j, r);
     });
-    if (pred != nullptr) Block::store(pred + i, px0, n);
-    Block::store(out + i, po, n);
+    k.finish();
   });
 }
 

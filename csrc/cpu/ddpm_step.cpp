@@ -60,31 +60,21 @@ void ddpm_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* z, con
   using Block = FloatBlock<scalar_t>;
   const bool learned = a.variance_type == kLearned || a.variance_type == kLearnedRange;
   for_each_sample_block(B, M, kGrain, [&](int64_t b, int64_t i, int64_t n) {
-    alignas(64) float bx[kBlock], bm[kBlock], bz[kBlock], bp[kBlock], bo[kBlock], b0[kBlock];
+    StepBlock<scalar_t> k(x, m, out, pred, i, n);
     StepCoeffs c = coeffs[b];
     c.add_noise = c.add_noise && a.noise_mode != kNoNoise;  // as the CUDA kernel
-    const float* px = Block::load(x + i, bx, n);
-    const float* pm = Block::load(m + i, bm, n);
-    float* px0 = pred != nullptr ? Block::out(pred + i, b0) : b0;
-    float* po = Block::out(out + i, bo);
     if (!c.add_noise) {
-      ddpm_block<NoiseTerm::kNone>(px, pm, nullptr, nullptr, po, px0, c, a, n);
+      ddpm_block<NoiseTerm::kNone>(k.px, k.pm, nullptr, nullptr, k.po, k.px0, c, a, n);
     } else {
-      const float* pz;
-      if (a.noise_mode == kNoiseTensor) {
-        pz = Block::load(z + i, bz, n);
-      } else {
-        philox_normal_block(a.seed, a.offset + static_cast<uint64_t>(i), n, bz);
-        pz = bz;
-      }
+      const float* pz = k.noise(z, a.noise_mode, a.seed, a.offset);
       if (learned) {
-        ddpm_block<NoiseTerm::kLearned>(px, pm, pz, Block::load(pv + i, bp, n), po, px0, c, a, n);
+        alignas(64) float bp[kBlock];
+        ddpm_block<NoiseTerm::kLearned>(k.px, k.pm, pz, Block::load(pv + i, bp, n), k.po, k.px0, c, a, n);
       } else {
-        ddpm_block<NoiseTerm::kFixed>(px, pm, pz, nullptr, po, px0, c, a, n);
+        ddpm_block<NoiseTerm::kFixed>(k.px, k.pm, pz, nullptr, k.po, k.px0, c, a, n);
       }
     }
-    if (pred != nullptr) Block::store(pred + i, px0, n);
-    Block::store(out + i, po, n);
+    k.finish();
   });
 }
 

@@ -22,21 +22,21 @@ void dpmpp_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* p, sc
                      int64_t M) {
   using Block = FloatBlock<scalar_t>;
   for_each_sample_block(B, M, kGrain, [&](int64_t b, int64_t i, int64_t n) {
-    alignas(64) float bx[kBlock], bm[kBlock], bp[kBlock], bo[kBlock], b0[kBlock];
+    StepBlock<scalar_t> k(x, m, out, pred, i, n);
+    alignas(64) float bp[kBlock];
     const DpmppCoeffs c = coeffs[b];
-    const float* px = Block::load(x + i, bx, n);
-    const float* pm = Block::load(m + i, bm, n);
     const float* pp = p != nullptr ? Block::load(p + i, bp, n) : nullptr;  // null: first order (c_prev = 0)
-    float* px0 = pred != nullptr ? Block::out(pred + i, b0) : b0;
-    float* po = Block::out(out + i, bo);
+    const float* px = k.px;
+    const float* pm = k.pm;
+    float* px0 = k.px0;
+    float* po = k.po;
     for_each_vec(n, [&](int64_t j, int64_t r) {
       const Vec xv = Vec::loadu(px + j, r);
       const Vec x0 = dpmpp_x0(xv, Vec::loadu(pm + j, r), c, prediction_type, clip);
       x0.store(px0 + j, r);
       dpmpp_update(xv, x0, pp != nullptr ? Vec::loadu(pp + j, r) : Vec(0.0f), c).store(po + j, r);
     });
-    if (pred != nullptr) Block::store(pred + i, px0, n);
-    Block::store(out + i, po, n);
+    k.finish();
   });
 }
 
