@@ -192,12 +192,19 @@ inline void check_required_like(const c10::optional<at::Tensor>& p, const at::Te
   check_like(*p, x, name, x_name);
 }
 
+// A batched tensor x, a second operand of its shape, device and dtype, and one timestep per sample: the start
+// of every elementwise op's arguments (q_sample's x0, noise, t; a reverse step's sample, model_output, t).
+inline void check_pair_and_timesteps(const at::Tensor& x, const at::Tensor& other, const at::Tensor& t,
+                                     const char* x_name, const char* other_name) {
+  check_batched(x, x_name);
+  check_like(other, x, other_name, x_name);
+  check_timesteps(t, x, "t");
+}
+
 // sample, model_output, t, prev_t and the alphas_cumprod table: what every reverse step takes.
 inline void check_step_inputs(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& t,
                               const at::Tensor& prev_t, const at::Tensor& alphas_cumprod) {
-  check_batched(sample, "sample");
-  check_like(model_output, sample, "model_output", "sample");
-  check_timesteps(t, sample, "t");
+  check_pair_and_timesteps(sample, model_output, t, "sample", "model_output");
   check_timesteps(prev_t, sample, "prev_t");
   check_table(alphas_cumprod, sample, "alphas_cumprod");
 }
@@ -210,9 +217,7 @@ inline void check_step_inputs(const at::Tensor& sample, const at::Tensor& model_
 // ---------------------------------------------------------------------------
 inline void check_q_sample_args(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
                                 const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab) {
-  check_batched(x0, "x0");
-  check_like(noise, x0, "noise", "x0");
-  check_timesteps(t, x0, "t");
+  check_pair_and_timesteps(x0, noise, t, "x0", "noise");
   check_table(sqrt_ab, x0, "sqrt_alphas_cumprod");
   check_table(sqrt_1mab, x0, "sqrt_one_minus_alphas_cumprod");
   TORCH_CHECK(sqrt_ab.size(0) == sqrt_1mab.size(0),
