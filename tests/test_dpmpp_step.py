@@ -214,6 +214,22 @@ def test_dpmpp_step_opcheck():
     torch.library.opcheck(torch.ops.fastddpm.dpmpp_step.default, (x, m, None, t, pt, None, ac, 2, 0.0, False))
 
 
+def test_dpmpp_step_int_timesteps_match_tensors():
+    """Int t, prev_t, last_t (a sampler's loop, served from one cached pair of tensors) step exactly as the same
+    timesteps given as tensors on every backend, prev_t below -1 included (the end of the chain, read as -1)."""
+    x, m, p = (torch.randn(2, 3, 4, 4) for _ in range(3))
+    full = lambda v: torch.full((2,), v)  # noqa: E731
+    for backend in backends_for(torch.device("cpu"), "dpmpp_step"):
+        for t, prev_t in ((500, 480), (10, -20), (7, None)):
+            pt = full(max(prev_t, -1)) if prev_t is not None else full(t - 1)
+            for second in (False, True):
+                kw = dict(prev_x0=p, last_t=t + 20) if second else {}
+                kt = dict(prev_x0=p, last_t=full(t + 20)) if second else {}
+                got = ops.dpmpp_step(x, m, t, SCHED, prev_t, backend=backend, **kw)
+                want = ops.dpmpp_step(x, m, full(t), SCHED, pt, backend=backend, **kt)
+                assert torch.equal(got, want), (backend, t, prev_t, second)
+
+
 def test_dpmpp_step_bad_input():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="model_output"):

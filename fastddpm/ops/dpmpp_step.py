@@ -71,18 +71,23 @@ def dpmpp_step(
     _checks.check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range)
     T = schedule.num_train_timesteps
     B = sample.shape[0]
-    tt = _checks.timesteps(t, B, sample.device, T)
-    pt = (tt - 1) if prev_t is None else _prev_timesteps(prev_t, B, sample.device, T)
-    check_host = tt.device.type == "cpu" and not torch.compiler.is_compiling()
-    if check_host and not _checks.all_less(pt, tt):
-        raise ValueError("prev_t: expected prev_t < t for every sample")
+    check_host = sample.device.type == "cpu" and not torch.compiler.is_compiling()
+    if type(t) is int and 0 <= t < T and (prev_t is None or (type(prev_t) is int and prev_t < t)):
+        # a sampler's loop: valid ints, one cached pair (errors: the general path below)
+        tt, pt = _checks._int_step_timesteps(t, t - 1 if prev_t is None else max(prev_t, -1), B, sample.device)
+    else:
+        tt = _checks.timesteps(t, B, sample.device, T)
+        pt = (tt - 1) if prev_t is None else _prev_timesteps(prev_t, B, sample.device, T)
+        if check_host and not _checks.all_less(pt, tt):
+            raise ValueError("prev_t: expected prev_t < t for every sample")
     lt = None
     if prev_x0 is not None:
         _checks.check_like(prev_x0, sample, "prev_x0", "sample")
         if last_t is None:
             raise ValueError("last_t: required with prev_x0 (the timestep of that prediction)")
         lt = _checks.timesteps(last_t, B, sample.device, T, name="last_t")
-        if check_host and not _checks.all_less(tt, lt):
+        ok = last_t > t if type(t) is int and type(last_t) is int else not check_host or _checks.all_less(tt, lt)
+        if not ok:
             raise ValueError("last_t: expected last_t > t for every sample")
     elif last_t is not None:
         raise ValueError("last_t: given without prev_x0")
