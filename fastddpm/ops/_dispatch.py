@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _library
+from . import _checks, _library
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
 
@@ -218,7 +218,8 @@ def resolve(
     if extra_reason is None:
         # Triton's availability on CPU tensors depends on TRITON_INTERPRET: part of the key
         # wherever Triton could be the answer.
-        interp = triton_interpreting() if "triton" in (requested, env) or device.type != "cpu" else None
+        interp = (triton_interpreting() if "triton" in (requested, env) or _checks.device_type(device) != "cpu"
+                  else None)
         return _resolve_memo(op, requested, env, device, dtype, interp)
     return _resolve(op, requested, env, device, dtype, extra_reason)
 

@@ -71,7 +71,7 @@ def dpmpp_step(
     _checks.check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range)
     T = schedule.num_train_timesteps
     B = sample.shape[0]
-    check_host = sample.device.type == "cpu" and not torch.compiler.is_compiling()
+    check_host = sample.is_cpu and not torch.compiler.is_compiling()
     if type(t) is int and 0 <= t < T and (prev_t is None or (type(prev_t) is int and prev_t < t)):
         # a sampler's loop: valid ints, one cached pair (errors: the general path below)
         tt, pt = _checks._int_step_timesteps(t, t - 1 if prev_t is None else max(prev_t, -1), B, sample.device)

@@ -103,7 +103,7 @@ class _TimestepTables:
             )
         tt = tt.contiguous()
         pt = self._prev_on(sample.device)[tt.clamp(0, T - 1)]
-        if tt.device.type == "cpu":
+        if tt.is_cpu:
             if bool(((tt < 0) | (tt >= T) | (pt == -2)).any()):
                 bad = tt[(tt < 0) | (tt >= T) | (pt == -2)][0].item()
                 raise IndexError(f"timestep: {bad} is not one of the scheduler's timesteps in [0, {T})")
@@ -344,7 +344,7 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
             prediction_type = "sample"
 
         noise = None  # drawn from generator by the step, as diffusers draws it
-        if t_host == 0 or (t_host is None and t.device.type == "cpu" and not bool((t > 0).any())):
+        if t_host == 0 or (t_host is None and t.is_cpu and not bool((t > 0).any())):
             noise = "none"  # diffusers draws no noise at t = 0
         elif isinstance(generator, (list, tuple)):
             noise, generator = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype), None
