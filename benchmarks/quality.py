@@ -1,6 +1,6 @@
 """The README's sample-quality table and plot, regenerated in one command:
 
-    python -m benchmarks.quality [--seeds 1,2,3] [--n 359] [--jobs 1] [--force] [--only ddim]
+    python -m benchmarks.quality [--seeds 1,2,3,4,5] [--n 359] [--jobs 1] [--force] [--only ddim]
 
 Each row is `fastddpm eval` of the shipped digits model (FD to the 359 held-out digits, classifier confidence),
 run once per seed; the table gives mean +- sample standard deviation over the seeds. Per-run results are cached
@@ -166,7 +166,7 @@ def update_readme(text: str) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--seeds", default="1,2,3,4,5")
     ap.add_argument("--n", type=int, default=359)
     ap.add_argument("--jobs", type=int, default=1, help="evaluations run at once (each on one thread)")
     ap.add_argument("--force", action="store_true", help="rerun every evaluation, cached or not")
