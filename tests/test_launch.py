@@ -301,6 +301,16 @@ def empty_cache(monkeypatch):
     return _checks._INT_TIMESTEPS
 
 
+def test_device_type_is_each_devices_own(monkeypatch):
+    """_checks.device_type (the ops' cached read of torch.device.type) answers each device's own type, for
+    devices that exist here or not, and keeps answering it once cached."""
+    monkeypatch.setattr(_checks, "_DEVICE_TYPES", {})
+    devices = [torch.device("cpu"), torch.device("cuda"), torch.device("cuda", 1), torch.device("meta")]
+    for _ in range(2):  # the first pass fills the cache, the second reads it
+        assert [_checks.device_type(d) for d in devices] == ["cpu", "cuda", "cuda", "meta"]
+    assert not _checks.capturing(torch.device("meta")) and not _checks.capturing(torch.device("cpu"))
+
+
 def test_capture_is_checked_for_cuda_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert _checks.capturing(torch.device("cuda"))

@@ -69,7 +69,8 @@ def test_eval_seeds(tmp_path, capsys):
 def test_default_ddim_settles_with_steps(tmp_path):
     """The shipped model's default DDIM (fastddpm.sample's clip_denoised with the epsilon recomputed from the
     clipped x0) at 200 steps is no farther from the held-out digits than at 50 steps plus the seed spread.
-    Measured with the default before the fix: FD 77-80 at 200 steps against 28-31 at 50 (seeds 1, 2).
+    Measured with the default before the fix, on the model shipped then: FD 77-80 at 200 steps against 28-31 at 50
+    (seeds 1, 2).
     n = 150 images per seed (the README's table uses 359), 3 seeds: 3 x 250 U-Net evaluations of batch 150, a
     few minutes on one core."""
     res = {}
