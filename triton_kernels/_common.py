@@ -158,7 +158,6 @@ class Layout:
                 out2 = restore_format(out2, self.like)
         return out, out2
 
-
     def launch(self, kernel, *args, **constexprs) -> None:
         """``kernel(*args, **constexprs, BLOCK=BLOCK)`` on one program per BLOCK elements, on the operands' device
         (nothing to launch for an empty tensor)."""

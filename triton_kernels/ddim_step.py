@@ -15,6 +15,7 @@ from ._common import (
     NOISE_TENSOR,
     SAMPLE,
     Layout,
+    pred_x0,
     step_beta,
     step_elements,
     step_noise,
@@ -37,17 +38,14 @@ def _ddim_step_kernel(x_ptr, m_ptr, z_ptr, out_ptr, pred_ptr, t_ptr, pt_ptr, ac_
     sqrt_1mab = tl.sqrt(beta_prod_t)
     std = eta * tl.sqrt(var)
     c_eps = tl.sqrt(tl.maximum(beta_prod_prev - std * std, 0.0))
+    x0 = pred_x0(x, m, sqrt_ab, sqrt_1mab, clip_range, PRED_TYPE, CLIP)
+    # the model's eps (from the unclipped prediction)
     if PRED_TYPE == EPSILON:
-        x0 = (x - sqrt_1mab * m) * (1.0 / sqrt_ab)
         eps = m
     elif PRED_TYPE == SAMPLE:
-        x0 = m
         eps = (x - sqrt_ab * m) * (1.0 / sqrt_1mab)
     else:
-        x0 = sqrt_ab * x - sqrt_1mab * m
         eps = sqrt_ab * m + sqrt_1mab * x
-    if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
     if USE_CLIPPED:
         eps = (x - sqrt_ab * x0) * (1.0 / sqrt_1mab)
     if RETURN_PRED:

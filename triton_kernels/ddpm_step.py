@@ -13,6 +13,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ._common import (
+    BLOCK,
     FIXED_LARGE,
     LEARNED,
     LEARNED_RANGE,
@@ -123,7 +124,7 @@ def philox_normal_triton(shape: tuple[int, ...], seed: int, offset: int, device:
     n = out.numel()
     if n:
         with launch_device(out):
-            _philox_normal_kernel[(triton.cdiv(n, 1024),)](out, n, seed, offset, BLOCK=1024)
+            _philox_normal_kernel[(triton.cdiv(n, BLOCK),)](out, n, seed, offset, BLOCK=BLOCK)
     return out
 
 

@@ -41,7 +41,7 @@ def _tile_offsets(n, g, s0, s_end, C, HW, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.
     else:
         offs = (n * C + c[None, :]) * HW + s[:, None]
     mask = (s[:, None] < s_end) & (d[None, :] < D)
-    return offs, mask, c, d
+    return offs, mask
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _stats_partial_kernel(x_ptr, p1_ptr, p2_ptr, C, HW, G, D, S_PER, SPLIT,
     acc2 = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     s_begin, s_end = _slice(sp, S_PER, HW)
     for s0 in range(s_begin, s_end, BLOCK_S):
-        offs, mask, c, d = _tile_offsets(n, g, s0, s_end, C, HW, D, BLOCK_S, BLOCK_D, CL)
+        offs, mask = _tile_offsets(n, g, s0, s_end, C, HW, D, BLOCK_S, BLOCK_D, CL)
         v = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K, 0.0)
         acc1 += v
         acc2 += v * v
@@ -184,7 +184,7 @@ def _bwd_partial_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pa_ptr,
     acc_b = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     s_begin, s_end = _slice(sp, S_PER, HW)
     for s0 in range(s_begin, s_end, BLOCK_S):
-        offs, mask, c2, d2 = _tile_offsets(n, g, s0, s_end, C, HW, D, BLOCK_S, BLOCK_D, CL)
+        offs, mask = _tile_offsets(n, g, s0, s_end, C, HW, D, BLOCK_S, BLOCK_D, CL)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dz, xc = _dz(x, dy, mean, a[None, :], b[None, :], SILU)

@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "fastddpm/checks.h"
+#include "fastddpm/cpu_step.h"
 #include "fastddpm/cpu_vec.h"
 #include "fastddpm/elementwise.h"
-#include "fastddpm/philox_cpu.h"
 
 namespace fastddpm {
 namespace {

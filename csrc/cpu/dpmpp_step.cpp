@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "fastddpm/checks.h"
+#include "fastddpm/cpu_step.h"
 #include "fastddpm/cpu_vec.h"
 #include "fastddpm/dpmpp_step.h"
 
@@ -23,9 +24,9 @@ void dpmpp_step_loop(const scalar_t* x, const scalar_t* m, const scalar_t* p, sc
   using Block = FloatBlock<scalar_t>;
   for_each_sample_block(B, M, kGrain, [&](int64_t b, int64_t i, int64_t n) {
     StepBlock<scalar_t> k(x, m, out, pred, i, n);
-    alignas(64) float bp[kBlock];
     const DpmppCoeffs c = coeffs[b];
-    const float* pp = p != nullptr ? Block::load(p + i, bp, n) : nullptr;  // null: first order (c_prev = 0)
+    // the previous x0 in the block's noise buffer (no noise here); null: first order (c_prev = 0)
+    const float* pp = p != nullptr ? Block::load(p + i, k.bz, n) : nullptr;
     const float* px = k.px;
     const float* pm = k.pm;
     float* px0 = k.px0;

@@ -47,7 +47,7 @@ int launch_ddim_step(const DdimStepParams& p, cudaStream_t stream) {
   const StepOperands& s = p.s;
   const int64_t n = s.B * s.M;
   if (n == 0) return 0;
-  const DdimArgs a{s.T, n, s.M, step_philox(p.philox, p.noise_mode), p.noise_mode, p.prediction_type,
+  const DdimArgs a{s.T, n, s.M, p.philox, p.noise_mode, p.prediction_type,
                    p.final_alpha_cumprod, p.eta, p.clip_range, p.use_clipped_model_output, p.diffusers_beta};
   FASTDDPM_CUDA_DISPATCH(
       s.dtype, ddim_step_kernel<scalar_t><<<grid_for(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(

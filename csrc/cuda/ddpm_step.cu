@@ -56,7 +56,7 @@ int launch_ddpm_step(const DdpmStepParams& p, cudaStream_t stream) {
   const StepOperands& s = p.s;
   const int64_t n = s.B * s.M;
   if (n == 0) return 0;
-  const Args a{s.T, n, s.M, step_philox(p.philox, p.noise_mode), p.noise_mode, p.prediction_type, p.variance_type,
+  const Args a{s.T, n, s.M, p.philox, p.noise_mode, p.prediction_type, p.variance_type,
                p.clip_range, p.diffusers_beta};
   FASTDDPM_CUDA_DISPATCH(
       s.dtype, ddpm_step_kernel<scalar_t><<<grid_for(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(

@@ -93,13 +93,11 @@ _INT_STEPS: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.T
 def _int_step_timesteps(t: int, prev_t: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(int_timesteps(t), int_timesteps(prev_t)) of already checked ints, cached as a pair."""
     if torch.compiler.is_compiling() or capturing(device):  # checked before the cache is read
-        return (torch.full((batch,), t, dtype=torch.int64, device=device),
-                torch.full((batch,), prev_t, dtype=torch.int64, device=device))
+        return int_timesteps(t, batch, device), int_timesteps(prev_t, batch, device)  # fresh tensors here
     key = (t, prev_t, batch, device)
     v = _INT_STEPS.get(key)
     if v is None:
-        v = (torch.full((batch,), t, dtype=torch.int64, device=device),
-             torch.full((batch,), prev_t, dtype=torch.int64, device=device))
+        v = int_timesteps(t, batch, device), int_timesteps(prev_t, batch, device)
         if len(_INT_STEPS) >= _INT_TIMESTEPS_MAX:
             _INT_STEPS.clear()
         _INT_STEPS[key] = v
@@ -216,14 +214,13 @@ def step_timesteps(t, prev_t, batch: int, device: torch.device, T: int) -> tuple
             return _int_step_timesteps(t, t - 1, batch, device)
         if type(prev_t) is int and prev_t < t:
             return _int_step_timesteps(t, prev_t, batch, device)
-    tt = timesteps(t, batch, device, T)
+    tt = timesteps(t, batch, device, T)  # an int t is valid past this point
     if prev_t is None:
-        return tt, (int_timesteps(t - 1, batch, device) if type(t) is int else tt - 1)
+        return tt, tt - 1
     pt = timesteps(prev_t, batch, device, T, name="prev_t", allow_negative=True)
-    if type(t) is int and type(prev_t) is int:
-        if not prev_t < t:
-            raise ValueError(f"prev_t: expected prev_t < t, got prev_t={prev_t}, t={t}")
-    elif pt.is_cpu and not torch.compiler.is_compiling() and not all_less(pt, tt):
+    if type(t) is int and type(prev_t) is int:  # ints that passed both range checks but not prev_t < t
+        raise ValueError(f"prev_t: expected prev_t < t, got prev_t={prev_t}, t={t}")
+    if pt.is_cpu and not torch.compiler.is_compiling() and not all_less(pt, tt):
         raise ValueError("prev_t: expected prev_t < t for every sample")
     return tt, pt
 

@@ -12,6 +12,11 @@ from . import _checks, _library, prepared
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 
 
+def _host_check(sample: torch.Tensor) -> bool:
+    # timestep order is checked on the host where that costs no device sync, and not while tracing
+    return sample.is_cpu and not torch.compiler.is_compiling()
+
+
 def _prev_timesteps(prev_t, B: int, device: torch.device, T: int) -> torch.Tensor:
     # Any prev_t < 0 is the end (sigma = 0), as diffusers reads a step past t = 0.
     if isinstance(prev_t, bool) or not isinstance(prev_t, (int, torch.Tensor)):
@@ -71,14 +76,13 @@ def dpmpp_step(
     _checks.check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range)
     T = schedule.num_train_timesteps
     B = sample.shape[0]
-    check_host = sample.is_cpu and not torch.compiler.is_compiling()
     if type(t) is int and 0 <= t < T and (prev_t is None or (type(prev_t) is int and prev_t < t)):
-        # a sampler's loop: valid ints, one cached pair (errors: the general path below)
-        tt, pt = _checks._int_step_timesteps(t, t - 1 if prev_t is None else max(prev_t, -1), B, sample.device)
+        # a sampler's loop: valid ints, passed on (the prepared step caches them as a pair)
+        tt, pt = t, (None if prev_t is None else max(prev_t, -1))
     else:
         tt = _checks.timesteps(t, B, sample.device, T)
         pt = (tt - 1) if prev_t is None else _prev_timesteps(prev_t, B, sample.device, T)
-        if check_host and not _checks.all_less(pt, tt):
+        if _host_check(sample) and not _checks.all_less(pt, tt):
             raise ValueError("prev_t: expected prev_t < t for every sample")
     lt = None
     if prev_x0 is not None:
@@ -86,7 +90,11 @@ def dpmpp_step(
         if last_t is None:
             raise ValueError("last_t: required with prev_x0 (the timestep of that prediction)")
         lt = _checks.timesteps(last_t, B, sample.device, T, name="last_t")
-        ok = last_t > t if type(t) is int and type(last_t) is int else not check_host or _checks.all_less(tt, lt)
+        if type(t) is int and type(last_t) is int:
+            ok = last_t > t
+        else:
+            tv = _checks.int_timesteps(t, B, sample.device) if type(t) is int else tt
+            ok = not _host_check(sample) or _checks.all_less(tv, lt)
         if not ok:
             raise ValueError("last_t: expected last_t > t for every sample")
     elif last_t is not None:

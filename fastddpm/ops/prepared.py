@@ -33,6 +33,8 @@ def _code(table: dict[str, int], value: str, name: str) -> int:
 
 def _timesteps(t, prev_t, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, prev_t) as int64 (B,) tensors: ints become cached tensors, prev_t None is t - 1."""
+    if type(t) is int and (prev_t is None or type(prev_t) is int):  # a sampler's loop: one cached pair
+        return _checks._int_step_timesteps(t, t - 1 if prev_t is None else prev_t, batch, device)
     tt = _checks.int_timesteps(t, batch, device) if type(t) is int else t
     if prev_t is None:
         pt = _checks.int_timesteps(t - 1, batch, device) if type(t) is int else tt - 1

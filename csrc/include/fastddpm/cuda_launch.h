@@ -34,7 +34,8 @@ int launch_q_sample(const QSampleParams& p, cudaStream_t stream);
 
 // The Philox stream of ddpm_step/ddim_step's in-kernel noise (noise_mode kNoisePhilox): element i gets
 // normal(seed, offset + *offset_ptr + i); offset_ptr, where not null, points to a device int64 read
-// by the kernel (no host sync), so a CUDA graph replays the step with a new offset.
+// by the kernel (no host sync), so a CUDA graph replays the step with a new offset. The registrations
+// (*_cuda.cpp) leave offset_ptr null for every other noise mode, so only in-kernel noise reads it.
 struct PhiloxStream {
   uint64_t seed, offset;
   const int64_t* offset_ptr;

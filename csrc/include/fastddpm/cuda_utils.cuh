@@ -8,7 +8,6 @@
 #include <cstdint>
 
 #include "fastddpm/cuda_launch.h"
-#include "fastddpm/elementwise.h"
 
 namespace fastddpm {
 namespace cuda {
@@ -38,12 +37,6 @@ __device__ __forceinline__ void clamp_step_timesteps(int64_t& tb, int64_t& pb, i
 // points to (read on the device, so a CUDA graph replays the step with a new offset).
 __device__ __forceinline__ uint64_t philox_counter_offset(const PhiloxStream& s) {
   return s.offset + (s.offset_ptr != nullptr ? static_cast<uint64_t>(__ldg(s.offset_ptr)) : 0u);
-}
-
-// The stream a step kernel is given (host side): the offset tensor only for in-kernel noise, so that no
-// other mode reads it.
-inline PhiloxStream step_philox(const PhiloxStream& p, int64_t noise_mode) {
-  return {p.seed, p.offset, noise_mode == kNoisePhilox ? p.offset_ptr : nullptr};
 }
 
 // The grid-stride loop of the reverse-step kernels over n elements, samples of M elements each: body(i, c)
