@@ -115,8 +115,9 @@ def compile_report(arch: int = 90, head_dims=(16, 64, 128, 256, 512)) -> list[di
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     target = GPUTarget("cuda", arch, 32)
-    kernels = {"fwd": (ka._attn_fwd_kernel, 4, 1, 0), "dkdv": (ka._attn_bwd_dkdv_kernel, 4, 2, 2),
-               "dq": (ka._attn_bwd_dq_kernel, 4, 2, 1)}  # (kernel, input ptrs, fp32 ptrs, output ptrs)
+    # (kernel, input ptrs, fp32 ptrs, output ptrs); the backward kernel once per launch (KEYS: dK and dV)
+    bwd = (ka._attn_bwd_kernel, 4, 2, 3)
+    kernels = {"fwd": (ka._attn_fwd_kernel, 4, 1, 0), "dkdv": bwd, "dq": bwd}
     rows = []
     for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         for d in head_dims:
@@ -124,6 +125,8 @@ def compile_report(arch: int = 90, head_dims=(16, 64, 128, 256, 512)) -> list[di
                 bm, bn, warps, stages = ka._config(kind, d, dtype)
                 consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": ka._block_d(d), **ka._dot_args(dtype)}
                 consts["UPCAST"] = False
+                if kind != "fwd":
+                    consts["KEYS"] = kind == "dkdv"
                 ptrs = [f"*{tname}"] * n_in + ["*fp32"] * n_f32 + [f"*{tname}"] * n_out
                 if kind == "fwd":
                     ptrs = [f"*{tname}"] * 4 + ["*fp32"]

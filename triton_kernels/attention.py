@@ -9,8 +9,8 @@ softmax(Q K^T * scale) V for q (B, H, N, d), k and v (B, H, M, d), any N, M >= 1
 * Head widths up to 512 fit because the query (and key) block shrinks as d grows (``_config``): the
   accumulator is BLOCK_M * d fp32 values per program, 16 * 512 at d = 512, where FlashAttention-2 and
   Triton's tutorial kernel stop at 256 and 128.
-* Backward: one pass computes delta = rowsum(dO * O); one kernel per key block accumulates dK and dV over
-  the query blocks; one kernel per query block accumulates dQ over the key blocks (no atomics).
+* Backward: one pass computes delta = rowsum(dO * O); then one kernel, launched twice: per key block it
+  accumulates dK and dV over the query blocks, per query block dQ over the key blocks (no atomics).
 * fp32 inputs use full-precision dots (input_precision="ieee": no TF32); fp16/bf16 inputs multiply in
   their dtype with fp32 accumulation and fp32 softmax statistics.
 
@@ -161,105 +161,83 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sdb, sdh, sdn, sdd,  # strides of dO
     H, N, M, D, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, KEYS: tl.constexpr,
 ):
-    # One key block; loop over query blocks. Works on transposed scores (BLOCK_N, BLOCK_M).
-    pid_n, pid_bh = _program(M, BLOCK_N)
+    # KEYS: one key block per program, looping over the query blocks, accumulates dK and dV (on transposed
+    # scores, (BLOCK_N, BLOCK_M)); else one query block per program, looping over the key blocks, accumulates
+    # dQ. Launched once each way (no atomics).
+    if KEYS:
+        pid, pid_bh = _program(M, BLOCK_N)
+    else:
+        pid, pid_bh = _program(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    n_ok = offs_n < M
     d_ok = offs_d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask,
-                other=0.0)
     q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdb + h * sdh
-    row_base = pid_bh * N
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        rows = start_m + offs_m
-        m_ok = rows < N
-        qT = tl.load(q_base + rows[None, :] * sqn + offs_d[:, None] * sqd,
-                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
-        # lse = +inf on padded rows makes their probabilities exactly 0.
-        lse = tl.load(LSE + row_base + rows, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + row_base + rows, mask=m_ok, other=0.0)
-        pT = tl.exp2(_mm(k, qT, PREC, UPCAST) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
-        pT = tl.where(n_ok[:, None], pT, 0.0)
-        do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd,
-                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-        dv += _mm(pT.to(do.dtype), do, PREC, UPCAST)
-        dpT = _mm(v, tl.trans(do), PREC, UPCAST)  # (BLOCK_N, BLOCK_M)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _mm(dsT.to(qT.dtype), tl.trans(qT), PREC, UPCAST)
-    dk = dk * scale
-    out_off = offs_n[:, None] * D + offs_d[None, :]  # dK, dV are contiguous (B, H, M, D)
-    base = pid_bh * M * D
-    tl.store(DK + base + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + base + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sdb, sdh, sdn, sdd,
-    H, N, M, D, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    # One query block; loop over key blocks.
-    pid_m, pid_bh = _program(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    m_ok = offs_m < N
-    d_ok = offs_d < D
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask,
-                 other=0.0)
-    row_base = pid_bh * N
-    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < M
+    do_base = DO + b * sdb + h * sdh
+    row_base = pid_bh * N
+    if KEYS:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+        n_ok = offs_n < M
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(_mm(q, tl.trans(k), PREC, UPCAST) * qk_scale - lse[:, None])
-        p = tl.where(n_ok[None, :], p, 0.0)
-        dp = _mm(do, tl.trans(v), PREC, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, PREC, UPCAST)
-    dq = dq * scale
-    out_off = offs_m[:, None] * D + offs_d[None, :]
-    tl.store(DQ + pid_bh * N * D + out_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, N, BLOCK_M):
+            rows = start_m + offs_m
+            m_ok = rows < N
+            qT = tl.load(q_base + rows[None, :] * sqn + offs_d[:, None] * sqd,
+                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
+            # lse = +inf on padded rows makes their probabilities exactly 0.
+            lse = tl.load(LSE + row_base + rows, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + row_base + rows, mask=m_ok, other=0.0)
+            pT = tl.exp2(_mm(k, qT, PREC, UPCAST) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+            pT = tl.where(n_ok[:, None], pT, 0.0)
+            do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+            dv += _mm(pT.to(do.dtype), do, PREC, UPCAST)
+            dpT = _mm(v, tl.trans(do), PREC, UPCAST)  # (BLOCK_N, BLOCK_M)
+            dsT = pT * (dpT - delta[None, :])
+            dk += _mm(dsT.to(qT.dtype), tl.trans(qT), PREC, UPCAST)
+        out_off = offs_n[:, None] * D + offs_d[None, :]  # dK, dV are contiguous (B, H, M, D)
+        tl.store(DK + pid_bh * M * D + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + pid_bh * M * D + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    else:
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        m_ok = offs_m < N
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, M, BLOCK_N):
+            cols = start_n + offs_n
+            n_ok = cols < M
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            p = tl.exp2(_mm(q, tl.trans(k), PREC, UPCAST) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+            p = tl.where(n_ok[None, :], p, 0.0)
+            dp = _mm(do, tl.trans(v), PREC, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _mm(ds.to(k.dtype), k, PREC, UPCAST)
+        out_off = offs_m[:, None] * D + offs_d[None, :]
+        tl.store(DQ + pid_bh * N * D + out_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -310,17 +288,14 @@ def attention_triton_bwd(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         wrap_triton(_attn_bwd_delta_kernel)[_grid(N, dbm, B * H)](
             o, grad_o, delta, *o.stride(), *grad_o.stride(), H, N, D, BLOCK_M=dbm, BLOCK_D=bd,
         )
-        # The key-block kernel holds two (BLOCK_N, d) fp32 accumulators (dK and dV).
-        bm, bn, warps, stages = _config("dkdv", D, q.dtype)
-        wrap_triton(_attn_bwd_dkdv_kernel)[_grid(M, bn, B * H)](
-            q, k, v, grad_o, lse, delta, dk, dv, *strides, H, N, M, D, scale * LOG2E, scale,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
-        )
-        bm, bn, warps, stages = _config("dq", D, q.dtype)
-        wrap_triton(_attn_bwd_dq_kernel)[_grid(N, bm, B * H)](
-            q, k, v, grad_o, lse, delta, dq, *strides, H, N, M, D, scale * LOG2E, scale,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), num_warps=warps, num_stages=stages,
-        )
+        # The key-block launch holds two (BLOCK_N, d) fp32 accumulators (dK and dV), the query-block one dQ.
+        for which, L in (("dkdv", M), ("dq", N)):
+            bm, bn, warps, stages = _config(which, D, q.dtype)
+            wrap_triton(_attn_bwd_kernel)[_grid(L, bn if which == "dkdv" else bm, B * H)](
+                q, k, v, grad_o, lse, delta, dq, dk, dv, *strides, H, N, M, D, scale * LOG2E, scale,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), KEYS=which == "dkdv", num_warps=warps,
+                num_stages=stages,
+            )
     return dq, dk, dv
 
 
