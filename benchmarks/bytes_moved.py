@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastddpm import NoiseSchedule, ops  # noqa: E402
+from fastddpm import DDPMScheduler, NoiseSchedule, ops  # noqa: E402
 from fastddpm.bench.countops import min_bytes, traffic  # noqa: E402
-from fastddpm.bench.ops import eager_add_noise  # noqa: E402
+from fastddpm.bench.ops import eager_add_noise, grad_fn  # noqa: E402
+from fastddpm.bench.suite import shape_str as _x  # noqa: E402
 from fastddpm.ops import reference  # noqa: E402
 
 
@@ -40,10 +41,6 @@ def _mb(n: float) -> str:
 # The U-Net's shapes at a size where bytes, not launches, bound a GPU; tests pass tiny ones.
 SHAPES = dict(image=(64, 3, 256, 256), group_norm=(64, 256, 32, 32), attention=(16, 1024, 256),
               network="cifar10", batch=16)
-
-
-def _x(shape) -> str:
-    return "x".join(map(str, shape))
 
 
 def rows(shapes: dict | None = None) -> list[dict]:
@@ -101,9 +98,9 @@ def rows(shapes: dict | None = None) -> list[dict]:
     dy = torch.randn(gshape, generator=g)
     case = f"group_norm_silu fwd+bwd {_x(gshape)}"
     add(case, "eager (autograd of group_norm, silu)",
-        lambda: torch.autograd.grad(F.silu(F.group_norm(xg, 32, wg, bg)), (xg, wg, bg), dy), gn_bwd, grad=True)
+        grad_fn(lambda x, w, b: F.silu(F.group_norm(x, 32, w, b)), (xg, wg, bg), dy), gn_bwd, grad=True)
     add(case, "fastddpm (fused forward and backward)",
-        lambda: torch.autograd.grad(ops.group_norm_silu(xg, 32, wg, bg), (xg, wg, bg), dy), gn_bwd, grad=True)
+        grad_fn(lambda x, w, b: ops.group_norm_silu(x, 32, w, b), (xg, wg, bg), dy), gn_bwd, grad=True)
 
     B, N, d = sh["attention"]
     q, k, v = (torch.randn(B, 1, N, d, generator=g) for _ in range(3))
@@ -114,10 +111,8 @@ def rows(shapes: dict | None = None) -> list[dict]:
     qg, kg, vg = (a.clone().requires_grad_() for a in (q, k, v))
     do = torch.randn(B, 1, N, d, generator=g)
     case = f"attention fwd+bwd {_x((B, 1, N, d))}"
-    add(case, "materialised (autograd)",
-        lambda: torch.autograd.grad(reference.attention(qg, kg, vg), (qg, kg, vg), do), an_bwd, grad=True)
-    add(case, "fastddpm (fused forward and backward)",
-        lambda: torch.autograd.grad(ops.attention(qg, kg, vg), (qg, kg, vg), do), an_bwd, grad=True)
+    add(case, "materialised (autograd)", grad_fn(reference.attention, (qg, kg, vg), do), an_bwd, grad=True)
+    add(case, "fastddpm (fused forward and backward)", grad_fn(ops.attention, (qg, kg, vg), do), an_bwd, grad=True)
 
     if sh["network"] is None:
         return out
@@ -130,20 +125,14 @@ def rows(shapes: dict | None = None) -> list[dict]:
     batch = sh["batch"]
     xs = torch.randn(batch, *net.image_shape, generator=g)
     tb = torch.full((batch,), 500)
-    fs = dict(sched=fastddpm_scheduler())
+    ours_sched = DDPMScheduler()
     label = {"cifar10": "CIFAR-10"}.get(net.name, net.name)
     case = f"denoising step, {label} U-Net, batch {batch}"
     add(case, "diffusers (UNet2DModel + DDPMScheduler.step)",
         lambda: dsched.step(theirs(xs, tb).sample, 500, xs, generator=g).prev_sample, float("nan"))
     add(case, "fastddpm (UNet + fused step)",
-        lambda: fs["sched"].step(ours(xs, tb), 500, xs, generator=g).prev_sample, float("nan"))
+        lambda: ours_sched.step(ours(xs, tb), 500, xs, generator=g).prev_sample, float("nan"))
     return out
-
-
-def fastddpm_scheduler():
-    import fastddpm
-
-    return fastddpm.DDPMScheduler()
 
 
 def render(rs: list[dict], bandwidth_gbps: float) -> str:

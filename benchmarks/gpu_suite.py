@@ -26,13 +26,13 @@ interpreter, the fractions, the table, the CSV and the exit code).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastddpm.bench.countops import min_bytes  # noqa: E402
+from fastddpm.bench.ops import attention_flops, grad_fn  # noqa: E402
 from fastddpm.bench.suite import Case  # noqa: E402
 from fastddpm.bench.timing import cuda_ms, machine, time_calls, write_csv  # noqa: E402
 
@@ -54,11 +55,11 @@ def nbytes(case: Case) -> int:
 
 
 def flops(case: Case) -> float:
-    """Attention's matmul FLOPs: forward 4 B H N^2 d, backward 2.5x that (FlashAttention-2's count)."""
+    """Attention's matmul FLOPs (fastddpm.bench.ops.attention_flops); 0 for the other ops."""
     if case.op != "attention":
         return 0.0
     B, H, N, d = case.shape
-    return 4.0 * B * H * N * N * d * (3.5 if case.backward else 1.0)
+    return attention_flops(B, N, d, case.backward, heads=H)
 
 
 def plan(quick: bool = False) -> list[Case]:
@@ -101,13 +102,6 @@ def _inputs(case: Case, dev):
     return sched, args
 
 
-def _fwd_bwd(f, leaves, dy):
-    """A callable returning the gradients of f(*leaves) against dy (nothing accumulates between calls)."""
-    def run():
-        return torch.autograd.grad(f(*leaves), leaves, dy)
-    return run
-
-
 def providers(case: Case, sched, args, backends=BACKENDS, compile: bool = True) -> dict[str, Callable]:
     """name -> zero-argument callable, for every provider of this case."""
     from fastddpm import ops
@@ -136,8 +130,8 @@ def providers(case: Case, sched, args, backends=BACKENDS, compile: bool = True) 
         ref = lambda x, w, bb: F.silu(F.group_norm(x, G, w, bb))
         if case.backward:
             *leaves, dy = args
-            p = {b: _fwd_bwd(f, leaves, dy) for b, f in fused.items()}
-            eager = _fwd_bwd(ref, leaves, dy)
+            p = {b: grad_fn(f, leaves, dy) for b, f in fused.items()}
+            eager = grad_fn(ref, leaves, dy)
         else:
             p = {b: (lambda f=f: f(*args)) for b, f in fused.items()}
             eager = lambda: ref(*args)
@@ -146,8 +140,8 @@ def providers(case: Case, sched, args, backends=BACKENDS, compile: bool = True) 
         fused["sdpa"] = F.scaled_dot_product_attention  # PyTorch's own choice of fused kernel, called directly
         if case.backward:
             *leaves, dy = args
-            p = {b: _fwd_bwd(f, leaves, dy) for b, f in fused.items()}
-            eager = _fwd_bwd(reference.attention, leaves, dy)
+            p = {b: grad_fn(f, leaves, dy) for b, f in fused.items()}
+            eager = grad_fn(reference.attention, leaves, dy)
         else:
             p = {b: (lambda f=f: f(*args)) for b, f in fused.items()}
             eager = lambda: reference.attention(*args)
@@ -283,37 +277,27 @@ def device_rates(dev) -> dict:
     return out
 
 
-def run(quick: bool, csv_path: str | None, compile: bool = True, unet: dict | None = None) -> list[dict]:
-    """The op rows (``compile``: with torch.compile providers), then the whole denoising step (``unet``:
-    keyword arguments of whole_step; default batch 16, fp32, eager and CUDA graph)."""
+def run(quick: bool, csv_path: str | None, compile: bool = True, unet: dict | None = None, ops: bool = True
+        ) -> list[dict]:
+    """The op rows (``ops``; ``compile``: with torch.compile providers), then the whole denoising step (``unet``:
+    keyword arguments of whole_step; default batch 16, fp32, eager and CUDA graph); the table, the CSV."""
     dev = torch.device("cuda")
-    dr = device_rates(dev)
-    print(f"# {machine()}")
-    print("# measured: copy {copy_gbps:.0f} GB/s; matmul fp32 {fp32_tflops:.0f}, tf32 {tf32_tflops:.0f}, "
-          "bf16 {bf16_tflops:.0f}, fp16 {fp16_tflops:.0f} TFLOP/s".format(**dr), flush=True)
-    rows = []
-    for case in plan(quick):
-        for row in check_and_time(case, dev, bench_median, dr, compile=compile):
-            rows.append(row)
-            print(row, flush=True)
-    rows += whole_step(dev, **(unet or {}))
-    _finish(rows, csv_path, dr)
-    return rows
-
-
-def run_unet(csv_path: str | None, **unet) -> list[dict]:
-    """Only the whole-step rows (``unet``: keyword arguments of whole_step)."""
     print(f"# {machine()}", flush=True)
-    rows = whole_step(torch.device("cuda"), **unet)
-    _finish(rows, csv_path, {})
-    return rows
-
-
-def _finish(rows: list[dict], csv_path: str | None, dr: dict) -> None:
+    rows, dr = [], {}
+    if ops:
+        dr = device_rates(dev)
+        print("# measured: copy {copy_gbps:.0f} GB/s; matmul fp32 {fp32_tflops:.0f}, tf32 {tf32_tflops:.0f}, "
+              "bf16 {bf16_tflops:.0f}, fp16 {fp16_tflops:.0f} TFLOP/s".format(**dr), flush=True)
+        for case in plan(quick):
+            for row in check_and_time(case, dev, bench_median, dr, compile=compile):
+                rows.append(row)
+                print(row, flush=True)
+    rows += whole_step(dev, **(unet or {}))
     print()
     print(render_table(rows))
     if csv_path:
         write_csv(csv_path, [{**r, **dr} for r in rows])
+    return rows
 
 
 # Bounds of the whole-step rows, max |out - ref| / max(max |ref|, 1) over the final images after `steps` steps.
@@ -323,19 +307,6 @@ def _finish(rows: list[dict], csv_path: str | None, dr: dict) -> None:
 UNET_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 UNET_REPLAY_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 UNET_PROVIDERS = ("eager", "cuda graph", "torch.compile max-autotune")
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 def _cifar10_unet(dev, dtype):
@@ -366,7 +337,7 @@ def whole_step(dev, batches=(16,), dtypes=(torch.float32,), providers=("eager", 
             kw = dict(steps=steps, seed=0, noise="philox", progress=False, device=dev)
             try:
                 model = model_fn(dev, dt)
-                with torch.no_grad(), _env("FASTDDPM_BACKEND", "torch"):
+                with torch.no_grad(), mock.patch.dict(os.environ, FASTDDPM_BACKEND="torch"):
                     ref = sample_fn(model, shape, **kw).double()
             except Exception as exc:  # noqa: BLE001
                 rows.append({**base, "provider": "-", "ok": f"error: {type(exc).__name__}: {str(exc)[:100]}"})
@@ -458,9 +429,7 @@ def main(argv=None) -> int:
     providers = (UNET_PROVIDERS[0], UNET_PROVIDERS[2]) if args.max_autotune else UNET_PROVIDERS[:2]
     unet = dict(batches=batches, dtypes=dtypes, providers=providers,
                 deadline=start + args.budget if args.budget else None)
-    if args.unet_only:
-        return report_failures(run_unet(args.csv, **unet))
-    return report_failures(run(args.quick, args.csv, compile=not args.no_compile, unet=unet))
+    return report_failures(run(args.quick, args.csv, compile=not args.no_compile, unet=unet, ops=not args.unet_only))
 
 
 if __name__ == "__main__":

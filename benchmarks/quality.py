@@ -150,20 +150,6 @@ def plot(summary: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def update_readme(text: str) -> bool:
-    with open(README) as f:
-        s = f.read()
-    if START not in s or END not in s:
-        return False
-    i, j = s.index(START) + len(START), s.index(END)
-    s = s[:i] + "\n" + text + s[j:]
-    from fastddpm._io import atomic_path
-
-    with atomic_path(README) as tmp, open(tmp, "w") as f:
-        f.write(s)
-    return True
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="1,2,3,4,5")
@@ -223,8 +209,13 @@ def main(argv=None) -> int:
     with atomic_path(os.path.join(RESULTS, "quality.md")) as tmp, open(tmp, "w") as f:
         f.write(md)
     plot(summary, os.path.join(RESULTS, "quality.png"))
-    if not args.no_readme and not update_readme(md):
-        log(f"README.md has no {START} ... {END} markers: table not inserted")
+    if not args.no_readme:
+        from benchmarks.run import update_readme
+
+        try:
+            update_readme(README, md, START, END)
+        except ValueError as exc:
+            log(f"{exc}: table not inserted")
     print(md)
     log(f"done in {time.perf_counter() - t0:.0f} s; wrote benchmarks/results/quality.json, quality.md, quality.png")
     return 0

@@ -25,20 +25,20 @@ from fastddpm.cli import UsageError  # noqa: E402
 BEGIN, END = "<!-- fastddpm-bench:begin -->", "<!-- fastddpm-bench:end -->"
 
 
-def replace_between_markers(text: str, body: str) -> str:
+def replace_between_markers(text: str, body: str, begin: str = BEGIN, end: str = END) -> str:
     """``text`` with what lies between the markers replaced by ``body`` (ValueError if they are missing)."""
-    i, j = text.find(BEGIN), text.find(END)
+    i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"README.md: the markers {BEGIN} ... {END} are missing")
-    return text[: i + len(BEGIN)] + "\n" + body.strip() + "\n" + text[j:]
+        raise ValueError(f"README.md: the markers {begin} ... {end} are missing")
+    return text[: i + len(begin)] + "\n" + body.strip() + "\n" + text[j:]
 
 
-def update_readme(path: str, body: str) -> None:
+def update_readme(path: str, body: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what lies between the markers of the file at ``path``, atomically (ValueError if missing)."""
     from fastddpm._io import atomic_path
 
     with open(path) as f:
-        text = f.read()
-    new = replace_between_markers(text, body)
+        new = replace_between_markers(f.read(), body, begin, end)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(new)
 

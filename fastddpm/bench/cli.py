@@ -74,11 +74,9 @@ def execute(args: argparse.Namespace, log=None) -> tuple[list[dict], dict, str]:
     print(text, flush=True)
     if args.markdown is not None:
         from .._io import atomic_path
-        from .timing import readable
 
         with atomic_path(args.markdown) as tmp, open(tmp, "w") as f:
             f.write(text + "\n")
-            readable(tmp, args.markdown)
         log(f"wrote {args.markdown}")
     if args.csv is not None:
         s = stamp()

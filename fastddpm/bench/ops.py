@@ -182,32 +182,22 @@ def group_norm_silu_providers(shape, compile: bool = False, backward: bool = Fal
     With ``backward`` each call is forward + backward against a fixed upstream gradient (the in-place
     variant cannot be differentiated and is left out)."""
     refuse_reference_run()  # never time the torch reference under fastddpm's name
-    x, w, b = group_norm_silu_inputs(shape, grad=backward)
+    args = group_norm_silu_inputs(shape, grad=backward)
     G = GN_GROUPS
-    fns = {
-        "fastddpm": lambda: ops.group_norm_silu(x, G, w, b),
-        "eager": lambda: F.silu(F.group_norm(x, G, w, b)),
-    }
+    eager = lambda x, w, b: F.silu(F.group_norm(x, G, w, b))
+    fns = {"fastddpm": lambda x, w, b: ops.group_norm_silu(x, G, w, b), "eager": eager}
     if not backward:
-        fns["eager (in-place silu)"] = lambda: F.silu(F.group_norm(x, G, w, b), inplace=True)
+        fns["eager (in-place silu)"] = lambda x, w, b: F.silu(F.group_norm(x, G, w, b), inplace=True)
     if compile:
-        fns["torch.compile (eager)"] = torch.compile(lambda: F.silu(F.group_norm(x, G, w, b)))
+        fns["torch.compile (eager)"] = torch.compile(eager)
+    if backward:
+        dy = torch.randn(shape)
+        p = {k: grad_fn(f, args, dy) for k, f in fns.items()}
+    else:
+        p = {k: _no_grad(lambda f=f: f(*args)) for k, f in fns.items()}
     if copy:
-        fns[COPY] = copy_bound(min_bytes("group_norm_silu", shape, backward=backward))
-    if not backward:
-        return {k: _no_grad(f) for k, f in fns.items()}
-    dy = torch.randn(shape)
-
-    def fwd_bwd(f):
-        if f is fns.get(COPY):
-            return f
-
-        def run():
-            f().backward(dy)
-            x.grad = w.grad = b.grad = None
-        return run
-
-    return {k: fwd_bwd(f) for k, f in fns.items()}
+        p[COPY] = copy_bound(min_bytes("group_norm_silu", shape, backward=backward))
+    return p
 
 
 def group_norm_silu_bytes(shape, backward: bool = False) -> int:
@@ -233,14 +223,12 @@ def attention_inputs(B, N, d, dtype=torch.float32, device="cpu", grad=False):
 
 
 def attention_step(fn, q, k, v, backward: bool):
+    """fn(q, k, v), or with ``backward`` its gradients against an upstream gradient of ones."""
     if not backward:
         with torch.no_grad():
             return fn(q, k, v)
     o = fn(q, k, v)
-    o.backward(torch.ones_like(o))
-    for x in (q, k, v):
-        x.grad = None
-    return o
+    return torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
 
 
 def attention_providers(B, N, d, compile: bool = False, backward: bool = False) -> Providers:
@@ -253,13 +241,15 @@ def attention_providers(B, N, d, compile: bool = False, backward: bool = False) 
     return {name: (lambda f=f: attention_step(f, q, k, v, backward)) for name, f in fns.items()}
 
 
-def attention_bytes(B, N, d, backward: bool = False) -> int:
-    return min_bytes("attention", (B, 1, N, d), backward=backward)
+def attention_flops(B, N, d, backward: bool = False, heads: int = 1) -> float:
+    # Q K^T and P V: 2 matmuls of 2 B H N^2 d each; backward 2.5x the forward (FlashAttention-2's count)
+    return 4.0 * B * heads * N * N * d * (3.5 if backward else 1.0)
 
 
-def attention_flops(B, N, d, backward: bool = False) -> float:
-    # Q K^T and P V: 2 matmuls of 2 B N^2 d each; backward 2.5x the forward (FlashAttention-2's count)
-    return 4.0 * B * N * N * d * (3.5 if backward else 1.0)
+def grad_fn(f: Callable, leaves, dy) -> Callable[[], object]:
+    """A zero-argument callable: the gradients of ``f(*leaves)`` against ``dy`` (torch.autograd.grad, so
+    nothing accumulates in ``.grad`` between calls)."""
+    return lambda: torch.autograd.grad(f(*leaves), leaves, dy)
 
 
 def _no_grad(f):

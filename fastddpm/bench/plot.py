@@ -47,11 +47,9 @@ def _of_run(rows: list[dict], run: str | None) -> list[dict]:
 
 def _save(fig, path: str) -> str:
     from .._io import atomic_path
-    from .timing import readable
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
-        readable(tmp, path)
     return path
 
 

@@ -27,9 +27,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from statistics import median
 
 from . import ops as bops
-from .timing import median, peak_rss_mib, spread, time_calls
+from .timing import peak_rss_mib, spread, time_calls
 
 SUITES = ("smoke", "quick", "full")
 COMPONENTS = {"torch.randn alone"}
@@ -184,7 +185,7 @@ def _net(name: str):
     return _NETS[name]
 
 
-def _flops_rate(fns: dict, unit_batch: int = 1):
+def _flops_rate(fns: dict):
     """provider -> (FLOPs per call, "GFLOP/s"), counted once per provider on first use."""
     from .countops import flops
 

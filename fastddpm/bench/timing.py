@@ -76,29 +76,12 @@ def time_calls(fn: Callable[[], object], inner: int = 1, device: torch.device | 
     return (time.perf_counter() - t0) / inner
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 30, inner: int = 5,
-                warmup: int = 3, device: torch.device | str | None = None) -> dict[str, list[float]]:
-    """Time each function ``rounds`` times, A B C A B C ..., each sample the mean of ``inner`` calls (s)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(time_calls(fn, inner, device))
-    return times
-
-
 def cuda_ms(fn: Callable[[], object]) -> float:
     """The CUDA mode: triton.testing.do_bench's median time of ``fn`` in ms (its default return_mode is the
     mean, which one preempted repetition can move)."""
     import triton.testing
 
     return triton.testing.do_bench(fn, return_mode="median")
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 def spread(xs: list[float]) -> tuple[float, float]:
@@ -112,8 +95,8 @@ def spread(xs: list[float]) -> tuple[float, float]:
 def copy_bandwidth(nbytes: int = 64 * 2**20, rounds: int = 20) -> float:
     """Measured bytes/s of a plain tensor copy (read + write counted) on this CPU."""
     src = torch.randn(nbytes // 4)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / median(interleaved({"copy": lambda: dst.copy_(src)}, rounds, 1, 1)["copy"])
+    dst = torch.empty_like(src).copy_(src)
+    return 2 * nbytes / statistics.median([time_calls(lambda: dst.copy_(src)) for _ in range(rounds)])
 
 
 @contextlib.contextmanager
@@ -208,12 +191,6 @@ def _locked_folder(folder: str):
         os.close(fd)  # releases the lock
 
 
-def readable(tmp: str, like: str | None = None) -> None:
-    """Give a temporary file the mode of the file it replaces (else 0644): mkstemp makes it 0600."""
-    mode = os.stat(like).st_mode & 0o777 if like and os.path.exists(like) else 0o644
-    os.chmod(tmp, mode)
-
-
 def append_csv(path: str, rows: list[dict]) -> int:
     """Append ``rows`` to the CSV at ``path``, atomically; returns the number of rows written.
 
@@ -242,7 +219,6 @@ def append_csv(path: str, rows: list[dict]) -> int:
             w.writeheader()
             w.writerows(old_rows)
             w.writerows(rows)
-            readable(tmp, path)
     return len(rows)
 
 
