@@ -2,7 +2,7 @@
 
     python benchmarks/bytes_moved.py [--bandwidth GBPS] [--markdown FILE]
 
-Runs each implementation once on the CPU under fastddpm.bench.countops.Traffic, which adds up, kernel by
+Runs each implementation once on the CPU under fastddpm.bench.countops.CountOps, which adds up, kernel by
 kernel, the tensors every non-view operator reads and writes (no reuse between kernels through a cache,
 as on a GPU for tensors larger than its L2); a fastddpm op is charged its GPU kernels pass by pass
 (countops.PASSES: the fused GroupNorm+SiLU is 3 launches that read x twice; ATen's GroupNorm is charged
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastddpm import DDPMScheduler, NoiseSchedule, ops  # noqa: E402
-from fastddpm.bench.countops import min_bytes, traffic  # noqa: E402
+from fastddpm.bench.countops import count, min_bytes  # noqa: E402
 from fastddpm.bench.ops import eager_add_noise, grad_fn  # noqa: E402
 from fastddpm.bench.suite import shape_str as _x  # noqa: E402
 from fastddpm.ops import reference  # noqa: E402
@@ -61,7 +61,7 @@ def rows(shapes: dict | None = None) -> list[dict]:
     def add(case, impl, fn, minimum, grad=False):
         with torch.set_grad_enabled(grad):
             fn()  # one-time state (cached schedule scalars, the U-Net's time projections) is not charged
-        t = traffic(fn, grad=grad)
+        t = count(fn, grad=grad)
         out.append(dict(case=case, impl=impl, kernels=t.kernels, read=t.read, written=t.written, minimum=minimum))
 
     img = tuple(sh["image"])

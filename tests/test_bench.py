@@ -414,11 +414,10 @@ def test_fastddpm_bench_runs_a_case_into_csv_and_markdown(tmp_path, capsys):
 
 
 def test_traffic_counts_each_kernel_reads_and_writes():
-    from fastddpm.bench.countops import traffic
 
     x = torch.randn(64, 32)
     col = torch.randn(64, 1)
-    t = traffic(lambda: (x * col.expand(64, 32)).view(-1).add_(1))
+    t = count(lambda: (x * col.expand(64, 32)).view(-1).add_(1))
     # mul reads x (8 KiB) and the broadcast column once (256 B), writes 8 KiB; the expand and the view are
     # views; the in-place add reads and writes 8 KiB
     assert t.kernels == 2
@@ -433,7 +432,7 @@ def test_traffic_catches_a_wasteful_op():
     3 kernels and 3 reads and writes of x's size, not 1; (2) a custom op whose kernel makes three passes
     over x, declared as such (countops.declare_passes, as PASSES declares group_norm_silu's three launches),
     is charged 3 reads of x, where the one-pass op beside it is charged one."""
-    from fastddpm.bench.countops import PASSES, declare_passes, traffic
+    from fastddpm.bench.countops import PASSES, declare_passes
 
     lib = torch.library.Library("fastddpm_traffic_probe", "DEF")
     try:
@@ -446,8 +445,8 @@ def test_traffic_catches_a_wasteful_op():
         x = torch.randn(64, 32)
         n = x.numel() * 4
         ops = torch.ops.fastddpm_traffic_probe
-        composite = traffic(lambda: ops.composite(x))
-        one, three = traffic(lambda: ops.one_pass(x)), traffic(lambda: ops.three_pass(x))
+        composite = count(lambda: ops.composite(x))
+        one, three = count(lambda: ops.one_pass(x)), count(lambda: ops.three_pass(x))
         assert (composite.kernels, composite.read, composite.written) == (3, 3 * n, 3 * n)
         assert (one.kernels, one.read, one.written) == (1, n, n)
         assert (three.kernels, three.read, three.written) == (3, 3 * n, n)
@@ -460,11 +459,10 @@ def test_group_norm_silu_is_charged_its_three_launches():
     """The fused GroupNorm+SiLU forward is 3 GPU launches reading x twice (stats_partial_kernel,
     stats_final_kernel, fwd_apply_kernel in csrc/cuda/group_norm_silu.cu), not one op reading x once."""
     from fastddpm import ops
-    from fastddpm.bench.countops import traffic
 
     x, w, b = torch.randn(2, 64, 8, 8), torch.randn(64), torch.randn(64)
     ops.group_norm_silu(x, 32, w, b)
-    t = traffic(lambda: ops.group_norm_silu(x, 32, w, b))
+    t = count(lambda: ops.group_norm_silu(x, 32, w, b))
     n = x.numel() * 4
     assert t.kernels == 3
     assert 2 * n <= t.read <= 2 * n + 4096 and n <= t.written <= n + 4096, (t.read, t.written, n)

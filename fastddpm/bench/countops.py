@@ -1,5 +1,5 @@
 """The GPU cost proxy a GPU-less machine can measure: operators dispatched, the kernels they launch, the bytes
-they allocate (CountOps) and the bytes their kernels read and write (Traffic).
+they allocate and the bytes their kernels read and write (CountOps).
 
 On a GPU every aten operator that reaches a kernel is (at least) one launch, and every tensor it returns
 is memory written and later read; counting both per denoising step or per training step predicts where a
@@ -83,87 +83,37 @@ def _outputs(out) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-_ONE = [({}, {})]
-
 
 class CountOps(TorchDispatchMode):
-    """Counts aten ops and the bytes of the tensors they return (views and in-place ops excluded).
-
-    ``ops`` counts every operator, views included; ``kernels`` leaves out the pure views (detach,
-    expand, reshape without a copy, ...), which launch nothing on a GPU, and counts a fastddpm op's
-    launches (PASSES).
-    """
+    """Counts, operator by operator: ``ops`` (every aten operator, views included) and ``names`` (per
+    operator); ``kernels`` (the operators that are not pure views, which launch nothing on a GPU: detach,
+    expand, reshape without a copy, ...; a fastddpm op counts its launches, PASSES); ``bytes`` (of the
+    tensors that non-aliasing operators return: memory allocated); and the memory traffic, kernel by kernel
+    (no cache reuse between kernels: what a GPU does for tensors larger than its cache): a kernel reads its
+    distinct tensor inputs once and writes its outputs once, except the ops of PASSES, charged pass by pass.
+    ``read`` and ``written`` sum over the block; ``per_op`` keeps (name, read, written) in order."""
 
     def __init__(self):
         super().__init__()
-        self.ops = 0
-        self.kernels = 0
-        self.bytes = 0
+        self.ops = self.kernels = self.bytes = self.read = self.written = 0
         self.names: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops += 1
-        name = str(func.overloadpacket)
-        self.names[name] = self.names.get(name, 0) + 1
-        schema = func._schema
-        aliasing = any(r.alias_info is not None for r in schema.returns)
-        if not aliasing or any(r.alias_info is not None and r.alias_info.is_write for r in schema.returns):
-            self.kernels += len(PASSES.get(schema.name, _ONE))
-        if not aliasing:
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor):
-                    self.bytes += o.numel() * o.element_size()
-        return out
-
-
-def count(fn: Callable[[], object], grad: bool = False) -> CountOps:
-    """Run ``fn`` once under CountOps (under no_grad unless ``grad``: a training step needs autograd)."""
-    with torch.set_grad_enabled(grad), CountOps() as c:
-        fn()
-    return c
-
-
-def flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call (torch.utils.flop_counter: matmuls and convolutions, forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return int(fc.get_total_flops())
-
-
-def _span_bytes(t: torch.Tensor) -> int:
-    """Bytes of memory a tensor view covers (a broadcast stride-0 view counts its elements once)."""
-    if t.numel() == 0:
-        return 0
-    span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 1)
-    return min(t.numel(), span) * t.element_size()
-
-
-class Traffic(TorchDispatchMode):
-    """Memory traffic of a sequence, kernel by kernel (no cache reuse between kernels: what a GPU does for
-    tensors larger than its cache). An operator that is not a pure view is one kernel reading its tensor
-    inputs once and writing its outputs once, except the ops of PASSES, charged pass by pass.
-    ``kernels``, ``read`` and ``written`` sum over the block; ``per_op`` keeps (name, read, written) in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.kernels = 0
-        self.read = 0
-        self.written = 0
         self.per_op: list[tuple[str, int, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.ops += 1
+        name = str(func.overloadpacket)
+        self.names[name] = self.names.get(name, 0) + 1
         schema = func._schema
         if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
             return out  # a view
+        outs = {f"out{i}": o for i, o in enumerate(_outputs(out)) if isinstance(o, torch.Tensor)}
+        if all(r.alias_info is None for r in schema.returns):  # not in place: allocated
+            self.bytes += sum(o.numel() * o.element_size() for o in outs.values())
         named = dict(zip((a.name for a in schema.arguments), args), **kwargs)
         tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
         listed = [x for v in named.values() if isinstance(v, (list, tuple)) for x in v if isinstance(x, torch.Tensor)]
-        outs = {f"out{i}": o for i, o in enumerate(_outputs(out)) if isinstance(o, torch.Tensor)}
         size = {k: _span_bytes(v) for k, v in {**tensors, **outs}.items()}
         passes = PASSES.get(schema.name)
         if passes is None:  # one kernel: every distinct input read once, every output written once
@@ -183,11 +133,29 @@ class Traffic(TorchDispatchMode):
         self.kernels += kernels
         self.read += r
         self.written += w
-        self.per_op.append((str(func.overloadpacket), r, w))
+        self.per_op.append((name, r, w))
         return out
 
 
-def traffic(fn: Callable[[], object], grad: bool = False) -> Traffic:
-    with torch.set_grad_enabled(grad), Traffic() as t:
+def count(fn: Callable[[], object], grad: bool = False) -> CountOps:
+    """Run ``fn`` once under CountOps (under no_grad unless ``grad``: a training step needs autograd)."""
+    with torch.set_grad_enabled(grad), CountOps() as c:
         fn()
-    return t
+    return c
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes of memory a tensor view covers (a broadcast stride-0 view counts its elements once)."""
+    if t.numel() == 0:
+        return 0
+    span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 1)
+    return min(t.numel(), span) * t.element_size()
+
+
+def flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call (torch.utils.flop_counter: matmuls and convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
