@@ -526,6 +526,8 @@ def test_ddpm_step_checks_survive_the_fast_path():
         s.step(m[:1], 90, x)
     with pytest.raises(TypeError, match="model_output: expected a torch.Tensor"):
         s.step(m.numpy(), 90, x)
+    with pytest.raises(ValueError, match="model_output: expected device cpu"):  # another device than sample's
+        s.step(m.to("meta"), 90, x)
     # the per-(device, dtype) kernel cache survives pickling and copying
     import copy
     import pickle
@@ -765,6 +767,8 @@ def test_ddim_bad_input_and_attributes(tmp_path):
     s.set_timesteps(10)
     with pytest.raises(ValueError, match="model_output: expected shape"):
         s.step(torch.randn(2, 3, 5, 6), 10, x)
+    with pytest.raises(ValueError, match="model_output: expected device cpu"):  # another device than sample's
+        s.step(torch.randn(SHAPE, device="meta"), 10, x)
     with pytest.raises(IndexError, match="timestep"):
         s.step(torch.randn(SHAPE), 100, x)
     with pytest.raises(ValueError, match="eta"):

@@ -402,6 +402,19 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
     _compatibles = list(_KARRAS_NAMES)
     order = 1
 
+    @staticmethod
+    def _matching_output(model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """``model_output`` checked against ``sample``'s shape and device, in its dtype (as diffusers casts it)."""
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output: expected shape {tuple(sample.shape)} (that of sample), got {tuple(model_output.shape)}"
+            )
+        if model_output.device != sample.device:
+            raise ValueError(
+                f"model_output: expected device {sample.device} (that of sample), got {model_output.device}"
+            )
+        return model_output.to(sample.dtype)
+
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """A scheduler from a config: a dict, diffusers' FrozenDict, or a scheduler (its ``.config``).

@@ -128,13 +128,7 @@ class DDIMScheduler(FastddpmSchedulerMixin):
             raise TypeError(f"sample: expected a torch.Tensor, got {type(sample).__name__}")
         if not isinstance(model_output, torch.Tensor):
             raise TypeError(f"model_output: expected a torch.Tensor, got {type(model_output).__name__}")
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"model_output: expected shape {tuple(sample.shape)} (that of sample), "
-                f"got {tuple(model_output.shape)}"
-            )
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
+        model_output = self._matching_output(model_output, sample)
         eta = float(eta)
         if not eta >= 0:
             raise ValueError(f"eta: expected a non-negative number, got {eta}")

@@ -310,19 +310,9 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
             )
         elif vt not in VARIANCE_TYPES:
             raise ValueError(f"variance_type: expected one of {', '.join(VARIANCE_TYPES)}, got {vt!r}")
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"model_output: expected shape {tuple(sample.shape)} (that of sample), "
-                f"got {tuple(model_output.shape)}"
-            )
-        if model_output.device != sample.device:
-            raise ValueError(
-                f"model_output: expected device {sample.device} (that of sample), got {model_output.device}"
-            )
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
-            if predicted_variance is not None:
-                predicted_variance = predicted_variance.to(sample.dtype)
+        model_output = self._matching_output(model_output, sample)
+        if predicted_variance is not None:
+            predicted_variance = predicted_variance.to(sample.dtype)
         step = self._prepared_step("ddpm_step", sample)  # also checks sample's dtype and rank
         t, prev_t, t_host = self._resolve_timestep(timestep, sample)
 
