@@ -46,10 +46,14 @@ def _of_run(rows: list[dict], run: str | None) -> list[dict]:
 
 
 def _save(fig, path: str) -> str:
+    """Write ``fig`` to ``path`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
     from .._io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
     return path
 
 
@@ -81,7 +85,6 @@ def plot(timings_csv: str | None, counts_csv: str | None, out_dir: str, run: str
         ax.set_xlabel("speed-up vs the best peer (x; > 1 faster), IQR of per-round ratios")
         ax.set_title("fastddpm against the best peer" + title_run, fontsize=9)
         written.append(_save(fig, os.path.join(out_dir, PLOTS[0])))
-        plt.close(fig)
 
     # 2. end to end: images/s and it/s, every provider
     e2e = [r for r in timings if r.get("kind") in ("sampling", "training") and math.isfinite(_f(r, "rate"))]
@@ -104,7 +107,6 @@ def plot(timings_csv: str | None, counts_csv: str | None, out_dir: str, run: str
         fig.suptitle(f"End to end ({KEY}; training: peak MiB at the bar)" + title_run, fontsize=9)
         fig.tight_layout()
         written.append(_save(fig, os.path.join(out_dir, PLOTS[1])))
-        plt.close(fig)
 
     # 3. the GPU cost proxy
     cs = [r for r in counts if math.isfinite(_f(r, "ops"))]
@@ -120,7 +122,6 @@ def plot(timings_csv: str | None, counts_csv: str | None, out_dir: str, run: str
         fig.suptitle(f"GPU cost proxy per step ({KEY})" + title_run, fontsize=9)
         fig.tight_layout()
         written.append(_save(fig, os.path.join(out_dir, PLOTS[2])))
-        plt.close(fig)
     return written
 
 

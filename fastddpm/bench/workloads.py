@@ -98,6 +98,21 @@ def _adamw(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
+def _optimised(loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, opt=None):
+    """(step, model, optimizer): step() computes loss_fn(), backpropagates it, steps AdamW over ``model``
+    (or ``opt``) and frees the gradients."""
+    opt = opt or _adamw(model)
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, model, opt
+
+
 def training_providers(net: Network, batch: int, which: tuple[str, ...] | None = None,
                        ) -> dict[str, tuple[Callable[[], object], torch.nn.Module, torch.optim.Optimizer] | Skip]:
     """name -> (step, model, optimizer): step() runs one optimisation step."""
@@ -112,60 +127,30 @@ def training_providers(net: Network, batch: int, which: tuple[str, ...] | None =
     shape = (batch, C, H, W)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(shape, generator=g) * 2 - 1  # images in [-1, 1]
+    sched, dsched = NoiseSchedule(), diffusers.DDPMScheduler()
+
+    def fastddpm_loss(model):
+        t = torch.randint(0, 1000, (batch,))
+        xt, target = ops.q_sample(x0, t, torch.randn(shape), sched, target="eps")  # x_t and its target in one pass
+        return F.mse_loss(model(xt, t), target)
+
+    def diffusers_loss(model):
+        t, noise = torch.randint(0, 1000, (batch,)), torch.randn(shape)
+        return F.mse_loss(model(dsched.add_noise(x0, noise, t), t).sample, noise)
+
     out: dict = {}
-
-    ours = copy.deepcopy(net.ours).train()
-    sched = NoiseSchedule()
-    opt = _adamw(ours)
-
-    def fastddpm_step(model=ours, opt=opt):
-        t = torch.randint(0, 1000, (batch,))
-        noise = torch.randn(shape)
-        xt, target = ops.q_sample(x0, t, noise, sched, target="eps")  # x_t and its target in one pass
-        loss = F.mse_loss(model(xt, t), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    out["fastddpm"] = (fastddpm_step, ours, opt)
-
-    cl = copy.deepcopy(net.ours).train().to(memory_format=torch.channels_last)
-    opt_cl = _adamw(cl)
-    out["fastddpm channels_last"] = (lambda: fastddpm_step(cl, opt_cl), cl, opt_cl)
-
+    for name, fmt in (("fastddpm", torch.contiguous_format), ("fastddpm channels_last", torch.channels_last)):
+        m = copy.deepcopy(net.ours).train().to(memory_format=fmt)
+        out[name] = _optimised(lambda m=m: fastddpm_loss(m), m)
     theirs = diffusers_unet(net).train()
-    dsched = diffusers.DDPMScheduler()
-    dopt = _adamw(theirs)
-
-    def diffusers_step():
-        t = torch.randint(0, 1000, (batch,))
-        noise = torch.randn(shape)
-        xt = dsched.add_noise(x0, noise, t)
-        loss = F.mse_loss(theirs(xt, t).sample, noise)
-        loss.backward()
-        dopt.step()
-        dopt.zero_grad(set_to_none=True)
-        return loss
-
-    out["diffusers"] = (diffusers_step, theirs, dopt)
-
+    out["diffusers"] = _optimised(lambda: diffusers_loss(theirs), theirs)
     why = ddpm_pytorch_status()
     if why:
         out[DDP] = Skip(why)
     else:
         diff = ddpm_pytorch_diffusion(net, ddpm_pytorch_unet(net).train()).train()
-        popt = _adamw(diff.model)
         x01 = (x0 + 1) / 2  # it takes images in [0, 1] and normalises them itself
-
-        def ddp_step():
-            loss = diff(x01)
-            loss.backward()
-            popt.step()
-            popt.zero_grad(set_to_none=True)
-            return loss
-
-        out[DDP] = (ddp_step, diff.model, popt)
+        out[DDP] = _optimised(lambda: diff(x01), diff.model)
     if which is not None:
         out = {k: v for k, v in out.items() if k in which}
     return out
