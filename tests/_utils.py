@@ -48,6 +48,11 @@ def rel_err(actual: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - r).abs() / r.abs().clamp(min=1.0)).max().item() if r.numel() else 0.0
 
 
+def rel_norm(actual: torch.Tensor, ref: torch.Tensor) -> float:
+    """||actual - ref|| / ||ref|| (Frobenius): the relative error of a whole network's output."""
+    return ((actual.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 def half_bound(eager_err: float, dtype: torch.dtype) -> float:
     """The fp16/bf16 error bound against float64 (DESIGN.md, flash-attention's rule): twice the
     error of torch's own eager result in that dtype, and no less than one ulp of the dtype (where
@@ -97,8 +102,11 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def assert_backends_tested(op: str) -> None:
     """Every backend that should run ``op`` here is among backends_for()'s (a backend that stopped resolving
     would drop out of the op's tests silently): torch always, triton where it imports, the C++ CPU kernel on
-    the CPU, the CUDA kernel on a GPU when fastddpm._C was built with CUDA."""
+    the CPU, the CUDA kernel on a GPU when fastddpm._C was built with CUDA; and every device is tested, the GPU
+    where one is visible."""
     from conftest import TRITON_OK
+
+    assert [d.type for d in devices_to_test()] == (["cpu", "cuda"] if HAS_CUDA else ["cpu"])
 
     try:  # written by setup.py: whether fastddpm._C was built with CUDA kernels
         from fastddpm._build_info import WITH_CUDA

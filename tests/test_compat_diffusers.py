@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from _utils import randomise
+from _utils import rel_norm as _rel
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
@@ -72,10 +73,6 @@ SMALL = {
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
 }
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _inputs(cfg: dict, B: int, seed: int = 1):

@@ -40,7 +40,6 @@ def test_backends_tested():
     # Each test below runs every backend backends_for() names on each device; a backend that stopped
     # resolving would drop out of them silently.
     assert_backends_tested("ddim_step")
-    assert [d.type for d in DEVICES] == (["cpu", "cuda"] if HAS_CUDA else ["cpu"])
 
 
 @pytest.mark.parametrize("dev", DEVICES, ids=str)

@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 import torch
-from _utils import HAS_CUDA, assert_backends_tested, backends_for, devices_to_test
+from _utils import assert_backends_tested, backends_for, devices_to_test
 
 import fastddpm
 from fastddpm import NoiseSchedule, ops
@@ -95,7 +95,6 @@ def err_ratio(actual, ref, k):
 
 def test_backends_tested():
     assert_backends_tested("dpmpp_step")
-    assert [d.type for d in DEVICES] == (["cpu", "cuda"] if HAS_CUDA else ["cpu"])
 
 
 def _inputs(shape, dtype, dev, seed_key, steps_back=(1, 60)):

@@ -13,6 +13,7 @@ import diffusers  # a pinned dev dependency: the parity reference, never skipped
 import numpy as np
 import pytest
 import torch
+from _utils import rel_err as rel
 
 import fastddpm
 from fastddpm.bench.countops import CountOps
@@ -90,10 +91,6 @@ def run_loop(scheduler, model, x, generator, steps=None, timesteps=None):
         x = out.prev_sample
         preds.append(out.pred_original_sample)
     return x, preds
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs() / b.double().abs().clamp(min=1)).max().item()
 
 
 # Tolerances. diffusers forms current_beta_t = 1 - abar_t / abar_prev in float32, which cancels about

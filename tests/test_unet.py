@@ -9,14 +9,11 @@ import math
 import pytest
 import torch
 from _utils import randomise
+from _utils import rel_norm as _rel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastddpm import UNet, UNetConfig
 from fastddpm.models.unet import SinusoidalTimesteps
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ------------------------------------------------------------------------------------------------
