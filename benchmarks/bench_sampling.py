@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastddpm  # noqa: E402
 from fastddpm import ops  # noqa: E402
 from fastddpm.bench import suite as S  # noqa: E402
-from fastddpm.bench.countops import count as _count  # noqa: E402
+from fastddpm.bench.countops import count  # noqa: E402
 from fastddpm.bench.models import diffusers_unet, network  # noqa: E402
 from fastddpm.bench.timing import load_average, machine  # noqa: E402
 from fastddpm.bench.workloads import sampling_providers  # noqa: E402
@@ -87,14 +87,6 @@ def dpmpp_providers(shape=SHAPE):
 def test_step(benchmark, provider):
     pytest.importorskip("diffusers")
     benchmark(step_providers()[provider])
-
-
-def count(fn):
-    """fn's operators and allocated bytes per call in steady state: one uncounted call first, so one-time
-    work (the U-Net's cached time-projection weights, lazy initialisation) is not charged to it."""
-    with torch.no_grad():
-        fn()
-    return _count(fn)
 
 
 def dispatch_table(batch: int = 1) -> list[tuple[str, int, int, dict]]:

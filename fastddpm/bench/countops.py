@@ -137,10 +137,15 @@ class CountOps(TorchDispatchMode):
         return out
 
 
-def count(fn: Callable[[], object], grad: bool = False) -> CountOps:
-    """Run ``fn`` once under CountOps (under no_grad unless ``grad``: a training step needs autograd)."""
-    with torch.set_grad_enabled(grad), CountOps() as c:
-        fn()
+def count(fn: Callable[[], object], grad: bool = False, warm: bool = True) -> CountOps:
+    """Run ``fn`` once under CountOps (under no_grad unless ``grad``: a training step needs autograd). With
+    ``warm``, one uncounted call first, so that one-time state (optimizer moments, cached schedule scalars,
+    the U-Net's time projections) is not charged to the counted call."""
+    with torch.set_grad_enabled(grad):
+        if warm:
+            fn()
+        with CountOps() as c:
+            fn()
     return c
 
 

@@ -423,7 +423,6 @@ def _run_counts(case: Case, built: dict, res: Result) -> Result:
             continue
         fn, grad, per = v
         try:
-            fn()  # first call: lazy state (optimizer moments, caches) is made outside the count
             c = count(fn, grad=grad)
         except Exception as exc:  # noqa: BLE001
             res.rows.append(_row(case, name, status=_error(exc)))
