@@ -98,7 +98,8 @@ def gpu_bench_attention(shapes=None, dtypes=(torch.float16, torch.bfloat16, torc
     return rows
 
 
-def compile_report(arch: int = 90, head_dims=(16, 64, 128, 256, 512)) -> list[dict]:
+def compile_report(arch: int = 90, head_dims=(16, 64, 128, 256, 512), kinds=("fwd", "dkdv", "dq"),
+                   dtypes=("fp16", "bf16", "fp32")) -> list[dict]:
     """Compile the Triton kernels for sm_<arch> without a GPU and report registers, spills, shared memory.
 
     Uses triton.compile on a GPUTarget plus the ptxas that ships with Triton (``ptxas -v``); this is how
@@ -122,9 +123,11 @@ def compile_report(arch: int = 90, head_dims=(16, 64, 128, 256, 512)) -> list[di
     for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         for d in head_dims:
             for kind, (kern, n_in, n_f32, n_out) in kernels.items():
+                if kind not in kinds or tname not in dtypes:
+                    continue
                 bm, bn, warps, stages = ka._config(kind, d, dtype)
                 consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": ka._block_d(d), **ka._dot_args(dtype)}
-                consts["UPCAST"] = False
+                consts.update(UPCAST=False, WIDE=False)  # the usual case: int32 indices (see _wide)
                 if kind != "fwd":
                     consts["KEYS"] = kind == "dkdv"
                 ptrs = [f"*{tname}"] * n_in + ["*fp32"] * n_f32 + [f"*{tname}"] * n_out

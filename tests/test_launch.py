@@ -292,6 +292,25 @@ def test_attention_offsets_past_2_to_the_31():
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
 
 
+@needs_triton
+def test_attention_indexes_in_int64_exactly_past_2_to_the_31():
+    """The kernels index rows and columns in int32 (64-bit address arithmetic on every tile element spilled
+    registers at d >= 64 on sm_90, benchmarks/results/attention_ptxas_sm90.txt) unless an element offset
+    inside one (batch, head) slice reaches 2**31 (_big_offsets_check runs that case through the kernels)."""
+    from fastddpm.triton_kernels.attention import _wide
+
+    def t(N, d, sn, sd=1):  # (B, H, N, d) with row stride sn: shapes and strides only, no storage
+        return torch.empty_strided((2, 3, N, d), (2**40, 2**41, sn, sd), device="meta")
+
+    assert not _wide(t(1024, 512, 512))  # batch and head strides do not count: their offsets are int64
+    assert not _wide(t(2, 1, 2**31 - 1)) and _wide(t(2, 1, 2**31))  # largest offset 2**31 - 1, then 2**31
+    assert _wide(t(2, 2, 2**31 - 1))  # plus one column
+    assert _wide(t(3, 16, 2**30))  # _big_offsets_check's rows
+    assert not _wide(t(2**22, 512, 512))  # 2**31 elements per head: the last offset is 2**31 - 1
+    assert _wide(t(4, 16, 16), t(2**22 + 1, 512, 512))  # any of the tensors
+    assert not _wide(t(1, 16, 2**40))  # one row: no row offset
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The int-timestep cache and CUDA graphs
 # ---------------------------------------------------------------------------------------------------------

@@ -75,12 +75,27 @@ def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _program(L, BLOCK: tl.constexpr):
-    # (block along the sequence of length L, b * H + h), int64, from a 1-D grid of cdiv(L, BLOCK) * B * H
-    # programs (``_grid``): axis 1 would cap B * H at 65,535. The row and column indices the kernels build
-    # from them are int64 too, so that index * stride cannot wrap past 2**31 elements.
-    pid = tl.program_id(0).to(tl.int64)
+    # (block along the sequence of length L, b * H + h) from a 1-D grid of cdiv(L, BLOCK) * B * H programs
+    # (``_grid``): axis 1 would cap B * H at 65,535.
+    pid = tl.program_id(0)
     nblk = tl.cdiv(L, BLOCK)
     return pid % nblk, pid // nblk
+
+
+@triton.jit
+def _index(x, WIDE: tl.constexpr):
+    # Row, column and head-width indices: int64 where an element offset inside one (batch, head) slice can
+    # pass 2**31 (``_wide``), else int32: 64-bit address arithmetic on every tile element costs registers
+    # (spills at d >= 64 on sm_90). The (batch, head) base offsets are int64 always.
+    if WIDE:  # (if/else, not an early return: Triton's compiler requires one return type per function)
+        x = x.to(tl.int64)
+    return x
+
+
+def _wide(*tensors: torch.Tensor) -> bool:
+    """Whether the largest element offset inside one (batch, head) slice of these (B, H, L, d) tensors
+    reaches 2**31 (the kernels then index in int64)."""
+    return any(sum((n - 1) * st for n, st in zip(t.shape[2:], t.stride()[2:])) >= 2**31 for t in tensors)
 
 
 def _grid(L: int, block: int, BH: int) -> tuple[int]:
@@ -100,14 +115,14 @@ def _attn_fwd_kernel(
     sob, soh, son, sod,
     H, N, M, D, qk_scale,  # qk_scale = scale * log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid_m, pid_bh = _program(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = _index(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
+    offs_n = _index(tl.arange(0, BLOCK_N), WIDE)
+    offs_d = _index(tl.arange(0, BLOCK_D), WIDE)
     m_ok = offs_m < N
     d_ok = offs_d < D
     q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
@@ -136,7 +151,7 @@ def _attn_fwd_kernel(
     acc = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
 @triton.jit
@@ -149,15 +164,15 @@ def _attn_bwd_delta_kernel(
 ):
     # delta_i = sum_j dO_ij O_ij = sum_j P_ij dP_ij, the softmax backward's row term.
     pid_m, pid_bh = _program(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # a light kernel: int64 always
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
 @triton.jit
@@ -169,7 +184,7 @@ def _attn_bwd_kernel(
     sdb, sdh, sdn, sdd,  # strides of dO
     H, N, M, D, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, KEYS: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, KEYS: tl.constexpr, WIDE: tl.constexpr,
 ):
     # KEYS: one key block per program, looping over the query blocks, accumulates dK and dV (on transposed
     # scores, (BLOCK_N, BLOCK_M)); else one query block per program, looping over the key blocks, accumulates
@@ -178,18 +193,18 @@ def _attn_bwd_kernel(
         pid, pid_bh = _program(M, BLOCK_N)
     else:
         pid, pid_bh = _program(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = _index(tl.arange(0, BLOCK_D), WIDE)
     d_ok = offs_d < D
     q_base = Q + b * sqb + h * sqh
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     do_base = DO + b * sdb + h * sdh
-    row_base = pid_bh * N
+    row_base = pid_bh.to(tl.int64) * N
     if KEYS:
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_n = _index(pid * BLOCK_N + tl.arange(0, BLOCK_N), WIDE)
+        offs_m = _index(tl.arange(0, BLOCK_M), WIDE)
         n_ok = offs_n < M
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
@@ -213,11 +228,12 @@ def _attn_bwd_kernel(
             dsT = pT * (dpT - delta[None, :])
             dk += _mm(dsT.to(qT.dtype), tl.trans(qT), PREC, UPCAST)
         out_off = offs_n[:, None] * D + offs_d[None, :]  # dK, dV are contiguous (B, H, M, D)
-        tl.store(DK + pid_bh * M * D + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + pid_bh * M * D + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        out_base = pid_bh.to(tl.int64) * M * D
+        tl.store(DK + out_base + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out_base + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
     else:
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_m = _index(pid * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
+        offs_n = _index(tl.arange(0, BLOCK_N), WIDE)
         m_ok = offs_m < N
         q_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
@@ -237,7 +253,7 @@ def _attn_bwd_kernel(
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, PREC, UPCAST)
         out_off = offs_m[:, None] * D + offs_d[None, :]
-        tl.store(DQ + pid_bh * N * D + out_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(DQ + pid_bh.to(tl.int64) * N * D + out_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -265,8 +281,8 @@ def attention_triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
         wrap_triton(_attn_fwd_kernel)[_grid(N, bm, B * H)](
             q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, N, M, D, scale * LOG2E,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), **_dot_args(q.dtype), num_warps=warps,
-            num_stages=stages,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), **_dot_args(q.dtype), WIDE=_wide(q, k, v, o),
+            num_warps=warps, num_stages=stages,
         )
     return o, lse
 
@@ -284,6 +300,7 @@ def attention_triton_bwd(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dk = torch.empty((B, H, M, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, M, D), dtype=v.dtype, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
+    wide = _wide(q, k, v, grad_o, dq, dk)
     with launch_device(q):
         wrap_triton(_attn_bwd_delta_kernel)[_grid(N, dbm, B * H)](
             o, grad_o, delta, *o.stride(), *grad_o.stride(), H, N, D, BLOCK_M=dbm, BLOCK_D=bd,
@@ -293,8 +310,8 @@ def attention_triton_bwd(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             bm, bn, warps, stages = _config(which, D, q.dtype)
             wrap_triton(_attn_bwd_kernel)[_grid(L, bn if which == "dkdv" else bm, B * H)](
                 q, k, v, grad_o, lse, delta, dq, dk, dv, *strides, H, N, M, D, scale * LOG2E, scale,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), KEYS=which == "dkdv", num_warps=warps,
-                num_stages=stages,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), KEYS=which == "dkdv", WIDE=wide,
+                num_warps=warps, num_stages=stages,
             )
     return dq, dk, dv
 
