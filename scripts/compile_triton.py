@@ -7,7 +7,8 @@ compile for a GPU (a function returning an int64 on one constexpr branch and an 
 script first runs the ops' Triton backends through the interpreter on small inputs, in a child process,
 recording each kernel launch (kernel, argument types, constexpr values, num_warps and num_stages); then,
 without the interpreter, compiles each distinct launch with triton.compile for GPUTarget("cuda", ARCH, 32),
-through PTX to a cubin with the ptxas that ships with Triton. Exit status 1
+through PTX to a cubin with the ptxas that ships with Triton, and prints ptxas' register and spill counts of
+each. Exit status 1
 when a launch fails to compile (each is listed), 2 when Triton or its CUDA backend is missing.
 """
 
@@ -112,6 +113,8 @@ def record(path: str) -> None:
                 sig[name] = "fp32"
             else:
                 raise TypeError(f"{self.fn.__name__}: argument {name} of type {type(v).__name__}")
+        if consts.get("UPCAST"):  # attention's bf16 workaround for the interpreter: a GPU launch passes False
+            consts["UPCAST"] = False
         options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         rec = dict(module=self.fn.__module__, name=self.fn.__name__, signature=sig, constexprs=consts,
                    options=options)
@@ -125,6 +128,24 @@ def record(path: str) -> None:
         InterpretedFunction.run = run
     with open(path, "w") as f:
         json.dump(list(seen.values()), f, indent=1)
+
+
+def _ptxas_usage(ptx: str, arch: int) -> str:
+    """ptxas -v's register and spill counts of a kernel's PTX (the ptxas that ships with Triton)."""
+    import re
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        err = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs, spill = re.search(r"Used (\d+) registers", err), re.search(r"(\d+) bytes spill stores", err)
+    return f"{regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} bytes of spill stores"
 
 
 def compile_all(launches: list[dict], arch: int, log=print) -> list[str]:
@@ -150,7 +171,7 @@ def compile_all(launches: list[dict], arch: int, log=print) -> list[str]:
             failures.append(f"{what}: {type(cause).__name__}: {lines[-1][:300] if lines else ''}")
             log(f"FAILED {failures[-1]}")
             continue
-        log(f"ok {what} ({len(ck.asm['cubin'])} bytes of cubin)")
+        log(f"ok {what}: {_ptxas_usage(ck.asm['ptx'], arch)}")
     return failures
 
 
