@@ -102,12 +102,24 @@ def _inputs(case: Case, dev):
     return sched, args
 
 
+def _tensor_fns(op: str, backends) -> tuple[dict[str, Callable], Callable]:
+    """group_norm_silu (32 groups) or attention: ({backend: fused function}, torch's eager function)."""
+    from fastddpm import ops
+    from fastddpm.ops import reference
+
+    if op == "group_norm_silu":
+        fused = {b: (lambda x, w, bb, b=b: ops.group_norm_silu(x, 32, w, bb, backend=b)) for b in backends}
+        return fused, lambda x, w, bb: F.silu(F.group_norm(x, 32, w, bb))
+    fused = {b: (lambda q, k, v, b=b: ops.attention(q, k, v, backend=b)) for b in backends}
+    fused["sdpa"] = F.scaled_dot_product_attention  # PyTorch's own choice of fused kernel, called directly
+    return fused, reference.attention
+
+
 def providers(case: Case, sched, args, backends=BACKENDS, compile: bool = True) -> dict[str, Callable]:
     """name -> zero-argument callable, for every provider of this case."""
     from fastddpm import ops
     from fastddpm.ops import reference
 
-    G = 32
     p: dict[str, Callable] = {}
     if case.op == "q_sample":
         x, e, t = args
@@ -125,26 +137,14 @@ def providers(case: Case, sched, args, backends=BACKENDS, compile: bool = True) 
         kw = dict(eta=float(case.extra["eta"]), noise=z if case.extra["eta"] else "none")
         eager = lambda: ops.ddim_step(x, m, t, sched, prev, backend="torch", **kw)
         p = {b: (lambda b=b: ops.ddim_step(x, m, t, sched, prev, backend=b, **kw)) for b in backends}
-    elif case.op == "group_norm_silu":
-        fused = {b: (lambda x, w, bb, b=b: ops.group_norm_silu(x, G, w, bb, backend=b)) for b in backends}
-        ref = lambda x, w, bb: F.silu(F.group_norm(x, G, w, bb))
+    else:  # group_norm_silu and attention: functions of their tensors, forward or forward + backward
+        fused, ref = _tensor_fns(case.op, backends)
         if case.backward:
             *leaves, dy = args
-            p = {b: grad_fn(f, leaves, dy) for b, f in fused.items()}
-            eager = grad_fn(ref, leaves, dy)
+            call = lambda f: grad_fn(f, leaves, dy)
         else:
-            p = {b: (lambda f=f: f(*args)) for b, f in fused.items()}
-            eager = lambda: ref(*args)
-    else:
-        fused = {b: (lambda q, k, v, b=b: ops.attention(q, k, v, backend=b)) for b in backends}
-        fused["sdpa"] = F.scaled_dot_product_attention  # PyTorch's own choice of fused kernel, called directly
-        if case.backward:
-            *leaves, dy = args
-            p = {b: grad_fn(f, leaves, dy) for b, f in fused.items()}
-            eager = grad_fn(reference.attention, leaves, dy)
-        else:
-            p = {b: (lambda f=f: f(*args)) for b, f in fused.items()}
-            eager = lambda: reference.attention(*args)
+            call = lambda f: lambda: f(*args)
+        p, eager = {b: call(f) for b, f in fused.items()}, call(ref)
     p["torch eager"] = eager
     # compiling the int64 Philox reference takes minutes: skip it
     if compile and case.extra.get("noise") != "philox":
@@ -173,10 +173,7 @@ def reference64(case: Case, sched, args):
         # final abar 1, noise tensor (mode 1) or none (0), epsilon, no clip, no clipped model output
         return reference.ddim_step(x.double(), m.double(), t, (t - 20).clamp(min=-1), sched.alphas_cumprod.double(),
                                    1.0, z.double(), 0, 0, 1 if eta else 0, 0, eta, 0.0, False, False)[0]
-    if case.op == "group_norm_silu":
-        f = lambda x, w, b: F.silu(F.group_norm(x, 32, w, b))
-    else:
-        f = reference.attention
+    f = _tensor_fns(case.op, ())[1]
     if case.backward:
         *leaves, dy = args
         leaves64 = [a.detach().double().requires_grad_() for a in leaves]
