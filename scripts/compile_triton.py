@@ -7,9 +7,10 @@ compile for a GPU (a function returning an int64 on one constexpr branch and an 
 script first runs the ops' Triton backends through the interpreter on small inputs, in a child process,
 recording each kernel launch (kernel, argument types, constexpr values, num_warps and num_stages); then,
 without the interpreter, compiles each distinct launch with triton.compile for GPUTarget("cuda", ARCH, 32),
-through PTX to a cubin with the ptxas that ships with Triton, and prints ptxas' register and spill counts of
-each. Exit status 1
-when a launch fails to compile (each is listed), 2 when Triton or its CUDA backend is missing.
+through PTX to a cubin with the ptxas that ships with Triton, and prints ptxas' register and spill counts and
+the shared memory of each. Exit status 1
+when a launch fails to compile (each is listed; a launch that needs more shared memory than a block of that
+architecture may have compiles, and is marked), 2 when Triton or its CUDA backend is missing.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _ops_calls():
     ops.philox_randn((2, 8), 1, 3, **kw)
     philox_bits_triton(8, 1, 3, x.device)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for d in (16, 64, 512):
+        for d in (16, 64, 128, 256, 512):  # every head-width bucket of attention._config
             q, k, v = (torch.randn(1, 1, 5, d, generator=g, dtype=dtype).requires_grad_() for _ in range(3))
             o = ops.attention(q, k, v, **kw)
             torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
@@ -130,6 +131,11 @@ def record(path: str) -> None:
         json.dump(list(seen.values()), f, indent=1)
 
 
+# The most shared memory one block may use (bytes, opt-in), per compute capability (CUDA C++ Programming Guide,
+# "Technical Specifications per Compute Capability"): a kernel asking for more compiles but cannot launch.
+MAX_SHARED = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
 def _ptxas_usage(ptx: str, arch: int) -> str:
     """ptxas -v's register and spill counts of a kernel's PTX (the ptxas that ships with Triton)."""
     import re
@@ -140,7 +146,8 @@ def _ptxas_usage(ptx: str, arch: int) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        err = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull], capture_output=True,
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # the "a" targets exist from sm_90 on
+        err = subprocess.run([ptxas, f"-arch={sm}", "-v", f.name, "-o", os.devnull], capture_output=True,
                              text=True).stderr
     finally:
         os.unlink(f.name)
@@ -149,7 +156,8 @@ def _ptxas_usage(ptx: str, arch: int) -> str:
 
 
 def compile_all(launches: list[dict], arch: int, log=print) -> list[str]:
-    """Compile each launch for sm_<arch>; returns the failures (one line each)."""
+    """Compile each launch for sm_<arch>, adding its shared memory in bytes to its record ("shared"); returns the
+    failures (one line each)."""
     import importlib
 
     import triton
@@ -171,14 +179,20 @@ def compile_all(launches: list[dict], arch: int, log=print) -> list[str]:
             failures.append(f"{what}: {type(cause).__name__}: {lines[-1][:300] if lines else ''}")
             log(f"FAILED {failures[-1]}")
             continue
-        log(f"ok {what}: {_ptxas_usage(ck.asm['ptx'], arch)}")
+        rec["shared"] = shared = ck.metadata.shared
+        limit = MAX_SHARED.get(arch, shared)
+        over = f" (more than a block of sm_{arch} may have: {limit}; it cannot launch there)" if shared > limit else ""
+        log(f"ok {what}: {_ptxas_usage(ck.asm['ptx'], arch)}, {shared} bytes of shared memory{over}")
     return failures
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90 (default 90)")
-    ap.add_argument("--json", default=None, metavar="FILE", help="keep the recorded launches in FILE")
+    ap.add_argument("--json", default=None, metavar="FILE",
+                    help="write the launches, each with its shared memory on this architecture, to FILE")
+    ap.add_argument("--launches", default=None, metavar="FILE", help="compile the launches of an earlier --json")
+    ap.add_argument("--only", default="", metavar="TEXT", help="only the kernels whose name contains TEXT")
     ap.add_argument("--record", default=None, help=argparse.SUPPRESS)  # the child process
     a = ap.parse_args(argv)
     if a.record:
@@ -194,18 +208,26 @@ def main(argv=None) -> int:
         print(f"compile_triton: Triton with its CUDA backend is needed ({type(exc).__name__}: {exc})",
               file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        path = a.json or os.path.join(tmp, "launches.json")
-        env = {**os.environ, "TRITON_INTERPRET": "1",
-               "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--record", path], env=env, cwd=ROOT)
-        if r.returncode != 0:
-            print(f"compile_triton: recording the launches failed (exit {r.returncode})", file=sys.stderr)
-            return 1
-        with open(path) as f:
+    if a.launches:
+        with open(a.launches) as f:
             launches = json.load(f)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "launches.json")
+            env = {**os.environ, "TRITON_INTERPRET": "1",
+                   "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--record", path], env=env, cwd=ROOT)
+            if r.returncode != 0:
+                print(f"compile_triton: recording the launches failed (exit {r.returncode})", file=sys.stderr)
+                return 1
+            with open(path) as f:
+                launches = json.load(f)
+    launches = [rec for rec in launches if a.only in rec["name"]]
     print(f"# {len(launches)} distinct launches, compiled for sm_{a.arch} (Triton {triton.__version__})", flush=True)
     failures = compile_all(launches, a.arch, log=lambda s: print(s, flush=True))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{**rec, "arch": a.arch} for rec in launches], f, indent=1)
     if failures:
         print(f"compile_triton: {len(failures)} of {len(launches)} launches failed to compile:", file=sys.stderr)
         for f_ in failures:

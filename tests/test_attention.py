@@ -7,6 +7,7 @@ more than twice the error of torch's eager materialised attention in that dtype,
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import _utils
@@ -16,6 +17,8 @@ from _utils import backends_for, half_bound, rel_err
 
 from fastddpm.nn import AttentionBlock
 from fastddpm.ops import BackendNotSupported, attention, reference
+
+attention_mod = importlib.import_module("fastddpm.ops.attention")  # the module (fastddpm.ops.attention is the op)
 
 CPU = torch.device("cpu")
 # every backend on every device present: here (no GPU) cpu, triton (interpreter) and torch on the CPU
@@ -162,9 +165,10 @@ def test_auto_on_cuda_tensors_follows_the_measured_order(monkeypatch, env):
     triton_ok = _dispatch.backend_unavailable_reason("triton", "attention", cuda) is None
 
     def resolve(dtype, d=64, backend="auto"):
-        def limits(b):  # attention()'s own limit, as it passes it
-            return "d > 512" if b == "triton" and d > 512 else None
+        limits = lambda b: attention_mod.triton_limit(d, dtype, cuda) if b == "triton" else None  # attention()'s
         return _dispatch.resolve("attention", backend, cuda, dtype, extra_reason=limits)
+
+    monkeypatch.setattr(attention_mod, "_gpu_shared", lambda dev: (9, 0, 232448))  # an H100's blocks
 
     assert resolve(torch.float32) == "cuda"
     assert resolve(torch.float32, d=600) == "cuda"
@@ -177,6 +181,39 @@ def test_auto_on_cuda_tensors_follows_the_measured_order(monkeypatch, env):
         assert resolve(torch.float32, backend="triton") == "triton"
         monkeypatch.setenv("FASTDDPM_BACKEND", "triton")
         assert resolve(torch.float32) == "triton"
+
+
+@pytest.mark.parametrize("gpu, dtype, d, refused", [
+    ((9, 0, 232448), torch.float32, 512, False),  # H100: every configuration fits
+    ((8, 0, 166912), torch.float32, 512, False),  # A100
+    ((8, 9, 101376), torch.float32, 512, True),  # RTX 4090 / L4: float32 at d = 512 needs 132 KiB
+    ((8, 9, 101376), torch.float32, 256, False),
+    ((8, 6, 101376), torch.bfloat16, 512, False),
+    ((7, 5, 65536), torch.float16, 64, False),  # T4
+    ((7, 5, 65536), torch.float16, 128, True),
+    ((7, 5, 65536), torch.float32, 256, True),
+])
+def test_triton_attention_is_refused_where_its_shared_memory_does_not_fit(monkeypatch, gpu, dtype, d, refused):
+    """On a GPU whose blocks may have less shared memory than the kernels need (figures checked against
+    Triton's compiler by tests/test_triton_compile.py), auto picks SDPA and backend="triton" says why, instead
+    of Triton's out-of-resource error at launch. Resolution only: no GPU needed."""
+    from fastddpm.ops import _dispatch
+
+    monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
+    monkeypatch.setattr(attention_mod, "_gpu_shared", lambda dev: gpu)
+    cuda = torch.device("cuda", 0)
+    if _dispatch.backend_unavailable_reason("triton", "attention", cuda) is not None:
+        pytest.skip("Triton is not available")
+    why = attention_mod.triton_limit(d, dtype, cuda)
+    assert (why is not None) == refused, why
+    limits = lambda b: attention_mod.triton_limit(d, dtype, cuda) if b == "triton" else None
+    if refused:
+        assert "shared memory" in why and f"sm_{gpu[0]}{gpu[1]}" in why and str(gpu[2]) in why
+        assert _dispatch.resolve("attention", "auto", cuda, dtype, extra_reason=limits) == "cuda"
+        with pytest.raises(BackendNotSupported, match="shared memory"):
+            _dispatch.resolve("attention", "triton", cuda, dtype, extra_reason=limits)
+    elif dtype != torch.float32:
+        assert _dispatch.resolve("attention", "auto", cuda, dtype, extra_reason=limits) == "triton"
 
 
 def test_bad_inputs():

@@ -58,6 +58,34 @@ _FP32_CONFIGS = {
 }
 
 
+# Shared memory (bytes) that the largest block of the three kernels (forward, dK/dV, dQ) needs, per head-width
+# bucket of _config, for fp16/bf16 and for fp32 tiles, by compute capability (7: sm_75 stages tiles without
+# asynchronous copies and needs more; 8: sm_80 and later, the same figures on sm_80, sm_86 and sm_90). Triton
+# 3.8, compiled offline by scripts/compile_triton.py; tests/test_triton_compile.py checks each figure against
+# the compiler. A GPU whose blocks may have less cannot launch the kernel: ``shared_memory_reason``.
+SHARED_BYTES = {
+    (7, "half"): {64: 49152, 128: 81920, 256: 98304, 512: 131072},
+    (7, "fp32"): {64: 36864, 128: 51200, 256: 66560, 512: 132096},
+    (8, "half"): {64: 32768, 128: 49152, 256: 65536, 512: 81920},
+    (8, "fp32"): {64: 36864, 128: 51200, 256: 66560, 512: 132096},
+}
+
+
+def shared_bytes(d: int, dtype: torch.dtype, major: int) -> int:
+    """The shared memory per block the kernels need at head width ``d`` (at most: the figure of d's bucket)."""
+    return SHARED_BYTES[(min(max(major, 7), 8), "fp32" if dtype == torch.float32 else "half")][max(64, _block_d(d))]
+
+
+def shared_memory_reason(d: int, dtype: torch.dtype, major: int, minor: int, per_block: int) -> str | None:
+    """Why the kernels cannot launch on a GPU of compute capability major.minor whose blocks may have
+    ``per_block`` bytes of shared memory (opt-in), or None if they can."""
+    need = shared_bytes(d, dtype, major)
+    if need <= per_block:
+        return None
+    return (f"the Triton kernel needs {need} bytes of shared memory per block at d = {d} in {str(dtype)[6:]}, and "
+            f"this GPU (sm_{major}{minor}) allows {per_block}")
+
+
 def _config(kernel: str, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     table = _FP32_CONFIGS if dtype == torch.float32 else _HALF_CONFIGS
     return table[kernel][max(64, _block_d(d))]

@@ -8,7 +8,9 @@ Backends:
   fp32 on the CPU (DESIGN.md: the CPU path is fp32) and returned in their dtype.
 * ``cuda``: scaled_dot_product_attention on CUDA tensors restricted to its fused backends (flash,
   memory-efficient, cuDNN; memory-efficient covers d = 512), never the materialising math backend.
-* ``triton``: the flash-style kernels of fastddpm.triton_kernels.attention (d <= 512).
+* ``triton``: the flash-style kernels of fastddpm.triton_kernels.attention (d <= 512, on GPUs whose blocks
+  may have the shared memory the kernels need: at d = 512, 132 KiB in float32, more than sm_86/sm_89 allow;
+  ``auto`` then picks ``cuda``).
 * ``torch``: the materialised reference (fastddpm.ops.reference.attention).
 
 ``auto`` picks ``cpu`` for CPU tensors. For CUDA tensors it follows the GPU run recorded in
@@ -22,6 +24,7 @@ covers the rest where a GPU exists. Every backend is differentiable.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,6 +60,26 @@ def _torch(q, k, v, scale):
 
 
 _IMPLS = {"cpu": _sdpa_cpu, "cuda": _sdpa_cuda, "triton": _triton, "torch": _torch}
+
+
+@functools.cache
+def _gpu_shared(device: torch.device) -> tuple[int, int, int]:
+    """(major, minor, shared memory a block may have, opt-in) of a CUDA device."""
+    p = torch.cuda.get_device_properties(device)
+    # (a torch without the opt-in figure: the most any GPU allows, so that nothing is refused on a guess)
+    return p.major, p.minor, getattr(p, "shared_memory_per_block_optin", 232448)
+
+
+def triton_limit(d: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the Triton kernel cannot serve head width ``d`` in ``dtype`` on ``device``, or None if it can:
+    ``auto`` then picks the next backend, and ``backend="triton"`` raises with this reason."""
+    if d > MAX_TRITON_HEAD_DIM:
+        return f"the Triton kernel serves head widths d <= {MAX_TRITON_HEAD_DIM}, got d = {d}"
+    if device.type == "cuda":
+        from ..triton_kernels.attention import shared_memory_reason
+
+        return shared_memory_reason(d, dtype, *_gpu_shared(device))
+    return None
 
 
 def _check(q, k, v, scale) -> None:
@@ -108,11 +131,7 @@ def attention(
     _check(q, k, v, scale)
     d = q.shape[-1]
 
-    def limits(b: str) -> str | None:
-        if b == "triton" and d > MAX_TRITON_HEAD_DIM:
-            return f"the Triton kernel serves head widths d <= {MAX_TRITON_HEAD_DIM}, got d = {d}"
-        return None
-
+    limits = lambda b: triton_limit(d, q.dtype, q.device) if b == "triton" else None
     b = _dispatch.resolve("attention", backend, q.device, q.dtype, extra_reason=limits)
     s = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     return _IMPLS[b](q, k, v, s)
