@@ -24,7 +24,6 @@ covers the rest where a GPU exists. Every backend is differentiable.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -62,12 +61,22 @@ def _torch(q, k, v, scale):
 _IMPLS = {"cpu": _sdpa_cpu, "cuda": _sdpa_cuda, "triton": _triton, "torch": _torch}
 
 
-@functools.cache
+_GPU_SHARED: dict[torch.device, tuple[int, int, int]] = {}
+
+
 def _gpu_shared(device: torch.device) -> tuple[int, int, int]:
-    """(major, minor, shared memory a block may have, opt-in) of a CUDA device."""
+    """(major, minor, shared memory a block may have, opt-in) of a CUDA device, read once per device (a
+    dictionary lookup that torch.compile traces; the first read is not traced)."""
+    got = _GPU_SHARED.get(device)
+    return got if got is not None else _read_gpu_shared(device)
+
+
+@torch.compiler.disable
+def _read_gpu_shared(device: torch.device) -> tuple[int, int, int]:
     p = torch.cuda.get_device_properties(device)
     # (a torch without the opt-in figure: the most any GPU allows, so that nothing is refused on a guess)
-    return p.major, p.minor, getattr(p, "shared_memory_per_block_optin", 232448)
+    got = _GPU_SHARED[device] = (p.major, p.minor, getattr(p, "shared_memory_per_block_optin", 232448))
+    return got
 
 
 def triton_limit(d: int, dtype: torch.dtype, device: torch.device) -> str | None:
