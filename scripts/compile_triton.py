@@ -1,11 +1,12 @@
 """Compile every Triton kernel launch the ops make for an NVIDIA GPU, on a machine without one.
 
-    python scripts/compile_triton.py [--arch 90] [--json FILE]
+    python scripts/compile_triton.py [--arch 90] [--json FILE] [--launches FILE] [--only TEXT]
 
 Triton's CPU interpreter runs the kernels' Python, not Triton's compiler: code it accepts can still fail to
 compile for a GPU (a function returning an int64 on one constexpr branch and an int32 on the other did). This
 script first runs the ops' Triton backends through the interpreter on small inputs, in a child process,
-recording each kernel launch (kernel, argument types, constexpr values, num_warps and num_stages); then,
+recording each kernel launch as Triton's JIT would specialise it on a GPU (argument types, alignment hints,
+constexpr values, num_warps and num_stages); then,
 without the interpreter, compiles each distinct launch with triton.compile for GPUTarget("cuda", ARCH, 32),
 through PTX to a cubin with the ptxas that ships with Triton, and prints ptxas' register and spill counts and
 the shared memory of each. Exit status 1
@@ -23,8 +24,6 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "i64",
-         "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
 
 def _ops_calls():
@@ -89,7 +88,8 @@ def _ops_calls():
 def record(path: str) -> None:
     """Run _ops_calls through the interpreter, writing each distinct launch to ``path`` (JSON)."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "record runs under TRITON_INTERPRET=1"
-    import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
     from triton.runtime.interpreter import InterpretedFunction
 
     seen: dict[str, dict] = {}
@@ -99,26 +99,25 @@ def record(path: str) -> None:
         params = list(self.arg_names)
         bound = dict(zip(params, args), **kwargs)
         ann = self.fn.__annotations__
-        sig, consts = {}, {}
-        for name in params:
+        sig, consts, attrs = {}, {}, []
+        for i, name in enumerate(params):
             v = bound[name]
-            if "constexpr" in str(ann.get(name, "")) or v is None:
+            if "constexpr" in str(ann.get(name, "")):
                 sig[name], consts[name] = "constexpr", getattr(v, "value", v)  # tl.constexpr -> its value
-            elif isinstance(v, torch.Tensor):
-                sig[name] = "*" + TYPES[str(v.dtype).replace("torch.", "")]
-            elif isinstance(v, bool):
-                sig[name] = "i1"
-            elif isinstance(v, int):
-                sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-            elif isinstance(v, float):
-                sig[name] = "fp32"
-            else:
-                raise TypeError(f"{self.fn.__name__}: argument {name} of type {type(v).__name__}")
+                continue
+            # the type and the alignment hint (16-byte aligned pointers, ints divisible by 16) that Triton's JIT
+            # gives this argument at a launch; an int 1 or None becomes a constexpr, as there
+            kind, desc = native_specialize_impl(BaseBackend, v, False, True, True)
+            sig[name] = kind
+            if kind == "constexpr":
+                consts[name] = desc
+            elif isinstance(desc, str) and BaseBackend.parse_attr(desc):
+                attrs.append([i, BaseBackend.parse_attr(desc)])
         if consts.get("UPCAST"):  # attention's bf16 workaround for the interpreter: a GPU launch passes False
             consts["UPCAST"] = False
         options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         rec = dict(module=self.fn.__module__, name=self.fn.__name__, signature=sig, constexprs=consts,
-                   options=options)
+                   attrs=attrs, options=options)
         seen.setdefault(json.dumps(rec, sort_keys=True), rec)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -140,9 +139,9 @@ def _ptxas_usage(ptx: str, arch: int) -> str:
     """ptxas -v's register and spill counts of a kernel's PTX (the ptxas that ships with Triton)."""
     import re
 
-    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = get_ptxas(arch).path
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
@@ -168,11 +167,12 @@ def compile_all(launches: list[dict], arch: int, log=print) -> list[str]:
     failures = []
     for rec in launches:
         kernel = getattr(importlib.import_module(rec["module"]), rec["name"])
-        consts = {k: v for k, v in rec["constexprs"].items()}
-        what = f"{rec['name']} {', '.join(f'{k}={v}' for k, v in consts.items())}"
+        consts, attrs = rec["constexprs"], {(i,): a for i, a in rec["attrs"]}
+        first = next((t for t in rec["signature"].values() if t.startswith("*")), "")
+        what = f"{rec['name']} {first[1:]} {', '.join(f'{k}={v}' for k, v in consts.items())}"
         try:
-            ck = triton.compile(ASTSource(fn=kernel, signature=rec["signature"], constexprs=consts), target=target,
-                                options=rec["options"])
+            ck = triton.compile(ASTSource(fn=kernel, signature=rec["signature"], constexprs=consts, attrs=attrs),
+                                target=target, options=rec["options"])
         except Exception as exc:  # noqa: BLE001  (every failing launch is reported, not only the first)
             cause = exc.__cause__ or exc  # Triton's CompilationError quotes the source; the cause says why
             lines = [ln for ln in str(cause).splitlines() if ln.strip(" ^")]

@@ -414,7 +414,6 @@ def test_fastddpm_bench_runs_a_case_into_csv_and_markdown(tmp_path, capsys):
 
 
 def test_traffic_counts_each_kernel_reads_and_writes():
-
     x = torch.randn(64, 32)
     col = torch.randn(64, 1)
     t = count(lambda: (x * col.expand(64, 32)).view(-1).add_(1))

@@ -294,9 +294,9 @@ def test_attention_offsets_past_2_to_the_31():
 
 @needs_triton
 def test_attention_indexes_in_int64_exactly_past_2_to_the_31():
-    """The kernels index rows and columns in int32 (64-bit address arithmetic on every tile element spilled
-    registers at d >= 64 on sm_90, benchmarks/results/attention_ptxas_sm90.txt) unless an element offset
-    inside one (batch, head) slice reaches 2**31 (_big_offsets_check runs that case through the kernels)."""
+    """The kernels index rows and columns in int32 (64-bit address arithmetic on every tile element costs
+    registers, benchmarks/README.md "Triton tiles") unless an element offset inside one (batch, head) slice
+    reaches 2**31 (_big_offsets_check runs that case through the kernels)."""
     from fastddpm.triton_kernels.attention import _wide
 
     def t(N, d, sn, sd=1):  # (B, H, N, d) with row stride sn: shapes and strides only, no storage

@@ -16,22 +16,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _compiler_missing() -> str | None:
     try:
-        import triton
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
     except Exception as exc:  # noqa: BLE001
         return f"Triton with its CUDA backend does not import: {exc}"
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     return None if os.path.exists(ptxas) else f"no ptxas at {ptxas}"
 
 
-@pytest.mark.skipif(_compiler_missing() is not None, reason=str(_compiler_missing()))
+MISSING = _compiler_missing()
+
+
+@pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 def test_every_triton_launch_compiles_for_sm90(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "launches.json"
-    r = subprocess.run([sys.executable, "-W", "ignore", os.path.join(ROOT, "scripts", "compile_triton.py"),
-                        "--arch", "90", "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=1800)
-    assert r.returncode == 0, f"exit {r.returncode}:\n{r.stderr[-4000:]}"
+    _compile("--arch", "90", "--json", str(out))
     launches = json.loads(out.read_text())
     compiled = {(rec["module"].rsplit(".", 1)[-1], rec["name"]) for rec in launches}
     # every kernel of triton_kernels is among the recorded launches: a new kernel cannot escape the check
@@ -57,11 +56,16 @@ def test_every_triton_launch_compiles_for_sm90(tmp_path):
                 one.setdefault(key, rec)
     subset, out75 = tmp_path / "sm75_in.json", tmp_path / "sm75.json"
     subset.write_text(json.dumps(list(one.values())))
-    r = subprocess.run([sys.executable, "-W", "ignore", os.path.join(ROOT, "scripts", "compile_triton.py"),
-                        "--arch", "75", "--launches", str(subset), "--json", str(out75)], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, f"exit {r.returncode}:\n{r.stderr[-4000:]}"
+    _compile("--arch", "75", "--launches", str(subset), "--json", str(out75))
     _check_attention_shared(json.loads(out75.read_text()), major=7)
+
+
+def _compile(*args: str) -> None:
+    """scripts/compile_triton.py with ``args``, in a process without TRITON_INTERPRET; it must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-W", "ignore", os.path.join(ROOT, "scripts", "compile_triton.py"), *args],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, f"exit {r.returncode}:\n{r.stderr[-4000:]}"
 
 
 def _check_attention_shared(launches: list[dict], major: int) -> None:

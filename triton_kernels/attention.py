@@ -42,8 +42,10 @@ def _block_d(d: int) -> int:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head width. For the dK/dV kernel
 # BLOCK_N is its own key block and BLOCK_M the query block it loops over. Chosen so that ptxas reports no
-# (or a few bytes of) register spills for sm_90 (Triton 3.8, compiled offline here with
-# GPUTarget("cuda", 90, 32): no GPU on this machine), not yet by a timed sweep; see benchmarks/README.md.
+# (or a few bytes of) register spills for sm_90 (Triton 3.8, compiled offline, no GPU here), not yet by a
+# timed sweep. Compiled with each launch's own specialisation (scripts/compile_triton.py), fp16/bf16 spill
+# nothing; fp32 spills 492 bytes in the forward at d = 128 and 64 in the dK/dV pass at d = 512
+# (benchmarks/results/triton_sm90_launches.txt).
 _HALF_CONFIGS = {
     "fwd": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 2), 512: (16, 32, 8, 2)},
     "dkdv": {64: (64, 64, 4, 1), 128: (32, 64, 8, 1), 256: (32, 32, 8, 1), 512: (16, 16, 8, 1)},
@@ -60,13 +62,14 @@ _FP32_CONFIGS = {
 
 # Shared memory (bytes) that the largest block of the three kernels (forward, dK/dV, dQ) needs, per head-width
 # bucket of _config, for fp16/bf16 and for fp32 tiles, by compute capability (7: sm_75 stages tiles without
-# asynchronous copies and needs more; 8: sm_80 and later, the same figures on sm_80, sm_86 and sm_90). Triton
-# 3.8, compiled offline by scripts/compile_triton.py; tests/test_triton_compile.py checks each figure against
-# the compiler. A GPU whose blocks may have less cannot launch the kernel: ``shared_memory_reason``.
+# asynchronous copies and needs more; 8: sm_80 and later). Triton 3.8, compiled offline for sm_90 and sm_75
+# by scripts/compile_triton.py with the launch's own specialisation; tests/test_triton_compile.py checks each
+# figure against the compiler (benchmarks/results/triton_sm90_launches.txt, triton_sm75_attention.txt). A
+# GPU whose blocks may have less cannot launch the kernel: ``shared_memory_reason``.
 SHARED_BYTES = {
     (7, "half"): {64: 49152, 128: 81920, 256: 98304, 512: 131072},
     (7, "fp32"): {64: 36864, 128: 51200, 256: 66560, 512: 132096},
-    (8, "half"): {64: 32768, 128: 49152, 256: 65536, 512: 81920},
+    (8, "half"): {64: 40960, 128: 49152, 256: 65536, 512: 98304},
     (8, "fp32"): {64: 36864, 128: 51200, 256: 66560, 512: 132096},
 }
 
@@ -112,18 +115,19 @@ def _program(L, BLOCK: tl.constexpr):
 
 @triton.jit
 def _index(x, WIDE: tl.constexpr):
-    # Row, column and head-width indices: int64 where an element offset inside one (batch, head) slice can
-    # pass 2**31 (``_wide``), else int32: 64-bit address arithmetic on every tile element costs registers
-    # (spills at d >= 64 on sm_90). The (batch, head) base offsets are int64 always.
-    if WIDE:  # (if/else, not an early return: Triton's compiler requires one return type per function)
+    # Row, column and head-width indices: int64 where an offset inside one (batch, head) slice can pass 2**31
+    # (``_wide``), else int32: 64-bit address arithmetic on every tile element costs registers (up to 26 more
+    # on sm_90). The (batch, head) base offsets are int64 always.
+    if WIDE:  # (no early return: Triton's compiler requires one return type per function)
         x = x.to(tl.int64)
     return x
 
 
 def _wide(*tensors: torch.Tensor) -> bool:
-    """Whether the largest element offset inside one (batch, head) slice of these (B, H, L, d) tensors
-    reaches 2**31 (the kernels then index in int64)."""
-    return any(sum((n - 1) * st for n, st in zip(t.shape[2:], t.stride()[2:])) >= 2**31 for t in tensors)
+    """Whether the largest element offset inside one (batch, head) slice of these (B, H, L, d) tensors reaches
+    2**31, or a padded row index (up to L plus a block) could: the kernels then index in int64."""
+    return any(sum((n - 1) * st for n, st in zip(t.shape[2:], t.stride()[2:])) >= 2**31
+               or t.shape[2] + 64 >= 2**31 for t in tensors)
 
 
 def _grid(L: int, block: int, BH: int) -> tuple[int]:
@@ -194,7 +198,7 @@ def _attn_bwd_delta_kernel(
     pid_m, pid_bh = _program(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # a light kernel: int64 always
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # a light kernel: int64 always
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
@@ -334,11 +338,11 @@ def attention_triton_bwd(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             o, grad_o, delta, *o.stride(), *grad_o.stride(), H, N, D, BLOCK_M=dbm, BLOCK_D=bd,
         )
         # The key-block launch holds two (BLOCK_N, d) fp32 accumulators (dK and dV), the query-block one dQ.
-        for which, L in (("dkdv", M), ("dq", N)):
+        for which, L, keys in (("dkdv", M, True), ("dq", N, False)):
             bm, bn, warps, stages = _config(which, D, q.dtype)
-            wrap_triton(_attn_bwd_kernel)[_grid(L, bn if which == "dkdv" else bm, B * H)](
+            wrap_triton(_attn_bwd_kernel)[_grid(L, bn if keys else bm, B * H)](
                 q, k, v, grad_o, lse, delta, dq, dk, dv, *strides, H, N, M, D, scale * LOG2E, scale,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), KEYS=which == "dkdv", WIDE=wide,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **_dot_args(q.dtype), KEYS=keys, WIDE=wide,
                 num_warps=warps, num_stages=stages,
             )
     return dq, dk, dv

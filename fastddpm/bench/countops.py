@@ -83,7 +83,6 @@ def _outputs(out) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-
 class CountOps(TorchDispatchMode):
     """Counts, operator by operator: ``ops`` (every aten operator, views included) and ``names`` (per
     operator); ``kernels`` (the operators that are not pure views, which launch nothing on a GPU: detach,
@@ -137,13 +136,12 @@ class CountOps(TorchDispatchMode):
         return out
 
 
-def count(fn: Callable[[], object], grad: bool = False, warm: bool = True) -> CountOps:
-    """Run ``fn`` once under CountOps (under no_grad unless ``grad``: a training step needs autograd). With
-    ``warm``, one uncounted call first, so that one-time state (optimizer moments, cached schedule scalars,
-    the U-Net's time projections) is not charged to the counted call."""
+def count(fn: Callable[[], object], grad: bool = False) -> CountOps:
+    """Run ``fn`` once under CountOps (under no_grad unless ``grad``: a training step needs autograd), after
+    one uncounted call, so that one-time state (optimizer moments, cached schedule scalars, the U-Net's time
+    projections) is not charged to the counted call."""
     with torch.set_grad_enabled(grad):
-        if warm:
-            fn()
+        fn()
         with CountOps() as c:
             fn()
     return c

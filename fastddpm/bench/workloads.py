@@ -98,10 +98,10 @@ def _adamw(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def _optimised(loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, opt=None):
+def _optimised(loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module):
     """(step, model, optimizer): step() computes loss_fn(), backpropagates it, steps AdamW over ``model``
-    (or ``opt``) and frees the gradients."""
-    opt = opt or _adamw(model)
+    and frees the gradients."""
+    opt = _adamw(model)
 
     def step():
         loss = loss_fn()

@@ -9,7 +9,7 @@ Backends:
 * ``cuda``: scaled_dot_product_attention on CUDA tensors restricted to its fused backends (flash,
   memory-efficient, cuDNN; memory-efficient covers d = 512), never the materialising math backend.
 * ``triton``: the flash-style kernels of fastddpm.triton_kernels.attention (d <= 512, on GPUs whose blocks
-  may have the shared memory the kernels need: at d = 512, 132 KiB in float32, more than sm_86/sm_89 allow;
+  may have the shared memory the kernels need: at d = 512, 129 KiB in float32, more than sm_86/sm_89 allow;
   ``auto`` then picks ``cuda``).
 * ``torch``: the materialised reference (fastddpm.ops.reference.attention).
 

@@ -405,15 +405,9 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
     @staticmethod
     def _matching_output(model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """``model_output`` checked against ``sample``'s shape and device, in its dtype (as diffusers casts it)."""
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"model_output: expected shape {tuple(sample.shape)} (that of sample), got {tuple(model_output.shape)}"
-            )
-        if model_output.device != sample.device:
-            raise ValueError(
-                f"model_output: expected device {sample.device} (that of sample), got {model_output.device}"
-            )
-        return model_output.to(sample.dtype)
+        if model_output.dtype != sample.dtype:
+            model_output = model_output.to(sample.dtype)
+        return ops.check_like(model_output, sample, "model_output", "sample")
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
