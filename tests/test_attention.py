@@ -7,6 +7,7 @@ more than twice the error of torch's eager materialised attention in that dtype,
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
@@ -149,6 +150,30 @@ def test_auto_picks_cpu_sdpa_for_cpu_tensors(monkeypatch):
     assert _dispatch.resolve("attention", "auto", CPU, torch.float32) == "cpu"
 
 
+def _fake_gpu(monkeypatch, gpu):
+    """Resolve as on a GPU of (major, minor, opt-in shared memory per block): resolve() memoises its answers
+    as for a fixed device, so the test resolves with a memo of its own."""
+    from fastddpm.ops import _dispatch
+
+    monkeypatch.setattr(attention_mod, "_gpu_shared", lambda dev: gpu)
+    fresh = functools.lru_cache(maxsize=256)(_dispatch._resolve_memo.__wrapped__)
+    monkeypatch.setattr(_dispatch, "_resolve_memo", fresh)
+
+
+def test_backend_resolution_is_memoised(monkeypatch):
+    """attention() resolves its backend through resolve()'s memo (its head-width limit is part of the key): a
+    second call with the same device, dtype and head width resolves without a cold resolution."""
+    from fastddpm.ops import _dispatch
+
+    monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
+    q = _rand(1, 1, 4, 8)
+    attention(q, q, q)
+    before = _dispatch._resolve_memo.cache_info()
+    attention(q, q, q)
+    after = _dispatch._resolve_memo.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 0)
+
+
 @pytest.mark.parametrize("env", [None, "auto"])
 def test_auto_on_cuda_tensors_follows_the_measured_order(monkeypatch, env):
     """auto for CUDA tensors (resolution only: no GPU needed): SDPA for float32, the Triton kernel for
@@ -165,10 +190,9 @@ def test_auto_on_cuda_tensors_follows_the_measured_order(monkeypatch, env):
     triton_ok = _dispatch.backend_unavailable_reason("triton", "attention", cuda) is None
 
     def resolve(dtype, d=64, backend="auto"):
-        limits = lambda b: attention_mod.triton_limit(d, dtype, cuda) if b == "triton" else None  # attention()'s
-        return _dispatch.resolve("attention", backend, cuda, dtype, extra_reason=limits)
+        return _dispatch.resolve("attention", backend, cuda, dtype, d)  # attention()'s call
 
-    monkeypatch.setattr(attention_mod, "_gpu_shared", lambda dev: (9, 0, 232448))  # an H100's blocks
+    _fake_gpu(monkeypatch, (9, 0, 232448))  # an H100's blocks
 
     assert resolve(torch.float32) == "cuda"
     assert resolve(torch.float32, d=600) == "cuda"
@@ -200,20 +224,19 @@ def test_triton_attention_is_refused_where_its_shared_memory_does_not_fit(monkey
     from fastddpm.ops import _dispatch
 
     monkeypatch.delenv("FASTDDPM_BACKEND", raising=False)
-    monkeypatch.setattr(attention_mod, "_gpu_shared", lambda dev: gpu)
+    _fake_gpu(monkeypatch, gpu)
     cuda = torch.device("cuda", 0)
     if _dispatch.backend_unavailable_reason("triton", "attention", cuda) is not None:
         pytest.skip("Triton is not available")
     why = attention_mod.triton_limit(d, dtype, cuda)
     assert (why is not None) == refused, why
-    limits = lambda b: attention_mod.triton_limit(d, dtype, cuda) if b == "triton" else None
     if refused:
         assert "shared memory" in why and f"sm_{gpu[0]}{gpu[1]}" in why and str(gpu[2]) in why
-        assert _dispatch.resolve("attention", "auto", cuda, dtype, extra_reason=limits) == "cuda"
+        assert _dispatch.resolve("attention", "auto", cuda, dtype, d) == "cuda"
         with pytest.raises(BackendNotSupported, match="shared memory"):
-            _dispatch.resolve("attention", "triton", cuda, dtype, extra_reason=limits)
+            _dispatch.resolve("attention", "triton", cuda, dtype, d)
     elif dtype != torch.float32:
-        assert _dispatch.resolve("attention", "auto", cuda, dtype, extra_reason=limits) == "triton"
+        assert _dispatch.resolve("attention", "auto", cuda, dtype, d) == "triton"
 
 
 def test_bad_inputs():

@@ -197,39 +197,38 @@ def backend_unavailable_reason(backend: str, op: str, device: torch.device) -> s
     return f"unknown backend {backend!r}; expected one of auto, {', '.join(BACKENDS)}"
 
 
-def resolve(
-    op: str,
-    backend: str | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    extra_reason: Callable[[str], str | None] | None = None,
-) -> str:
-    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``.
+# An op's own limits beyond its backends' availability: ``LIMITS[op](backend, key, dtype, device)`` says why
+# ``backend`` cannot serve an input that ``key`` summarises (a hashable value the op passes to resolve():
+# attention's head width, group_norm_silu's number of dimensions), or None. Each op module registers its
+# own; None for a key of None. A limit must depend only on its arguments (and the device's fixed
+# properties): resolve() memoises its answer with the key.
+LIMITS: dict[str, Callable[[str, object, torch.dtype, torch.device], str | None]] = {}
 
-    ``extra_reason(backend)`` lets an op add its own limits (head width, ...). Without one the
-    answer depends only on the arguments and the environment, and is memoised (this runs on
-    every op call; a cold resolution costs a few microseconds).
+
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype, key: object = None) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` of ``dtype`` (and ``key``, see LIMITS).
+
+    The answer depends only on the arguments and the environment, and is memoised (this runs on every op
+    call; a cold resolution costs a few microseconds).
     """
     requested = backend or "auto"
     if torch.compiler.is_compiling():  # traced once per graph: no memo, the public env lookup
         env = os.environ.get("FASTDDPM_BACKEND", "auto") if requested == "auto" else None
-        return _resolve(op, requested, env, device, dtype, extra_reason)
+        return _resolve(op, requested, env, device, dtype, key)
     env = _env_backend() if requested == "auto" else None
-    if extra_reason is None:
-        # Triton's availability on CPU tensors depends on TRITON_INTERPRET: part of the key
-        # wherever Triton could be the answer.
-        interp = (triton_interpreting() if "triton" in (requested, env) or _checks.device_type(device) != "cpu"
-                  else None)
-        return _resolve_memo(op, requested, env, device, dtype, interp)
-    return _resolve(op, requested, env, device, dtype, extra_reason)
+    # Triton's availability on CPU tensors depends on TRITON_INTERPRET: part of the key
+    # wherever Triton could be the answer.
+    interp = (triton_interpreting() if "triton" in (requested, env) or _checks.device_type(device) != "cpu"
+              else None)
+    return _resolve_memo(op, requested, env, device, dtype, interp, key)
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve_memo(op, requested, env, device, dtype, interpreting):  # interpreting: a key only
-    return _resolve(op, requested, env, device, dtype, None)
+def _resolve_memo(op, requested, env, device, dtype, interpreting, key):  # interpreting: a key only
+    return _resolve(op, requested, env, device, dtype, key)
 
 
-def _resolve(op, requested, env, device, dtype, extra_reason):
+def _resolve(op, requested, env, device, dtype, key):
     if requested == "auto":
         requested = env or "auto"
     if requested != "auto" and requested not in BACKENDS:
@@ -239,8 +238,8 @@ def _resolve(op, requested, env, device, dtype, extra_reason):
         if dtype == torch.float64 and b != "torch":
             return "float64 inputs run only on the 'torch' (reference) backend"
         r = backend_unavailable_reason(b, op, device)
-        if r is None and extra_reason is not None:
-            r = extra_reason(b)
+        if r is None and key is not None and op in LIMITS:
+            r = LIMITS[op](b, key, dtype, device)
         return r
 
     if requested == "auto":

@@ -91,6 +91,9 @@ def triton_limit(d: int, dtype: torch.dtype, device: torch.device) -> str | None
     return None
 
 
+_dispatch.LIMITS["attention"] = lambda b, d, dtype, device: triton_limit(d, dtype, device) if b == "triton" else None
+
+
 def _check(q, k, v, scale) -> None:
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
         _checks.check_tensor(x, name)
@@ -140,8 +143,7 @@ def attention(
     _check(q, k, v, scale)
     d = q.shape[-1]
 
-    limits = lambda b: triton_limit(d, q.dtype, q.device) if b == "triton" else None
-    b = _dispatch.resolve("attention", backend, q.device, q.dtype, extra_reason=limits)
+    b = _dispatch.resolve("attention", backend, q.device, q.dtype, d)
     s = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     return _IMPLS[b](q, k, v, s)
 

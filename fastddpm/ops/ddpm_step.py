@@ -97,16 +97,6 @@ def ddpm_step(
     return (prev, pred) if return_pred_original else prev
 
 
-# The names the schedulers imported before fastddpm.ops.prepare_step; kept until they use it.
-randn_in_op, generator_noise = prepared.randn_in_op, prepared.generator_noise
-
-
-def kernel(backend: str, schedule: NoiseSchedule, device: torch.device, dtype: torch.dtype):
-    """(the op function of ``backend``, the alphas_cumprod table it reads) for tensors of device/dtype."""
-    step = prepared.cached_step("ddpm_step", schedule, device, dtype, backend)
-    return step.fn, step.alphas_cumprod
-
-
 def philox_randn(
     shape: tuple[int, ...] | torch.Size,
     seed: int,

@@ -80,13 +80,13 @@ def _records_grad(x, weight, bias, shift) -> bool:
     )
 
 
-def _triton_reason(x: torch.Tensor):
-    def reason(b: str) -> str | None:
-        if b == "triton" and x.dim() > 5:
-            return "the Triton kernel takes at most 3 spatial dimensions"
-        return None
+def _limit(b: str, ndim: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    if b == "triton" and ndim > 5:
+        return "the Triton kernel takes at most 3 spatial dimensions"
+    return None
 
-    return reason
+
+_dispatch.LIMITS[_OP] = _limit
 
 
 def group_norm_silu(
@@ -124,7 +124,7 @@ def group_norm_silu(
         raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    b = _dispatch.resolve(_OP, backend, x.device, x.dtype, _triton_reason(x) if x.dim() > 5 else None)
+    b = _dispatch.resolve(_OP, backend, x.device, x.dtype, x.dim() if x.dim() > 5 else None)
     if b != "cpu" or type(num_groups) is not int or type(eps) is not float:
         # On the CPU path the C++ op checks every argument (with the same TypeError / ValueError
         # messages), so Python repeats nothing there: small U-Net shapes are call-overhead bound.
