@@ -4,8 +4,8 @@
   ``FASTDDPM_BENCH_FULL=1`` runs the whole grid (N = 64, 256, 1024; d = 128, 256, 512; batch 1, 16).
 * ``python benchmarks/bench_attention.py [--full] [--threads N] [--csv FILE]``: the CPU comparison the README
   quotes: providers interleaved in one process, medians, ratios, and the peak resident memory one call adds.
-* ``python benchmarks/bench_attention.py --compile-report``: the Triton kernels compiled for sm_90 without
-  a GPU, with ptxas' register and spill counts (how the tile sizes were chosen here).
+* The Triton kernels' registers, spills and shared memory for a GPU, without one:
+  ``python scripts/compile_triton.py --only attn`` (each launch compiled as Triton's JIT specialises it).
 * ``--gpu`` (gpu_bench_attention()): on a CUDA machine, the CUDA mode of fastddpm.bench.timing
   (triton.testing.do_bench medians) over the Triton kernel, each of SDPA's CUDA backends and the
   materialised formula, in fp16/bf16/fp32, reporting ms and TFLOP/s.
@@ -98,76 +98,12 @@ def gpu_bench_attention(shapes=None, dtypes=(torch.float16, torch.bfloat16, torc
     return rows
 
 
-def compile_report(arch: int = 90, head_dims=(16, 64, 128, 256, 512)) -> list[dict]:
-    """Compile the Triton kernels for sm_<arch> without a GPU and report registers, spills, shared memory.
-
-    Uses triton.compile on a GPUTarget plus the ptxas that ships with Triton (``ptxas -v``); this is how
-    the tile configurations in triton_kernels/attention.py were checked on a GPU-less machine. It compiles
-    without a launch's specialisation (strides of 1 as constants, alignment hints), so its counts differ
-    from a GPU's: scripts/compile_triton.py compiles each launch as the JIT specialises it.
-    """
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from fastddpm.triton_kernels import attention as ka
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    target = GPUTarget("cuda", arch, 32)
-    # (kernel, input ptrs, fp32 ptrs, output ptrs); the backward kernel once per launch (KEYS: dK and dV)
-    bwd = (ka._attn_bwd_kernel, 4, 2, 3)
-    kernels = {"fwd": (ka._attn_fwd_kernel, 4, 1, 0), "dkdv": bwd, "dq": bwd}
-    rows = []
-    for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        for d in head_dims:
-            for kind, (kern, n_in, n_f32, n_out) in kernels.items():
-                bm, bn, warps, stages = ka._config(kind, d, dtype)
-                consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": ka._block_d(d), **ka._dot_args(dtype)}
-                consts.update(UPCAST=False, WIDE=False)  # the usual case: int32 indices (see _wide)
-                if kind != "fwd":
-                    consts["KEYS"] = kind == "dkdv"
-                ptrs = [f"*{tname}"] * n_in + ["*fp32"] * n_f32 + [f"*{tname}"] * n_out
-                if kind == "fwd":
-                    ptrs = [f"*{tname}"] * 4 + ["*fp32"]
-                sig = {}
-                for i, name in enumerate(kern.arg_names):
-                    if name in consts:
-                        sig[name] = "constexpr"
-                    elif i < len(ptrs):
-                        sig[name] = ptrs[i]
-                    else:
-                        sig[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
-                ck = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=target,
-                                    options={"num_warps": warps, "num_stages": stages})
-                with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                    f.write(ck.asm["ptx"])
-                out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull],
-                                     capture_output=True, text=True).stderr
-                os.unlink(f.name)
-                regs = re.search(r"Used (\d+) registers", out)
-                spill = re.search(r"(\d+) bytes spill stores", out)
-                row = dict(kernel=kind, dtype=tname, d=d, block_m=bm, block_n=bn, warps=warps,
-                           regs=int(regs.group(1)) if regs else None,
-                           spill_bytes=int(spill.group(1)) if spill else None, shared=ck.metadata.shared)
-                rows.append(row)
-                print(row, flush=True)
-    return rows
-
-
 def _extend(ap):
     ap.add_argument("--full", action="store_true", help="the whole shape grid (default: a short set)")
     ap.add_argument("--gpu", action="store_true", help="run gpu_bench_attention instead")
-    ap.add_argument("--compile-report", action="store_true",
-                    help="compile the Triton kernels for sm_90 offline; print registers and spills")
 
 
 def _plan(a):
-    if a.compile_report:
-        compile_report()
-        return []
     if a.gpu:
         gpu_bench_attention()
         return []

@@ -23,13 +23,12 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastddpm import DDPMScheduler, NoiseSchedule, ops  # noqa: E402
 from fastddpm.bench.countops import count, min_bytes  # noqa: E402
-from fastddpm.bench.ops import eager_add_noise, grad_fn  # noqa: E402
+from fastddpm.bench.ops import eager_add_noise, eager_group_norm_silu, fused_group_norm_silu, grad_fn  # noqa: E402
 from fastddpm.bench.suite import shape_str as _x  # noqa: E402
 from fastddpm.ops import reference  # noqa: E402
 
@@ -90,15 +89,15 @@ def rows(shapes: dict | None = None) -> list[dict]:
     x = torch.randn(gshape, generator=g)
     w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
     case = f"group_norm_silu fwd {_x(gshape)}"
-    add(case, "eager (group_norm, silu)", lambda: F.silu(F.group_norm(x, 32, w, b)), gn)
-    add(case, "fastddpm (fused)", lambda: ops.group_norm_silu(x, 32, w, b), gn)
+    add(case, "eager (group_norm, silu)", lambda: eager_group_norm_silu(x, w, b), gn)
+    add(case, "fastddpm (fused)", lambda: fused_group_norm_silu(x, w, b), gn)
     xg, wg, bg = (a.clone().requires_grad_() for a in (x, w, b))
     dy = torch.randn(gshape, generator=g)
     case = f"group_norm_silu fwd+bwd {_x(gshape)}"
-    add(case, "eager (autograd of group_norm, silu)",
-        grad_fn(lambda x, w, b: F.silu(F.group_norm(x, 32, w, b)), (xg, wg, bg), dy), gn_bwd, grad=True)
-    add(case, "fastddpm (fused forward and backward)",
-        grad_fn(lambda x, w, b: ops.group_norm_silu(x, 32, w, b), (xg, wg, bg), dy), gn_bwd, grad=True)
+    add(case, "eager (autograd of group_norm, silu)", grad_fn(eager_group_norm_silu, (xg, wg, bg), dy), gn_bwd,
+        grad=True)
+    add(case, "fastddpm (fused forward and backward)", grad_fn(fused_group_norm_silu, (xg, wg, bg), dy), gn_bwd,
+        grad=True)
 
     B, N, d = sh["attention"]
     q, k, v = (torch.randn(B, 1, N, d, generator=g) for _ in range(3))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastddpm.bench.countops import min_bytes  # noqa: E402
-from fastddpm.bench.ops import attention_flops, grad_fn  # noqa: E402
+from fastddpm.bench.ops import attention_flops, eager_group_norm_silu, fused_group_norm_silu, grad_fn  # noqa: E402
 from fastddpm.bench.suite import Case  # noqa: E402
 from fastddpm.bench.timing import cuda_ms, machine, time_calls, write_csv  # noqa: E402
 
@@ -108,8 +108,8 @@ def _tensor_fns(op: str, backends) -> tuple[dict[str, Callable], Callable]:
     from fastddpm.ops import reference
 
     if op == "group_norm_silu":
-        fused = {b: (lambda x, w, bb, b=b: ops.group_norm_silu(x, 32, w, bb, backend=b)) for b in backends}
-        return fused, lambda x, w, bb: F.silu(F.group_norm(x, 32, w, bb))
+        fused = {b: functools.partial(fused_group_norm_silu, backend=b) for b in backends}
+        return fused, eager_group_norm_silu
     fused = {b: (lambda q, k, v, b=b: ops.attention(q, k, v, backend=b)) for b in backends}
     fused["sdpa"] = F.scaled_dot_product_attention  # PyTorch's own choice of fused kernel, called directly
     return fused, reference.attention
