@@ -16,7 +16,6 @@ head as wide as the channel count.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastddpm.bench import suite as S  # noqa: E402
-from fastddpm.bench.ops import attention_flops, attention_inputs, attention_providers, attention_step  # noqa: E402
+from fastddpm.bench.ops import attention_flops, attention_inputs, attention_providers, tensor_call  # noqa: E402
 from fastddpm.ops import attention, reference  # noqa: E402
 
 SHORT = [(1, 256, 256), (16, 256, 256), (1, 1024, 128)]
@@ -77,14 +76,16 @@ def gpu_bench_attention(shapes=None, dtypes=(torch.float16, torch.bfloat16, torc
             bwd = mode != "fwd"
             for B, N, d in shapes or FULL:
                 q, k, v = attention_inputs(B, N, d, dtype=dtype, device=dev, grad=bwd)
+                do = torch.ones_like(q) if bwd else None
                 best = None
                 for p, fn in providers.items():
                     row = dict(op="attention", provider=p, mode=mode, B=B, N=N, d=d, dtype=str(dtype),
                                device=torch.cuda.get_device_name(dev))
                     try:
-                        ms = cuda_ms(functools.partial(attention_step, fn, q, k, v, bwd))
+                        call = tensor_call(fn, (q, k, v), do)
+                        ms = cuda_ms(call)
                         torch.cuda.reset_peak_memory_stats()
-                        attention_step(fn, q, k, v, bwd)
+                        call()
                         torch.cuda.synchronize()
                         row.update(ms=ms, tflops=attention_flops(B, N, d, bwd) / ms * 1e-9,
                                    peak_mib=torch.cuda.max_memory_allocated() / 2**20)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastddpm.bench.countops import min_bytes  # noqa: E402
-from fastddpm.bench.ops import attention_flops, eager_group_norm_silu, fused_group_norm_silu, grad_fn  # noqa: E402
+from fastddpm.bench.ops import attention_flops, eager_group_norm_silu, fused_group_norm_silu, tensor_call  # noqa: E402
 from fastddpm.bench.suite import Case  # noqa: E402
 from fastddpm.bench.timing import cuda_ms, machine, time_calls, write_csv  # noqa: E402
 
@@ -139,12 +139,8 @@ def providers(case: Case, sched, args, backends=BACKENDS, compile: bool = True) 
         p = {b: (lambda b=b: ops.ddim_step(x, m, t, sched, prev, backend=b, **kw)) for b in backends}
     else:  # group_norm_silu and attention: functions of their tensors, forward or forward + backward
         fused, ref = _tensor_fns(case.op, backends)
-        if case.backward:
-            *leaves, dy = args
-            call = lambda f: grad_fn(f, leaves, dy)
-        else:
-            call = lambda f: lambda: f(*args)
-        p, eager = {b: call(f) for b, f in fused.items()}, call(ref)
+        leaves, dy = (args[:-1], args[-1]) if case.backward else (args, None)
+        p, eager = {b: tensor_call(f, leaves, dy) for b, f in fused.items()}, tensor_call(ref, leaves, dy)
     p["torch eager"] = eager
     # compiling the int64 Philox reference takes minutes: skip it
     if compile and case.extra.get("noise") != "philox":

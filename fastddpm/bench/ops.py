@@ -197,11 +197,8 @@ def group_norm_silu_providers(shape, compile: bool = False, backward: bool = Fal
         fns["eager (in-place silu)"] = lambda x, w, b: F.silu(F.group_norm(x, GN_GROUPS, w, b), inplace=True)
     if compile:
         fns["torch.compile (eager)"] = torch.compile(eager_group_norm_silu)
-    if backward:
-        dy = torch.randn(shape)
-        p = {k: grad_fn(f, args, dy) for k, f in fns.items()}
-    else:
-        p = {k: _no_grad(lambda f=f: f(*args)) for k, f in fns.items()}
+    dy = torch.randn(shape) if backward else None
+    p = {k: tensor_call(f, args, dy) for k, f in fns.items()}
     if copy:
         p[COPY] = copy_bound(min_bytes("group_norm_silu", shape, backward=backward))
     return p
@@ -229,23 +226,15 @@ def attention_inputs(B, N, d, dtype=torch.float32, device="cpu", grad=False):
     return q, k, v
 
 
-def attention_step(fn, q, k, v, backward: bool):
-    """fn(q, k, v), or with ``backward`` its gradients against an upstream gradient of ones."""
-    if not backward:
-        with torch.no_grad():
-            return fn(q, k, v)
-    o = fn(q, k, v)
-    return torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
-
-
 def attention_providers(B, N, d, compile: bool = False, backward: bool = False) -> Providers:
     """Single-head attention over (B, 1, N, d), as the DDPM U-Net attends over a feature map."""
     refuse_reference_run()  # never time the torch reference under fastddpm's name
     q, k, v = attention_inputs(B, N, d, grad=backward)
+    do = torch.ones_like(q) if backward else None  # the upstream gradient
     fns = attention_providers_fns()
     if compile:
         fns["torch.compile (materialised)"] = torch.compile(reference.attention)
-    return {name: (lambda f=f: attention_step(f, q, k, v, backward)) for name, f in fns.items()}
+    return {name: tensor_call(f, (q, k, v), do) for name, f in fns.items()}
 
 
 def attention_flops(B, N, d, backward: bool = False, heads: int = 1) -> float:
@@ -259,8 +248,13 @@ def grad_fn(f: Callable, leaves, dy) -> Callable[[], object]:
     return lambda: torch.autograd.grad(f(*leaves), leaves, dy)
 
 
-def _no_grad(f):
+def tensor_call(f: Callable, args, dy=None) -> Callable[[], object]:
+    """A zero-argument callable: ``f(*args)`` under no_grad, or with an upstream gradient ``dy`` (made once,
+    outside the timed call) the gradients of ``f(*args)`` in ``args`` (grad_fn)."""
+    if dy is not None:
+        return grad_fn(f, args, dy)
+
     def run():
         with torch.no_grad():
-            return f()
+            return f(*args)
     return run
