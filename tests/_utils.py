@@ -102,11 +102,8 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def assert_backends_tested(op: str) -> None:
     """Every backend that should run ``op`` here is among backends_for()'s (a backend that stopped resolving
     would drop out of the op's tests silently): torch always, triton where it imports, the C++ CPU kernel on
-    the CPU, the CUDA kernel on a GPU when fastddpm._C was built with CUDA; and every device is tested, the GPU
-    where one is visible."""
+    the CPU, the CUDA kernel on a GPU when fastddpm._C was built with CUDA."""
     from conftest import TRITON_OK
-
-    assert [d.type for d in devices_to_test()] == (["cpu", "cuda"] if HAS_CUDA else ["cpu"])
 
     try:  # written by setup.py: whether fastddpm._C was built with CUDA kernels
         from fastddpm._build_info import WITH_CUDA
