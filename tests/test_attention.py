@@ -14,7 +14,7 @@ import math
 import _utils
 import pytest
 import torch
-from _utils import backends_for, half_bound, rel_err
+from _utils import assert_backends_tested, backends_for, half_bound, rel_err
 
 from fastddpm.nn import AttentionBlock
 from fastddpm.ops import BackendNotSupported, attention, reference
@@ -424,3 +424,9 @@ def test_block_bad_inputs():
     sd["q.weight"] = torch.randn(64, 32, 1, 1)
     with pytest.raises(ValueError, match="q.weight"):
         block.load_ddpm_state_dict(sd)
+
+
+def test_backends_tested():
+    # The tests here run every backend backends_for() names on each device; a backend that stopped
+    # resolving would drop out of them silently.
+    assert_backends_tested("attention")

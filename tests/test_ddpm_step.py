@@ -4,7 +4,7 @@ import contextlib
 
 import pytest
 import torch
-from _utils import HAS_CUDA, backends_for, devices_to_test, half_bound, rel_err, stable_seed
+from _utils import HAS_CUDA, assert_backends_tested, backends_for, devices_to_test, half_bound, rel_err, stable_seed
 
 from fastddpm import NoiseSchedule, ops
 from fastddpm.ops import reference
@@ -610,3 +610,9 @@ def test_ddpm_step_cuda_runtime(backend, dtype):
     a = ops.ddpm_step(x, m, t, SCHED, noise="philox", seed=5, backend=backend).cpu()
     b = ops.ddpm_step(x.cpu(), m.cpu(), t.cpu(), SCHED, noise="philox", seed=5, backend="cpu")
     assert scaled_err(a, b) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_backends_tested():
+    # The tests here run every backend backends_for() names on each device; a backend that stopped
+    # resolving would drop out of them silently.
+    assert_backends_tested("ddpm_step")

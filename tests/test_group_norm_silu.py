@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import backends_for, half_bound, interpreted, rel_err
+from _utils import assert_backends_tested, backends_for, half_bound, interpreted, rel_err
 
 import fastddpm
 from fastddpm.nn import GroupNormSiLU
@@ -549,3 +549,9 @@ def test_float64_routes_to_reference():
     y = group_norm_silu(x, 2)
     torch.testing.assert_close(y, F.silu(F.group_norm(x, 2)))
     assert fastddpm.ops.group_norm_silu is group_norm_silu
+
+
+def test_backends_tested():
+    # The tests here run every backend backends_for() names on each device; a backend that stopped
+    # resolving would drop out of them silently.
+    assert_backends_tested("group_norm_silu_fwd")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _utils import HAS_CUDA, assert_close_ref, backends_for, devices_to_test, stable_seed
+from _utils import HAS_CUDA, assert_backends_tested, assert_close_ref, backends_for, devices_to_test, stable_seed
 
 from fastddpm import NoiseSchedule, ops
 from fastddpm.ops import reference
@@ -238,3 +238,9 @@ def test_timestep_range_checks_at_every_batch_size(batch):
     with pytest.raises(ValueError, match="last_t: expected last_t > t for every sample"):
         ops.dpmpp_step(x, x, t, sched, t - 20, x, lt)
     ops.dpmpp_step(x, x, t, sched, t - 20, x, t + 20)  # all valid: no error
+
+
+def test_backends_tested():
+    # The tests here run every backend backends_for() names on each device; a backend that stopped
+    # resolving would drop out of them silently.
+    assert_backends_tested("q_sample")
