@@ -104,6 +104,9 @@ def check_sample_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
     if args.threads < 0:
         raise UsageError(f"--threads: expected 0 (torch's default) or a positive integer, got {args.threads}")
+    for name in ("nrow", "scale"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     try:
         if args.out is not None or not (args.npz or args.png_dir):
             check_output_file(args.out or "samples.png", "--out", tuple(IMAGE_FORMATS))
@@ -121,6 +124,20 @@ def check_sample_args(args: argparse.Namespace) -> None:
         from .cli import require
 
         require("safetensors", "sample (its models are safetensors files)")
+
+
+def check_grid(n: int, h: int, w: int, nrow: int | None, scale: int) -> None:
+    """A UsageError where the PNG grid of ``n`` h x w images would be larger than PIL opens (2 x
+    Image.MAX_IMAGE_PIXELS: Image.open refuses it as a decompression bomb), found before sampling."""
+    from PIL import Image
+
+    from .train.loop import grid_size
+
+    gw, gh = grid_size(n, h, w, nrow, scale)
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if limit is not None and gw * gh > limit:
+        raise UsageError(f"--scale: the grid of {n} images at scale {scale} would be {gw} x {gh} pixels, more than "
+                         f"PIL opens ({limit:,}); lower --scale or --n, or write --npz / --png-dir instead of --out")
 
 
 @command("sample", "sample images from a trained model (PNG grid, PNGs, .npz)", _args)
@@ -160,6 +177,12 @@ def run(args: argparse.Namespace) -> int:
     T = lm.schedule.num_train_timesteps
     if steps is not None and steps > T:
         raise UsageError(f"--steps: {steps} is more than the model's {T} training timesteps")
+    out = args.out
+    if out is None and not args.npz and not args.png_dir:
+        out = "samples.png"
+    scale = args.scale or max(1, 64 // lm.image_shape[-1])
+    if out:
+        check_grid(args.n, lm.image_shape[-2], lm.image_shape[-1], args.nrow, scale)
     shards = generate(lm, args.n, args.batch_size, sampler, steps, args.seed, device, args.eta,
                       progress=args.progress and rank == 0, rank=rank, world=world)
     if world > 1:
@@ -175,12 +198,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
     x = torch.cat([shards[i] for i in sorted(shards)])  # (n, C, H, W)
     written = []
-    out = args.out
-    if out is None and not args.npz and not args.png_dir:
-        out = "samples.png"
-    S = x.shape[-1]
     if out:
-        save_grid(x, out, nrow=args.nrow, scale=args.scale or max(1, 64 // S))
+        save_grid(x, out, nrow=args.nrow, scale=scale)
         written.append(out)
     imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     if args.npz:
@@ -196,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
                        os.path.join(args.png_dir, f"{i:06d}.png"))
         written.append(args.png_dir + "/")
     dt = time.perf_counter() - t0
-    print(f"wrote {', '.join(written)}: {args.n} images {S}x{S} from {lm.source} ({sampler}, "
+    print(f"wrote {', '.join(written)}: {args.n} images {x.shape[-2]}x{x.shape[-1]} from {lm.source} ({sampler}, "
           f"{default_steps(lm, sampler, steps)} steps) in {dt:.1f} s", file=sys.stderr)
     return 0
 

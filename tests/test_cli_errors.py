@@ -90,6 +90,26 @@ def test_sample_out_unwritable_folder(tmp_path):
     _usage_error(_cli(*LONG, "--out", f / "sub" / "a.png"), "--out:", "is a file, so the folder")
 
 
+@pytest.mark.parametrize("flag, value", [("--nrow", "0"), ("--nrow", "-2"), ("--scale", "0"), ("--scale", "-3")])
+def test_sample_grid_layout_not_positive(flag, value, tmp_path):
+    # before: --nrow 0 and --scale <= 0 were taken silently, --nrow -2 failed in numpy naming no argument
+    r = _cli(*LONG, "--out", tmp_path / "a.png", flag, value)
+    _usage_error(r, f"{flag}: expected a positive integer, got {value}")
+    _quick(r)
+
+
+def test_sample_grid_too_large(tmp_path):
+    # 2,000 16x16 images (45 per row: 812 x 812 pixels before scaling) at scale 1000: 812,000 x 812,000 pixels,
+    # which filled the memory until the process was killed; PIL refuses to open more than 2 x MAX_IMAGE_PIXELS.
+    from PIL import Image
+
+    r = _cli(*LONG, "--out", tmp_path / "a.png", "--scale", "1000")
+    _usage_error(r, "--scale: the grid of 2000 images at scale 1000 would be", f"{2 * Image.MAX_IMAGE_PIXELS:,}",
+                 "--npz")
+    _quick(r)
+    assert not (tmp_path / "a.png").exists()
+
+
 @pytest.mark.parametrize("cmd", ["sample", "eval", "train"])
 def test_negative_threads(cmd, tmp_path):
     extra = ["--out", tmp_path / "o"] if cmd == "train" else []
