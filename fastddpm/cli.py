@@ -170,6 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input found deeper down (the library's errors name the argument), or a file that cannot be
         # read or written.
         return fail(exc)
+    except (MemoryError, RuntimeError) as exc:
+        # An allocation the machine cannot make (CPU: "can't allocate memory", CUDA: torch.OutOfMemoryError),
+        # e.g. from --image-size or --batch-size far too large: one line, not a traceback.
+        if not isinstance(exc, MemoryError) and not any(s in str(exc) for s in ("can't allocate memory",
+                                                                              "out of memory")):
+            raise
+        return fail(exc, f"out of memory: {_one_line(exc)}; lower the sizes that set it (--batch-size, "
+                         "--image-size, --n)")
     except KeyboardInterrupt:
         print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -110,6 +110,32 @@ def test_sample_grid_too_large(tmp_path):
     assert not (tmp_path / "a.png").exists()
 
 
+def test_train_bad_device_string(tmp_path):
+    # before: torch's RuntimeError as a traceback, exit status 1
+    r = _cli("train", "--model", "tiny", "--image-size", "8", "--steps", "100000", "--device", "cuda:x",
+             "--out", tmp_path / "o")
+    _usage_error(r, "--device:", "cuda:x")
+    _quick(r)
+
+
+def test_train_preset_that_does_not_fit_the_images(tmp_path):
+    # the tiny preset (8x8, attention at 4x4) on the digits at their default 16x16
+    r = _cli("train", "--model", "tiny", "--steps", "100000", "--out", tmp_path / "o")
+    _usage_error(r, "--model: the tiny preset is built for 8x8 images", "16x16", "--image-size 8")
+    _quick(r)
+
+
+def test_train_out_of_memory_is_one_line(tmp_path):
+    """The digits at --image-size 100000 would take 57 TB: the allocator's refusal is one line naming the
+    sizes to lower, exit status 2, not a traceback."""
+    with open("/proc/sys/vm/overcommit_memory") as f:
+        if f.read().strip() == "1":  # every allocation succeeds, and the kernel kills the process later
+            pytest.skip("vm.overcommit_memory = 1: a 57 TB allocation is not refused")
+    r = _cli("train", "--image-size", "100000", "--steps", "2", "--out", tmp_path / "o")
+    _usage_error(r, "fastddpm train: error: out of memory:", "can't allocate memory", "--image-size")
+    _quick(r)
+
+
 @pytest.mark.parametrize("cmd", ["sample", "eval", "train"])
 def test_negative_threads(cmd, tmp_path):
     extra = ["--out", tmp_path / "o"] if cmd == "train" else []

@@ -121,6 +121,25 @@ def test_resume_is_bitwise_identical(tmp_path):
         assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
 
 
+def test_resume_latest_starts_a_new_run_where_there_is_no_checkpoint(tmp_path, capsys):
+    """One command starts a run and, rerun after an interruption, resumes it: with no checkpoint under --out
+    (no folder, or only the hidden folder of a save that was interrupted) --resume latest starts there, and
+    the result is bitwise the run started without it. A damaged run is not silently started over."""
+    assert _run(tmp_path / "plain", "--steps", "2") == 0
+    assert _run(tmp_path / "r", "--steps", "2", "--resume", "latest") == 0
+    assert "no checkpoint under" in capsys.readouterr().err
+    _assert_same_checkpoint(_latest(tmp_path / "plain")[1], _latest(tmp_path / "r")[1])
+    assert _run(tmp_path / "r", "--steps", "3", "--resume", "latest") == 0  # the same command resumes
+    assert "resuming from" in capsys.readouterr().err and _latest(tmp_path / "r")[0] == 3
+    (tmp_path / "i" / "checkpoints" / ".tmp-abc").mkdir(parents=True)  # killed during its first save
+    assert _run(tmp_path / "i", "--steps", "1", "--resume", "latest") == 0
+    assert _latest(tmp_path / "i")[0] == 1
+    (tmp_path / "d" / "checkpoints" / "step-00000005").mkdir(parents=True)  # a step folder without state.json
+    assert _run(tmp_path / "d", "--steps", "1", "--resume", "latest") == 2
+    assert "no fastddpm training checkpoint" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "d" / "checkpoints") == ["step-00000005"]
+
+
 def test_resume_refuses_changing_the_run(tmp_path, capsys):
     assert _run(tmp_path / "a", "--steps", "1") == 0
     rc = main(["train", "--resume", str(tmp_path / "a"), "--batch-size", "16", "--steps", "2"])

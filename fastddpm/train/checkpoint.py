@@ -186,6 +186,18 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def any_checkpoint(path: str) -> bool:
+    """Whether ``path`` (a run folder) holds a checkpoint: state.json, a ``latest`` pointer or a step folder,
+    usable or damaged (resolve() then says what is wrong). The hidden ``.tmp-*`` folders of an interrupted
+    save do not count: they are never resumed from."""
+    if os.path.exists(os.path.join(path, "state.json")):
+        return True
+    for root in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(root) and any(n == "latest" or n.startswith("step-") for n in os.listdir(root)):
+            return True
+    return False
+
+
 def resolve(path: str) -> str:
     """A checkpoint folder from: a checkpoint folder, a run folder (its latest), or a checkpoints folder."""
     if os.path.isfile(os.path.join(path, "state.json")):

@@ -77,7 +77,16 @@ def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
     if cfg.model not in PRESETS:
         raise ValueError(f"--model: expected a preset ({', '.join(PRESETS)}) or a UNetConfig .json file, "
                          f"got {cfg.model!r}")
-    return PRESETS[cfg.model](**over).config
+    preset = PRESETS[cfg.model]
+    try:
+        return preset(**over).config
+    except ValueError as exc:
+        native = preset().config.sample_size  # (built only to name the size in the error)
+        if "sample_size" in cfg.unet or native == image_size:
+            raise
+        raise ValueError(f"--model: the {cfg.model} preset is built for {native}x{native} images and does not fit the "
+                         f"data's {image_size}x{image_size} ({exc}); pass --image-size {native}, or adjust the "
+                         "preset with --unet") from exc
 
 
 def make_schedule(d: dict) -> NoiseSchedule:
@@ -136,7 +145,10 @@ class Dist:
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:  # "Invalid device string: 'cuda:x'"
+        raise ValueError(f"--device: {exc}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device: {name} requested but no CUDA device is available")
@@ -284,12 +296,17 @@ def _resume_config(cfg: TrainConfig, given: set[str], meta: dict) -> TrainConfig
 def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = None, log=print) -> dict:
     """Train; returns a summary dict (final step, checkpoint folder, last loss, stopped_by).
 
-    ``resume``: a checkpoint folder, a run folder, or "latest" (the latest checkpoint under ``cfg.out``).
+    ``resume``: a checkpoint folder, a run folder, or "latest" (the latest checkpoint under ``cfg.out``; where
+    ``cfg.out`` holds no checkpoint at all, not even an unfinished one, a new run starts there, so that the
+    same command starts a run and, after an interruption, resumes it).
     ``given``: the settings explicitly given for this call (on resume they override the saved ones where
     that is allowed, and are refused where it would change the run).
     """
     cfg.validate()
     meta = None
+    if resume == "latest" and not ckpt_mod.any_checkpoint(cfg.out):
+        log(f"--resume latest: no checkpoint under {cfg.out}, so a new run starts there")
+        resume = None
     if resume:
         path = cfg.out if resume == "latest" else resume
         ck = ckpt_mod.resolve(path)

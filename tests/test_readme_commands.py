@@ -1,0 +1,74 @@
+"""The README's command-line examples ("Train and sample from the command line") run as written, with fewer
+training steps: each `fastddpm train` line (and the torchrun line, with two gloo processes) for 2 steps, then
+the `fastddpm sample` line on the run the first line made. Paths are relative, so the runs land in a temporary
+folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _block() -> list[list[str]]:
+    """The command lines of the README's block under "## Train and sample from the command line"."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split("## Train and sample from the command line", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [shlex.split(ln.split("#", 1)[0]) for ln in block.splitlines() if ln.split("#", 1)[0].strip()]
+
+
+def _run(argv: list[str], cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env.pop("FASTDDPM_DEBUG", None)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _short(args: list[str]) -> list[str]:
+    """A train command's arguments with 2 steps and the config file found in the repository."""
+    out = list(args)
+    if "--steps" in out:
+        out[out.index("--steps") + 1] = "2"
+    else:
+        out += ["--steps", "2"]
+    if "--config" in out:
+        i = out.index("--config") + 1
+        out[i] = os.path.join(ROOT, out[i])
+    return out + ["--no-progress"]
+
+
+def test_the_block_is_what_these_tests_run():
+    heads = [" ".join(c[:2]) for c in _block()]
+    assert heads == ["fastddpm train", "fastddpm train", "torchrun --nproc_per_node", "fastddpm sample",
+                     "fastddpm eval"], heads
+
+
+def test_train_lines_then_sample(tmp_path):
+    cmds = _block()
+    for c in (c for c in cmds if c[:2] == ["fastddpm", "train"]):
+        r = _run([sys.executable, "-m", "fastddpm", *_short(c[1:])], tmp_path)
+        assert r.returncode == 0, (c, r.stderr[-2000:])
+    assert (tmp_path / "runs" / "digits").is_dir() and (tmp_path / "runs" / "t").is_dir()
+    sample = next(c for c in cmds if c[:2] == ["fastddpm", "sample"])
+    r = _run([sys.executable, "-m", "fastddpm", *sample[1:], "--no-progress"], tmp_path)
+    assert r.returncode == 0, (sample, r.stderr[-2000:])
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "samples.npz").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_line(tmp_path):
+    c = next(c for c in _block() if c[0] == "torchrun")
+    i = c.index("-m")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", *c[1:i], "-m", "fastddpm",
+            *_short(c[i + 2:])]
+    r = _run(argv, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "runs" / "ddp").is_dir()
