@@ -15,6 +15,7 @@ OPS = {
     "q_sample": "q_sample",
     "ddpm_step": "ddpm_step",
     "ddim_step": "ddim_step",
+    "dpmpp_step": "dpmpp_step",
     "group_norm_silu": "group_norm_silu_fwd",
     "attention": "attention",
 }

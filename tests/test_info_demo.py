@@ -9,10 +9,19 @@ from fastddpm import cli
 
 
 def test_info_lists_backends(capsys):
+    """Every public op that takes a backend has its line (philox_randn is ddpm_step's noise, prepare_step binds
+    the step ops): dpmpp_step was once left out."""
+    import inspect
+
+    from fastddpm import ops
+
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    for op in ("q_sample", "ddpm_step", "group_norm_silu", "attention"):
-        assert op in out
+    public = {n for n in ops.__all__ if inspect.isfunction(getattr(ops, n))
+              and "backend" in inspect.signature(getattr(ops, n)).parameters} - {"philox_randn", "prepare_step"}
+    assert public >= {"q_sample", "ddpm_step", "ddim_step", "dpmpp_step", "group_norm_silu", "attention"}
+    for op in public:
+        assert f"  {op} " in out and f"  {op} " in out.split("backends per op", 1)[1], op
     assert "auto -> cpu" in out and "extension fastddpm._C" in out
 
 
