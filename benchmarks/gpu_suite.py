@@ -6,9 +6,10 @@
 
 On any CUDA GPU: measures the device's copy bandwidth and matmul rates first (fp32, tf32, bf16, fp16);
 for each op and shape (q_sample; ddpm_step with a noise tensor and with in-kernel Philox; ddim_step
-deterministic and with noise; group_norm_silu and attention forward and forward+backward) checks every
-backend (triton, cuda, torch eager, torch.compile, and SDPA called directly for attention) against the
-float64 reference on the device, with the same bounds as the CPU tests, then times it with
+deterministic and with noise; dpmpp_step's second-order update; group_norm_silu and attention forward and
+forward+backward) checks every backend (triton, cuda, torch eager, torch.compile, and SDPA called directly
+for attention) against the float64 reference on the device, with the same bounds as the CPU tests, then
+times it with
 triton.testing.do_bench (median ms), reporting GB/s (counting the minimum bytes the op must move) and
 TFLOP/s (attention), each also as a fraction of the measured copy bandwidth and matmul rate. It ends
 with the whole denoising step of the CIFAR-10 U-Net (eager, CUDA graph, and with --max-autotune the model
@@ -72,6 +73,7 @@ def plan(quick: bool = False) -> list[Case]:
     ops_ = [("q_sample", s, {}) for s in img]
     ops_ += [("ddpm_step", s, {"noise": n}) for s in img for n in ("tensor", "philox")]
     ops_ += [("ddim_step", s, {"eta": e}) for s in img for e in ((0,) if quick else (0, 1))]
+    ops_ += [("dpmpp_step", s, {}) for s in img]  # the second-order update (every step but the first)
     ops_ += [("group_norm_silu", s, b) for s in gn for b in ({}, {"backward": True})]
     ops_ += [("attention", (B, 1, N, d), b) for B, N, d in att for b in ({}, {"backward": True})]
     return [Case("op", op, s, dtype=dt, extra=x) for dt in dtypes for op, s, x in ops_]
@@ -92,6 +94,9 @@ def _inputs(case: Case, dev):
     if case.op in ("ddpm_step", "ddim_step"):
         t = torch.randint(1, 1000, (B,), generator=g, device=dev)
         return sched, (rnd(*case.shape), rnd(*case.shape), rnd(*case.shape), t)
+    if case.op == "dpmpp_step":  # x, the model's output, the previous x0 prediction; t, prev_t, last_t
+        t = torch.randint(20, 980, (B,), generator=g, device=dev)
+        return sched, (rnd(*case.shape), rnd(*case.shape), rnd(*case.shape), t, t - 20, t + 20)
     if case.op == "group_norm_silu":
         args = (rnd(*case.shape), rnd(case.shape[1]), rnd(case.shape[1]))
     else:
@@ -137,6 +142,10 @@ def providers(case: Case, sched, args, backends=BACKENDS, compile: bool = True) 
         kw = dict(eta=float(case.extra["eta"]), noise=z if case.extra["eta"] else "none")
         eager = lambda: ops.ddim_step(x, m, t, sched, prev, backend="torch", **kw)
         p = {b: (lambda b=b: ops.ddim_step(x, m, t, sched, prev, backend=b, **kw)) for b in backends}
+    elif case.op == "dpmpp_step":
+        x, m, x0, t, pt, lt = args
+        eager = lambda: ops.dpmpp_step(x, m, t, sched, pt, x0, lt, backend="torch")
+        p = {b: (lambda b=b: ops.dpmpp_step(x, m, t, sched, pt, x0, lt, backend=b)) for b in backends}
     else:  # group_norm_silu and attention: functions of their tensors, forward or forward + backward
         fused, ref = _tensor_fns(case.op, backends)
         leaves, dy = (args[:-1], args[-1]) if case.backward else (args, None)
@@ -169,6 +178,11 @@ def reference64(case: Case, sched, args):
         # final abar 1, noise tensor (mode 1) or none (0), epsilon, no clip, no clipped model output
         return reference.ddim_step(x.double(), m.double(), t, (t - 20).clamp(min=-1), sched.alphas_cumprod.double(),
                                    1.0, z.double(), 0, 0, 1 if eta else 0, 0, eta, 0.0, False, False)[0]
+    if case.op == "dpmpp_step":
+        x, m, x0, t, pt, lt = args
+        # epsilon prediction, no clip, no predicted x0 returned
+        return reference.dpmpp_step(x.double(), m.double(), x0.double(), t, pt, lt, sched.alphas_cumprod.double(),
+                                    0, 0.0, False)[0]
     f = _tensor_fns(case.op, ())[1]
     if case.backward:
         *leaves, dy = args

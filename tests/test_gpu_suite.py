@@ -22,7 +22,8 @@ from benchmarks import gpu_suite  # noqa: E402
 def test_plan_covers_every_op_mode_and_dtype():
     cases = gpu_suite.plan()
     kinds = {(c.op, c.label) for c in cases}
-    assert {c.op for c in cases} == {"q_sample", "ddpm_step", "ddim_step", "group_norm_silu", "attention"}
+    assert {c.op for c in cases} == {"q_sample", "ddpm_step", "ddim_step", "dpmpp_step", "group_norm_silu",
+                                     "attention"}
     for label in ("ddpm_step[noise=tensor]", "ddpm_step[noise=philox]", "ddim_step[eta=0]", "ddim_step[eta=1]",
                   "group_norm_silu", "group_norm_silu[backward]", "attention", "attention[backward]"):
         assert label in {k[1] for k in kinds}, label
@@ -30,7 +31,7 @@ def test_plan_covers_every_op_mode_and_dtype():
     for c in cases:
         es = torch.finfo(c.dtype).bits // 8
         n = es * c.shape[0] * c.shape[1] * c.shape[2] * c.shape[3]
-        sizes = {"q_sample": 3, "ddpm_step": 4 if c.extra.get("noise") == "tensor" else 3,
+        sizes = {"q_sample": 3, "ddpm_step": 4 if c.extra.get("noise") == "tensor" else 3, "dpmpp_step": 4,
                  "ddim_step": 4 if c.extra.get("eta") else 3, "group_norm_silu": 5 if c.backward else 2,
                  "attention": 12 if c.backward else 4}  # the minimum: inputs read once, outputs written once
         assert gpu_suite.nbytes(c) == sizes[c.op] * n, c.label
@@ -39,13 +40,13 @@ def test_plan_covers_every_op_mode_and_dtype():
             assert gpu_suite.flops(c) == 4.0 * B * H * N * N * d * (3.5 if c.backward else 1.0)
     quick = gpu_suite.plan(quick=True)
     assert len(quick) < len(cases)
-    assert {c.label for c in quick} >= {"q_sample", "ddpm_step[noise=philox]", "ddim_step[eta=0]",
+    assert {c.label for c in quick} >= {"q_sample", "ddpm_step[noise=philox]", "ddim_step[eta=0]", "dpmpp_step",
                                          "group_norm_silu[backward]", "attention[backward]"}
     assert any(c.shape == (64, 3, 256, 256) for c in quick)  # a bandwidth-bound size, not only launch-bound
 
 
 def _small(case):
-    shape = {"q_sample": (2, 3, 8, 8), "ddpm_step": (2, 3, 8, 8), "ddim_step": (2, 3, 8, 8),
+    shape = {"q_sample": (2, 3, 8, 8), "ddpm_step": (2, 3, 8, 8), "ddim_step": (2, 3, 8, 8), "dpmpp_step": (2, 3, 8, 8),
              "group_norm_silu": (2, 64, 4, 4), "attention": (2, 1, 16, 8)}[case.op]
     return dataclasses.replace(case, shape=shape)
 
