@@ -176,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, MemoryError) and not any(s in str(exc) for s in ("can't allocate memory",
                                                                               "out of memory")):
             raise
-        return fail(exc, f"out of memory: {_one_line(exc)}; lower the sizes that set it (--batch-size, "
-                         "--image-size, --n)")
+        sizes = {"train": "--batch-size or --image-size", "sample": "--batch-size (or --n, --scale)",
+                 "eval": "--batch-size or --n"}.get(args.command, "the sizes that set it")
+        return fail(exc, f"not enough memory: {_one_line(exc)}; lower {sizes}")
     except KeyboardInterrupt:
         print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
         return 130

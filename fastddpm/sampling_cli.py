@@ -136,8 +136,8 @@ def check_grid(n: int, h: int, w: int, nrow: int | None, scale: int) -> None:
     gw, gh = grid_size(n, h, w, nrow, scale)
     limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
     if limit is not None and gw * gh > limit:
-        raise UsageError(f"--scale: the grid of {n} images at scale {scale} would be {gw} x {gh} pixels, more than "
-                         f"PIL opens ({limit:,}); lower --scale or --n, or write --npz / --png-dir instead of --out")
+        raise UsageError(f"--out: the grid of {n} images at scale {scale} would be {gw} x {gh} pixels, more than PIL "
+                         f"opens ({limit:,}); lower --scale, --nrow or --n, or write --npz / --png-dir instead")
 
 
 @command("sample", "sample images from a trained model (PNG grid, PNGs, .npz)", _args)

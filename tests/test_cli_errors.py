@@ -104,10 +104,15 @@ def test_sample_grid_too_large(tmp_path):
     from PIL import Image
 
     r = _cli(*LONG, "--out", tmp_path / "a.png", "--scale", "1000")
-    _usage_error(r, "--scale: the grid of 2000 images at scale 1000 would be", f"{2 * Image.MAX_IMAGE_PIXELS:,}",
+    _usage_error(r, "--out: the grid of 2000 images at scale 1000 would be", f"{2 * Image.MAX_IMAGE_PIXELS:,}",
                  "--npz")
     _quick(r)
     assert not (tmp_path / "a.png").exists()
+    # a row wider than the images it holds has no empty columns: 4 images in a row of 100,000,000 is one row of 4
+    r = _cli(*LONG, "--n", "4", "--steps", "1", "--out", tmp_path / "b.png", "--nrow", "100000000")
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "b.png") as im:
+        assert im.size == ((4 * 18 + 2) * 4, 20 * 4)  # 16x16 digits, 2-pixel gaps, scale 64 // 16
 
 
 def test_train_bad_device_string(tmp_path):
@@ -123,6 +128,11 @@ def test_train_preset_that_does_not_fit_the_images(tmp_path):
     r = _cli("train", "--model", "tiny", "--steps", "100000", "--out", tmp_path / "o")
     _usage_error(r, "--model: the tiny preset is built for 8x8 images", "16x16", "--image-size 8")
     _quick(r)
+    # a --unet override at fault (at 8x8 too) is named as it is, without advice about the size
+    r = _cli("train", "--model", "tiny", "--unet", '{"norm_num_groups": 5, "attention_resolutions": [8]}',
+             "--steps", "100000", "--out", tmp_path / "o")
+    line = _usage_error(r, "norm_num_groups")
+    assert "--image-size" not in line, line
 
 
 def test_train_out_of_memory_is_one_line(tmp_path):
@@ -132,7 +142,8 @@ def test_train_out_of_memory_is_one_line(tmp_path):
         if f.read().strip() == "1":  # every allocation succeeds, and the kernel kills the process later
             pytest.skip("vm.overcommit_memory = 1: a 57 TB allocation is not refused")
     r = _cli("train", "--image-size", "100000", "--steps", "2", "--out", tmp_path / "o")
-    _usage_error(r, "fastddpm train: error: out of memory:", "can't allocate memory", "--image-size")
+    _usage_error(r, "fastddpm train: error: not enough memory:", "can't allocate memory",
+                 "lower --batch-size or --image-size")
     _quick(r)
 
 

@@ -552,6 +552,6 @@ def test_float64_routes_to_reference():
 
 
 def test_backends_tested():
-    # The tests here run every backend backends_for() names on each device; a backend that stopped
-    # resolving would drop out of them silently.
+    # The CPU tests here run every backend backends_for(CPU) names (BACKENDS); a backend that stopped resolving
+    # would drop out of them silently. (On a GPU the tests name cuda and triton themselves.)
     assert_backends_tested("group_norm_silu_fwd")

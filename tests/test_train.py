@@ -140,6 +140,18 @@ def test_resume_latest_starts_a_new_run_where_there_is_no_checkpoint(tmp_path, c
     assert os.listdir(tmp_path / "d" / "checkpoints") == ["step-00000005"]
 
 
+def test_auto_device_refuses_a_process_without_a_gpu(monkeypatch):
+    """torchrun with more processes than GPUs: --device auto would hand process 1 a cuda:1 that does not exist
+    (a CUDA error deep in the first step); it is refused up front, naming the fix."""
+    from fastddpm.train.loop import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto", 0) == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 .*cuda:1.* 1 GPU\(s\) are visible.*--device cpu"):
+        pick_device("auto", 1)
+
+
 def test_resume_refuses_changing_the_run(tmp_path, capsys):
     assert _run(tmp_path / "a", "--steps", "1") == 0
     rc = main(["train", "--resume", str(tmp_path / "a"), "--batch-size", "16", "--steps", "2"])

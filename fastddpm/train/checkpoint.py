@@ -193,7 +193,7 @@ def any_checkpoint(path: str) -> bool:
     if os.path.exists(os.path.join(path, "state.json")):
         return True
     for root in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(root) and any(n == "latest" or n.startswith("step-") for n in os.listdir(root)):
+        if os.path.isdir(root) and any(n == "latest" or _STEP_RE.match(n) for n in os.listdir(root)):
             return True
     return False
 

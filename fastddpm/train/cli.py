@@ -37,7 +37,8 @@ _HELP = {
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)")
     p.add_argument("--resume", metavar="DIR|latest",
-                   help="continue from a checkpoint folder, a run folder, or 'latest' (under --out)")
+                   help="continue from a checkpoint folder, a run folder, or 'latest' (under --out; where --out "
+                        "holds no checkpoint yet, a new run starts there)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         h = _HELP.get(f.name, "")

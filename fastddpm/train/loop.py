@@ -81,9 +81,14 @@ def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
     try:
         return preset(**over).config
     except ValueError as exc:
-        native = preset().config.sample_size  # (built only to name the size in the error)
-        if "sample_size" in cfg.unet or native == image_size:
+        if "sample_size" in cfg.unet:
             raise
+        # the error path only: the preset's own size, and whether the preset would build at it
+        native = preset().config.sample_size
+        try:
+            preset(**{**over, "sample_size": native})
+        except ValueError:
+            raise exc from None  # not the size: another setting (a --unet override) is at fault
         raise ValueError(f"--model: the {cfg.model} preset is built for {native}x{native} images and does not fit the "
                          f"data's {image_size}x{image_size} ({exc}); pass --image-size {native}, or adjust the "
                          "preset with --unet") from exc
@@ -144,7 +149,13 @@ class Dist:
 
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"--device: auto gives process LOCAL_RANK={local_rank} the GPU cuda:{local_rank}, but "
+                             f"{torch.cuda.device_count()} GPU(s) are visible; start one process per GPU "
+                             "(torchrun --nproc_per_node), or pass --device cpu")
+        return torch.device(f"cuda:{local_rank}")
     try:
         dev = torch.device(name)
     except RuntimeError as exc:  # "Invalid device string: 'cuda:x'"
@@ -191,7 +202,7 @@ def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, scale: int = 
     from .._io import save_image
 
     n, c, h, w = x.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    nrow = min(nrow or max(1, math.ceil(math.sqrt(n))), max(n, 1))  # no empty columns
     rows = math.ceil(n / nrow)
     img = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     img = img.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
@@ -209,7 +220,7 @@ def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, scale: int = 
 def grid_size(n: int, h: int, w: int, nrow: int | None = None, scale: int = 1,
               pad: int = 2) -> tuple[int, int]:
     """(width, height) of save_grid's PNG."""
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    nrow = min(nrow or max(1, math.ceil(math.sqrt(n))), max(n, 1))
     rows = math.ceil(n / nrow)
     return (nrow * (w + pad) + pad) * scale, (rows * (h + pad) + pad) * scale
 
@@ -297,8 +308,8 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
     """Train; returns a summary dict (final step, checkpoint folder, last loss, stopped_by).
 
     ``resume``: a checkpoint folder, a run folder, or "latest" (the latest checkpoint under ``cfg.out``; where
-    ``cfg.out`` holds no checkpoint at all, not even an unfinished one, a new run starts there, so that the
-    same command starts a run and, after an interruption, resumes it).
+    ``cfg.out`` holds none, or only the hidden folder of a save that was interrupted, a new run starts there,
+    so that the same command starts a run and, after an interruption, resumes it).
     ``given``: the settings explicitly given for this call (on resume they override the saved ones where
     that is allowed, and are refused where it would change the run).
     """
