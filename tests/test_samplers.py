@@ -1101,6 +1101,17 @@ def test_sample_bad_input():
         fastddpm.sample(lambda x, t: "x", SHAPE, steps=2, progress=False)
 
 
+def test_sample_checks_a_unets_input_shape_before_its_first_step(capsys):
+    """A shape fastddpm's UNet does not take is refused before the loop (no progress bar, no model call)."""
+    net = fastddpm.UNet.tiny()
+    calls = []
+    net.register_forward_pre_hook(lambda *a: calls.append(1))
+    for shape, match in (((1, 3, 7, 7), "multiples of 2"), ((1, 1, 8, 8), r"expected shape \(B, 3, H, W\)")):
+        with pytest.raises(ValueError, match=match):
+            fastddpm.sample(net, shape, steps=2)
+    assert calls == [] and "it/s" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------
 # CUDA graphs: what runs without CUDA
 # ---------------------------------------------------------------------------

@@ -537,18 +537,22 @@ class UNet(nn.Module):
         return state_dict_to_ddpm({k: v.detach() for k, v in self.state_dict().items()}, self.config)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
-        """x: (B, in_channels, H, W) with H and W multiples of 2**(levels - 1); t: (B,) or a scalar
-        (int or float timesteps). Returns (B, out_channels, H, W)."""
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"x: expected shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
-            )
-        B, _, H, W = x.shape
+    def check_input_shape(self, shape) -> None:
+        """Raise ValueError unless ``shape`` is an input this network takes: (B, in_channels, H, W) with H and W
+        multiples of 2**(levels - 1) (fastddpm.sample checks it before its first step)."""
+        if len(shape) != 4 or shape[1] != self.config.in_channels:
+            raise ValueError(f"x: expected shape (B, {self.config.in_channels}, H, W), got {tuple(shape)}")
+        H, W = shape[2], shape[3]
         div = 2 ** (self.config.num_levels - 1)
         if H % div or W % div:
             raise ValueError(f"x: height and width must be multiples of {div} (the down path halves them "
                              f"{self.config.num_levels - 1} times), got {H}x{W}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
+        """x: (B, in_channels, H, W) with H and W multiples of 2**(levels - 1); t: (B,) or a scalar
+        (int or float timesteps). Returns (B, out_channels, H, W)."""
+        self.check_input_shape(x.shape)
+        B = x.shape[0]
         if not torch.is_tensor(t):
             t = torch.full((B,), t, device=x.device,
                            dtype=torch.float32 if isinstance(t, float) else torch.long)

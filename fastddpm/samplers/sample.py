@@ -153,6 +153,9 @@ def sample(
     generator, seed = _resolve_rng(plan, generator, seed)
     if cuda_graph and plan.sampler == "dpm++2m":
         raise ValueError("cuda_graph: supported with sampler='ddpm' and 'ddim', not 'dpm++2m'")
+    check_shape = getattr(model, "check_input_shape", None)  # fastddpm's UNet: before the progress bar starts
+    if callable(check_shape):
+        check_shape(tuple(plan.shape))
     with _fast_math(fast_math):
         return _sample(model, plan, generator, seed, progress, callback, return_intermediates, cuda_graph,
                        backend, channels_last)
