@@ -92,6 +92,11 @@ def generate(lm, n: int, batch_size: int, sampler: str, steps: int | None, seed:
     return out
 
 
+def grid_path(args: argparse.Namespace) -> str | None:
+    """The PNG grid to write: --out, or samples.png where neither --npz nor --png-dir is given."""
+    return args.out if args.out is not None or args.npz or args.png_dir else "samples.png"
+
+
 def check_sample_args(args: argparse.Namespace) -> None:
     """Every mistake that can be seen before the model is loaded and sampled, as a UsageError."""
     from ._io import IMAGE_FORMATS, check_output_dir, check_output_file
@@ -108,8 +113,8 @@ def check_sample_args(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     try:
-        if args.out is not None or not (args.npz or args.png_dir):
-            check_output_file(args.out or "samples.png", "--out", tuple(IMAGE_FORMATS))
+        if grid_path(args):
+            check_output_file(grid_path(args), "--out", tuple(IMAGE_FORMATS))
         if args.npz:
             check_output_file(args.npz, "--npz", (".npz",))
         if args.png_dir:
@@ -177,9 +182,7 @@ def run(args: argparse.Namespace) -> int:
     T = lm.schedule.num_train_timesteps
     if steps is not None and steps > T:
         raise UsageError(f"--steps: {steps} is more than the model's {T} training timesteps")
-    out = args.out
-    if out is None and not args.npz and not args.png_dir:
-        out = "samples.png"
+    out = grid_path(args)
     scale = args.scale or max(1, 64 // lm.image_shape[-1])
     if out:
         check_grid(args.n, lm.image_shape[-2], lm.image_shape[-1], args.nrow, scale)

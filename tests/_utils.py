@@ -31,6 +31,14 @@ def backends_for(device: torch.device, op: str) -> list[str]:
     return out
 
 
+def repo_env(**overrides: str) -> dict[str, str]:
+    """The environment for a subprocess that imports this checkout's fastddpm: the repository first on
+    PYTHONPATH, then ``overrides``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **overrides}
+
+
 def devices_to_test() -> list[torch.device]:
     devs = [torch.device("cpu")]
     if HAS_CUDA:

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from _utils import repo_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +29,7 @@ def _block() -> list[list[str]]:
 
 
 def _run(argv: list[str], cwd) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env = repo_env(OMP_NUM_THREADS="1")
     env.pop("FASTDDPM_DEBUG", None)
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from _utils import repo_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -59,15 +60,9 @@ def _assert_same_checkpoint(a: str, b: str) -> None:
             assert torch.equal(ta[k], tb[k]), f"{fn}: {k} differs"
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _spawn(out, *extra):
     cmd = [sys.executable, "-m", "fastddpm"] + BASE + ["--out", str(out), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -432,7 +427,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fastddpm"] + args + ["--out", str(tmp_path / "two")]
-    env = _env()
+    env = repo_env()
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -124,7 +124,7 @@ def group_norm_silu(
         raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    b = _dispatch.resolve(_OP, backend, x.device, x.dtype, x.dim() if x.dim() > 5 else None)
+    b = _dispatch.resolve(_OP, backend, x.device, x.dtype, x.dim())
     if b != "cpu" or type(num_groups) is not int or type(eps) is not float:
         # On the CPU path the C++ op checks every argument (with the same TypeError / ValueError
         # messages), so Python repeats nothing there: small U-Net shapes are call-overhead bound.
