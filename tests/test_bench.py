@@ -108,9 +108,9 @@ def test_plots_from_the_smoke_csv(smoke_run, tmp_path):
         assert f"wrote {out / name}" in r.stderr
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 200
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"),
+    r = subprocess.run([sys.executable, "-m", "fastddpm.bench.plot",
                         "--timings", str(out / "bench_timings.csv"), "--counts", str(out / "bench_counts.csv"),
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     for name in ("bench_speedup.png", "bench_end_to_end.png", "bench_counts.png"):
         p = tmp_path / name

@@ -1,6 +1,6 @@
 """PNG plots from the CSVs that `fastddpm bench --csv` appends to (needs matplotlib).
 
-    python benchmarks/plot.py [--timings CSV] [--counts CSV] [--out DIR] [--run RUN_ID]
+    python -m fastddpm.bench.plot [--timings CSV] [--counts CSV] [--out DIR] [--run RUN_ID]
 
 One run is plotted (default: the latest in the file, by its run_id):
 
