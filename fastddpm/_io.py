@@ -104,6 +104,8 @@ def _probe_folder(folder: str, flag: str) -> None:
 
 def check_output_file(path: str, flag: str, exts: tuple[str, ...] | None = None) -> None:
     """Before the work: ``path`` can be written as a file (not a folder, folder writable, known type)."""
+    if not path:
+        raise ValueError(f"{flag}: expected a file name, got {path!r}")
     if os.path.isdir(path):
         raise ValueError(f"{flag}: {path!r} is a folder; expected a file name")
     if exts is not None and os.path.splitext(path)[1].lower() not in exts:
@@ -113,6 +115,8 @@ def check_output_file(path: str, flag: str, exts: tuple[str, ...] | None = None)
 
 def check_output_dir(path: str, flag: str) -> None:
     """Before the work: ``path`` is (or can be made) a folder that can be written."""
+    if not path:
+        raise ValueError(f"{flag}: expected a folder name, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag}: {path!r} is a file; expected a folder")
     _probe_folder(path, flag)

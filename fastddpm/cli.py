@@ -13,8 +13,40 @@ import traceback
 from collections.abc import Callable, Sequence
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad usage or bad input: reported in one line with exit code 2."""
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"{flag}: expected an integer in [0, 2**63), got {seed}")
+
+
+def check_threads(threads: int, flag: str = "--threads") -> None:
+    """0 (torch's default) up to 4 threads per core: torch starts every thread it is told to, and tens of
+    thousands exhaust the process's memory map before any work starts."""
+    most = 4 * (os.cpu_count() or 1)
+    if not 0 <= threads <= most:
+        raise UsageError(f"{flag}: expected 0 (torch's default) or a number of threads up to {most} (4 per core "
+                         f"of this machine's {os.cpu_count()}), got {threads}")
+
+
+def parse_device(name: str, flag: str = "--device"):
+    """``name`` as a torch.device this library runs on: cpu, or cuda[:N] where that GPU is visible."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:  # "Invalid device string: 'cuda:x'"
+        raise UsageError(f"{flag}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag}: expected cpu or cuda[:N], got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag}: {name} requested but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag}: {name} requested but {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
 
 
 # Optional packages a command may import, and the pip command that installs each.
@@ -90,8 +122,11 @@ def _demo(args: argparse.Namespace) -> int:
         ts = [int(s) for s in args.timesteps.split(",") if s.strip()]
     except ValueError as exc:
         raise UsageError(f"--timesteps: expected comma-separated integers, got {args.timesteps!r}") from exc
+    if not ts:
+        raise UsageError(f"--timesteps: expected at least one timestep, got {args.timesteps!r}")
     if args.image_size < 8:
         raise UsageError(f"--image-size: expected at least 8, got {args.image_size}")
+    check_seed(args.seed)
     from ._io import IMAGE_FORMATS, check_output_file
 
     check_output_file(args.out, "--out", tuple(IMAGE_FORMATS))
@@ -171,6 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # read or written.
         return fail(exc)
     except (MemoryError, RuntimeError) as exc:
+        from .ops._dispatch import BackendNotSupported
+
+        if isinstance(exc, BackendNotSupported):
+            # a backend that was asked for (--backend, or FASTDDPM_BACKEND in place of auto) cannot run here
+            asked = ("--backend" if getattr(args, "backend", "auto") != "auto"
+                     else "FASTDDPM_BACKEND" if os.environ.get("FASTDDPM_BACKEND") else "backend")
+            return fail(exc, f"{asked}: {_one_line(exc)}")
         # An allocation the machine cannot make (CPU: "can't allocate memory", CUDA: torch.OutOfMemoryError),
         # e.g. from --image-size or --batch-size far too large: one line, not a traceback.
         if not isinstance(exc, MemoryError) and not any(s in str(exc) for s in ("can't allocate memory",

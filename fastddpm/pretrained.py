@@ -144,6 +144,10 @@ def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", ste
     from ._io import atomic_path
 
     lm = load_training_checkpoint(ckpt, weights)
+    T = lm.schedule.num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps: expected the model's default number of sampling steps, 1 to its {T} "
+                         f"training timesteps, got {steps!r}")
     meta = {"format": MODEL_FORMAT, "unet_config": lm.model.config.to_dict(), "schedule": lm.info["schedule"],
             "prediction_type": lm.prediction_type, "sampler": sampler, "steps": steps,
             "trained_steps": lm.info["step"], "weights": weights, "train_config": lm.info.get("config")}

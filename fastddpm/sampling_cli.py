@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .cli import UsageError, command
+from .cli import UsageError, check_seed, check_threads, command, parse_device
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -107,17 +107,22 @@ def check_sample_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag}: expected a positive integer, got {getattr(args, name)}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
-    if args.threads < 0:
-        raise UsageError(f"--threads: expected 0 (torch's default) or a positive integer, got {args.threads}")
+    check_threads(args.threads)
+    check_seed(args.seed)
+    if not 0 <= args.eta < math.inf:
+        raise UsageError(f"--eta: expected a finite number >= 0, got {args.eta}")
+    for name in ("model", "ckpt"):
+        if getattr(args, name) == "":
+            raise UsageError(f"--{name}: expected a path, got ''")
     for name in ("nrow", "scale"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
     try:
-        if grid_path(args):
+        if grid_path(args) is not None:
             check_output_file(grid_path(args), "--out", tuple(IMAGE_FORMATS))
-        if args.npz:
+        if args.npz is not None:
             check_output_file(args.npz, "--npz", (".npz",))
-        if args.png_dir:
+        if args.png_dir is not None:
             check_output_dir(args.png_dir, "--png-dir")
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -158,12 +163,7 @@ def run(args: argparse.Namespace) -> int:
     check_sample_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device: {args.device} requested but no CUDA device is available")
+    device = parse_device(args.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and device.type == "cuda" and device.index is None:
@@ -236,10 +236,15 @@ def _export_args(p: argparse.ArgumentParser) -> None:
          _export_args)
 def run_export(args: argparse.Namespace) -> int:
     from . import pretrained
+    from ._io import check_output_file
     from .train.checkpoint import CheckpointError
 
-    if not args.out.endswith(".safetensors"):
-        raise UsageError(f"--out: expected a .safetensors path, got {args.out!r}")
+    if args.steps < 1:
+        raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
+    try:
+        check_output_file(args.out, "--out", (".safetensors",))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     try:
         pretrained.export(args.ckpt, args.out, args.weights, args.sampler, args.steps)
     except CheckpointError as exc:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from _utils import HAS_CUDA, assert_backends_tested, backends_for, devices_to_test, stable_seed
 
+import fastddpm
 from fastddpm import NoiseSchedule, ops
 from fastddpm.ops import reference
 
@@ -304,6 +305,17 @@ def test_ddim_step_bad_input():
         ops.ddim_step(x, torch.randn(2, 3, 4, 5), 10, SCHED)
     with pytest.raises(ValueError, match="eta"):
         ops.ddim_step(x, x, 10, SCHED, eta=-0.1)
+    for eta in (float("inf"), float("nan")):  # an infinite eta made every value inf (NaN images)
+        with pytest.raises(ValueError, match="eta: expected a finite non-negative number"):
+            ops.ddim_step(x, x, 10, SCHED, eta=eta, noise=x)
+        sch = fastddpm.DDIMScheduler()
+        sch.set_timesteps(10)
+        with pytest.raises(ValueError, match="eta: expected a finite"):
+            sch.step(x, 100, x, eta=eta)
+        with pytest.raises(ValueError, match="eta: expected a finite"):
+            fastddpm.sample(lambda x, t: x, (1, 1, 2, 2), sampler="ddim", steps=2, eta=eta, progress=False)
+    with pytest.raises(TypeError, match="eta: expected a non-negative number, got '1'"):
+        ops.ddim_step(x, x, 10, SCHED, eta="1")
     with pytest.raises(ValueError, match="prev_t"):
         ops.ddim_step(x, x, 10, SCHED, prev_t=10)
     with pytest.raises(ValueError, match="final_alpha_cumprod"):

@@ -293,6 +293,17 @@ def test_tensor_offset_is_bitwise_the_int_offset(device, backend):
             assert torch.equal(c, want) and not torch.equal(c, a), (backend, off, vt)
 
 
+def test_offset_past_int64_is_named():
+    """An int offset of 2**63 or more used to reach the schema as "Expected a value of type 'int' for argument
+    'offset' but instead found type 'int'"."""
+    x = torch.randn(2, 3)
+    for off in (2**63, 2**64):
+        with pytest.raises(ValueError, match=r"offset: expected an integer in \[0, 2\*\*63\)"):
+            ops.philox_randn((8,), 7, off)
+        with pytest.raises(ValueError, match=r"offset: expected an integer in \[0, 2\*\*63\)"):
+            ops.ddpm_step(x, x, 5, NoiseSchedule(), noise="philox", seed=0, offset=off)
+
+
 def test_tensor_offset_bad_input_opcheck_and_compile():
     x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     bad = [

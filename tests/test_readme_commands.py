@@ -75,3 +75,4 @@ def test_torchrun_line(tmp_path):
     r = _run(argv, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "runs" / "ddp").is_dir()
+    assert (r.stdout + r.stderr).count("trained to step") == 1, r.stderr[-3000:]  # rank 0 reports, alone

@@ -290,6 +290,56 @@ def test_ddpm_half_precision(dtype, monkeypatch):
     assert rel(a, ref) <= max(rel(b, ref), torch.finfo(dtype).eps), (rel(a, ref), rel(b, ref))
 
 
+def test_sample_refuses_what_it_used_to_truncate_or_fail_deep_inside():
+    model = fastddpm.UNet.tiny()
+    for ts, match in (([999.7, 500.2, 0.0], "timesteps: expected integers, got 999.7"),
+                      (torch.tensor([999.0, 0.5]), "timesteps: expected integers, got 0.5"),
+                      ([float("inf")], "timesteps: expected integers, got inf"),
+                      ([], "timesteps: expected at least one timestep")):
+        with pytest.raises(ValueError, match=match):
+            fastddpm.sample(model, (1, 3, 8, 8), timesteps=ts, progress=False)
+    # integral values of any type are timesteps (a float tensor of whole numbers, numpy integers)
+    a = fastddpm.sample(model, (1, 3, 8, 8), timesteps=torch.tensor([999.0, 0.0]), seed=0, progress=False)
+    b = fastddpm.sample(model, (1, 3, 8, 8), timesteps=np.array([999, 0]), seed=0, progress=False)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"dtype: torch.float16 is not the dtype of the model's parameters"):
+        fastddpm.sample(model, (1, 3, 8, 8), steps=2, dtype=torch.float16, progress=False)
+    for seed in (2**70, -1):  # torch.Generator.manual_seed's "Overflow when unpacking long long"
+        with pytest.raises(ValueError, match=r"seed: expected an integer in \[0, 2\*\*63\)"):
+            fastddpm.sample(model, (1, 3, 8, 8), steps=2, seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+@pytest.mark.parametrize("model_dtype, sample_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                                       (torch.float16, torch.float32)])
+@pytest.mark.parametrize("gen", ["one", "list", "global"])
+def test_step_with_mixed_dtypes_matches_diffusers(kind, model_dtype, sample_dtype, gen):
+    """A model output in another dtype than the sample: diffusers steps in the promoted dtype and draws the
+    noise in the model output's dtype (randn_tensor(..., dtype=model_output.dtype)), so the same generator
+    gives other numbers than a draw in the sample's dtype (the drop-in gave float32 results 3.4 away)."""
+    D, F = ((diffusers.DDPMScheduler(), DDPMScheduler()) if kind == "ddpm"
+            else (diffusers.DDIMScheduler(), fastddpm.DDIMScheduler()))
+    kw = {} if kind == "ddpm" else {"eta": 1.0}
+    g = torch.Generator().manual_seed(1)
+    m, x = torch.randn(SHAPE, generator=g).to(model_dtype), torch.randn(SHAPE, generator=g).to(sample_dtype)
+    out = []
+    for s in (D, F):
+        s.set_timesteps(10)
+        torch.manual_seed(5)  # the global generator, for gen="global"
+        gens = {"one": torch.Generator().manual_seed(0), "global": None,
+                "list": [torch.Generator().manual_seed(i) for i in range(SHAPE[0])]}[gen]
+        out.append(s.step(m, 100, x, generator=gens, **kw))  # sqrt(abar_t) ~ 0.94: little amplification
+    theirs, ours = out
+    assert ours.prev_sample.dtype == theirs.prev_sample.dtype == torch.promote_types(model_dtype, sample_dtype)
+    # diffusers takes its coefficients (sqrt(abar_t) ...) from 0-d float32 tensors, so its float64 step holds
+    # float32 roundings; with a float16 operand it also rounds products such as sqrt(1 - abar_t) eps and
+    # sigma z to float16, where fastddpm computes in float32 (a float16 rounding of terms of size ~1).
+    # A draw in the sample's dtype (the defect) is off by O(1).
+    tol = 1e-6 if torch.float16 not in (model_dtype, sample_dtype) else 2e-3
+    for a, b in ((ours.prev_sample, theirs.prev_sample), (ours.pred_original_sample, theirs.pred_original_sample)):
+        assert (a.double() - b.double()).abs().max() < tol
+
+
 # ---------------------------------------------------------------------------
 # Ho et al. 2020, Algorithm 2, written independently in float64
 # ---------------------------------------------------------------------------

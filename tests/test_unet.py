@@ -224,6 +224,11 @@ def test_config_json_round_trip():
     (dict(channel_mult=()), "channel_mult"),
     (dict(dropout=1.5), "dropout"),
     (dict(in_channels=0), "in_channels"),
+    # JSON/TOML values of the wrong type: "12" was read as the levels (1, 2), "no" as true
+    (dict(channel_mult="12"), "channel_mult: expected a list of integers, got '12'"),
+    (dict(mid_attention="no"), "mid_attention: expected true or false, got 'no'"),
+    (dict(dropout="a"), "dropout: expected a finite number, got 'a'"),
+    (dict(base_channels=True), "base_channels: expected an integer, got True"),
     # the embedding is the first level's width (8 here), not base_channels': half of it is 4
     (dict(base_channels=4, channel_mult=(2, 2), norm_num_groups=4, attention_resolutions=(), freq_shift=4),
      "freq_shift: 4 equals half of the first level's width 8"),

@@ -63,9 +63,12 @@ def execute(args: argparse.Namespace, log=None) -> tuple[list[dict], dict, str]:
     if args.csv is not None and os.path.exists(args.csv) and not os.path.isdir(args.csv):
         raise UsageError(f"--csv: {args.csv!r} exists and is not a folder")
     if args.markdown is not None:
-        parent = os.path.dirname(os.path.abspath(args.markdown))
-        if not os.path.isdir(parent):
-            raise UsageError(f"--markdown: the folder {parent!r} does not exist")
+        from .._io import check_output_file
+
+        try:
+            check_output_file(args.markdown, "--markdown")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     if args.threads:
         torch.set_num_threads(args.threads)
     log(f"fastddpm bench: {args.suite} suite, {len(chosen)} cases")

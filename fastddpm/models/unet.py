@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import nn as fnn
+from .._fields import check_fields
 from ..compat.ddpm_keys import state_dict_from_ddpm, state_dict_to_ddpm
 
 __all__ = ["UNet", "UNetConfig", "state_dict_from_ddpm", "state_dict_to_ddpm"]
@@ -79,6 +80,7 @@ class UNetConfig:
     mid_block_scale_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        check_fields(self)  # "12" is not a list of levels, "no" not true or false
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
         self.validate()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..schedule import NoiseSchedule
@@ -189,8 +191,18 @@ def philox_stream(seed, offset, device: torch.device | None = None) -> None:
         else:
             torch._assert_async(offset >= 0, "offset: expected a non-negative integer")
         return
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset: expected a non-negative integer or a 0-d int64 tensor, got {offset!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**63:
+        raise ValueError(f"offset: expected an integer in [0, 2**63) or a 0-d int64 tensor, got {offset!r}")
+
+
+def check_eta(value) -> float:
+    """DDIM's eta as a float: a finite number >= 0 (an infinite eta makes every sigma infinite: NaN images)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"eta: expected a non-negative number, got {value!r}")
+    v = float(value)
+    if not 0 <= v < math.inf:
+        raise ValueError(f"eta: expected a finite non-negative number, got {v}")
+    return v
 
 
 def check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range) -> None:

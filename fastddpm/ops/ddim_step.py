@@ -63,9 +63,7 @@ def ddim_step(
         backend: "auto", "cpu", "cuda", "triton" or "torch".
     """
     _checks.check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range)
-    eta = float(eta)
-    if not eta >= 0:
-        raise ValueError(f"eta: expected a non-negative number, got {eta}")
+    eta = _checks.check_eta(eta)
     final_alpha_cumprod = float(final_alpha_cumprod)
     if not 0 < final_alpha_cumprod <= 1:
         raise ValueError(f"final_alpha_cumprod: expected a value in (0, 1], got {final_alpha_cumprod}")

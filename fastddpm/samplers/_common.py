@@ -403,11 +403,16 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
     order = 1
 
     @staticmethod
-    def _matching_output(model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """``model_output`` checked against ``sample``'s shape and device, in its dtype (as diffusers casts it)."""
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
-        return ops.check_like(model_output, sample, "model_output", "sample")
+    def _matching_output(model_output: torch.Tensor, sample: torch.Tensor):
+        """(model_output, sample, the dtype of the step's noise) as diffusers' arithmetic has them: both in
+        their promoted dtype (a float64 model output makes a float64 step of a float32 sample), the noise
+        drawn in the model output's dtype (randn_tensor(..., dtype=model_output.dtype)); model_output checked
+        against sample's shape and device."""
+        noise_dtype = model_output.dtype
+        if model_output.dtype != sample.dtype:  # (promote_types is a dispatched op: not on the common path)
+            dt = torch.promote_types(model_output.dtype, sample.dtype)
+            model_output, sample = model_output.to(dt), sample.to(dt)
+        return ops.check_like(model_output, sample, "model_output", "sample"), sample, noise_dtype
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):

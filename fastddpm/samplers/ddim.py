@@ -128,10 +128,8 @@ class DDIMScheduler(FastddpmSchedulerMixin):
             raise TypeError(f"sample: expected a torch.Tensor, got {type(sample).__name__}")
         if not isinstance(model_output, torch.Tensor):
             raise TypeError(f"model_output: expected a torch.Tensor, got {type(model_output).__name__}")
-        model_output = self._matching_output(model_output, sample)
-        eta = float(eta)
-        if not eta >= 0:
-            raise ValueError(f"eta: expected a non-negative number, got {eta}")
+        model_output, sample, noise_dtype = self._matching_output(model_output, sample)
+        eta = ops.check_eta(eta)
         cfg = self.config
         T = cfg.num_train_timesteps
         stride = T // self.num_inference_steps  # >= 1: set_timesteps takes at most T steps
@@ -157,8 +155,8 @@ class DDIMScheduler(FastddpmSchedulerMixin):
                 )
             if variance_noise is not None:
                 noise = variance_noise.to(sample.dtype)
-            elif isinstance(generator, (list, tuple)):
-                noise = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype)
+            elif isinstance(generator, (list, tuple)) or noise_dtype != sample.dtype:
+                noise = randn_like_diffusers(sample.shape, generator, sample.device, noise_dtype).to(sample.dtype)
             else:
                 noise, gen = None, generator
 

@@ -310,7 +310,7 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
             )
         elif vt not in VARIANCE_TYPES:
             raise ValueError(f"variance_type: expected one of {', '.join(VARIANCE_TYPES)}, got {vt!r}")
-        model_output = self._matching_output(model_output, sample)
+        model_output, sample, noise_dtype = self._matching_output(model_output, sample)
         if predicted_variance is not None:
             predicted_variance = predicted_variance.to(sample.dtype)
         step = self._prepared_step("ddpm_step", sample)  # also checks sample's dtype and rank
@@ -336,8 +336,9 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
         noise = None  # drawn from generator by the step, as diffusers draws it
         if t_host == 0 or (t_host is None and t.is_cpu and not bool((t > 0).any())):
             noise = "none"  # diffusers draws no noise at t = 0
-        elif isinstance(generator, (list, tuple)):
-            noise, generator = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype), None
+        elif isinstance(generator, (list, tuple)) or noise_dtype != sample.dtype:
+            noise = randn_like_diffusers(sample.shape, generator, sample.device, noise_dtype).to(sample.dtype)
+            generator = None
         prev, pred = step(
             sample,
             model_output,

@@ -6,6 +6,8 @@ step with the plan's settings, and x_T.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -71,8 +73,7 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
         raise ValueError(f"variance_type: unknown {variance_type!r}")
     if sampler != "ddpm" and variance_type in ("learned", "learned_range"):
         raise ValueError("variance_type: the learned variance types apply to sampler='ddpm' only")
-    if not float(eta) >= 0:
-        raise ValueError(f"eta: expected a non-negative number, got {eta}")
+    eta = ops.check_eta(eta)
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape: expected (batch, channels, ...) with positive sizes, got {shape}")
@@ -84,6 +85,13 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
         if steps is not None:
             raise ValueError("steps, timesteps: pass one of them, not both")
         ts = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+        if not ts:
+            raise ValueError("timesteps: expected at least one timestep, got none")
+        bad = [t for t in ts if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t)
+               or float(t) != int(t)]
+        if bad:  # 999.7 would be truncated to 999 without a word
+            raise ValueError(f"timesteps: expected integers, got {bad[0]!r}")
+        ts = [int(t) for t in ts]
         if any(int(t) < 0 or int(t) >= T for t in ts):
             raise ValueError(f"timesteps: expected values in [0, {T}), got {ts}")
         if len(set(int(t) for t in ts)) != len(ts):

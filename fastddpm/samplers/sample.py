@@ -24,11 +24,11 @@ __all__ = ["sample", "SamplingPlan", "plan_sampling", "call_model", "initial_noi
 
 
 def _resolve_rng(plan: SamplingPlan, generator, seed):
+    if plan.noise == "philox" and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
     if plan.noise == "philox":
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        if not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
         return None, seed
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -67,6 +67,11 @@ def _infer_device_dtype(model, device, dtype):
         p = next(iter(model.parameters()), None)
         if p is not None:
             device = device if device is not None else p.device
+            if dtype is not None and p.is_floating_point() and dtype != p.dtype and not torch.is_autocast_enabled(
+                    torch.device(device).type):
+                # the model's first layer would refuse the images deep inside its forward
+                raise ValueError(f"dtype: {dtype} is not the dtype of the model's parameters ({p.dtype}); convert "
+                                 f"the model (model.to({dtype})) or leave dtype out")
             dtype = dtype if dtype is not None else p.dtype
     return (torch.device(device) if device is not None else torch.device("cpu")), (dtype or torch.float32)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from ..cli import UsageError, command
@@ -78,11 +79,12 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         print(f"fastddpm train: error: {exc}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for every process
+        return 0
     if summary["stopped_by"]:
         print(f"fastddpm train: stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "
               f"{summary['checkpoint']}; continue with --resume {summary['out']}", file=sys.stderr)
         return 0
-    print(f"trained to step {summary['step']}, loss {summary['loss']:.4g}; "
-          f"checkpoint {summary['checkpoint']}",
-          file=sys.stderr)
+    loss = "no step taken" if summary["loss"] is None else f"loss {summary['loss']:.4g}"
+    print(f"trained to step {summary['step']}, {loss}; checkpoint {summary['checkpoint']}", file=sys.stderr)
     return 0

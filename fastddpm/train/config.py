@@ -12,6 +12,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .._fields import annotations, check_fields, check_value
+
 OBJECTIVES = ("eps", "x0", "v")
 # objective -> the prediction_type name the samplers use
 PREDICTION_TYPE = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -57,6 +59,8 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        check_fields(self, lambda name: "--" + name.replace("_", "-"))  # types first: TOML's "no" is a string
+
         def pos(name, minimum=1):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
@@ -69,6 +73,10 @@ class TrainConfig:
             pos(n, 0)
         if self.image_size is not None:
             pos("image_size")
+        from ..cli import check_seed, check_threads
+
+        check_seed(self.seed)
+        check_threads(self.threads)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not (self.lr > 0):
@@ -88,6 +96,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"--unet: unknown UNetConfig field(s) {', '.join(map(repr, unknown))} "
                              f"(known: {', '.join(sorted(known))})")
+        types = annotations(UNetConfig)
+        for k, v in self.unet.items():
+            check_value(f"--unet {k}", types[k], v)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -156,13 +156,10 @@ def pick_device(name: str, local_rank: int) -> torch.device:
                              f"{torch.cuda.device_count()} GPU(s) are visible; start one process per GPU "
                              "(torchrun --nproc_per_node), or pass --device cpu")
         return torch.device(f"cuda:{local_rank}")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:  # "Invalid device string: 'cuda:x'"
-        raise ValueError(f"--device: {exc}") from None
+    from ..cli import parse_device
+
+    dev = parse_device(name)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device: {name} requested but no CUDA device is available")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
     return dev
@@ -323,6 +320,14 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
         ck = ckpt_mod.resolve(path)
         meta = ckpt_mod.read_state(ck)
         cfg = _resume_config(cfg, set(given or ()), meta)
+        done = int(meta["step"])
+        if cfg.steps < done:
+            raise ValueError(f"--steps: {cfg.steps} is below the step of the checkpoint resumed from ({done}); "
+                             f"--steps is the run's total: pass more than {done} to train further")
+        if cfg.steps == done:  # the same command again after the run finished: nothing to do
+            log(f"{ck} is at step {done}, the --steps total: nothing to train (pass a larger --steps to go on)")
+            return {"step": done, "checkpoint": ck, "loss": None, "stopped_by": None, "out": cfg.out,
+                    "config": dataclasses.asdict(cfg)}
         if resume != "latest" and "out" not in (given or ()):
             # Continue in the run folder the checkpoint belongs to.
             parent = os.path.dirname(os.path.abspath(ck))
