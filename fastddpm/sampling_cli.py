@@ -178,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         # collapse (6x slower measured) when other processes share the cores.
         torch.set_num_threads(1)
     sampler = args.sampler or lm.sampler
+    if args.eta and sampler != "ddim":
+        raise UsageError(f"--eta: DDIM's eta applies to --sampler ddim only; this run samples with {sampler}")
     steps = args.steps if args.steps is not None else (lm.steps if sampler == lm.sampler else None)
     T = lm.schedule.num_train_timesteps
     if steps is not None and steps > T:

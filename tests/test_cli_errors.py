@@ -241,3 +241,236 @@ def test_debug_shows_the_traceback(tmp_path, how):
     assert r.returncode == 2
     assert "Traceback (most recent call last)" in r.stderr and "UsageError" in r.stderr
     assert r.stderr.rstrip().splitlines()[-1].startswith("fastddpm sample: error: --out:")
+
+
+# --- fastddpm eval: the classifier, the model's image shape, --npz, --n and --seeds are checked before the work.
+# A default eval that would sample long (2,000 images, all 1000 DDPM steps of the shipped model).
+EVAL_LONG = ["eval", "--n", "2000", "--sampler", "ddpm", "--steps", "1000"]
+
+
+def _exported_unet(path, sample_size=8, in_channels=1):
+    """An exported model (NAME.safetensors + NAME.json, as fastddpm export writes) of a small random U-Net."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fastddpm.models.unet import UNet, UNetConfig
+
+    cfg = UNetConfig(sample_size=sample_size, in_channels=in_channels, base_channels=8, channel_mult=(1, 2),
+                     layers_per_block=1, attention_resolutions=(), norm_num_groups=4)
+    save_file({k: v.contiguous() for k, v in UNet(cfg).state_dict().items()}, str(path))
+    meta = {"format": "fastddpm-model", "unet_config": cfg.to_dict(), "sampler": "ddim", "steps": 50}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def test_eval_classifier_that_is_not_a_digit_classifier(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from fastddpm.eval.metrics import DigitClassifier
+
+    garbage = tmp_path / "bad.safetensors"
+    garbage.write_text("garbage\n")
+    unet = _exported_unet(tmp_path / "unet.safetensors")
+    sd = {k: v.contiguous() for k, v in DigitClassifier().state_dict().items()}
+    sd["fc.weight"] = torch.zeros(64, 10)
+    reshaped = tmp_path / "reshaped.safetensors"
+    save_file(sd, str(reshaped))
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    for path, why in [(garbage, "is not a readable safetensors file"),
+                      (unet, "is not a digit classifier's weights"),
+                      (reshaped, "'fc.weight' is (64, 10), expected (64, 1024)"),
+                      (folder, "is a folder"),
+                      (tmp_path / "none.safetensors", "no such file")]:
+        r = _cli(*EVAL_LONG, "--classifier", path)
+        _usage_error(r, "--classifier:", str(path.name), why)
+        _quick(r)
+    # the shipped classifier, named explicitly, still loads (the checks refuse only what is wrong)
+    from fastddpm.eval.metrics import ASSET
+
+    r = _cli("eval", "--real", "noise", "--n", "4", "--classifier", ASSET)
+    assert r.returncode == 0 and "Gaussian noise: FD" in r.stdout, r.stderr
+
+
+def test_eval_model_of_other_images_is_refused_before_sampling(tmp_path):
+    # an 8x8 exported model, a 3-channel 16x16 one, and an 8x8 training run (as `fastddpm train` writes it)
+    small = _exported_unet(tmp_path / "small.safetensors")
+    rgb = _exported_unet(tmp_path / "rgb.safetensors", sample_size=16, in_channels=3)
+    for path, shape in [(small, "1x8x8"), (rgb, "3x16x16")]:
+        r = _cli(*EVAL_LONG, "--model", path)
+        _usage_error(r, "--model:", path.name, f"makes {shape} images", "needs 1x16x16")
+        _quick(r)
+    r = _cli("train", "--data", "digits", "--model", "tiny", "--image-size", "8", "--steps", "2",
+             "--out", tmp_path / "t", "--sample-every", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli(*EVAL_LONG, "--ckpt", tmp_path / "t")
+    _usage_error(r, "--ckpt:", "makes 1x8x8 images", "needs 1x16x16")
+    _quick(r)
+
+
+def test_eval_npz_must_be_uint8_digits(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = {"float.npz": (rng.random((4, 16, 16, 1)), "got dtype float64"),
+             "nan.npz": (np.full((4, 16, 16, 1), np.nan, np.float32), "got dtype float32"),
+             "int64.npz": (rng.integers(0, 255, (4, 16, 16, 1)), "got dtype int64"),
+             "small.npz": (rng.integers(0, 255, (4, 8, 8, 1), np.uint8), "got shape (4, 8, 8, 1)"),
+             "one.npz": (rng.integers(0, 255, (1, 16, 16, 1), np.uint8), "at least 2")}
+    for name, (a, why) in cases.items():
+        np.savez(tmp_path / name, images=a)
+        r = _cli("eval", "--npz", tmp_path / name)
+        _usage_error(r, "--npz:", why)
+        if "dtype" in why or "shape" in why:
+            _usage_error(r, "(N, 16, 16, 1) uint8")
+
+
+def test_eval_npz_honours_n_up_to_the_files_count(tmp_path):
+    import json
+
+    imgs = np.random.default_rng(1).integers(0, 256, (10, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp_path / "ten.npz", images=imgs)
+    np.savez(tmp_path / "five.npz", images=imgs[:5])
+    r = _cli("eval", "--npz", tmp_path / "ten.npz", "--n", "50")
+    _usage_error(r, "--n:", "holds 10 images, asked for 50")
+    out = {}
+    for name, extra in [("ten_n5", ["--npz", tmp_path / "ten.npz", "--n", "5"]),
+                        ("five", ["--npz", tmp_path / "five.npz"]), ("ten", ["--npz", tmp_path / "ten.npz"])]:
+        r = _cli("eval", *extra, "--json", tmp_path / f"{name}.json")
+        assert r.returncode == 0, r.stderr
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    # --n 5: the file's first five images, the same figures as a file of just those five
+    assert out["ten_n5"]["n"] == 5 and out["ten_n5"]["fd"] == pytest.approx(out["five"]["fd"], rel=1e-9)
+    assert out["ten_n5"]["class_counts"] == out["five"]["class_counts"]
+    assert out["ten"]["n"] == 10 and out["ten"]["fd"] != pytest.approx(out["five"]["fd"])  # no --n: all ten
+    r = _cli("eval", "--npz", tmp_path / "ten.npz", "--seeds", "1,2")
+    _usage_error(r, "--seeds:", "--npz")
+
+
+@pytest.mark.parametrize("seeds, why", [("1", "at least two seeds"), ("1,,2", "no empty item"),
+                                        ("1,2,", "no empty item"), ("1,2,1", "1 more than once"),
+                                        ("1,x", "comma-separated integers")])
+def test_eval_seeds_need_two_distinct(seeds, why):
+    r = _cli(*EVAL_LONG, "--seeds", seeds)
+    _usage_error(r, "--seeds:", why, repr(seeds))
+    _quick(r)
+
+
+def test_eval_summarize_needs_two_runs():
+    from fastddpm.eval.cli import summarize
+
+    run = {"what": "x", "n": 2, "seconds": 1.0, "fd": 1.0, "confidence": 0.5, "confident_0.9": 0.0,
+           "class_entropy_bits": 1.0}
+    with pytest.raises(ValueError, match="at least two"):
+        summarize([run], [1])
+    s = summarize([run, dict(run, fd=3.0)], [1, 2])
+    assert s["fd"]["std"] == pytest.approx(2 ** 0.5) and s["fd"]["mean"] == 2.0
+
+
+# ----------------------------------------------------------------------------- values of the right type, wrong
+TRAIN_TINY = ["train", "--data", "digits", "--model", "tiny", "--image-size", "8", "--sample-every", "0",
+              "--no-progress"]
+
+
+@pytest.mark.parametrize("toml, line", [('flip = "no"', '--flip: expected true or false, got \'no\''),
+                                        ('lr = inf', "--lr: expected a finite number, got inf")])
+def test_train_config_values_of_the_wrong_type(toml, line, tmp_path):
+    """TOML's "no" is a non-empty string: read as a truth value it would turn flips on."""
+    (tmp_path / "c.toml").write_text(toml + "\nsteps = 1\n")
+    r = _cli(*TRAIN_TINY, "--out", tmp_path / "run", "--config", tmp_path / "c.toml")
+    _usage_error(r, line)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("unet, line", [('{"mid_attention": "no"}', "--unet mid_attention: expected true or false"),
+                                        ('{"channel_mult": "12"}', "--unet channel_mult: expected a list of integers"),
+                                        ('{"dropout": "a"}', "--unet dropout: expected a finite number")])
+def test_train_unet_overrides_of_the_wrong_type(unet, line, tmp_path):
+    r = _cli(*TRAIN_TINY, "--out", tmp_path / "run", "--unet", unet)
+    _usage_error(r, line)
+
+
+_OUT_OF_RANGE = [("--seed", "99999999999999999999999", "--seed: expected an integer in [0, 2**63)"),
+                 ("--threads", "100000", "--threads: expected 0 (torch's default) or a number of threads up to"),
+                 ("--device", "meta", "--device: expected cpu or cuda[:N], got 'meta'")]
+
+
+@pytest.mark.parametrize("cmd, flag, value, line", [(c, *x) for c in ("sample", "train") for x in _OUT_OF_RANGE]
+                         + [("eval", *x) for x in _OUT_OF_RANGE[:2]]  # eval samples on the CPU: no --device
+                         + [("demo", *_OUT_OF_RANGE[0])])  # demo has a --seed, no --threads or --device
+def test_numbers_and_devices_out_of_range(cmd, flag, value, line, tmp_path):
+    """A seed torch cannot take, a thread count that exhausts the process's memory map, a device the
+    library does not run on: named before any work (train leaves no run folder)."""
+    argv = {"sample": [*LONG, "--out", tmp_path / "a.png"], "train": [*TRAIN_TINY, "--out", tmp_path / "run"],
+            "demo": ["demo", "--out", tmp_path / "d.png"], "eval": EVAL_LONG}[cmd]
+    r = _cli(*argv, flag, value)
+    _usage_error(r, line)
+    _quick(r)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, line", [(["--out", ""], "--out: expected a file name, got ''"),
+                                         (["--png-dir", ""], "--png-dir: expected a folder name, got ''"),
+                                         (["--model", ""], "--model: expected a path, got ''"),
+                                         (["--eta", "inf", "--sampler", "ddim"], "--eta: expected a finite number")])
+def test_sample_empty_paths_and_infinite_eta(extra, line, tmp_path):
+    """Each of these used to end in success having written nothing, sampled the built-in model, or black
+    (NaN) images."""
+    r = _cli(*[a for a in LONG if a not in ("--sampler", "ddpm")], *extra, cwd=tmp_path)
+    _usage_error(r, line)
+    _quick(r)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_backend_that_cannot_run_names_where_it_was_asked_for(tmp_path):
+    r = _cli("demo", "--out", tmp_path / "d.png", "--backend", "cuda")  # CPU tensors: the CUDA kernels cannot
+    _usage_error(r, "--backend: q_sample: backend 'cuda' cannot serve this input")
+    r = _cli(*LONG, "--out", tmp_path / "a.png", env={"FASTDDPM_BACKEND": "cuda"})
+    _usage_error(r, "FASTDDPM_BACKEND:", "backend 'cuda' cannot serve this input")
+
+
+def test_demo_without_timesteps(tmp_path):
+    _usage_error(_cli("demo", "--out", tmp_path / "d.png", "--timesteps", ""),
+                 "--timesteps: expected at least one timestep")
+
+
+def test_bench_markdown_is_checked_before_the_timing(tmp_path):
+    r = _cli("bench", "--smoke", "--only", "q_sample", "--markdown", tmp_path)
+    _usage_error(r, "--markdown:", "is a folder")
+    _quick(r)
+    assert "|" not in r.stdout  # no table: nothing was timed
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    r = _cli(*TRAIN_TINY, "--steps", "2", "--save-every", "1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("extra, line", [(["--steps", "0"], "--steps: expected a positive integer, got 0"),
+                                         (["--steps", "5000"], "steps: expected the model's default number of "
+                                          "sampling steps, 1 to its 1000 training timesteps, got 5000"),
+                                         (["--out", "/proc/x.safetensors"], "--out: cannot write in the folder")])
+def test_export_steps_and_out(extra, line, tiny_run, tmp_path):
+    argv = ["export", "--ckpt", tiny_run, "--out", tmp_path / "m.safetensors", *extra]
+    _usage_error(_cli(*argv), line)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_resume_with_steps_at_or_below_the_checkpoint(tiny_run):
+    """--steps is the run's total: below the checkpoint's step is a mistake; equal to it (the same command
+    again after the run finished) has nothing to do. Both used to report "loss nan"."""
+    r = _cli(*TRAIN_TINY, "--steps", "1", "--out", tiny_run, "--resume", "latest")
+    _usage_error(r, "--steps: 1 is below the step of the checkpoint resumed from (2)")
+    r = _cli(*TRAIN_TINY, "--steps", "2", "--out", tiny_run, "--resume", "latest")
+    assert r.returncode == 0, r.stderr
+    assert "nothing to train" in r.stderr and "nan" not in r.stderr, r.stderr
+
+
+def test_sample_eta_with_a_sampler_that_has_none(tmp_path):
+    """--eta is DDIM's: with DDPM or DPM-Solver++ it used to be ignored without a word."""
+    r = _cli(*LONG, "--eta", "0.5", "--out", tmp_path / "a.png")
+    _usage_error(r, "--eta: DDIM's eta applies to --sampler ddim only; this run samples with ddpm")
+    _quick(r)

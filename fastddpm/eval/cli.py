@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from ..cli import UsageError, command
+from ..cli import UsageError, check_seed, check_threads, command
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -20,8 +20,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--real", choices=("train", "noise"),
                      help="baselines: n real train-split digits (the floor) or n Gaussian-noise images "
                           "clipped to [-1, 1] (the ceiling)")
-    p.add_argument("--n", type=int, default=359,
-                   help="images to compare (default: 359, the size of the test split)")
+    p.add_argument("--n", type=int,
+                   help="images to compare (default: 359, the size of the test split; with --npz, all the "
+                        "file's images, or its first n)")
     p.add_argument("--batch-size", type=int,
                    help="images per sampling batch (default: all n in one; batch i of seed s draws with seed s + i)")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), help="default: the model's")
@@ -29,7 +30,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0)
     seeds.add_argument("--seeds", metavar="S1,S2,...",
-                       help="evaluate once per seed and report the mean and spread of each figure over them")
+                       help="evaluate once per seed (at least two, distinct) and report the mean and spread of "
+                            "each figure over them")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--classifier", help="classifier weights (default: the shipped digits classifier)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -45,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     from . import metrics
 
-    if args.threads < 0:
-        raise UsageError(f"--threads: expected 0 (torch's default) or a positive integer, got {args.threads}")
+    check_threads(args.threads)
+    check_seed(args.seed)
     from .._io import check_output_file
 
     try:  # before the work: where the results go
@@ -65,9 +67,15 @@ def run(args: argparse.Namespace) -> int:
         metrics.save_classifier(model, args.train_classifier)
         print(f"wrote {args.train_classifier}: test accuracy {acc:.4f}")
         return 0
-    if args.n < 2:
+    if args.n is not None and args.n < 2:
         raise UsageError(f"--n: expected at least 2, got {args.n}")
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    if args.npz and args.seeds is not None:
+        raise UsageError("--seeds: --npz images are already drawn, so every seed would give the same figures; "
+                         "sample the file once per seed and evaluate each")
+    # Everything read and checked before the work (sampling n images can take minutes).
+    images = _read_npz(args.npz, args.n) if args.npz else None
+    args.n = len(images) if images is not None else (args.n if args.n is not None else 359)
     batch_size = args.batch_size if args.batch_size is not None else args.n
     if batch_size < 1:
         raise UsageError(f"--batch-size: expected a positive integer, got {batch_size}")
@@ -75,10 +83,11 @@ def run(args: argparse.Namespace) -> int:
     if nb > 1 and any(0 < abs(a - b) < nb for a in seeds for b in seeds):
         raise UsageError(f"--seeds: with {nb} batches per seed (batch i of seed s draws with seed s + i), seeds "
                          f"less than {nb} apart share batches; spread them or pass --batch-size {args.n}")
-    clf = metrics.load_classifier(args.classifier)
+    clf = _classifier(args.classifier)
+    lm = _load_model(args) if images is None and args.real is None else None
     runs = []
     for seed in seeds:
-        r = _evaluate_one(args, seed, batch_size, clf)
+        r = _evaluate_one(args, seed, batch_size, clf, lm, images)
         print(f"{r['what']}: FD {r['fd']:.2f} (n={r['n']} vs 359 held-out), confidence {r['confidence']:.4f}, "
               f"> 0.9: {r['confident_0.9']:.3f}, class entropy {r['class_entropy_bits']:.3f} bits, "
               f"classes {r['class_counts']}" + (f" [seed {seed}]" if args.seeds is not None else ""))
@@ -100,33 +109,120 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _parse_seeds(text: str) -> list[int]:
+    items = [s.strip() for s in text.split(",")]
+    if any(not s for s in items):
+        raise UsageError(f"--seeds: expected comma-separated integers such as 1,2,3 with no empty item, got {text!r}")
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in items]
     except ValueError:
         raise UsageError(f"--seeds: expected comma-separated integers such as 1,2,3, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-        raise UsageError(f"--seeds: expected distinct non-negative integers such as 1,2,3, got {text!r}")
+    if any(not 0 <= s < 2**63 for s in seeds):
+        raise UsageError(f"--seeds: expected integers in [0, 2**63), got {text!r}")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise UsageError(f"--seeds: expected distinct seeds, got {', '.join(map(str, dup))} more than once in {text!r}")
+    if len(seeds) < 2:
+        raise UsageError(f"--seeds: expected at least two seeds (the spread of one value is undefined), got "
+                         f"{text!r}; use --seed {seeds[0]} for one evaluation")
     return seeds
+
+
+def _classifier(path: str | None):
+    """The classifier, loaded before the work; a bad --classifier is a usage error naming it."""
+    from . import metrics
+
+    if path is None:
+        return metrics.load_classifier()
+    try:
+        return metrics.load_classifier(path)
+    except FileNotFoundError:
+        raise UsageError(f"--classifier: no such file {path!r}") from None
+    except ValueError as exc:
+        raise UsageError(f"--classifier: {exc}") from exc
+
+
+# The images the digits classifier (and the held-out reference set) are made of: (C, H, W).
+DIGITS_SHAPE = (1, 16, 16)
+
+
+def _read_npz(path: str, n: int | None):
+    """The 'images' of an .npz written by ``fastddpm sample --npz`` (uint8, (N, 16, 16, 1)) as (N, 1, 16, 16)
+    float in [-1, 1]: all of them, or the first n."""
+    import zipfile
+    import zlib
+
+    import numpy as np
+    import torch
+
+    from .._io import read_npz_or_npy
+
+    try:
+        z = read_npz_or_npy(path, "--npz")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        a = z if isinstance(z, np.ndarray) else z["images"]
+    except KeyError as exc:
+        raise UsageError(f"--npz: {path!r} has no array 'images' (fastddpm sample --npz writes it)") from exc
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise UsageError(f"--npz: {path!r} is a truncated or corrupt .npz file ({exc})") from exc
+    finally:
+        if hasattr(z, "close"):
+            z.close()
+    want = "'images' (N, 16, 16, 1) uint8 in 0..255, as fastddpm sample --npz writes"
+    if a.ndim != 4 or a.shape[1:] != (16, 16, 1):
+        raise UsageError(f"--npz: expected {want}; got shape {a.shape}")
+    if a.dtype != np.uint8:
+        raise UsageError(f"--npz: expected {want}; got dtype {a.dtype}")
+    if n is not None and n > len(a):
+        raise UsageError(f"--n: {path!r} holds {len(a)} images, asked for {n}")
+    if len(a) < 2:
+        raise UsageError(f"--npz: {path!r} holds {len(a)} image(s); expected at least 2 for a covariance")
+    a = a[:n] if n is not None else a
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _load_model(args: argparse.Namespace):
+    """The model to sample from, loaded and checked (it must make 1x16x16 digits) before any sampling."""
+    from .. import pretrained
+
+    lm = pretrained.load(args.model if args.model or args.ckpt else "digits", args.ckpt)
+    if tuple(lm.image_shape) != DIGITS_SHAPE:
+        flag = "--model" if args.model else "--ckpt"
+        c, h, w = lm.image_shape
+        raise UsageError(f"{flag}: {lm.source or args.model or args.ckpt} makes {c}x{h}x{w} images; the digits "
+                         "evaluation needs 1x16x16 (a model trained on digits at --image-size 16)")
+    sampler = args.sampler or lm.sampler
+    steps = args.steps if args.steps is not None else (lm.steps if sampler == lm.sampler else None)
+    T = lm.schedule.num_train_timesteps
+    if steps is not None and not 1 <= steps <= T:
+        raise UsageError(f"--steps: expected 1 to the model's {T} training timesteps, got {steps}")
+    return lm
 
 
 SUMMARIZED = ("fd", "confidence", "confident_0.9", "class_entropy_bits")
 
 
 def summarize(runs: list[dict], seeds: list[int]) -> dict:
-    """Mean, sample standard deviation (ddof 1; 0 for one seed), min and max of each figure over the runs."""
+    """Mean, sample standard deviation (ddof 1), min and max of each figure over the runs (at least two:
+    the sample standard deviation of one value is undefined)."""
     import numpy as np
+
+    if len(runs) < 2:
+        raise ValueError(f"seeds: expected at least two runs to summarize, got {len(runs)}")
 
     out = {"what": runs[0]["what"], "n": runs[0]["n"], "seeds": list(seeds), "runs": runs,
            "seconds": round(sum(r["seconds"] for r in runs), 1)}
     for k in SUMMARIZED:
         v = np.array([float(r[k]) for r in runs])
-        out[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        out[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)),
                   "min": float(v.min()), "max": float(v.max())}
     return out
 
 
-def _evaluate_one(args: argparse.Namespace, seed: int, batch_size: int, clf) -> dict:
-    import numpy as np
+def _evaluate_one(args: argparse.Namespace, seed: int, batch_size: int, clf, lm=None, images=None) -> dict:
+    """One evaluation: of ``images`` (read from --npz), real or noise images (--real), or n images that
+    ``lm`` (loaded and checked by _load_model) samples with ``seed``."""
     import torch
 
     from . import metrics
@@ -143,34 +239,14 @@ def _evaluate_one(args: argparse.Namespace, seed: int, batch_size: int, clf) -> 
         x = x[torch.randperm(len(x), generator=g)[: args.n]]
         what = "real digits (train split)"
     elif args.real == "noise":
-        x = torch.randn((args.n, 1, 16, 16), generator=g).clamp(-1, 1)
+        x = torch.randn((args.n, *DIGITS_SHAPE), generator=g).clamp(-1, 1)
         what = "Gaussian noise"
-    elif args.npz:
-        import zipfile
-        import zlib
-
-        from .._io import read_npz_or_npy
-
-        z = read_npz_or_npy(args.npz, "--npz")
-        try:
-            a = z if isinstance(z, np.ndarray) else z["images"]
-        except KeyError as exc:
-            raise UsageError(f"--npz: {args.npz!r} has no array 'images' (fastddpm sample --npz writes it)") \
-                from exc
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise UsageError(f"--npz: {args.npz!r} is a truncated or corrupt .npz file ({exc})") from exc
-        finally:
-            if hasattr(z, "close"):
-                z.close()
-        if a.ndim != 4 or a.shape[-1] != 1:
-            raise UsageError(f"--npz: expected 'images' (N, 16, 16, 1) uint8, got {a.shape}")
-        x = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1
+    elif images is not None:
+        x = images
         what = args.npz
     else:
-        from .. import pretrained
         from ..sampling_cli import default_steps, generate
 
-        lm = pretrained.load(args.model if args.model or args.ckpt else "digits", args.ckpt)
         sampler = args.sampler or lm.sampler
         steps = args.steps if args.steps is not None else (lm.steps if sampler == lm.sampler else None)
         shards = generate(lm, args.n, batch_size, sampler, steps, seed, torch.device("cpu"), progress=True)

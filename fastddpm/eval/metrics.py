@@ -91,14 +91,44 @@ def accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def load_classifier(path: str | None = None) -> DigitClassifier:
+    """The digit classifier from ``path`` (default: the shipped one). A path that is not a readable
+    safetensors file of :class:`DigitClassifier` weights (a folder, another format, another network's
+    weights) raises one-line ValueError / FileNotFoundError naming the path and what is wrong."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = path or ASSET
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder; expected a digit classifier .safetensors file "
+                         "(fastddpm eval --train-classifier writes one)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"classifier: {path} is missing "
                                 "(train it with fastddpm eval --train-classifier)")
+    try:
+        sd = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path!r} is not a readable safetensors file "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     model = DigitClassifier()
-    model.load_state_dict(load_file(path))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    reshaped = [k for k in want if k in got and got[k] != want[k]]
+    ints = [k for k, v in sd.items() if not v.is_floating_point()]
+    if missing or extra or reshaped or ints:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} tensors missing, e.g. {missing[0]!r}")
+        if extra:
+            detail.append(f"{len(extra)} unexpected, e.g. {extra[0]!r}")
+        detail += [f"{k!r} is {got[k]}, expected {want[k]}" for k in reshaped[:1]]
+        detail += [f"{k!r} is not floating point" for k in ints[:1]]
+        detail = "; ".join(detail)
+        raise ValueError(f"{path!r} is not a digit classifier's weights ({detail}; expected the {len(want)} "
+                         "tensors fastddpm eval --train-classifier writes)")
+    if not all(bool(torch.isfinite(v).all()) for v in sd.values()):
+        raise ValueError(f"{path!r} holds NaN or infinite weights; expected a trained digit classifier")
+    model.load_state_dict(sd)
     return model.eval()
 
 
