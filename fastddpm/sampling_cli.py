@@ -92,6 +92,18 @@ def generate(lm, n: int, batch_size: int, sampler: str, steps: int | None, seed:
     return out
 
 
+def sampler_and_steps(lm, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
+    """The sampler (--sampler, else the model's) and its steps (--steps, else the model's default where the
+    sampler is the model's own, else None: the sampler's default); --steps outside 1 to the model's training
+    timesteps is a UsageError."""
+    sampler = sampler or lm.sampler
+    steps = steps if steps is not None else (lm.steps if sampler == lm.sampler else None)
+    T = lm.schedule.num_train_timesteps
+    if steps is not None and not 1 <= steps <= T:
+        raise UsageError(f"--steps: expected 1 to the model's {T} training timesteps, got {steps}")
+    return sampler, steps
+
+
 def grid_path(args: argparse.Namespace) -> str | None:
     """The PNG grid to write: --out, or samples.png where neither --npz nor --png-dir is given."""
     return args.out if args.out is not None or args.npz or args.png_dir else "samples.png"
@@ -177,13 +189,9 @@ def run(args: argparse.Namespace) -> int:
         # Per-op work on 16x16 images is too small to split: one thread is faster, and two threads
         # collapse (6x slower measured) when other processes share the cores.
         torch.set_num_threads(1)
-    sampler = args.sampler or lm.sampler
+    sampler, steps = sampler_and_steps(lm, args.sampler, args.steps)
     if args.eta and sampler != "ddim":
         raise UsageError(f"--eta: DDIM's eta applies to --sampler ddim only; this run samples with {sampler}")
-    steps = args.steps if args.steps is not None else (lm.steps if sampler == lm.sampler else None)
-    T = lm.schedule.num_train_timesteps
-    if steps is not None and steps > T:
-        raise UsageError(f"--steps: {steps} is more than the model's {T} training timesteps")
     out = grid_path(args)
     scale = args.scale or max(1, 64 // lm.image_shape[-1])
     if out:

@@ -84,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds: with {nb} batches per seed (batch i of seed s draws with seed s + i), seeds "
                          f"less than {nb} apart share batches; spread them or pass --batch-size {args.n}")
     clf = _classifier(args.classifier)
-    lm = _load_model(args) if images is None and args.real is None else None
+    model = _load_model(args) if images is None and args.real is None else None
     runs = []
     for seed in seeds:
-        r = _evaluate_one(args, seed, batch_size, clf, lm, images)
+        r = _evaluate_one(args, seed, batch_size, clf, model, images)
         print(f"{r['what']}: FD {r['fd']:.2f} (n={r['n']} vs 359 held-out), confidence {r['confidence']:.4f}, "
               f"> 0.9: {r['confident_0.9']:.3f}, class entropy {r['class_entropy_bits']:.3f} bits, "
               f"classes {r['class_counts']}" + (f" [seed {seed}]" if args.seeds is not None else ""))
@@ -183,7 +183,8 @@ def _read_npz(path: str, n: int | None):
 
 
 def _load_model(args: argparse.Namespace):
-    """The model to sample from, loaded and checked (it must make 1x16x16 digits) before any sampling."""
+    """(model, sampler, steps): the model to sample from, loaded and checked (it must make 1x16x16 digits)
+    before any sampling, with the sampler and steps it samples with."""
     from .. import pretrained
 
     lm = pretrained.load(args.model if args.model or args.ckpt else "digits", args.ckpt)
@@ -192,12 +193,9 @@ def _load_model(args: argparse.Namespace):
         c, h, w = lm.image_shape
         raise UsageError(f"{flag}: {lm.source or args.model or args.ckpt} makes {c}x{h}x{w} images; the digits "
                          "evaluation needs 1x16x16 (a model trained on digits at --image-size 16)")
-    sampler = args.sampler or lm.sampler
-    steps = args.steps if args.steps is not None else (lm.steps if sampler == lm.sampler else None)
-    T = lm.schedule.num_train_timesteps
-    if steps is not None and not 1 <= steps <= T:
-        raise UsageError(f"--steps: expected 1 to the model's {T} training timesteps, got {steps}")
-    return lm
+    from ..sampling_cli import sampler_and_steps
+
+    return (lm, *sampler_and_steps(lm, args.sampler, args.steps))
 
 
 SUMMARIZED = ("fd", "confidence", "confident_0.9", "class_entropy_bits")
@@ -220,9 +218,9 @@ def summarize(runs: list[dict], seeds: list[int]) -> dict:
     return out
 
 
-def _evaluate_one(args: argparse.Namespace, seed: int, batch_size: int, clf, lm=None, images=None) -> dict:
+def _evaluate_one(args: argparse.Namespace, seed: int, batch_size: int, clf, model=None, images=None) -> dict:
     """One evaluation: of ``images`` (read from --npz), real or noise images (--real), or n images that
-    ``lm`` (loaded and checked by _load_model) samples with ``seed``."""
+    ``model`` ((model, sampler, steps) from _load_model) samples with ``seed``."""
     import torch
 
     from . import metrics
@@ -247,8 +245,7 @@ def _evaluate_one(args: argparse.Namespace, seed: int, batch_size: int, clf, lm=
     else:
         from ..sampling_cli import default_steps, generate
 
-        sampler = args.sampler or lm.sampler
-        steps = args.steps if args.steps is not None else (lm.steps if sampler == lm.sampler else None)
+        lm, sampler, steps = model
         shards = generate(lm, args.n, batch_size, sampler, steps, seed, torch.device("cpu"), progress=True)
         x = torch.cat([shards[i] for i in sorted(shards)])
         # Quantise as a saved PNG would, so the numbers match `fastddpm sample --npz` + `eval --npz`.

@@ -403,7 +403,7 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
     order = 1
 
     @staticmethod
-    def _matching_output(model_output: torch.Tensor, sample: torch.Tensor):
+    def _step_operands(model_output: torch.Tensor, sample: torch.Tensor):
         """(model_output, sample, the dtype of the step's noise) as diffusers' arithmetic has them: both in
         their promoted dtype (a float64 model output makes a float64 step of a float32 sample), the noise
         drawn in the model output's dtype (randn_tensor(..., dtype=model_output.dtype)); model_output checked

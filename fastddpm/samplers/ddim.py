@@ -128,7 +128,7 @@ class DDIMScheduler(FastddpmSchedulerMixin):
             raise TypeError(f"sample: expected a torch.Tensor, got {type(sample).__name__}")
         if not isinstance(model_output, torch.Tensor):
             raise TypeError(f"model_output: expected a torch.Tensor, got {type(model_output).__name__}")
-        model_output, sample, noise_dtype = self._matching_output(model_output, sample)
+        model_output, sample, noise_dtype = self._step_operands(model_output, sample)
         eta = ops.check_eta(eta)
         cfg = self.config
         T = cfg.num_train_timesteps

@@ -310,7 +310,7 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
             )
         elif vt not in VARIANCE_TYPES:
             raise ValueError(f"variance_type: expected one of {', '.join(VARIANCE_TYPES)}, got {vt!r}")
-        model_output, sample, noise_dtype = self._matching_output(model_output, sample)
+        model_output, sample, noise_dtype = self._step_operands(model_output, sample)
         if predicted_variance is not None:
             predicted_variance = predicted_variance.to(sample.dtype)
         step = self._prepared_step("ddpm_step", sample)  # also checks sample's dtype and rank

@@ -159,10 +159,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     from ..cli import parse_device
 
     dev = parse_device(name)
-    if dev.type == "cuda":
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
+    return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
 
 
 class _Signals:
