@@ -98,8 +98,10 @@ def load_training_checkpoint(path: str, weights: str = "ema") -> LoadedModel:
     model = UNet(UNetConfig.from_dict(meta["unet_config"]))
     model.load_state_dict(ck.load_tensors(folder, f"{weights}.safetensors"))
     cfg = meta.get("config", {})
-    return LoadedModel(model.eval(), _schedule(meta.get("schedule")), meta.get("prediction_type", "epsilon"),
-                       "ddim", cfg.get("sample_steps", 50), folder, meta)
+    schedule = _schedule(meta.get("schedule"))
+    # the steps training's own previews took: --sample-steps, at most the training timesteps
+    steps = min(cfg.get("sample_steps", 50), schedule.num_train_timesteps)
+    return LoadedModel(model.eval(), schedule, meta.get("prediction_type", "epsilon"), "ddim", steps, folder, meta)
 
 
 def load_diffusers_folder(path: str) -> LoadedModel:

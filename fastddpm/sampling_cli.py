@@ -97,8 +97,12 @@ def sampler_and_steps(lm, sampler: str | None, steps: int | None) -> tuple[str, 
     sampler is the model's own, else None: the sampler's default); --steps outside 1 to the model's training
     timesteps is a UsageError."""
     sampler = sampler or lm.sampler
-    steps = steps if steps is not None else (lm.steps if sampler == lm.sampler else None)
     T = lm.schedule.num_train_timesteps
+    if steps is None and sampler == lm.sampler and lm.steps is not None:
+        if not 1 <= lm.steps <= T:  # the model's own default, which the user never typed
+            raise UsageError(f"--steps: the model's default of {lm.steps} sampling steps is not within 1 to its {T} "
+                             f"training timesteps; pass --steps")
+        return sampler, lm.steps
     if steps is not None and not 1 <= steps <= T:
         raise UsageError(f"--steps: expected 1 to the model's {T} training timesteps, got {steps}")
     return sampler, steps

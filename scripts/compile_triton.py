@@ -42,7 +42,8 @@ def _ops_calls():
     ops.q_sample(x.half(), t, z.half(), s, **kw)
     for pred in ("epsilon", "sample", "v_prediction"):
         for noise in (z, "philox", "none"):
-            ops.ddpm_step(x, m, t, s, noise=noise, seed=1, prediction_type=pred, clip_sample=pred == "sample",
+            seed = 1 if isinstance(noise, str) and noise == "philox" else None
+            ops.ddpm_step(x, m, t, s, noise=noise, seed=seed, prediction_type=pred, clip_sample=pred == "sample",
                           return_pred_original=noise is z, **kw)
     ops.ddpm_step(x, m, t, s, noise="philox", seed=1, offset=torch.tensor(3), diffusers_beta=True, **kw)
     for vt in ("fixed_small_log", "fixed_large", "learned", "learned_range"):
@@ -50,7 +51,8 @@ def _ops_calls():
     ops.ddpm_step(x.bfloat16(), m.bfloat16(), t, s, noise="philox", seed=1, **kw)
     for pred in ("epsilon", "sample", "v_prediction"):
         for eta, noise in ((0.0, "none"), (1.0, z), (0.5, "philox")):
-            ops.ddim_step(x, m, t, s, t - 20, eta=eta, noise=noise, seed=1, prediction_type=pred,
+            seed = 1 if isinstance(noise, str) and noise == "philox" else None
+            ops.ddim_step(x, m, t, s, t - 20, eta=eta, noise=noise, seed=seed, prediction_type=pred,
                           clip_sample=eta == 0, use_clipped_model_output=eta > 0, return_pred_original=eta > 0, **kw)
     ops.ddim_step(x, m, t, s, t - 20, eta=1.0, noise="philox", seed=1, offset=torch.tensor(2), diffusers_beta=True,
                   **kw)

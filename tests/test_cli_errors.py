@@ -474,3 +474,25 @@ def test_sample_eta_with_a_sampler_that_has_none(tmp_path):
     r = _cli(*LONG, "--eta", "0.5", "--out", tmp_path / "a.png")
     _usage_error(r, "--eta: DDIM's eta applies to --sampler ddim only; this run samples with ddpm")
     _quick(r)
+
+
+def test_default_steps_of_a_model_with_few_timesteps(tmp_path):
+    """A training run with fewer timesteps than --sample-steps samples with as many steps as its previews took
+    (min of the two); an exported model whose own default exceeds its timesteps is refused naming that
+    default, not a --steps the user never typed."""
+    import json
+
+    r = _cli("train", "--data", "digits", "--model", "tiny", "--image-size", "8", "--steps", "1",
+             "--num-train-timesteps", "3", "--out", tmp_path / "t", "--sample-every", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli("sample", "--ckpt", tmp_path / "t", "--n", "2", "--out", tmp_path / "a.png")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(ddim, 3 steps)" in r.stdout + r.stderr
+    model = _exported_unet(tmp_path / "m.safetensors")
+    meta = json.loads(model.with_suffix(".json").read_text())
+    meta["schedule"] = {"num_train_timesteps": 10}
+    model.with_suffix(".json").write_text(json.dumps(meta))
+    r = _cli("sample", "--model", model, "--n", "2", "--out", tmp_path / "b.png")
+    _usage_error(r, "--steps:", "the model's default of 50 sampling steps", "10 training timesteps", "pass --steps")
+    r = _cli("sample", "--model", model, "--n", "2", "--steps", "10", "--out", tmp_path / "b.png")
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -322,6 +322,11 @@ def test_ddim_step_bad_input():
         ops.ddim_step(x, x, 10, SCHED, final_alpha_cumprod=0.0)
     with pytest.raises(ValueError, match="seed"):
         ops.ddim_step(x, x, 10, SCHED, eta=1.0, noise="philox")
+    # a seed or offset with other noise than "philox" would be ignored (noise=None draws from a generator)
+    with pytest.raises(ValueError, match="seed: only used with noise='philox', got seed=4 with noise=None"):
+        ops.ddim_step(x, x, 10, SCHED, eta=1.0, seed=4)
+    with pytest.raises(ValueError, match="offset: only used with noise='philox', got an offset with noise=a tensor"):
+        ops.ddim_step(x, x, 10, SCHED, eta=1.0, noise=x, offset=2)
     with pytest.raises(ValueError, match="t"):
         ops.ddim_step(x, x, 1000, SCHED)
     with pytest.raises(ValueError, match="prediction_type"):

@@ -576,6 +576,11 @@ def test_ddpm_step_opcheck_and_compile():
         (dict(noise=torch.randn(1, 3, 4, 4)), ValueError, "noise: expected shape"),
         (dict(noise="gaussian"), ValueError, "noise"),
         (dict(noise="philox"), ValueError, "seed"),
+        # the Philox stream with other noise would be ignored: a seed given to noise=None does not seed it
+        (dict(seed=3), ValueError, "seed: only used with noise='philox', got seed=3 with noise=None"),
+        (dict(noise="none", seed=3), ValueError, "seed: only used with noise='philox'"),
+        (dict(noise=torch.randn(2, 3, 4, 4), offset=5), ValueError, "offset: only used with noise='philox'"),
+        (dict(offset=torch.tensor(5)), ValueError, "offset: only used with noise='philox'"),
         (dict(prediction_type="eps"), ValueError, "prediction_type"),
         (dict(variance_type="fixed_large_log"), ValueError, "variance_type"),
         (dict(variance_type="learned"), ValueError, "predicted_variance"),

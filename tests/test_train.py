@@ -329,6 +329,13 @@ def test_bad_data(tmp_path, capsys):
     assert "cannot read image" in err and "broken.png" in err
     assert _run(tmp_path / "o", "--data", str(tmp_path / "missing"), "--steps", "1") == 2
     assert "no such file or folder" in capsys.readouterr().err
+    # an array that is not images is named with the shape the file holds (a channels-last array with N = 0 is
+    # transposed to (N, C, H, W) before the check: the message must not show that view)
+    for shape in [(0, 8, 8, 3), (5, 8, 8, 2), (5, 8)]:
+        np.save(tmp_path / "a.npy", np.zeros(shape, np.uint8))
+        assert _run(tmp_path / "o", "--data", str(tmp_path / "a.npy"), "--steps", "1") == 2
+        err = capsys.readouterr().err
+        assert f"got shape {shape}" in err and err.count("\n") == 1, err
 
 
 def test_mixed_size_images_and_arrays(tmp_path):

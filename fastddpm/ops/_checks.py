@@ -243,7 +243,14 @@ def check_noise(noise, seed, offset, sample: torch.Tensor) -> None:
     if isinstance(noise, str):
         if noise == "philox":
             philox_stream(seed, offset, sample.device)
-        elif noise != "none":
+            return
+        if noise != "none":
             raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
     elif noise is not None:
         check_like(noise, sample, "noise", "sample")
+    # the Philox stream is read only with noise="philox": a seed given with other noise would be ignored
+    what = "a tensor" if isinstance(noise, torch.Tensor) else repr(noise)
+    if seed is not None:
+        raise ValueError(f"seed: only used with noise='philox', got seed={seed!r} with noise={what}")
+    if isinstance(offset, torch.Tensor) or offset != 0:
+        raise ValueError(f"offset: only used with noise='philox', got an offset with noise={what}")

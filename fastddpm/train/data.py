@@ -51,13 +51,14 @@ def digits_split(split: str = "train", image_size: int = 16) -> tuple[torch.Tens
 
 
 def _from_array(a: np.ndarray, name: str) -> torch.Tensor:
+    given = a.shape  # the error names the shape the file holds, not a transposed view of it
     if a.ndim == 3:
         a = a[:, None]
     elif a.ndim == 4 and a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):
         a = a.transpose(0, 3, 1, 2)
     if a.ndim != 4 or a.shape[1] not in (1, 3, 4) or a.shape[0] == 0:
         raise ValueError(f"data: {name}: expected images (N, H, W), (N, H, W, C) or (N, C, H, W) with C in "
-                         f"1, 3, 4 and N > 0, got shape {a.shape}")
+                         f"1, 3, 4 and N > 0, got shape {given}")
     if a.shape[1] == 4:
         a = a[:, :3]
     if a.dtype == np.uint8:
