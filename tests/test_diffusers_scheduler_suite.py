@@ -497,6 +497,40 @@ print(json.dumps(out))
         assert theirs.config.beta_schedule == cfg["beta_schedule"] == "squaredcos_cap_v2"
 
 
+def test_swapped_config_keeps_the_other_class_fields_as_diffusers_does(tmp_path):
+    # DDIMScheduler.from_config(ddpm.config) and back: diffusers keeps DDPM's variance_type in the DDIM config
+    # (DDIM does not read it), writes it with save_pretrained, and the DDPM made back from it has it again. The
+    # standalone classes (no diffusers) dropped it, so swapping back silently sampled fixed_small.
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, json
+sys.modules["diffusers"] = None
+import fastddpm
+out = {{}}
+for src, dst, kw in (("DDPMScheduler", "DDIMScheduler", {{"variance_type": "fixed_large"}}),
+                     ("DDIMScheduler", "DDPMScheduler", {{"set_alpha_to_one": False}})):
+    s = getattr(fastddpm, dst).from_config(getattr(fastddpm, src)(**kw).config)
+    s.save_pretrained({str(tmp_path)!r} + "/" + dst)
+    s = getattr(fastddpm, dst).from_pretrained({str(tmp_path)!r} + "/" + dst)
+    back = getattr(fastddpm, src).from_config(s.config)
+    out[dst] = [dict(s.config), dict(back.config)]
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for src, dst, kw in (("DDPMScheduler", "DDIMScheduler", {"variance_type": "fixed_large"}),
+                         ("DDIMScheduler", "DDPMScheduler", {"set_alpha_to_one": False})):
+        theirs = getattr(diffusers, dst).from_config(getattr(diffusers, src)(**kw).config)
+        theirs_back = getattr(diffusers, src).from_config(theirs.config)
+        saved = json.loads((tmp_path / dst / "scheduler_config.json").read_text())
+        for k, v in kw.items():
+            assert got[dst][0][k] == theirs.config[k] == saved[k] == v
+            assert got[dst][1][k] == theirs_back.config[k] == v
+
+
 # ---------------------------------------------------------------------------------------------------
 # The last step of a respaced chain: prev_t below -1, as diffusers computes it
 # ---------------------------------------------------------------------------------------------------

@@ -245,6 +245,28 @@ def test_loader_refuses_naming_the_field(cls, library, cfg, field, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.parametrize("src,dst,field", [("DDPMScheduler", "DDIMScheduler", {"variance_type": "fixed_large"}),
+                                           ("DDIMScheduler", "DDPMScheduler", {"set_alpha_to_one": False})])
+def test_loader_takes_a_scheduler_swapped_by_from_config(src, dst, field, tmp_path):
+    """diffusers' documented swap, pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config), keeps the
+    old class's own fields in the config, and save_pretrained writes them: diffusers loads such a folder (its
+    class does not read them), and so must fastddpm (it refused them as unknown), with diffusers' images and,
+    switched back, diffusers' fields."""
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=getattr(diffusers, src)(**field))
+    pipe.scheduler = getattr(diffusers, dst).from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == dst and {k: saved[k] for k in field} == field  # the carried field
+    theirs = diffusers.DDPMPipeline.from_pretrained(tmp_path)
+    ours = fastddpm.DDPMPipeline.from_pretrained(tmp_path)
+    assert type(ours.scheduler) is getattr(fastddpm, dst)
+    close(images(ours), images(theirs))
+    back = dfolder.switch_scheduler(ours.scheduler, src.removesuffix("Scheduler").lower())
+    theirs_back = getattr(diffusers, src).from_config(theirs.scheduler.config)
+    for k in field:
+        assert back.config[k] == theirs_back.config[k] == field[k]
+
+
 def test_loader_refuses_non_local_and_non_unet(tmp_path):
     with pytest.raises(dfolder.FolderError, match="local"):
         fastddpm.DDPMPipeline.from_pretrained("google/ddpm-cifar10-32")

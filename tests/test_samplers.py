@@ -290,6 +290,23 @@ def test_ddpm_half_precision(dtype, monkeypatch):
     assert rel(a, ref) <= max(rel(b, ref), torch.finfo(dtype).eps), (rel(a, ref), rel(b, ref))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+@pytest.mark.parametrize("thresholding", [False, True])
+def test_half_precision_outputs_have_diffusers_dtypes(dtype, kind, thresholding):
+    # DDIM's thresholding step (unfused) returned a float32 pred_original_sample for half inputs
+    kw = dict(thresholding=thresholding)
+    pair = ((DDPMScheduler(**kw), diffusers.DDPMScheduler(**kw)) if kind == "ddpm"
+            else (fastddpm.DDIMScheduler(**kw), diffusers.DDIMScheduler(**kw)))
+    x, m = torch.randn(SHAPE).to(dtype), torch.randn(SHAPE).to(dtype)
+    got = []
+    for s in pair:
+        s.set_timesteps(10)
+        out = s.step(m, 500, x, generator=torch.Generator().manual_seed(0), **({"eta": 0.5} if kind == "ddim" else {}))
+        got.append((out.prev_sample.dtype, out.pred_original_sample.dtype))
+    assert got[0] == got[1] == (dtype, dtype)
+
+
 def test_sample_refuses_what_it_used_to_truncate_or_fail_deep_inside():
     model = fastddpm.UNet.tiny()
     for ts, match in (([999.7, 500.2, 0.0], "timesteps: expected integers, got 999.7"),

@@ -6,9 +6,10 @@ without diffusers installed.
 The scheduler config becomes fastddpm's DDPMScheduler or DDIMScheduler, which take every field of
 diffusers' classes with the same meaning, so every field that changes the numbers (variance_type,
 trained_betas, clip_sample and clip_sample_range, thresholding, prediction_type, timestep_spacing,
-steps_offset, set_alpha_to_one, rescale_betas_zero_snr) is honoured. A field the class does not know,
-a value it cannot step with, or another scheduler class is refused with an error naming it: a number-
-changing setting is never dropped silently. Local folders only (no model hub).
+steps_offset, set_alpha_to_one, rescale_betas_zero_snr) is honoured. A field neither class knows, a
+value it cannot step with, or another scheduler class is refused with an error naming it: a number-
+changing setting is never dropped silently (the other class's fields, which diffusers' scheduler swap
+leaves in a config, change nothing in this one). Local folders only (no model hub).
 """
 
 from __future__ import annotations
@@ -144,6 +145,12 @@ def load_scheduler(folder: DiffusersFolder, sampler: str | None = None, backend:
     cls = _scheduler_cls(name)
     config = dict(folder.scheduler_config or {})
     known = set(inspect.signature(cls.__init__).parameters) - {"self", "backend"}
+    # The other class's fields: diffusers' from_config carries them along when a pipeline's scheduler is
+    # swapped (DDPM's variance_type into a DDIM config, DDIM's set_alpha_to_one into a DDPM one), its
+    # save_pretrained writes them, and this class, like diffusers', does not read them. They stay in the
+    # config, as in diffusers, so that switching back (--sampler) gets them again.
+    other = next(n for n in SCHEDULER_CLASSES if n != name)
+    known |= set(inspect.signature(_scheduler_cls(other).__init__).parameters) - {"self", "backend"}
     for key in sorted(config):
         if not key.startswith("_") and key not in known:
             raise FolderError(

@@ -108,6 +108,10 @@ class PreparedStep:
     ``t`` and ``prev_t`` are ints (for the whole batch) or int64 (B,) tensors on the sample's device;
     ``prev_t`` None is t - 1. ``kw`` are the keyword arguments of the public op of the same name, with the
     same meanings and defaults.
+
+    The fused kernels have no backward. Where autograd must see through a step (grad mode on and an input
+    tensor that requires grad: guidance or a loss through the sampler), the step runs on the PyTorch path,
+    whose operations autograd differentiates, so gradients are never dropped.
     """
 
     op: str
@@ -119,6 +123,7 @@ class PreparedStep:
         self._schedule = schedule
         self._schedule_ref = None
         self.fn = _dispatch.implementation(self.op, backend)
+        self._torch_fn = _dispatch.implementation(self.op, "torch")
         if backend == "torch" and dtype == torch.float64:
             self.alphas_cumprod = schedule.table("alphas_cumprod", device, torch.float64)
         else:
@@ -131,6 +136,10 @@ class PreparedStep:
     def _hold_weakly(self) -> None:
         # The ops' cache is keyed by the schedule: a strong reference from its values would keep it alive.
         self._schedule_ref, self._schedule = weakref.ref(self._schedule), None
+
+    def _differentiated(self, *tensors: torch.Tensor | None) -> bool:
+        """Whether autograd records this step: grad mode on and an input that requires grad."""
+        return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
     def __repr__(self) -> str:
         return (f"PreparedStep(op={self.op!r}, backend={self.backend!r}, device={str(self.device)!r}, "
@@ -166,15 +175,17 @@ class _DDPMStep(PreparedStep):
         ret = bool(return_pred_original)
         kw = dict(diffusers_beta=True) if diffusers_beta else {}
         mode, z, seed, off, off_t = _noise_mode(noise, seed, offset)
+        grad = self._differentiated(sample, model_output, z, predicted_variance)
         if mode is None:
-            if randn_in_op(self.backend, generator, variance_type):
+            if not grad and randn_in_op(self.backend, generator, variance_type):
                 prev, pred = torch.ops.fastddpm.ddpm_step_randn(
                     sample, model_output, tt, pt, self.alphas_cumprod, generator, pcode, vcode, clip, ret, **kw)
                 return prev, (pred if ret else None)
             z, mode = generator_noise(sample, generator), NOISE_TENSOR
         extra = () if off_t is None else (off_t,)
-        prev, pred = self.fn(sample, model_output, tt, pt, self.alphas_cumprod, z, predicted_variance, seed, off,
-                             mode, pcode, vcode, clip, ret, *extra, **kw)
+        fn = self._torch_fn if grad else self.fn
+        prev, pred = fn(sample, model_output, tt, pt, self.alphas_cumprod, z, predicted_variance, seed, off, mode,
+                        pcode, vcode, clip, ret, *extra, **kw)
         return prev, (pred if ret else None)
 
 
@@ -211,8 +222,9 @@ class _DDIMStep(PreparedStep):
             z, mode = (generator_noise(sample, generator), NOISE_TENSOR) if eta > 0 else (None, NOISE_NONE)
         extra = () if off_t is None else (off_t,)
         kw = dict(diffusers_beta=True) if diffusers_beta else {}
-        prev, pred = self.fn(sample, model_output, tt, pt, self.alphas_cumprod, float(final_alpha_cumprod), z, seed,
-                             off, mode, pcode, eta, clip, bool(use_clipped_model_output), ret, *extra, **kw)
+        fn = self._torch_fn if self._differentiated(sample, model_output, z) else self.fn
+        prev, pred = fn(sample, model_output, tt, pt, self.alphas_cumprod, float(final_alpha_cumprod), z, seed, off,
+                        mode, pcode, eta, clip, bool(use_clipped_model_output), ret, *extra, **kw)
         return prev, (pred if ret else None)
 
 
@@ -243,7 +255,8 @@ class _DPMPPStep(PreparedStep):
         pcode = _code(PREDICTION_TYPES, prediction_type, "prediction_type")
         clip = float(clip_sample_range) if clip_sample else 0.0
         ret = bool(return_pred_original)
-        prev, pred = self.fn(sample, model_output, prev_x0, tt, pt, lt, self.alphas_cumprod, pcode, clip, ret)
+        fn = self._torch_fn if self._differentiated(sample, model_output, prev_x0) else self.fn
+        prev, pred = fn(sample, model_output, prev_x0, tt, pt, lt, self.alphas_cumprod, pcode, clip, ret)
         return prev, (pred if ret else None)
 
 

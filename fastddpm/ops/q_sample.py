@@ -48,6 +48,8 @@ def q_sample(
     if b == "torch" and x0.dtype == torch.float64:
         sab = schedule.table("sqrt_alphas_cumprod", x0.device, torch.float64)
         s1m = schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, torch.float64)
+    if b == "triton":
+        _register_triton_autograd()
     xt, v = _dispatch.implementation("q_sample", b)(x0, noise, tt, sab, s1m, target == "v")
     if target is None:
         return xt
@@ -78,6 +80,20 @@ def _q_sample_backward(ctx, grad_xt, grad_v):
         g_x0 = g_x0 - s * grad_v
         g_eps = g_eps + a * grad_v
     return g_x0, g_eps, None, None, None, None
+
+
+_TRITON_REGISTERED = False
+
+
+def _register_triton_autograd() -> None:
+    # The Triton op (torch.library.triton_op, registered when its module is first imported) has the same
+    # arguments and the same linear backward.
+    global _TRITON_REGISTERED
+    if not _TRITON_REGISTERED:
+        _dispatch.implementation("q_sample", "triton")  # imports the module that defines the op
+        torch.library.register_autograd("fastddpm::q_sample_triton", _q_sample_backward,
+                                        setup_context=_q_sample_setup)
+        _TRITON_REGISTERED = True
 
 
 if _library.has_c():

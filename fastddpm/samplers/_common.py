@@ -240,17 +240,22 @@ class _StandaloneConfigMixin:
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """A scheduler from a config dict. Keys this class does not take (another scheduler's options,
-        ``_class_name``, ``_diffusers_version``) are ignored, as diffusers ignores them; ``kwargs``
-        override the config's values."""
+        ``_class_name``, ``_diffusers_version``) change nothing, as in diffusers, which also keeps the
+        options in the new config (so a scheduler swapped and swapped back has them again, and
+        save_pretrained writes them); ``kwargs`` override the config's values."""
         if config is None:
             config = {}
         if isinstance(config, (str, os.PathLike)):
             config = cls.load_config(config)
         keys = cls._init_keys()
-        merged = {k: v for k, v in dict(config.items()).items() if k in keys}
+        config = dict(config.items())
+        merged = {k: v for k, v in config.items() if k in keys}
         unused = {k: v for k, v in kwargs.items() if k not in keys}
         merged.update({k: v for k, v in kwargs.items() if k in keys})
         obj = cls(**merged)
+        hidden = {k: v for k, v in config.items() if k not in keys and not k.startswith("_")}
+        if hidden:
+            obj.register_to_config(**hidden)
         return (obj, unused) if return_unused_kwargs else obj
 
     def to_json_string(self) -> str:

@@ -232,4 +232,4 @@ class DDIMScheduler(FastddpmSchedulerMixin):
                 gd = gen.device if gen is not None else x.device
                 noise = torch.randn(x.shape, generator=gen, device=gd, dtype=x.dtype).to(x.device)
             prev = prev + std * noise
-        return prev.to(x.dtype), x0
+        return prev.to(x.dtype), x0.to(x.dtype)  # both in the sample's dtype, as diffusers returns them
