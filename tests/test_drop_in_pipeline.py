@@ -142,7 +142,7 @@ def test_output_types_match_diffusers(diffusers_folders):
     d, _ = diffusers_folders["ddpm-fixed_large"]
     theirs = diffusers.DDPMPipeline.from_pretrained(d)
     ours = fastddpm.DDPMPipeline.from_pretrained(d, unet="diffusers")
-    for ot in ("np", "pt", "latent"):
+    for ot in ("np", "pt", "latent", "numpy", None):  # diffusers: numpy for all but "pil" and "pt"
         a, b = images(ours, ot), images(theirs, ot)
         assert type(a) is type(b), ot
         close(a if ot != "pt" else a.numpy(), b if ot != "pt" else b.numpy())
@@ -154,6 +154,10 @@ def test_output_types_match_diffusers(diffusers_folders):
     assert list(out.keys()) == ["images"] and out[0] is out.images
     with pytest.raises(ValueError, match="output_type"):
         ours(num_inference_steps=1, output_type="jpeg")
+    for dtype in (torch.float16, torch.float64):  # the numpy array in the model's dtype, as diffusers'
+        a = images(ours.to(dtype=dtype), "np", steps=2)
+        b = images(theirs.to(dtype=dtype), "np", steps=2)
+        assert a.dtype == b.dtype == {torch.float16: np.float16, torch.float64: np.float64}[dtype]
 
 
 # ---------------------------------------------------------------------------------------------------

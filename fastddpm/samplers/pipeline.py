@@ -178,12 +178,13 @@ class DDPMPipeline:
     def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000,
                  output_type: str = "pil", return_dict: bool = True):
         """Images as diffusers' DDPMPipeline makes them. ``output_type``: "pil", "np" ((B, H, W, C) in
-        [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent" (diffusers' DDPMPipeline has no latent space
-        and returns the numpy array for it; so does this one)."""
+        [0, 1], in the model's dtype; float32 for bfloat16, which numpy lacks), "pt" ((B, C, H, W) in [0, 1]),
+        or "latent", "numpy" or None (diffusers' DDPMPipeline returns the numpy array for every type but
+        "pil" and "pt"; so does this one, and it refuses other strings, which are likelier typos)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type: expected 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent", "numpy", None):
+            raise ValueError(f"output_type: expected 'pil', 'np', 'pt', 'latent', 'numpy' or None, got {output_type!r}")
         cfg = self.unet.config
         size = cfg.sample_size
         if isinstance(size, int):
@@ -194,7 +195,8 @@ class DDPMPipeline:
                         self.dtype, progress=self.progress_bar)
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            image = image.cpu().permute(0, 2, 3, 1)
+            image = (image.float() if image.dtype == torch.bfloat16 else image).numpy()
             if output_type == "pil":
                 image = numpy_to_pil(image)
         if not return_dict:
