@@ -307,6 +307,54 @@ def test_half_precision_outputs_have_diffusers_dtypes(dtype, kind, thresholding)
     assert got[0] == got[1] == (dtype, dtype)
 
 
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_assigned_alphas_cumprod_is_honoured_as_diffusers(kind):
+    # Code that rescales a schedule by hand assigns scheduler.alphas_cumprod; diffusers' step and add_noise read
+    # it. fastddpm's fused ops read tables built at construction, so the assignment was silently ignored.
+    pair = ((DDPMScheduler(num_train_timesteps=100), diffusers.DDPMScheduler(num_train_timesteps=100))
+            if kind == "ddpm" else
+            (fastddpm.DDIMScheduler(num_train_timesteps=100), diffusers.DDIMScheduler(num_train_timesteps=100)))
+    g = torch.Generator().manual_seed(1)
+    x, m = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    out = []
+    for s in pair:
+        s.set_timesteps(10)
+        s.alphas_cumprod = s.alphas_cumprod * 0.9
+        kw = {"eta": 0.5} if kind == "ddim" else {}
+        step = s.step(m, 50, x, generator=torch.Generator().manual_seed(3), **kw)
+        noisy = s.add_noise(x, m, torch.tensor([10, 50]))
+        out.append((step.prev_sample, step.pred_original_sample, noisy))
+    for a, b in zip(*out):
+        assert rel(a, b) < 1e-5
+    base = pair[0].__class__(num_train_timesteps=100)  # and the assignment mattered
+    assert rel(base.add_noise(x, m, torch.tensor([10, 50])), out[1][2]) > 1e-3
+    with pytest.raises(ValueError, match="alphas_cumprod: expected a 1-D floating-point table of the 100"):
+        pair[0].alphas_cumprod = torch.ones(50)
+
+
+def test_assigned_ddpm_timesteps_are_honoured_as_diffusers():
+    # diffusers' DDPM step goes to the successor of t in self.timesteps (after set_timesteps); assigning the
+    # attribute changes where each step goes. Before set_timesteps both go to t - 1.
+    g = torch.Generator().manual_seed(2)
+    x, m = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    results = []
+    for S in (DDPMScheduler, diffusers.DDPMScheduler):
+        fresh = S(num_train_timesteps=100)
+        fresh.timesteps = torch.tensor([90, 50, 10])
+        before = [int(fresh.previous_timestep(t)) for t in (90, 50)]
+        s = S(num_train_timesteps=100)
+        s.set_timesteps(10)
+        s.timesteps = torch.tensor([90, 50, 10])
+        prevs = [int(s.previous_timestep(t)) for t in s.timesteps]
+        xs = x
+        for t in s.timesteps:
+            xs = s.step(m, t, xs, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        results.append((before, prevs, xs))
+    (b0, p0, x0), (b1, p1, x1) = results
+    assert b0 == b1 == [89, 49] and p0 == p1 == [50, 10, -1]
+    assert rel(x0, x1) < 1e-5
+
+
 def test_sample_refuses_what_it_used_to_truncate_or_fail_deep_inside():
     model = fastddpm.UNet.tiny()
     for ts, match in (([999.7, 500.2, 0.0], "timesteps: expected integers, got 999.7"),
@@ -639,12 +687,14 @@ class Untouchable:
 def _counted_step(s, m, t, x, gen, **step_kw):
     table = s.timesteps
     s.step(m, t, x, generator=gen, **step_kw)  # first call resolves and caches the kernel (once per device)
-    s.timesteps = Untouchable()
+    # DDPMScheduler.timesteps is a property (an assigned tensor rebuilds the successor table): its storage
+    attr = "_timesteps" if isinstance(getattr(type(s), "timesteps", None), property) else "timesteps"
+    setattr(s, attr, Untouchable())
     try:
         with torch.no_grad(), TableReads(table) as c:
             s.step(m, t, x, generator=gen, **step_kw)
     finally:
-        s.timesteps = table
+        setattr(s, attr, table)
     return c
 
 

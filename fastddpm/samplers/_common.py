@@ -152,10 +152,12 @@ class DiffusersTables(NoiseSchedule):
     are derived from them in float64.
     """
 
-    def __init__(self, betas: torch.Tensor, device: torch.device | str | None = None) -> None:
+    def __init__(self, betas: torch.Tensor, device: torch.device | str | None = None,
+                 alphas_cumprod: torch.Tensor | None = None) -> None:
+        """``alphas_cumprod``: a table to use instead of the betas' cumulative product (float32)."""
         betas = betas.detach().to("cpu", torch.float32)
         alphas = 1.0 - betas
-        ac = torch.cumprod(alphas, dim=0)
+        ac = torch.cumprod(alphas, dim=0) if alphas_cumprod is None else alphas_cumprod.detach().float().cpu()
         self.num_train_timesteps = int(betas.shape[0])
         self.beta_schedule = "diffusers"
         self.beta_start = float(betas[0])
@@ -475,11 +477,30 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
             type(self).__name__,
         )
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self._first_invalid = first_invalid_timestep(self.alphas_cumprod)
-        self.schedule = DiffusersTables(self.betas)
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # the property's setter builds the schedule
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """diffusers' float32 alphas_cumprod, the table every step and add_noise read.
+
+        Assigning a new table (as code that rescales a schedule by hand does: ``s.alphas_cumprod = ...``)
+        rebuilds the tables the fused ops read from it (in float32), so the steps and add_noise follow it as
+        diffusers' do; editing the tensor in place is not seen."""
+        return self._alphas_cumprod
+
+    @alphas_cumprod.setter
+    def alphas_cumprod(self, value) -> None:
+        ac = torch.as_tensor(value)
+        n = self.betas.shape[0]
+        if ac.shape != (n,) or not ac.dtype.is_floating_point:
+            raise ValueError(f"alphas_cumprod: expected a 1-D floating-point table of the {n} training timesteps, "
+                             f"got {ac.dtype} of shape {tuple(ac.shape)}")
+        self._alphas_cumprod = ac
+        self._first_invalid = first_invalid_timestep(ac)
+        self.schedule = DiffusersTables(self.betas, alphas_cumprod=ac)
+        self.__dict__.pop("_steps", None)  # prepared for the old tables
 
     def _set_backend(self, backend: str) -> None:
         self.backend = backend

@@ -230,10 +230,29 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
                 )
             self.num_inference_steps = int(num_inference_steps)
             self.custom_timesteps = False
-        self.timesteps = torch.from_numpy(ts).to(device)
+        self._timesteps = torch.from_numpy(ts).to(device)  # the table from the host copy, not read back
         self._set_prev_table(prev_table(ts, T))
         if device is not None:
             self._prev_on(torch.device(device))
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The timesteps of sampling, in order.
+
+        After ``set_timesteps``, assigning a new tensor makes each step go to its successor in it (-1 after the
+        last), as diffusers' ``previous_timestep`` reads ``self.timesteps``; before it, a step goes to t - 1 in
+        both. Editing the tensor in place is not seen."""
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, value) -> None:
+        ts = torch.as_tensor(value)
+        if ts.dim() != 1 or ts.dtype.is_complex or ts.dtype == torch.bool:
+            raise ValueError(f"timesteps: expected a 1-D tensor of timesteps, got {ts.dtype} of shape "
+                             f"{tuple(ts.shape)}")
+        self._timesteps = ts
+        if self.custom_timesteps or self.num_inference_steps:
+            self._set_prev_table(prev_table(ts.cpu().numpy(), self.alphas_cumprod.shape[0]))
 
     def previous_timestep(self, timestep):
         """The timestep that ``step`` moves to from ``timestep`` (-1 after the last)."""
