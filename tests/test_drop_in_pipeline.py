@@ -100,6 +100,23 @@ def test_diffusers_loads_a_fastddpm_pipeline_folder(diffusers_folders, name, tmp
     close(images(again), want)
 
 
+@pytest.mark.parametrize("unet", ["fastddpm", "diffusers"])
+def test_save_pretrained_unsafe_serialization_as_diffusers(diffusers_folders, unet, tmp_path):
+    # safe_serialization=False (diffusers' argument) writes diffusion_pytorch_model.bin; it raised TypeError.
+    # Saved over a safetensors save, the stale .safetensors goes (loaders would read it first), and back.
+    d, want = diffusers_folders["ddpm-fixed_large"]
+    ours = fastddpm.DDPMPipeline.from_pretrained(d, unet=unet)
+    ours.save_pretrained(tmp_path)
+    ours.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "unet").glob("diffusion_pytorch_model.*")) == [
+        "diffusion_pytorch_model.bin"]
+    close(images(diffusers.DDPMPipeline.from_pretrained(tmp_path)), want)
+    close(images(fastddpm.DDPMPipeline.from_pretrained(tmp_path)), want)
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "unet").glob("diffusion_pytorch_model.*")) == [
+        "diffusion_pytorch_model.safetensors"]
+
+
 def test_fastddpm_unet_round_trips_through_diffusers(tmp_path):
     # A fastddpm.UNet that never was a diffusers model (channel multipliers, attention, two heads).
     torch.manual_seed(5)

@@ -109,9 +109,10 @@ class DDPMPipeline:
             raise ValueError(f"unet: expected 'fastddpm' or 'diffusers', got {unet!r}")
         return cls(model, _folder.load_scheduler(f, backend=backend))
 
-    def save_pretrained(self, save_directory) -> None:
+    def save_pretrained(self, save_directory, safe_serialization: bool = True) -> None:
         """Write the pipeline in diffusers' layout: unet/ (config.json + diffusion_pytorch_model.safetensors
-        with UNet2DModel's keys), scheduler/scheduler_config.json and model_index.json, which names
+        with UNet2DModel's keys; ``safe_serialization=False``: diffusion_pytorch_model.bin, torch.save's
+        format, as diffusers writes it), scheduler/scheduler_config.json and model_index.json, which names
         diffusers' classes, so ``diffusers.DDPMPipeline.from_pretrained`` loads it without fastddpm.
         Each file is written atomically; model_index.json last, so an interrupted save is no pipeline."""
         from .._io import atomic_path
@@ -134,14 +135,21 @@ class DDPMPipeline:
                          for k, v in config_to_diffusers(self.unet.config).items()})
             sd = {k: v.detach().to("cpu").contiguous()
                   for k, v in state_dict_to_diffusers(self.unet.state_dict()).items()}
-            with atomic_path(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")) as tmp:
-                save_file(sd, tmp, metadata={"format": "pt"})
+            name = "diffusion_pytorch_model." + ("safetensors" if safe_serialization else "bin")
+            with atomic_path(os.path.join(unet_dir, name)) as tmp:
+                if safe_serialization:
+                    save_file(sd, tmp, metadata={"format": "pt"})
+                else:
+                    torch.save(sd, tmp)
             write_text_atomic(os.path.join(unet_dir, "config.json"), json.dumps(conf, indent=2, sort_keys=True) + "\n")
         elif hasattr(self.unet, "save_pretrained"):  # a diffusers UNet2DModel, patched or not
-            self.unet.save_pretrained(unet_dir)
+            self.unet.save_pretrained(unet_dir, safe_serialization=safe_serialization)
         else:
             raise TypeError(f"unet: cannot save a {type(self.unet).__name__} (expected a fastddpm UNet or a "
                             "diffusers UNet2DModel)")
+        stale = os.path.join(unet_dir, "diffusion_pytorch_model." + ("bin" if safe_serialization else "safetensors"))
+        if os.path.exists(stale):  # a previous save's other format: loaders read safetensors first
+            os.remove(stale)
         sched_name = type(self.scheduler).__name__
         self.scheduler.save_pretrained(os.path.join(root, "scheduler"))
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": version,
