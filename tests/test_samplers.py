@@ -355,6 +355,26 @@ def test_assigned_ddpm_timesteps_are_honoured_as_diffusers():
     assert rel(x0, x1) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_thresholding_ratio_domain_is_diffusers(kind):
+    # diffusers steps with any ratio in [0, 1] (torch.quantile's domain) and fails inside quantile() at the first
+    # step outside it. fastddpm's DDPM refused 0, and its DDIM accepted 1.5 and failed at the step.
+    ours, theirs = (DDPMScheduler, diffusers.DDPMScheduler) if kind == "ddpm" else \
+        (fastddpm.DDIMScheduler, diffusers.DDIMScheduler)
+    x, m = torch.randn(SHAPE), torch.randn(SHAPE)
+    for ratio in (0.0, 1.0):
+        out = []
+        for S in (ours, theirs):
+            s = S(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=2.0)
+            s.set_timesteps(10)
+            out.append(s.step(m, 500, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+        assert rel(out[0], out[1]) < 1e-5, ratio
+    for ratio in (1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"dynamic_thresholding_ratio: expected a value in \[0, 1\], got {ratio}"):
+            ours(thresholding=True, dynamic_thresholding_ratio=ratio)
+        ours(dynamic_thresholding_ratio=ratio)  # without thresholding it is never read, as in diffusers
+
+
 def test_sample_refuses_what_it_used_to_truncate_or_fail_deep_inside():
     model = fastddpm.UNet.tiny()
     for ts, match in (([999.7, 500.2, 0.0], "timesteps: expected integers, got 999.7"),

@@ -452,8 +452,13 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
         os.makedirs(save_directory, exist_ok=True)
         write_text_atomic(os.path.join(save_directory, self.config_name), self.to_json_string())
 
-    def _check_config(self, prediction_type: str, clip_sample: bool, clip_sample_range: float) -> None:
+    def _check_config(self, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+                      thresholding: bool, dynamic_thresholding_ratio: float) -> None:
         """The config checks both schedulers make when built, where diffusers would fail at the first step."""
+        if thresholding and not 0 <= dynamic_thresholding_ratio <= 1:  # diffusers: quantile() fails at a step
+            raise ValueError(
+                f"dynamic_thresholding_ratio: expected a value in [0, 1], got {dynamic_thresholding_ratio}"
+            )
         if prediction_type not in ops.PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type: expected one of {', '.join(ops.PREDICTION_TYPES)}, got {prediction_type!r}"

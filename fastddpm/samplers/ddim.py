@@ -76,7 +76,7 @@ class DDIMScheduler(FastddpmSchedulerMixin):
         *,
         backend: str = "auto",
     ) -> None:
-        self._check_config(prediction_type, clip_sample, clip_sample_range)
+        self._check_config(prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio)
         self._init_tables(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                           rescale_betas_zero_snr, BETA_SCHEDULES, backend)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]

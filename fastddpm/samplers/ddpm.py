@@ -168,11 +168,7 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
                 "'fixed_small', as diffusers does",
                 stacklevel=3,
             )
-        self._check_config(prediction_type, clip_sample, clip_sample_range)
-        if thresholding and not 0 < dynamic_thresholding_ratio <= 1:
-            raise ValueError(
-                f"dynamic_thresholding_ratio: expected a value in (0, 1], got {dynamic_thresholding_ratio}"
-            )
+        self._check_config(prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio)
         self._init_tables(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                           rescale_betas_zero_snr, BETA_SCHEDULES, backend)
         self.one = torch.tensor(1.0)
