@@ -147,11 +147,19 @@ def _load_plugins() -> None:
                 raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown flag, a value of the wrong type) are one line and exit status
+    2, like every other mistake on the command line; ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="fastddpm", description="DDPM training and sampling on fused kernels.")
+    parser = _Parser(prog="fastddpm", description="DDPM training and sampling on fused kernels.")
     parser.add_argument("--version", action="version", version=f"fastddpm {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error (also FASTDDPM_DEBUG=1)")

@@ -68,13 +68,22 @@ def load_exported(weights: str) -> LoadedModel:
         raise FileNotFoundError(f"{weights}: the weights file is {what}")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{weights}: its metadata {meta_path} is missing")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{meta_path}: not a fastddpm model description (format tag missing)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
+    described = isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT
+    if not (described and isinstance(meta.get("unet_config"), dict)):
+        raise ValueError(f"{meta_path}: not a fastddpm model description (format tag or unet_config missing)")
     model = UNet(UNetConfig.from_dict(meta["unet_config"]))
     sd = _load_safetensors(weights)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    try:
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+    except RuntimeError as exc:  # e.g. the .safetensors of one export beside the .json of another
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{weights}: the weights are not those of the network {meta_path} describes "
+                         f"({detail[:200]}{'...' if len(detail) > 200 else ''})") from exc
     return LoadedModel(model.eval(), _schedule(meta.get("schedule")), meta.get("prediction_type", "epsilon"),
                        meta.get("sampler", "ddpm"), meta.get("steps"), weights, meta)
 
@@ -96,7 +105,7 @@ def load_training_checkpoint(path: str, weights: str = "ema") -> LoadedModel:
     if weights not in ("ema", "model"):
         raise ValueError(f"--weights: expected ema or model, got {weights!r}")
     model = UNet(UNetConfig.from_dict(meta["unet_config"]))
-    model.load_state_dict(ck.load_tensors(folder, f"{weights}.safetensors"))
+    ck.load_weights(model, folder, f"{weights}.safetensors")
     cfg = meta.get("config", {})
     schedule = _schedule(meta.get("schedule"))
     # the steps training's own previews took: --sample-steps, at most the training timesteps
@@ -155,8 +164,10 @@ def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", ste
             "trained_steps": lm.info["step"], "weights": weights, "train_config": lm.info.get("config")}
     meta.update(extra or {})
     sd = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
-    with atomic_path(out) as tmp:
-        save_file(sd, tmp, metadata={"format": MODEL_FORMAT})
-    with atomic_path(os.path.splitext(out)[0] + ".json") as tmp, open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
+    # Both files written to temporary names first, then renamed one right after the other: an interrupted
+    # export leaves the previous pair, not a new .json beside old weights.
+    with atomic_path(out) as tmp_w, atomic_path(os.path.splitext(out)[0] + ".json") as tmp_j:
+        save_file(sd, tmp_w, metadata={"format": MODEL_FORMAT})
+        with open(tmp_j, "w") as f:
+            json.dump(meta, f, indent=1)
     return out

@@ -257,6 +257,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
     try:
         check_output_file(args.out, "--out", (".safetensors",))
+        check_output_file(os.path.splitext(args.out)[0] + ".json", "--out (its .json)", (".json",))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     try:

@@ -78,6 +78,9 @@ def make_betas(
     raise ValueError(f"beta_schedule: expected one of {', '.join(BETA_SCHEDULES)}, got {beta_schedule!r}")
 
 
+MAX_TIMESTEPS = 1_000_000  # num_train_timesteps' bound: the tables take 8 bytes x 14 per step
+
+
 class NoiseSchedule:
     """The forward-process noise schedule of a DDPM (Ho et al. 2020, sec. 2).
 
@@ -104,8 +107,9 @@ class NoiseSchedule:
     ) -> None:
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)):
             raise ValueError(f"num_train_timesteps: expected an integer >= 1, got {num_train_timesteps!r}")
-        if num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps: expected an integer >= 1, got {num_train_timesteps}")
+        if not 1 <= num_train_timesteps <= MAX_TIMESTEPS:  # (2**31 steps took 24 GiB before any check)
+            raise ValueError(f"num_train_timesteps: expected an integer in [1, {MAX_TIMESTEPS}], "
+                             f"got {num_train_timesteps}")
         self.num_train_timesteps = int(num_train_timesteps)
         self.beta_schedule = beta_schedule
         self.beta_start = float(beta_start)
@@ -115,7 +119,15 @@ class NoiseSchedule:
             bad = betas[~((betas > 0) & (betas < 1))]
             name = "trained_betas" if trained_betas is not None else "beta_start/beta_end"
             raise ValueError(f"{name}: every beta must lie in (0, 1), got {bad[:4].tolist()}")
-        self._f64 = self._compute_tables(betas)
+        with np.errstate(divide="ignore", invalid="ignore"):  # an underflowed table is refused just below
+            self._f64 = self._compute_tables(betas)
+        ac32 = self._f64["alphas_cumprod"].astype(np.float32)
+        if not ac32[-1] > 0:  # the product decreases: its last value is its smallest
+            t = int(np.argmax(ac32 <= 0))
+            name = "trained_betas" if trained_betas is not None else "num_train_timesteps/beta_start/beta_end"
+            raise ValueError(f"{name}: alphas_cumprod underflows float32 to 0 from t = {t} of {len(ac32)} on "
+                             f"(abar_t = {self._f64['alphas_cumprod'][t]:.3g}), where the x0 prediction divides "
+                             "by sqrt(abar_t) and sampling gives NaN images; use fewer timesteps or smaller betas")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
         for name, value in self._tables_on(self.device).items():

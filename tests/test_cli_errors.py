@@ -496,3 +496,67 @@ def test_default_steps_of_a_model_with_few_timesteps(tmp_path):
     _usage_error(r, "--steps:", "the model's default of 50 sampling steps", "10 training timesteps", "pass --steps")
     r = _cli("sample", "--model", model, "--n", "2", "--steps", "10", "--out", tmp_path / "b.png")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_argparse_errors_are_one_line():
+    # a value of the wrong type, an unknown choice or flag: argparse printed its usage block (19 lines for
+    # train) above the error; now the one error line, exit 2, as every other mistake
+    for args, must in [(("train", "--steps", "nan"), "argument --steps: invalid int value: 'nan'"),
+                       (("train", "--image-size", "8.5"), "argument --image-size: invalid int value"),
+                       (("sample", "--sampler", "x"), "argument --sampler: invalid choice: 'x'"),
+                       (("train", "--bogus", "1"), "unrecognized arguments: --bogus 1"),
+                       (("bogus",), "invalid choice: 'bogus'")]:
+        r = _cli(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert lines[0].startswith(("fastddpm: error: ", f"fastddpm {args[0]}: error: ")), lines[0]
+        assert must in lines[0] and "--help" in lines[0], lines[0]
+        _quick(r)
+
+
+def test_damaged_checkpoints_and_exports_are_one_line(tmp_path):
+    """Checkpoints whose state.json lost its step, weights of another network under a valid checksum, an
+    exported .safetensors beside another export's .json, and an export whose .json name is a folder: each was a
+    KeyError or load_state_dict traceback (or named a temporary file); now one line naming the file."""
+    import hashlib
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    def train(out, *extra):
+        r = _cli("train", "--data", "digits", "--model", "tiny", "--image-size", "8", "--steps", "2",
+                 "--sample-every", "0", "--no-progress", "--out", out, *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return out / "checkpoints" / "step-00000002"
+
+    ck = train(tmp_path / "run")
+    nostep, foreign = tmp_path / "nostep", tmp_path / "foreign"
+    shutil.copytree(ck, nostep)
+    state = json.loads((nostep / "state.json").read_text())
+    del state["step"]
+    (nostep / "state.json").write_text(json.dumps(state))
+    for args in (("train", "--resume", nostep, "--steps", "4", "--out", tmp_path / "o1"),
+                 ("export", "--ckpt", nostep, "--out", tmp_path / "e.safetensors")):
+        _usage_error(_cli(*args), "state.json holds no step")
+    shutil.copytree(ck, foreign)
+    save_file({"w": torch.zeros(3)}, str(foreign / "model.safetensors"))
+    state = json.loads((foreign / "state.json").read_text())
+    state["files"]["model.safetensors"] = hashlib.sha256((foreign / "model.safetensors").read_bytes()).hexdigest()
+    (foreign / "state.json").write_text(json.dumps(state))
+    for args in (("train", "--resume", foreign, "--steps", "4", "--out", tmp_path / "o2"),
+                 ("sample", "--ckpt", foreign, "--weights", "model", "--n", "2", "--out", tmp_path / "s.png")):
+        _usage_error(_cli(*args), "model.safetensors does not hold the weights of the network")
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert _cli("export", "--ckpt", ck, "--out", a).returncode == 0
+    ck_b = train(tmp_path / "run_b", "--unet", '{"base_channels": 8}')
+    assert _cli("export", "--ckpt", ck_b, "--out", b).returncode == 0
+    shutil.copy(tmp_path / "b.json", tmp_path / "a.json")
+    _usage_error(_cli("sample", "--model", a, "--n", "2", "--out", tmp_path / "s.png"),
+                 "a.safetensors: the weights are not those of the network", "a.json describes")
+    (tmp_path / "c.json").mkdir()
+    r = _cli("export", "--ckpt", ck, "--out", tmp_path / "c.safetensors")
+    _usage_error(r, "--out (its .json):", "is a folder")
+    assert not (tmp_path / "c.safetensors").exists() and not list(tmp_path.glob(".tmp-*"))

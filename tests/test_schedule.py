@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastddpm import NoiseSchedule
+from fastddpm.schedule import TABLES
 
 
 def test_linear_schedule_matches_paper_float64():
@@ -83,3 +84,22 @@ def test_to_device_shares_tables():
 def test_invalid_schedules(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NoiseSchedule(**kwargs)
+
+
+def test_schedules_whose_float32_table_underflows_are_refused():
+    # 20000 linear steps: alphas_cumprod falls below float32's smallest value from t = 14321 on; the tables
+    # held inf (1/sqrt(abar)) and DDPM sampling wrote all-NaN images with exit status 0.
+    import time
+
+    ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 20000))
+    first = int(np.argmax(ac.astype(np.float32) == 0))  # independent: where float32 rounds abar to 0
+    with pytest.raises(ValueError, match=f"alphas_cumprod underflows float32 to 0 from t = {first} of 20000"):
+        NoiseSchedule(20000)
+    with pytest.raises(ValueError, match="trained_betas: alphas_cumprod underflows"):
+        NoiseSchedule(300, trained_betas=np.full(300, 0.5))
+    s = NoiseSchedule(4000)  # the smallest abar, 2.7e-18, is a float32 number: accepted, every table finite
+    assert all(torch.isfinite(getattr(s, name)).all() for name in TABLES)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"num_train_timesteps: expected an integer in \[1, 1000000\]"):
+        NoiseSchedule(2**31)  # refused before any table is made (it took 24 GiB)
+    assert time.perf_counter() - t0 < 1

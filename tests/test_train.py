@@ -446,3 +446,22 @@ def test_two_gloo_processes_match_one(tmp_path):
     # averaged by all-reduce), and Adam's first steps amplify that to about lr * 1e-4.
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_run_folder_holds_one_run(tmp_path, capsys):
+    """A new run started in a folder that holds a run's checkpoints used to train, prune its own new checkpoint
+    (the old run's later steps sort above it), report that deleted checkpoint and truncate the old metrics; now
+    it is refused before any work, and so is resuming another run's checkpoint into it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(a, "--steps", "3") == 0
+    before = {p.name: p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert _run(a, "--steps", "2", "--lr", "1e-3") == 2
+    err = capsys.readouterr().err
+    assert "--out:" in err and "already holds a run's checkpoints" in err and "--resume latest" in err, err
+    assert {p.name: p.read_bytes() for p in a.rglob("*") if p.is_file()} == before  # nothing touched
+    assert _run(b, "--steps", "2") == 0
+    assert _run(a, "--steps", "5", "--resume", str(b)) == 2  # b's run into a
+    assert "already holds a run's checkpoints" in capsys.readouterr().err
+    assert _run(a, "--steps", "5", "--resume", "latest") == 0  # its own run continues
+    assert _latest(a)[0] == 5

@@ -234,6 +234,10 @@ def read_state(ckpt: str) -> dict:
     if meta.get("version", 0) > VERSION:
         raise CheckpointError(f"checkpoint {ckpt}: format version {meta['version']} is newer than this "
                               f"fastddpm reads ({VERSION})")
+    if isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        raise CheckpointError(f"checkpoint {ckpt}: state.json holds no step (a non-negative integer)")
+    if not isinstance(meta.get("unet_config"), dict):
+        raise CheckpointError(f"checkpoint {ckpt}: state.json holds no unet_config (the network's settings)")
     for fn, digest in meta.get("files", {}).items():
         fp = os.path.join(ckpt, fn)
         if not os.path.isfile(fp):
@@ -251,6 +255,17 @@ def load_tensors(ckpt: str, name: str) -> dict[str, torch.Tensor]:
         return load_file(os.path.join(ckpt, name))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"checkpoint {ckpt}: cannot read {name}: {exc}") from exc
+
+
+def load_weights(module: torch.nn.Module, ckpt: str, name: str) -> None:
+    """``name`` (model.safetensors or ema.safetensors) of a checkpoint loaded into ``module``, the network that
+    its state.json describes; weights of another network are a CheckpointError, not load_state_dict's."""
+    try:
+        module.load_state_dict(load_tensors(ckpt, name))
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"checkpoint {ckpt}: {name} does not hold the weights of the network its state.json "
+                              f"describes ({detail[:200]}{'...' if len(detail) > 200 else ''})") from exc
 
 
 def load_optimizer(ckpt: str, meta: dict, optimizer: torch.optim.Optimizer) -> None:

@@ -298,6 +298,11 @@ def _resume_config(cfg: TrainConfig, given: set[str], meta: dict) -> TrainConfig
     return saved
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = None, log=print) -> dict:
     """Train; returns a summary dict (final step, checkpoint folder, last loss, stopped_by).
 
@@ -329,6 +334,12 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
             # Continue in the run folder the checkpoint belongs to.
             parent = os.path.dirname(os.path.abspath(ck))
             cfg.out = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else cfg.out
+    # A run folder holds one run: a new run (or another run's checkpoint) written into a folder that holds
+    # checkpoints would prune that run's later checkpoints or its own, and mix their logs.
+    if ckpt_mod.any_checkpoint(cfg.out) and (meta is None or not _inside(ck, cfg.out)):
+        what = "a new run" if meta is None else f"the run of {ck}"
+        raise ValueError(f"--out: {cfg.out} already holds a run's checkpoints; continue that run with --resume "
+                         f"latest, or start {what} in another --out")
     # Before any long work: the run folder must be (or become) a writable folder.
     check_output_dir(cfg.out, "--out")
     if cfg.threads:
@@ -368,8 +379,8 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     step, ema_n = 0, 0
     if meta is not None:
-        model.load_state_dict(ckpt_mod.load_tensors(ck, "model.safetensors"))
-        ema.load_state_dict(ckpt_mod.load_tensors(ck, "ema.safetensors"))
+        ckpt_mod.load_weights(model, ck, "model.safetensors")
+        ckpt_mod.load_weights(ema, ck, "ema.safetensors")
         ckpt_mod.load_optimizer(ck, meta, opt)
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
