@@ -153,17 +153,13 @@ def check_sample_args(args: argparse.Namespace) -> None:
 
 
 def check_grid(n: int, h: int, w: int, nrow: int | None, scale: int) -> None:
-    """A UsageError where the PNG grid of ``n`` h x w images would be larger than PIL opens (2 x
-    Image.MAX_IMAGE_PIXELS: Image.open refuses it as a decompression bomb), found before sampling."""
-    from PIL import Image
+    """A UsageError where the PNG grid would be larger than PIL opens, found before sampling."""
+    from .train.loop import check_grid as check
 
-    from .train.loop import grid_size
-
-    gw, gh = grid_size(n, h, w, nrow, scale)
-    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
-    if limit is not None and gw * gh > limit:
-        raise UsageError(f"--out: the grid of {n} images at scale {scale} would be {gw} x {gh} pixels, more than PIL "
-                         f"opens ({limit:,}); lower --scale, --nrow or --n, or write --npz / --png-dir instead")
+    try:
+        check(n, h, w, nrow, scale, "--out", "lower --scale, --nrow or --n, or write --npz / --png-dir instead")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 @command("sample", "sample images from a trained model (PNG grid, PNGs, .npz)", _args)

@@ -465,3 +465,45 @@ def test_a_run_folder_holds_one_run(tmp_path, capsys):
     assert "already holds a run's checkpoints" in capsys.readouterr().err
     assert _run(a, "--steps", "5", "--resume", "latest") == 0  # its own run continues
     assert _latest(a)[0] == 5
+
+
+def test_sixteen_bit_grey_pngs_are_scaled_not_clipped(tmp_path):
+    # PIL's convert("L") clips 16-bit values above 255: a 16-bit PNG decoded to white (or to {-1, 1})
+    from fastddpm.train.data import ImageFolder
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    (tmp_path / "grey").mkdir()
+    Image.fromarray(arr).save(tmp_path / "grey" / "a.png")
+    assert Image.open(tmp_path / "grey" / "a.png").mode.startswith("I")  # a 16-bit PNG, as PIL opens it
+    want = torch.from_numpy(arr.astype(np.float64) / 65535 * 2 - 1)
+    x = ImageFolder(str(tmp_path / "grey"), 8)[0]
+    assert x.shape == (1, 8, 8)
+    torch.testing.assert_close(x[0].double(), want, rtol=0, atol=1e-6)
+    # beside an RGB image the folder is RGB: the grey values in every channel
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "grey" / "b.png")
+    x = ImageFolder(str(tmp_path / "grey"), 8)[0]
+    assert x.shape == (3, 8, 8)
+    for c in range(3):
+        torch.testing.assert_close(x[c].double(), want, rtol=0, atol=1e-6)
+    # resized: within [-1, 1] and close to the mean of the source
+    x = ImageFolder(str(tmp_path / "grey"), 4)[0]
+    assert x.min() >= -1 and x.max() <= 1 and abs(float(x.mean()) - float(want.mean())) < 0.1
+
+
+def test_preview_grid_is_checked_first_and_saved_after(tmp_path, capsys, monkeypatch):
+    # --sample-n whose grid PIL would refuse failed only at the first preview, after training, naming
+    # --batch-size; and a preview that ran out of memory lost the checkpoint of its step (saved after it)
+    assert _run(tmp_path / "a", "--steps", "4", "--sample-every", "2", "--sample-n", "1000000000") == 2
+    err = capsys.readouterr().err
+    assert "--sample-n: the grid of 1000000000 images" in err and not (tmp_path / "a" / "checkpoints").exists()
+    import fastddpm.samplers
+
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+
+    monkeypatch.setattr(fastddpm.samplers, "sample", oom)
+    assert _run(tmp_path / "b", "--steps", "4", "--sample-every", "2", "--save-every", "2") == 2
+    err = capsys.readouterr().err
+    assert "--sample-n: the preview of 64 images" in err and "step 2 is saved" in err, err
+    assert _latest(tmp_path / "b")[0] == 2

@@ -106,7 +106,8 @@ def _load_array(path: str) -> torch.Tensor:
     return _from_array(np.asarray(a), path)
 
 
-GREY_MODES = ("L", "1", "I", "I;16", "LA")
+GREY_MODES = ("L", "1", "I", "I;16", "I;16B", "I;16L", "LA")
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L")  # 16-bit PNGs open as one of these: 0..65535
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -154,7 +155,12 @@ class ImageFolder(torch.utils.data.Dataset):
         fn = self.files[i]
         try:
             with Image.open(fn) as im:
-                im = im.convert(self.mode)
+                if im.mode in WIDE_GREY_MODES:
+                    # 16-bit grey (PNG): convert() would clip every value above 255 to white; scaled to the
+                    # 8-bit range instead, kept in float (mode "F") through the crop and resize
+                    im = Image.fromarray(np.asarray(im, dtype=np.float32) / 257.0, mode="F")
+                else:
+                    im = im.convert(self.mode)
         except (OSError, UnidentifiedImageError, SyntaxError) as exc:
             raise ValueError(f"data: cannot read image {fn}: {exc}") from exc
         w, h = im.size
@@ -163,6 +169,8 @@ class ImageFolder(torch.utils.data.Dataset):
         if s != self.size:
             im = im.resize((self.size, self.size), Image.BICUBIC if s < self.size else Image.LANCZOS)
         a = np.asarray(im)
+        if im.mode == "F":
+            a = np.clip(a, 0.0, 255.0)[..., None].repeat(self.channels, -1)  # resampling may overshoot
         a = a[..., None] if a.ndim == 2 else a
         return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255.0 * 2 - 1  # (C, S, S)
 

@@ -219,6 +219,18 @@ def grid_size(n: int, h: int, w: int, nrow: int | None = None, scale: int = 1,
     return (nrow * (w + pad) + pad) * scale, (rows * (h + pad) + pad) * scale
 
 
+def check_grid(n: int, h: int, w: int, nrow: int | None, scale: int, flag: str, advice: str) -> None:
+    """A ValueError (``flag``: ...; ``advice``) where save_grid's PNG of ``n`` h x w images would be larger than PIL
+    opens (2 x Image.MAX_IMAGE_PIXELS: Image.open refuses it as a decompression bomb), found before the work."""
+    from PIL import Image
+
+    gw, gh = grid_size(n, h, w, nrow, scale)
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if limit is not None and gw * gh > limit:
+        raise ValueError(f"{flag}: the grid of {n} images at scale {scale} would be {gw} x {gh} pixels, more than PIL "
+                         f"opens ({limit:,}); {advice}")
+
+
 def plot_loss(csv_path: str, png_path: str) -> None:
     import matplotlib
 
@@ -369,6 +381,9 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
         s = ucfg.sample_size
         raise ValueError(f"--model: the network takes {ucfg.in_channels}x{s}x{s} "
                          f"images, the data are {C}x{S}x{S}")
+    if cfg.sample_every:  # the preview grids, before any step is spent
+        check_grid(cfg.sample_n, S, S, None, max(1, 64 // S), "--sample-n",
+                   "lower --sample-n, or pass --sample-every 0 for no previews")
     schedule = make_schedule(schedule_dict(cfg))
     torch.manual_seed(cfg.seed)  # initial weights
     model = UNet(ucfg).to(device)
@@ -460,9 +475,17 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
             return
         from ..samplers import sample
 
-        x = sample(ema, (cfg.sample_n, C, S, S), steps=min(cfg.sample_steps, cfg.num_train_timesteps),
-                   sampler=cfg.sample_sampler, schedule=schedule, seed=cfg.seed,
-                   prediction_type=PREDICTION_TYPE[cfg.objective], progress=False, device=device)
+        try:
+            x = sample(ema, (cfg.sample_n, C, S, S), steps=min(cfg.sample_steps, cfg.num_train_timesteps),
+                       sampler=cfg.sample_sampler, schedule=schedule, seed=cfg.seed,
+                       prediction_type=PREDICTION_TYPE[cfg.objective], progress=False, device=device)
+        except (MemoryError, RuntimeError) as exc:  # all in one batch: the checkpoint of this step is saved
+            if not isinstance(exc, MemoryError) and not any(m in str(exc) for m in ("can't allocate memory",
+                                                                                   "out of memory")):
+                raise
+            raise ValueError(f"--sample-n: the preview of {cfg.sample_n} images, sampled as one batch, does not fit "
+                             f"in memory ({' '.join(str(exc).split())[:120]}); lower --sample-n (step {step} is "
+                             f"saved: continue with --resume)") from exc
         save_grid(x, os.path.join(cfg.out, "samples", f"step-{step:08d}.png"), scale=max(1, 64 // S))
 
     from tqdm.auto import tqdm
@@ -542,10 +565,11 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                     bar.set_postfix(loss=f"{acc_loss / acc_n:.4f}", lr=f"{lr:.2g}")
                     acc_loss, acc_n, t_log = 0.0, 0, now
                 stop = float(flags[1]) > 0
-                if cfg.sample_every and step % cfg.sample_every == 0 and not stop:
-                    sample_grid()
+                # the checkpoint first: a preview that fails (memory) must not cost the steps since the last one
                 if stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
                     last_saved = save("signal" if stop else "periodic")
+                if cfg.sample_every and step % cfg.sample_every == 0 and not stop:
+                    sample_grid()
                 if stop:
                     stopped_by = signal.Signals(sig.received).name if sig.received else \
                         "a signal to another process"
