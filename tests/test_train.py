@@ -507,3 +507,28 @@ def test_preview_grid_is_checked_first_and_saved_after(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert "--sample-n: the preview of 64 images" in err and "step 2 is saved" in err, err
     assert _latest(tmp_path / "b")[0] == 2
+
+
+def test_metrics_rows_after_a_crash_and_resume_are_the_uninterrupted_runs(tmp_path, monkeypatch):
+    # A crash between two metrics rows lost the steps logged since the last row: the resumed run's next row
+    # averaged only the steps after the checkpoint (the weights were bitwise right, the log was not).
+    common = ["--steps", "8", "--save-every", "3", "--log-every", "4"]
+    assert _run(tmp_path / "a", *common) == 0
+    real = ck.save_checkpoint
+
+    def crash_after_step_6(root, step, **kw):
+        path = real(root, step, **kw)
+        if step == 6:
+            raise KeyboardInterrupt  # killed right after the checkpoint of step 6, two steps into a row
+        return path
+
+    monkeypatch.setattr(ck, "save_checkpoint", crash_after_step_6)
+    assert _run(tmp_path / "b", *common) == 130
+    monkeypatch.setattr(ck, "save_checkpoint", real)
+    assert _run(tmp_path / "b", *common, "--resume", "latest") == 0
+
+    def rows(run):
+        with open(tmp_path / run / "metrics.csv") as f:
+            return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in csv.DictReader(f)]
+
+    assert rows("b") == rows("a") and [r[0] for r in rows("a")] == ["4", "8"]

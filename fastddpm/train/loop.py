@@ -431,7 +431,9 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
         return {"config": cfg.to_dict(), "unet_config": ucfg.to_dict(), "schedule": schedule_dict(cfg),
                 "prediction_type": PREDICTION_TYPE[cfg.objective], "ema_updates": ema_n,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "world_size": dist.world}
+                "world_size": dist.world,
+                # the steps logged since the last metrics row: a resumed run's next row averages them too
+                "log_window": [acc_loss, acc_n]}
 
     # A fixed random input on which a checkpoint's model and EMA must give finite outputs to be saved.
     gp = torch.Generator().manual_seed(_mix(cfg.seed, 4))
@@ -494,7 +496,9 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                dynamic_ncols=True, file=sys.stderr)
     stopped_by, last_loss = None, float("nan")
     last_saved = ck if meta is not None else None  # the checkpoint resumed from counts as kept
-    acc_loss, acc_n, t_log = 0.0, 0, time.perf_counter()
+    acc_loss, acc_n = (float(meta["log_window"][0]), int(meta["log_window"][1])) \
+        if meta is not None and "log_window" in meta else (0.0, 0)
+    t_log = time.perf_counter()
     t0 = time.perf_counter()
     f_csv = open(csv_path, "a", newline="") if dist.main else None
     batches = stream_batches(data, cfg.seed, step, cfg.steps, B, lo, local_B, cfg.workers,
