@@ -8,6 +8,7 @@ import copy
 import functools
 import json
 import math
+import re
 
 import diffusers  # a pinned dev dependency: the parity reference, never skipped
 import numpy as np
@@ -377,6 +378,10 @@ def test_thresholding_ratio_domain_is_diffusers(kind):
 
 def test_sample_refuses_what_it_used_to_truncate_or_fail_deep_inside():
     model = fastddpm.UNet.tiny()
+    for sampler in ("ddpm", "dpm++2m"):  # eta was silently ignored by the samplers that do not read it
+        with pytest.raises(ValueError, match=re.escape(f"eta: DDIM's eta applies to sampler='ddim' only, got "
+                                                       f"eta=1.0 with sampler='{sampler}'")):
+            fastddpm.sample(model, (1, 3, 8, 8), sampler=sampler, steps=2, eta=1.0, progress=False)
     for ts, match in (([999.7, 500.2, 0.0], "timesteps: expected integers, got 999.7"),
                       (torch.tensor([999.0, 0.5]), "timesteps: expected integers, got 0.5"),
                       ([float("inf")], "timesteps: expected integers, got inf"),

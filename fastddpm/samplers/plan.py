@@ -74,6 +74,8 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
     if sampler != "ddpm" and variance_type in ("learned", "learned_range"):
         raise ValueError("variance_type: the learned variance types apply to sampler='ddpm' only")
     eta = ops.check_eta(eta)
+    if eta and sampler != "ddim":  # only DDIM reads eta: ignoring it would hide a mistake (the CLI refuses it too)
+        raise ValueError(f"eta: DDIM's eta applies to sampler='ddim' only, got eta={eta} with sampler={sampler!r}")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape: expected (batch, channels, ...) with positive sizes, got {shape}")
