@@ -532,3 +532,24 @@ def test_metrics_rows_after_a_crash_and_resume_are_the_uninterrupted_runs(tmp_pa
             return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in csv.DictReader(f)]
 
     assert rows("b") == rows("a") and [r[0] for r in rows("a")] == ["4", "8"]
+
+
+def test_config_file_mistakes_are_named(tmp_path, capsys):
+    # each of these ran (with one spelling silently winning, the file ignored, or the bad value hidden by a
+    # flag) or named no file
+    cases = {"dup.toml": ("batch_size = 4\nbatch-size = 2\n", "'batch_size' and 'batch-size' are the same setting"),
+             "bad.toml": ('steps = "two"\n', "steps: expected an integer, got 'two'"),
+             "bin.toml": (b"\xff\xfe\x00binary", "is not valid TOML"),
+             "unknown.toml": ("stepz = 2\n", "unknown setting 'stepz'")}
+    for name, (text, why) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        assert _run(tmp_path / "o", "--config", str(p), "--steps", "1") == 2, name  # --steps given too
+        err = capsys.readouterr().err
+        assert f"--config {p}" in err or f"--config: {p}" in err, err
+        assert why in err, err
+    (tmp_path / "dir.toml").mkdir()
+    for arg, why in ((str(tmp_path / "dir.toml"), "is a folder"), ("", "expected a file name, got ''")):
+        assert _run(tmp_path / "o", "--config", arg, "--steps", "1") == 2
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

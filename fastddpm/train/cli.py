@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args.config, cli)
         given = set(cli)
-        if args.config:
+        if args.config is not None:
             from .config import read_toml
 
             given |= set(read_toml(args.config))

@@ -115,12 +115,14 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def normalise_keys(d: dict, source: str) -> dict:
-    out = {}
+    out, spelled = {}, {}
     for k, v in d.items():
         name = k.replace("-", "_")
         if name not in FIELDS:
             raise ValueError(f"{source}: unknown setting {k!r} (known: {', '.join(sorted(FIELDS))})")
-        out[name] = v
+        if name in out:  # batch_size and batch-size: one would silently win
+            raise ValueError(f"{source}: {spelled[name]!r} and {k!r} are the same setting, given twice")
+        out[name], spelled[name] = v, k
     return out
 
 
@@ -130,20 +132,28 @@ def read_toml(path: str) -> dict:
     except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
         import tomli as tomllib
 
+    if not path:
+        raise ValueError(f"--config: expected a file name, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"--config: {path!r} is a folder; expected a TOML file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config: no such file {path!r}")
     try:
         with open(path, "rb") as f:
             d = tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"--config: {path} is not valid TOML: {exc}") from exc
-    return normalise_keys(d, f"--config {path}")
+    d = normalise_keys(d, f"--config {path}")
+    types = annotations(TrainConfig)
+    for name, v in d.items():  # a bad value is an error even where a flag replaces it
+        check_value(f"--config {path}: {name}", types[name], v)
+    return d
 
 
 def build_config(toml_path: str | None, cli: dict) -> TrainConfig:
     """defaults < TOML < command line (``cli`` holds only the flags actually given)."""
     merged = {}
-    if toml_path:
+    if toml_path is not None:
         merged.update(read_toml(toml_path))
     merged.update({k: v for k, v in cli.items() if v is not None})
     cfg = TrainConfig(**merged)
