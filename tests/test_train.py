@@ -151,6 +151,19 @@ def test_resume_refuses_changing_the_run(tmp_path, capsys):
     assert _run(tmp_path / "a", "--steps", "1") == 0
     rc = main(["train", "--resume", str(tmp_path / "a"), "--batch-size", "16", "--steps", "2"])
     assert rc == 2 and "--batch-size" in capsys.readouterr().err
+    # what the run worked out for itself is no change: the data's size (8x8 digits) where no --image-size
+    # was given, and --unet fields equal to its network's (both were refused as changes)
+    i = PLAIN.index("--image-size")
+    plain = PLAIN[:i] + PLAIN[i + 2:]
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8))
+    assert main(plain + ["--data", str(tmp_path / "d.npy"), "--steps", "1", "--out", str(tmp_path / "b")]) == 0
+    for i, (extra, ok) in enumerate([(["--image-size", "8"], True), (["--unet", '{"sample_size": 8}'], True),
+                                     (["--image-size", "16"], False), (["--unet", '{"base_channels": 32}'], False)]):
+        rc = main(["train", "--resume", str(tmp_path / "b"), "--steps", str(2 + i), "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert rc == (0 if ok else 2), (extra, err)
+        if not ok:
+            assert f"{extra[0]}: the run being resumed used" in err, err
 
 
 @pytest.mark.slow

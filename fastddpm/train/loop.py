@@ -297,13 +297,30 @@ def ema_decay_at(cfg: TrainConfig, n: int) -> float:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+def _what_the_run_used(name: str, new, old, meta: dict) -> bool:
+    """Whether ``new`` asks for what the run resumed used: the same value, or the value it worked out (an
+    --image-size of the data's size where none was given; --unet fields equal to the network's)."""
+    if new == old:
+        return True
+    net = meta["unet_config"]
+
+    def plain(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    if name == "image_size":
+        return old is None and new == net.get("sample_size")
+    if name == "unet" and isinstance(new, dict):
+        return all(k in net and plain(net[k]) == plain(v) for k, v in new.items())
+    return False
+
+
 def _resume_config(cfg: TrainConfig, given: set[str], meta: dict) -> TrainConfig:
     saved = TrainConfig.from_dict(meta["config"], source="checkpoint")
     for name in given:
         new, old = getattr(cfg, name), getattr(saved, name)
         if name in RESUMABLE_OVERRIDES:
             setattr(saved, name, new)
-        elif new != old and name not in ("resume", "config"):
+        elif not _what_the_run_used(name, new, old, meta) and name not in ("resume", "config"):
             raise ValueError(f"--{name.replace('_', '-')}: the run being resumed used {old!r}; "
                              f"it cannot change on resume (start a new run instead)")
     saved.validate()
