@@ -253,6 +253,7 @@ def test_nan_guard_huge_lr_keeps_no_broken_checkpoint(tmp_path, capsys):
     rc = _run(out, "--steps", "50", "--save-every", "1", "--lr", "1e12", "--warmup", "0")
     err = capsys.readouterr().err
     assert rc == 1 and "NaN guard" in err and "Traceback" not in err
+    assert err.count("NaN guard") == 1, err  # once on the screen (it was printed twice), and in train.log
     for _, path in ck.list_checkpoints(str(out / "checkpoints")):
         assert _outputs_finite_on_random_input(path), path
     assert "NaN guard" in (out / "train.log").read_text()
@@ -566,3 +567,12 @@ def test_config_file_mistakes_are_named(tmp_path, capsys):
         assert _run(tmp_path / "o", "--config", arg, "--steps", "1") == 2
         assert why in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_optimiser_and_schedule_flags_are_named(tmp_path, capsys):
+    # torch's "Invalid weight_decay value: -1.0" and the schedule's "beta_start/beta_end: ..." named no flag
+    for args, why in ((["--weight-decay", "-1"], "--weight-decay: expected >= 0, got -1.0"),
+                      (["--beta-start", "-0.1"], "--beta-start: expected a number in (0, 1), got -0.1"),
+                      (["--beta-end", "1.5"], "--beta-end: expected a number in (0, 1), got 1.5")):
+        assert _run(tmp_path / "o", "--steps", "1", *args) == 2
+        assert why in capsys.readouterr().err

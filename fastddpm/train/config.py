@@ -85,6 +85,11 @@ class TrainConfig:
             raise ValueError(f"--ema-decay: expected a number in [0, 1), got {self.ema_decay}")
         if self.grad_clip < 0:
             raise ValueError(f"--grad-clip: expected >= 0, got {self.grad_clip}")
+        if self.weight_decay < 0:  # (torch's own message names no flag)
+            raise ValueError(f"--weight-decay: expected >= 0, got {self.weight_decay}")
+        for n in ("beta_start", "beta_end"):
+            if not 0 < getattr(self, n) < 1:
+                raise ValueError(f"--{n.replace('_', '-')}: expected a number in (0, 1), got {getattr(self, n)}")
         if self.sample_sampler not in ("ddpm", "ddim"):
             raise ValueError(f"--sample-sampler: expected ddpm or ddim, got {self.sample_sampler!r}")
         if not isinstance(self.unet, dict):

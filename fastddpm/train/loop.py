@@ -485,8 +485,8 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
         else:
             kept = "no checkpoint was kept (none was written by this run)"
         msg = f"NaN guard: {why}; training stopped; {kept}. Lower --lr or check the data"
-        if dist.main:
-            log(msg)
+        if dist.main:  # into train.log; the error raised is what reaches the screen (it was printed twice)
+            getattr(log, "to_file", log)(msg)
         raise TrainingError(msg)
 
     def sample_grid() -> None:
@@ -612,12 +612,16 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
 def _run_log(log, path: str):
     """``log`` that also appends each line, time-stamped, to the run's train.log."""
 
-    def both(msg: str) -> None:
-        log(msg)
+    def to_file(msg: str) -> None:
         try:
             with open(path, "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
         except OSError:
             pass
 
+    def both(msg: str) -> None:
+        log(msg)
+        to_file(msg)
+
+    both.to_file = to_file
     return both
