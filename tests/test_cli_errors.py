@@ -372,10 +372,11 @@ TRAIN_TINY = ["train", "--data", "digits", "--model", "tiny", "--image-size", "8
               "--no-progress"]
 
 
-@pytest.mark.parametrize("toml, line", [('flip = "no"', '--flip: expected true or false, got \'no\''),
-                                        ('lr = inf', "--lr: expected a finite number, got inf")])
+@pytest.mark.parametrize("toml, line", [('flip = "no"', 'c.toml: flip: expected true or false, got \'no\''),
+                                        ('lr = inf', "c.toml: lr: expected a finite number, got inf")])
 def test_train_config_values_of_the_wrong_type(toml, line, tmp_path):
-    """TOML's "no" is a non-empty string: read as a truth value it would turn flips on."""
+    """TOML's "no" is a non-empty string: read as a truth value it would turn flips on. The message names the
+    file and its key (a value in the file is checked even where a flag replaces it)."""
     (tmp_path / "c.toml").write_text(toml + "\nsteps = 1\n")
     r = _cli(*TRAIN_TINY, "--out", tmp_path / "run", "--config", tmp_path / "c.toml")
     _usage_error(r, line)
