@@ -539,6 +539,10 @@ def test_metrics_rows_after_a_crash_and_resume_are_the_uninterrupted_runs(tmp_pa
     monkeypatch.setattr(ck, "save_checkpoint", crash_after_step_6)
     assert _run(tmp_path / "b", *common) == 130
     monkeypatch.setattr(ck, "save_checkpoint", real)
+    b = tmp_path / "b"
+    (b / "samples").mkdir(exist_ok=True)  # temporaries of atomic writes a kill -9 cut short: the resume cleans them
+    for p in (b / ".tmp-x1.json", b / ".tmp-x2.csv", b / "samples" / ".tmp-x3.png"):
+        p.write_text("half")
     assert _run(tmp_path / "b", *common, "--resume", "latest") == 0
 
     def rows(run):
@@ -546,6 +550,7 @@ def test_metrics_rows_after_a_crash_and_resume_are_the_uninterrupted_runs(tmp_pa
             return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in csv.DictReader(f)]
 
     assert rows("b") == rows("a") and [r[0] for r in rows("a")] == ["4", "8"]
+    assert not list((tmp_path / "b").rglob(".tmp-*"))
 
 
 def test_config_file_mistakes_are_named(tmp_path, capsys):
@@ -575,4 +580,12 @@ def test_optimiser_and_schedule_flags_are_named(tmp_path, capsys):
                       (["--beta-start", "-0.1"], "--beta-start: expected a number in (0, 1), got -0.1"),
                       (["--beta-end", "1.5"], "--beta-end: expected a number in (0, 1), got 1.5")):
         assert _run(tmp_path / "o", "--steps", "1", *args) == 2
+        assert why in capsys.readouterr().err
+
+
+def test_unet_overrides_that_do_not_build_are_named(tmp_path, capsys):
+    # the UNetConfig's own message ("attention_resolutions: ...") did not say that --unet set it
+    for unet, why in (('{"sample_size": 16}', "--unet sample_size with --model tiny: attention_resolutions"),
+                      ('{"norm_num_groups": 5}', "--unet norm_num_groups with --model tiny: norm_num_groups")):
+        assert _run(tmp_path / "o", "--steps", "1", "--unet", unet) == 2
         assert why in capsys.readouterr().err

@@ -81,14 +81,15 @@ def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
     try:
         return preset(**over).config
     except ValueError as exc:
+        at_fault = f"--unet {', '.join(sorted(cfg.unet))} with --model {cfg.model}: {exc}"
         if "sample_size" in cfg.unet:
-            raise
+            raise ValueError(at_fault) from exc
         # the error path only: the preset's own size, and whether the preset would build at it
         native = preset().config.sample_size
         try:
             preset(**{**over, "sample_size": native})
-        except ValueError:
-            raise exc from None  # not the size: another setting (a --unet override) is at fault
+        except ValueError:  # not the size: a --unet override is at fault
+            raise (ValueError(at_fault) if cfg.unet else exc) from exc
         raise ValueError(f"--model: the {cfg.model} preset is built for {native}x{native} images and does not fit the "
                          f"data's {image_size}x{image_size} ({exc}); pass --image-size {native}, or adjust the "
                          "preset with --unet") from exc
@@ -432,6 +433,10 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
     csv_path = os.path.join(cfg.out, "metrics.csv")
     if dist.main:
         os.makedirs(cfg.out, exist_ok=True)
+        for folder in (cfg.out, os.path.join(cfg.out, "samples")):  # atomic writes a kill -9 cut short
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
         log = _run_log(log, os.path.join(cfg.out, "train.log"))
         with atomic_path(os.path.join(cfg.out, "config.json")) as tmp, open(tmp, "w") as f:
             f.write(cfg.to_json())
