@@ -12,6 +12,8 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from ._errors import is_out_of_memory, one_line
+
 
 class UsageError(ValueError):
     """Bad usage or bad input: reported in one line with exit code 2."""
@@ -173,13 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    msg = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        msg = f"{exc.filename}: {exc.strerror}"
-    return " ".join(msg.split())  # one line, whatever the message held
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from .ops import _library
 
@@ -196,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def fail(exc: BaseException, text: str | None = None) -> int:
         if debug:
             traceback.print_exc()
-        print(f"fastddpm {args.command}: error: {text or _one_line(exc)}", file=sys.stderr)
+        print(f"fastddpm {args.command}: error: {text or one_line(exc)}", file=sys.stderr)
         return 2
 
     try:
@@ -220,15 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             # a backend that was asked for (--backend, or FASTDDPM_BACKEND in place of auto) cannot run here
             asked = ("--backend" if getattr(args, "backend", "auto") != "auto"
                      else "FASTDDPM_BACKEND" if os.environ.get("FASTDDPM_BACKEND") else "backend")
-            return fail(exc, f"{asked}: {_one_line(exc)}")
+            return fail(exc, f"{asked}: {one_line(exc)}")
         # An allocation the machine cannot make (CPU: "can't allocate memory", CUDA: torch.OutOfMemoryError),
         # e.g. from --image-size or --batch-size far too large: one line, not a traceback.
-        if not isinstance(exc, MemoryError) and not any(s in str(exc) for s in ("can't allocate memory",
-                                                                              "out of memory")):
+        if not is_out_of_memory(exc):
             raise
         sizes = {"train": "--batch-size or --image-size", "sample": "--batch-size (or --n, --scale)",
                  "eval": "--batch-size or --n"}.get(args.command, "the sizes that set it")
-        return fail(exc, f"not enough memory: {_one_line(exc)}; lower {sizes}")
+        return fail(exc, f"not enough memory: {one_line(exc)}; lower {sizes}")
     except KeyboardInterrupt:
         print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._errors import one_line
 from .models.unet import UNet, UNetConfig
 from .schedule import NoiseSchedule
 
@@ -81,9 +82,8 @@ def load_exported(weights: str) -> LoadedModel:
     try:
         model.load_state_dict({k: v.float() for k, v in sd.items()})
     except RuntimeError as exc:  # e.g. the .safetensors of one export beside the .json of another
-        detail = " ".join(str(exc).split())
         raise ValueError(f"{weights}: the weights are not those of the network {meta_path} describes "
-                         f"({detail[:200]}{'...' if len(detail) > 200 else ''})") from exc
+                         f"({one_line(exc, 200)})") from exc
     return LoadedModel(model.eval(), _schedule(meta.get("schedule")), meta.get("prediction_type", "epsilon"),
                        meta.get("sampler", "ddpm"), meta.get("steps"), weights, meta)
 

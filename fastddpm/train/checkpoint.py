@@ -26,6 +26,7 @@ import tempfile
 import numpy as np
 import torch
 
+from .._errors import one_line
 from .._io import atomic_path, dir_mode, file_mode
 
 FORMAT = "fastddpm-train-checkpoint"
@@ -263,9 +264,8 @@ def load_weights(module: torch.nn.Module, ckpt: str, name: str) -> None:
     try:
         module.load_state_dict(load_tensors(ckpt, name))
     except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
         raise CheckpointError(f"checkpoint {ckpt}: {name} does not hold the weights of the network its state.json "
-                              f"describes ({detail[:200]}{'...' if len(detail) > 200 else ''})") from exc
+                              f"describes ({one_line(exc, 200)})") from exc
 
 
 def load_optimizer(ckpt: str, meta: dict, optimizer: torch.optim.Optimizer) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .._errors import is_out_of_memory, one_line
 from .._io import atomic_path, check_output_dir
 from ..models.unet import UNet, UNetConfig
 from ..schedule import NoiseSchedule
@@ -399,8 +400,9 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
         s = ucfg.sample_size
         raise ValueError(f"--model: the network takes {ucfg.in_channels}x{s}x{s} "
                          f"images, the data are {C}x{S}x{S}")
+    preview_scale = max(1, 64 // S)  # the preview grids are upscaled to about 64 pixels an image
     if cfg.sample_every:  # the preview grids, before any step is spent
-        check_grid(cfg.sample_n, S, S, None, max(1, 64 // S), "--sample-n",
+        check_grid(cfg.sample_n, S, S, None, preview_scale, "--sample-n",
                    "lower --sample-n, or pass --sample-every 0 for no previews")
     schedule = make_schedule(schedule_dict(cfg))
     torch.manual_seed(cfg.seed)  # initial weights
@@ -504,13 +506,12 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                        sampler=cfg.sample_sampler, schedule=schedule, seed=cfg.seed,
                        prediction_type=PREDICTION_TYPE[cfg.objective], progress=False, device=device)
         except (MemoryError, RuntimeError) as exc:  # all in one batch: the checkpoint of this step is saved
-            if not isinstance(exc, MemoryError) and not any(m in str(exc) for m in ("can't allocate memory",
-                                                                                   "out of memory")):
+            if not is_out_of_memory(exc):
                 raise
             raise ValueError(f"--sample-n: the preview of {cfg.sample_n} images, sampled as one batch, does not fit "
-                             f"in memory ({' '.join(str(exc).split())[:120]}); lower --sample-n (step {step} is "
+                             f"in memory ({one_line(exc, 120)}); lower --sample-n (step {step} is "
                              f"saved: continue with --resume)") from exc
-        save_grid(x, os.path.join(cfg.out, "samples", f"step-{step:08d}.png"), scale=max(1, 64 // S))
+        save_grid(x, os.path.join(cfg.out, "samples", f"step-{step:08d}.png"), scale=preview_scale)
 
     from tqdm.auto import tqdm
 
