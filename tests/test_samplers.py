@@ -596,6 +596,23 @@ def test_diffusers_pipeline_accepts_our_scheduler():
     assert np.abs(a.images - b.images).max() < 1e-5
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_set_timesteps_takes_a_whole_float_count_as_diffusers(spacing):
+    """diffusers computes its leading and trailing spacings from a float count as from the int (50.0 steps are
+    50 steps; its linspace spacing raises on a float), so 50.0 gives diffusers' timesteps of 50; a fraction of
+    a step has no meaning (diffusers' arange would round 2.5 up to 3 timesteps), so it is refused."""
+    for ours_cls, theirs_cls in ((DDPMScheduler, diffusers.DDPMScheduler),
+                                 (fastddpm.DDIMScheduler, diffusers.DDIMScheduler)):
+        ours, theirs = ours_cls(timestep_spacing=spacing), theirs_cls(timestep_spacing=spacing)
+        ours.set_timesteps(50.0)
+        theirs.set_timesteps(50)
+        assert ours.timesteps.tolist() == theirs.timesteps.tolist() and ours.num_inference_steps == 50
+        ours.set_timesteps(np.float32(20))
+        assert len(ours.timesteps) == 20
+        with pytest.raises(TypeError, match="num_inference_steps: expected a positive integer, got 2.5"):
+            ours.set_timesteps(2.5)
+
+
 # ---------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------

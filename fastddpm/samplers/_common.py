@@ -578,6 +578,8 @@ def spaced_timesteps(
 ) -> np.ndarray:
     """diffusers' timestep spacings (Lin et al. 2023, Table 2), descending int64."""
     T = num_train_timesteps
+    if isinstance(num_inference_steps, (float, np.floating)) and float(num_inference_steps).is_integer():
+        num_inference_steps = int(num_inference_steps)  # 50.0, as diffusers takes it (a fraction is refused)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
         raise TypeError(f"num_inference_steps: expected a positive integer, got {num_inference_steps!r}")
     if num_inference_steps < 1:
