@@ -171,6 +171,10 @@ def test_output_types_match_diffusers(diffusers_folders):
     assert list(out.keys()) == ["images"] and out[0] is out.images
     with pytest.raises(ValueError, match="output_type"):
         ours(num_inference_steps=1, output_type="jpeg")
+    # a numpy integer batch size (from a shape or an array of counts), as diffusers takes it
+    close(images(ours, batch=np.int64(2)), images(theirs, batch=np.int64(2)))
+    with pytest.raises(ValueError, match="batch_size: expected a positive integer, got 2.0"):
+        ours(batch_size=2.0, num_inference_steps=1)
     for dtype in (torch.float16, torch.float64):  # the numpy array in the model's dtype, as diffusers'
         a = images(ours.to(dtype=dtype), "np", steps=2)
         b = images(theirs.to(dtype=dtype), "np", steps=2)

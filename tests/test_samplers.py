@@ -356,6 +356,82 @@ def test_assigned_ddpm_timesteps_are_honoured_as_diffusers():
     assert rel(x0, x1) < 1e-5
 
 
+# Code that sets the attributes by hand, in either order (diffusers reads all three at each step).
+_BY_HAND = {
+    "timesteps, then num_inference_steps": lambda s: (setattr(s, "timesteps", torch.tensor([90, 50, 10])),
+                                                      setattr(s, "num_inference_steps", 3)),
+    "timesteps, then custom_timesteps": lambda s: (setattr(s, "timesteps", torch.tensor([90, 50, 10])),
+                                                   setattr(s, "custom_timesteps", True)),
+    "set_timesteps, then num_inference_steps None": lambda s: (s.set_timesteps(10),
+                                                               setattr(s, "num_inference_steps", None)),
+    "set_timesteps(10), then custom": lambda s: (s.set_timesteps(10), s.set_timesteps(timesteps=[90, 50, 10])),
+}
+
+
+@pytest.mark.parametrize("how", list(_BY_HAND))
+def test_ddpm_timestep_attributes_set_by_hand_step_as_diffusers(how):
+    # The successor table was rebuilt only when timesteps was assigned with num_inference_steps or
+    # custom_timesteps already set: the step went to t - 1 where diffusers goes to the successor, and after
+    # num_inference_steps = None previous_timestep said t - 1 while the step still went to the successor.
+    g = torch.Generator().manual_seed(3)
+    x, m = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    results = []
+    for S in (DDPMScheduler, diffusers.DDPMScheduler):
+        s = S(num_train_timesteps=100)
+        _BY_HAND[how](s)
+        prev = int(s.previous_timestep(50))
+        out = s.step(m, 50, x, generator=torch.Generator().manual_seed(4)).prev_sample
+        results.append((prev, s.num_inference_steps, out))
+    (p0, n0, x0), (p1, n1, x1) = results
+    assert p0 == p1 and n0 == n1, (how, p0, p1, n0, n1)
+    assert rel(x0, x1) < 1e-5
+
+
+def test_ddpm_variance_type_registered_later_is_stepped_as_diffusers():
+    # diffusers reads config.variance_type at each step; register_to_config (and pipelines that replace the
+    # config) change it. fastddpm had fixed it at construction and kept stepping fixed_small.
+    g = torch.Generator().manual_seed(5)
+    x, m = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    out = []
+    for S in (DDPMScheduler, diffusers.DDPMScheduler):
+        s = S()
+        s.register_to_config(variance_type="fixed_large")
+        s.set_timesteps(10)
+        out.append(s.step(m, 500, x, generator=torch.Generator().manual_seed(6)).prev_sample)
+    built = DDPMScheduler(variance_type="fixed_large")
+    built.set_timesteps(10)
+    assert rel(out[0], out[1]) < 1e-5
+    assert torch.equal(out[0], built.step(m, 500, x, generator=torch.Generator().manual_seed(6)).prev_sample)
+
+
+def test_ddim_variance_noise_broadcasts_as_diffusers():
+    g = torch.Generator().manual_seed(7)
+    x, m = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    for shape in [(1, *SHAPE[1:]), SHAPE[1:], (1,), SHAPE]:
+        vn = torch.randn(shape, generator=g)
+        out = []
+        for S in (fastddpm.DDIMScheduler, diffusers.DDIMScheduler):
+            s = S()
+            s.set_timesteps(10)
+            out.append(s.step(m, 501, x, eta=1.0, variance_noise=vn).prev_sample)
+        assert rel(out[0], out[1]) < 1e-5, shape
+    s = fastddpm.DDIMScheduler()
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"variance_noise: expected shape .* or one that broadcasts to it"):
+        s.step(m, 501, x, eta=1.0, variance_noise=torch.randn(SHAPE[0] + 1, *SHAPE[1:]))
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_threshold_sample_helper_is_diffusers(kind):
+    # diffusers' schedulers carry _threshold_sample, which code written for them calls
+    ours, theirs = (DDPMScheduler, diffusers.DDPMScheduler) if kind == "ddpm" else \
+        (fastddpm.DDIMScheduler, diffusers.DDIMScheduler)
+    x = 3 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(8))
+    for kw in ({}, dict(dynamic_thresholding_ratio=0.8, sample_max_value=2.0)):
+        assert torch.allclose(ours(**kw)._threshold_sample(x), theirs(**kw)._threshold_sample(x), rtol=1e-6, atol=0)
+    assert ours()._threshold_sample(x.half()).dtype == torch.float16
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_thresholding_ratio_domain_is_diffusers(kind):
     # diffusers steps with any ratio in [0, 1] (torch.quantile's domain) and fails inside quantile() at the first

@@ -540,6 +540,11 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
         """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022)."""
         return _q(self.schedule, sample, noise, timesteps, self.backend, velocity=True)
 
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """diffusers' dynamic thresholding (Saharia et al. 2022) of a predicted x0 with this config's ratio and
+        maximum: the helper diffusers' schedulers carry under this name, which code written for them calls."""
+        return threshold_sample(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 

@@ -154,6 +154,14 @@ class DDIMScheduler(FastddpmSchedulerMixin):
                     "`generator` or `variance_noise` stays `None`."
                 )
             if variance_noise is not None:
+                if not isinstance(variance_noise, torch.Tensor):
+                    raise TypeError(f"variance_noise: expected a torch.Tensor, got {type(variance_noise).__name__}")
+                if variance_noise.shape != sample.shape:  # diffusers' arithmetic broadcasts it against sample
+                    try:
+                        variance_noise = variance_noise.expand(sample.shape)
+                    except RuntimeError:
+                        raise ValueError(f"variance_noise: expected shape {tuple(sample.shape)} or one that "
+                                         f"broadcasts to it, got {tuple(variance_noise.shape)}") from None
                 noise = variance_noise.to(sample.dtype)
             elif isinstance(generator, (list, tuple)) or noise_dtype != sample.dtype:
                 noise = randn_like_diffusers(sample.shape, generator, sample.device, noise_dtype).to(sample.dtype)

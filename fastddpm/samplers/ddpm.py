@@ -172,12 +172,10 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
         self._init_tables(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                           rescale_betas_zero_snr, BETA_SCHEDULES, backend)
         self.one = torch.tensor(1.0)
-        self.custom_timesteps = False
+        self._custom_timesteps = False
         T = int(num_train_timesteps)
-        self.timesteps = torch.from_numpy(np.arange(0, T)[::-1].copy())
-        self._set_prev_table(np.arange(T, dtype=np.int64) - 1)
+        self.timesteps = torch.from_numpy(np.arange(0, T)[::-1].copy())  # the setter builds the t - 1 table
         self.variance_type = variance_type
-        self._step_variance = variance_type if variance_type in VARIANCE_TYPES else "fixed_small"
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """DDPM does not scale the model input (kept for interchangeability)."""
@@ -211,8 +209,7 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
                 raise ValueError(f"`timesteps` must start before `self.config.train_timesteps`: {T}.")
             if ts[-1] < 0:
                 raise ValueError(f"timesteps: expected non-negative timesteps, got {int(ts[-1])}")
-            self.custom_timesteps = True
-            self.num_inference_steps = len(ts)
+            self._custom_timesteps = True  # num_inference_steps is left as it was, as diffusers leaves it
         else:
             if num_inference_steps is None:
                 raise ValueError("num_inference_steps: pass num_inference_steps or timesteps")
@@ -224,12 +221,43 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
                     f"steps_offset: timesteps {ts.tolist()[:4]}... fall outside [0, {T}) with "
                     f"steps_offset={self.config.steps_offset}"
                 )
-            self.num_inference_steps = int(num_inference_steps)
-            self.custom_timesteps = False
+            self._num_inference_steps = int(num_inference_steps)
+            self._custom_timesteps = False
         self._timesteps = torch.from_numpy(ts).to(device)  # the table from the host copy, not read back
         self._set_prev_table(prev_table(ts, T))
         if device is not None:
             self._prev_on(torch.device(device))
+
+    # diffusers' previous_timestep (and so its step) goes to the successor in ``timesteps`` when
+    # custom_timesteps or num_inference_steps is set, else to t - 1, reading the three attributes at each step.
+    # The successor table is rebuilt whenever one of them is assigned, so that code setting them by hand, in any
+    # order, steps as diffusers does.
+    @property
+    def num_inference_steps(self):
+        return self._num_inference_steps
+
+    @num_inference_steps.setter
+    def num_inference_steps(self, value) -> None:
+        self._num_inference_steps = value
+        self._follow_timesteps()
+
+    @property
+    def custom_timesteps(self) -> bool:
+        return self._custom_timesteps
+
+    @custom_timesteps.setter
+    def custom_timesteps(self, value) -> None:
+        self._custom_timesteps = value
+        self._follow_timesteps()
+
+    def _follow_timesteps(self) -> None:
+        if "_timesteps" not in self.__dict__:  # during __init__
+            return
+        T = int(self.config["num_train_timesteps"])
+        if self.custom_timesteps or self.num_inference_steps:
+            self._set_prev_table(prev_table(self._timesteps.cpu().numpy(), T))
+        else:
+            self._set_prev_table(np.arange(T, dtype=np.int64) - 1)
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -247,8 +275,7 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
             raise ValueError(f"timesteps: expected a 1-D tensor of timesteps, got {ts.dtype} of shape "
                              f"{tuple(ts.shape)}")
         self._timesteps = ts
-        if self.custom_timesteps or self.num_inference_steps:
-            self._set_prev_table(prev_table(ts.cpu().numpy(), self.alphas_cumprod.shape[0]))
+        self._follow_timesteps()
 
     def previous_timestep(self, timestep):
         """The timestep that ``step`` moves to from ``timestep`` (-1 after the last)."""
@@ -308,7 +335,9 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
             raise TypeError(f"sample: expected a torch.Tensor, got {type(sample).__name__}")
         if not isinstance(model_output, torch.Tensor):
             raise TypeError(f"model_output: expected a torch.Tensor, got {type(model_output).__name__}")
-        vt = self._step_variance
+        vt = self.config["variance_type"]  # read at each step, as diffusers reads it (register_to_config changes it)
+        if vt not in VARIANCE_TYPES:
+            vt = "fixed_small"  # as diffusers steps an unknown name (the constructor warned)
         predicted_variance = None
         if vt in ("learned", "learned_range"):
             C = sample.shape[1] if sample.dim() > 1 else -1
@@ -323,8 +352,6 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
                 "variance_type='fixed_large_log': diffusers' step computes sqrt(log beta_t), which is NaN; "
                 "use 'fixed_large'"
             )
-        elif vt not in VARIANCE_TYPES:
-            raise ValueError(f"variance_type: expected one of {', '.join(VARIANCE_TYPES)}, got {vt!r}")
         model_output, sample, noise_dtype = self._step_operands(model_output, sample)
         if predicted_variance is not None:
             predicted_variance = predicted_variance.to(sample.dtype)

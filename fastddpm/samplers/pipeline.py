@@ -12,6 +12,7 @@ same loop (:func:`denoise`).
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -189,8 +190,9 @@ class DDPMPipeline:
         [0, 1], in the model's dtype; float32 for bfloat16, which numpy lacks), "pt" ((B, C, H, W) in [0, 1]),
         or "latent", "numpy" or None (diffusers' DDPMPipeline returns the numpy array for every type but
         "pil" and "pt"; so does this one, and it refuses other strings, which are likelier typos)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        batch_size = int(batch_size)  # a numpy integer too, as diffusers takes it
         if output_type not in ("pil", "np", "pt", "latent", "numpy", None):
             raise ValueError(f"output_type: expected 'pil', 'np', 'pt', 'latent', 'numpy' or None, got {output_type!r}")
         cfg = self.unet.config
