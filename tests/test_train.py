@@ -205,6 +205,32 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert 10 <= step < 100000
 
 
+def test_a_signal_during_the_preview_stops_it_at_once(tmp_path, monkeypatch, capsys):
+    """The preview grid can take minutes (64 images of 32x32, 50 steps, on a CPU); a SIGINT or SIGTERM only set
+    the flag read at the next step, so the run ignored Ctrl-C until the grid was done. A stand-in for the
+    sampler signals the process and then works for up to 20 s: the preview must be cut short, and the run
+    must stop, saved, at the end of the next step."""
+    import fastddpm.samplers
+
+    calls = []
+
+    def long_preview(*args, **kwargs):
+        calls.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(200):
+            time.sleep(0.1)
+        raise AssertionError("the preview was not interrupted")
+
+    monkeypatch.setattr(fastddpm.samplers, "sample", long_preview)
+    out = tmp_path / "p"
+    t0 = time.monotonic()
+    assert _run(out, "--steps", "50", "--sample-every", "3", "--save-every", "0") == 0
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and time.monotonic() - t0 < 15, err
+    assert "the preview of step 3 is cut short by SIGINT" in err and "stopped by SIGINT" in err
+    assert _latest(out)[0] == 4  # the next step, saved as for a signal during a step
+
+
 def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     out = tmp_path / "c"
     assert _run(out, "--steps", "1") == 0

@@ -10,6 +10,7 @@ stopped, and N processes under torchrun compute the same global batch as one pro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -164,12 +165,30 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
 
 
+class _Interrupted(Exception):
+    """A signal arrived while a long call ran under ``_Signals.raising()`` (the preview grid)."""
+
+
 class _Signals:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and stops."""
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and stops.
+
+    Under ``raising()`` (the preview grid, which can take minutes) a signal also raises ``_Interrupted`` at
+    once, so that the run does not sit unresponsive until the preview ends."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._old = {}
+        self._raise = False
+
+    @contextlib.contextmanager
+    def raising(self):
+        if self.received is not None:
+            raise _Interrupted
+        self._raise = True
+        try:
+            yield
+        finally:
+            self._raise = False
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -181,6 +200,9 @@ class _Signals:
 
     def _handle(self, signum, frame):
         self.received = signum
+        if self._raise:
+            self._raise = False
+            raise _Interrupted
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -496,15 +518,24 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
             getattr(log, "to_file", log)(msg)
         raise TrainingError(msg)
 
+    sig = _Signals()
+
     def sample_grid() -> None:
         if not dist.main:
             return
         from ..samplers import sample
 
         try:
-            x = sample(ema, (cfg.sample_n, C, S, S), steps=min(cfg.sample_steps, cfg.num_train_timesteps),
-                       sampler=cfg.sample_sampler, schedule=schedule, seed=cfg.seed,
-                       prediction_type=PREDICTION_TYPE[cfg.objective], progress=False, device=device)
+            with sig.raising():
+                x = sample(ema, (cfg.sample_n, C, S, S), steps=min(cfg.sample_steps, cfg.num_train_timesteps),
+                           sampler=cfg.sample_sampler, schedule=schedule, seed=cfg.seed,
+                           prediction_type=PREDICTION_TYPE[cfg.objective], progress=False, device=device)
+        except _Interrupted:
+            # the other processes of a distributed run learn of the signal at the next step's all-reduce, so
+            # the run stops (and saves) at the end of that step, as it would for a signal during a step
+            log(f"the preview of step {step} is cut short by {signal.Signals(sig.received).name}: "
+                "stopping at the end of the next step")
+            return
         except (MemoryError, RuntimeError) as exc:  # all in one batch: the checkpoint of this step is saved
             if not is_out_of_memory(exc):
                 raise
@@ -530,7 +561,7 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
         writer = csv.DictWriter(f_csv, CSV_FIELDS) if f_csv else None
         if f_csv and f_csv.tell() == 0:
             writer.writeheader()
-        with _Signals() as sig:
+        with sig:
             while step < cfg.steps:
                 # 1. this step's global batch and its randomness, a function of (seed, step) only
                 g = step_generator(cfg.seed, step)
