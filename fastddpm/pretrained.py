@@ -141,7 +141,11 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str = "ema"
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"--ckpt: no such folder {ckpt!r}")
     has = lambda *p: os.path.exists(os.path.join(ckpt, *p))
-    diffusers = has("config.json") and not has("state.json") and not has("checkpoints")
+    run = has("train.log") or has("metrics.csv")  # a training run that has saved no checkpoint yet
+    diffusers = has("config.json") and not (has("state.json") or has("checkpoints") or run)
+    if run and not (has("state.json") or has("checkpoints")):
+        raise FileNotFoundError(f"--ckpt: {ckpt!r} is a training run that has saved no checkpoint (its train.log "
+                                "says how it ended)")
     if diffusers or has("unet", "config.json") or has("model_index.json"):
         return load_diffusers_folder(ckpt)
     return load_training_checkpoint(ckpt, weights)

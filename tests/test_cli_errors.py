@@ -561,3 +561,48 @@ def test_damaged_checkpoints_and_exports_are_one_line(tmp_path):
     r = _cli("export", "--ckpt", ck, "--out", tmp_path / "c.safetensors")
     _usage_error(r, "--out (its .json):", "is a folder")
     assert not (tmp_path / "c.safetensors").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_damaged_state_tables_run_folders_and_model_files_are_one_line(tmp_path):
+    """A state.json that kept its format tag, step and network but lost a table (config, rng, optimizer, files)
+    or part of one, a run folder that saved no checkpoint (taken for a diffusers folder: "'NoneType' object is
+    not iterable"), and a --model .json that is a list or not JSON: each was a traceback or a message naming
+    nothing; now one line naming the file or flag."""
+    import json
+    import shutil
+
+    r = _cli("train", "--data", "digits", "--model", "tiny", "--image-size", "8", "--steps", "2",
+             "--sample-every", "0", "--no-progress", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = tmp_path / "run" / "checkpoints" / "step-00000002"
+    damage = {"config": lambda s: s.pop("config"), "rng": lambda s: s.pop("rng"),
+              "optimizer": lambda s: s.pop("optimizer"), "files": lambda s: s.pop("files"),
+              "rng.torch": lambda s: s["rng"].pop("torch"),
+              "optimizer.param_groups": lambda s: s["optimizer"].pop("param_groups")}
+    expect = {"config": "state.json holds no config table", "rng": "state.json holds no rng table",
+              "optimizer": "state.json holds no optimizer table", "files": "state.json holds no files table",
+              "rng.torch": "state.json's rng table is damaged",
+              "optimizer.param_groups": "state.json's optimizer table is damaged"}
+    for i, (what, hurt) in enumerate(damage.items()):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(ck, bad)
+        state = json.loads((bad / "state.json").read_text())
+        hurt(state)
+        (bad / "state.json").write_text(json.dumps(state))
+        _usage_error(_cli("train", "--resume", bad, "--steps", "4", "--out", tmp_path / f"o{i}", "--no-progress"),
+                     f"checkpoint {bad}", expect[what])
+
+    unsaved = tmp_path / "unsaved"  # what a run that stopped before its first checkpoint leaves
+    unsaved.mkdir()
+    shutil.copy(tmp_path / "run" / "config.json", unsaved / "config.json")
+    shutil.copy(tmp_path / "run" / "train.log", unsaved / "train.log")
+    for cmd in (("sample", "--n", "2", "--out", tmp_path / "s.png"), ("eval", "--n", "4")):
+        _usage_error(_cli(*cmd[:1], "--ckpt", unsaved, *cmd[1:]), f"--ckpt: '{unsaved}' is a training run that "
+                     "has saved no checkpoint")
+
+    for text, want in (("[1, 2]", "expected a JSON object of UNetConfig fields, got a list"),
+                       ("{not json", "is not a JSON file of UNetConfig fields"),
+                       ('{"bogus": 1}', "--model " + str(tmp_path / "m.json") + ": UNetConfig: unknown keys")):
+        (tmp_path / "m.json").write_text(text)
+        _usage_error(_cli("train", "--model", tmp_path / "m.json", "--image-size", "8", "--steps", "1",
+                          "--sample-every", "0", "--no-progress", "--out", tmp_path / "om"), want)

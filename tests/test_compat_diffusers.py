@@ -252,6 +252,30 @@ def test_unsupported_blocks_name_the_block(down, up, match):
         config_from_diffusers(cfg)
 
 
+def test_keys_left_out_take_diffusers_defaults():
+    # A config.json may leave out keys whose UNet2DModel defaults diffusers fills in (the block types and
+    # widths); reading them as None gave "'NoneType' object is not iterable". diffusers' from_config fills them.
+    for part in ({"sample_size": 8}, {"sample_size": 8, "block_out_channels": [32, 64, 64, 64], "norm_num_groups": 8}):
+        assert config_from_diffusers(part) == config_from_diffusers(UNet2DModel.from_config(part).config)
+    for key, value in (("down_block_types", None), ("up_block_types", "UpBlock2D"), ("block_out_channels", "abc"),
+                       ("block_out_channels", [True, 2])):
+        with pytest.raises(UnsupportedDiffusersConfig, match=key):
+            config_from_diffusers({**SMALL["two_levels_attn_low"], key: value})
+
+
+def test_pipeline_from_a_training_run_folder_says_what_it_is(tmp_path):
+    from fastddpm.compat.folder import FolderError
+
+    (tmp_path / "config.json").write_text('{"model": "tiny", "steps": 2}')  # a run's TrainConfig
+    (tmp_path / "train.log").write_text("")
+    with pytest.raises(FolderError, match="a fastddpm training run or checkpoint, not a diffusers folder"):
+        fastddpm.DDPMPipeline.from_pretrained(tmp_path)
+    (tmp_path / "train.log").unlink()
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(FolderError, match="config.json: expected a JSON object of settings, got a list"):
+        fastddpm.DDPMPipeline.from_pretrained(tmp_path)
+
+
 def test_unsupported_model_raises_from_a_real_model():
     d = UNet2DModel(**{**SMALL["two_levels_attn_low"], "resnet_time_scale_shift": "scale_shift"})
     with pytest.raises(UnsupportedDiffusersConfig, match="resnet_time_scale_shift"):

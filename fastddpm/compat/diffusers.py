@@ -89,8 +89,13 @@ def config_from_diffusers(config) -> UNetConfig:
     if get("downsample_padding", 1) not in (0, 1):
         unsupported("downsample_padding", get("downsample_padding"), "0 or 1")
 
-    down = list(get("down_block_types"))
-    up = list(get("up_block_types"))
+    # diffusers' UNet2DModel defaults for the keys a config may leave out
+    down = get("down_block_types", ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"))
+    up = get("up_block_types", ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    for name, blocks in (("down_block_types", down), ("up_block_types", up)):
+        if not isinstance(blocks, (list, tuple)) or not blocks:
+            unsupported(name, blocks, "a non-empty list of block names")
+    down, up = list(down), list(up)
     for i, b in enumerate(down):
         if b not in _DOWN_TYPES:
             unsupported(f"down_block_types[{i}]", b, " or ".join(_DOWN_TYPES))
@@ -106,8 +111,10 @@ def config_from_diffusers(config) -> UNetConfig:
                 f"down_block_types[{i}]={down[i]!r} and up_block_types[{L - 1 - i}]={up[L - 1 - i]!r}: "
                 "fastddpm.UNet puts attention at the same resolutions on the down and up paths")
 
-    chans = list(get("block_out_channels"))
-    if not chans or any(not isinstance(ch, int) or ch <= 0 for ch in chans):
+    chans = get("block_out_channels", (224, 448, 672, 896))
+    chans = list(chans) if isinstance(chans, (list, tuple)) else chans
+    if not isinstance(chans, list) or not chans or any(
+            isinstance(ch, bool) or not isinstance(ch, int) or ch <= 0 for ch in chans):
         unsupported("block_out_channels", chans, "positive ints")
     # The widest base dividing every width: (16, 24) is base 8 x (2, 3), as to_diffusers writes a
     # fastddpm config whose first multiplier is not 1.

@@ -45,9 +45,12 @@ class DiffusersFolder:
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except json.JSONDecodeError as exc:
         raise FolderError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise FolderError(f"{path}: expected a JSON object of settings, got a {type(data).__name__}")
+    return data
 
 
 def read(path: str | os.PathLike) -> DiffusersFolder:
@@ -74,6 +77,9 @@ def read(path: str | os.PathLike) -> DiffusersFolder:
         unet_dir = os.path.join(root, "unet")
     else:
         unet_dir = root
+        if any(os.path.exists(os.path.join(root, n)) for n in ("state.json", "checkpoints", "train.log")):
+            raise FolderError(f"{root}: a fastddpm training run or checkpoint, not a diffusers folder: sample it "
+                              "with `fastddpm sample --ckpt`, or `fastddpm export` it and load that")
     conf_path = os.path.join(unet_dir, "config.json")
     if not os.path.isfile(conf_path):
         raise FolderError(f"{root}: no model_index.json, unet/config.json or config.json: not a diffusers folder")

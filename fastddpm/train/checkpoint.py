@@ -84,7 +84,14 @@ def rng_state() -> dict:
     return d
 
 
-def set_rng_state(d: dict) -> None:
+def set_rng_state(d: dict, ckpt: str = "") -> None:
+    try:
+        _set_rng_state(d)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: state.json's rng table is damaged ({exc!r})") from exc
+
+
+def _set_rng_state(d: dict) -> None:
     torch.set_rng_state(_unb64(d["torch"]))
     n = d["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
@@ -239,7 +246,10 @@ def read_state(ckpt: str) -> dict:
         raise CheckpointError(f"checkpoint {ckpt}: state.json holds no step (a non-negative integer)")
     if not isinstance(meta.get("unet_config"), dict):
         raise CheckpointError(f"checkpoint {ckpt}: state.json holds no unet_config (the network's settings)")
-    for fn, digest in meta.get("files", {}).items():
+    for key in ("config", "optimizer", "rng", "files"):  # every checkpoint's state.json holds these tables
+        if not isinstance(meta.get(key), dict):
+            raise CheckpointError(f"checkpoint {ckpt}: state.json holds no {key} table (the file is damaged)")
+    for fn, digest in meta["files"].items():
         fp = os.path.join(ckpt, fn)
         if not os.path.isfile(fp):
             raise CheckpointError(f"checkpoint {ckpt}: {fn} is missing")
@@ -269,5 +279,9 @@ def load_weights(module: torch.nn.Module, ckpt: str, name: str) -> None:
 
 
 def load_optimizer(ckpt: str, meta: dict, optimizer: torch.optim.Optimizer) -> None:
-    sd = _optimizer_state_dict(load_tensors(ckpt, "optimizer.safetensors"), meta["optimizer"])
-    optimizer.load_state_dict(sd)
+    tensors = load_tensors(ckpt, "optimizer.safetensors")
+    try:
+        optimizer.load_state_dict(_optimizer_state_dict(tensors, meta["optimizer"]))
+    except (KeyError, IndexError, TypeError, ValueError) as exc:  # load_state_dict's own are ValueErrors
+        raise CheckpointError(f"checkpoint {ckpt}: the optimizer state does not fit this run's optimizer, or "
+                              f"state.json's optimizer table is damaged ({one_line(exc, 200)})") from exc

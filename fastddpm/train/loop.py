@@ -72,10 +72,19 @@ def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
     if cfg.model.endswith(".json"):
         if not os.path.isfile(cfg.model):
             raise ValueError(f"--model: no such file {cfg.model!r}")
-        with open(cfg.model) as f:
-            d = json.load(f)
+        try:
+            with open(cfg.model, "rb") as f:
+                d = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--model: {cfg.model} is not a JSON file of UNetConfig fields ({exc})") from exc
+        if not isinstance(d, dict):
+            raise ValueError(f"--model: {cfg.model}: expected a JSON object of UNetConfig fields, got a "
+                             f"{type(d).__name__}")
         d.update(over)
-        return UNetConfig.from_dict(d)
+        try:
+            return UNetConfig.from_dict(d)
+        except (TypeError, ValueError) as exc:
+            raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"--model {cfg.model}: {exc}") from exc
     if cfg.model not in PRESETS:
         raise ValueError(f"--model: expected a preset ({', '.join(PRESETS)}) or a UNetConfig .json file, "
                          f"got {cfg.model!r}")
@@ -441,7 +450,7 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
         ckpt_mod.load_optimizer(ck, meta, opt)
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
-        ckpt_mod.set_rng_state(meta["rng"])
+        ckpt_mod.set_rng_state(meta["rng"], ck)
         step, ema_n = int(meta["step"]), int(meta.get("ema_updates", meta["step"]))
     net = model
     if dist.enabled:
