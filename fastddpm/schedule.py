@@ -8,6 +8,7 @@ float32 on the target device; the float64 originals stay available through
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +37,38 @@ TABLES = (
 )
 
 
+# Argument checks shared with the ops (fastddpm.ops exports them as check_number and check_device): defined here,
+# in the module fastddpm.ops imports, so that this one imports nothing of fastddpm.
+def check_number(value, name: str, expected: str = "a number") -> float:
+    """``value`` as a float if it is a real number (an int, a float, a numpy scalar or a one-element real
+    tensor), else a TypeError naming ``name``: strings (float("1") would take them) and bools are refused.
+    ``expected`` words the error ("a positive number", ...); the caller checks the value's range."""
+    if type(value) is float:  # the common case first: one type test
+        return value
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (numbers.Real, torch.Tensor)) or (
+            isinstance(value, torch.Tensor) and (value.numel() != 1 or value.dtype == torch.bool
+                                                 or value.dtype.is_complex)):
+        got = repr(value) if isinstance(value, (bool, str, bytes)) else type(value).__name__
+        if isinstance(value, torch.Tensor):
+            got = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+        raise TypeError(f"{name}: expected {expected}, got {got}")
+    return float(value)
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device: a torch.device, a device string ("cpu", "cuda:0") or a CUDA index;
+    else a TypeError (another type) or ValueError (a string torch does not read) naming ``name``."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"{name}: expected a torch.device, a device string such as 'cpu' or 'cuda:0', or a "
+                        f"CUDA device index, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as e:  # torch's own words follow as the cause
+        raise ValueError(f"{name}: expected a device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") from e
+
+
 def _cosine_betas(T: int, max_beta: float = 0.999) -> np.ndarray:
     # Nichol & Dhariwal 2021, eq. 17, as diffusers' betas_for_alpha_bar("cosine").
     def alpha_bar(u: float) -> float:
@@ -54,12 +87,20 @@ def make_betas(
     """The float64 betas of a named schedule (diffusers' names and formulas)."""
     T = num_train_timesteps
     if trained_betas is not None:
-        betas = np.asarray(
-            trained_betas.detach().cpu().double().numpy()
-            if isinstance(trained_betas, torch.Tensor)
-            else trained_betas,
-            dtype=np.float64,
-        )
+        if isinstance(trained_betas, torch.Tensor):
+            if trained_betas.dtype == torch.bool or trained_betas.dtype.is_complex:
+                raise TypeError(f"trained_betas: expected real numbers, got a {trained_betas.dtype} tensor")
+            betas = trained_betas.detach().cpu().double().numpy()
+        else:
+            if isinstance(trained_betas, (str, bytes)):
+                raise TypeError(f"trained_betas: expected a sequence of numbers, got {type(trained_betas).__name__}")
+            try:
+                betas = np.asarray(trained_betas)
+            except (TypeError, ValueError) as e:  # ragged nesting
+                raise TypeError(f"trained_betas: expected a 1-D sequence of numbers ({e})") from None
+            if betas.dtype.kind not in "iuf":  # strings ("0.1") and bools are not betas
+                raise TypeError(f"trained_betas: expected a sequence of numbers, got values of dtype {betas.dtype}")
+            betas = betas.astype(np.float64)
         if betas.ndim != 1 or betas.shape[0] != T:
             raise ValueError(
                 f"trained_betas: expected a 1-D sequence of num_train_timesteps={T} values, "
@@ -112,9 +153,10 @@ class NoiseSchedule:
                              f"got {num_train_timesteps}")
         self.num_train_timesteps = int(num_train_timesteps)
         self.beta_schedule = beta_schedule
-        self.beta_start = float(beta_start)
-        self.beta_end = float(beta_end)
-        betas = make_betas(self.num_train_timesteps, beta_schedule, beta_start, beta_end, trained_betas)
+        self.beta_start = check_number(beta_start, "beta_start", "a number in (0, 1)")
+        self.beta_end = check_number(beta_end, "beta_end", "a number in (0, 1)")
+        device = check_device(device) if device is not None else None
+        betas = make_betas(self.num_train_timesteps, beta_schedule, self.beta_start, self.beta_end, trained_betas)
         if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
             bad = betas[~((betas > 0) & (betas < 1))]
             name = "trained_betas" if trained_betas is not None else "beta_start/beta_end"
@@ -189,9 +231,10 @@ class NoiseSchedule:
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
         """This schedule with its tables on ``device`` (shares the cached copies)."""
+        device = check_device(device)
         new = object.__new__(NoiseSchedule)
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in TABLES})
-        new.device = torch.device(device)
+        new.device = device
         for name, value in self._tables_on(new.device).items():
             setattr(new, name, value)
         return new

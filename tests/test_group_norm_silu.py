@@ -322,7 +322,7 @@ def _empty_case(backend, shape, G, device):
     elif backend in ("cpu", "cuda"):
         _, mean, rstd = torch.ops.fastddpm.group_norm_silu_fwd(x.detach(), w.detach(), b.detach(), None, G, eps, True)
     else:
-        return
+        _, mean, rstd = reference.group_norm_silu(x.detach(), w.detach(), b.detach(), G, eps, True)
     assert mean.shape == rstd.shape == (shape[0], G)
     assert torch.equal(mean.cpu(), torch.zeros(shape[0], G))
     assert torch.equal(rstd.cpu(), torch.full((shape[0], G), 1 / eps**0.5))
@@ -331,11 +331,33 @@ def _empty_case(backend, shape, G, device):
 EMPTY = [((2, 0, 3, 3), 1), ((0, 4, 3, 3), 2), ((2, 4, 0, 5), 2), ((0, 0, 2), 3)]
 
 
-# The kernels' backends (the float64 reference, reference.group_norm_silu, cannot reshape a batch of 0).
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape,G", EMPTY)
 def test_empty_inputs(backend, shape, G):
     _empty_case(backend, shape, G, CPU)
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("shape,G", EMPTY + [((0, 8, 4, 4), 4)])
+def test_empty_inputs_torch_backend_as_cpu(shape, G, shift):
+    # The torch backend (reference.group_norm_silu, whose reshape could not infer a group's size from a
+    # batch of 0) returns what the CPU kernel returns, forward and backward.
+    C = shape[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    s = torch.randn(shape[:2], generator=g) if shift else None
+    dy = torch.randn(shape, generator=g)
+    outs = {}
+    for backend in ("cpu", "torch"):
+        leaves = [v.clone().requires_grad_() for v in (x, w, b) + ((s,) if shift else ())]
+        y = group_norm_silu(leaves[0], G, leaves[1], leaves[2], backend=backend,
+                            shift=leaves[3] if shift else None)
+        outs[backend] = (y, *torch.autograd.grad(y, leaves, dy))
+    for a, c in zip(outs["cpu"], outs["torch"]):
+        assert a.shape == c.shape and a.dtype == c.dtype
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
 @pytest.mark.cuda

@@ -9,7 +9,9 @@ For callers that step many times with one configuration (the samplers):
 * :func:`prepare_step` / :class:`PreparedStep`: a step op (ddpm_step, ddim_step, dpmpp_step) bound once
   to a schedule, device, dtype and resolved backend; calling it runs one step without re-checking.
 * :func:`check_tensor`, :func:`check_like`: the ops' tensor checks (errors name the argument);
-  :func:`check_eta`: DDIM's eta (a finite number >= 0).
+  :func:`check_eta`: DDIM's eta (a finite number >= 0); :func:`check_number`, :func:`check_shape`,
+  :func:`check_device`, :func:`check_generator`: a number (never a string or bool), a shape, a device and
+  a torch.Generator (or None) argument.
 * :func:`check_timesteps`: a timestep argument (int, 0-d or (B,) integer tensor) as a range-checked int64
   (B,) tensor on a device; :func:`int_timesteps`: an already checked int as a cached (B,) tensor.
 * :func:`generator_noise`: z drawn from a torch.Generator as diffusers' randn_tensor draws it.
@@ -17,7 +19,16 @@ For callers that step many times with one configuration (the samplers):
 """
 
 from . import reference
-from ._checks import check_eta, check_like, check_tensor, int_timesteps
+from ._checks import (
+    check_device,
+    check_eta,
+    check_generator,
+    check_like,
+    check_number,
+    check_shape,
+    check_tensor,
+    int_timesteps,
+)
 from ._checks import timesteps as check_timesteps
 from ._codes import PREDICTION_TYPES, VARIANCE_TYPES
 from ._dispatch import BACKENDS, BackendNotSupported, available_backends
@@ -37,8 +48,12 @@ __all__ = [
     "PreparedStep",
     "attention",
     "available_backends",
+    "check_device",
     "check_eta",
+    "check_generator",
     "check_like",
+    "check_number",
+    "check_shape",
     "check_tensor",
     "check_timesteps",
     "ddim_step",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from ..schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, check_number
+from ..schedule import check_device as check_device  # defined there (schedule.py checks with both), exported here
 from ._codes import PREDICTION_TYPES
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -195,11 +197,32 @@ def philox_stream(seed, offset, device: torch.device | None = None) -> None:
         raise ValueError(f"offset: expected an integer in [0, 2**63) or a 0-d int64 tensor, got {offset!r}")
 
 
+def check_generator(generator, name: str = "generator") -> None:
+    """A TypeError naming ``name`` unless ``generator`` is a torch.Generator or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name}: expected a torch.Generator or None, got {type(generator).__name__}")
+
+
+def check_shape(shape, name: str = "shape") -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints: a sequence of ints (tuple, list, torch.Size) or one int (a
+    1-D shape, as torch.randn(5) takes it); else a TypeError/ValueError naming ``name``."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"{name}: expected a tuple of non-negative ints, got {type(shape).__name__}")
+    bad = [s for s in shape if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{name}: expected a tuple of non-negative ints, got {tuple(shape)!r} (with "
+                        f"{type(bad[0]).__name__} {bad[0]!r})")
+    out = tuple(int(s) for s in shape)
+    if any(s < 0 for s in out):
+        raise ValueError(f"{name}: expected non-negative sizes, got {out}")
+    return out
+
+
 def check_eta(value) -> float:
     """DDIM's eta as a float: a finite number >= 0 (an infinite eta makes every sigma infinite: NaN images)."""
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"eta: expected a non-negative number, got {value!r}")
-    v = float(value)
+    v = check_number(value, "eta", "a non-negative number")
     if not 0 <= v < math.inf:
         raise ValueError(f"eta: expected a finite non-negative number, got {v}")
     return v
@@ -214,6 +237,8 @@ def check_step(sample, model_output, schedule, prediction_type, clip_sample, cli
         raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if type(clip_sample_range) is not float:  # an int, a numpy scalar, ...: a number, never a string or bool
+        clip_sample_range = check_number(clip_sample_range, "clip_sample_range", "a positive number")
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
 
@@ -237,19 +262,24 @@ def step_timesteps(t, prev_t, batch: int, device: torch.device, T: int) -> tuple
     return tt, pt
 
 
-def check_noise(noise, seed, offset, sample: torch.Tensor) -> None:
-    """The noise argument of ddpm_step/ddim_step: a tensor like ``sample``, None, "philox" (with a valid
-    ``seed``/``offset`` stream) or "none"."""
+def check_noise(noise, seed, offset, sample: torch.Tensor, generator=None) -> None:
+    """The noise argument of ddpm_step/ddim_step: a tensor like ``sample``, None (drawn from ``generator``, a
+    torch.Generator or None), "philox" (with a valid ``seed``/``offset`` stream) or "none"."""
+    check_generator(generator)
     if isinstance(noise, str):
-        if noise == "philox":
-            philox_stream(seed, offset, sample.device)
-            return
-        if noise != "none":
+        if noise not in ("philox", "none"):
             raise ValueError(f"noise: expected a tensor, None, 'philox' or 'none', got {noise!r}")
     elif noise is not None:
         check_like(noise, sample, "noise", "sample")
-    # the Philox stream is read only with noise="philox": a seed given with other noise would be ignored
     what = "a tensor" if isinstance(noise, torch.Tensor) else repr(noise)
+    # only noise=None draws from the generator: with other noise it would be ignored
+    if generator is not None and noise is not None:
+        raise ValueError(f"generator: only used with noise=None (z drawn from it), got a generator with "
+                         f"noise={what}")
+    if isinstance(noise, str) and noise == "philox":
+        philox_stream(seed, offset, sample.device)
+        return
+    # the Philox stream is read only with noise="philox": a seed given with other noise would be ignored
     if seed is not None:
         raise ValueError(f"seed: only used with noise='philox', got seed={seed!r} with noise={what}")
     if isinstance(offset, torch.Tensor) or offset != 0:

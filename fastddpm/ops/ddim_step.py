@@ -51,6 +51,7 @@ def ddim_step(
         noise: z. A tensor; None to draw ``torch.randn(sample.shape, generator=generator)`` as diffusers;
             "philox" for in-kernel noise from ``seed`` and ``offset`` (as ddpm_step; ``offset`` may be a
             0-d int64 tensor on the sample's device, read inside the kernel); "none".
+        generator: the torch.Generator for noise=None (refused with other noise, which would ignore it).
         prediction_type: "epsilon", "sample" or "v_prediction".
         clip_sample, clip_sample_range: clip the predicted x0.
         final_alpha_cumprod: abar at prev_t = -1 (diffusers' set_alpha_to_one: 1.0, else abar_0).
@@ -64,11 +65,11 @@ def ddim_step(
     """
     _checks.check_step(sample, model_output, schedule, prediction_type, clip_sample, clip_sample_range)
     eta = _checks.check_eta(eta)
-    final_alpha_cumprod = float(final_alpha_cumprod)
+    final_alpha_cumprod = _checks.check_number(final_alpha_cumprod, "final_alpha_cumprod", "a number in (0, 1]")
     if not 0 < final_alpha_cumprod <= 1:
         raise ValueError(f"final_alpha_cumprod: expected a value in (0, 1], got {final_alpha_cumprod}")
     tt, pt = _checks.step_timesteps(t, prev_t, sample.shape[0], sample.device, schedule.num_train_timesteps)
-    _checks.check_noise(noise, seed, offset, sample)
+    _checks.check_noise(noise, seed, offset, sample, generator)
 
     step = prepared.cached_step("ddim_step", schedule, sample.device, sample.dtype, backend)
     prev, pred = step(

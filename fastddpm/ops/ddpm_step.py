@@ -55,7 +55,7 @@ def ddpm_step(
             (element i gets normal(seed, offset + i) from the same Philox words on every
             backend; the normals agree to a few ulp across backends: Triton's sqrt is approximate);
             "none" for the posterior mean alone.
-        generator: the torch.Generator for noise=None.
+        generator: the torch.Generator for noise=None (refused with other noise, which would ignore it).
         prediction_type: "epsilon", "sample" or "v_prediction".
         variance_type: "fixed_small", "fixed_small_log", "fixed_large", "learned"
             or "learned_range" (the last two need ``predicted_variance``).
@@ -85,7 +85,7 @@ def ddpm_step(
         raise ValueError(f"predicted_variance: only used by the learned variance types, not {variance_type!r}")
     device = sample.device
     tt, pt = _checks.step_timesteps(t, prev_t, sample.shape[0], device, schedule.num_train_timesteps)
-    _checks.check_noise(noise, seed, offset, sample)
+    _checks.check_noise(noise, seed, offset, sample, generator)
 
     step = prepared.cached_step("ddpm_step", schedule, device, sample.dtype, backend)
     prev, pred = step(
@@ -104,17 +104,21 @@ def philox_randn(
     device: torch.device | str = "cpu",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The normals that ``ddpm_step(noise="philox")`` adds: element i is normal(seed, offset + i)."""
+    """The normals that ``ddpm_step(noise="philox")`` adds: element i is normal(seed, offset + i).
+
+    ``shape`` is a tuple (list, torch.Size) of non-negative ints, or one int for a 1-D tensor (as torch.randn).
+    """
+    shape = _checks.check_shape(shape)
     _checks.philox_stream(seed, offset)
-    device = torch.device(device)
+    device = _checks.check_device(device)
     b = _dispatch.resolve("philox_normal_", backend, device, torch.float32)
     if b == "torch":
         return reference.philox_normal(shape, seed, offset, device, torch.float32)
     if b == "triton":
         from ..triton_kernels.ddpm_step import philox_normal_triton
 
-        return philox_normal_triton(tuple(shape), seed, offset, device)
-    out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
+        return philox_normal_triton(shape, seed, offset, device)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
     torch.ops.fastddpm.philox_normal_(out, seed, offset)
     return out
 

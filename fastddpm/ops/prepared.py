@@ -86,6 +86,8 @@ def randn_in_op(backend: str, generator, variance_type: str) -> bool:
 def generator_noise(sample: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """z as diffusers' randn_tensor draws it: ``torch.randn(sample.shape, generator=generator)`` on the
     generator's device (the sample's for None), then moved to the sample's device."""
+    if generator is not None:
+        _checks.check_generator(generator)  # (an int's .device would be an AttributeError)
     if generator is None or generator.device == sample.device:
         return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
     z = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=sample.dtype)
@@ -280,7 +282,7 @@ def prepare_step(
         raise ValueError(f"op: expected one of {', '.join(STEP_OPS)}, got {op!r}")
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
-    device = torch.device(device)
+    device = _checks.check_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if dtype not in _checks.FLOAT_DTYPES:

@@ -214,10 +214,17 @@ def group_norm_silu(
     u = x.to(cd)
     if shift is not None:
         u = u + shift.to(cd).reshape((N, C) + (1,) * (x.dim() - 2))
-    xg = u.reshape(N, num_groups, -1)  # (N, G, C/G * spatial)
-    mean = xg.mean(dim=2)
-    var = (xg - mean.unsqueeze(2)).square().mean(dim=2)
-    rstd = torch.rsqrt(var + eps)
+    per_group = C // num_groups
+    for s in x.shape[2:]:
+        per_group *= s
+    xg = u.reshape(N, num_groups, per_group)  # (N, G, C/G * spatial); -1 cannot be inferred when N is 0
+    if per_group == 0:  # empty groups: mean 0, rstd 1 / sqrt(eps) (variance 0), as the kernels have them
+        mean = xg.new_zeros((N, num_groups))
+        rstd = xg.new_full((N, num_groups), 1 / eps**0.5)
+    else:
+        mean = xg.mean(dim=2)
+        var = (xg - mean.unsqueeze(2)).square().mean(dim=2)
+        rstd = torch.rsqrt(var + eps)
     y = ((xg - mean.unsqueeze(2)) * rstd.unsqueeze(2)).reshape(x.shape)
     per_channel = (1, C) + (1,) * (x.dim() - 2)
     if weight is not None:

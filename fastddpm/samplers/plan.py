@@ -76,7 +76,9 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
     eta = ops.check_eta(eta)
     if eta and sampler != "ddim":  # only DDIM reads eta: ignoring it would hide a mistake (the CLI refuses it too)
         raise ValueError(f"eta: DDIM's eta applies to sampler='ddim' only, got eta={eta} with sampler={sampler!r}")
-    shape = tuple(int(s) for s in shape)
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):  # torch's int size is 1-D: never images
+        raise TypeError(f"shape: expected a tuple (batch, channels, ...) of positive ints, got int {shape}")
+    shape = ops.check_shape(shape)
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape: expected (batch, channels, ...) with positive sizes, got {shape}")
     schedule = schedule if schedule is not None else NoiseSchedule()
@@ -111,7 +113,7 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
             ts = dpmpp_timesteps(T, steps)
         else:
             ts = list(range(T)) if steps == T else space_timesteps(T, steps)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = ops.check_device(device) if device is not None else torch.device("cpu")
     t, prev = step_tables(ts)
     return SamplingPlan(schedule=schedule, shape=shape, t=t, prev_t=prev, sampler=sampler, eta=float(eta),
                         prediction_type=prediction_type, variance_type=variance_type,

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from .. import ops
 from ..schedule import NoiseSchedule
 from .plan import SamplingPlan, call_model, fused_step, initial_noise, plan_sampling, prepare, split_output
 
@@ -24,6 +25,7 @@ __all__ = ["sample", "SamplingPlan", "plan_sampling", "call_model", "initial_noi
 
 
 def _resolve_rng(plan: SamplingPlan, generator, seed):
+    ops.check_generator(generator)
     if plan.noise == "philox" and seed is None:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
@@ -63,6 +65,8 @@ def channels_last_weights(model):
 
 
 def _infer_device_dtype(model, device, dtype):
+    if device is not None:
+        device = ops.check_device(device)
     if isinstance(model, torch.nn.Module):
         p = next(iter(model.parameters()), None)
         if p is not None:
@@ -120,6 +124,8 @@ def sample(
         generator, seed: with noise="torch", noise comes from ``generator`` (or a CPU generator seeded
             with ``seed``), drawn on the generator's device as diffusers does; with noise="philox" it is
             generated inside the step kernel from ``seed`` (counter-based, the same on every backend).
+            Given both, the generator is the one noise="torch" uses and the seed the one noise="philox"
+            uses; with noise="philox" and no seed, the seed is drawn from ``generator``.
         device, dtype: of the images (default: those of the model's parameters, else CPU float32).
         progress: show a tqdm bar.
         callback: ``callback(i, t, x)`` after every step.

@@ -1,0 +1,222 @@
+"""Bad arguments of the public ops, NoiseSchedule and fastddpm.sample: a TypeError (wrong type) or ValueError
+(bad value) that names the argument, never an internal error or a silently accepted value; and the valid
+spellings of the same arguments still give the numbers of the canonical ones."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastddpm
+from fastddpm import NoiseSchedule, ops
+from fastddpm.ops import reference
+
+SCHED = NoiseSchedule()
+X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+M = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def identity_model(x, t):
+    return x
+
+
+# ----------------------------------------------------------------------------- generator
+@pytest.mark.parametrize("op", ["ddpm", "ddim"])
+@pytest.mark.parametrize("generator", [5, "g", [torch.Generator()], np.random.default_rng(0)])
+def test_step_generator_of_another_type_is_named(op, generator):
+    with pytest.raises(TypeError, match=r"generator: expected a torch\.Generator or None, got "):
+        if op == "ddpm":
+            ops.ddpm_step(X, M, 10, SCHED, generator=generator)
+        else:
+            # refused with eta = 0 too, where nothing would be drawn from it
+            ops.ddim_step(X, M, 10, SCHED, generator=generator)
+
+
+@pytest.mark.parametrize("noise", ["torch", "philox"])
+def test_sample_generator_of_another_type_is_named(noise):
+    with pytest.raises(TypeError, match=r"generator: expected a torch\.Generator or None, got int"):
+        fastddpm.sample(identity_model, (1, 1, 2, 2), steps=2, generator=5, noise=noise, progress=False)
+
+
+def test_generator_noise_generator_of_another_type_is_named():
+    with pytest.raises(TypeError, match=r"generator: expected a torch\.Generator or None, got int"):
+        ops.generator_noise(X, 5)
+
+
+# ----------------------------------------------------------------------------- generator with other noise
+@pytest.mark.parametrize("noise, what", [(M, "a tensor"), ("philox", "'philox'"), ("none", "'none'")])
+@pytest.mark.parametrize("op", ["ddpm", "ddim"])
+def test_step_generator_with_other_noise_is_refused(op, noise, what):
+    # only noise=None draws from the generator: with any other noise it would be ignored (as a seed would)
+    kw = dict(noise=noise, generator=torch.Generator().manual_seed(0))
+    if isinstance(noise, str) and noise == "philox":
+        kw["seed"] = 3
+    match = rf"generator: only used with noise=None \(z drawn from it\), got a generator with noise={what}"
+    with pytest.raises(ValueError, match=match):
+        if op == "ddpm":
+            ops.ddpm_step(X, M, 10, SCHED, **kw)
+        else:
+            ops.ddim_step(X, M, 10, SCHED, eta=1.0, **kw)
+
+
+@pytest.mark.parametrize("op", ["ddpm", "ddim"])
+def test_step_generator_with_noise_none_draws_from_it(op):
+    # the accepted combination: z = torch.randn(shape, generator=g), as the tensor noise gives it
+    z = torch.randn(X.shape, generator=torch.Generator().manual_seed(4))
+    if op == "ddpm":
+        a = ops.ddpm_step(X, M, 10, SCHED, generator=torch.Generator().manual_seed(4))
+        b = ops.ddpm_step(X, M, 10, SCHED, noise=z)
+    else:
+        a = ops.ddim_step(X, M, 10, SCHED, eta=1.0, generator=torch.Generator().manual_seed(4))
+        b = ops.ddim_step(X, M, 10, SCHED, eta=1.0, noise=z)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sample_seed_and_generator_follow_the_documented_precedence():
+    # fastddpm.sample documents which one each noise uses when both are given (kept as documented): the
+    # generator for noise="torch", the seed for noise="philox"
+    kw = dict(steps=3, progress=False)
+    a = fastddpm.sample(identity_model, (1, 1, 2, 2), seed=1, generator=torch.Generator().manual_seed(7), **kw)
+    b = fastddpm.sample(identity_model, (1, 1, 2, 2), generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(a, b)
+    a = fastddpm.sample(identity_model, (1, 1, 2, 2), seed=1, generator=torch.Generator().manual_seed(7),
+                        noise="philox", **kw)
+    b = fastddpm.sample(identity_model, (1, 1, 2, 2), seed=1, noise="philox", **kw)
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- numbers
+@pytest.mark.parametrize("op", ["ddpm", "ddim", "dpmpp"])
+@pytest.mark.parametrize("value", ["1", b"1", True, [1.0], None, torch.ones(2)])
+def test_clip_sample_range_must_be_a_number(op, value):
+    fn = {"ddpm": ops.ddpm_step, "ddim": ops.ddim_step, "dpmpp": ops.dpmpp_step}[op]
+    with pytest.raises(TypeError, match="clip_sample_range: expected a positive number, got "):
+        fn(X, M, 10, SCHED, clip_sample=True, clip_sample_range=value)
+
+
+@pytest.mark.parametrize("value", ["1", True, [1], None, {}])
+def test_eta_must_be_a_number(value):
+    with pytest.raises(TypeError, match="eta: expected a non-negative number, got "):
+        ops.ddim_step(X, M, 10, SCHED, eta=value)
+    with pytest.raises(TypeError, match="eta: expected a non-negative number, got "):
+        fastddpm.sample(identity_model, (1, 1, 2, 2), sampler="ddim", steps=2, eta=value, progress=False)
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", True, [1.0], None])
+def test_final_alpha_cumprod_must_be_a_number(value):
+    # float("1") took a string, and True as 1.0
+    with pytest.raises(TypeError, match=r"final_alpha_cumprod: expected a number in \(0, 1\], got "):
+        ops.ddim_step(X, M, 10, SCHED, prev_t=-1, final_alpha_cumprod=value)
+
+
+def test_numbers_of_every_real_type_are_taken_as_the_float():
+    # ints, numpy scalars and one-element tensors are numbers: the same step as the Python float
+    want = ops.ddpm_step(X, M * 3, 10, SCHED, noise="none", clip_sample=True, clip_sample_range=1.0)
+    for v in (1, np.float32(1.0), np.int64(1), torch.tensor(1.0)):
+        got = ops.ddpm_step(X, M * 3, 10, SCHED, noise="none", clip_sample=True, clip_sample_range=v)
+        assert torch.equal(got, want), v
+    want = ops.ddim_step(X, M, 10, SCHED, prev_t=-1, eta=0.5, noise=M, final_alpha_cumprod=1.0)
+    for v in (1, np.float64(1.0), torch.tensor(1.0, dtype=torch.float64)):
+        got = ops.ddim_step(X, M, 10, SCHED, prev_t=-1, eta=torch.tensor(0.5), noise=M, final_alpha_cumprod=v)
+        assert torch.equal(got, want), v
+
+
+# ----------------------------------------------------------------------------- philox_randn's shape
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_philox_randn_negative_size_is_named(backend):
+    with pytest.raises(ValueError, match=r"shape: expected non-negative sizes, got \(-1, 3\)"):
+        ops.philox_randn((-1, 3), 0, 0, backend=backend)
+
+
+@pytest.mark.parametrize("shape", ["5", 2.0, (2, 3.0), (2, "3"), (True, 2), None])
+def test_philox_randn_shape_of_another_type_is_named(shape):
+    with pytest.raises(TypeError, match="shape: expected a tuple of non-negative ints, got "):
+        ops.philox_randn(shape, 0, 0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_philox_randn_takes_an_int_shape_as_torch_randn(backend):
+    # torch.randn(5) is a 1-D tensor of 5: so is philox_randn(5), the normals of counters 0..4 (independent:
+    # the float64 reference of the same stream)
+    got = ops.philox_randn(5, 3, 7, backend=backend)
+    assert got.shape == (5,) and got.dtype == torch.float32
+    assert torch.equal(got, ops.philox_randn((5,), 3, 7, backend=backend))
+    want = reference.philox_normal((5,), 3, 7)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert ops.philox_randn(torch.Size([2, 3]), 3, 0, backend=backend).shape == (2, 3)
+    assert ops.philox_randn(0, 3, 0, backend=backend).shape == (0,)
+
+
+def test_philox_randn_bad_device_is_named():
+    with pytest.raises(ValueError, match="device: expected a device such as 'cpu'"):
+        ops.philox_randn((2,), 0, 0, device="foo")
+
+
+# ----------------------------------------------------------------------------- fastddpm.sample
+@pytest.mark.parametrize("shape, exc, match", [
+    (2, TypeError, r"shape: expected a tuple \(batch, channels, \.\.\.\) of positive ints, got int 2"),
+    ("2", TypeError, "shape: expected a tuple of non-negative ints, got str"),
+    ((1, 1, 2.5, 2), TypeError, "shape: expected a tuple of non-negative ints"),  # was truncated to 2
+    ((1, 1, "2", 2), TypeError, "shape: expected a tuple of non-negative ints"),
+    ((1, 1, -2, 2), ValueError, "shape: expected non-negative sizes"),
+    ((1, 1, 0, 2), ValueError, "shape: expected .* positive sizes"),
+])
+def test_sample_bad_shape_is_named(shape, exc, match):
+    with pytest.raises(exc, match=match):
+        fastddpm.sample(identity_model, shape, steps=2, progress=False)
+
+
+def test_sample_shape_of_numpy_ints_and_lists_is_taken():
+    a = fastddpm.sample(identity_model, [1, 1, np.int64(2), 2], steps=2, seed=0, progress=False)
+    b = fastddpm.sample(identity_model, (1, 1, 2, 2), steps=2, seed=0, progress=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device, exc", [("foo", ValueError), ("cuda:-1", ValueError), (1.5, TypeError),
+                                         ([0], TypeError)])
+def test_sample_bad_device_is_named(device, exc):
+    with pytest.raises(exc, match="device: expected a "):
+        fastddpm.sample(identity_model, (1, 1, 2, 2), steps=2, device=device, progress=False)
+    with pytest.raises(exc, match="device: expected a "):
+        fastddpm.sample(torch.nn.Conv2d(1, 1, 1), (1, 1, 2, 2), steps=2, device=device, progress=False)
+
+
+# ----------------------------------------------------------------------------- NoiseSchedule
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(beta_start="a"), TypeError, r"beta_start: expected a number in \(0, 1\), got 'a'"),
+    (dict(beta_start="0.001"), TypeError, "beta_start: expected a number"),  # float() would take it
+    (dict(beta_end="a"), TypeError, "beta_end: expected a number"),
+    (dict(beta_end=True), TypeError, "beta_end: expected a number"),
+    (dict(beta_start=None), TypeError, "beta_start: expected a number"),
+    (dict(trained_betas=["0.1", "0.2"]), TypeError, "trained_betas: expected a sequence of numbers"),
+    (dict(trained_betas=[True, False]), TypeError, "trained_betas: expected a sequence of numbers"),
+    (dict(trained_betas="ab"), TypeError, "trained_betas: expected a sequence of numbers"),
+    (dict(trained_betas=torch.tensor([True, False])), TypeError, "trained_betas: expected real numbers"),
+    (dict(device="foo"), ValueError, "device: expected a device such as 'cpu'"),
+    (dict(device=1.5), TypeError, "device: expected a torch.device"),
+])
+def test_noise_schedule_bad_arguments_are_named(kwargs, exc, match):
+    args = dict(num_train_timesteps=2, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        NoiseSchedule(**args)
+
+
+def test_noise_schedule_positional_string_beta_is_named():
+    with pytest.raises(TypeError, match="beta_start: expected a number"):
+        NoiseSchedule(10, "linear", "a", 0.1)
+
+
+def test_noise_schedule_to_bad_device_is_named():
+    with pytest.raises(ValueError, match="device: expected a device such as 'cpu'"):
+        SCHED.to("foo")
+
+
+def test_noise_schedule_numbers_of_every_real_type():
+    # ints and numpy scalars are numbers: the same betas as the float (independent: numpy's linspace)
+    want = np.linspace(1e-4, 0.02, 10)
+    for start in (1e-4, np.float64(1e-4)):
+        s = NoiseSchedule(10, "linear", start, 0.02)
+        np.testing.assert_array_equal(s.table("betas", dtype=torch.float64).numpy(), want)
+    s = NoiseSchedule(3, trained_betas=np.array([1, 2, 3]) / 10)
+    np.testing.assert_array_equal(s.table("betas", dtype=torch.float64).numpy(), [0.1, 0.2, 0.3])
+    assert NoiseSchedule(3, device=torch.device("cpu")).device == torch.device("cpu")
