@@ -126,8 +126,14 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--timesteps: expected comma-separated integers, got {args.timesteps!r}") from exc
     if not ts:
         raise UsageError(f"--timesteps: expected at least one timestep, got {args.timesteps!r}")
-    if args.image_size < 8:
-        raise UsageError(f"--image-size: expected at least 8, got {args.image_size}")
+    if not all(0 <= t < 1000 for t in ts):  # the demo's schedule is DDPM's 1000 steps
+        raise UsageError(f"--timesteps: expected timesteps in [0, 1000), got {args.timesteps!r}")
+    if not 8 <= args.image_size <= 1024:  # the strip of 8 images 1024 pixels high is 64 MiB of floats
+        raise UsageError(f"--image-size: expected 8 to 1024, got {args.image_size}")
+    from .ops import BACKENDS
+
+    if args.backend not in ("auto", *BACKENDS):
+        raise UsageError(f"--backend: expected one of auto, {', '.join(BACKENDS)}, got {args.backend!r}")
     check_seed(args.seed)
     from ._io import IMAGE_FORMATS, check_output_file
 

@@ -45,8 +45,19 @@ class LoadedModel:
         return (c.in_channels, c.sample_size, c.sample_size)
 
 
-def _schedule(d: dict | None) -> NoiseSchedule:
+def _schedule(d: dict | None, source: str = "") -> NoiseSchedule:
+    """The NoiseSchedule a model's description names (defaults: DDPM's linear 1e-4..0.02 over 1000 steps);
+    a value of the wrong type is named with ``source`` (the file) and its key."""
     d = d or {}
+    where = f"{source}: " if source else ""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}schedule: expected a table of schedule settings, got {d!r}")
+    kinds = {"num_train_timesteps": ((int,), "an integer"), "beta_schedule": ((str,), "a schedule name"),
+             "beta_start": ((int, float), "a number"), "beta_end": ((int, float), "a number")}
+    for key, (types, what) in kinds.items():
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+            raise ValueError(f"{where}schedule.{key}: expected {what}, got {v!r}")
     return NoiseSchedule(int(d.get("num_train_timesteps", 1000)), d.get("beta_schedule", "linear"),
                          float(d.get("beta_start", 1e-4)), float(d.get("beta_end", 0.02)))
 
@@ -84,12 +95,20 @@ def load_exported(weights: str) -> LoadedModel:
     except RuntimeError as exc:  # e.g. the .safetensors of one export beside the .json of another
         raise ValueError(f"{weights}: the weights are not those of the network {meta_path} describes "
                          f"({one_line(exc, 200)})") from exc
-    return LoadedModel(model.eval(), _schedule(meta.get("schedule")), meta.get("prediction_type", "epsilon"),
-                       meta.get("sampler", "ddpm"), meta.get("steps"), weights, meta)
+    steps = meta.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"{meta_path}: steps: expected the model's default number of sampling steps (a positive "
+                         f"integer) or null, got {steps!r}")
+    return LoadedModel(model.eval(), _schedule(meta.get("schedule"), meta_path),
+                       meta.get("prediction_type", "epsilon"), meta.get("sampler", "ddpm"), steps, weights, meta)
 
 
 def load_builtin(name: str) -> LoadedModel:
     if name not in BUILTIN:
+        if os.path.exists(name):  # a file or folder, but not an exported model
+            raise ValueError(f"--model: {name!r} is not an exported model (NAME.safetensors beside NAME.json) "
+                             f"nor a built-in one ({', '.join(BUILTIN)}); a training run or a diffusers folder "
+                             "is --ckpt")
         raise ValueError(f"--model: unknown built-in model {name!r} (available: {', '.join(BUILTIN)})")
     path = os.path.join(ASSETS, BUILTIN[name] + ".safetensors")
     if not os.path.isfile(path):
@@ -107,7 +126,7 @@ def load_training_checkpoint(path: str, weights: str = "ema") -> LoadedModel:
     model = UNet(UNetConfig.from_dict(meta["unet_config"]))
     ck.load_weights(model, folder, f"{weights}.safetensors")
     cfg = meta.get("config", {})
-    schedule = _schedule(meta.get("schedule"))
+    schedule = _schedule(meta.get("schedule"), os.path.join(folder, "state.json"))
     # the steps training's own previews took: --sample-steps, at most the training timesteps
     steps = min(cfg.get("sample_steps", 50), schedule.num_train_timesteps)
     return LoadedModel(model.eval(), schedule, meta.get("prediction_type", "epsilon"), "ddim", steps, folder, meta)
@@ -139,6 +158,9 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str = "ema"
             return load_exported(model)
         return load_builtin(model)
     if not os.path.isdir(ckpt):
+        if os.path.exists(ckpt):
+            raise ValueError(f"--ckpt: {ckpt!r} is a file; expected a training run, checkpoint or diffusers folder"
+                             f"{' (an exported model is --model)' if ckpt.endswith('.safetensors') else ''}")
         raise FileNotFoundError(f"--ckpt: no such folder {ckpt!r}")
     has = lambda *p: os.path.exists(os.path.join(ckpt, *p))
     run = has("train.log") or has("metrics.csv")  # a training run that has saved no checkpoint yet

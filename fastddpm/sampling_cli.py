@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -142,6 +143,15 @@ def check_sample_args(args: argparse.Namespace) -> None:
             check_output_dir(args.png_dir, "--png-dir")
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if args.png_dir is not None:  # the grid or the .npz written where the PNGs go, or one of them over the other
+        png_dir = os.path.abspath(args.png_dir)
+        for flag, path in (("--out", grid_path(args)), ("--npz", args.npz)):
+            if path is None:
+                continue
+            p = os.path.abspath(path)
+            if p == png_dir or (os.path.dirname(p) == png_dir and re.fullmatch(r"\d{6}\.png", os.path.basename(p))):
+                raise UsageError(f"--png-dir: {args.png_dir!r} would write over {flag} {path!r}; give them "
+                                 "different names")
     model = args.model if args.model or args.ckpt else "digits"
     if model and model.endswith(".safetensors") and not os.path.isfile(model):
         raise UsageError(f"--model: no such file {model!r} (an exported model is NAME.safetensors next to "
@@ -160,6 +170,32 @@ def check_grid(n: int, h: int, w: int, nrow: int | None, scale: int) -> None:
         check(n, h, w, nrow, scale, "--out", "lower --scale, --nrow or --n, or write --npz / --png-dir instead")
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def available_memory() -> int | None:
+    """The bytes the kernel says can be allocated without swapping (MemAvailable, Linux); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(n: int, image_shape: tuple[int, ...], available: int | None = None) -> None:
+    """A UsageError where the ``n`` images, all held in memory until they are written, cannot fit in the memory
+    available, found before sampling (it would otherwise end, after all the sampling, out of memory).
+
+    Per value: the float32 batches and their join (8 bytes), the uint8 images and the contiguous copy that
+    np.savez / the PNG writer make of a batch-last view (2 bytes)."""
+    available = available_memory() if available is None else available
+    need = n * math.prod(image_shape) * 10
+    if available is not None and need > available:
+        raise UsageError(f"--n: {n} images of {'x'.join(map(str, image_shape))} are held in memory until written, "
+                         f"about {need / 2**30:.3g} GiB, and {available / 2**30:.3g} GiB is available; lower --n "
+                         "(runs with different --seed values add up)")
 
 
 @command("sample", "sample images from a trained model (PNG grid, PNGs, .npz)", _args)
@@ -196,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
     scale = args.scale or max(1, 64 // lm.image_shape[-1])
     if out:
         check_grid(args.n, lm.image_shape[-2], lm.image_shape[-1], args.nrow, scale)
+    check_memory(args.n, tuple(lm.image_shape))
     shards = generate(lm, args.n, args.batch_size, sampler, steps, args.seed, device, args.eta,
                       progress=args.progress and rank == 0, rank=rank, world=world)
     if world > 1:
@@ -260,5 +297,9 @@ def run_export(args: argparse.Namespace) -> int:
         pretrained.export(args.ckpt, args.out, args.weights, args.sampler, args.steps)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from exc
+    except ValueError as exc:
+        if str(exc).startswith("steps: "):  # export()'s argument is this flag
+            raise UsageError(f"--{exc}") from exc
+        raise
     print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json", file=sys.stderr)
     return 0

@@ -451,7 +451,7 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra, line", [(["--steps", "0"], "--steps: expected a positive integer, got 0"),
-                                         (["--steps", "5000"], "steps: expected the model's default number of "
+                                         (["--steps", "5000"], "--steps: expected the model's default number of "
                                           "sampling steps, 1 to its 1000 training timesteps, got 5000"),
                                          (["--out", "/proc/x.safetensors"], "--out: cannot write in the folder")])
 def test_export_steps_and_out(extra, line, tiny_run, tmp_path):
@@ -606,3 +606,72 @@ def test_damaged_state_tables_run_folders_and_model_files_are_one_line(tmp_path)
         (tmp_path / "m.json").write_text(text)
         _usage_error(_cli("train", "--model", tmp_path / "m.json", "--image-size", "8", "--steps", "1",
                           "--sample-every", "0", "--no-progress", "--out", tmp_path / "om"), want)
+
+
+def _in_process(capsys, *argv):
+    """main() in this process (faster than a subprocess), with _usage_error's result shape."""
+    import types
+
+    from fastddpm.cli import main
+
+    t0 = time.perf_counter()
+    rc = main([str(a) for a in argv])
+    r = types.SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err, seconds=time.perf_counter() - t0)
+    return r
+
+
+def test_more_mistakes_are_named_before_the_work(tmp_path, capsys):
+    """Each was found late, named no flag or file, or was a traceback (a review of the command line):
+    --png-dir over --out (found after sampling, as "File exists"), --n images that cannot fit in memory with
+    --npz (ran until killed), --workers beyond the machine, an object array in an .npz, an exported .json's
+    steps or schedule of the wrong type, the schedule's Python names for the train flags, demo's range and
+    backend, and --model / --ckpt given a path of the other kind."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    def check(argv, *text):
+        r = _in_process(capsys, *argv)
+        _usage_error(r, *text)
+        _quick(r)
+
+    check(LONG + ["--out", tmp_path / "x.png", "--png-dir", tmp_path / "x.png"],
+          f"--png-dir: '{tmp_path / 'x.png'}' would write over --out")
+    check(LONG + ["--out", tmp_path / "p" / "000001.png", "--png-dir", tmp_path / "p"], "would write over --out")
+    check(["sample", "--n", str(10**12), "--steps", "1", "--no-progress", "--npz", tmp_path / "h.npz"],
+          f"--n: {10**12} images of 1x16x16 are held in memory until written", "GiB is available; lower --n")
+    assert not (tmp_path / "h.npz").exists()
+    check(TRAIN_TINY + ["--steps", "1", "--workers", str(4 * (os.cpu_count() or 1) + 1), "--out", tmp_path / "w"],
+          "--workers: expected 0 (decode in the training process) up to")
+    np.savez(tmp_path / "obj.npz", images=np.array([1, "x", None], dtype=object))
+    check(["train", "--data", tmp_path / "obj.npz", "--model", "tiny", "--image-size", "8", "--steps", "1",
+           "--sample-every", "0", "--no-progress", "--out", tmp_path / "o"],
+          f"data: {tmp_path / 'obj.npz'}: the array 'images' cannot be read as images")
+    check(TRAIN_TINY + ["--steps", "1", "--beta-schedule", "cosine", "--out", tmp_path / "b"],
+          "--beta-schedule: expected one of linear")
+    check(TRAIN_TINY + ["--steps", "1", "--num-train-timesteps", "20000", "--out", tmp_path / "u"],
+          "--num-train-timesteps/--beta-start/--beta-end: alphas_cumprod underflows float32")
+
+    base = "digits"  # the built-in model's files, copied with one field damaged
+    src = os.path.join(os.path.dirname(__import__("fastddpm").__file__), "assets", base)
+    meta = json.loads(open(src + ".json").read())
+    for i, (key, value, text) in enumerate([
+            ("steps", "50", "steps: expected the model's default number of sampling steps"),
+            ("schedule", {"num_train_timesteps": "abc"},
+             "schedule.num_train_timesteps: expected an integer, got 'abc'"),
+            ("schedule", {"beta_start": "0.1"}, "schedule.beta_start: expected a number, got '0.1'")]):
+        shutil.copy(src + ".safetensors", tmp_path / f"m{i}.safetensors")
+        (tmp_path / f"m{i}.json").write_text(json.dumps({**meta, key: value}))
+        check(["sample", "--model", tmp_path / f"m{i}.safetensors", "--n", "2", "--out", tmp_path / "s.png"],
+              f"m{i}.json: {text}")
+
+    check(["demo", "--timesteps", "0,5000", "--out", tmp_path / "d.png"],
+          "--timesteps: expected timesteps in [0, 1000)")
+    check(["demo", "--backend", "foo", "--out", tmp_path / "d.png"], "--backend: expected one of auto")
+    check(["demo", "--image-size", "100000", "--out", tmp_path / "d.png"], "--image-size: expected 8 to 1024")
+    (tmp_path / "notes.txt").write_text("x")
+    check(["sample", "--model", tmp_path / "notes.txt", "--n", "2", "--out", tmp_path / "s.png"],
+          "is not an exported model", "is --ckpt")
+    check(["sample", "--ckpt", tmp_path / "m0.safetensors", "--n", "2", "--out", tmp_path / "s.png"],
+          "is a file; expected a training run, checkpoint or diffusers folder (an exported model is --model)")

@@ -77,6 +77,10 @@ class TrainConfig:
 
         check_seed(self.seed)
         check_threads(self.threads)
+        most = 4 * (os.cpu_count() or 1)  # each is a process holding a copy of torch: thousands exhaust the machine
+        if self.workers > most:
+            raise ValueError(f"--workers: expected 0 (decode in the training process) up to {most} processes (4 per "
+                             f"core of this machine's {os.cpu_count()}), got {self.workers}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not (self.lr > 0):

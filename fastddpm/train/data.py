@@ -97,7 +97,10 @@ def _load_array(path: str) -> torch.Tensor:
             key = next((k for k in ("images", "x", "arr_0") if k in keys), only)
             if key is None:
                 raise ValueError(f"data: {path}: several arrays {keys}; name the images 'images' or 'x'")
-            a = z[key]
+            try:
+                a = z[key]
+            except ValueError as exc:  # an object array ("cannot be loaded when allow_pickle=False"), a bad header
+                raise ValueError(f"data: {path}: the array {key!r} cannot be read as images ({exc})") from exc
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ValueError(f"data: {path!r} is a truncated or corrupt .npz file ({exc})") from exc
     finally:

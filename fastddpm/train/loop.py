@@ -107,8 +107,16 @@ def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
 
 
 def make_schedule(d: dict) -> NoiseSchedule:
-    return NoiseSchedule(int(d["num_train_timesteps"]), d["beta_schedule"], float(d["beta_start"]),
-                         float(d["beta_end"]))
+    """The run's NoiseSchedule; NoiseSchedule's errors name its arguments, which are these flags here."""
+    try:
+        return NoiseSchedule(int(d["num_train_timesteps"]), d["beta_schedule"], float(d["beta_start"]),
+                             float(d["beta_end"]))
+    except ValueError as exc:
+        head, sep, rest = str(exc).partition(": ")
+        names = head.split("/")
+        if sep and all(n in d for n in names):
+            raise ValueError("/".join("--" + n.replace("_", "-") for n in names) + sep + rest) from exc
+        raise
 
 
 def schedule_dict(cfg: TrainConfig) -> dict:
