@@ -100,6 +100,22 @@ def test_other_image_sizes_run():
         m(torch.randn(1, 4, 8, 8), 1)
 
 
+def test_input_of_another_dtype_is_named():
+    # torch's own message ("Input type (c10::Half) and bias type (float) should be the same") names neither
+    # argument; under autocast the ops cast their inputs, so there another dtype is the point.
+    m = randomise(UNet.tiny()).eval()
+    for dtype in (torch.float16, torch.float64):
+        with pytest.raises(TypeError, match=f"x: expected torch.float32, the dtype of the network's parameters, "
+                                            f"got {dtype}"):
+            m(torch.randn(1, 3, 8, 8, dtype=dtype), 1)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        m([[0.0]], 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.randn(1, 3, 8, 8), 1).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert m.double()(torch.randn(1, 3, 8, 8, dtype=torch.float64), 1).dtype == torch.float64
+
+
 def test_timestep_forms_agree():
     m = randomise(UNet.tiny()).eval()
     x = torch.randn(2, 3, 8, 8)

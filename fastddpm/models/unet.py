@@ -553,7 +553,13 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
         """x: (B, in_channels, H, W) with H and W multiples of 2**(levels - 1); t: (B,) or a scalar
         (int or float timesteps). Returns (B, out_channels, H, W)."""
+        if not torch.is_tensor(x):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         self.check_input_shape(x.shape)
+        w = self.conv_in.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):  # (autocast casts per op)
+            raise TypeError(f"x: expected {w.dtype}, the dtype of the network's parameters, got {x.dtype} (convert "
+                            "the input, or the network with .to(dtype))")
         B = x.shape[0]
         if not torch.is_tensor(t):
             t = torch.full((B,), t, device=x.device,
