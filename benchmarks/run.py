@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if (args.plot or args.readme) and args.list:
         ap.error("--list: not with --plot or --readme")
+    if args.readme and (args.suite != "quick" or args.only):  # the README's prose reads the quick suite's rows
+        ap.error("--readme: only with the whole quick suite (not with --smoke, --full or --only)")
     if args.plot and args.csv is None:
         ap.error("--plot: draws from the CSVs, so it needs --csv")
     readme = os.path.join(ROOT, "README.md")

@@ -39,7 +39,7 @@ ctest_run() {
   (cd build/cmake && ctest --output-on-failure)
 }
 
-cmd="${1:-test}"
+cmd="${1-test}"  # no argument: test; an empty one is a mistake, not "test"
 shift || true
 case "$cmd" in
   setup) setup ;;
@@ -68,5 +68,6 @@ case "$cmd" in
     echo "== pytest"
     "$PY" -m pytest -q "$@"
     ;;
+  -h|--help) echo "usage: bash scripts/run.sh demo|test|bench|setup" ;;
   *) echo "usage: bash scripts/run.sh demo|test|bench|setup" >&2; exit 2 ;;
 esac

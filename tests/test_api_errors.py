@@ -220,3 +220,35 @@ def test_noise_schedule_numbers_of_every_real_type():
     s = NoiseSchedule(3, trained_betas=np.array([1, 2, 3]) / 10)
     np.testing.assert_array_equal(s.table("betas", dtype=torch.float64).numpy(), [0.1, 0.2, 0.3])
     assert NoiseSchedule(3, device=torch.device("cpu")).device == torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- fastddpm.nn constructors
+@pytest.mark.parametrize("build, error, text", [
+    (lambda: fastddpm.nn.GroupNormSiLU(2.0, 4), TypeError, "num_groups: expected a positive int, got 2.0"),
+    (lambda: fastddpm.nn.GroupNormSiLU(True, 4), TypeError, "num_groups: expected a positive int, got True"),
+    (lambda: fastddpm.nn.GroupNormSiLU(2, -4), ValueError, "num_channels: expected a positive int, got -4"),
+    (lambda: fastddpm.nn.GroupNormSiLU(2, 4, eps=-1), ValueError, "eps: expected a finite non-negative number"),
+    (lambda: fastddpm.nn.GroupNormSiLU(2, 4, eps="x"), TypeError, "eps: expected a non-negative number, got 'x'"),
+    (lambda: fastddpm.nn.GroupNormSiLU(2, 4, eps=float("nan")), ValueError, "eps: expected a finite"),
+    (lambda: fastddpm.nn.GroupNormSiLU(2, 4, affine="no"), TypeError, "affine: expected True or False, got 'no'"),
+    (lambda: fastddpm.nn.GroupNormSiLU(2, 4, backend="bogus"), ValueError, "backend: expected one of auto"),
+    (lambda: fastddpm.nn.AttentionBlock(8.0), TypeError, "channels: expected a positive int, got 8.0"),
+    (lambda: fastddpm.nn.AttentionBlock(8, 4, heads=2.0), TypeError, "heads: expected a positive int, got 2.0"),
+    (lambda: fastddpm.nn.AttentionBlock(8, 4, rescale_output_factor=0.0), ValueError,
+     "rescale_output_factor: expected a finite nonzero number"),
+])
+def test_nn_constructor_arguments_are_named(build, error, text):
+    # Each constructed and then failed at the first forward with another message (heads=2.0: "view(): ... must
+    # be tuple of ints"), or never (affine="no" stayed truthy; rescale_output_factor=0 gave inf).
+    with pytest.raises(error, match=text.replace("(", r"\(").replace(")", r"\)")):
+        build()
+
+
+def test_nn_constructors_take_what_torch_takes():
+    # eps = 0 as torch.nn.GroupNorm takes it, numpy integers as counts: the same module as with Python ints
+    a = fastddpm.nn.GroupNormSiLU(np.int64(2), np.int64(4), eps=0.0)
+    b = torch.nn.GroupNorm(2, 4, eps=0.0)
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(a(x), torch.nn.functional.silu(b(x)), atol=1e-5)
+    assert (a.num_groups, a.num_channels) == (2, 4) and type(a.num_groups) is int

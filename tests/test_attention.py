@@ -362,6 +362,21 @@ def test_block_matches_unet2dmodel_mid_attention():
         assert rel_err(block(x), attn(x)) < 1e-5
 
 
+def test_block_from_diffusers_refuses_another_scale():
+    # A diffusers Attention with scale_qk=False scales by 1, not 1/sqrt(d): the block would have given other
+    # numbers (1.3 off at an output scale of 4.6) without a word.
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(8, heads=1, dim_head=8, norm_num_groups=4, residual_connection=True, scale_qk=False)
+    with pytest.raises(ValueError, match=r"attn: its scale is 1.0 \(scale_qk=False"):
+        AttentionBlock.from_diffusers(attn)
+    same = Attention(8, heads=1, dim_head=8, norm_num_groups=4, residual_connection=True)
+    _randomize(same, torch.Generator().manual_seed(7))
+    x = _rand(2, 8, 3, 3, gen=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert rel_err(AttentionBlock.from_diffusers(same)(x), same(x)) < 1e-5
+
+
 def test_block_roundtrip_to_diffusers():
     g = torch.Generator().manual_seed(6)
     block = AttentionBlock(32, num_groups=8, eps=1e-5, heads=2)

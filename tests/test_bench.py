@@ -364,8 +364,11 @@ def test_bench_list(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--threads", "0"], "argument --threads: expected a positive integer, got 0"),
-    (["--threads", "two"], "argument --threads: expected a positive integer, got 'two'"),
+    # (100000 threads crashed the suite: "failed to map segment from shared object", then a segfault)
+    (["--threads", "100000"], "--threads: expected 0 (torch's default) or a number of threads up to"),
+    (["--threads", "-1"], "--threads: expected 0 (torch's default) or a number of threads up to"),
+    (["--threads", "two"], "argument --threads: invalid int value: 'two'"),
+    (["--only", ""], "--only: expected part of a case name, got an empty string"),  # ran every case
     (["--full", "--smoke"], "argument --smoke: not allowed with argument --full"),
     (["--only", "nothing-like-this"], "--only: no case of the quick suite matches 'nothing-like-this'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -379,11 +382,17 @@ def test_bench_bad_usage_exits_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_bench_csv_must_be_a_folder(tmp_path, capsys):
+def test_bench_csv_must_be_a_folder(tmp_path, capsys, monkeypatch):
+    # Found before the suite runs: a folder under a file was found only after it (minutes; hours with --full).
+    import fastddpm.bench.suite as S
+
+    monkeypatch.setattr(S, "run", lambda *a, **k: pytest.fail("the suite ran before --csv was checked"))
     f = tmp_path / "file.csv"
     f.write_text("x")
     assert cli_main(["bench", "--only", "q_sample", "--csv", str(f)]) == 2
-    assert f"--csv: {str(f)!r} exists and is not a folder" in capsys.readouterr().err
+    assert f"--csv: {str(f)!r} is a file; expected a folder" in capsys.readouterr().err
+    assert cli_main(["bench", "--only", "q_sample", "--csv", str(f / "sub")]) == 2
+    assert f"--csv: {str(f)!r} is a file, so the folder" in capsys.readouterr().err
 
 
 def test_benchmarks_run_module_usage(capsys, monkeypatch):
@@ -398,6 +407,11 @@ def test_benchmarks_run_module_usage(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["--smoke", "--plot"])
     assert e.value.code == 2 and "--plot: draws from the CSVs, so it needs --csv" in capsys.readouterr().err
+    # the README's table is the quick suite's, and its prose reads those rows: a smoke or partial run replaced it
+    for argv in (["--smoke", "--readme"], ["--only", "q_sample", "--readme"], ["--full", "--readme"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "--readme: only with the whole quick suite" in capsys.readouterr().err
 
 
 def test_fastddpm_bench_runs_a_case_into_csv_and_markdown(tmp_path, capsys):

@@ -325,6 +325,53 @@ def test_eval_npz_must_be_uint8_digits(tmp_path):
             _usage_error(r, "(N, 16, 16, 1) uint8")
 
 
+def test_eval_outputs_never_overwrite_its_inputs(tmp_path, capsys):
+    """`eval --npz x.npz --json x.npz` replaced the samples with the JSON (exit 0), and --json beside an
+    exported model could replace the model's description; --json took any extension."""
+    import json
+    import shutil
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", images=rng.integers(0, 255, (4, 16, 16, 1), np.uint8))
+    before = (tmp_path / "x.npz").read_bytes()
+    src = os.path.join(ROOT, "fastddpm", "assets", "digits")
+    for ext in (".safetensors", ".json"):
+        shutil.copy(src + ext, tmp_path / ("m" + ext))
+    ext = "--json: expected a file name ending in .json"
+    cases = [(["--npz", tmp_path / "x.npz", "--json", tmp_path / "x.npz"], ext),
+             (["--npz", tmp_path / "x.npz", "--json", tmp_path / "r.txt"], ext),
+             (["--model", tmp_path / "m.safetensors", "--n", "4", "--json", tmp_path / "m.json"],
+              f"--json: '{tmp_path / 'm.json'}' is the --model (its .json) file: writing it would destroy the input"),
+             (["--train-classifier", tmp_path / "m.safetensors", "--model", tmp_path / "m.safetensors"],
+              "--train-classifier: ", "is the --model file")]
+    for argv, *text in cases:
+        r = _in_process(capsys, "eval", *argv)
+        _usage_error(r, *text)
+    assert (tmp_path / "x.npz").read_bytes() == before
+    assert json.loads((tmp_path / "m.json").read_text())["format"] == "fastddpm-model"
+
+
+def test_eval_refuses_sampling_options_it_would_ignore(tmp_path, capsys):
+    """With --npz or --real nothing is sampled: --sampler/--steps/--batch-size were ignored (exit 0, even with
+    --steps -3), and --batch-size made --real noise --seeds refuse seeds for batches it never draws."""
+    import json
+    import math
+
+    np.savez(tmp_path / "c.npz", images=np.zeros((4, 16, 16, 1), np.uint8))
+    for argv, text in [(["--real", "train", "--n", "3", "--sampler", "ddpm", "--steps", "99999"],
+                        "--sampler, --steps: sampling options, not used with --real train (nothing is sampled)"),
+                       (["--npz", tmp_path / "c.npz", "--steps", "-3"],
+                        "--steps: a sampling option, not used with --npz (its images are already drawn)"),
+                       (["--real", "noise", "--seeds", "0,1", "--n", "4", "--batch-size", "2"],
+                        "--batch-size: a sampling option, not used with --real noise")]:
+        _usage_error(_in_process(capsys, "eval", *argv), text)
+    # one class everywhere: an entropy of 0 bits, printed and written as 0, not -0
+    r = _in_process(capsys, "eval", "--npz", tmp_path / "c.npz", "--json", tmp_path / "c.json")
+    assert r.returncode == 0, r.stderr
+    v = json.loads((tmp_path / "c.json").read_text())["class_entropy_bits"]
+    assert v == 0 and math.copysign(1.0, v) == 1.0
+
+
 def test_eval_npz_honours_n_up_to_the_files_count(tmp_path):
     import json
 

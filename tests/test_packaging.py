@@ -162,3 +162,13 @@ print(bi.WITH_CUDA, bi.CUDA_ARCHS)
         r = subprocess.run([sys.executable, "-c", CHECK, os.path.join(ROOT, "tests")], cwd=tmp_path,
                            env=dict(penv, FASTDDPM_CPU_VARIANT=name), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and r.stdout.split() == [name, "ok"], (name, r.stdout, r.stderr[-3000:])
+
+
+@pytest.mark.parametrize("argv, rc", [([""], 2), (["bogus"], 2), (["--help"], 0), (["-h"], 0)])
+def test_run_sh_usage(argv, rc):
+    # An empty argument ran the whole test path (${1:-test} reads "" as missing); --help exited 2. None of these
+    # reaches the set-up (a venv, a build).
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run.sh"), *argv], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == rc, r
+    assert (r.stdout + r.stderr).strip() == "usage: bash scripts/run.sh demo|test|bench|setup"

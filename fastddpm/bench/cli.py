@@ -6,18 +6,7 @@ import argparse
 import os
 import sys
 
-from ..cli import UsageError, command
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
+from ..cli import UsageError, check_threads, command
 
 DEFAULT_CSV_DIR = os.path.join("benchmarks", "results")
 
@@ -38,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"append the rows (with machine, versions, date) to DIR/bench_timings.csv and "
                         f"DIR/bench_counts.csv (default DIR: {DEFAULT_CSV_DIR})")
     p.add_argument("--markdown", default=None, metavar="FILE", help="also write the report to FILE (markdown)")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="torch.set_num_threads(N) (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch.set_num_threads(N) (default 0: torch's choice)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
 
 
@@ -51,7 +40,10 @@ def execute(args: argparse.Namespace, log=None) -> tuple[list[dict], dict, str]:
     from .timing import append_csv, stamp
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    only = [s.strip() for s in args.only if s.strip()]
+    only = [s.strip() for s in args.only]
+    if "" in only:  # an empty NAME is contained in every case name: it would run the whole suite
+        raise UsageError("--only: expected part of a case name, got an empty string (see --list)")
+    check_threads(args.threads)
     all_cases = S.cases(args.suite, compile=not args.no_compile)
     chosen = S.select(all_cases, only)
     if only and not chosen:
@@ -60,15 +52,15 @@ def execute(args: argparse.Namespace, log=None) -> tuple[list[dict], dict, str]:
     if args.list:
         print("\n".join(c.name for c in chosen))
         return [], {}, ""
-    if args.csv is not None and os.path.exists(args.csv) and not os.path.isdir(args.csv):
-        raise UsageError(f"--csv: {args.csv!r} exists and is not a folder")
-    if args.markdown is not None:
-        from .._io import check_output_file
+    from .._io import check_output_dir, check_output_file
 
-        try:
+    try:  # before the suite runs (minutes, hours with --full), not after
+        if args.csv is not None:
+            check_output_dir(args.csv, "--csv")
+        if args.markdown is not None:
             check_output_file(args.markdown, "--markdown")
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     if args.threads:
         torch.set_num_threads(args.threads)
     log(f"fastddpm bench: {args.suite} suite, {len(chosen)} cases")

@@ -53,11 +53,21 @@ def run(args: argparse.Namespace) -> int:
 
     try:  # before the work: where the results go
         if args.json:
-            check_output_file(args.json, "--json")
+            check_output_file(args.json, "--json", (".json",))
         if args.train_classifier:
             check_output_file(args.train_classifier, "--train-classifier", (".safetensors",))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    # an output over an input would destroy it (the exported model's description is NAME.json)
+    model_json = os.path.splitext(args.model)[0] + ".json" if args.model and args.model.endswith(".safetensors") \
+        else None
+    inputs = {"--npz": args.npz, "--classifier": args.classifier, "--model": args.model,
+              "--model (its .json)": model_json}
+    for out_flag in ("--json", "--train-classifier"):
+        out = getattr(args, out_flag[2:].replace("-", "_"))
+        for in_flag, path in inputs.items():
+            if out and path and os.path.realpath(out) == os.path.realpath(path):
+                raise UsageError(f"{out_flag}: {out!r} is the {in_flag} file: writing it would destroy the input")
     if args.model and args.model.endswith(".safetensors") and not os.path.isfile(args.model):
         raise UsageError(f"--model: no such file {args.model!r}")
     if args.threads:
@@ -73,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
     if args.npz and args.seeds is not None:
         raise UsageError("--seeds: --npz images are already drawn, so every seed would give the same figures; "
                          "sample the file once per seed and evaluate each")
+    if args.npz or args.real:  # no sampling: a sampling option would be ignored, which hides a mistake
+        given = [f for f, v in (("--sampler", args.sampler), ("--steps", args.steps),
+                                ("--batch-size", args.batch_size)) if v is not None]
+        if given:
+            src = "--npz (its images are already drawn)" if args.npz else f"--real {args.real} (nothing is sampled)"
+            what = "a sampling option" if len(given) == 1 else "sampling options"
+            raise UsageError(f"{', '.join(given)}: {what}, not used with {src}")
     # Everything read and checked before the work (sampling n images can take minutes).
     images = _read_npz(args.npz, args.n) if args.npz else None
     args.n = len(images) if images is not None else (args.n if args.n is not None else 359)

@@ -179,5 +179,6 @@ def evaluate(images: torch.Tensor, classifier: DigitClassifier | None = None) ->
     nz = counts[counts > 0]
     return {"n": int(images.shape[0]), "fd": frechet_distance(fs, fr), "confidence": float(conf.mean()),
             "confident_0.9": float((conf > 0.9).mean()),
-            "class_entropy_bits": float(-(nz * np.log2(nz)).sum()),  # log2(10) = 3.32: all classes equally
+            # 0.0 - x: one class gives 0, not -0.0; log2(10) = 3.32: all classes equally
+            "class_entropy_bits": 0.0 - float((nz * np.log2(nz)).sum()),
             "class_counts": (counts * len(ps)).round().astype(int).tolist()}

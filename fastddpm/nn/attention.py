@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import check_number
 from ..ops.attention import attention
-from .group_norm_silu import GroupNormSiLU
+from .group_norm_silu import GroupNormSiLU, check_module_backend, check_module_int
 
 __all__ = ["AttentionBlock"]
 
@@ -56,11 +57,17 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_groups: int = 32, eps: float = 1e-5, heads: int = 1, *,
                  rescale_output_factor: float = 1.0, backend: str = "auto"):
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive int, got {channels}")
-        if heads <= 0 or channels % heads:
+        channels = check_module_int(channels, "channels")
+        heads = check_module_int(heads, "heads")
+        num_groups = check_module_int(num_groups, "num_groups")
+        rescale_output_factor = check_number(rescale_output_factor, "rescale_output_factor", "a nonzero number")
+        if not (rescale_output_factor != 0 and abs(rescale_output_factor) < float("inf")):
+            raise ValueError(f"rescale_output_factor: expected a finite nonzero number (the output is divided by "
+                             f"it), got {rescale_output_factor}")
+        check_module_backend(backend)
+        if channels % heads:
             raise ValueError(f"heads: expected a positive divisor of channels={channels}, got {heads}")
-        if num_groups <= 0 or channels % num_groups:
+        if channels % num_groups:
             raise ValueError(
                 f"num_groups: expected a positive divisor of channels={channels}, got {num_groups}")
         self.channels = channels
@@ -174,6 +181,12 @@ class AttentionBlock(nn.Module):
         if getattr(attn, "is_cross_attention", False):
             raise ValueError("attn: cross-attention is not supported")
         channels = attn.to_q.in_features
+        scale = getattr(attn, "scale", None)
+        head_dim = channels // attn.heads
+        if scale is not None and abs(float(scale) - head_dim**-0.5) > 1e-6 * head_dim**-0.5:
+            raise ValueError(f"attn: its scale is {float(scale)!r} (scale_qk=False, or a custom dim_head); "
+                             f"AttentionBlock scales by 1/sqrt(head dim {head_dim}) = {head_dim**-0.5!r}, as "
+                             "UNet2DModel's attention does")
         block = cls(channels, gn.num_groups, gn.eps, heads=attn.heads,
                     rescale_output_factor=float(getattr(attn, "rescale_output_factor", 1.0)), backend=backend)
         p = attn.to_q.weight

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
+from ..ops import BACKENDS, check_number
 from ..ops.group_norm_silu import group_norm_silu
+
+
+def check_module_int(value, name: str) -> int:
+    """A positive int constructor argument (a float such as 2.0, or a bool, is refused naming ``name``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
+def check_module_backend(backend) -> str:
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend: expected one of auto, {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
 
 
 class GroupNormSiLU(nn.Module):
@@ -27,7 +45,15 @@ class GroupNormSiLU(nn.Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  activation: str | None = "silu", device=None, dtype=None, backend: str = "auto") -> None:
         super().__init__()
-        if num_groups <= 0 or num_channels % num_groups != 0:
+        num_groups = check_module_int(num_groups, "num_groups")
+        num_channels = check_module_int(num_channels, "num_channels")
+        eps = check_number(eps, "eps", "a non-negative number")
+        if not 0 <= eps < float("inf"):  # 0 as torch.nn.GroupNorm takes it
+            raise ValueError(f"eps: expected a finite non-negative number, got {eps}")
+        if not isinstance(affine, bool):
+            raise TypeError(f"affine: expected True or False, got {affine!r}")
+        check_module_backend(backend)
+        if num_channels % num_groups != 0:
             raise ValueError(
                 f"num_groups: num_channels={num_channels} must be divisible by num_groups={num_groups}"
             )
