@@ -276,6 +276,26 @@ def test_pipeline_from_a_training_run_folder_says_what_it_is(tmp_path):
         fastddpm.DDPMPipeline.from_pretrained(tmp_path)
 
 
+def test_conversion_arguments_of_another_kind_are_named():
+    # Each was an AttributeError or "'NoneType' object is not iterable" naming nothing.
+    d = UNet2DModel(**SMALL["two_levels_attn_low"])
+    for call, text in [(lambda: from_diffusers(None), "model: expected a diffusers UNet2DModel, got NoneType"),
+                       (lambda: from_diffusers(torch.nn.Linear(2, 2)), "model: expected a diffusers UNet2DModel"),
+                       (lambda: from_diffusers(UNet.tiny()), "already a fastddpm.UNet"),
+                       (lambda: to_diffusers(d), "unet: expected a fastddpm.UNet, got UNet2DModel"),
+                       (lambda: config_to_diffusers(dict(d.config)), "cfg: expected a fastddpm.UNetConfig, got dict"),
+                       (lambda: config_from_diffusers(None), "config: expected a diffusers UNet2DModel"),
+                       (lambda: config_from_diffusers(UNet.tiny().config), "got UNetConfig"),
+                       (lambda: unpatch(None), "model: expected a torch.nn.Module"),
+                       (lambda: is_patched(None), "model: expected a torch.nn.Module"),
+                       (lambda: fastddpm.compat.diffusers.patched_blocks(None), "model: expected a torch.nn.Module")]:
+        with pytest.raises(TypeError, match=text.replace("(", r"\(").replace(")", r"\)")):
+            call()
+    for size in ("8", 8.0, True, 0):
+        with pytest.raises(UnsupportedDiffusersConfig, match="sample_size"):
+            config_from_diffusers({**SMALL["two_levels_attn_low"], "sample_size": size})
+
+
 def test_unsupported_model_raises_from_a_real_model():
     d = UNet2DModel(**{**SMALL["two_levels_attn_low"], "resnet_time_scale_shift": "scale_shift"})
     with pytest.raises(UnsupportedDiffusersConfig, match="resnet_time_scale_shift"):

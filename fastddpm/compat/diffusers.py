@@ -16,6 +16,7 @@ diffusers is optional: it is imported inside the functions that need it, never a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,11 @@ def config_from_diffusers(config) -> UNetConfig:
 
     Raises :class:`UnsupportedDiffusersConfig` naming the block type or option outside the DDPM family.
     """
-    c = dict(getattr(config, "config", config))
+    c = getattr(config, "config", config)
+    if isinstance(c, UNetConfig) or not isinstance(c, Mapping):
+        raise TypeError(f"config: expected a diffusers UNet2DModel, its config or a dict of it, got "
+                        f"{type(config).__name__}")
+    c = dict(c)
 
     def get(name, default=None):
         return c.get(name, default)
@@ -124,8 +129,8 @@ def config_from_diffusers(config) -> UNetConfig:
         if len(set(size)) != 1:
             unsupported("sample_size", size, "a square size")
         size = size[0]
-    if size is None:
-        unsupported("sample_size", None, "an int")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        unsupported("sample_size", size, "a positive int")
     res = [size >> i for i in range(L)]
     head_dim = get("attention_head_dim", 8)
     tdim = get("time_embedding_dim")
@@ -154,6 +159,8 @@ def config_from_diffusers(config) -> UNetConfig:
 
 def config_to_diffusers(cfg: UNetConfig) -> dict:
     """Keyword arguments of ``UNet2DModel`` that build the network of ``cfg``."""
+    if not isinstance(cfg, UNetConfig):
+        raise TypeError(f"cfg: expected a fastddpm.UNetConfig, got {type(cfg).__name__}")
     attn = cfg.attention_levels
     if cfg.head_dim is not None:
         head_dim = cfg.head_dim
@@ -240,6 +247,9 @@ def state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def from_diffusers(model) -> UNet:
     """A :class:`fastddpm.UNet` with the configuration and weights of a diffusers ``UNet2DModel``
     (on the same device and dtype, in the same train/eval mode)."""
+    if not isinstance(model, nn.Module) or isinstance(model, UNet) or not hasattr(model, "config"):
+        raise TypeError(f"model: expected a diffusers UNet2DModel, got {type(model).__name__}"
+                        f"{' (already a fastddpm.UNet)' if isinstance(model, UNet) else ''}")
     cfg = config_from_diffusers(model.config)
     p = next(model.parameters())
     unet = UNet(cfg).to(device=p.device, dtype=p.dtype)
@@ -251,6 +261,8 @@ def to_diffusers(unet: UNet):
     """A diffusers ``UNet2DModel`` with the configuration and weights of ``unet``."""
     from diffusers import UNet2DModel
 
+    if not isinstance(unet, UNet):
+        raise TypeError(f"unet: expected a fastddpm.UNet, got {type(unet).__name__}")
     model = UNet2DModel(**config_to_diffusers(unet.config))
     p = next(unet.parameters())
     model.to(device=p.device, dtype=p.dtype)
@@ -432,9 +444,15 @@ def patch(model, return_count: bool = False):
     return (model, count) if return_count else model
 
 
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a diffusers model), got {type(model).__name__}")
+
+
 def patched_blocks(model) -> dict[str, int]:
     """How many blocks of ``model`` run fastddpm's fused ops through :func:`patch`:
     {"resnet": ResnetBlock2D count, "attention": Attention count, "norm_out": 0 or 1}."""
+    _check_module(model)
     out = {"resnet": 0, "attention": 0, "norm_out": 0}
     for m in model.modules():
         if isinstance(getattr(m, "processor", None), FastddpmAttnProcessor):
@@ -451,6 +469,7 @@ def unpatch(model):
     """Undo :func:`patch` in place; returns the model."""
     from diffusers.models.attention_processor import Attention
 
+    _check_module(model)
     for m in model.modules():
         orig = getattr(type(m), "_fastddpm_original_class", None)
         if orig is not None:
@@ -462,6 +481,7 @@ def unpatch(model):
 
 def is_patched(model) -> bool:
     """Whether any module of ``model`` runs fastddpm's ops through :func:`patch`."""
+    _check_module(model)
     for m in model.modules():
         if getattr(type(m), "_fastddpm_original_class", None) is not None:
             return True
