@@ -155,7 +155,10 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str = "ema"
         raise ValueError("--model, --ckpt: give exactly one")
     if model is not None:
         if model.endswith(".safetensors"):
-            return load_exported(model)
+            try:
+                return load_exported(model)
+            except (FileNotFoundError, ValueError) as exc:  # named as the flag that gave the path
+                raise type(exc)(f"--model: {exc}") from exc
         return load_builtin(model)
     if not os.path.isdir(ckpt):
         if os.path.exists(ckpt):

@@ -28,3 +28,11 @@ def test_missing_metadata_still_named(tmp_path):
     w.write_bytes(b"not read before the metadata check")
     with pytest.raises(FileNotFoundError, match=r"its metadata .*x\.json is missing"):
         pretrained.load_exported(str(w))
+
+
+def test_load_names_the_model_flag(tmp_path):
+    # load() is what `sample --model` / `eval --model` call: the message names the flag that gave the path
+    w = tmp_path / "x.safetensors"
+    w.write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"^--model: .*x\.safetensors: its metadata .*x\.json is missing"):
+        pretrained.load(model=str(w))
