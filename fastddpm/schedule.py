@@ -45,6 +45,8 @@ def check_number(value, name: str, expected: str = "a number") -> float:
     ``expected`` words the error ("a positive number", ...); the caller checks the value's range."""
     if type(value) is float:  # the common case first: one type test
         return value
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":  # np.array(0.5)
+        return float(value)
     if isinstance(value, (bool, str, bytes)) or not isinstance(value, (numbers.Real, torch.Tensor)) or (
             isinstance(value, torch.Tensor) and (value.numel() != 1 or value.dtype == torch.bool
                                                  or value.dtype.is_complex)):
@@ -60,11 +62,11 @@ def check_device(device, name: str = "device") -> torch.device:
     else a TypeError (another type) or ValueError (a string torch does not read) naming ``name``."""
     if isinstance(device, torch.device):
         return device
-    if isinstance(device, bool) or not isinstance(device, (str, int)):
+    if isinstance(device, bool) or not isinstance(device, (str, numbers.Integral)):
         raise TypeError(f"{name}: expected a torch.device, a device string such as 'cpu' or 'cuda:0', or a "
                         f"CUDA device index, got {type(device).__name__}")
     try:
-        return torch.device(device)
+        return torch.device(device if isinstance(device, str) else int(device))
     except (RuntimeError, ValueError) as e:  # torch's own words follow as the cause
         raise ValueError(f"{name}: expected a device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") from e
 

@@ -2,6 +2,8 @@
 (bad value) that names the argument, never an internal error or a silently accepted value; and the valid
 spellings of the same arguments still give the numbers of the canonical ones."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -43,10 +45,11 @@ def test_generator_noise_generator_of_another_type_is_named():
 
 
 # ----------------------------------------------------------------------------- generator with other noise
-@pytest.mark.parametrize("noise, what", [(M, "a tensor"), ("philox", "'philox'"), ("none", "'none'")])
+@pytest.mark.parametrize("noise, what", [(M, "a tensor"), ("philox", "'philox'")])
 @pytest.mark.parametrize("op", ["ddpm", "ddim"])
 def test_step_generator_with_other_noise_is_refused(op, noise, what):
-    # only noise=None draws from the generator: with any other noise it would be ignored (as a seed would)
+    # only noise=None draws from the generator: with a tensor or Philox noise it would be ignored (as a seed
+    # would). noise="none" with a generator is taken: see the next test.
     kw = dict(noise=noise, generator=torch.Generator().manual_seed(0))
     if isinstance(noise, str) and noise == "philox":
         kw["seed"] = 3
@@ -56,6 +59,17 @@ def test_step_generator_with_other_noise_is_refused(op, noise, what):
             ops.ddpm_step(X, M, 10, SCHED, **kw)
         else:
             ops.ddim_step(X, M, 10, SCHED, eta=1.0, **kw)
+
+
+@pytest.mark.parametrize("op", ["ddpm", "ddim"])
+def test_step_generator_with_noise_off_is_taken(op):
+    # A loop that passes its generator every step and noise="none" at t = 0 (diffusers' step draws no noise
+    # there): the posterior mean, the generator untouched.
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    step = ops.ddpm_step if op == "ddpm" else functools.partial(ops.ddim_step, eta=1.0)
+    a = step(X, M, 0, SCHED, noise="none", generator=g)
+    assert torch.equal(a, step(X, M, 0, SCHED, noise="none")) and torch.equal(g.get_state(), state)
 
 
 @pytest.mark.parametrize("op", ["ddpm", "ddim"])
@@ -252,3 +266,26 @@ def test_nn_constructors_take_what_torch_takes():
     with torch.no_grad():
         assert torch.allclose(a(x), torch.nn.functional.silu(b(x)), atol=1e-5)
     assert (a.num_groups, a.num_channels) == (2, 4) and type(a.num_groups) is int
+
+
+def test_numpy_and_tensor_spellings_of_numbers_and_shapes_are_taken():
+    # 0-d numpy arrays as numbers, numpy arrays and 0-d integer tensors as shapes, numpy device indices:
+    # accepted before these checks existed, and the same values as the plain spellings.
+    assert NoiseSchedule(beta_start=np.array(1e-4)).betas.equal(NoiseSchedule(beta_start=1e-4).betas)
+    a = ops.ddim_step(X, M, 10, SCHED, eta=np.array(0.5), noise=M)
+    assert torch.equal(a, ops.ddim_step(X, M, 10, SCHED, eta=0.5, noise=M))
+    assert ops.check_shape(np.array([2, 3, 8, 8])) == (2, 3, 8, 8)
+    assert ops.check_shape((torch.tensor(2), np.int64(3))) == (2, 3)
+    assert ops.check_device(np.int64(0)) == torch.device(0)
+    # clip_sample_range is read only when clipping (diffusers' configs may hold None there)
+    assert torch.equal(ops.ddpm_step(X, M, 10, SCHED, noise=M, clip_sample=False, clip_sample_range=None),
+                       ops.ddpm_step(X, M, 10, SCHED, noise=M))
+    with pytest.raises(TypeError, match="shape: expected a tuple of non-negative ints"):
+        ops.check_shape((2, torch.tensor(3.0)))
+
+
+def test_group_norm_silu_empty_groups_with_eps_0_as_the_cpu_kernel():
+    # eps = 0 (torch.nn.GroupNorm takes it) with empty groups: rstd = 1/sqrt(0) divided by zero in Python
+    x = torch.randn(2, 4, 0, 5)
+    for be in ("torch", "cpu"):
+        assert ops.group_norm_silu(x, 2, None, None, eps=0.0, backend=be).shape == x.shape

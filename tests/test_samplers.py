@@ -387,6 +387,20 @@ def test_ddpm_timestep_attributes_set_by_hand_step_as_diffusers(how):
     assert rel(x0, x1) < 1e-5
 
 
+def test_ddpm_scheduler_pickled_before_the_attribute_properties_loads():
+    # num_inference_steps and custom_timesteps became properties (stored as _num_inference_steps, ...): the state
+    # of a scheduler pickled before holds the public names, which __setstate__ moves.
+    s = DDPMScheduler(num_train_timesteps=100)
+    s.set_timesteps(10)
+    state = s.__getstate__()
+    for name in ("num_inference_steps", "custom_timesteps"):
+        state[name] = state.pop("_" + name)
+    old = DDPMScheduler.__new__(DDPMScheduler)
+    old.__setstate__(state)
+    assert (old.num_inference_steps, old.custom_timesteps) == (10, False)
+    assert int(old.previous_timestep(50)) == int(s.previous_timestep(50)) == 40
+
+
 def test_ddpm_variance_type_registered_later_is_stepped_as_diffusers():
     # diffusers reads config.variance_type at each step; register_to_config (and pipelines that replace the
     # config) change it. fastddpm had fixed it at construction and kept stepping fixed_small.

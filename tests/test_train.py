@@ -207,18 +207,21 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 def test_a_signal_during_the_preview_stops_it_at_once(tmp_path, monkeypatch, capsys):
     """The preview grid can take minutes (64 images of 32x32, 50 steps, on a CPU); a SIGINT or SIGTERM only set
-    the flag read at the next step, so the run ignored Ctrl-C until the grid was done. A stand-in for the
-    sampler signals the process and then works for up to 20 s: the preview must be cut short, and the run
-    must stop, saved, at the end of the next step."""
+    the flag read at the next training step, so the run ignored Ctrl-C until the grid was done. A stand-in for
+    the sampler signals the process and then takes 200 sampling steps of 0.1 s, calling the sampler's callback
+    after each as fastddpm.sample does: the preview must be cut short, and the run must stop, saved, at the end
+    of the next training step."""
     import fastddpm.samplers
 
     calls = []
 
-    def long_preview(*args, **kwargs):
+    def long_preview(*args, callback=None, **kwargs):
         calls.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(200):
+        for i in range(200):
             time.sleep(0.1)
+            if callback is not None:
+                callback(i, 0, None)
         raise AssertionError("the preview was not interrupted")
 
     monkeypatch.setattr(fastddpm.samplers, "sample", long_preview)

@@ -110,8 +110,8 @@ def test_input_of_another_dtype_is_named():
             m(torch.randn(1, 3, 8, 8, dtype=dtype), 1)
     with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
         m([[0.0]], 1)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert m(torch.randn(1, 3, 8, 8), 1).dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 input to the float32 network
+        assert m(torch.randn(1, 3, 8, 8, dtype=torch.bfloat16), 1).dtype == torch.bfloat16
     with torch.no_grad():
         assert m.double()(torch.randn(1, 3, 8, 8, dtype=torch.float64), 1).dtype == torch.float64
 

@@ -265,8 +265,8 @@ def to_diffusers(unet: UNet):
         raise TypeError(f"unet: expected a fastddpm.UNet, got {type(unet).__name__}")
     model = UNet2DModel(**config_to_diffusers(unet.config))
     p = next(unet.parameters())
-    # (a dtype given to .to() makes diffusers warn about modules to keep in float32, even for float32 itself)
-    model.to(device=p.device) if p.dtype == torch.float32 else model.to(device=p.device, dtype=p.dtype)
+    # (a dtype given to .to() makes diffusers warn about modules to keep in float32, even when it changes nothing)
+    model.to(device=p.device) if p.dtype == model.dtype else model.to(device=p.device, dtype=p.dtype)
     model.load_state_dict(state_dict_to_diffusers(unet.state_dict()))
     return model.train(unet.training)
 

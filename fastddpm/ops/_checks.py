@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
+import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule, check_number
@@ -208,13 +210,20 @@ def check_shape(shape, name: str = "shape") -> tuple[int, ...]:
     1-D shape, as torch.randn(5) takes it); else a TypeError/ValueError naming ``name``."""
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (shape,)
+    if isinstance(shape, np.ndarray) and shape.ndim == 1:  # e.g. np.array(img.shape)
+        shape = shape.tolist()
     if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list, torch.Size)):
         raise TypeError(f"{name}: expected a tuple of non-negative ints, got {type(shape).__name__}")
-    bad = [s for s in shape if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
-    if bad:
-        raise TypeError(f"{name}: expected a tuple of non-negative ints, got {tuple(shape)!r} (with "
-                        f"{type(bad[0]).__name__} {bad[0]!r})")
-    out = tuple(int(s) for s in shape)
+    out = []
+    for s in shape:
+        try:  # ints, numpy integers and 0-d integer tensors (operator.index refuses floats)
+            out.append(operator.index(s) if not isinstance(s, bool) else None)
+        except TypeError:
+            out.append(None)
+        if out[-1] is None:
+            raise TypeError(f"{name}: expected a tuple of non-negative ints, got {tuple(shape)!r} (with "
+                            f"{type(s).__name__} {s!r})")
+    out = tuple(out)
     if any(s < 0 for s in out):
         raise ValueError(f"{name}: expected non-negative sizes, got {out}")
     return out
@@ -237,7 +246,7 @@ def check_step(sample, model_output, schedule, prediction_type, clip_sample, cli
         raise TypeError(f"schedule: expected a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
-    if type(clip_sample_range) is not float:  # an int, a numpy scalar, ...: a number, never a string or bool
+    if clip_sample and type(clip_sample_range) is not float:  # (read only when clipping, as diffusers reads it)
         clip_sample_range = check_number(clip_sample_range, "clip_sample_range", "a positive number")
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
@@ -272,8 +281,9 @@ def check_noise(noise, seed, offset, sample: torch.Tensor, generator=None) -> No
     elif noise is not None:
         check_like(noise, sample, "noise", "sample")
     what = "a tensor" if isinstance(noise, torch.Tensor) else repr(noise)
-    # only noise=None draws from the generator: with other noise it would be ignored
-    if generator is not None and noise is not None:
+    # only noise=None draws from the generator: with a tensor or Philox noise it would be ignored ("none" is
+    # how a loop that passes its generator every step says "no noise at t = 0", as diffusers' step draws none)
+    if generator is not None and noise is not None and not (isinstance(noise, str) and noise == "none"):
         raise ValueError(f"generator: only used with noise=None (z drawn from it), got a generator with "
                          f"noise={what}")
     if isinstance(noise, str) and noise == "philox":

@@ -220,7 +220,7 @@ def group_norm_silu(
     xg = u.reshape(N, num_groups, per_group)  # (N, G, C/G * spatial); -1 cannot be inferred when N is 0
     if per_group == 0:  # empty groups: mean 0, rstd 1 / sqrt(eps) (variance 0), as the kernels have them
         mean = xg.new_zeros((N, num_groups))
-        rstd = xg.new_full((N, num_groups), 1 / eps**0.5)
+        rstd = xg.new_full((N, num_groups), eps**-0.5 if eps > 0 else float("inf"))
     else:
         mean = xg.mean(dim=2)
         var = (xg - mean.unsqueeze(2)).square().mean(dim=2)

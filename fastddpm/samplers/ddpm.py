@@ -250,6 +250,13 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
         self._custom_timesteps = value
         self._follow_timesteps()
 
+    def __setstate__(self, state: dict) -> None:
+        # a scheduler pickled before these two became properties holds them under their public names
+        for name in ("num_inference_steps", "custom_timesteps"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        self.__dict__.update(state)
+
     def _follow_timesteps(self) -> None:
         if "_timesteps" not in self.__dict__:  # during __init__
             return

@@ -10,7 +10,6 @@ stopped, and N processes under torchrun compute the same global batch as one pro
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import dataclasses
@@ -183,29 +182,23 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 class _Interrupted(Exception):
-    """A signal arrived while a long call ran under ``_Signals.raising()`` (the preview grid)."""
+    """A signal arrived during the preview grid (raised by ``_Signals.poll`` between two sampling steps)."""
 
 
 class _Signals:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and stops.
 
-    Under ``raising()`` (the preview grid, which can take minutes) a signal also raises ``_Interrupted`` at
-    once, so that the run does not sit unresponsive until the preview ends."""
+    The preview grid, which can take minutes, polls the flag after every sampling step (``poll`` as the
+    sampler's callback), so the run does not sit unresponsive until the preview ends. The handler itself only
+    sets the flag: an exception raised from it could land anywhere (inside no_grad's exit, a layout restore)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._old = {}
-        self._raise = False
 
-    @contextlib.contextmanager
-    def raising(self):
+    def poll(self, *args) -> None:
         if self.received is not None:
             raise _Interrupted
-        self._raise = True
-        try:
-            yield
-        finally:
-            self._raise = False
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -217,9 +210,6 @@ class _Signals:
 
     def _handle(self, signum, frame):
         self.received = signum
-        if self._raise:
-            self._raise = False
-            raise _Interrupted
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -543,15 +533,15 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
         from ..samplers import sample
 
         try:
-            with sig.raising():
-                x = sample(ema, (cfg.sample_n, C, S, S), steps=min(cfg.sample_steps, cfg.num_train_timesteps),
-                           sampler=cfg.sample_sampler, schedule=schedule, seed=cfg.seed,
-                           prediction_type=PREDICTION_TYPE[cfg.objective], progress=False, device=device)
+            x = sample(ema, (cfg.sample_n, C, S, S), steps=min(cfg.sample_steps, cfg.num_train_timesteps),
+                       sampler=cfg.sample_sampler, schedule=schedule, seed=cfg.seed,
+                       prediction_type=PREDICTION_TYPE[cfg.objective], progress=False, device=device,
+                       callback=sig.poll)
         except _Interrupted:
             # the other processes of a distributed run learn of the signal at the next step's all-reduce, so
             # the run stops (and saves) at the end of that step, as it would for a signal during a step
-            log(f"the preview of step {step} is cut short by {signal.Signals(sig.received).name}: "
-                "stopping at the end of the next step")
+            then = "the run is complete (saved)" if step == cfg.steps else "stopping at the end of the next step"
+            log(f"the preview of step {step} is cut short by {signal.Signals(sig.received).name}: {then}")
             return
         except (MemoryError, RuntimeError) as exc:  # all in one batch: the checkpoint of this step is saved
             if not is_out_of_memory(exc):
