@@ -51,7 +51,8 @@ def ddim_step(
         noise: z. A tensor; None to draw ``torch.randn(sample.shape, generator=generator)`` as diffusers;
             "philox" for in-kernel noise from ``seed`` and ``offset`` (as ddpm_step; ``offset`` may be a
             0-d int64 tensor on the sample's device, read inside the kernel); "none".
-        generator: the torch.Generator for noise=None (refused with other noise, which would ignore it).
+        generator: the torch.Generator for noise=None (taken, unused, with "none"; refused with a noise tensor
+            or "philox", which would ignore it).
         prediction_type: "epsilon", "sample" or "v_prediction".
         clip_sample, clip_sample_range: clip the predicted x0.
         final_alpha_cumprod: abar at prev_t = -1 (diffusers' set_alpha_to_one: 1.0, else abar_0).

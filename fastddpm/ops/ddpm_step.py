@@ -55,7 +55,8 @@ def ddpm_step(
             (element i gets normal(seed, offset + i) from the same Philox words on every
             backend; the normals agree to a few ulp across backends: Triton's sqrt is approximate);
             "none" for the posterior mean alone.
-        generator: the torch.Generator for noise=None (refused with other noise, which would ignore it).
+        generator: the torch.Generator for noise=None (taken, unused, with "none"; refused with a noise tensor
+            or "philox", which would ignore it).
         prediction_type: "epsilon", "sample" or "v_prediction".
         variance_type: "fixed_small", "fixed_small_log", "fixed_large", "learned"
             or "learned_range" (the last two need ``predicted_variance``).
