@@ -130,10 +130,12 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--timesteps: expected timesteps in [0, 1000), got {args.timesteps!r}")
     if not 8 <= args.image_size <= 1024:  # the strip of 8 images 1024 pixels high is 64 MiB of floats
         raise UsageError(f"--image-size: expected 8 to 1024, got {args.image_size}")
-    from .ops import BACKENDS
+    from .ops import check_backend
 
-    if args.backend not in ("auto", *BACKENDS):
-        raise UsageError(f"--backend: expected one of auto, {', '.join(BACKENDS)}, got {args.backend!r}")
+    try:
+        check_backend(args.backend, "--backend")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     check_seed(args.seed)
     from ._io import IMAGE_FORMATS, check_output_file
 

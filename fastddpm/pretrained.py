@@ -157,8 +157,10 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str = "ema"
         if model.endswith(".safetensors"):
             try:
                 return load_exported(model)
-            except (FileNotFoundError, ValueError) as exc:  # named as the flag that gave the path
-                raise type(exc)(f"--model: {exc}") from exc
+            except FileNotFoundError as exc:  # named as the flag that gave the path
+                raise FileNotFoundError(f"--model: {exc}") from exc
+            except ValueError as exc:  # (a subclass such as UnicodeDecodeError takes other arguments)
+                raise ValueError(f"--model: {exc}") from exc
         return load_builtin(model)
     if not os.path.isdir(ckpt):
         if os.path.exists(ckpt):

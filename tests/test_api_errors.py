@@ -289,3 +289,25 @@ def test_group_norm_silu_empty_groups_with_eps_0_as_the_cpu_kernel():
     x = torch.randn(2, 4, 0, 5)
     for be in ("torch", "cpu"):
         assert ops.group_norm_silu(x, 2, None, None, eps=0.0, backend=be).shape == x.shape
+
+
+# ----------------------------------------------------------------------------- backend names
+@pytest.mark.parametrize("bad", [["cpu"], 1, "gpu", b"cpu"])
+def test_a_bad_backend_is_named_before_the_memo(bad):
+    """A list used to reach the resolution memo and fail as "unhashable type: 'list'", naming nothing."""
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"^backend: expected one of auto, cpu, cuda, triton, torch, got "):
+        ops.q_sample(x, torch.tensor([1, 2]), x, fastddpm.NoiseSchedule(), backend=bad)
+    with pytest.raises(ValueError, match=r"^backend: expected one of auto"):
+        fastddpm.nn.AttentionBlock(8, 4, backend=bad)
+
+
+def test_a_bad_fastddpm_backend_is_named_as_the_variable(monkeypatch):
+    """The environment's value was reported as the 'backend' argument, which the caller never gave."""
+    monkeypatch.setenv("FASTDDPM_BACKEND", "gpu")
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"^FASTDDPM_BACKEND: expected one of auto, .*, got 'gpu'"):
+        ops.q_sample(x, torch.tensor([1, 2]), x, fastddpm.NoiseSchedule())
+    assert ops.check_backend("torch") == "torch"
+    with pytest.raises(ValueError, match="^--backend: expected"):
+        ops.check_backend("Torch", "--backend")

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import check_number
+from ..ops import check_backend, check_number
 from ..ops.attention import attention
-from .group_norm_silu import GroupNormSiLU, check_module_backend, check_module_int
+from .group_norm_silu import GroupNormSiLU, check_module_int
 
 __all__ = ["AttentionBlock"]
 
@@ -64,7 +64,7 @@ class AttentionBlock(nn.Module):
         if not (rescale_output_factor != 0 and abs(rescale_output_factor) < float("inf")):
             raise ValueError(f"rescale_output_factor: expected a finite nonzero number (the output is divided by "
                              f"it), got {rescale_output_factor}")
-        check_module_backend(backend)
+        check_backend(backend)
         if channels % heads:
             raise ValueError(f"heads: expected a positive divisor of channels={channels}, got {heads}")
         if channels % num_groups:

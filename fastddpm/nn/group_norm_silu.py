@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import nn
 
-from ..ops import BACKENDS, check_number
+from ..ops import check_backend, check_number
 from ..ops.group_norm_silu import group_norm_silu
 
 
@@ -18,12 +18,6 @@ def check_module_int(value, name: str) -> int:
     if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     return int(value)
-
-
-def check_module_backend(backend) -> str:
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend: expected one of auto, {', '.join(BACKENDS)}, got {backend!r}")
-    return backend
 
 
 class GroupNormSiLU(nn.Module):
@@ -52,7 +46,7 @@ class GroupNormSiLU(nn.Module):
             raise ValueError(f"eps: expected a finite non-negative number, got {eps}")
         if not isinstance(affine, bool):
             raise TypeError(f"affine: expected True or False, got {affine!r}")
-        check_module_backend(backend)
+        check_backend(backend)
         if num_channels % num_groups != 0:
             raise ValueError(
                 f"num_groups: num_channels={num_channels} must be divisible by num_groups={num_groups}"

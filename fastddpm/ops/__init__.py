@@ -11,7 +11,7 @@ For callers that step many times with one configuration (the samplers):
 * :func:`check_tensor`, :func:`check_like`: the ops' tensor checks (errors name the argument);
   :func:`check_eta`: DDIM's eta (a finite number >= 0); :func:`check_number`, :func:`check_shape`,
   :func:`check_device`, :func:`check_generator`: a number (never a string or bool), a shape, a device and
-  a torch.Generator (or None) argument.
+  a torch.Generator (or None) argument; :func:`check_backend`: a backend name ("auto" or one of ``BACKENDS``).
 * :func:`check_timesteps`: a timestep argument (int, 0-d or (B,) integer tensor) as a range-checked int64
   (B,) tensor on a device; :func:`int_timesteps`: an already checked int as a cached (B,) tensor.
 * :func:`generator_noise`: z drawn from a torch.Generator as diffusers' randn_tensor draws it.
@@ -31,7 +31,7 @@ from ._checks import (
 )
 from ._checks import timesteps as check_timesteps
 from ._codes import PREDICTION_TYPES, VARIANCE_TYPES
-from ._dispatch import BACKENDS, BackendNotSupported, available_backends
+from ._dispatch import BACKENDS, BackendNotSupported, available_backends, check_backend
 from .attention import attention
 from .ddim_step import ddim_step
 from .ddpm_step import ddpm_step, philox_randn
@@ -48,6 +48,7 @@ __all__ = [
     "PreparedStep",
     "attention",
     "available_backends",
+    "check_backend",
     "check_device",
     "check_eta",
     "check_generator",

@@ -205,13 +205,20 @@ def backend_unavailable_reason(backend: str, op: str, device: torch.device) -> s
 LIMITS: dict[str, Callable[[str, object, torch.dtype, torch.device], str | None]] = {}
 
 
+def check_backend(value: object, name: str = "backend") -> str:
+    """``value`` if it names a backend ("auto" or one of BACKENDS), else a ValueError naming ``name``."""
+    if not isinstance(value, str) or (value != "auto" and value not in BACKENDS):
+        raise ValueError(f"{name}: expected one of auto, {', '.join(BACKENDS)}, got {value!r}")
+    return value
+
+
 def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype, key: object = None) -> str:
     """The backend that runs ``op`` for tensors on ``device`` of ``dtype`` (and ``key``, see LIMITS).
 
     The answer depends only on the arguments and the environment, and is memoised (this runs on every op
     call; a cold resolution costs a few microseconds).
     """
-    requested = backend or "auto"
+    requested = check_backend(backend or "auto")  # (before the memo, which would hash it)
     if torch.compiler.is_compiling():  # traced once per graph: no memo, the public env lookup
         env = os.environ.get("FASTDDPM_BACKEND", "auto") if requested == "auto" else None
         return _resolve(op, requested, env, device, dtype, key)
@@ -229,10 +236,8 @@ def _resolve_memo(op, requested, env, device, dtype, interpreting, key):  # inte
 
 
 def _resolve(op, requested, env, device, dtype, key):
-    if requested == "auto":
-        requested = env or "auto"
-    if requested != "auto" and requested not in BACKENDS:
-        raise ValueError(f"backend: expected one of auto, {', '.join(BACKENDS)}, got {requested!r}")
+    if requested == "auto" and env:
+        requested = check_backend(env, "FASTDDPM_BACKEND")
 
     def reason(b: str) -> str | None:
         if dtype == torch.float64 and b != "torch":

@@ -143,6 +143,15 @@ class PreparedStep:
         """Whether autograd records this step: grad mode on and an input that requires grad."""
         return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
+    @staticmethod
+    def _per_call(sample: torch.Tensor, t, prev_t, prediction_type: str, clip_sample: bool,
+                  clip_sample_range: float) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """What every step op turns its shared arguments into on each call: (t, prev_t) as int64 (B,)
+        tensors, the prediction type's code, the clip range (0.0: no clipping)."""
+        tt, pt = _timesteps(t, prev_t, sample.shape[0], sample.device)
+        pcode = _code(PREDICTION_TYPES, prediction_type, "prediction_type")
+        return tt, pt, pcode, float(clip_sample_range) if clip_sample else 0.0
+
     def __repr__(self) -> str:
         return (f"PreparedStep(op={self.op!r}, backend={self.backend!r}, device={str(self.device)!r}, "
                 f"dtype={self.dtype}, schedule={self.schedule!r})")
@@ -170,10 +179,8 @@ class _DDPMStep(PreparedStep):
         predicted_variance: torch.Tensor | None = None,
         return_pred_original: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tt, pt = _timesteps(t, prev_t, sample.shape[0], sample.device)
-        pcode = _code(PREDICTION_TYPES, prediction_type, "prediction_type")
+        tt, pt, pcode, clip = self._per_call(sample, t, prev_t, prediction_type, clip_sample, clip_sample_range)
         vcode = _code(VARIANCE_TYPES, variance_type, "variance_type")
-        clip = float(clip_sample_range) if clip_sample else 0.0
         ret = bool(return_pred_original)
         kw = dict(diffusers_beta=True) if diffusers_beta else {}
         mode, z, seed, off, off_t = _noise_mode(noise, seed, offset)
@@ -214,9 +221,7 @@ class _DDIMStep(PreparedStep):
         diffusers_beta: bool = False,
         return_pred_original: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tt, pt = _timesteps(t, prev_t, sample.shape[0], sample.device)
-        pcode = _code(PREDICTION_TYPES, prediction_type, "prediction_type")
-        clip = float(clip_sample_range) if clip_sample else 0.0
+        tt, pt, pcode, clip = self._per_call(sample, t, prev_t, prediction_type, clip_sample, clip_sample_range)
         ret = bool(return_pred_original)
         eta = float(eta)
         mode, z, seed, off, off_t = _noise_mode(noise, seed, offset)
@@ -247,15 +252,13 @@ class _DPMPPStep(PreparedStep):
         clip_sample_range: float = 1.0,
         return_pred_original: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tt, pt = _timesteps(t, prev_t, sample.shape[0], sample.device)
+        tt, pt, pcode, clip = self._per_call(sample, t, prev_t, prediction_type, clip_sample, clip_sample_range)
         if prev_x0 is None:
             lt = None
         else:
             if last_t is None:
                 raise ValueError("last_t: required with prev_x0 (the timestep of that prediction)")
             lt = _checks.int_timesteps(last_t, sample.shape[0], sample.device) if type(last_t) is int else last_t
-        pcode = _code(PREDICTION_TYPES, prediction_type, "prediction_type")
-        clip = float(clip_sample_range) if clip_sample else 0.0
         ret = bool(return_pred_original)
         fn = self._torch_fn if self._differentiated(sample, model_output, prev_x0) else self.fn
         prev, pred = fn(sample, model_output, prev_x0, tt, pt, lt, self.alphas_cumprod, pcode, clip, ret)
