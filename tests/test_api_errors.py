@@ -311,3 +311,25 @@ def test_a_bad_fastddpm_backend_is_named_as_the_variable(monkeypatch):
     assert ops.check_backend("torch") == "torch"
     with pytest.raises(ValueError, match="^--backend: expected"):
         ops.check_backend("Torch", "--backend")
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(callback=3), TypeError, r"^callback: expected a callable callback\(i, t, x\) or None, got int"),
+    (dict(channels_last="no"), TypeError, r"^channels_last: expected True, False or None, got 'no'"),  # was true
+])
+def test_sample_refuses_bad_options_before_the_first_step(kw, exc, match):
+    """A non-callable callback failed after the first model call as "'int' object is not callable"."""
+    calls = []
+
+    def model(x, t):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    with pytest.raises(exc, match=match):
+        fastddpm.sample(model, (1, 1, 4, 4), steps=2, progress=False, **kw)
+    assert calls == []
+
+
+def test_sample_refuses_a_model_that_is_not_callable():
+    with pytest.raises(TypeError, match=r"^model: expected a callable model\(x, t\) .*, got int"):
+        fastddpm.sample(3, (1, 1, 4, 4), steps=2, progress=False)

@@ -156,6 +156,12 @@ def sample(
     Returns:
         x_0 (shape ``shape``), or (x_0, intermediates) with ``return_intermediates``.
     """
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, t) (a UNet, a function), got {type(model).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable callback(i, t, x) or None, got {type(callback).__name__}")
+    if channels_last is not None and not isinstance(channels_last, bool):  # "no" would be true
+        raise TypeError(f"channels_last: expected True, False or None, got {channels_last!r}")
     device, dtype = _infer_device_dtype(model, device, dtype)
     plan = plan_sampling(shape, steps=steps, sampler=sampler, eta=eta, schedule=schedule, timesteps=timesteps,
                          prediction_type=prediction_type, variance_type=variance_type,
