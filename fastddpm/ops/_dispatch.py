@@ -205,9 +205,12 @@ def backend_unavailable_reason(backend: str, op: str, device: torch.device) -> s
 LIMITS: dict[str, Callable[[str, object, torch.dtype, torch.device], str | None]] = {}
 
 
+_BACKEND_NAMES = frozenset(("auto", *BACKENDS))
+
+
 def check_backend(value: object, name: str = "backend") -> str:
     """``value`` if it names a backend ("auto" or one of BACKENDS), else a ValueError naming ``name``."""
-    if not isinstance(value, str) or (value != "auto" and value not in BACKENDS):
+    if not isinstance(value, str) or value not in _BACKEND_NAMES:
         raise ValueError(f"{name}: expected one of auto, {', '.join(BACKENDS)}, got {value!r}")
     return value
 
