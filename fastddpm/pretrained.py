@@ -148,11 +148,15 @@ def load_diffusers_folder(path: str) -> LoadedModel:
                        scheduler=sched)
 
 
-def load(model: str | None = None, ckpt: str | None = None, weights: str = "ema") -> LoadedModel:
+def load(model: str | None = None, ckpt: str | None = None, weights: str | None = None) -> LoadedModel:
     """``model``: a built-in name or an exported .safetensors; ``ckpt``: a training run/checkpoint folder
-    or a diffusers UNet2DModel folder (config.json + weights)."""
+    or a diffusers UNet2DModel folder (config.json + weights). ``weights``: "ema" (the default) or "model",
+    the set of a training checkpoint to load; refused with the others, which have one set."""
     if (model is None) == (ckpt is None):
         raise ValueError("--model, --ckpt: give exactly one")
+    if weights is not None and model is not None:
+        raise ValueError(f"--weights: picks the weights of a training checkpoint (--ckpt); --model {model} has "
+                         "one set")
     if model is not None:
         if model.endswith(".safetensors"):
             try:
@@ -174,8 +178,11 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str = "ema"
         raise FileNotFoundError(f"--ckpt: {ckpt!r} is a training run that has saved no checkpoint (its train.log "
                                 "says how it ended)")
     if diffusers or has("unet", "config.json") or has("model_index.json"):
+        if weights is not None:
+            raise ValueError(f"--weights: picks the weights of a training checkpoint; {ckpt!r} is a diffusers "
+                             "folder, which has one set")
         return load_diffusers_folder(ckpt)
-    return load_training_checkpoint(ckpt, weights)
+    return load_training_checkpoint(ckpt, weights or "ema")
 
 
 def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", steps: int = 50,

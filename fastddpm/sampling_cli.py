@@ -25,8 +25,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                      help="a training run or checkpoint folder, or a local diffusers DDPMPipeline folder "
                           "(model_index.json, unet/, scheduler/: sampled with its scheduler config) or "
                           "UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors/.bin)")
-    p.add_argument("--weights", default="ema", choices=("ema", "model"),
-                   help="which weights of a training checkpoint (default: ema)")
+    p.add_argument("--weights", default=None, choices=("ema", "model"),
+                   help="which weights of a training checkpoint --ckpt (default: ema)")
     p.add_argument("--n", "--num-images", dest="n", type=int, default=64,
                    help="number of images (default: 64; under torchrun spell it --num-images: "
                         "torchrun's own parser reads --n as an abbreviation of its options)")
