@@ -276,6 +276,49 @@ def test_pipeline_from_a_training_run_folder_says_what_it_is(tmp_path):
         fastddpm.DDPMPipeline.from_pretrained(tmp_path)
 
 
+def test_a_folder_with_legacy_attention_names_loads_as_diffusers_loads_it(tmp_path):
+    """Checkpoints saved before diffusers renamed the attention weights (query, key, value, proj_attn; the
+    google/ddpm-* checkpoints among them) load in diffusers, which renames them; they failed here with a bare
+    "Error(s) in loading state_dict". Weights of another network are a FolderError naming the folder."""
+    from safetensors.torch import load_file, save_file
+
+    from fastddpm.compat.folder import FolderError
+
+    cfg = SMALL["two_levels_attn_low"]
+    d = _diffusers_model(cfg)
+    DDPMPipeline(unet=d, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "p")
+    weights = tmp_path / "p" / "unet" / "diffusion_pytorch_model.safetensors"
+    old = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    sd = {}
+    for k, v in load_file(str(weights)).items():
+        for a, b in old.items():
+            k = k.replace(a, b)
+        sd[k] = v
+    assert any(".query." in k for k in sd) and not any(".to_q." in k for k in sd)
+    save_file(sd, str(weights), metadata={"format": "pt"})
+    x, t = _inputs(cfg, 2)
+    theirs = DDPMPipeline.from_pretrained(tmp_path / "p").unet
+    ours = fastddpm.DDPMPipeline.from_pretrained(tmp_path / "p").unet
+    with torch.no_grad():
+        want = d(x, t).sample
+        assert _rel(theirs(x, t).sample, want) < RTOL  # diffusers reads the old names
+        assert _rel(ours(x, t), want) < RTOL
+    save_file({k: v for k, v in sd.items() if ".query." not in k}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(FolderError, match=r"unet: the weights are not those of the UNet2DModel its config\.json "
+                                          r"describes \(.*Missing key"):
+        fastddpm.DDPMPipeline.from_pretrained(tmp_path / "p")
+
+
+def test_a_head_width_that_does_not_divide_the_attention_is_refused_naming_diffusers_option():
+    """diffusers then attends over width // attention_head_dim heads (15 of the 16 channels for 3); it was a
+    plain ValueError naming fastddpm's head_dim."""
+    cfg = {**SMALL["two_levels_attn_low"], "attention_head_dim": 3}
+    with pytest.raises(UnsupportedDiffusersConfig, match=r"attention_head_dim=3 .* divisor of the attention widths "
+                                                         r"\[32\]"):
+        config_from_diffusers(cfg)
+    config_from_diffusers({**cfg, "attention_head_dim": 8})
+
+
 def test_conversion_arguments_of_another_kind_are_named():
     # Each was an AttributeError or "'NoneType' object is not iterable" naming nothing.
     d = UNet2DModel(**SMALL["two_levels_attn_low"])

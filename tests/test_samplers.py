@@ -605,6 +605,41 @@ def test_add_noise_and_velocity_match_diffusers(dtype):
         assert rel(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_add_noise_rounds_once_on_both_paths(dtype, tol):
+    """Against float64, the bound being a few roundings of the result in ``dtype`` (ulp(1) / 2 is 5e-4 in
+    float16 and 4e-3 in bfloat16, and |x_t| reaches about 4). The fused path (noise of the sample's shape) and the
+    broadcasting path (noise of shape (1, C, H, W)) agree. The broadcasting path used diffusers' rounding of
+    alphas_cumprod to the sample's dtype first: in bfloat16 0.12 off, in float16 no noise at all at t = 1."""
+    s = DDPMScheduler()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1000, 3, 4, 4, generator=g)
+    noise = torch.randn(1, 3, 4, 4, generator=g)
+    t = torch.arange(1000)
+    ref = s.add_noise(x0.double(), noise.double().expand(x0.shape), t)
+    ref_v = s.get_velocity(x0.double(), noise.double().expand(x0.shape), t)
+    xh, nh = x0.to(dtype), noise.to(dtype)
+    fused, broadcast = s.add_noise(xh, nh.expand(x0.shape).contiguous(), t), s.add_noise(xh, nh, t)
+    assert fused.dtype == broadcast.dtype == dtype
+    for out in (fused, broadcast):  # each input rounded to dtype too: compare with the rounded inputs' float64
+        exact = s.add_noise(xh.double(), nh.double().expand(x0.shape), t)
+        assert (out.double() - exact).abs().max() < tol
+    assert (fused.double() - ref).abs().max() < 4 * tol  # (the inputs' own rounding on top)
+    v = s.get_velocity(xh, nh, t)
+    assert (v.double() - s.get_velocity(xh.double(), nh.double().expand(x0.shape), t)).abs().max() < tol
+    assert (v.double() - ref_v).abs().max() < 4 * tol
+
+
+def test_add_noise_refuses_fractional_timesteps():
+    """A fraction was truncated (1.7 read as 1); diffusers refuses float indices, step() refuses fractions."""
+    s = DDPMScheduler()
+    x, n = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for f in (s.add_noise, s.get_velocity):
+        with pytest.raises(ValueError, match=r"^timesteps: expected integer timesteps, got 1\.7"):
+            f(x, n, torch.tensor([1.7, 500.0]))
+        assert torch.equal(f(x, n, torch.tensor([3.0, 500.0])), f(x, n, torch.tensor([3, 500])))
+
+
 def test_config_round_trip(tmp_path):
     kw = dict(num_train_timesteps=500, beta_schedule="scaled_linear", variance_type="fixed_large",
               prediction_type="v_prediction", timestep_spacing="trailing", trained_betas=None)

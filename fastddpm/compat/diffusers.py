@@ -133,6 +133,11 @@ def config_from_diffusers(config) -> UNetConfig:
         unsupported("sample_size", size, "a positive int")
     res = [size >> i for i in range(L)]
     head_dim = get("attention_head_dim", 8)
+    attn_widths = [chans[i] for i in range(L) if _DOWN_TYPES[down[i]]] + ([chans[-1]] if get("add_attention", True)
+                                                                          else [])
+    if head_dim is not None and any(isinstance(head_dim, int) and w % head_dim for w in attn_widths):
+        # diffusers then attends over width // head_dim heads x head_dim, narrower than the block
+        unsupported("attention_head_dim", head_dim, f"a divisor of the attention widths {sorted(set(attn_widths))}")
     tdim = get("time_embedding_dim")
     return UNetConfig(
         sample_size=int(size),
@@ -209,8 +214,23 @@ def _attention_prefixes(keys) -> list[str]:
     return sorted({k.rsplit(".to_q.weight", 1)[0] for k in keys if k.endswith(".to_q.weight")})
 
 
+# The attention weights' names before diffusers 0.14 (query, key, value, proj_attn), which older checkpoints such
+# as google/ddpm-cifar10-32 still hold; diffusers renames them on load (ModelMixin._fix_state_dict_keys_on_load).
+_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _modern_key(k: str) -> str:
+    head, _, leaf = k.rpartition(".")  # leaf: weight or bias
+    path, _, name = head.rpartition(".")
+    if name in _LEGACY_ATTENTION and ".attentions." in f".{path}" and leaf in ("weight", "bias"):
+        return f"{path}.{_LEGACY_ATTENTION[name]}.{leaf}"
+    return k
+
+
 def state_dict_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A UNet2DModel state_dict (DDPM family) under fastddpm.UNet's keys."""
+    """A UNet2DModel state_dict (DDPM family) under fastddpm.UNet's keys; legacy attention names (query, key,
+    value, proj_attn) are read as diffusers reads them."""
+    sd = {_modern_key(k): v for k, v in sd.items()}
     out = dict(sd)
     for p in _attention_prefixes(sd):
         C = sd[f"{p}.to_q.weight"].shape[0]

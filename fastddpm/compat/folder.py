@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._errors import one_line
+
 __all__ = ["DiffusersFolder", "FolderError", "read", "load_unet_state_dict", "load_unet", "load_scheduler",
            "switch_scheduler", "SCHEDULER_CLASSES"]
 
@@ -123,7 +125,11 @@ def load_unet(folder: DiffusersFolder):
 
     model = UNet(config_from_diffusers(folder.unet_config))
     sd = state_dict_from_diffusers(load_unet_state_dict(folder))
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    try:
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+    except RuntimeError as exc:  # weights of another network than config.json describes, or another key layout
+        raise FolderError(f"{folder.unet_dir}: the weights are not those of the UNet2DModel its config.json "
+                          f"describes ({one_line(exc, 300)})") from exc
     return model.eval()
 
 

@@ -552,7 +552,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
         """x: (B, in_channels, H, W) with H and W multiples of 2**(levels - 1); t: (B,) or a scalar
-        (int or float timesteps). Returns (B, out_channels, H, W)."""
+        (int or float timesteps; a Python float such as 3.5 is embedded as is, where diffusers' UNet2DModel
+        truncates a non-tensor timestep to an integer). Returns (B, out_channels, H, W)."""
         if not torch.is_tensor(x):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         self.check_input_shape(x.shape)

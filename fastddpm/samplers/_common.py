@@ -533,11 +533,18 @@ class FastddpmSchedulerMixin(SchedulerMixin, ConfigMixin):
         return state
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4), through the fused q_sample."""
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4), through the fused q_sample.
+
+        ``timesteps``: integers (whole-number floats are read as such; a fraction is refused). For float16 and
+        bfloat16 samples the coefficients are computed in float32 and the result rounded once; diffusers rounds
+        alphas_cumprod to the sample's dtype first (in float16 abar_1 becomes 1.0 and no noise is added at
+        t <= 1; in bfloat16 the result is off by up to 0.12), so half-precision results differ from diffusers'
+        by that rounding and are closer to the float64 formula."""
         return _q(self.schedule, original_samples, noise, timesteps, self.backend, velocity=False)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022)."""
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022); timesteps and half precision
+        as :meth:`add_noise`."""
         return _q(self.schedule, sample, noise, timesteps, self.backend, velocity=True)
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
@@ -696,7 +703,10 @@ def _q(
         timesteps = torch.as_tensor(timesteps)
     B = x.shape[0] if x.dim() else 0
     t = timesteps.to(x.device).reshape(-1)
-    if t.dtype.is_floating_point:
+    if t.dtype.is_floating_point:  # whole numbers (500.0) are read as diffusers' timesteps; a fraction is no index
+        frac = t[t != t.floor()]
+        if frac.numel():
+            raise ValueError(f"timesteps: expected integer timesteps, got {frac[0].item()}")
         t = t.long()
     fused = x.dim() >= 1 and noise.shape == x.shape and noise.dtype == x.dtype and t.numel() in (1, B)
     if fused:
@@ -705,13 +715,14 @@ def _q(
         if velocity:
             return ops.q_sample(x, t, noise, schedule, target="v", backend=backend)[1]
         return ops.q_sample(x, t, noise, schedule, backend=backend)
-    # Anything else (broadcast noise, per-element timesteps): diffusers' own formula.
+    # Anything else (broadcast noise, per-element timesteps): diffusers' broadcasting, with the coefficients in
+    # float32 (float64 for float64) as the fused kernel computes them.
     ac = schedule.table(
         "alphas_cumprod", x.device, torch.float64 if x.dtype == torch.float64 else torch.float32
-    )
-    ac = ac.to(x.dtype)[t]
+    )[t]
     a = ac**0.5
     s = (1 - ac) ** 0.5
     while a.dim() < x.dim():
         a, s = a.unsqueeze(-1), s.unsqueeze(-1)
-    return a * noise - s * x if velocity else a * x + s * noise
+    out = a * noise - s * x if velocity else a * x + s * noise
+    return out.to(torch.promote_types(x.dtype, noise.dtype))
