@@ -9,6 +9,7 @@ schedulers, on a small random UNet2DModel.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -333,3 +334,21 @@ def test_cli_eval_and_sampler_switch_on_a_diffusers_folder(tmp_path):
     assert np.abs(np.load(npz)["images"].astype(int) - want.astype(int)).max() <= 1
     r = cli("sample", "--ckpt", str(tmp_path / "f"), "--n", "1", "--sampler", "dpm++2m", "--npz", str(npz))
     assert r.returncode == 2 and "--sampler" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_pipeline_conveniences_take_diffusers_arguments():
+    """Code written for diffusers' pipelines calls progress_bar(total=...), reads _execution_device and passes
+    silence_dtype_warnings to .to(); each was a TypeError or AttributeError."""
+    ours = fastddpm.DDPMPipeline(unet=tiny_unet(), scheduler=fastddpm.DDPMScheduler())
+    theirs = diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DDPMScheduler())
+    for p in (ours, theirs):
+        p.set_progress_bar_config(file=io.StringIO(), disable=False)
+        with p.progress_bar(total=3) as bar:
+            bar.update(3)
+        assert bar.n == 3 and bar.total == 3
+        assert list(p.progress_bar(range(2))) == [0, 1]
+        with pytest.raises(ValueError):
+            p.progress_bar()
+        assert p._execution_device == torch.device("cpu")
+        assert p.to("cpu", silence_dtype_warnings=True) is p
+        assert p.to(dtype=torch.float64, silence_dtype_warnings=True).dtype == torch.float64

@@ -161,10 +161,15 @@ class DDPMPipeline:
     def set_progress_bar_config(self, **kwargs) -> None:
         self._progress = kwargs
 
-    def progress_bar(self, iterable):
+    def progress_bar(self, iterable=None, total=None):
+        """A tqdm bar over ``iterable``, or one of ``total`` steps updated by hand, with the configured options."""
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, **self._progress)
+        if iterable is not None:
+            return tqdm(iterable, **self._progress)
+        if total is not None:
+            return tqdm(total=total, **self._progress)
+        raise ValueError("progress_bar: give iterable or total")
 
     @property
     def device(self) -> torch.device:
@@ -176,7 +181,13 @@ class DDPMPipeline:
         p = next(iter(self.unet.parameters()), None) if isinstance(self.unet, torch.nn.Module) else None
         return p.dtype if p is not None else torch.float32
 
-    def to(self, *args, **kwargs) -> DDPMPipeline:
+    @property
+    def _execution_device(self) -> torch.device:  # diffusers' name, read by code written for its pipelines
+        return self.device
+
+    def to(self, *args, silence_dtype_warnings: bool = False, **kwargs) -> DDPMPipeline:
+        """The UNet moved as ``torch.nn.Module.to`` moves it (device, dtype); ``silence_dtype_warnings`` is taken
+        as diffusers' pipelines take it (this one warns about no dtype)."""
         if isinstance(self.unet, torch.nn.Module):
             self.unet.to(*args, **kwargs)
         return self
