@@ -61,12 +61,21 @@ class GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunc
     variable_list out(7);
     if (!grads[0].defined()) return out;
     const auto s = ctx->get_saved_variables();
+    // The backward kernel has no derivative of its own: a graph of it (create_graph=True, a gradient
+    // penalty) would hold silent zeros for the second derivatives.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "group_norm_silu: the fused backward is differentiable only once (create_graph=True asks for a "
+                "second derivative); use backend='torch' for double backward");
     auto [dx, dw, db, dshift] = call_bwd(grads[0], s[0], opt(s[5]), s[1], s[2], opt(s[3]), opt(s[4]),
                                          ctx->saved_data["num_groups"].toInt(), ctx->saved_data["silu"].toBool());
-    if (ctx->needs_input_grad(0)) out[0] = dx;
-    if (s[3].defined() && ctx->needs_input_grad(1)) out[1] = dw;
-    if (s[4].defined() && ctx->needs_input_grad(2)) out[2] = db;
-    if (s[5].defined() && ctx->needs_input_grad(3)) out[3] = dshift;
+    // needs_input_grad counts the tensors given to apply(), a None optional not among them: x, then each
+    // of weight, bias, shift that was given, in order.
+    int64_t edge = 0;
+    auto needs = [&](bool given) { return given && ctx->needs_input_grad(edge++); };
+    if (needs(true)) out[0] = dx;
+    if (needs(s[3].defined())) out[1] = dw;
+    if (needs(s[4].defined())) out[2] = db;
+    if (needs(s[5].defined())) out[3] = dshift;
     return out;
   }
 };

@@ -333,3 +333,42 @@ def test_sample_refuses_bad_options_before_the_first_step(kw, exc, match):
 def test_sample_refuses_a_model_that_is_not_callable():
     with pytest.raises(TypeError, match=r"^model: expected a callable model\(x, t\) .*, got int"):
         fastddpm.sample(3, (1, 1, 4, 4), steps=2, progress=False)
+
+
+# ----------------------------------------------------------------------------- traced timestep checks
+@pytest.mark.parametrize("op", ["q_sample", "ddpm_step", "ddim_step", "dpmpp_step"])
+def test_compiled_torch_path_still_refuses_bad_timesteps(op):
+    """Under torch.compile the Python range checks cannot branch on values; on the PyTorch path (backend
+    'torch', float64 inputs, or a step that autograd records) no C++ check followed, so a t of -1 read the
+    table's last entry (the result of t = 999) and prev_t > t ran. Each is refused at run time now."""
+    sched = fastddpm.NoiseSchedule()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    m = torch.randn_like(x)
+
+    def f(t, prev_t):
+        if op == "q_sample":
+            return ops.q_sample(x, t, m, sched, backend="torch")
+        if op == "dpmpp_step":
+            return ops.dpmpp_step(x, m, t, sched, prev_t, m, t + 1, backend="torch")
+        return getattr(ops, op)(x, m, t, sched, prev_t, noise="none", backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    good = compiled(torch.tensor([5, 6]), torch.tensor([4, 5]))
+    torch.testing.assert_close(good, f(torch.tensor([5, 6]), torch.tensor([4, 5])))
+    with pytest.raises(RuntimeError, match=r"t: expected timesteps in \[0, 1000\)"):
+        compiled(torch.tensor([-1, 6]), torch.tensor([-2, 5]))
+    if op != "q_sample":
+        with pytest.raises(RuntimeError, match="prev_t: expected prev_t < t for every sample"):
+            compiled(torch.tensor([5, 6]), torch.tensor([9, 5]))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("arg", ["weight", "bias", "shift"])
+def test_group_norm_silu_names_a_non_tensor_argument_on_the_cpu_path(arg, grad):
+    """The CPU path leaves the checks to the C++ op: a list was "'list' object has no attribute
+    'requires_grad'" (grad mode) or the schema parser's message (no_grad), naming no argument."""
+    x = torch.randn(2, 8, 4, 4)
+    value = [[0.0] * 8] * 2 if arg == "shift" else [1.0] * 8
+    with torch.set_grad_enabled(grad), pytest.raises(TypeError, match=f"^{arg}: expected a torch.Tensor or None, "
+                                                                       "got list"):
+        ops.group_norm_silu(x, 2, **{arg: value}, backend="cpu")

@@ -428,6 +428,52 @@ def test_gradcheck_cpu_kernel(shape, G, channels_last, silu):
 
 
 @pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+@pytest.mark.parametrize("given", ["b", "ws", "s", "bs", "w", "wbs"])
+def test_gradcheck_cpu_kernel_with_optionals_left_out(given):
+    """needs_input_grad counts only the tensors given: a None weight before a given bias or shift made the
+    C++ backward ask past the end ("Index out of range") or return the wrong tensor's gradient."""
+    torch.use_deterministic_algorithms(False)
+    x, w, b, _ = _inputs((2, 4, 3, 3), torch.float64, False)
+    s = torch.randn(2, 4, dtype=torch.float64)
+    args = {"w": w, "b": b, "s": s}
+    leaves = [x] + [args[k] for k in "wbs" if k in given]
+    for t in leaves:
+        t.requires_grad_()
+
+    def f(xx, *rest):
+        it = iter(rest)
+        ww, bb, ss = (next(it) if k in given else None for k in "wbs")
+        return torch.ops.fastddpm.group_norm_silu_fwd(xx, ww, bb, ss, 2, 1e-5, True)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(leaves), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+def test_module_without_affine_takes_a_shift_in_training():
+    """GroupNormSiLU(affine=False)(x, shift): its backward failed with "Index out of range"."""
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    shift = torch.randn(2, 8, requires_grad=True)
+    m = GroupNormSiLU(2, 8, affine=False)
+    m(x, shift).square().sum().backward()
+    x2, s2 = x.detach().double().requires_grad_(), shift.detach().double().requires_grad_()
+    reference.group_norm_silu(x2, None, None, 2, m.eps, True, s2)[0].square().sum().backward()
+    assert rel_err(x.grad, x2.grad) < 1e-5 and rel_err(shift.grad, s2.grad) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+def test_double_backward_is_refused_not_zero():
+    """The fused backward has no derivative: a gradient penalty through it got zeros (PyTorch only warned
+    that no autograd kernel was registered). It is refused, naming the way out; the torch backend does it."""
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="differentiable only once .* use backend='torch'"):
+        torch.autograd.grad(group_norm_silu(x, 2, backend="cpu").square().sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(group_norm_silu(x, 2, backend="torch").square().sum(), x, create_graph=True)
+    assert torch.autograd.grad(g.square().sum(), x)[0].abs().max() > 0
+    (g,) = torch.autograd.grad(group_norm_silu(x, 2, backend="cpu").square().sum(), x)  # first order as before
+    assert g.abs().max() > 0
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck(channels_last):
     torch.use_deterministic_algorithms(False)

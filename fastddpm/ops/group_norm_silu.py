@@ -111,7 +111,9 @@ def group_norm_silu(
         activation: "silu", or None for plain GroupNorm.
         backend: "auto", "cpu", "cuda", "triton" or "torch".
         shift: optional (N, C) tensor added to x per sample and channel before normalising (the
-            ResNet block's time-embedding add); differentiable.
+            ResNet block's time-embedding add); differentiable. The C++ kernels add it in fp32; the
+            Triton backend adds it in x's dtype before its kernel, as eager ``x + temb`` does (in bfloat16
+            a large shift then costs x's low bits).
 
     Returns:
         y, same shape, dtype and memory format as x. Statistics are fp32 for any input dtype.
@@ -131,12 +133,20 @@ def group_norm_silu(
         _check(x, num_groups, weight, bias, eps, activation, shift)
         eps = float(eps)
     if b == "cpu" or b == "cuda":
-        if _records_grad(x, weight, bias, shift):
-            return _C_FWD(x, weight, bias, shift, num_groups, eps, silu)[0]
-        return _C_INFER(x, weight, bias, shift, num_groups, eps, silu)
+        try:
+            if _records_grad(x, weight, bias, shift):
+                return _C_FWD(x, weight, bias, shift, num_groups, eps, silu)[0]
+            return _C_INFER(x, weight, bias, shift, num_groups, eps, silu)
+        except (AttributeError, RuntimeError, TypeError):
+            # A list for weight fails in _records_grad or the schema's parser, naming no argument: the
+            # Python checks name it (free until something fails).
+            _check(x, num_groups, weight, bias, eps, activation, shift)
+            raise
     if b == "torch":
         return reference.group_norm_silu(x, weight, bias, num_groups, eps, silu, shift)[0]
-    if shift is not None:  # the Triton kernel has no shift input: one extra (differentiable) add
+    # The Triton kernel has no shift input: one extra (differentiable) add, in x's dtype as the eager block's
+    # x + temb is (the C++ kernels add in fp32 inside).
+    if shift is not None:
         x = x + shift.to(x.dtype).reshape(shift.shape + (1,) * (x.dim() - 2))
     return _triton_fwd()(x, weight, bias, num_groups, eps, silu)[0]
 
