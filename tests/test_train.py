@@ -7,6 +7,7 @@ PIL / safetensors / csv, not with the code that wrote them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -426,6 +427,34 @@ def test_streaming_folder_equals_the_same_images_in_memory(tmp_path):
     ds = ImageFolder(str(tmp_path / "imgs"))
     assert ds.shape == (40, 3, 8, 8)
     torch.testing.assert_close(ds[5], torch.from_numpy(arr[5]).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_decoding_workers_saves(tmp_path):
+    """`timeout`, SLURM and systemd signal the whole process group: the DataLoader workers got SIGTERM too, died,
+    and the trainer raised "DataLoader worker ... is killed by signal: Terminated" with no checkpoint. The
+    workers leave the signal to the trainer, which ends its step, saves and exits 0; no worker outlives it."""
+    _image_folder(tmp_path / "imgs", n=30)
+    out = tmp_path / "g"
+    cmd = [sys.executable, "-m", "fastddpm"] + BASE + ["--out", str(out), "--data", str(tmp_path / "imgs"),
+                                                       "--workers", "2", "--batch-size", "8", "--steps", "100000",
+                                                       "--save-every", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.csv").exists() or os.path.getsize(out / "metrics.csv") < 60:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "training too slow to start"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its workers, as `timeout` does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert 10 <= _latest(out)[0] < 100000
 
 
 def test_streaming_folder_resume_is_bitwise_identical(tmp_path):

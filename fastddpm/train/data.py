@@ -199,7 +199,8 @@ def stream_batches(ds: ImageFolder, seed: int, start: int, stop: int, batch: int
                    workers: int, pin_memory: bool = False):
     """An iterator of (local, C, S, S) batches for steps start..stop-1, decoded by ``workers`` processes."""
     sampler = StepBatches(seed, start, stop, batch, len(ds), lo, local)
-    kw = {"prefetch_factor": 2, "persistent_workers": False} if workers > 0 else {}
+    kw = {"prefetch_factor": 2, "persistent_workers": False, "worker_init_fn": _leave_signals_to_the_trainer} \
+        if workers > 0 else {}
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                                          **kw)
     # Starting the workers draws their seed from torch's global generator: leave the training's draws
@@ -207,6 +208,16 @@ def stream_batches(ds: ImageFolder, seed: int, start: int, stop: int, batch: int
     with torch.random.fork_rng(devices=[]):
         it = iter(loader)
     return _plain_errors(it)
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """In each decoding worker: ignore SIGTERM and SIGINT. `timeout`, SLURM and systemd signal the whole
+    process group; a worker killed by it made the DataLoader raise in the trainer before the trainer could
+    finish its step and save. The trainer handles the signal; its workers end when it ends."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _plain_errors(it):
