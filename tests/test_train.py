@@ -479,6 +479,22 @@ def test_streaming_folder_bad_image_in_a_worker_is_one_line(tmp_path, capsys):
     assert "cannot read image" in line and "zz-cut.png" in line and "Traceback" not in err
 
 
+def test_image_folder_bomb_and_fifo(tmp_path, capsys, monkeypatch):
+    """PIL's DecompressionBombError (a small file of a huge image) was a traceback: it is a ValueError naming
+    the file. A FIFO named like an image blocked the header scan forever: it is not an image file, left out."""
+    from PIL import Image as PILImage
+
+    _image_folder(tmp_path / "imgs", n=6)
+    os.mkfifo(tmp_path / "imgs" / "pipe.png")
+    assert _run(tmp_path / "o", "--data", str(tmp_path / "imgs"), "--steps", "1", "--batch-size", "2") == 0
+    capsys.readouterr()
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 16)  # 8x8 = 64 pixels: over twice the limit, a "bomb"
+    rc = _run(tmp_path / "b", "--data", str(tmp_path / "imgs"), "--steps", "1", "--batch-size", "2")
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "cannot read image" in err and "decompression bomb" in err
+
+
 def test_toml_config_and_command_line_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('model = "tiny"\nimage_size = 8\nsteps = 3\nbatch-size = 4\nsample_every = 0\n'

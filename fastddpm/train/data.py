@@ -128,6 +128,8 @@ class ImageFolder(torch.utils.data.Dataset):
         files = []
         for folder, _, names in os.walk(root):
             files += [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
+        # A FIFO or device named x.png would block the header read forever (a broken link still fails, named)
+        files = [f for f in files if os.path.isfile(f) or not os.path.exists(f)]
         files.sort()
         if not files:
             raise ValueError(f"data: no PNG or JPEG images found under {root}")
@@ -136,7 +138,7 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 with Image.open(fn) as im:  # header only: no pixel is decoded here
                     mode, (w, h) = im.mode, im.size
-            except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+            except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
                 raise ValueError(f"data: cannot read image {fn}: {exc}") from exc
             grey = grey and mode in GREY_MODES
             smallest = min(w, h) if smallest is None else min(smallest, w, h)
@@ -164,7 +166,7 @@ class ImageFolder(torch.utils.data.Dataset):
                     im = Image.fromarray(np.asarray(im, dtype=np.float32) / 257.0, mode="F")
                 else:
                     im = im.convert(self.mode)
-        except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ValueError(f"data: cannot read image {fn}: {exc}") from exc
         w, h = im.size
         s = min(w, h)
@@ -211,13 +213,13 @@ def stream_batches(ds: ImageFolder, seed: int, start: int, stop: int, batch: int
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
-    """In each decoding worker: ignore SIGTERM and SIGINT. `timeout`, SLURM and systemd signal the whole
-    process group; a worker killed by it made the DataLoader raise in the trainer before the trainer could
-    finish its step and save. The trainer handles the signal; its workers end when it ends."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    """In each decoding worker: leave the trainer's process group. `timeout`, SLURM and systemd signal the
+    whole group; a worker killed by it made the DataLoader raise in the trainer before the trainer could
+    finish its step and save. Out of the group, the signal reaches the trainer alone, which finishes its step,
+    saves and shuts its workers down; they still end with it if it is killed (the DataLoader's watchdog), and
+    a SIGTERM sent to them by pid (the DataLoader's and multiprocessing's own shutdown) still ends them."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
 
 
 def _plain_errors(it):
