@@ -163,7 +163,7 @@ class NoiseSchedule:
             bad = betas[~((betas > 0) & (betas < 1))]
             name = "trained_betas" if trained_betas is not None else "beta_start/beta_end"
             raise ValueError(f"{name}: every beta must lie in (0, 1), got {bad[:4].tolist()}")
-        with np.errstate(divide="ignore", invalid="ignore"):  # an underflowed table is refused just below
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # an underflowed table is refused below
             self._f64 = self._compute_tables(betas)
         ac32 = self._f64["alphas_cumprod"].astype(np.float32)
         if not ac32[-1] > 0:  # the product decreases: its last value is its smallest

@@ -86,6 +86,17 @@ def test_invalid_schedules(kwargs, match):
         NoiseSchedule(**kwargs)
 
 
+def test_a_refused_schedule_prints_no_numpy_warning():
+    """The refusal came after two "RuntimeWarning: overflow encountered in divide" lines (1 / abar of a
+    float64 abar of 1e-320), before the one-line error of the command line."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="alphas_cumprod underflows float32"):
+            NoiseSchedule(1000, "linear", 0.6, 0.5)
+
+
 def test_schedules_whose_float32_table_underflows_are_refused():
     # 20000 linear steps: alphas_cumprod falls below float32's smallest value from t = 14321 on; the tables
     # held inf (1/sqrt(abar)) and DDPM sampling wrote all-NaN images with exit status 0.

@@ -495,6 +495,56 @@ def test_image_folder_bomb_and_fifo(tmp_path, capsys, monkeypatch):
     assert "cannot read image" in err and "decompression bomb" in err
 
 
+def test_damaged_state_fields_are_checkpoint_errors(tmp_path):
+    """Fields of state.json read without a check: a log_window of one number was an IndexError traceback, an
+    ema_updates of "x" or a version of "x" a message naming nothing, an empty files table skipped every
+    checksum, and an ema_updates of -5 weighted the EMA by 1.8."""
+    import shutil
+
+    assert _run(tmp_path / "run", "--steps", "2") == 0
+    _, good = _latest(tmp_path / "run")
+    cases = {"log_window": ([1.0], "log_window is not [loss sum, count]"),
+             "ema_updates": ("x", "ema_updates is not an integer in [0, step]"),
+             "version": ("x", "version is not an integer"),
+             "files": ({}, "files table has no checksum of model.safetensors, ema.safetensors, optimizer"),
+             "ema_updates ": (-5, "ema_updates is not an integer in [0, step] (-5)")}
+    for i, (key, (value, want)) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(good, bad)
+        state = json.loads((bad / "state.json").read_text())
+        state[key.strip()] = value
+        (bad / "state.json").write_text(json.dumps(state))
+        with pytest.raises(ck.CheckpointError, match=f"checkpoint {bad}: state.json's .*" + want.replace("[", r"\[")
+                           .replace("(", r"\(").replace(")", r"\)")):
+            ck.read_state(str(bad))
+    ck.read_state(good)  # the undamaged one reads
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_the_last_one(tmp_path, capsys, monkeypatch):
+    """A full disk: safetensors' SafetensorError is no OSError, so it was a traceback, and the half-written
+    .tmp- folder stayed on the full disk."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    out = tmp_path / "full"
+    assert _run(out, "--steps", "2", "--save-every", "2") == 0
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    capsys.readouterr()
+    rc = main(["train", "--resume", str(out), "--steps", "4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "cannot write the checkpoint of step 4" in err and "No space left on device" in err
+    assert "step-00000002, is kept" in err
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-00000002"]  # no .tmp- left
+    assert _latest(out)[0] == 2
+
+
 def test_toml_config_and_command_line_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('model = "tiny"\nimage_size = 8\nsteps = 3\nbatch-size = 4\nsample_every = 0\n'

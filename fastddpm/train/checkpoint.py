@@ -32,6 +32,7 @@ from .._io import atomic_path, dir_mode, file_mode
 FORMAT = "fastddpm-train-checkpoint"
 VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -144,22 +145,32 @@ def save_checkpoint(root: str, step: int, *, model, ema, optimizer, state: dict,
     }
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     files["optimizer.safetensors"] = opt_tensors
-    sums = {}
-    for fn, tensors in files.items():
-        p = os.path.join(tmp, fn)
-        save_file(tensors, p, metadata={"format": FORMAT})
-        os.chmod(p, file_mode())  # safetensors writes 0600 whatever the umask
-        _fsync_file(p)
-        sums[fn] = _sha256(p)
-    meta = dict(state)
-    meta.update({"format": FORMAT, "version": VERSION, "step": int(step), "optimizer": opt_meta,
-                 "rng": rng_state(), "files": sums})
-    p = os.path.join(tmp, "state.json")
-    with open(p, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    from safetensors import SafetensorError
+
+    try:
+        sums = {}
+        for fn, tensors in files.items():
+            p = os.path.join(tmp, fn)
+            save_file(tensors, p, metadata={"format": FORMAT})
+            os.chmod(p, file_mode())  # safetensors writes 0600 whatever the umask
+            _fsync_file(p)
+            sums[fn] = _sha256(p)
+        meta = dict(state)
+        meta.update({"format": FORMAT, "version": VERSION, "step": int(step), "optimizer": opt_meta,
+                     "rng": rng_state(), "files": sums})
+        p = os.path.join(tmp, "state.json")
+        with open(p, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except (OSError, SafetensorError) as exc:  # a full disk: safetensors' error is no OSError
+        shutil.rmtree(tmp, ignore_errors=True)  # (the half-written files would keep the disk full)
+        cks = list_checkpoints(root)
+        kept = cks[-1][1] if cks else None
+        raise OSError(f"{root}: cannot write the checkpoint of step {step} ({one_line(exc, 200)}); "
+                      + (f"the last complete one, {kept}, is kept" if kept else "no earlier checkpoint exists")
+                      ) from exc
     final = os.path.join(root, step_dir_name(step))
     if os.path.exists(final):  # rewriting the same step (a resumed run's end): move the old one aside
         old = tempfile.mkdtemp(prefix=".tmp-old-", dir=root)
@@ -239,7 +250,11 @@ def read_state(ckpt: str) -> dict:
         raise CheckpointError(f"checkpoint {ckpt}: state.json is truncated or not JSON ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {ckpt}: not a fastddpm training checkpoint (format tag missing)")
-    if meta.get("version", 0) > VERSION:
+    version = meta.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"checkpoint {ckpt}: state.json's version is not an integer ({version!r}; the file is "
+                              "damaged)")
+    if version > VERSION:
         raise CheckpointError(f"checkpoint {ckpt}: format version {meta['version']} is newer than this "
                               f"fastddpm reads ({VERSION})")
     if isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
@@ -249,6 +264,20 @@ def read_state(ckpt: str) -> dict:
     for key in ("config", "optimizer", "rng", "files"):  # every checkpoint's state.json holds these tables
         if not isinstance(meta.get(key), dict):
             raise CheckpointError(f"checkpoint {ckpt}: state.json holds no {key} table (the file is damaged)")
+    def damaged(what: str):
+        return CheckpointError(f"checkpoint {ckpt}: state.json's {what} (the file is damaged)")
+
+    missing = [fn for fn in WEIGHT_FILES if not isinstance(meta["files"].get(fn), str)]
+    if missing:  # (an empty table would skip every checksum)
+        raise damaged(f"files table has no checksum of {', '.join(missing)}")
+    ema_n = meta.get("ema_updates", meta["step"])
+    if isinstance(ema_n, bool) or not isinstance(ema_n, int) or not 0 <= ema_n <= meta["step"]:
+        raise damaged(f"ema_updates is not an integer in [0, step] ({ema_n!r})")
+    window = meta.get("log_window", [0.0, 0])
+    if not (isinstance(window, list) and len(window) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)
+            and isinstance(window[1], int) and window[1] >= 0):
+        raise damaged(f"log_window is not [loss sum, count] ({window!r})")
     for fn, digest in meta["files"].items():
         fp = os.path.join(ckpt, fn)
         if not os.path.isfile(fp):
