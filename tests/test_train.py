@@ -545,6 +545,38 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_the_last_one
     assert _latest(out)[0] == 2
 
 
+@pytest.mark.parametrize("extra, line", [
+    (["--batch-size", "9223372036854775807"], "--batch-size/--image-size: a batch of 9223372036854775807 images of "
+                                              "8x8 is over"),  # was "IntArrayRef contains an int that cannot be ..."
+    # "Storage size calculation overflowed"
+    (["--image-size", str(2**62)], f"--batch-size/--image-size: a batch of 8 images of {2**62}x{2**62} is over"),
+    (["--resume", ""], "--resume: expected a checkpoint folder, a run folder or 'latest', got ''"),  # a new run
+    (["--unet", "null"], "--unet: expected a JSON object of UNetConfig fields, got null"),  # ignored
+    (["--unet", '{"out_channels": 3}'], "--model/--unet: the network outputs 3 channels; training predicts the "
+                                        "1-channel target"),  # trained on a broadcast loss
+    (["--unet", '{"learned_variance": true}'], "--model/--unet: the network outputs 2 channels (learned variance); "
+                                               "training predicts the 1-channel target of the data"),
+])
+def test_train_mistakes_are_one_line_before_any_work(tmp_path, capsys, extra, line):
+    rc = _run(tmp_path / "o", "--steps", "2", *extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"fastddpm train: error: {line}" in err, err
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_a_model_file_keeps_its_own_sizes(tmp_path, capsys):
+    """A --model .json's in_channels and sample_size were replaced by the data's: a 3-channel network file
+    trained on grey digits as a 1-channel one (its out_channels left at 3, a broadcast loss)."""
+    cfg = {"base_channels": 16, "channel_mult": [1, 2], "attention_resolutions": [], "norm_num_groups": 4}
+    (tmp_path / "rgb.json").write_text(json.dumps({**cfg, "in_channels": 3, "sample_size": 8}))
+    (tmp_path / "any.json").write_text(json.dumps(cfg))
+    assert _run(tmp_path / "a", "--steps", "1", "--model", str(tmp_path / "rgb.json")) == 2
+    assert "--model: the network takes 3x8x8 images, the data are 1x8x8" in capsys.readouterr().err
+    assert _run(tmp_path / "b", "--steps", "1", "--model", str(tmp_path / "any.json")) == 0  # sizes from the data
+    assert ck.read_state(_latest(tmp_path / "b")[1])["unet_config"]["in_channels"] == 1
+
+
 def test_toml_config_and_command_line_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('model = "tiny"\nimage_size = 8\nsteps = 3\nbatch-size = 4\nsample_every = 0\n'

@@ -44,7 +44,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         h = _HELP.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        h = (h + f" (default: {default})").strip() if f.name != "unet" else h
+        h = (h + f" (default: {default})").strip() if f.name != "unet" and "(default:" not in h else h
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
         elif f.name == "unet":
@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
             cli["unet"] = json.loads(cli["unet"])
         except json.JSONDecodeError as exc:
             raise UsageError(f"--unet: not valid JSON: {exc}") from exc
+        if not isinstance(cli["unet"], dict):  # (null was dropped as "not given")
+            raise UsageError(f"--unet: expected a JSON object of UNetConfig fields, got {args.unet}")
+    if args.resume == "":  # (was taken as no --resume: a new run)
+        raise UsageError("--resume: expected a checkpoint folder, a run folder or 'latest', got ''")
     try:
         cfg = build_config(args.config, cli)
         given = set(cli)

@@ -73,6 +73,13 @@ class TrainConfig:
             pos(n, 0)
         if self.image_size is not None:
             pos("image_size")
+        # A batch's bytes far past any machine's memory overflowed torch's size arithmetic (a RuntimeError
+        # traceback, not an allocation failure); the data's own size is checked by the allocation itself.
+        side = self.image_size or 1
+        if self.batch_size * 3 * side * side * 4 > 2**50:
+            what = f"{self.batch_size} images of {side}x{side}" if self.image_size else f"{self.batch_size} images"
+            raise ValueError(f"--batch-size/--image-size: a batch of {what} is over "
+                             f"{self.batch_size * 3 * side * side * 4 / 2**50:.3g} PiB of pixels; lower them")
         from ..cli import check_seed, check_threads
 
         check_seed(self.seed)

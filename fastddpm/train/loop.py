@@ -65,9 +65,8 @@ def unhealthy(model: torch.nn.Module, probe: tuple[torch.Tensor, torch.Tensor]) 
 
 
 def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
-    over = dict(cfg.unet)
-    over.setdefault("sample_size", image_size)
-    over.setdefault("in_channels", channels)
+    data = {"sample_size": image_size, "in_channels": channels}  # what the data say, where nothing else does
+    over = {**data, **cfg.unet}
     if cfg.model.endswith(".json"):
         if not os.path.isfile(cfg.model):
             raise ValueError(f"--model: no such file {cfg.model!r}")
@@ -79,7 +78,7 @@ def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
         if not isinstance(d, dict):
             raise ValueError(f"--model: {cfg.model}: expected a JSON object of UNetConfig fields, got a "
                              f"{type(d).__name__}")
-        d.update(over)
+        d = {**data, **d, **cfg.unet}  # the file's own sizes are kept: _train checks them against the data
         try:
             return UNetConfig.from_dict(d)
         except (TypeError, ValueError) as exc:
@@ -429,6 +428,13 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
         s = ucfg.sample_size
         raise ValueError(f"--model: the network takes {ucfg.in_channels}x{s}x{s} "
                          f"images, the data are {C}x{S}x{S}")
+    if ucfg.learned_variance or ucfg.out_channels_resolved != C:
+        # the loss compares the output with the data's C-channel target: a wider output would broadcast
+        raise ValueError(f"--model/--unet: the network outputs {ucfg.out_channels_resolved} channels"
+                         f"{' (learned variance)' if ucfg.learned_variance else ''}; training predicts the "
+                         f"{C}-channel target of the data (a learned variance is not trained here): "
+                         + ("leave learned_variance out" if ucfg.learned_variance
+                            else f"set out_channels to {C} or leave it out"))
     preview_scale = max(1, 64 // S)  # the preview grids are upscaled to about 64 pixels an image
     if cfg.sample_every:  # the preview grids, before any step is spent
         check_grid(cfg.sample_n, S, S, None, preview_scale, "--sample-n",
