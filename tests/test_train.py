@@ -577,6 +577,26 @@ def test_a_model_file_keeps_its_own_sizes(tmp_path, capsys):
     assert ck.read_state(_latest(tmp_path / "b")[1])["unet_config"]["in_channels"] == 1
 
 
+def test_data_folder_guards(tmp_path, capsys, monkeypatch):
+    """--out inside --data trained on its own sample grids after a resume; a relative --data could not be
+    resumed from another folder (or named other data there); a folder that gained images resumed silently
+    with other batches."""
+    _image_folder(tmp_path / "imgs", n=12)
+    rc = _run(tmp_path / "imgs" / "run", "--data", str(tmp_path / "imgs"), "--steps", "1", "--batch-size", "4")
+    assert rc == 2 and "is inside --data" in capsys.readouterr().err
+    assert not (tmp_path / "imgs" / "run").exists()
+    monkeypatch.chdir(tmp_path)
+    assert _run(tmp_path / "r", "--data", "imgs", "--steps", "2", "--batch-size", "4") == 0
+    assert ck.read_state(_latest(tmp_path / "r")[1])["config"]["data"] == str(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path / "imgs")
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "3", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "4", "--no-progress", "--data", "."]) == 0
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "new.png")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "5", "--no-progress"]) == 2
+    assert "held 12 images when the run saved" in capsys.readouterr().err
+
+
 def test_toml_config_and_command_line_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('model = "tiny"\nimage_size = 8\nsteps = 3\nbatch-size = 4\nsample_every = 0\n'

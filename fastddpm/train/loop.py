@@ -339,6 +339,9 @@ def _what_the_run_used(name: str, new, old, meta: dict) -> bool:
 
     if name == "image_size":
         return old is None and new == net.get("sample_size")
+    if name == "data":  # the same file or folder, however it is spelled
+        return isinstance(new, str) and isinstance(old, str) and os.path.exists(new) and os.path.exists(old) \
+            and os.path.samefile(new, old)
     if name == "unet" and isinstance(new, dict):
         return all(k in net and plain(net[k]) == plain(v) for k, v in new.items())
     return False
@@ -393,12 +396,20 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
             # Continue in the run folder the checkpoint belongs to.
             parent = os.path.dirname(os.path.abspath(ck))
             cfg.out = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else cfg.out
+    elif cfg.data != "digits" and os.path.exists(cfg.data):
+        # a new run records where its data are, wherever it is resumed from (a relative path names other data,
+        # or none, from another folder)
+        cfg.data = os.path.abspath(cfg.data)
     # A run folder holds one run: a new run (or another run's checkpoint) written into a folder that holds
     # checkpoints would prune that run's later checkpoints or its own, and mix their logs.
     if ckpt_mod.any_checkpoint(cfg.out) and (meta is None or not _inside(ck, cfg.out)):
         what = "a new run" if meta is None else f"the run of {ck}"
         raise ValueError(f"--out: {cfg.out} already holds a run's checkpoints; continue that run with --resume "
                          f"latest, or start {what} in another --out")
+    if cfg.data != "digits" and os.path.isdir(cfg.data) and _inside(cfg.out, cfg.data):
+        # the folder is read recursively: the run's own grids and loss plot would become training images
+        raise ValueError(f"--out: {cfg.out} is inside --data {cfg.data}, whose images are read from every "
+                         "subfolder: the run's sample grids would join the data; put the run folder elsewhere")
     # Before any long work: the run folder must be (or become) a writable folder.
     check_output_dir(cfg.out, "--out")
     if cfg.threads:
@@ -424,6 +435,10 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
     N, C, S = data.shape[0], data.shape[1], data.shape[-1]
     streaming = isinstance(data, ImageFolder)
     ucfg = unet_config(cfg, C, S) if meta is None else UNetConfig.from_dict(meta["unet_config"])
+    if meta is not None and isinstance(meta.get("data_size"), int) and meta["data_size"] != N:
+        # batches are a function of (seed, step, N): other data would resume as another run, silently
+        raise ValueError(f"--data: {cfg.data} held {meta['data_size']} images when the run saved {ck}, now {N}; "
+                         "resume with the same data, or start a new run")
     if (ucfg.in_channels, ucfg.sample_size) != (C, S):
         s = ucfg.sample_size
         raise ValueError(f"--model: the network takes {ucfg.in_channels}x{s}x{s} "
@@ -488,7 +503,7 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
 
     def state() -> dict:
         return {"config": cfg.to_dict(), "unet_config": ucfg.to_dict(), "schedule": schedule_dict(cfg),
-                "prediction_type": PREDICTION_TYPE[cfg.objective], "ema_updates": ema_n,
+                "prediction_type": PREDICTION_TYPE[cfg.objective], "ema_updates": ema_n, "data_size": N,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "world_size": dist.world,
                 # the steps logged since the last metrics row: a resumed run's next row averages them too
