@@ -470,13 +470,21 @@ def test_streaming_folder_bad_image_in_a_worker_is_one_line(tmp_path, capsys):
     _image_folder(tmp_path / "imgs", n=10)
     ok = tmp_path / "imgs" / "d0" / "00000.png"
     data = ok.read_bytes()
-    (tmp_path / "imgs" / "d0" / "zz-cut.png").write_bytes(data[: len(data) - 40])  # header fine, pixels cut
+    (tmp_path / "imgs" / "d2" / "zz-cut.png").write_bytes(data[: len(data) - 40])  # header fine, pixels cut
     rc = _run(tmp_path / "o", "--data", str(tmp_path / "imgs"), "--workers", "2", "--steps", "20",
               "--batch-size", "8")
     err = capsys.readouterr().err
     assert rc == 2, err
     line = [ln for ln in err.splitlines() if "error" in ln][-1]
     assert "cannot read image" in line and "zz-cut.png" in line and "Traceback" not in err
+    # The steps before the batch that holds the file are saved (they were lost): the file is first drawn at
+    # step k of the run's batches (seed 0, the training's default) at its place among the 11 sorted paths.
+    pos = sorted(str(p.relative_to(tmp_path / "imgs")) for p in (tmp_path / "imgs").rglob("*.png")).index(
+        "d2/zz-cut.png")
+    k = next(k for k in range(20) if pos in batch_indices(0, k, 8, 11).tolist())
+    assert k > 0  # (steps to save: the case this checks)
+    assert f"the last checkpoint is {tmp_path / 'o' / 'checkpoints' / f'step-{k:08d}'}" in line, line
+    assert _latest(tmp_path / "o")[0] == k
 
 
 def test_image_folder_bomb_and_fifo(tmp_path, capsys, monkeypatch):

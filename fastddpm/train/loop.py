@@ -600,7 +600,15 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                 torch.manual_seed(_mix(cfg.seed, 3, step, dist.rank))  # dropout
                 sl = slice(lo, lo + local_B)
                 # the images of the same indices, decoded ahead by the workers when streaming
-                x0 = next(batches).to(device, non_blocking=True) if streaming else data[idx[sl].to(device)]
+                try:
+                    x0 = next(batches).to(device, non_blocking=True) if streaming else data[idx[sl].to(device)]
+                except ValueError as exc:  # an image that passed the header scan but not decoding
+                    here = ckpt_mod.step_dir_name(step)
+                    if not dist.enabled and step > 0 and (last_saved is None or os.path.basename(last_saved) != here):
+                        last_saved = save("data error")  # the steps done so far are not lost
+                    kept = f"the last checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+                    raise ValueError(f"{exc}; {kept}: repair or replace the file (the same number of images) and "
+                                     "continue with --resume") from exc
                 if cfg.flip:
                     f = flip_all[sl].to(device)
                     x0 = torch.where(f[:, None, None, None], x0.flip(-1), x0)
