@@ -605,6 +605,23 @@ def test_data_folder_guards(tmp_path, capsys, monkeypatch):
     assert "held 12 images when the run saved" in capsys.readouterr().err
 
 
+def test_empty_arrays_and_leftover_pointer_files(tmp_path, capsys):
+    """An .npy of empty images was a "min(): Expected reduction dim" traceback; an .npz with no array was called
+    "several arrays []"; the .tmp- file of a `latest` pointer whose write was killed stayed forever (the
+    cleanup removed only folders)."""
+    np.save(tmp_path / "empty.npy", np.zeros((10, 0, 0), dtype=np.uint8))
+    np.savez(tmp_path / "none.npz")
+    for name, want in (("empty.npy", "N, H, W > 0, got shape (10, 0, 0)"), ("none.npz", "holds no array")):
+        assert _run(tmp_path / name.split(".")[0], "--data", str(tmp_path / name), "--steps", "1") == 2
+        err = capsys.readouterr().err
+        assert want in err and "Traceback" not in err, err
+    out = tmp_path / "run"
+    assert _run(out, "--steps", "1") == 0
+    (out / "checkpoints" / ".tmp-abc").write_text("step-00000001")  # a pointer write killed before its rename
+    assert main(["train", "--resume", str(out), "--steps", "2", "--no-progress"]) == 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-00000001", "step-00000002"]
+
+
 def test_toml_config_and_command_line_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('model = "tiny"\nimage_size = 8\nsteps = 3\nbatch-size = 4\nsample_every = 0\n'

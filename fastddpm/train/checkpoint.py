@@ -15,6 +15,7 @@ Reading checks the format tag and the checksums, so a truncated or foreign file 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -134,9 +135,14 @@ def save_checkpoint(root: str, step: int, *, model, ema, optimizer, state: dict,
     from safetensors.torch import save_file
 
     os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):  # leftovers of a write killed half-way
+    for name in os.listdir(root):  # leftovers of a write killed half-way: folders, or files (the latest pointer)
         if name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            p = os.path.join(root, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(p)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
     os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700 whatever the umask; it becomes the checkpoint
     files = {

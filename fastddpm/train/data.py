@@ -56,9 +56,9 @@ def _from_array(a: np.ndarray, name: str) -> torch.Tensor:
         a = a[:, None]
     elif a.ndim == 4 and a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):
         a = a.transpose(0, 3, 1, 2)
-    if a.ndim != 4 or a.shape[1] not in (1, 3, 4) or a.shape[0] == 0:
+    if a.ndim != 4 or a.shape[1] not in (1, 3, 4) or 0 in a.shape:
         raise ValueError(f"data: {name}: expected images (N, H, W), (N, H, W, C) or (N, C, H, W) with C in "
-                         f"1, 3, 4 and N > 0, got shape {given}")
+                         f"1, 3, 4 and N, H, W > 0, got shape {given}")
     if a.shape[1] == 4:
         a = a[:, :3]
     if a.dtype == np.uint8:
@@ -95,6 +95,8 @@ def _load_array(path: str) -> torch.Tensor:
             keys = list(z.keys())
             only = keys[0] if len(keys) == 1 else None
             key = next((k for k in ("images", "x", "arr_0") if k in keys), only)
+            if not keys:
+                raise ValueError(f"data: {path}: the .npz file holds no array")
             if key is None:
                 raise ValueError(f"data: {path}: several arrays {keys}; name the images 'images' or 'x'")
             try:
