@@ -487,6 +487,24 @@ def test_streaming_folder_bad_image_in_a_worker_is_one_line(tmp_path, capsys):
     assert _latest(tmp_path / "o")[0] == k
 
 
+@pytest.mark.slow
+def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
+    """Two runs writing one --out both reported success; the checkpoints and metrics of one were overwritten
+    by the other's, and train.log mixed both."""
+    out = tmp_path / "busy"
+    proc = _spawn(out, "--steps", "100000", "--save-every", "2")
+    try:
+        _wait_for_checkpoint(proc, out, 2)
+        assert main(["train", "--resume", "latest", "--out", str(out), "--steps", "200000", "--no-progress"]) == 2
+        assert "is in use by another training run" in capsys.readouterr().err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    step = _latest(out)[0]
+    assert main(["train", "--resume", "latest", "--out", str(out), "--steps", str(step + 1), "--no-progress"]) == 0
+
+
 def test_image_folder_bomb_and_fifo(tmp_path, capsys, monkeypatch):
     """PIL's DecompressionBombError (a small file of a huge image) was a traceback: it is a ValueError naming
     the file. A FIFO named like an image blocked the header scan forever: it is not an image file, left out."""

@@ -225,15 +225,20 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
 
 
 def _plain_errors(it):
-    while True:
-        try:
-            yield next(it)
-        except StopIteration:
-            return
-        except ValueError as exc:
-            # A worker's error arrives wrapped with its traceback; the user needs its last line.
-            last = str(exc).strip().splitlines()[-1]
-            raise ValueError(last.split(": ", 1)[1] if last.startswith("ValueError: ") else last) from exc
+    try:
+        while True:
+            try:
+                yield next(it)
+            except StopIteration:
+                return
+            except ValueError as exc:
+                # A worker's error arrives wrapped with its traceback; the user needs its last line.
+                last = str(exc).strip().splitlines()[-1]
+                raise ValueError(last.split(": ", 1)[1] if last.startswith("ValueError: ") else last) from exc
+    finally:  # closed (the run ended, or stopped early): the workers end now, not when this is collected
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def open_dataset(data: str, image_size: int | None = None) -> torch.Tensor | ImageFolder:

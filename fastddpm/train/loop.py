@@ -423,10 +423,34 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
     if dist.enabled and cfg.batch_size % dist.world:
         raise ValueError(f"--batch-size: the global batch {cfg.batch_size} must be divisible by the "
                          f"{dist.world} processes")
+    lock = _lock_run_folder(cfg.out) if dist.main else None
     try:
         return _train(cfg, meta, ck if meta else None, device, dist, log)
     finally:
         dist.close()
+        if lock is not None:
+            os.close(lock)  # (releases the lock)
+
+
+def _lock_run_folder(out: str) -> int | None:
+    """An exclusive lock on the run folder for the run's duration (POSIX flock on the folder itself): two runs
+    writing one folder would each report success while their checkpoints and logs overwrite each other."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"--out: {out} is in use by another training run (it holds the folder's lock); wait for "
+                         "it to end, or give another --out") from None
+    except OSError:  # a file system without flock: run unlocked
+        os.close(fd)
+        return None
+    return fd
 
 
 def _train(cfg, meta, ck, device, dist, log) -> dict:
@@ -672,6 +696,8 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
         bar.close()
         if f_csv:
             f_csv.close()
+        if batches is not None:
+            batches.close()  # its decoding workers end with the run (they hold the run folder's lock too)
     if dist.main and stopped_by is None:
         try:
             plot_loss(csv_path, os.path.join(cfg.out, "loss.png"))
