@@ -372,3 +372,15 @@ def test_group_norm_silu_names_a_non_tensor_argument_on_the_cpu_path(arg, grad):
     with torch.set_grad_enabled(grad), pytest.raises(TypeError, match=f"^{arg}: expected a torch.Tensor or None, "
                                                                        "got list"):
         ops.group_norm_silu(x, 2, **{arg: value}, backend="cpu")
+
+
+def test_philox_seed_is_an_integer_not_a_bool():
+    """seed=True was taken as seed 1 (offset=True was refused); seed=None named noise='philox', which
+    philox_randn has no argument for."""
+    with pytest.raises(ValueError, match=r"^seed: expected an integer in \[0, 2\*\*63\), got True"):
+        ops.philox_randn((2,), True, 0)
+    with pytest.raises(ValueError, match=r"^seed: required for the Philox stream \(noise='philox', philox_randn\)"):
+        ops.philox_randn((2,), None, 0)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="^seed: expected an integer"):
+        ops.ddpm_step(x, x, 5, fastddpm.NoiseSchedule(), noise="philox", seed=True)

@@ -176,8 +176,8 @@ def philox_stream(seed, offset, device: torch.device | None = None) -> None:
     for CPU tensors and with an asynchronous device assertion on CUDA (no host synchronisation).
     """
     if seed is None:
-        raise ValueError("seed: required with noise='philox'")
-    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError("seed: required for the Philox stream (noise='philox', philox_randn)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:  # (True was seed 1)
         raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed!r}")
     if isinstance(offset, torch.Tensor):
         if offset.dtype != torch.int64 or offset.dim() != 0:
