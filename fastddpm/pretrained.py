@@ -119,7 +119,7 @@ def load_builtin(name: str) -> LoadedModel:
 def load_training_checkpoint(path: str, weights: str = "ema") -> LoadedModel:
     from .train import checkpoint as ck
 
-    folder = ck.resolve(path)
+    folder = ck.resolve(path, "--ckpt")
     meta = ck.read_state(folder)
     if weights not in ("ema", "model"):
         raise ValueError(f"--weights: expected ema or model, got {weights!r}")

@@ -132,7 +132,7 @@ def test_resume_latest_starts_a_new_run_where_there_is_no_checkpoint(tmp_path, c
     assert _latest(tmp_path / "i")[0] == 1
     (tmp_path / "d" / "checkpoints" / "step-00000005").mkdir(parents=True)  # a step folder without state.json
     assert _run(tmp_path / "d", "--steps", "1", "--resume", "latest") == 2
-    assert "no fastddpm training checkpoint" in capsys.readouterr().err
+    assert f"--out: no fastddpm training checkpoint in '{tmp_path / 'd'}'" in capsys.readouterr().err  # (named)
     assert os.listdir(tmp_path / "d" / "checkpoints") == ["step-00000005"]
 
 
@@ -257,7 +257,7 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     assert main(["train", "--resume", str(path), "--steps", "2"]) == 2
     assert "not a fastddpm training checkpoint" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing-here"), "--steps", "2"]) == 2
-    assert "no such folder" in capsys.readouterr().err
+    assert f"--resume: no such folder '{tmp_path / 'nothing-here'}'" in capsys.readouterr().err  # was "checkpoint:"
 
 
 def _outputs_finite_on_random_input(ckpt_path: str) -> bool:

@@ -223,8 +223,9 @@ def any_checkpoint(path: str) -> bool:
     return False
 
 
-def resolve(path: str) -> str:
-    """A checkpoint folder from: a checkpoint folder, a run folder (its latest), or a checkpoints folder."""
+def resolve(path: str, name: str = "checkpoint") -> str:
+    """A checkpoint folder from: a checkpoint folder, a run folder (its latest), or a checkpoints folder;
+    ``name``: what the errors call the path (the flag that gave it)."""
     if os.path.isfile(os.path.join(path, "state.json")):
         return path
     for root in (os.path.join(path, "checkpoints"), path):
@@ -239,8 +240,8 @@ def resolve(path: str) -> str:
         if cks:
             return cks[-1][1]
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint: no such folder {path!r}")
-    raise CheckpointError(f"checkpoint: no fastddpm training checkpoint in {path!r} "
+        raise CheckpointError(f"{name}: no such folder {path!r}")
+    raise CheckpointError(f"{name}: no fastddpm training checkpoint in {path!r} "
                           f"(expected state.json, or checkpoints/latest of a run folder)")
 
 

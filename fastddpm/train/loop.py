@@ -381,7 +381,7 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
         resume = None
     if resume:
         path = cfg.out if resume == "latest" else resume
-        ck = ckpt_mod.resolve(path)
+        ck = ckpt_mod.resolve(path, "--out" if resume == "latest" else "--resume")
         meta = ckpt_mod.read_state(ck)
         cfg = _resume_config(cfg, set(given or ()), meta)
         done = int(meta["step"])
