@@ -61,10 +61,19 @@ def _assert_same_checkpoint(a: str, b: str) -> None:
             assert torch.equal(ta[k], tb[k]), f"{fn}: {k} differs"
 
 
-def _spawn(out, *extra):
+def _spawn(out, *extra, new_session: bool = False):
     cmd = [sys.executable, "-m", "fastddpm"] + BASE + ["--out", str(out), *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=new_session)
+
+
+def _wait_for_metrics(proc, out, timeout: float = 120) -> None:
+    """Until the loop runs (a metrics row is written every 10 steps)."""
+    deadline = time.time() + timeout
+    while not (out / "metrics.csv").exists() or os.path.getsize(out / "metrics.csv") < 60:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "training too slow to start"
+        time.sleep(0.05)
 
 
 def _wait_for_checkpoint(proc, out, min_step: int, timeout: float = 120) -> int:
@@ -190,12 +199,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "t"
     proc = _spawn(out, "--steps", "100000", "--save-every", "1000")
     try:
-        # Wait for the loop to run (metrics written every 10 steps), then ask it to stop.
-        deadline = time.time() + 120
-        while not (out / "metrics.csv").exists() or os.path.getsize(out / "metrics.csv") < 60:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "training too slow to start"
-            time.sleep(0.05)
+        _wait_for_metrics(proc, out)  # the loop runs; then ask it to stop
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -436,17 +440,10 @@ def test_sigterm_to_the_process_group_with_decoding_workers_saves(tmp_path):
     workers leave the signal to the trainer, which ends its step, saves and exits 0; no worker outlives it."""
     _image_folder(tmp_path / "imgs", n=30)
     out = tmp_path / "g"
-    cmd = [sys.executable, "-m", "fastddpm"] + BASE + ["--out", str(out), "--data", str(tmp_path / "imgs"),
-                                                       "--workers", "2", "--batch-size", "8", "--steps", "100000",
-                                                       "--save-every", "100000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = _spawn(out, "--data", str(tmp_path / "imgs"), "--workers", "2", "--steps", "100000", "--save-every",
+                  "100000", new_session=True)
     try:
-        deadline = time.time() + 120
-        while not (out / "metrics.csv").exists() or os.path.getsize(out / "metrics.csv") < 60:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "training too slow to start"
-            time.sleep(0.05)
+        _wait_for_metrics(proc, out)
         os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its workers, as `timeout` does
         _, err = proc.communicate(timeout=120)
     finally:
