@@ -10,6 +10,7 @@ stopped, and N processes under torchrun compute the same global batch as one pro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -423,13 +424,32 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
     if dist.enabled and cfg.batch_size % dist.world:
         raise ValueError(f"--batch-size: the global batch {cfg.batch_size} must be divisible by the "
                          f"{dist.world} processes")
-    lock = _lock_run_folder(cfg.out) if dist.main else None
+    global _LOCK_FD
+    _LOCK_FD = _lock_run_folder(cfg.out) if dist.main else None
     try:
         return _train(cfg, meta, ck if meta else None, device, dist, log)
     finally:
         dist.close()
-        if lock is not None:
-            os.close(lock)  # (releases the lock)
+        if _LOCK_FD is not None:
+            os.close(_LOCK_FD)  # (releases the lock)
+            _LOCK_FD = None
+
+
+# The run folder's lock, while a run holds it. A forked child (a decoding worker) closes its copy: it would
+# otherwise hold the lock after the trainer is killed, until the worker notices and exits.
+_LOCK_FD: int | None = None
+
+
+def _close_lock_in_child() -> None:
+    global _LOCK_FD
+    if _LOCK_FD is not None:
+        with contextlib.suppress(OSError):
+            os.close(_LOCK_FD)
+        _LOCK_FD = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_lock_in_child)
 
 
 def _lock_run_folder(out: str) -> int | None:
