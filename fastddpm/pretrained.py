@@ -155,7 +155,7 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str | None 
     if (model is None) == (ckpt is None):
         raise ValueError("--model, --ckpt: give exactly one")
     if weights is not None and model is not None:
-        raise ValueError(f"--weights: picks the weights of a training checkpoint (--ckpt); --model {model} has "
+        raise ValueError(f"--weights: picks the weights of a training checkpoint (--ckpt); the model {model!r} has "
                          "one set")
     if model is not None:
         if model.endswith(".safetensors"):

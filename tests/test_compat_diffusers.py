@@ -317,6 +317,8 @@ def test_a_head_width_that_does_not_divide_the_attention_is_refused_naming_diffu
                                                          r"\[32\]"):
         config_from_diffusers(cfg)
     config_from_diffusers({**cfg, "attention_head_dim": 8})
+    with pytest.raises(ValueError):  # fewer widths than blocks: a ValueError as before the check, no IndexError
+        config_from_diffusers({**SMALL["two_levels_attn_low"], "block_out_channels": [32]})
 
 
 def test_conversion_arguments_of_another_kind_are_named():

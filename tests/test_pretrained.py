@@ -42,7 +42,7 @@ def test_weights_is_refused_where_there_is_one_set(tmp_path):
     """`sample --model digits --weights model` used to sample the one set of weights there is, the flag
     silently ignored; a diffusers folder has one set too. Only a training checkpoint holds ema and model."""
     with pytest.raises(ValueError, match=r"^--weights: picks the weights of a training checkpoint \(--ckpt\); "
-                                         r"--model digits has one set"):
+                                         r"the model 'digits' has one set"):
         pretrained.load(model="digits", weights="model")
     (tmp_path / "config.json").write_text("{}")  # a UNet2DModel folder, refused before it is read
     with pytest.raises(ValueError, match=r"^--weights: .* is a diffusers folder, which has one set"):

@@ -588,16 +588,19 @@ def test_train_mistakes_are_one_line_before_any_work(tmp_path, capsys, extra, li
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
-def test_a_model_file_keeps_its_own_sizes(tmp_path, capsys):
-    """A --model .json's in_channels and sample_size were replaced by the data's: a 3-channel network file
-    trained on grey digits as a 1-channel one (its out_channels left at 3, a broadcast loss)."""
-    cfg = {"base_channels": 16, "channel_mult": [1, 2], "attention_resolutions": [], "norm_num_groups": 4}
-    (tmp_path / "rgb.json").write_text(json.dumps({**cfg, "in_channels": 3, "sample_size": 8}))
-    (tmp_path / "any.json").write_text(json.dumps(cfg))
-    assert _run(tmp_path / "a", "--steps", "1", "--model", str(tmp_path / "rgb.json")) == 2
-    assert "--model: the network takes 3x8x8 images, the data are 1x8x8" in capsys.readouterr().err
-    assert _run(tmp_path / "b", "--steps", "1", "--model", str(tmp_path / "any.json")) == 0  # sizes from the data
-    assert ck.read_state(_latest(tmp_path / "b")[1])["unet_config"]["in_channels"] == 1
+def test_a_model_file_takes_the_data_sizes_and_its_output_is_checked(tmp_path, capsys):
+    """A --model .json takes the data's in_channels and sample_size, as a preset does (a 32x32 RGB config trains
+    on 8x8 grey digits); an out_channels of its own that is not the data's was trained on a broadcast loss."""
+    cfg = {"base_channels": 16, "channel_mult": [1, 2], "attention_resolutions": [], "norm_num_groups": 4,
+           "in_channels": 3, "sample_size": 32}
+    (tmp_path / "rgb.json").write_text(json.dumps(cfg))
+    (tmp_path / "rgb_out.json").write_text(json.dumps({**cfg, "out_channels": 3}))
+    assert _run(tmp_path / "a", "--steps", "1", "--model", str(tmp_path / "rgb.json")) == 0
+    net = ck.read_state(_latest(tmp_path / "a")[1])["unet_config"]
+    assert (net["in_channels"], net["sample_size"]) == (1, 8)
+    capsys.readouterr()
+    assert _run(tmp_path / "b", "--steps", "1", "--model", str(tmp_path / "rgb_out.json")) == 2
+    assert "--model/--unet: the network outputs 3 channels; training predicts the 1-channel" in capsys.readouterr().err
 
 
 def test_data_folder_guards(tmp_path, capsys, monkeypatch):
@@ -614,9 +617,14 @@ def test_data_folder_guards(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path / "imgs")
     assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "3", "--no-progress"]) == 0
     assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "4", "--no-progress", "--data", "."]) == 0
+    monkeypatch.chdir(tmp_path)
+    os.rename(tmp_path / "imgs", tmp_path / "moved")  # the data moved (another mount): the new path is taken
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "5", "--no-progress", "--data", "moved"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "6", "--no-progress", "--data", "r"]) == 2
+    os.rename(tmp_path / "moved", tmp_path / "imgs")
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "new.png")
     capsys.readouterr()
-    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "5", "--no-progress"]) == 2
+    assert main(["train", "--resume", str(tmp_path / "r"), "--steps", "7", "--no-progress", "--data", "imgs"]) == 2
     assert "held 12 images when the run saved" in capsys.readouterr().err
 
 

@@ -133,8 +133,9 @@ def config_from_diffusers(config) -> UNetConfig:
         unsupported("sample_size", size, "a positive int")
     res = [size >> i for i in range(L)]
     head_dim = get("attention_head_dim", 8)
-    attn_widths = [chans[i] for i in range(L) if _DOWN_TYPES[down[i]]] + ([chans[-1]] if get("add_attention", True)
-                                                                          else [])
+    # (zip: a block_out_channels of another length than the blocks is refused further on, naming it)
+    attn_widths = [c for c, b in zip(chans, down) if _DOWN_TYPES[b]] + ([chans[-1]] if get("add_attention", True)
+                                                                       else [])
     if head_dim is not None and any(isinstance(head_dim, int) and w % head_dim for w in attn_widths):
         # diffusers then attends over width // head_dim heads x head_dim, narrower than the block
         unsupported("attention_head_dim", head_dim, f"a divisor of the attention widths {sorted(set(attn_widths))}")

@@ -79,7 +79,7 @@ def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
         if not isinstance(d, dict):
             raise ValueError(f"--model: {cfg.model}: expected a JSON object of UNetConfig fields, got a "
                              f"{type(d).__name__}")
-        d = {**data, **d, **cfg.unet}  # the file's own sizes are kept: _train checks them against the data
+        d.update(over)  # the data's size and channels, as for a preset (an out_channels of its own is checked)
         try:
             return UNetConfig.from_dict(d)
         except (TypeError, ValueError) as exc:
@@ -340,9 +340,11 @@ def _what_the_run_used(name: str, new, old, meta: dict) -> bool:
 
     if name == "image_size":
         return old is None and new == net.get("sample_size")
-    if name == "data":  # the same file or folder, however it is spelled
-        return isinstance(new, str) and isinstance(old, str) and os.path.exists(new) and os.path.exists(old) \
-            and os.path.samefile(new, old)
+    if name == "data":  # the same file or folder, however it is spelled; or the data moved (the run's folder
+        # copied to another machine or mount): the new path is taken, its image count checked against the run's
+        if not (isinstance(new, str) and isinstance(old, str) and os.path.exists(new)):
+            return False
+        return not os.path.exists(old) or os.path.samefile(new, old)
     if name == "unet" and isinstance(new, dict):
         return all(k in net and plain(net[k]) == plain(v) for k, v in new.items())
     return False
@@ -357,6 +359,8 @@ def _resume_config(cfg: TrainConfig, given: set[str], meta: dict) -> TrainConfig
         elif not _what_the_run_used(name, new, old, meta) and name not in ("resume", "config"):
             raise ValueError(f"--{name.replace('_', '-')}: the run being resumed used {old!r}; "
                              f"it cannot change on resume (start a new run instead)")
+        elif name == "data" and new != old:  # the same data, or the data moved: read them where they are now
+            saved.data = os.path.abspath(new)
     saved.validate()
     return saved
 
@@ -425,8 +429,8 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
         raise ValueError(f"--batch-size: the global batch {cfg.batch_size} must be divisible by the "
                          f"{dist.world} processes")
     global _LOCK_FD
-    _LOCK_FD = _lock_run_folder(cfg.out) if dist.main else None
     try:
+        _LOCK_FD = _lock_run_folder(cfg.out) if dist.main else None
         return _train(cfg, meta, ck if meta else None, device, dist, log)
     finally:
         dist.close()
@@ -459,8 +463,11 @@ def _lock_run_folder(out: str) -> int | None:
         import fcntl
     except ImportError:  # not POSIX: no lock
         return None
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:  # a folder that can be written but not read: run unlocked (check_output_dir vetted writing)
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
