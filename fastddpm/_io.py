@@ -71,6 +71,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def lock_folder(folder: str | os.PathLike, *, wait: bool) -> int | None:
+    """An exclusive POSIX lock (flock) on ``folder`` itself, so no lock file is left behind: the open
+    descriptor, which the caller closes to release the lock, or None where no lock can be taken (not POSIX,
+    a folder that cannot be opened for reading, a file system without flock); the caller then goes on
+    unlocked. ``wait=False`` raises BlockingIOError at once while another process holds the lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def save_image(img, path: str | os.PathLike) -> None:
     """Save a PIL image atomically (format from the extension, one of IMAGE_FORMATS)."""
     ext = os.path.splitext(os.fspath(path))[1].lower()

@@ -638,6 +638,27 @@ def test_add_noise_refuses_fractional_timesteps():
         with pytest.raises(ValueError, match=r"^timesteps: expected integer timesteps, got 1\.7"):
             f(x, n, torch.tensor([1.7, 500.0]))
         assert torch.equal(f(x, n, torch.tensor([3.0, 500.0])), f(x, n, torch.tensor([3, 500])))
+        for bad in ("inf", "nan"):  # no index either: inf was cast to int64's minimum and failed deep inside
+            with pytest.raises(ValueError, match=rf"^timesteps: expected integer timesteps, got {bad}"):
+                f(x, n, torch.tensor([float(bad), 500.0]))
+
+
+def test_step_refuses_a_non_integer_float_timestep():
+    """step() reads a float timestep tensor of a whole number (999.0, as pipelines pass it) as that timestep;
+    a fraction, inf or NaN is refused by name (inf and NaN were Python's OverflowError/ValueError of int())."""
+    from fastddpm.samplers import DDIMScheduler
+
+    x, eps = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    for cls in (DDPMScheduler, DDIMScheduler):
+        s = cls()
+        s.set_timesteps(10)
+        t = int(s.timesteps[0])
+        g = functools.partial(torch.Generator().manual_seed, 0)
+        assert torch.equal(s.step(eps, torch.tensor(float(t)), x, generator=g()).prev_sample,
+                           s.step(eps, torch.tensor(t), x, generator=g()).prev_sample)
+        for bad in ("0.5", "inf", "nan"):
+            with pytest.raises(ValueError, match=rf"^timestep: expected integer timesteps, got {bad}"):
+                s.step(eps, torch.tensor(float(bad)), x)
 
 
 def test_config_round_trip(tmp_path):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._io import atomic_path
+from .._io import atomic_path, lock_folder
 
 
 def cpu_name() -> str:
@@ -177,18 +177,14 @@ def peak_rss_mib(fn: Callable[[], object]) -> float:
 # ----------------------------------------------------------------------------- CSV
 @contextlib.contextmanager
 def _locked_folder(folder: str):
-    """Hold an exclusive lock on ``folder`` (POSIX flock on the directory itself: no lock file left)."""
+    """Hold an exclusive lock on ``folder`` (_io.lock_folder; where none can be taken, the atomic replace
+    still keeps the file whole)."""
+    fd = lock_folder(folder, wait=True)
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock; the atomic replace still keeps the file whole
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def append_csv(path: str, rows: list[dict]) -> int:

@@ -294,3 +294,18 @@ def check_noise(noise, seed, offset, sample: torch.Tensor, generator=None) -> No
         raise ValueError(f"seed: only used with noise='philox', got seed={seed!r} with noise={what}")
     if isinstance(offset, torch.Tensor) or offset != 0:
         raise ValueError(f"offset: only used with noise='philox', got an offset with noise={what}")
+
+
+def traced_timestep_checks(T: int, t: torch.Tensor, prev_t: torch.Tensor | None = None,
+                           last_t: torch.Tensor | None = None) -> None:
+    """The timestep checks of a traced call (reference.py calls this). Under torch.compile the ops' Python
+    checks cannot branch on values and, on the reference path, no C++ check follows: without these a t of -1
+    reads the table's last entry. Device-side assertions (no host sync); eager calls were checked before they
+    came here."""
+    if not torch.compiler.is_compiling():
+        return
+    torch._assert_async(((t >= 0) & (t < T)).all(), f"t: expected timesteps in [0, {T})")
+    if prev_t is not None:
+        torch._assert_async((prev_t < t).all(), "prev_t: expected prev_t < t for every sample")
+    if last_t is not None:
+        torch._assert_async(((last_t > t) & (last_t < T)).all(), f"last_t: expected last_t > t, below {T}")

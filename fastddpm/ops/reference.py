@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import traced_timestep_checks
 from ._codes import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR
 
 __all__ = [
@@ -32,20 +33,6 @@ def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int, dtype: torch.dt
     return table.to(dtype)[t].reshape(-1, *([1] * (ndim - 1)))
 
 
-def _traced_checks(T: int, t: torch.Tensor, prev_t: torch.Tensor | None = None,
-                   last_t: torch.Tensor | None = None) -> None:
-    """The timestep checks of a traced call. Under torch.compile the ops' Python checks cannot branch on
-    values and, on this path, no C++ check follows: without these a t of -1 reads the table's last entry.
-    Device-side assertions (no host sync); eager calls were checked before they came here."""
-    if not torch.compiler.is_compiling():
-        return
-    torch._assert_async(((t >= 0) & (t < T)).all(), f"t: expected timesteps in [0, {T})")
-    if prev_t is not None:
-        torch._assert_async((prev_t < t).all(), "prev_t: expected prev_t < t for every sample")
-    if last_t is not None:
-        torch._assert_async(((last_t > t) & (last_t < T)).all(), f"last_t: expected last_t > t, below {T}")
-
-
 def q_sample(
     x0: torch.Tensor,
     noise: torch.Tensor,
@@ -55,7 +42,7 @@ def q_sample(
     with_v: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. eq. 4), and v if asked."""
-    _traced_checks(sqrt_alphas_cumprod.shape[0], t)
+    traced_timestep_checks(sqrt_alphas_cumprod.shape[0], t)
     cd = _compute_dtype(x0)
     a = _per_sample(sqrt_alphas_cumprod, t, x0.dim(), cd)
     s = _per_sample(sqrt_one_minus_alphas_cumprod, t, x0.dim(), cd)
@@ -156,7 +143,7 @@ def ddpm_step(
     ``diffusers_beta`` is accepted for the kernels' signature: this evaluates diffusers' formulas always (in
     float64 the two forms of beta_t agree).
     """
-    _traced_checks(alphas_cumprod.shape[0], t, prev_t)
+    traced_timestep_checks(alphas_cumprod.shape[0], t, prev_t)
     cd = _compute_dtype(sample)
     nd = sample.dim()
     ac = alphas_cumprod.to(cd)
@@ -295,7 +282,7 @@ def ddim_step(
     abar_prev is ``final_alpha_cumprod`` where prev_t < 0; noise is added when eta > 0. The Philox
     counter offset is ``offset`` plus, where given, the 0-d int64 ``offset_tensor``.
     """
-    _traced_checks(alphas_cumprod.shape[0], t, prev_t)
+    traced_timestep_checks(alphas_cumprod.shape[0], t, prev_t)
     cd = _compute_dtype(sample)
     nd = sample.dim()
     shape = (-1, *([1] * (nd - 1)))
@@ -355,7 +342,7 @@ def dpmpp_step(
     at t, D_1 = ``prev_x0`` the one made at ``last_t``. prev_t = -1 is sigma = 0, where the update (first
     order there, as diffusers) gives D0. Second order wherever ``prev_x0`` is given.
     """
-    _traced_checks(alphas_cumprod.shape[0], t, prev_t, last_t if prev_x0 is not None else None)
+    traced_timestep_checks(alphas_cumprod.shape[0], t, prev_t, last_t if prev_x0 is not None else None)
     cd = _compute_dtype(sample)
     shape = (-1, *([1] * (sample.dim() - 1)))
     ac = alphas_cumprod.to(cd)

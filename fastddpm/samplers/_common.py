@@ -650,17 +650,28 @@ def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.
     return (torch.clamp(x, -s, s) / s).reshape(x0.shape).to(dtype)
 
 
+def whole_timesteps(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A timestep tensor as integers: floats that are whole numbers (500.0, as diffusers' pipelines pass them)
+    become int64; a fraction or a non-finite value is no index and raises, naming ``name``. Checked on the
+    host for a CPU tensor outside tracing, else as a device-side assertion (no host sync, no graph break)."""
+    if not t.dtype.is_floating_point:
+        return t
+    whole = torch.isfinite(t) & (t == t.floor())
+    if t.is_cpu and not torch.compiler.is_compiling():
+        bad = t[~whole]
+        if bad.numel():
+            raise ValueError(f"{name}: expected integer timesteps, got {bad.reshape(-1)[0].item()}")
+    else:
+        torch._assert_async(whole.all(), f"{name}: expected integer timesteps")
+    return t.long()
+
+
 def host_timestep(timestep) -> int | None:
     """The timestep as a Python int when reading it costs no device synchronisation, else None."""
     if isinstance(timestep, torch.Tensor):  # first: what pipelines pass, on every step
         if timestep.numel() != 1 or not timestep.is_cpu:
             return None
-        if timestep.dtype.is_floating_point:
-            v = timestep.item()
-            if v != int(v):
-                raise ValueError(f"timestep: expected an integer timestep, got {v}")
-            return int(v)
-        return int(timestep.item())
+        return int(whole_timesteps(timestep, "timestep").item())
     if isinstance(timestep, bool):
         raise TypeError("timestep: expected an integer timestep, got bool")
     if isinstance(timestep, (int, np.integer)):
@@ -703,14 +714,7 @@ def _q(
         timesteps = torch.as_tensor(timesteps)
     B = x.shape[0] if x.dim() else 0
     t = timesteps.to(x.device).reshape(-1)
-    if t.dtype.is_floating_point:  # whole numbers (500.0) are read as diffusers' timesteps; a fraction is no index
-        if t.is_cpu and not torch.compiler.is_compiling():
-            frac = t[t != t.floor()]
-            if frac.numel():
-                raise ValueError(f"timesteps: expected integer timesteps, got {frac[0].item()}")
-        else:  # no host sync, no graph break
-            torch._assert_async((t == t.floor()).all(), "timesteps: expected integer timesteps")
-        t = t.long()
+    t = whole_timesteps(t, "timesteps")
     fused = x.dim() >= 1 and noise.shape == x.shape and noise.dtype == x.dtype and t.numel() in (1, B)
     if fused:
         if t.numel() == 1 and B != 1:

@@ -33,7 +33,9 @@ from .._io import atomic_path, dir_mode, file_mode
 FORMAT = "fastddpm-train-checkpoint"
 VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
+# The three files of a checkpoint, named once (save_checkpoint writes them, state.json lists them, resume reads them).
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+MODEL_FILE, EMA_FILE, OPTIMIZER_FILE = WEIGHT_FILES
 
 
 class CheckpointError(ValueError):
@@ -146,11 +148,11 @@ def save_checkpoint(root: str, step: int, *, model, ema, optimizer, state: dict,
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
     os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700 whatever the umask; it becomes the checkpoint
     files = {
-        "model.safetensors": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "ema.safetensors": {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+        MODEL_FILE: {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        EMA_FILE: {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
     }
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    files["optimizer.safetensors"] = opt_tensors
+    files[OPTIMIZER_FILE] = opt_tensors
     from safetensors import SafetensorError
 
     try:
@@ -305,7 +307,7 @@ def load_tensors(ckpt: str, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_weights(module: torch.nn.Module, ckpt: str, name: str) -> None:
-    """``name`` (model.safetensors or ema.safetensors) of a checkpoint loaded into ``module``, the network that
+    """``name`` (MODEL_FILE or EMA_FILE) of a checkpoint loaded into ``module``, the network that
     its state.json describes; weights of another network are a CheckpointError, not load_state_dict's."""
     try:
         module.load_state_dict(load_tensors(ckpt, name))
@@ -315,7 +317,7 @@ def load_weights(module: torch.nn.Module, ckpt: str, name: str) -> None:
 
 
 def load_optimizer(ckpt: str, meta: dict, optimizer: torch.optim.Optimizer) -> None:
-    tensors = load_tensors(ckpt, "optimizer.safetensors")
+    tensors = load_tensors(ckpt, OPTIMIZER_FILE)
     try:
         optimizer.load_state_dict(_optimizer_state_dict(tensors, meta["optimizer"]))
     except (KeyError, IndexError, TypeError, ValueError) as exc:  # load_state_dict's own are ValueErrors

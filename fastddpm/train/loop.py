@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .._errors import is_out_of_memory, one_line
-from .._io import atomic_path, check_output_dir
+from .._io import atomic_path, check_output_dir, lock_folder
 from ..models.unet import UNet, UNetConfig
 from ..schedule import NoiseSchedule
 from . import checkpoint as ckpt_mod
@@ -457,27 +457,15 @@ if hasattr(os, "register_at_fork"):
 
 
 def _lock_run_folder(out: str) -> int | None:
-    """An exclusive lock on the run folder for the run's duration (POSIX flock on the folder itself): two runs
-    writing one folder would each report success while their checkpoints and logs overwrite each other."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return None
-    try:
+    """An exclusive lock on the run folder for the run's duration (_io.lock_folder): two runs writing one
+    folder would each report success while their checkpoints and logs overwrite each other."""
+    with contextlib.suppress(OSError):  # (a folder that cannot be made is not locked: lock_folder gives None)
         os.makedirs(out, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY)
-    except OSError:  # a folder that can be written but not read: run unlocked (check_output_dir vetted writing)
-        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock_folder(out, wait=False)
     except BlockingIOError:
-        os.close(fd)
         raise ValueError(f"--out: {out} is in use by another training run (it holds the folder's lock); wait for "
                          "it to end, or give another --out") from None
-    except OSError:  # a file system without flock: run unlocked
-        os.close(fd)
-        return None
-    return fd
 
 
 def _train(cfg, meta, ck, device, dist, log) -> dict:
@@ -515,8 +503,8 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     step, ema_n = 0, 0
     if meta is not None:
-        ckpt_mod.load_weights(model, ck, "model.safetensors")
-        ckpt_mod.load_weights(ema, ck, "ema.safetensors")
+        ckpt_mod.load_weights(model, ck, ckpt_mod.MODEL_FILE)
+        ckpt_mod.load_weights(ema, ck, ckpt_mod.EMA_FILE)
         ckpt_mod.load_optimizer(ck, meta, opt)
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
