@@ -776,6 +776,11 @@ def test_ddpm_bad_input():
         s.set_timesteps(timesteps=[100, 50, 0])
     with pytest.raises(ValueError, match="non-negative"):
         s.set_timesteps(timesteps=[50, 10, -1])
+    # a fraction, inf or NaN is no timestep (inf was cast to int64's minimum and refused as "not descending")
+    for bad, ts in (("50.5", [50.5, 10.0]), ("inf", [float("inf"), 0.0]), ("-inf", [50.0, float("-inf")]),
+                    ("nan", [50.0, float("nan")]), ("True", [True, False])):
+        with pytest.raises(ValueError, match=rf"^timesteps: expected integers, got {bad}$"):
+            s.set_timesteps(timesteps=ts)
     with pytest.raises(ValueError, match="num_inference_steps"):
         s.set_timesteps()
     with pytest.raises(ValueError, match="num_inference_steps"):

@@ -199,8 +199,9 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
                     f"timesteps: expected a non-empty 1-D list of integers, got shape {ts.shape}"
                 )
             if not np.issubdtype(ts.dtype, np.integer):
-                if not np.all(ts == np.round(ts)):
-                    raise ValueError("timesteps: expected integers")
+                bad = ts[~(np.isfinite(ts) & (ts == np.round(ts)))] if ts.dtype.kind in "fc" else ts[:1]
+                if bad.size:  # (inf was cast to int64's minimum and refused as a negative timestep)
+                    raise ValueError(f"timesteps: expected integers, got {bad[0].item()!r}")
             ts = ts.astype(np.int64)
             for i in range(1, len(ts)):
                 if ts[i] >= ts[i - 1]:
