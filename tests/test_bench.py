@@ -491,6 +491,18 @@ def test_bytes_moved_table(monkeypatch):
     assert "| step | x | 3 | 1.0 | 1.0 | 2.0 | - | 2 µs |" in text
 
 
+def test_readme_bytes_table_is_the_result_file():
+    """README.md's bytes-moved table is benchmarks/results/bytes_moved.md (the script's --markdown output), row
+    for row: a rerun that changes a count changes the file, and then the README must follow."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "bytes_moved.md"), encoding="utf-8") as f:
+        result = [ln for ln in f.read().splitlines() if ln.startswith("|")]
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read().splitlines()
+    start = readme.index(result[0])  # the header row
+    assert readme[start:start + len(result)] == result
+    assert len(result) == 2 + 17 and not readme[start + len(result)].startswith("|")
+
+
 def _moved(r):
     return r["read"] + r["written"]
 
