@@ -114,6 +114,12 @@ def test_betas_beyond_one_fail_at_the_nan_step(kind):
     with pytest.raises(ValueError, match="beta_end=2.0.*would be NaN"):
         one_step(s, kind, bad, x)
     assert torch.isfinite(one_step(s, kind, bad - 1, x).prev_sample).all()
+    # the same with the timesteps as a tensor, one per sample: DDPM returned NaN there, DDIM finite numbers
+    # where diffusers' are NaN (the check ran only for a timestep read on the host)
+    for t in (torch.tensor([bad, bad]), torch.tensor([bad - 1, bad])):
+        with pytest.raises(ValueError, match=f"timestep: {bad} cannot be stepped.*beta_end=2.0.*would be NaN"):
+            one_step(s, kind, t, x)
+    assert torch.isfinite(one_step(s, kind, torch.tensor([bad - 1, 0]), x).prev_sample).all()
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])

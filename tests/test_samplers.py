@@ -659,6 +659,53 @@ def test_step_refuses_a_non_integer_float_timestep():
         for bad in ("0.5", "inf", "nan"):
             with pytest.raises(ValueError, match=rf"^timestep: expected integer timesteps, got {bad}"):
                 s.step(eps, torch.tensor(float(bad)), x)
+        # one per sample: DDPM rounded a fraction, DDIM truncated it, without a word
+        x2, eps2 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        with pytest.raises(ValueError, match=r"^timestep: expected integer timesteps, got 100\.5"):
+            s.step(eps2, torch.tensor([100.5, 100.0]), x2)
+
+
+def test_step_takes_a_numpy_timestep_as_diffusers_does():
+    """diffusers indexes its tables with the timestep, so a numpy array (``t.numpy()``: 0-d, one element, or one
+    per sample) steps as the same tensor would; step() raised TypeError."""
+    from fastddpm.samplers import DDIMScheduler
+
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for cls in (DDPMScheduler, DDIMScheduler):
+        s, theirs = cls(), getattr(diffusers, cls.__name__)()
+        s.set_timesteps(10)
+        theirs.set_timesteps(10)
+        t = int(s.timesteps[2])
+        for ts in (np.array(t), np.array([t]), np.array(float(t)), np.array([t, t])):
+            g = functools.partial(torch.Generator().manual_seed, 0)
+            ours = s.step(eps, ts, x, generator=g()).prev_sample
+            assert torch.equal(ours, s.step(eps, torch.from_numpy(ts), x, generator=g()).prev_sample), ts
+            if ts.size == 1 and ts.dtype.kind == "i":  # diffusers takes the integer single ones
+                ref = theirs.step(eps, ts, x, generator=g()).prev_sample
+                assert (ours - ref).abs().max() < 1e-5, ts
+        with pytest.raises(TypeError, match="timestep: expected an int or an integer tensor, got a numpy array"):
+            s.step(eps, np.array(["1"]), x)
+    s = DDPMScheduler()
+    s.set_timesteps(10)
+    assert s.previous_timestep(np.array(500)) == s.previous_timestep(500)
+
+
+def test_ddim_float64_variance_noise_makes_a_float64_step_as_in_diffusers():
+    from fastddpm.samplers import DDIMScheduler
+
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    z = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    ours, theirs = DDIMScheduler(), diffusers.DDIMScheduler()
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    a = ours.step(eps, 501, x, eta=0.5, variance_noise=z)
+    b = theirs.step(eps, 501, x, eta=0.5, variance_noise=z)
+    assert a.prev_sample.dtype == b.prev_sample.dtype == torch.float64
+    assert a.pred_original_sample.dtype == b.pred_original_sample.dtype == torch.float32
+    assert (a.prev_sample - b.prev_sample).abs().max() < 1e-5
+    # eta = 0 draws no noise: the step stays float32 in both
+    assert ours.step(eps, 501, x, variance_noise=z).prev_sample.dtype == torch.float32
+    assert theirs.step(eps, 501, x, variance_noise=z).prev_sample.dtype == torch.float32
 
 
 def test_config_round_trip(tmp_path):

@@ -650,6 +650,33 @@ def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.
     return (torch.clamp(x, -s, s) / s).reshape(x0.shape).to(dtype)
 
 
+def as_timestep(timestep):
+    """A numpy array timestep (what ``t.numpy()`` gives, 0-d or one per sample) as a CPU tensor, as diffusers
+    indexes with it; anything else unchanged (host_timestep and the tensor paths check it)."""
+    if isinstance(timestep, np.ndarray):
+        if timestep.dtype.kind not in "iuf":
+            raise TypeError(f"timestep: expected an int or an integer tensor, got a numpy array of {timestep.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(timestep))
+    return timestep
+
+
+def check_steppable(t: torch.Tensor, owner, *more: torch.Tensor) -> None:
+    """The check of a step at a timestep whose alphas_cumprod is invalid (NaN in diffusers; ``_first_invalid``)
+    for timesteps given as a tensor: on the host for a CPU tensor (the error names the config), else a
+    device-side assertion; nothing to check where every timestep of the table is valid."""
+    fi = owner._first_invalid
+    if fi >= owner.config["num_train_timesteps"] or torch.compiler.is_compiling():
+        return
+    if t.is_cpu:
+        for x in (t, *more):
+            bad = x[x >= fi]
+            if bad.numel():
+                raise invalid_timestep_error(int(bad[0]), owner)
+    else:
+        torch._assert_async((t < fi).all(), f"timestep: timesteps from {fi} cannot be stepped with the betas of "
+                                            "this config (the step would be NaN)")
+
+
 def whole_timesteps(t: torch.Tensor, name: str) -> torch.Tensor:
     """A timestep tensor as integers: floats that are whole numbers (500.0, as diffusers' pipelines pass them)
     become int64; a fraction or a non-finite value is no index and raises, naming ``name``. Checked on the

@@ -17,6 +17,8 @@ from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it
     BaseOutput,
     FastddpmSchedulerMixin,
     SchedulerMixin,
+    as_timestep,
+    check_steppable,
     host_timestep,
     invalid_timestep_error,
     randn_like_diffusers,
@@ -24,6 +26,7 @@ from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it
     spaced_timesteps,
     step_output_init,
     threshold_sample,
+    whole_timesteps,
 )
 
 __all__ = ["DDIMScheduler", "DDIMSchedulerOutput"]
@@ -133,6 +136,7 @@ class DDIMScheduler(FastddpmSchedulerMixin):
         cfg = self.config
         T = cfg.num_train_timesteps
         stride = T // self.num_inference_steps  # >= 1: set_timesteps takes at most T steps
+        timestep = as_timestep(timestep)
         t_host = host_timestep(timestep)
         if t_host is not None:
             if not 0 <= t_host < T:
@@ -141,12 +145,13 @@ class DDIMScheduler(FastddpmSchedulerMixin):
             if t >= self._first_invalid:
                 raise invalid_timestep_error(t, self)
         else:
-            t = timestep.to(device=sample.device, dtype=torch.int64).reshape(-1)
+            t = whole_timesteps(timestep, "timestep").to(device=sample.device, dtype=torch.int64).reshape(-1)
             if t.numel() == 1:
                 t = t.expand(sample.shape[0])
+            check_steppable(t, self)
         final = float(self.final_alpha_cumprod)
 
-        noise, gen = "none", None
+        noise, gen, prev_dtype = "none", None, sample.dtype
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError(
@@ -163,6 +168,9 @@ class DDIMScheduler(FastddpmSchedulerMixin):
                         raise ValueError(f"variance_noise: expected shape {tuple(sample.shape)} or one that "
                                          f"broadcasts to it, got {tuple(variance_noise.shape)}") from None
                 noise = variance_noise.to(sample.dtype)
+                # diffusers adds std_dev_t * variance_noise to the step in its promoted dtype: a float64 noise
+                # makes a float64 prev_sample of a float32 sample (the step itself stays in sample's dtype)
+                prev_dtype = torch.promote_types(sample.dtype, variance_noise.dtype)
             elif isinstance(generator, (list, tuple)) or noise_dtype != sample.dtype:
                 noise = randn_like_diffusers(sample.shape, generator, sample.device, noise_dtype).to(sample.dtype)
             else:
@@ -176,6 +184,8 @@ class DDIMScheduler(FastddpmSchedulerMixin):
         else:
             prev, pred = self._step_fused(model_output, t, t - stride, sample, eta, use_clipped_model_output,
                                           noise, gen, final)
+        if prev_dtype != prev.dtype:
+            prev = prev.to(prev_dtype)
         if not return_dict:
             return prev, pred
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=pred)

@@ -22,6 +22,8 @@ from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it
     BaseOutput,
     FastddpmSchedulerMixin,
     SchedulerMixin,
+    as_timestep,
+    check_steppable,
     host_timestep,
     invalid_timestep_error,
     prev_table,
@@ -30,6 +32,7 @@ from ._common import (  # noqa: F401 (SchedulerMixin: diffusers' loader looks it
     spaced_timesteps,
     step_output_init,
     threshold_sample,
+    whole_timesteps,
 )
 
 __all__ = ["DDPMScheduler", "DDPMSchedulerOutput"]
@@ -76,6 +79,7 @@ class _TimestepTables:
     def _resolve_timestep(self, timestep, sample: torch.Tensor):
         """(t, prev_t, t_host) for the fused op; t_host is the int timestep when known on the host."""
         T = self.config["num_train_timesteps"]
+        timestep = as_timestep(timestep)
         t_host = host_timestep(timestep)
         if t_host is not None:
             if not 0 <= t_host < T:
@@ -91,9 +95,7 @@ class _TimestepTables:
                 raise invalid_timestep_error(t_host if t_host >= self._first_invalid else prev, self)
             return t_host, prev, t_host
         # A tensor on the device (0-d, or one timestep per sample): one gather, no synchronisation.
-        if timestep.dtype.is_floating_point:
-            timestep = timestep.round()
-        tt = timestep.to(device=sample.device, dtype=torch.int64).reshape(-1)
+        tt = whole_timesteps(timestep, "timestep").to(device=sample.device, dtype=torch.int64).reshape(-1)
         B = sample.shape[0]
         if tt.numel() == 1:
             tt = tt.expand(B)
@@ -111,6 +113,7 @@ class _TimestepTables:
             torch._assert_async(
                 ((tt >= 0) & (tt < T) & (pt >= -1)).all(), "timestep: not one of the scheduler's timesteps"
             )
+        check_steppable(tt, self, pt)
         return tt, pt, None
 
 
@@ -287,6 +290,7 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
 
     def previous_timestep(self, timestep):
         """The timestep that ``step`` moves to from ``timestep`` (-1 after the last)."""
+        timestep = as_timestep(timestep)
         if self.custom_timesteps or self.num_inference_steps:
             t = host_timestep(timestep)
             if t is None:
