@@ -53,3 +53,20 @@ def check_fields(obj, name=lambda field: field) -> None:
 def annotations(cls) -> dict[str, str]:
     """field name -> annotation of a dataclass."""
     return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+def env_int(name: str, default: int) -> int:
+    """The integer environment variable ``name`` (torchrun's WORLD_SIZE, RANK, LOCAL_RANK), ``default`` where it is
+    unset; anything else is a ValueError naming the variable."""
+    import os
+
+    v = os.environ.get(name, "")
+    if v.strip() == "":
+        return default
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"{name}: expected a non-negative integer in the environment variable, got {v!r}") from None
+    if n < 0:
+        raise ValueError(f"{name}: expected a non-negative integer in the environment variable, got {v!r}")
+    return n

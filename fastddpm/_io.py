@@ -13,6 +13,12 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", 
                  ".webp": "WEBP"}
 
 
+def has_ext(path: str, ext: str) -> bool:
+    """Whether ``path`` ends in the extension ``ext`` (".safetensors"), in any case, as the output checks read
+    it (check_output_file): a file written as M.SAFETENSORS is read back as one."""
+    return os.path.splitext(path)[1].lower() == ext
+
+
 def umask() -> int:
     """The process's umask, read without changing it where Linux says it (/proc/self/status)."""
     try:
@@ -93,6 +99,34 @@ def lock_folder(folder: str | os.PathLike, *, wait: bool) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | os.PathLike) -> Iterator[str]:
+    """Yield a new temporary folder beside ``folder``; on success move its files into ``folder`` (the folder
+    renamed into place where ``folder`` does not exist yet, else file by file, each an atomic rename); on an
+    error or an interrupt remove it, so ``folder`` never holds part of the set."""
+    import shutil
+
+    folder = os.fspath(folder)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700 whatever the umask
+        yield tmp
+        for name in os.listdir(tmp):  # each file whole on disk before any rename makes it visible
+            with open(os.path.join(tmp, name), "rb+") as f:
+                os.fchmod(f.fileno(), file_mode())
+                os.fsync(f.fileno())
+        if not os.path.exists(folder):
+            os.rename(tmp, folder)
+        else:
+            for name in sorted(os.listdir(tmp)):
+                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_image(img, path: str | os.PathLike) -> None:

@@ -24,6 +24,14 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
         raise UsageError(f"{flag}: expected an integer in [0, 2**63), got {seed}")
 
 
+def check_paths_given(args, *flags: str) -> None:
+    """An empty string for a path flag (an unset shell variable: ``--npz "$FILE"``) is a usage error naming
+    the flag; read for truth it would silently fall back to the default."""
+    for flag in flags:
+        if getattr(args, flag.lstrip("-").replace("-", "_")) == "":
+            raise UsageError(f"{flag}: expected a path, got ''")
+
+
 def check_threads(threads: int, flag: str = "--threads") -> None:
     """0 (torch's default) up to 4 threads per core: torch starts every thread it is told to, and tens of
     thousands exhaust the process's memory map before any work starts."""
@@ -137,8 +145,16 @@ def _demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     check_seed(args.seed)
-    from ._io import IMAGE_FORMATS, check_output_file
+    from PIL import Image
 
+    from ._io import IMAGE_FORMATS, check_output_file
+    from .demo import strip_size
+
+    w, h = strip_size(len(ts), args.image_size)
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if limit is not None and w * h > limit:  # Image.open refuses such a file as a decompression bomb
+        raise UsageError(f"--timesteps: a strip of {len(ts)} images of {args.image_size} pixels would be {w} x {h} "
+                         f"pixels, more than PIL opens ({limit:,}); give fewer timesteps or a smaller --image-size")
     check_output_file(args.out, "--out", tuple(IMAGE_FORMATS))
     path = forward_strip(args.out, ts, image_size=args.image_size, seed=args.seed, backend=args.backend)
     print(f"wrote {path}")

@@ -25,6 +25,15 @@ def demo_image(image_size: int = 32) -> torch.Tensor:
     return img.clamp(0, 1) * 2 - 1
 
 
+PAD = 2  # pixels between the strip's images
+
+
+def strip_size(n: int, image_size: int) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG strip of ``n`` images (each scaled up to at least 128 pixels)."""
+    scale = max(1, 128 // image_size)
+    return (n * (image_size + PAD) - PAD) * scale, image_size * scale
+
+
 def forward_strip(path: str, timesteps: list[int], image_size: int = 32, seed: int = 0, backend: str = "auto") -> str:
     """Write a PNG strip of x_t = q_sample(x0, t) for each t; returns the path."""
     from PIL import Image
@@ -36,11 +45,9 @@ def forward_strip(path: str, timesteps: list[int], image_size: int = 32, seed: i
     t = torch.tensor(timesteps, dtype=torch.int64)
     xt = ops.q_sample(x0, t, noise, sched, backend=backend)  # (n, 1, S, S)
     imgs = ((xt.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
-    pad = 2
-    strip = np.full((image_size, len(timesteps) * (image_size + pad) - pad), 255, dtype=np.uint8)
+    strip = np.full((image_size, len(timesteps) * (image_size + PAD) - PAD), 255, dtype=np.uint8)
     for i, im in enumerate(imgs):
-        strip[:, i * (image_size + pad) : i * (image_size + pad) + image_size] = im
-    scale = max(1, 128 // image_size)
-    out = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+        strip[:, i * (image_size + PAD) : i * (image_size + PAD) + image_size] = im
+    out = Image.fromarray(strip).resize(strip_size(len(timesteps), image_size), Image.NEAREST)
     save_image(out, path)
     return os.path.abspath(path)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._errors import one_line
+from ._io import has_ext
 from .models.unet import UNet, UNetConfig
 from .schedule import NoiseSchedule
 
@@ -158,7 +159,7 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str | None 
         raise ValueError(f"--weights: picks the weights of a training checkpoint (--ckpt); the model {model!r} has "
                          "one set")
     if model is not None:
-        if model.endswith(".safetensors"):
+        if has_ext(model, ".safetensors"):
             try:
                 return load_exported(model)
             except FileNotFoundError as exc:  # named as the flag that gave the path
@@ -169,7 +170,7 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str | None 
     if not os.path.isdir(ckpt):
         if os.path.exists(ckpt):
             raise ValueError(f"--ckpt: {ckpt!r} is a file; expected a training run, checkpoint or diffusers folder"
-                             f"{' (an exported model is --model)' if ckpt.endswith('.safetensors') else ''}")
+                             f"{' (an exported model is --model)' if has_ext(ckpt, '.safetensors') else ''}")
         raise FileNotFoundError(f"--ckpt: no such folder {ckpt!r}")
     has = lambda *p: os.path.exists(os.path.join(ckpt, *p))
     run = has("train.log") or has("metrics.csv")  # a training run that has saved no checkpoint yet
@@ -188,6 +189,7 @@ def load(model: str | None = None, ckpt: str | None = None, weights: str | None 
 def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", steps: int = 50,
            extra: dict | None = None) -> str:
     """Write a training checkpoint's weights as an exported model ``out`` (.safetensors + .json)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from ._io import atomic_path
@@ -197,15 +199,37 @@ def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", ste
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps: expected the model's default number of sampling steps, 1 to its {T} "
                          f"training timesteps, got {steps!r}")
-    meta = {"format": MODEL_FORMAT, "unet_config": lm.model.config.to_dict(), "schedule": lm.info["schedule"],
+    _check_not_an_input(out, lm.source)
+    s = lm.schedule  # (what the checkpoint's state.json names, or the default it was read with)
+    schedule = {"num_train_timesteps": s.num_train_timesteps, "beta_schedule": s.beta_schedule,
+                "beta_start": s.beta_start, "beta_end": s.beta_end}
+    meta = {"format": MODEL_FORMAT, "unet_config": lm.model.config.to_dict(), "schedule": schedule,
             "prediction_type": lm.prediction_type, "sampler": sampler, "steps": steps,
             "trained_steps": lm.info["step"], "weights": weights, "train_config": lm.info.get("config")}
     meta.update(extra or {})
     sd = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
     # Both files written to temporary names first, then renamed one right after the other: an interrupted
     # export leaves the previous pair, not a new .json beside old weights.
-    with atomic_path(out) as tmp_w, atomic_path(os.path.splitext(out)[0] + ".json") as tmp_j:
-        save_file(sd, tmp_w, metadata={"format": MODEL_FORMAT})
-        with open(tmp_j, "w") as f:
-            json.dump(meta, f, indent=1)
+    try:
+        with atomic_path(out) as tmp_w, atomic_path(os.path.splitext(out)[0] + ".json") as tmp_j:
+            save_file(sd, tmp_w, metadata={"format": MODEL_FORMAT})
+            with open(tmp_j, "w") as f:
+                json.dump(meta, f, indent=1)
+    except SafetensorError as exc:  # a full disk: safetensors' error is no OSError (the temporary files are gone)
+        raise OSError(f"{out}: cannot write the exported model ({one_line(exc, 200)})") from exc
     return out
+
+
+def _check_not_an_input(out: str, ckpt: str) -> None:
+    """``out`` and its .json must not land in the checkpoint folder (its files are checksummed) or over a file of
+    the run folder above it (config.json, train.log, ...): writing there would destroy what was exported."""
+    ckpt = os.path.realpath(ckpt)
+    parent = os.path.dirname(ckpt)
+    run = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+    for path in (out, os.path.splitext(out)[0] + ".json"):
+        real = os.path.realpath(path)
+        inside = os.path.dirname(real) == ckpt or real.startswith(ckpt + os.sep)
+        over_run_file = run is not None and os.path.dirname(real) == run and os.path.isfile(real)
+        if inside or over_run_file:
+            where = "inside the checkpoint folder " + ckpt if inside else "a file of the training run " + run
+            raise ValueError(f"out: {path!r} is {where}: writing it would destroy the input; export elsewhere")

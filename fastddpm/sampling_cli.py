@@ -8,13 +8,15 @@ processes share the work: under torchrun each process samples its share of batch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
 import sys
 import time
 
-from .cli import UsageError, check_seed, check_threads, command, parse_device
+from ._fields import env_int
+from .cli import UsageError, check_paths_given, check_seed, check_threads, command, parse_device
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +118,7 @@ def grid_path(args: argparse.Namespace) -> str | None:
 
 def check_sample_args(args: argparse.Namespace) -> None:
     """Every mistake that can be seen before the model is loaded and sampled, as a UsageError."""
-    from ._io import IMAGE_FORMATS, check_output_dir, check_output_file
+    from ._io import IMAGE_FORMATS, check_output_dir, check_output_file, has_ext
 
     for name in ("n", "batch_size"):
         if getattr(args, name) < 1:
@@ -128,9 +130,7 @@ def check_sample_args(args: argparse.Namespace) -> None:
     check_seed(args.seed)
     if not 0 <= args.eta < math.inf:
         raise UsageError(f"--eta: expected a finite number >= 0, got {args.eta}")
-    for name in ("model", "ckpt"):
-        if getattr(args, name) == "":
-            raise UsageError(f"--{name}: expected a path, got ''")
+    check_paths_given(args, "--model", "--ckpt")
     for name in ("nrow", "scale"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
@@ -143,6 +143,12 @@ def check_sample_args(args: argparse.Namespace) -> None:
             check_output_dir(args.png_dir, "--png-dir")
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if args.png_dir is not None and os.path.isdir(args.png_dir):
+        # the new set would replace some of an earlier run's images and leave the rest beside them
+        old = sorted(f for f in os.listdir(args.png_dir) if re.fullmatch(r"\d{6}\.png", f))
+        if old:
+            raise UsageError(f"--png-dir: {args.png_dir!r} already holds {len(old)} numbered images ({old[0]} ...) "
+                             "from an earlier run; give a new or empty folder, or remove them first")
     if args.png_dir is not None:  # the grid or the .npz written where the PNGs go, or one of them over the other
         png_dir = os.path.abspath(args.png_dir)
         for flag, path in (("--out", grid_path(args)), ("--npz", args.npz)):
@@ -153,7 +159,7 @@ def check_sample_args(args: argparse.Namespace) -> None:
                 raise UsageError(f"--png-dir: {args.png_dir!r} would write over {flag} {path!r}; give them "
                                  "different names")
     model = args.model if args.model or args.ckpt else "digits"
-    if model and model.endswith(".safetensors") and not os.path.isfile(model):
+    if model and has_ext(model, ".safetensors") and not os.path.isfile(model):
         raise UsageError(f"--model: no such file {model!r} (an exported model is NAME.safetensors next to "
                          f"NAME.json)")
     if model:  # built-in and exported models are safetensors files
@@ -204,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from . import pretrained
-    from ._io import atomic_path, save_image
+    from ._errors import one_line
+    from ._io import atomic_path, staged_folder
     from .train.checkpoint import CheckpointError
     from .train.loop import save_grid
 
@@ -212,10 +219,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = parse_device(args.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
     if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        device = torch.device(f"cuda:{env_int('LOCAL_RANK', 0)}")
     t0 = time.perf_counter()
     try:
         lm = pretrained.load(args.model if args.model or args.ckpt else "digits", args.ckpt, args.weights)
@@ -247,23 +254,27 @@ def run(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
     x = torch.cat([shards[i] for i in sorted(shards)])  # (n, C, H, W)
-    written = []
-    if out:
-        save_grid(x, out, nrow=args.nrow, scale=scale)
-        written.append(out)
     imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    if args.npz:
-        with atomic_path(args.npz) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, images=imgs)
-        written.append(args.npz)
-    if args.png_dir:
-        from PIL import Image
+    written = [p for p in (out, args.npz, args.png_dir and args.png_dir + "/") if p]
+    # Every output written to a temporary name first and moved into place only once all are complete: an
+    # error or Ctrl-C while writing leaves none of them, and no partial set of PNGs.
+    try:
+        with contextlib.ExitStack() as stack:
+            if out:
+                save_grid(x, stack.enter_context(atomic_path(out)), nrow=args.nrow, scale=scale)
+            if args.npz:
+                with open(stack.enter_context(atomic_path(args.npz)), "wb") as f:
+                    np.savez_compressed(f, images=imgs)
+            if args.png_dir:
+                from PIL import Image
 
-        os.makedirs(args.png_dir, exist_ok=True)
-        for i, im in enumerate(imgs):
-            save_image(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im),
-                       os.path.join(args.png_dir, f"{i:06d}.png"))
-        written.append(args.png_dir + "/")
+                folder = stack.enter_context(staged_folder(args.png_dir))
+                for i, im in enumerate(imgs):
+                    Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(
+                        os.path.join(folder, f"{i:06d}.png"), format="PNG")
+    except OSError as exc:  # a full disk: name what was being written (none of it is left)
+        raise OSError(f"cannot write {', '.join(written)} ({exc.strerror or one_line(exc)}); none of them was "
+                      "written") from exc
     dt = time.perf_counter() - t0
     print(f"wrote {', '.join(written)}: {args.n} images {x.shape[-2]}x{x.shape[-1]} from {lm.source} ({sampler}, "
           f"{default_steps(lm, sampler, steps)} steps) in {dt:.1f} s", file=sys.stderr)
@@ -298,7 +309,7 @@ def run_export(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         raise UsageError(str(exc)) from exc
     except ValueError as exc:
-        if str(exc).startswith("steps: "):  # export()'s argument is this flag
+        if str(exc).startswith(("steps: ", "out: ")):  # export()'s arguments are these flags
             raise UsageError(f"--{exc}") from exc
         raise
     print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json", file=sys.stderr)

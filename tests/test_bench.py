@@ -393,6 +393,13 @@ def test_bench_csv_must_be_a_folder(tmp_path, capsys, monkeypatch):
     assert f"--csv: {str(f)!r} is a file; expected a folder" in capsys.readouterr().err
     assert cli_main(["bench", "--only", "q_sample", "--csv", str(f / "sub")]) == 2
     assert f"--csv: {str(f)!r} is a file, so the folder" in capsys.readouterr().err
+    # a CSV there that cannot be appended to (not text) was found only after the suite, naming neither
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "bench_counts.csv").write_bytes(b"\xff\xfe\x00binary")
+    assert cli_main(["bench", "--only", "q_sample", "--csv", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert f"--csv: {d / 'bench_counts.csv'} is not a CSV file of rows that can be appended to" in err, err
 
 
 def test_benchmarks_run_module_usage(capsys, monkeypatch):

@@ -145,3 +145,178 @@ def test_eval_baselines_and_npz(tmp_path, capsys):
     np.savez(tmp_path / "x.npz", images=imgs)
     assert main(["eval", "--npz", str(tmp_path / "x.npz")]) == 0
     assert main(["eval", "--real", "train", "--n", "1"]) == 2
+
+
+# ----------------------------------------------------------------------------- mistakes found by probing the CLI
+def _one_line_error(capsys, *must: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("fastddpm ")]
+    assert len(lines) == 1, err
+    for s in must:
+        assert s in lines[0], (s, lines[0])
+    return lines[0]
+
+
+def test_diffusers_folder_with_a_broken_bin_is_one_line(tmp_path, capsys):
+    """A half-downloaded diffusion_pytorch_model.bin ended in torch.load's traceback (exit 1)."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(16, 32), norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=False)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.bin"
+    whole = weights.read_bytes()
+    for content in (whole[: len(whole) // 2], b"", b"not a torch file at all"):
+        weights.write_bytes(content)
+        assert main(["sample", "--ckpt", str(tmp_path / "unet"), "--n", "1", "--steps", "1", "--no-progress",
+                     "--out", str(tmp_path / "x.png")]) == 2
+        _one_line_error(capsys, "diffusion_pytorch_model.bin: not a readable PyTorch weights file")
+    torch.save([1, 2], weights)  # a readable file that is no state dict
+    assert main(["sample", "--ckpt", str(tmp_path / "unet"), "--n", "1", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    _one_line_error(capsys, "expected a state dict (names to tensors), got list")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("flag", ["--model", "--ckpt", "--npz", "--classifier", "--json", "--train-classifier"])
+def test_eval_refuses_an_empty_path(flag, capsys):
+    """An unset shell variable (--npz "$FILE") fell back to the default: the built-in model was scored instead."""
+    assert main(["eval", flag, "", "--n", "2"]) == 2
+    _one_line_error(capsys, f"{flag}: expected a path, got ''")
+
+
+def test_export_refuses_to_write_over_its_input(run_dir, tmp_path, capsys):
+    """export --out inside the checkpoint folder overwrote model.safetensors (the checkpoint then failed its
+    checksum); its .json could overwrite state.json or the run's config.json."""
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    ck = pretrained.load(ckpt=str(run)).source
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for out in (os.path.join(ck, "model.safetensors"), os.path.join(ck, "state.safetensors"),
+                os.path.join(ck, "new.safetensors"), run / "config.safetensors"):
+        assert main(["export", "--ckpt", str(run), "--out", str(out)]) == 2
+        _one_line_error(capsys, "--out: ", "writing it would destroy the input")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a new file in the run folder is fine, and so is any other folder
+    assert main(["export", "--ckpt", str(run), "--out", str(run / "model.safetensors")]) == 0
+    assert main(["sample", "--ckpt", str(run), "--n", "1", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_export_full_disk_is_one_line_and_leaves_nothing(run_dir, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert main(["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "m.safetensors")]) == 2
+    _one_line_error(capsys, "m.safetensors: cannot write the exported model", "StorageFull")
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_name_in_capitals_is_read_back(run_dir, tmp_path):
+    """export wrote E.SAFETENSORS (the output check reads extensions in any case); sample --model refused it."""
+    out = tmp_path / "E.SAFETENSORS"
+    assert main(["export", "--ckpt", str(run_dir), "--out", str(out)]) == 0
+    assert (tmp_path / "E.json").is_file()
+    assert main(["sample", "--model", str(out), "--n", "1", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_export_of_a_checkpoint_without_a_schedule_entry(run_dir, tmp_path):
+    """state.json without "schedule" (sample reads it with the default schedule) made export fail (KeyError)."""
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(run_dir, run)
+    ck = pretrained.load(ckpt=str(run)).source
+    state = json.loads(open(os.path.join(ck, "state.json")).read())
+    written = state.pop("schedule")
+    with open(os.path.join(ck, "state.json"), "w") as f:
+        json.dump(state, f)
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["schedule"] == {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4,
+                                "beta_end": 0.02}
+    assert meta["schedule"] == written  # (this run trained with the default schedule: the same)
+
+
+def test_a_missing_latest_checkpoint_names_the_flag(run_dir, tmp_path, capsys):
+    """The error named the step folder read from checkpoints/latest instead of --ckpt."""
+    import shutil
+
+    run = tmp_path / "c"
+    shutil.copytree(run_dir, run)
+    for d in (run / "checkpoints").iterdir():
+        if d.is_dir():
+            shutil.rmtree(d)
+    assert main(["sample", "--ckpt", str(run), "--n", "1"]) == 2
+    line = _one_line_error(capsys, "--ckpt: no fastddpm training checkpoint in")
+    assert "step-" not in line.split("--ckpt:")[0]
+
+
+def test_png_dir_of_an_earlier_run_is_refused(tmp_path, capsys):
+    """A second run into the same --png-dir overwrote some images and left the rest of the first run's."""
+    pd = tmp_path / "pd"
+    assert main(["sample", "--model", "digits", "--n", "4", "--steps", "1", "--png-dir", str(pd),
+                 "--no-progress"]) == 0
+    first = {p.name: p.read_bytes() for p in pd.iterdir()}
+    assert sorted(first) == [f"{i:06d}.png" for i in range(4)]
+    assert main(["sample", "--model", "digits", "--n", "2", "--steps", "1", "--png-dir", str(pd), "--seed", "3",
+                 "--no-progress"]) == 2
+    _one_line_error(capsys, "--png-dir: ", "already holds 4 numbered images")
+    assert {p.name: p.read_bytes() for p in pd.iterdir()} == first
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("kept")
+    assert main(["sample", "--model", "digits", "--n", "2", "--steps", "1", "--png-dir", str(tmp_path / "other"),
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["000000.png", "000001.png", "notes.txt"]
+
+
+def test_a_write_error_leaves_no_output_at_all(tmp_path, capsys, monkeypatch):
+    """A full disk while writing the PNGs left the grid, the .npz and part of the PNG set, with a message naming
+    no file."""
+    real_save = Image.Image.save
+    calls = []
+
+    def save(self, fp, *a, **k):
+        calls.append(fp)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out, npz, pd = tmp_path / "g.png", tmp_path / "g.npz", tmp_path / "pd"
+    assert main(["sample", "--model", "digits", "--n", "6", "--steps", "1", "--out", str(out), "--npz", str(npz),
+                 "--png-dir", str(pd), "--no-progress"]) == 2
+    _one_line_error(capsys, f"cannot write {out}, {npz}, {pd}/", "No space left on device", "none of them")
+    assert len(calls) == 4 and os.listdir(tmp_path) == []
+
+
+def test_demo_refuses_a_strip_larger_than_pil_opens(tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    from fastddpm.demo import strip_size
+
+    ts = ",".join(str(t) for t in range(1000))
+    w, h = strip_size(1000, 512)
+    assert w * h > 2 * PILImage.MAX_IMAGE_PIXELS
+    assert main(["demo", "--image-size", "512", "--timesteps", ts, "--out", str(tmp_path / "big.png")]) == 2
+    _one_line_error(capsys, "--timesteps: a strip of 1000 images of 512 pixels", "more than PIL opens")
+    assert os.listdir(tmp_path) == []
+    assert main(["demo", "--out", str(tmp_path / "d.png")]) == 0
+    with PILImage.open(tmp_path / "d.png") as im:
+        assert im.size == strip_size(8, 32)
+
+
+def test_torchrun_variables_that_are_not_integers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    assert main(["sample", "--model", "digits", "--n", "1", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "s.png")]) == 2
+    _one_line_error(capsys, "WORLD_SIZE: expected a non-negative integer in the environment variable, got 'abc'")

@@ -37,7 +37,7 @@ def execute(args: argparse.Namespace, log=None) -> tuple[list[dict], dict, str]:
     import torch
 
     from . import suite as S
-    from .timing import append_csv, stamp
+    from .timing import append_csv, check_appendable, stamp
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     only = [s.strip() for s in args.only]
@@ -57,6 +57,8 @@ def execute(args: argparse.Namespace, log=None) -> tuple[list[dict], dict, str]:
     try:  # before the suite runs (minutes, hours with --full), not after
         if args.csv is not None:
             check_output_dir(args.csv, "--csv")
+            for name in ("bench_timings.csv", "bench_counts.csv"):
+                check_appendable(os.path.join(args.csv, name), "--csv")
         if args.markdown is not None:
             check_output_file(args.markdown, "--markdown")
     except ValueError as exc:

@@ -187,6 +187,26 @@ def _locked_folder(folder: str):
             os.close(fd)  # releases the lock
 
 
+def _read_csv(path: str, flag: str = "") -> tuple[list[str], list[dict]]:
+    """The header and rows of the CSV at ``path`` (none where it is missing or empty); a file that is not a CSV
+    of text is a ValueError naming it (and ``flag``, the option that gave its folder)."""
+    if not (os.path.exists(path) and os.path.getsize(path) > 0):
+        return [], []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        where = f"{flag}: " if flag else ""
+        raise ValueError(f"{where}{path} is not a CSV file of rows that can be appended to ({exc}); move it "
+                         "away or give another folder") from exc
+
+
+def check_appendable(path: str, flag: str) -> None:
+    """Before the work: append_csv can read the CSV at ``path`` (ValueError naming ``flag`` if not)."""
+    _read_csv(path, flag)
+
+
 def append_csv(path: str, rows: list[dict]) -> int:
     """Append ``rows`` to the CSV at ``path``, atomically; returns the number of rows written.
 
@@ -200,13 +220,7 @@ def append_csv(path: str, rows: list[dict]) -> int:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with _locked_folder(folder):
-        old_fields: list[str] = []
-        old_rows: list[dict] = []
-        if os.path.exists(path) and os.path.getsize(path) > 0:
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                old_fields = list(reader.fieldnames or [])
-                old_rows = list(reader)
+        old_fields, old_rows = _read_csv(path)
         fields = list(old_fields)
         for r in rows:
             fields += [k for k in r if k not in fields]

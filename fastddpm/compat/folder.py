@@ -110,7 +110,14 @@ def load_unet_state_dict(folder: DiffusersFolder) -> dict[str, torch.Tensor]:
                     return load_file(p)
                 except (SafetensorError, OSError) as exc:
                     raise FolderError(f"{p}: not a readable safetensors file ({exc})") from exc
-            return torch.load(p, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a truncated or foreign file: zip, pickle, EOF and key errors alike
+                raise FolderError(f"{p}: not a readable PyTorch weights file (truncated or corrupt? "
+                                  f"{one_line(exc, 200)})") from exc
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise FolderError(f"{p}: expected a state dict (names to tensors), got {type(sd).__name__}")
+            return sd
     raise FolderError(f"{folder.unet_dir}: no {' or '.join(WEIGHTS)}")
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from ..cli import UsageError, check_seed, check_threads, command
+from ..cli import UsageError, check_paths_given, check_seed, check_threads, command
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_threads(args.threads)
     check_seed(args.seed)
-    from .._io import check_output_file
+    check_paths_given(args, "--model", "--ckpt", "--npz", "--classifier", "--json", "--train-classifier")
+    from .._io import check_output_file, has_ext
 
     try:  # before the work: where the results go
         if args.json:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     # an output over an input would destroy it (the exported model's description is NAME.json)
-    model_json = os.path.splitext(args.model)[0] + ".json" if args.model and args.model.endswith(".safetensors") \
+    model_json = os.path.splitext(args.model)[0] + ".json" if args.model and has_ext(args.model, ".safetensors") \
         else None
     inputs = {"--npz": args.npz, "--classifier": args.classifier, "--model": args.model,
               "--model (its .json)": model_json}
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         for in_flag, path in inputs.items():
             if out and path and os.path.realpath(out) == os.path.realpath(path):
                 raise UsageError(f"{out_flag}: {out!r} is the {in_flag} file: writing it would destroy the input")
-    if args.model and args.model.endswith(".safetensors") and not os.path.isfile(args.model):
+    if args.model and has_ext(args.model, ".safetensors") and not os.path.isfile(args.model):
         raise UsageError(f"--model: no such file {args.model!r}")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -234,9 +234,9 @@ def resolve(path: str, name: str = "checkpoint") -> str:
         ptr = os.path.join(root, "latest")
         if os.path.isfile(ptr):
             with open(ptr) as f:
-                name = f.read().strip()
-            cand = os.path.join(root, name)
-            if _STEP_RE.match(name) and os.path.isfile(os.path.join(cand, "state.json")):
+                entry = f.read().strip()
+            cand = os.path.join(root, entry)
+            if _STEP_RE.match(entry) and os.path.isfile(os.path.join(cand, "state.json")):
                 return cand
         cks = list_checkpoints(root)
         if cks:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
+from .._fields import env_int
 from ..cli import UsageError, command
 from .config import FIELDS, TrainConfig
 
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         print(f"fastddpm train: error: {exc}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for every process
+    if env_int("RANK", 0) != 0:  # under torchrun, rank 0 reports for every process
         return 0
     if summary["stopped_by"]:
         print(f"fastddpm train: stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from .._errors import is_out_of_memory, one_line
-from .._io import atomic_path, check_output_dir, lock_folder
+from .._fields import env_int
+from .._io import atomic_path, check_output_dir, has_ext, lock_folder
 from ..models.unet import UNet, UNetConfig
 from ..schedule import NoiseSchedule
 from . import checkpoint as ckpt_mod
@@ -68,7 +69,7 @@ def unhealthy(model: torch.nn.Module, probe: tuple[torch.Tensor, torch.Tensor]) 
 def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
     data = {"sample_size": image_size, "in_channels": channels}  # what the data say, where nothing else does
     over = {**data, **cfg.unet}
-    if cfg.model.endswith(".json"):
+    if has_ext(cfg.model, ".json"):
         if not os.path.isfile(cfg.model):
             raise ValueError(f"--model: no such file {cfg.model!r}")
         try:
@@ -130,9 +131,9 @@ class Dist:
     """torch.distributed when launched by torchrun (WORLD_SIZE > 1), a no-op otherwise."""
 
     def __init__(self, device: torch.device) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world = env_int("WORLD_SIZE", 1)
+        self.rank = env_int("RANK", 0)
+        self.local_rank = env_int("LOCAL_RANK", 0)
         self.enabled = self.world > 1
         if self.enabled:
             import torch.distributed as dist
@@ -419,7 +420,7 @@ def train(cfg: TrainConfig, resume: str | None = None, given: set[str] | None = 
     check_output_dir(cfg.out, "--out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(cfg.device, env_int("LOCAL_RANK", 0))
     if cfg.amp and device.type != "cuda":
         raise ValueError("--amp: mixed precision runs on CUDA devices only; on this CPU bf16 autocast is "
                          "known "
