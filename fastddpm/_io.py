@@ -101,32 +101,55 @@ def lock_folder(folder: str | os.PathLike, *, wait: bool) -> int | None:
     return fd
 
 
+def _sync_file(path: str) -> None:
+    """Give ``path`` the mode a plain open() would and flush it to disk."""
+    with open(path, "rb+") as f:
+        os.fchmod(f.fileno(), file_mode())
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
-def staged_folder(folder: str | os.PathLike) -> Iterator[str]:
-    """Yield a new temporary folder beside ``folder``; on success move its files into ``folder`` (the folder
-    renamed into place where ``folder`` does not exist yet, else file by file, each an atomic rename); on an
-    error or an interrupt remove it, so ``folder`` never holds part of the set."""
+def output_set(files: list[str], folder: str | None = None) -> Iterator[tuple[list[str], str | None]]:
+    """Write several outputs as one: yields a temporary path for each of ``files`` (in its folder, same
+    extension) and, for ``folder``, a temporary folder to write its files into (inside ``folder`` where it
+    exists, so on its file system; beside it where it does not). On success every file is flushed to disk
+    first, and only then renamed into place, all of them; on an error or an interrupt before that, every
+    temporary is removed and no output is touched."""
     import shutil
 
-    folder = os.fspath(folder)
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmps: list[str] = []
+    stage = None
+    existed = folder is not None and os.path.isdir(folder)
     try:
-        os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700 whatever the umask
-        yield tmp
-        for name in os.listdir(tmp):  # each file whole on disk before any rename makes it visible
-            with open(os.path.join(tmp, name), "rb+") as f:
-                os.fchmod(f.fileno(), file_mode())
-                os.fsync(f.fileno())
-        if not os.path.exists(folder):
-            os.rename(tmp, folder)
-        else:
-            for name in sorted(os.listdir(tmp)):
-                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        for path in files:
+            d = os.path.dirname(os.path.abspath(path))
+            os.makedirs(d, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=d)
+            os.close(fd)
+            tmps.append(tmp)
+        if folder is not None:
+            base = folder if existed else os.path.dirname(os.path.abspath(folder))
+            os.makedirs(base, exist_ok=True)
+            stage = tempfile.mkdtemp(prefix=".tmp-", dir=base)
+        yield tmps, stage
+        staged = [os.path.join(stage, n) for n in sorted(os.listdir(stage))] if stage else []
+        for p in tmps + staged:  # 1. everything whole on disk
+            _sync_file(p)
+        for tmp, path in zip(tmps, files):  # 2. renames only
+            os.replace(tmp, path)
+        if stage is not None:
+            if existed:
+                for p in staged:
+                    os.replace(p, os.path.join(folder, os.path.basename(p)))
+            else:
+                os.chmod(stage, dir_mode())  # mkdtemp makes it 0700 whatever the umask
+                os.rename(stage, folder)
     finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if stage is not None and os.path.exists(stage):
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def save_image(img, path: str | os.PathLike) -> None:

@@ -221,15 +221,29 @@ def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", ste
 
 
 def _check_not_an_input(out: str, ckpt: str) -> None:
-    """``out`` and its .json must not land in the checkpoint folder (its files are checksummed) or over a file of
-    the run folder above it (config.json, train.log, ...): writing there would destroy what was exported."""
+    """``out`` and its .json must not land in the checkpoint folder, or among the run's checkpoints, or over a
+    file of the run folder above them (config.json, train.log, ...) other than an earlier export: writing
+    there would destroy what is being exported, or the run."""
     ckpt = os.path.realpath(ckpt)
     parent = os.path.dirname(ckpt)
     run = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
-    for path in (out, os.path.splitext(out)[0] + ".json"):
+    guarded = parent if run is not None else ckpt  # every checkpoint of the run, or this one
+    meta = os.path.splitext(out)[0] + ".json"
+    for path in (out, meta):
         real = os.path.realpath(path)
-        inside = os.path.dirname(real) == ckpt or real.startswith(ckpt + os.sep)
-        over_run_file = run is not None and os.path.dirname(real) == run and os.path.isfile(real)
-        if inside or over_run_file:
-            where = "inside the checkpoint folder " + ckpt if inside else "a file of the training run " + run
-            raise ValueError(f"out: {path!r} is {where}: writing it would destroy the input; export elsewhere")
+        if real == guarded or real.startswith(guarded + os.sep):
+            where = "among the run's checkpoints in " + guarded if run is not None else "inside the checkpoint " + ckpt
+        elif run is not None and os.path.dirname(real) == run and os.path.isfile(real) and not _is_export(meta):
+            where = "a file of the training run " + run
+        else:
+            continue
+        raise ValueError(f"out: {path!r} is {where}: writing it would destroy the input; export elsewhere")
+
+
+def _is_export(meta_path: str) -> bool:
+    """Whether ``meta_path`` is the description of an exported model (which an export may replace)."""
+    try:
+        with open(meta_path) as f:
+            return json.load(f).get("format") == MODEL_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

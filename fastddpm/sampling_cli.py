@@ -8,7 +8,6 @@ processes share the work: under torchrun each process samples its share of batch
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -145,7 +144,11 @@ def check_sample_args(args: argparse.Namespace) -> None:
         raise UsageError(str(exc)) from exc
     if args.png_dir is not None and os.path.isdir(args.png_dir):
         # the new set would replace some of an earlier run's images and leave the rest beside them
-        old = sorted(f for f in os.listdir(args.png_dir) if re.fullmatch(r"\d{6}\.png", f))
+        try:
+            names = os.listdir(args.png_dir)
+        except OSError as exc:
+            raise UsageError(f"--png-dir: cannot read the folder {args.png_dir!r} ({exc.strerror or exc})") from exc
+        old = sorted(f for f in names if re.fullmatch(r"\d{6,}\.png", f))
         if old:
             raise UsageError(f"--png-dir: {args.png_dir!r} already holds {len(old)} numbered images ({old[0]} ...) "
                              "from an earlier run; give a new or empty folder, or remove them first")
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
     from . import pretrained
     from ._errors import one_line
-    from ._io import atomic_path, staged_folder
+    from ._io import output_set
     from .train.checkpoint import CheckpointError
     from .train.loop import save_grid
 
@@ -256,19 +259,20 @@ def run(args: argparse.Namespace) -> int:
     x = torch.cat([shards[i] for i in sorted(shards)])  # (n, C, H, W)
     imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     written = [p for p in (out, args.npz, args.png_dir and args.png_dir + "/") if p]
-    # Every output written to a temporary name first and moved into place only once all are complete: an
-    # error or Ctrl-C while writing leaves none of them, and no partial set of PNGs.
+    # Every output written to a temporary name first and moved into place only once all are complete and on
+    # disk: an error or Ctrl-C while writing leaves none of them, and no partial set of PNGs.
     try:
-        with contextlib.ExitStack() as stack:
+        files = [p for p in (out, args.npz) if p]
+        with output_set(files, args.png_dir) as (tmps, folder):
+            tmp = dict(zip(files, tmps))
             if out:
-                save_grid(x, stack.enter_context(atomic_path(out)), nrow=args.nrow, scale=scale)
+                save_grid(x, tmp[out], nrow=args.nrow, scale=scale)
             if args.npz:
-                with open(stack.enter_context(atomic_path(args.npz)), "wb") as f:
+                with open(tmp[args.npz], "wb") as f:
                     np.savez_compressed(f, images=imgs)
             if args.png_dir:
                 from PIL import Image
 
-                folder = stack.enter_context(staged_folder(args.png_dir))
                 for i, im in enumerate(imgs):
                     Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(
                         os.path.join(folder, f"{i:06d}.png"), format="PNG")

@@ -18,13 +18,24 @@ src=$1
 log=${2:-$root/benchmarks/results/diffusers_scheduler_tests.txt}
 py=${PYTHON:-$root/.venv/bin/python}
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+tmp_log=
+trap 'rm -rf "$work"; [ -z "$tmp_log" ] || rm -f "$tmp_log"' EXIT
 parts=(tests/__init__.py tests/conftest.py tests/testing_utils.py tests/others tests/schedulers)
+missing() {
+  echo "DIFFUSERS_SRC: '$src' lacks $1 (expected a diffusers source checkout of tests/schedulers' era)" >&2
+  exit 2
+}
 if [ -d "$src/tests/schedulers" ]; then
   mkdir -p "$work/tests"
-  for p in "${parts[@]}"; do cp -r "$src/$p" "$work/$p"; done
+  for p in "${parts[@]}"; do
+    [ -e "$src/$p" ] || missing "$p"
+    cp -r "$src/$p" "$work/$p"
+  done
   rev=$(git -C "$src" rev-parse HEAD 2>/dev/null || echo "not a git checkout")
 elif git --git-dir="$src" rev-parse --verify -q HEAD >/dev/null 2>&1; then
+  for p in "${parts[@]}"; do
+    git --git-dir="$src" cat-file -e "HEAD:$p" 2>/dev/null || missing "$p"
+  done
   git --git-dir="$src" archive HEAD "${parts[@]}" | tar -x -C "$work"
   rev=$(git --git-dir="$src" rev-parse HEAD)
 else
@@ -53,6 +64,8 @@ status=0
 (cd "$work" && PYTHONPATH="$root" "$py" -m pytest -v -p no:cacheprovider tests/schedulers/test_scheduler_ddpm.py \
   tests/schedulers/test_scheduler_ddim.py) >> "$tmp_log" 2>&1 || status=$?
 sed -i "s|$work/||g" "$tmp_log"
+chmod "$(printf '%o' $(( 0666 & ~0$(umask) )))" "$tmp_log"  # (mktemp made it 0600 whatever the umask)
 mv "$tmp_log" "$log"
+tmp_log=
 tail -n 1 "$log"
 exit $status

@@ -400,6 +400,10 @@ def test_bench_csv_must_be_a_folder(tmp_path, capsys, monkeypatch):
     assert cli_main(["bench", "--only", "q_sample", "--csv", str(d)]) == 2
     err = capsys.readouterr().err
     assert f"--csv: {d / 'bench_counts.csv'} is not a CSV file of rows that can be appended to" in err, err
+    (d / "bench_counts.csv").unlink()
+    (d / "bench_counts.csv").mkdir()  # a folder of that name: IsADirectoryError was a traceback
+    assert cli_main(["bench", "--only", "q_sample", "--csv", str(d)]) == 2
+    assert f"--csv: {d / 'bench_counts.csv'} is not a CSV file" in capsys.readouterr().err
 
 
 def test_benchmarks_run_module_usage(capsys, monkeypatch):

@@ -201,10 +201,18 @@ def test_export_refuses_to_write_over_its_input(run_dir, tmp_path, capsys):
         assert main(["export", "--ckpt", str(run), "--out", str(out)]) == 2
         _one_line_error(capsys, "--out: ", "writing it would destroy the input")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
-    # a new file in the run folder is fine, and so is any other folder
-    assert main(["export", "--ckpt", str(run), "--out", str(run / "model.safetensors")]) == 0
+    # a new file in the run folder is fine, and so is replacing that export later (it is no input)
+    for _ in range(2):
+        assert main(["export", "--ckpt", str(run), "--out", str(run / "model.safetensors")]) == 0
     assert main(["sample", "--ckpt", str(run), "--n", "1", "--steps", "1", "--no-progress",
                  "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["sample", "--model", str(run / "model.safetensors"), "--n", "1", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    # another checkpoint of the run is guarded as well: exporting one over another destroyed it
+    other = ck.rsplit("step-", 1)[0] + "step-99999999"
+    os.makedirs(other)
+    assert main(["export", "--ckpt", ck, "--out", os.path.join(other, "model.safetensors")]) == 2
+    _one_line_error(capsys, "--out: ", "among the run's checkpoints")
 
 
 def test_export_full_disk_is_one_line_and_leaves_nothing(run_dir, tmp_path, capsys, monkeypatch):
@@ -258,7 +266,7 @@ def test_a_missing_latest_checkpoint_names_the_flag(run_dir, tmp_path, capsys):
             shutil.rmtree(d)
     assert main(["sample", "--ckpt", str(run), "--n", "1"]) == 2
     line = _one_line_error(capsys, "--ckpt: no fastddpm training checkpoint in")
-    assert "step-" not in line.split("--ckpt:")[0]
+    assert line.startswith("fastddpm sample: error: --ckpt: "), line
 
 
 def test_png_dir_of_an_earlier_run_is_refused(tmp_path, capsys):
@@ -297,6 +305,34 @@ def test_a_write_error_leaves_no_output_at_all(tmp_path, capsys, monkeypatch):
                  "--png-dir", str(pd), "--no-progress"]) == 2
     _one_line_error(capsys, f"cannot write {out}, {npz}, {pd}/", "No space left on device", "none of them")
     assert len(calls) == 4 and os.listdir(tmp_path) == []
+
+
+def test_outputs_move_into_place_only_once_all_are_on_disk(tmp_path, capsys, monkeypatch):
+    """The renames come after every file is flushed: a flush that fails (a quota, NFS) leaves no output,
+    where the PNGs used to be in place before the .npz and the grid were written."""
+    import fastddpm._io as io
+
+    real = io._sync_file
+    calls = []
+
+    def sync(path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(122, "Disk quota exceeded")
+        real(path)
+
+    monkeypatch.setattr(io, "_sync_file", sync)
+    out, npz, pd = tmp_path / "g.png", tmp_path / "g.npz", tmp_path / "pd"
+    pd.mkdir()  # an existing (empty) folder: the PNGs are staged inside it
+    assert main(["sample", "--model", "digits", "--n", "3", "--steps", "1", "--out", str(out), "--npz", str(npz),
+                 "--png-dir", str(pd), "--no-progress"]) == 2
+    _one_line_error(capsys, "Disk quota exceeded")
+    assert len(calls) == 3 and sorted(os.listdir(tmp_path)) == ["pd"] and os.listdir(pd) == []
+    monkeypatch.setattr(io, "_sync_file", real)
+    assert main(["sample", "--model", "digits", "--n", "3", "--steps", "1", "--out", str(out), "--npz", str(npz),
+                 "--png-dir", str(pd), "--no-progress"]) == 0
+    assert sorted(os.listdir(pd)) == ["000000.png", "000001.png", "000002.png"] and out.is_file() and npz.is_file()
+    assert oct(os.stat(pd / "000000.png").st_mode & 0o777) == oct(0o666 & ~io.umask())
 
 
 def test_demo_refuses_a_strip_larger_than_pil_opens(tmp_path, capsys):

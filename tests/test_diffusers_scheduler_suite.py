@@ -120,6 +120,10 @@ def test_betas_beyond_one_fail_at_the_nan_step(kind):
         with pytest.raises(ValueError, match=f"timestep: {bad} cannot be stepped.*beta_end=2.0.*would be NaN"):
             one_step(s, kind, t, x)
     assert torch.isfinite(one_step(s, kind, torch.tensor([bad - 1, 0]), x).prev_sample).all()
+    # a timestep outside [0, T) is the range check's to name (not "trained_betas has 1000 values")
+    with pytest.raises((ValueError, IndexError), match=r"1500") as e:
+        one_step(s, kind, torch.tensor([1500, 0]), x)
+    assert "trained_betas" not in str(e.value)
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])

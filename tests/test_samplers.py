@@ -688,6 +688,10 @@ def test_step_takes_a_numpy_timestep_as_diffusers_does():
     s = DDPMScheduler()
     s.set_timesteps(10)
     assert s.previous_timestep(np.array(500)) == s.previous_timestep(500)
+    # before set_timesteps, t - 1 of what was given, as diffusers returns it (a numpy value for a numpy array)
+    fresh, theirs = DDPMScheduler(), diffusers.DDPMScheduler()
+    got, want = fresh.previous_timestep(np.array(500)), theirs.previous_timestep(np.array(500))
+    assert type(got) is type(want) and got == want == 499
 
 
 def test_ddim_float64_variance_noise_makes_a_float64_step_as_in_diffusers():

@@ -196,7 +196,7 @@ def _read_csv(path: str, flag: str = "") -> tuple[list[str], list[dict]]:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             return list(reader.fieldnames or []), list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:  # (OSError: a folder of that name, unreadable)
         where = f"{flag}: " if flag else ""
         raise ValueError(f"{where}{path} is not a CSV file of rows that can be appended to ({exc}); move it "
                          "away or give another folder") from exc
@@ -224,7 +224,7 @@ def append_csv(path: str, rows: list[dict]) -> int:
         fields = list(old_fields)
         for r in rows:
             fields += [k for k in r if k not in fields]
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(old_rows)

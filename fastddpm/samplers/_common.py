@@ -656,20 +656,20 @@ def as_timestep(timestep):
     if isinstance(timestep, np.ndarray):
         if timestep.dtype.kind not in "iuf":
             raise TypeError(f"timestep: expected an int or an integer tensor, got a numpy array of {timestep.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(timestep))
+        return torch.from_numpy(np.array(timestep))  # (a copy: contiguous, and 0-d stays 0-d)
     return timestep
 
 
 def check_steppable(t: torch.Tensor, owner, *more: torch.Tensor) -> None:
     """The check of a step at a timestep whose alphas_cumprod is invalid (NaN in diffusers; ``_first_invalid``)
-    for timesteps given as a tensor: on the host for a CPU tensor (the error names the config), else a
-    device-side assertion; nothing to check where every timestep of the table is valid."""
-    fi = owner._first_invalid
-    if fi >= owner.config["num_train_timesteps"] or torch.compiler.is_compiling():
+    for timesteps given as a tensor: on the host for a CPU tensor outside tracing (the error names the config),
+    else a device-side assertion; nothing to check where every timestep of the table is valid."""
+    fi, T = owner._first_invalid, owner.config["num_train_timesteps"]
+    if fi >= T:
         return
-    if t.is_cpu:
+    if t.is_cpu and not torch.compiler.is_compiling():
         for x in (t, *more):
-            bad = x[x >= fi]
+            bad = x[(x >= fi) & (x < T)]  # (a timestep outside [0, T) is the range check's to name)
             if bad.numel():
                 raise invalid_timestep_error(int(bad[0]), owner)
     else:

@@ -290,8 +290,8 @@ class DDPMScheduler(_TimestepTables, FastddpmSchedulerMixin):
 
     def previous_timestep(self, timestep):
         """The timestep that ``step`` moves to from ``timestep`` (-1 after the last)."""
-        timestep = as_timestep(timestep)
         if self.custom_timesteps or self.num_inference_steps:
+            timestep = as_timestep(timestep)
             t = host_timestep(timestep)
             if t is None:
                 return self._prev_on(timestep.device)[timestep.long()]
