@@ -101,12 +101,21 @@ def gpu_bench_attention(shapes=None, dtypes=(torch.float16, torch.bfloat16, torc
 
 def _extend(ap):
     ap.add_argument("--full", action="store_true", help="the whole shape grid (default: a short set)")
-    ap.add_argument("--gpu", action="store_true", help="run gpu_bench_attention instead")
+    ap.add_argument("--gpu", action="store_true",
+                    help="run gpu_bench_attention instead, on a CUDA device (the short shapes, or --full's; "
+                         "--csv takes its rows; --rounds, --providers and --compile do not apply)")
 
 
 def _plan(a):
     if a.gpu:
-        gpu_bench_attention()
+        if not torch.cuda.is_available():
+            raise ValueError("--gpu: no CUDA device is visible (torch.cuda.is_available() is False); run it on a "
+                             "machine with an NVIDIA GPU")
+        rows = gpu_bench_attention(shapes=FULL if a.full else SHORT)
+        if a.csv:
+            from fastddpm.bench.timing import write_csv
+
+            write_csv(a.csv, rows)
         return []
     return [S.op_case(f"attention {mode}", (B, 1, N, d), a.compile, memory=True)
             for mode in ("fwd", "fwd+bwd") for B, N, d in (FULL if a.full else SHORT)]

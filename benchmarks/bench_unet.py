@@ -68,7 +68,13 @@ def _plan(a):
                 print(f"\n# {p}: {'forward+backward' if a.backward else 'forward'} at batch 16")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
         return []
-    modes = [(m, int(b)) for m, b in (x.split(":") for x in a.modes.split(","))]
+    modes = []
+    for x in a.modes.split(","):
+        m, _, b = x.partition(":")
+        if m not in ("fwd", "fwd+bwd") or not b.isdigit() or int(b) < 1:
+            raise ValueError(f"--modes: expected MODE:BATCH items with MODE fwd or fwd+bwd (e.g. fwd:1,fwd+bwd:16), "
+                             f"got {x!r}")
+        modes.append((m, int(b)))
     return [S.Case("unet", f"U-Net {m}, cifar10", f"batch {b}", build=lambda m=m, b=b:
                    unet_forward_providers(_net(), b, m != "fwd"), warmup=1, memory=True) for m, b in modes]
 

@@ -144,6 +144,9 @@ def render(rs: list[dict], bandwidth_gbps: float) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN = (".md", ".markdown", ".txt")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bandwidth", type=float, default=2947.0, metavar="GBPS",
@@ -152,9 +155,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not a.bandwidth > 0:
         ap.error(f"--bandwidth: expected a positive number, got {a.bandwidth}")
+    if a.markdown is not None:  # before the counting, not after it
+        from fastddpm._io import check_output_file
+
+        try:
+            check_output_file(a.markdown, "--markdown", MARKDOWN)
+        except ValueError as exc:
+            ap.error(str(exc))
     text = render(rows(), a.bandwidth)
     print(text)
-    if a.markdown:
+    if a.markdown is not None:
         from fastddpm._io import atomic_path
 
         with atomic_path(a.markdown) as tmp, open(tmp, "w") as f:

@@ -40,7 +40,9 @@ ops = {
     "group_norm_silu 16x128x32x32 channels_last":
         lambda: fastddpm.ops.group_norm_silu(xcl, 32, w, b, backend="cpu"),
 }
-print(json.dumps({"variant": _library.CPU_VARIANT, "ops": list(ops)}), flush=True)
+import os
+root = os.path.dirname(os.path.dirname(os.path.realpath(fastddpm.__file__)))
+print(json.dumps({"variant": _library.CPU_VARIANT, "ops": list(ops), "root": root}), flush=True)
 for line in sys.stdin:
     name, calls = line.rsplit(" ", 1)
     fn = ops[name]
@@ -55,15 +57,28 @@ for line in sys.stdin:
 """
 
 
-def main() -> None:
+VARIANTS = ("default", "avx2", "avx512")
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--native", required=True, help="folder of the FASTDDPM_CPU_FLAGS=-march=native build")
     ap.add_argument("--portable", required=True, help="folder of the portable build")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=21)
     ap.add_argument("--variants", default="", help="portable builds to time (default: the one loaded by default)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     import platform
+
+    for flag, root in (("--native", a.native), ("--portable", a.portable)):
+        if not os.path.isdir(root):
+            ap.error(f"{flag}: expected the source folder of a built fastddpm, got {root!r}")
+    for flag, n in (("--rounds", a.rounds), ("--calls", a.calls)):
+        if n < 1:
+            ap.error(f"{flag}: expected a positive integer, got {n}")
+    bad = [v for v in a.variants.split(",") if v and v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: expected a comma-separated list of {', '.join(VARIANTS)}, got {bad[0]!r}")
 
     runs = [("native", a.native, None)] + ([(v, a.portable, v) for v in a.variants.split(",") if v]
                                            or [("portable", a.portable, None)])
@@ -74,8 +89,21 @@ def main() -> None:
         if variant:
             env["FASTDDPM_CPU_VARIANT"] = variant
         p = subprocess.Popen([sys.executable, "-c", WORKER], cwd=root, env=env, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-        hello = json.loads(p.stdout.readline())
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        if not line:  # the worker could not load that build (or that variant)
+            p.wait()
+            why = (p.stderr.read().strip().splitlines() or ["no output"])[-1]
+            flag = "--native" if label == "native" else "--variants" if variant else "--portable"
+            ap.error(f"{flag}: the {label} build in {root!r} does not run here ({why})")
+        hello = json.loads(line)
+        if os.path.realpath(hello["root"]) != os.path.realpath(root):
+            # fastddpm imported from elsewhere (an installed or editable copy): the table would compare the
+            # same build with itself
+            p.kill()
+            flag = "--native" if label == "native" else "--portable"
+            ap.error(f"{flag}: fastddpm loads from {hello['root']!r}, not from {root!r}: that folder holds no "
+                     "built fastddpm package")
         workers[label], loaded[label], op_names = p, hello["variant"], hello["ops"]
     labels = [r[0] for r in runs]
     res: dict[str, dict[str, list[float]]] = {op: {lb: [] for lb in labels} for op in op_names}

@@ -420,14 +420,32 @@ def main(argv=None) -> int:
                     help="seconds from start after which no new whole-step provider starts (its row says so)")
     args = ap.parse_args(argv)
     start = time.monotonic()
+
+    def usage(msg: str) -> int:
+        print(f"gpu_suite: {msg}", file=sys.stderr)
+        return 2
+
     try:
         batches = _csv_list(args.batches, int)
         dtypes = _csv_list(args.dtypes, lambda n: {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                                    "float16": torch.float16}[n])
     except (ValueError, KeyError) as exc:
-        print(f"gpu_suite: --batches/--dtypes: cannot read {exc} (e.g. --batches 1,64 --dtypes float32,bfloat16)",
-              file=sys.stderr)
-        return 2
+        return usage(f"--batches/--dtypes: cannot read {exc} (e.g. --batches 1,64 --dtypes float32,bfloat16)")
+    if not batches or any(b < 1 for b in batches):
+        return usage(f"--batches: expected positive batch sizes, comma-separated, got {args.batches!r}")
+    if not dtypes:
+        return usage(f"--dtypes: expected float32, bfloat16 or float16, comma-separated, got {args.dtypes!r}")
+    if args.budget is not None and not 0 < args.budget < float("inf"):
+        return usage(f"--budget: expected a positive number of seconds, got {args.budget}")
+    if args.csv is not None:  # before the GPU run (minutes), not after it
+        from fastddpm._io import check_output_file
+        from fastddpm.bench.timing import check_appendable
+
+        try:
+            check_output_file(args.csv, "--csv", (".csv",))
+            check_appendable(args.csv, "--csv")
+        except ValueError as exc:
+            return usage(str(exc))
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device is visible (torch.cuda.is_available() is False); "
               "run it on a machine with an NVIDIA GPU", file=sys.stderr)
@@ -435,7 +453,7 @@ def main(argv=None) -> int:
     # --max-autotune: eager (what the compiled model is checked against) and the compiled model
     providers = (UNET_PROVIDERS[0], UNET_PROVIDERS[2]) if args.max_autotune else UNET_PROVIDERS[:2]
     unet = dict(batches=batches, dtypes=dtypes, providers=providers,
-                deadline=start + args.budget if args.budget else None)
+                deadline=start + args.budget if args.budget is not None else None)
     return report_failures(run(args.quick, args.csv, compile=not args.no_compile, unet=unet, ops=not args.unet_only))
 
 

@@ -49,8 +49,16 @@ def _commit() -> str:
         return "-"
 
 
+class EvalUsageError(Exception):
+    """`fastddpm eval` refused the settings (exit status 2): its one-line message."""
+
+
 def _eval(cmd: list[str]) -> None:
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode == 2:  # a setting of this script passed on (--n, --seeds): eval's line names it
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("fastddpm eval: error: ")]
+        if lines:
+            raise EvalUsageError(lines[-1].removeprefix("fastddpm eval: error: "))
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
 
@@ -165,6 +173,8 @@ def main(argv=None) -> int:
         ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         ap.error("--seeds: expected at least two distinct seeds (the table reports a spread)")
+    if any(not 0 <= sd < 2**63 for sd in seeds):
+        ap.error(f"--seeds: expected integers in [0, 2**63), got {args.seeds!r}")
     if args.n < 2 or args.jobs < 1:
         ap.error("--n: expected >= 2; --jobs: expected >= 1")
     rows = ROWS
@@ -183,8 +193,12 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     jobs = [(row, sd) for row in rows for sd in seeds]
-    with ThreadPoolExecutor(args.jobs) as ex:
-        results = list(ex.map(lambda j: _run_one(j[0], j[1], args.n, args.force, log), jobs))
+    try:
+        with ThreadPoolExecutor(args.jobs) as ex:
+            results = list(ex.map(lambda j: _run_one(j[0], j[1], args.n, args.force, log), jobs))
+    except EvalUsageError as exc:
+        print(f"python -m benchmarks.quality: error: {exc}", file=sys.stderr)
+        return 2
     runs = {(row[0], sd): r for (row, sd), r in zip(jobs, results)}
     # the table is always every row: those not rerun come from the cache
     missing = []

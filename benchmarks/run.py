@@ -19,8 +19,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fastddpm.bench.cli import add_arguments, execute  # noqa: E402
-from fastddpm.cli import UsageError  # noqa: E402
+try:
+    from fastddpm.bench.cli import add_arguments, execute
+    from fastddpm.cli import UsageError
+except RuntimeError as _exc:  # FASTDDPM_CPU_VARIANT naming a build this CPU cannot run (raised at import)
+    if type(_exc).__name__ != "CpuVariantError":
+        raise
+    print(f"python -m benchmarks.run: error: {_exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 BEGIN, END = "<!-- fastddpm-bench:begin -->", "<!-- fastddpm-bench:end -->"
 
@@ -60,10 +66,15 @@ def main(argv=None) -> int:
         with open(readme) as f:
             if BEGIN not in f.read():
                 ap.error(f"--readme: {readme} has no {BEGIN} marker")
+    from fastddpm._errors import one_line
+    from fastddpm.bench import ReferenceRunError
+
     try:
         rows, header, text = execute(args)
-    except UsageError as exc:
-        print(f"python -m benchmarks.run: error: {exc}", file=sys.stderr)
+    except (UsageError, ReferenceRunError, ValueError, OSError) as exc:
+        # as `fastddpm bench` reports them: a usage mistake, a reference run that cannot be made
+        # (FASTDDPM_BACKEND=torch), a bad setting found deeper down (FASTDDPM_BACKEND=junk), an unwritable file
+        print(f"python -m benchmarks.run: error: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.list:
         return 0

@@ -73,6 +73,8 @@ fi
 for kv in ${LIMITS:-}; do  # --limit STAGE=SECONDS: another limit for one stage (slow machines, tests)
   k="${kv%%=*}"; v="${kv#*=}"
   [[ " ${STAGES[*]} " == *" $k "* ]] && [[ "$v" =~ ^[0-9]+$ ]] || usage "--limit: expected STAGE=SECONDS, got $kv"
+  [ "$k" != autotune ] || usage "--limit: autotune takes the time left (at least ${AUTOTUNE_MIN}s), not a limit of its own"
+  [ "$k" != unet ] || [ "$v" -ge 20 ] || usage "--limit: unet needs at least 20 s (its rows stop 10 s before the limit), got $v"
   LIMIT[$k]="$v"
 done
 wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }

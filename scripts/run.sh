@@ -7,7 +7,8 @@
 #                               append its rows to benchmarks/results/bench_*.csv, redraw the plots there and
 #                               put the table into README.md (the Performance section)
 #   bash scripts/run.sh setup   set up .venv and build only
-# Extra arguments after `test` go to pytest, after `bench` to benchmarks.run (e.g. --full, --only NAME).
+# Extra arguments after `test` go to pytest, after `bench` to benchmarks.run (e.g. --full, --only NAME; with
+# any, the README is left as it is: its Performance section is the whole quick suite's).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${FASTDDPM_VENV:-.venv}"
@@ -49,7 +50,10 @@ case "$cmd" in
     # machine's test and benchmark runs); the report records the load average either way.
     lock=()
     if command -v flock >/dev/null; then lock=(flock -x /tmp/fastddpm-quiet.lock); fi
-    "${lock[@]}" "$PY" -m benchmarks.run --csv --plot --readme "$@"
+    # --readme reads the whole quick suite's rows: only then is the README's Performance section rewritten
+    readme=(--readme)
+    [ $# -eq 0 ] || readme=()
+    "${lock[@]}" "$PY" -m benchmarks.run --csv --plot "${readme[@]}" "$@"
     ;;
   demo)
     setup

@@ -399,11 +399,11 @@ def test_bench_csv_must_be_a_folder(tmp_path, capsys, monkeypatch):
     (d / "bench_counts.csv").write_bytes(b"\xff\xfe\x00binary")
     assert cli_main(["bench", "--only", "q_sample", "--csv", str(d)]) == 2
     err = capsys.readouterr().err
-    assert f"--csv: {d / 'bench_counts.csv'} is not a CSV file of rows that can be appended to" in err, err
+    assert f"--csv: {d / 'bench_counts.csv'} is not a readable CSV file of benchmark rows" in err, err
     (d / "bench_counts.csv").unlink()
     (d / "bench_counts.csv").mkdir()  # a folder of that name: IsADirectoryError was a traceback
     assert cli_main(["bench", "--only", "q_sample", "--csv", str(d)]) == 2
-    assert f"--csv: {d / 'bench_counts.csv'} is not a CSV file" in capsys.readouterr().err
+    assert f"--csv: {d / 'bench_counts.csv'} is not a readable CSV file" in capsys.readouterr().err
 
 
 def test_benchmarks_run_module_usage(capsys, monkeypatch):
@@ -564,3 +564,92 @@ def test_bytes_moved_fused_ops_move_their_minimum(monkeypatch):
     # the whole step (no minimum): fastddpm launches fewer kernels and moves fewer bytes than diffusers
     assert step_ours["impl"].startswith("fastddpm") and step_theirs["impl"].startswith("diffusers")
     assert step_ours["kernels"] < step_theirs["kernels"] and _moved(step_ours) < _moved(step_theirs)
+
+
+# ----------------------------------------------------------------------------- the scripts' own options
+def _script_exit(fn, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--providers", "fastddpm"], "--providers: no provider named 'fastddpm'; these cases have: "),  # rows dropped
+    (["--csv", "{tmp}"], "--csv: "),  # was found after the timing
+    (["--threads", "-1"], "--threads: expected 0 (torch's default) or a number of threads"),
+    (["--rounds", "0"], "--rounds: expected a positive integer, got 0"),
+])
+def test_per_op_script_options_are_checked_before_the_timing(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(S, "run_case", lambda *a, **k: pytest.fail("a case was timed before the options were read"))
+    err = _script_exit(lambda a: S.op_script("doc", ["q_sample"], [(1, 3, 8, 8)], a),
+                       [x.format(tmp=tmp_path) for x in argv], capsys)
+    assert message in err, err
+
+
+def test_script_plans_name_their_option(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import bench_sampling, bench_unet
+
+    for mod, argv, message in ((bench_unet, ["--modes", "fwd"], "--modes: expected MODE:BATCH items"),
+                               (bench_sampling, ["runs", "--runs", "foo:1:2"], "--runs: expected MODEL:BATCH:STEPS"),
+                               (bench_sampling, ["runs", "--runs", "cifar10:x:1"], "--runs: expected MODEL:BATCH")):
+        assert message in _script_exit(lambda a, m=mod: S.script_main("doc", m._plan, a, extend=m._extend), argv,
+                                       capsys)
+
+
+def test_benchmarks_run_reports_settings_in_one_line(capsys, monkeypatch):
+    """python -m benchmarks.run printed tracebacks where fastddpm bench gives one line and exit 2."""
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import run
+
+    for value, message in (("junk", "FASTDDPM_BACKEND: expected one of"),
+                           ("torch", "benchmark refused: FASTDDPM_BACKEND=torch runs")):
+        monkeypatch.setenv("FASTDDPM_BACKEND", value)
+        assert run.main(["--smoke", "--only", "q_sample"]) == 2
+        err = capsys.readouterr().err
+        assert f"python -m benchmarks.run: error: {message}" in err and "Traceback" not in err, err
+
+
+def test_bytes_moved_markdown_is_checked_before_the_counting(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import bytes_moved
+
+    monkeypatch.setattr(bytes_moved, "rows", lambda *a, **k: pytest.fail("counted before --markdown was checked"))
+    for arg, message in ((str(tmp_path), "is a folder"), ("", "expected a file name, got ''"),
+                         (str(tmp_path / "t.png"), "expected a file name ending in .md")):
+        assert message in _script_exit(bytes_moved.main, ["--markdown", arg], capsys)
+
+
+def test_plot_options(tmp_path, capsys):
+    from fastddpm.bench.plot import main as plot_main
+
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe")
+    (tmp_path / "afile").write_text("")
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "bench_timings.csv").write_text("run_id,kind\nr1,op\n")
+    for argv, message in ((["--timings", str(tmp_path / "bin.csv")], "--timings: "),
+                          (["--timings", str(tmp_path / "typo.csv")], "--timings: no such file"),  # drew the repo's
+                          (["--timings", str(good / "bench_timings.csv"), "--out", str(tmp_path / "afile")],
+                           "--out: "),
+                          (["--timings", str(good / "bench_timings.csv"), "--run", "nosuch"],
+                           "--run: no run 'nosuch'")):
+        assert message in _script_exit(plot_main, argv, capsys)
+    assert not (tmp_path / "afile").is_dir()
+
+
+def test_cpu_variants_refuses_a_folder_without_its_build(tmp_path, capsys, monkeypatch):
+    """A folder holding no build let the worker import the installed fastddpm: the table compared one build
+    with itself, exit 0."""
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import cpu_variants
+
+    for argv, message in (([], "that folder holds no built fastddpm package"),
+                          (["--rounds", "0"], "--rounds: expected a positive integer"),
+                          (["--variants", "sse9"], "--variants: expected a comma-separated list")):
+        err = _script_exit(cpu_variants.main, ["--native", str(tmp_path), "--portable", ROOT, *argv], capsys)
+        assert message in err, err
+

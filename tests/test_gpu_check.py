@@ -65,7 +65,11 @@ def test_header_gives_the_call_and_the_limit():
 
 
 @pytest.mark.parametrize("args,what", [(["--bogus"], "unknown option"), (["--only", "nope"], "unknown stage"),
-                                       (["--budget", "ten"], "--budget"), (["--limit", "env"], "--limit")])
+                                       (["--budget", "ten"], "--budget"), (["--limit", "env"], "--limit"),
+                                       # accepted, then ignored (autotune takes the time left) or planned as
+                                       # gpu_suite --budget 0 (no deadline) / a negative one
+                                       (["--limit", "autotune=10"], "autotune takes the time left"),
+                                       (["--limit", "unet=10"], "unet needs at least 20 s")])
 def test_bad_options_are_one_line_exit_2(args, what, tmp_path):
     r = _run(*args, out=tmp_path / "o")
     assert r.returncode == 2

@@ -251,6 +251,23 @@ def test_bad_batches_or_dtypes_are_a_one_line_error(capsys):
     assert err.count("\n") == 2 and "--batches" in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "0"], "--budget: expected a positive number of seconds, got 0.0"),  # was: no deadline at all
+    (["--budget", "-5"], "--budget: expected a positive number of seconds"),  # was: every whole-step row skipped
+    (["--budget", "nan"], "--budget: expected a positive number of seconds"),
+    (["--batches", "0,-3"], "--batches: expected positive batch sizes"),
+    (["--batches", ","], "--batches: expected positive batch sizes"),
+    (["--dtypes", ""], "--dtypes: expected float32, bfloat16 or float16"),
+    (["--csv", "{tmp}"], "is a folder; expected a file name"),  # was found only after the GPU run
+    (["--csv", "{tmp}/rows.txt"], "--csv: expected a file name ending in .csv"),
+])
+def test_options_are_checked_before_the_gpu_run(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "run", lambda *a, **k: pytest.fail("the suite ran before its options were checked"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu_suite.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_quick_without_compile_has_no_compile_providers():
     case = _small(gpu_suite.plan(quick=True)[0])
     sched, args = gpu_suite._inputs(case, torch.device("cpu"))

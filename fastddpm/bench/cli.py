@@ -60,7 +60,7 @@ def execute(args: argparse.Namespace, log=None) -> tuple[list[dict], dict, str]:
             for name in ("bench_timings.csv", "bench_counts.csv"):
                 check_appendable(os.path.join(args.csv, name), "--csv")
         if args.markdown is not None:
-            check_output_file(args.markdown, "--markdown")
+            check_output_file(args.markdown, "--markdown", (".md", ".markdown", ".txt"))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.threads:

@@ -24,7 +24,7 @@ KEY = "blue: fastddpm, orange: peers, grey: own U-Net"
 def read_rows(path: str | None) -> list[dict]:
     if not path or not os.path.exists(path):
         return []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -128,17 +128,43 @@ def plot(timings_csv: str | None, counts_csv: str | None, out_dir: str, run: str
 def main(argv=None) -> int:
     import argparse
 
+    from .._io import check_output_dir
+    from .timing import check_appendable
+
     ap = argparse.ArgumentParser(description="PNG plots from the benchmark CSVs")
     default = os.path.join("benchmarks", "results")
-    ap.add_argument("--timings", default=os.path.join(default, "bench_timings.csv"), metavar="CSV")
-    ap.add_argument("--counts", default=os.path.join(default, "bench_counts.csv"), metavar="CSV")
+    ap.add_argument("--timings", default=None, metavar="CSV",
+                    help=f"default: bench_timings.csv beside --counts, else in {default}")
+    ap.add_argument("--counts", default=None, metavar="CSV",
+                    help=f"default: bench_counts.csv beside --timings, else in {default}")
     ap.add_argument("--out", default=default, metavar="DIR", help=f"folder of the PNGs (default: {default})")
     ap.add_argument("--run", default=None, metavar="RUN_ID", help="the run to plot (default: the latest)")
     a = ap.parse_args(argv)
+    given = [f for f, v in (("--timings", a.timings), ("--counts", a.counts)) if v is not None]
+    # the two files of one `fastddpm bench --csv DIR`: a file given alone is read with its sibling, never with
+    # the repository's (which holds other runs)
+    folder = os.path.dirname(a.timings or a.counts) if given else default
+    a.timings = a.timings if a.timings is not None else os.path.join(folder, "bench_timings.csv")
+    a.counts = a.counts if a.counts is not None else os.path.join(folder, "bench_counts.csv")
+    for flag in given:
+        path = getattr(a, flag[2:])
+        if not os.path.isfile(path):
+            ap.error(f"{flag}: no such file {path!r}")
     missing = [p for p in (a.timings, a.counts) if not os.path.exists(p)]
     if len(missing) == 2:
         ap.error(f"--timings, --counts: neither {a.timings!r} nor {a.counts!r} exists "
                  "(write them with `fastddpm bench --csv`)")
+    try:
+        for flag, path in (("--timings", a.timings), ("--counts", a.counts)):
+            check_appendable(path, flag)  # (reads it: a file that is no CSV is named here)
+        check_output_dir(a.out, "--out")
+    except ValueError as exc:
+        ap.error(str(exc))
+    if a.run is not None:
+        runs = {r.get("run_id") for p in (a.timings, a.counts) for r in read_rows(p)}
+        if a.run not in runs:
+            ap.error(f"--run: no run {a.run!r} in {a.timings!r} or {a.counts!r}; the latest is "
+                     f"{max((r for r in runs if r), default='none')!r}")
     for path in plot(a.timings, a.counts, a.out, a.run):
         print(f"wrote {path}")
     return 0

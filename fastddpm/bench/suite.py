@@ -593,13 +593,32 @@ def script_main(doc: str, plan: Callable[[object], list[Case]], argv=None, round
     if extend is not None:
         extend(ap)
     args = ap.parse_args(argv)
+    from .._io import check_output_file
+    from ..cli import UsageError, check_threads
+    from .timing import check_appendable
+
+    try:  # before the work, not after it
+        if args.rounds < 1:
+            raise UsageError(f"--rounds: expected a positive integer, got {args.rounds}")
+        if args.threads is not None:
+            check_threads(args.threads)
+        if args.csv is not None:
+            check_output_file(args.csv, "--csv", (".csv",))
+            check_appendable(args.csv, "--csv")
+        cases_ = plan(args)  # (the scripts' own options are read here)
+    except (UsageError, ValueError) as exc:
+        ap.error(str(exc))
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     keep = {p for p in args.providers.split(",") if p}
+    if keep:  # a name that matches no provider dropped its rows without a word
+        known = {name for c in cases_ for name in c.build()}
+        unknown = sorted(keep - known)
+        if unknown:
+            ap.error(f"--providers: no provider named {unknown[0]!r}; these cases have: {', '.join(sorted(known))}")
     rows: list[dict] = []
-    cases_ = plan(args)
     if cases_:
         print(f"# {machine()}; copy bandwidth {copy_bandwidth() / 1e9:.1f} GB/s; load average {load_average()}",
               flush=True)

@@ -198,8 +198,7 @@ def _read_csv(path: str, flag: str = "") -> tuple[list[str], list[dict]]:
             return list(reader.fieldnames or []), list(reader)
     except (UnicodeDecodeError, csv.Error, OSError) as exc:  # (OSError: a folder of that name, unreadable)
         where = f"{flag}: " if flag else ""
-        raise ValueError(f"{where}{path} is not a CSV file of rows that can be appended to ({exc}); move it "
-                         "away or give another folder") from exc
+        raise ValueError(f"{where}{path} is not a readable CSV file of benchmark rows ({exc})") from exc
 
 
 def check_appendable(path: str, flag: str) -> None:
