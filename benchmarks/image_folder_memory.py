@@ -113,16 +113,38 @@ def make_folder(folder: str, n: int, side: int) -> None:
         im.save(os.path.join(folder, name), quality=90)
 
 
-def main() -> None:
+def _sides_are(path: str, side: int) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size == (side, side)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--side", type=int, default=256)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--folder", help="where the synthetic images go (default: a temporary folder)")
     ap.add_argument("--only", action="append", default=[], help="run only readers whose name contains this")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     from fastddpm.bench.timing import machine
 
+    for flag, v in (("--n", a.n), ("--side", a.side), ("--size", a.size)):
+        if v < 1:
+            ap.error(f"{flag}: expected a positive integer, got {v}")
+    readers = [r for r in READERS if not a.only or any(o.lower() in r.lower() for o in a.only)]
+    if not readers:
+        ap.error(f"--only: no reader matches {a.only}; readers: {', '.join(READERS)}")
+    if a.folder is not None:
+        if os.path.exists(a.folder) and not os.path.isdir(a.folder):
+            ap.error(f"--folder: {a.folder!r} is a file; expected a folder")
+        have = sorted(f for f in os.listdir(a.folder) if f.endswith(".jpg")) if os.path.isdir(a.folder) else []
+        want = [f"{i:06d}.jpg" for i in range(a.n)]
+        if have and (have != want[: len(have)] or not _sides_are(os.path.join(a.folder, have[0]), a.side)):
+            # the readers read every image of the folder: the header would describe another set than they read
+            ap.error(f"--folder: {a.folder!r} holds {len(have)} other JPEGs than this run's {a.n} of "
+                     f"{a.side}x{a.side}; give an empty folder or one an earlier run with the same --n and --side made")
     tmp = None
     folder = a.folder
     if folder is None:
@@ -139,9 +161,8 @@ def main() -> None:
     print("| reader | peak RSS, process (MiB) | above the interpreter with torch (MiB) | peak RSS, largest "
           "worker (MiB) | time for one pass (s) |")
     print("|---|---:|---:|---:|---:|")
-    for name, code in READERS.items():
-        if a.only and not any(o.lower() in name.lower() for o in a.only):
-            continue
+    for name in readers:
+        code = READERS[name]
         r = subprocess.run([sys.executable, "-c", MEASURE.format(code=code), folder, str(a.size)],
                            capture_output=True, text=True)
         if r.returncode != 0:

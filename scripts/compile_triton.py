@@ -200,6 +200,16 @@ def main(argv=None) -> int:
     if a.record:
         record(a.record)
         return 0
+    if not 50 <= a.arch <= 130:
+        ap.error(f"--arch: expected a compute capability such as 80 or 90, got {a.arch}")
+    if a.json is not None:  # before the compile (minutes), not after it
+        sys.path.insert(0, ROOT)
+        from fastddpm._io import check_output_file
+
+        try:
+            check_output_file(a.json, "--json", (".json",))
+        except ValueError as exc:
+            ap.error(str(exc))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_triton: unset TRITON_INTERPRET (the compile step needs Triton's compiler)", file=sys.stderr)
         return 2
@@ -211,8 +221,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if a.launches:
-        with open(a.launches) as f:
-            launches = json.load(f)
+        try:
+            with open(a.launches) as f:
+                launches = json.load(f)
+            if not (isinstance(launches, list) and all(isinstance(r, dict) and "name" in r for r in launches)):
+                raise ValueError("expected a list of launches, as --json writes")
+        except (OSError, ValueError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            ap.error(f"--launches: cannot read {a.launches!r} ({exc})")
     else:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "launches.json")
@@ -228,7 +243,9 @@ def main(argv=None) -> int:
     print(f"# {len(launches)} distinct launches, compiled for sm_{a.arch} (Triton {triton.__version__})", flush=True)
     failures = compile_all(launches, a.arch, log=lambda s: print(s, flush=True))
     if a.json:
-        with open(a.json, "w") as f:
+        from fastddpm._io import atomic_path
+
+        with atomic_path(a.json) as tmp, open(tmp, "w") as f:
             json.dump([{**rec, "arch": a.arch} for rec in launches], f, indent=1)
     if failures:
         print(f"compile_triton: {len(failures)} of {len(launches)} launches failed to compile:", file=sys.stderr)

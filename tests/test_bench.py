@@ -653,3 +653,43 @@ def test_cpu_variants_refuses_a_folder_without_its_build(tmp_path, capsys, monke
         err = _script_exit(cpu_variants.main, ["--native", str(tmp_path), "--portable", ROOT, *argv], capsys)
         assert message in err, err
 
+
+
+def test_compile_triton_options_are_checked_first(tmp_path, capsys, monkeypatch):
+    """--launches that is no launch list was a traceback; --json was checked (and written, not atomically) only
+    after the compile; --arch -5 compiled for sm_-5."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import compile_triton
+
+    monkeypatch.setattr(compile_triton, "compile_all", lambda *a, **k: pytest.fail("compiled before the check"))
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
+    (tmp_path / "list.json").write_text("[1]")
+    for argv, message in ((["--arch", "-5"], "--arch: expected a compute capability"),
+                          (["--json", str(tmp_path)], "--json: "),
+                          (["--launches", str(tmp_path / "bin.json")], "--launches: cannot read"),
+                          (["--launches", str(tmp_path / "list.json")], "expected a list of launches"),
+                          (["--launches", str(tmp_path / "missing.json")], "--launches: cannot read")):
+        assert message in _script_exit(compile_triton.main, argv, capsys)
+
+
+def test_image_folder_memory_options(tmp_path, capsys, monkeypatch):
+    """A --folder of other images made the header describe another set than the readers read; --only that
+    matched nothing printed an empty table after making the images; a file as --folder was a traceback."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import image_folder_memory as m
+
+    monkeypatch.setattr(m, "make_folder", lambda *a, **k: pytest.fail("made the images before the check"))
+    (tmp_path / "afile").write_text("")
+    other = tmp_path / "other"
+    other.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(other / "000000.jpg")
+    Image.new("RGB", (16, 16)).save(other / "000001.jpg")
+    for argv, message in ((["--folder", str(tmp_path / "afile")], "--folder: "),
+                          (["--only", "zzz"], "--only: no reader matches"),
+                          (["--n", "-1"], "--n: expected a positive integer"),
+                          (["--folder", str(other), "--n", "1", "--side", "16"], "holds 2 other JPEGs"),
+                          (["--folder", str(other), "--n", "2", "--side", "64"], "holds 2 other JPEGs")):
+        assert message in _script_exit(m.main, argv, capsys)
