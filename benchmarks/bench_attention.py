@@ -109,7 +109,7 @@ def _extend(ap):
 def _plan(a):
     if a.gpu:
         if not torch.cuda.is_available():
-            raise ValueError("--gpu: no CUDA device is visible (torch.cuda.is_available() is False); run it on a "
+            raise S.OptionError("--gpu: no CUDA device is visible (torch.cuda.is_available() is False); run it on a "
                              "machine with an NVIDIA GPU")
         rows = gpu_bench_attention(shapes=FULL if a.full else SHORT)
         if a.csv:

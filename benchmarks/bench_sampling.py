@@ -127,9 +127,9 @@ def _runs_plan(specs, which, warmup, rounds):
             name, batch, steps = spec.split(":")
             batch, steps = int(batch), int(steps)
         except ValueError:
-            raise ValueError(f"--runs: expected MODEL:BATCH:STEPS (e.g. cifar10:1:50), got {spec!r}") from None
+            raise S.OptionError(f"--runs: expected MODEL:BATCH:STEPS (e.g. cifar10:1:50), got {spec!r}") from None
         if name not in ("cifar10", "digits") or batch < 1 or steps < 1:
-            raise ValueError(f"--runs: expected MODEL:BATCH:STEPS with MODEL cifar10 or digits and positive BATCH "
+            raise S.OptionError(f"--runs: expected MODEL:BATCH:STEPS with MODEL cifar10 or digits and positive BATCH "
                              f"and STEPS, got {spec!r}")
         out.append(S.Case("sampling", f"sampling {name}, {steps} steps", f"batch {batch}", warmup=warmup, rounds=rounds,
                           build=lambda n=name, b=batch, s=steps: sampling_providers(network(n), b, s, tuple(which)),

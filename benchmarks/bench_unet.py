@@ -72,7 +72,7 @@ def _plan(a):
     for x in a.modes.split(","):
         m, _, b = x.partition(":")
         if m not in ("fwd", "fwd+bwd") or not b.isdigit() or int(b) < 1:
-            raise ValueError(f"--modes: expected MODE:BATCH items with MODE fwd or fwd+bwd (e.g. fwd:1,fwd+bwd:16), "
+            raise S.OptionError(f"--modes: expected MODE:BATCH items with MODE fwd or fwd+bwd (e.g. fwd:1,fwd+bwd:16), "
                              f"got {x!r}")
         modes.append((m, int(b)))
     return [S.Case("unet", f"U-Net {m}, cifar10", f"batch {b}", build=lambda m=m, b=b:

@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 WORKER = r"""
 import json, sys, time, torch
@@ -88,12 +89,14 @@ def main(argv: list[str] | None = None) -> None:
         env.pop("FASTDDPM_CPU_VARIANT", None)
         if variant:
             env["FASTDDPM_CPU_VARIANT"] = variant
+        err = tempfile.TemporaryFile(mode="w+")  # (a file, not a pipe: a chatty worker never blocks on it)
         p = subprocess.Popen([sys.executable, "-c", WORKER], cwd=root, env=env, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=err, text=True)
         line = p.stdout.readline()
         if not line:  # the worker could not load that build (or that variant)
             p.wait()
-            why = (p.stderr.read().strip().splitlines() or ["no output"])[-1]
+            err.seek(0)
+            why = (err.read().strip().splitlines() or ["no output"])[-1]
             flag = "--native" if label == "native" else "--variants" if variant else "--portable"
             ap.error(f"{flag}: the {label} build in {root!r} does not run here ({why})")
         hello = json.loads(line)

@@ -193,12 +193,14 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     jobs = [(row, sd) for row in rows for sd in seeds]
+    ex = ThreadPoolExecutor(args.jobs)
     try:
-        with ThreadPoolExecutor(args.jobs) as ex:
-            results = list(ex.map(lambda j: _run_one(j[0], j[1], args.n, args.force, log), jobs))
+        results = list(ex.map(lambda j: _run_one(j[0], j[1], args.n, args.force, log), jobs))
     except EvalUsageError as exc:
+        ex.shutdown(cancel_futures=True)  # (the queued evaluations would be refused alike)
         print(f"python -m benchmarks.quality: error: {exc}", file=sys.stderr)
         return 2
+    ex.shutdown()
     runs = {(row[0], sd): r for (row, sd), r in zip(jobs, results)}
     # the table is always every row: those not rerun come from the cache
     missing = []

@@ -233,7 +233,8 @@ def _check_not_an_input(out: str, ckpt: str) -> None:
         real = os.path.realpath(path)
         if real == guarded or real.startswith(guarded + os.sep):
             where = "among the run's checkpoints in " + guarded if run is not None else "inside the checkpoint " + ckpt
-        elif run is not None and os.path.dirname(real) == run and os.path.isfile(real) and not _is_export(meta):
+        elif run is not None and os.path.dirname(real) == run and os.path.isfile(real) and not (
+                has_ext(out, ".safetensors") and _is_export(meta)):  # (an earlier export's pair may be replaced)
             where = "a file of the training run " + run
         else:
             continue

@@ -188,6 +188,12 @@ def compile_all(launches: list[dict], arch: int, log=print) -> list[str]:
     return failures
 
 
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90 (default 90)")
@@ -203,13 +209,11 @@ def main(argv=None) -> int:
     if not 50 <= a.arch <= 130:
         ap.error(f"--arch: expected a compute capability such as 80 or 90, got {a.arch}")
     if a.json is not None:  # before the compile (minutes), not after it
-        sys.path.insert(0, ROOT)
-        from fastddpm._io import check_output_file
-
-        try:
-            check_output_file(a.json, "--json", (".json",))
-        except ValueError as exc:
-            ap.error(str(exc))
+        folder = os.path.dirname(os.path.abspath(a.json))
+        if not a.json.endswith(".json") or os.path.isdir(a.json):
+            ap.error(f"--json: expected a file name ending in .json, got {a.json!r}")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            ap.error(f"--json: cannot write in the folder {folder!r}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_triton: unset TRITON_INTERPRET (the compile step needs Triton's compiler)", file=sys.stderr)
         return 2
@@ -242,11 +246,16 @@ def main(argv=None) -> int:
     launches = [rec for rec in launches if a.only in rec["name"]]
     print(f"# {len(launches)} distinct launches, compiled for sm_{a.arch} (Triton {triton.__version__})", flush=True)
     failures = compile_all(launches, a.arch, log=lambda s: print(s, flush=True))
-    if a.json:
-        from fastddpm._io import atomic_path
-
-        with atomic_path(a.json) as tmp, open(tmp, "w") as f:
-            json.dump([{**rec, "arch": a.arch} for rec in launches], f, indent=1)
+    if a.json:  # atomically: a temporary file in the same folder, renamed into place
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(a.json)))
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump([{**rec, "arch": a.arch} for rec in launches], f, indent=1)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, a.json)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     if failures:
         print(f"compile_triton: {len(failures)} of {len(launches)} launches failed to compile:", file=sys.stderr)
         for f_ in failures:

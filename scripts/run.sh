@@ -53,7 +53,7 @@ case "$cmd" in
     # --readme reads the whole quick suite's rows: only then is the README's Performance section rewritten
     readme=(--readme)
     [ $# -eq 0 ] || readme=()
-    "${lock[@]}" "$PY" -m benchmarks.run --csv --plot "${readme[@]}" "$@"
+    "${lock[@]}" "$PY" -m benchmarks.run --csv --plot ${readme[@]+"${readme[@]}"} "$@"
     ;;
   demo)
     setup

@@ -137,7 +137,8 @@ def main(argv=None) -> int:
                     help=f"default: bench_timings.csv beside --counts, else in {default}")
     ap.add_argument("--counts", default=None, metavar="CSV",
                     help=f"default: bench_counts.csv beside --timings, else in {default}")
-    ap.add_argument("--out", default=default, metavar="DIR", help=f"folder of the PNGs (default: {default})")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help=f"folder of the PNGs (default: the CSVs' folder, else {default})")
     ap.add_argument("--run", default=None, metavar="RUN_ID", help="the run to plot (default: the latest)")
     a = ap.parse_args(argv)
     given = [f for f, v in (("--timings", a.timings), ("--counts", a.counts)) if v is not None]
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
     folder = os.path.dirname(a.timings or a.counts) if given else default
     a.timings = a.timings if a.timings is not None else os.path.join(folder, "bench_timings.csv")
     a.counts = a.counts if a.counts is not None else os.path.join(folder, "bench_counts.csv")
+    a.out = a.out if a.out is not None else folder  # (never over the repository's plots for other CSVs)
     for flag in given:
         path = getattr(a, flag[2:])
         if not os.path.isfile(path):

@@ -569,6 +569,10 @@ def pytest_benchmark(providers: Callable[[tuple], dict], shapes: list, names: li
     return test
 
 
+class OptionError(ValueError):
+    """A script's own option that its plan cannot read: a usage error (one line, exit 2) from script_main."""
+
+
 def op_script(doc: str, workloads: list[str], shapes: list, argv=None, rounds: int = 25):
     """script_main over op_case(workload, shape) for each shape and workload (keys of OPS)."""
     return script_main(doc, lambda a: [op_case(w, s, a.compile, target_sample_s=0.005) for s in shapes
@@ -605,18 +609,26 @@ def script_main(doc: str, plan: Callable[[object], list[Case]], argv=None, round
         if args.csv is not None:
             check_output_file(args.csv, "--csv", (".csv",))
             check_appendable(args.csv, "--csv")
-        cases_ = plan(args)  # (the scripts' own options are read here)
     except (UsageError, ValueError) as exc:
         ap.error(str(exc))
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    keep = {p for p in args.providers.split(",") if p}
-    if keep:  # a name that matches no provider dropped its rows without a word
-        known = {name for c in cases_ for name in c.build()}
+    keep = {p for p in args.providers.split(",") if p}  # (before plan: a script's plan may reuse the name)
+    try:
+        cases_ = plan(args)  # (the scripts' own options are read here)
+    except OptionError as exc:
+        ap.error(str(exc))
+    if keep and cases_:  # a name that matches no provider dropped its rows without a word
+        known: set[str] = set()
+        for c in cases_:
+            try:
+                known |= set(c.build())
+            except Exception:  # noqa: BLE001 (a case that cannot build here is reported as a row by run_case)
+                pass
         unknown = sorted(keep - known)
-        if unknown:
+        if unknown and known:
             ap.error(f"--providers: no provider named {unknown[0]!r}; these cases have: {', '.join(sorted(known))}")
     rows: list[dict] = []
     if cases_:
