@@ -1,6 +1,6 @@
-"""The README's command-line examples ("Train and sample from the command line") run as written, with fewer
-training steps: each `fastddpm train` line (and the torchrun line, two processes) for 2 steps, then the
-`fastddpm sample` line on the run the first line made. The block's last line, `fastddpm eval`, is the sample-
+"""The README's examples run: its Python examples ("Use") as written, and its command-line examples ("Train and
+sample from the command line") with fewer training steps: each `fastddpm train` line (and the torchrun line, two
+processes) for 2 steps, then the `fastddpm sample` line on the run the first line made. The block's last line, `fastddpm eval`, is the sample-
 quality measurement of the README's quality table (minutes; its command line is tested in test_cli.py). Paths
 are relative, so the runs land in a temporary folder."""
 
@@ -76,3 +76,34 @@ def test_torchrun_line(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "runs" / "ddp").is_dir()
     assert (r.stdout + r.stderr).count("trained to step") == 1, r.stderr[-3000:]  # rank 0 reports, alone
+
+
+def _python_blocks() -> list[str]:
+    """The Python blocks of the README's "## Use" section, as written."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("\n## Use\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_python_examples_run_as_written():
+    """Each Python example of "## Use" runs as written; the one name the text leaves to the reader,
+    ``diffusers_unet`` ("an existing UNet2DModel"), is a small one. The results are checked against what the
+    comments say they are."""
+    diffusers = pytest.importorskip("diffusers")
+    blocks = _python_blocks()
+    assert len(blocks) == 2
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md (Use, block 1)", "exec"), ns)
+    assert ns["x_t"].shape == ns["v"].shape == ns["x_prev"].shape == (16, 3, 32, 32)
+    ns["diffusers_unet"] = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (two threads on 2 shared cores are several times slower)
+    try:
+        exec(compile(blocks[1], "README.md (Use, block 2)", "exec"), ns)
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(p.numel() for p in ns["unet"].parameters()) == 35_746_307  # the comment's count
+    assert ns["images"].shape == (4, 3, 32, 32) and torch.isfinite(ns["images"]).all()
