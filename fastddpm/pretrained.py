@@ -55,6 +55,9 @@ def _schedule(d: dict | None, source: str = "") -> NoiseSchedule:
         raise ValueError(f"{where}schedule: expected a table of schedule settings, got {d!r}")
     kinds = {"num_train_timesteps": ((int,), "an integer"), "beta_schedule": ((str,), "a schedule name"),
              "beta_start": ((int, float), "a number"), "beta_end": ((int, float), "a number")}
+    unknown = sorted(set(d) - set(kinds))
+    if unknown:  # a misspelt key ("beta_strat") would load with the default in its place
+        raise ValueError(f"{where}schedule.{unknown[0]}: not a schedule setting (expected {', '.join(kinds)})")
     for key, (types, what) in kinds.items():
         v = d.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
@@ -100,8 +103,14 @@ def load_exported(weights: str) -> LoadedModel:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"{meta_path}: steps: expected the model's default number of sampling steps (a positive "
                          f"integer) or null, got {steps!r}")
-    return LoadedModel(model.eval(), _schedule(meta.get("schedule"), meta_path),
-                       meta.get("prediction_type", "epsilon"), meta.get("sampler", "ddpm"), steps, weights, meta)
+    from .samplers.plan import SAMPLERS
+
+    pred, sampler = meta.get("prediction_type", "epsilon"), meta.get("sampler", "ddpm")
+    if pred not in ("epsilon", "sample", "v_prediction"):
+        raise ValueError(f"{meta_path}: prediction_type: expected 'epsilon', 'sample' or 'v_prediction', got {pred!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"{meta_path}: sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    return LoadedModel(model.eval(), _schedule(meta.get("schedule"), meta_path), pred, sampler, steps, weights, meta)
 
 
 def load_builtin(name: str) -> LoadedModel:
@@ -193,7 +202,13 @@ def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", ste
     from safetensors.torch import save_file
 
     from ._io import atomic_path
+    from .samplers.plan import SAMPLERS
 
+    out = os.fspath(out)
+    if not has_ext(out, ".safetensors"):  # load() reads NAME.safetensors beside NAME.json only
+        raise ValueError(f"out: expected a file name ending in .safetensors, got {out!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     lm = load_training_checkpoint(ckpt, weights)
     T = lm.schedule.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:

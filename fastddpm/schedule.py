@@ -112,6 +112,10 @@ def make_betas(
     if beta_schedule == "linear":
         return np.linspace(beta_start, beta_end, T, dtype=np.float64)
     if beta_schedule == "scaled_linear":
+        for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if v < 0:  # its square root is complex: the betas would be the real parts of complex squares
+                raise ValueError(f"{name}: beta_schedule='scaled_linear' interpolates square roots, expected a "
+                                 f"number >= 0, got {v}")
         return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         return _cosine_betas(T)

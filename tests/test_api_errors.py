@@ -3,6 +3,7 @@
 spellings of the same arguments still give the numbers of the canonical ones."""
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -384,3 +385,110 @@ def test_philox_seed_is_an_integer_not_a_bool():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="^seed: expected an integer"):
         ops.ddpm_step(x, x, 5, fastddpm.NoiseSchedule(), noise="philox", seed=True)
+
+
+# ----------------------------------------------------------------------------- found by probing the Python API
+def test_scaled_linear_refuses_a_negative_beta():
+    """Its square root is complex: the betas were the real parts of complex squares (numpy's ComplexWarning)."""
+    for kw in (dict(beta_start=-0.00085), dict(beta_end=-0.012)):
+        with pytest.raises(ValueError, match=r"scaled_linear' interpolates square roots, expected a number >= 0"):
+            fastddpm.NoiseSchedule(1000, "scaled_linear", **{"beta_start": 0.00085, "beta_end": 0.012, **kw})
+
+
+def test_sample_refuses_what_the_sampler_would_ignore_or_read_as_true():
+    f = lambda x, t: 3.0 * x  # noqa: E731
+    shape = (1, 1, 4, 4)
+    with pytest.raises(ValueError, match="variance_type: DDPM's sigma_t, applies to sampler='ddpm' only"):
+        fastddpm.sample(f, shape, steps=3, seed=0, sampler="ddim", variance_type="fixed_large", progress=False)
+    for sampler in ("ddpm", "dpm++2m"):
+        with pytest.raises(ValueError, match="use_clipped_model_output: DDIM's choice of epsilon"):
+            fastddpm.sample(f, shape, steps=3, seed=0, sampler=sampler, use_clipped_model_output=False,
+                            progress=False)
+    for name in ("clip_denoised", "use_clipped_model_output", "return_intermediates", "cuda_graph", "fast_math",
+                 "progress"):
+        with pytest.raises(TypeError, match=rf"^{name}: expected True or False, got 'False'"):
+            fastddpm.sample(f, shape, steps=3, seed=0, **{name: "False"})
+    with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):
+        fastddpm.sample(f, shape, steps=3, seed=0, dtype="float32", progress=False)
+    # the defaults, and the values that are the defaults' own, still run
+    a = fastddpm.sample(f, shape, steps=3, seed=0, sampler="ddim", variance_type="fixed_small", progress=False)
+    assert torch.equal(a, fastddpm.sample(f, shape, steps=3, seed=0, sampler="ddim", progress=False))
+
+
+def test_sample_names_a_device_that_is_not_the_models():
+    model = fastddpm.UNet.tiny()
+    with pytest.raises(ValueError, match=r"device: meta is not the device of the model's parameters \(cpu\)"):
+        fastddpm.sample(model, (1, 3, 8, 8), steps=1, device="meta", progress=False)
+    assert fastddpm.sample(model, (1, 3, 8, 8), steps=1, seed=0, device="cpu", progress=False).shape == (1, 3, 8, 8)
+
+
+def test_dpmpp_default_steps_fit_a_short_schedule():
+    """With T <= 20 the default of 20 steps repeated a timestep: "use fewer steps" for steps nobody passed."""
+    f = lambda x, t: 0.1 * x  # noqa: E731
+    for T in (2, 20):
+        x = fastddpm.sample(f, (1, 1, 4, 4), sampler="dpm++2m", schedule=fastddpm.NoiseSchedule(T), seed=0,
+                            progress=False)
+        assert torch.isfinite(x).all()
+
+
+def test_unet_checks_a_config_changed_after_it_was_made():
+    cfg = fastddpm.UNet.tiny().config
+    cfg.attention_resolutions = (3,)  # built with the middle attention only; its config did not load back
+    with pytest.raises(ValueError, match="attention_resolutions: resolution 3 never occurs"):
+        fastddpm.UNet(cfg)
+
+
+def test_unet_names_a_timestep_of_another_type():
+    u = fastddpm.UNet.tiny()
+    x = torch.randn(1, 3, 8, 8)
+    for t in ([1], None, "5", True):
+        with pytest.raises(TypeError, match="t: expected a timestep tensor, an int or a float"):
+            u(x, t)
+    with torch.no_grad():
+        assert torch.equal(u(x, np.int64(5)), u(x, 5)) and torch.equal(u(x, np.float64(3.5)), u(x, 3.5))
+
+
+def test_preset_docstrings_give_the_parameter_counts():
+    for preset in (fastddpm.UNet.digits, fastddpm.UNet.tiny, fastddpm.UNet.ddpm_cifar10):
+        n = sum(p.numel() for p in preset().parameters())
+        assert f"{n:,}" in preset.__doc__, (preset.__name__, n)
+
+
+def test_exported_model_description_is_checked(tmp_path):
+    """A misspelt schedule key loaded with the default in its place; a bad sampler or prediction type loaded
+    and failed at sampling; Python's export wrote files that load refused."""
+    import json
+
+    from fastddpm import pretrained
+
+    lm = pretrained.load_builtin("digits")
+    src = json.loads(open(os.path.splitext(lm.source)[0] + ".json").read())
+    import shutil
+
+    for change, message in (({"schedule": {**src["schedule"], "beta_strat": 0.00085}}, "schedule.beta_strat: not a"),
+                            ({"sampler": 3}, "sampler: expected one of"),
+                            ({"prediction_type": ["x"]}, "prediction_type: expected")):
+        shutil.copy(lm.source, tmp_path / "m.safetensors")
+        (tmp_path / "m.json").write_text(json.dumps({**src, **change}))
+        with pytest.raises(ValueError, match=message):
+            pretrained.load(model=str(tmp_path / "m.safetensors"))
+
+
+def test_python_export_refuses_what_load_refuses(tmp_path):
+    from fastddpm import pretrained
+
+    with pytest.raises(ValueError, match="out: expected a file name ending in .safetensors"):
+        pretrained.export("no-such-run", str(tmp_path / "z"))
+    with pytest.raises(ValueError, match="sampler: expected one of ddpm, ddim, dpm\\+\\+2m, got 'bogus'"):
+        pretrained.export("no-such-run", str(tmp_path / "z.safetensors"), sampler="bogus")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_diffusers_config_with_another_number_of_widths_than_blocks():
+    from fastddpm.compat.diffusers import UnsupportedDiffusersConfig, config_from_diffusers
+
+    base = {"sample_size": 8, "norm_num_groups": 4, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+    for widths in ([16, 32, 64], [16]):  # three became a 3-level network; one failed on attention_resolutions
+        with pytest.raises(UnsupportedDiffusersConfig, match="block_out_channels.*one width per block"):
+            config_from_diffusers({**base, "block_out_channels": widths})

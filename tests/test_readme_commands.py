@@ -1,8 +1,8 @@
 """The README's examples run: its Python examples ("Use") as written, and its command-line examples ("Train and
-sample from the command line") with fewer training steps: each `fastddpm train` line (and the torchrun line, two
-processes) for 2 steps, then the `fastddpm sample` line on the run the first line made. The block's last line, `fastddpm eval`, is the sample-
-quality measurement of the README's quality table (minutes; its command line is tested in test_cli.py). Paths
-are relative, so the runs land in a temporary folder."""
+sample from the command line") with fewer training steps: each `fastddpm train` line (and the torchrun line,
+two processes) for 2 steps, then the `fastddpm sample` line on the run the first line made. The block's last
+line, `fastddpm eval`, is the sample-quality measurement of the README's quality table (minutes; its command
+line is tested in test_cli.py). Paths are relative, so the runs land in a temporary folder."""
 
 from __future__ import annotations
 

@@ -121,6 +121,8 @@ def config_from_diffusers(config) -> UNetConfig:
     if not isinstance(chans, list) or not chans or any(
             isinstance(ch, bool) or not isinstance(ch, int) or ch <= 0 for ch in chans):
         unsupported("block_out_channels", chans, "positive ints")
+    if len(chans) != L:  # one width per down block (diffusers' UNet2DModel refuses another count)
+        unsupported("block_out_channels", chans, f"one width per block ({L} blocks)")
     # The widest base dividing every width: (16, 24) is base 8 x (2, 3), as to_diffusers writes a
     # fastddpm config whose first multiplier is not 1.
     base = math.gcd(*chans)
@@ -133,7 +135,6 @@ def config_from_diffusers(config) -> UNetConfig:
         unsupported("sample_size", size, "a positive int")
     res = [size >> i for i in range(L)]
     head_dim = get("attention_head_dim", 8)
-    # (zip: a block_out_channels of another length than the blocks is refused further on, naming it)
     attn_widths = [c for c, b in zip(chans, down) if _DOWN_TYPES[b]] + ([chans[-1]] if get("add_attention", True)
                                                                        else [])
     if head_dim is not None and any(isinstance(head_dim, int) and w % head_dim for w in attn_widths):

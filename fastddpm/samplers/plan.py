@@ -73,6 +73,12 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
         raise ValueError(f"variance_type: unknown {variance_type!r}")
     if sampler != "ddpm" and variance_type in ("learned", "learned_range"):
         raise ValueError("variance_type: the learned variance types apply to sampler='ddpm' only")
+    if sampler != "ddpm" and variance_type not in ("fixed_small", "fixed_small_log"):  # read by DDPM alone
+        raise ValueError(f"variance_type: DDPM's sigma_t, applies to sampler='ddpm' only, got {variance_type!r} "
+                         f"with sampler={sampler!r}")
+    if sampler != "ddim" and use_clipped_model_output is False:  # read by DDIM alone
+        raise ValueError(f"use_clipped_model_output: DDIM's choice of epsilon, applies to sampler='ddim' only, got "
+                         f"False with sampler={sampler!r}")
     eta = ops.check_eta(eta)
     if eta and sampler != "ddim":  # only DDIM reads eta: ignoring it would hide a mistake (the CLI refuses it too)
         raise ValueError(f"eta: DDIM's eta applies to sampler='ddim' only, got eta={eta} with sampler={sampler!r}")
@@ -102,7 +108,8 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
             raise ValueError("timesteps: expected distinct values")
     else:
         if steps is None:
-            steps = T if sampler == "ddpm" else min(50 if sampler == "ddim" else 20, T)
+            # (DPM-Solver++'s linspace spacing repeats a timestep beyond T - 1 steps)
+            steps = T if sampler == "ddpm" else min(50, T) if sampler == "ddim" else min(20, max(T - 1, 1))
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected a positive integer, got {steps!r}")
         if steps > T:

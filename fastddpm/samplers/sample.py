@@ -67,9 +67,16 @@ def channels_last_weights(model):
 def _infer_device_dtype(model, device, dtype):
     if device is not None:
         device = ops.check_device(device)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype such as torch.float32, got {dtype!r}")
     if isinstance(model, torch.nn.Module):
         p = next(iter(model.parameters()), None)
         if p is not None:
+            if device is not None and (device.type != p.device.type or
+                                       device.index not in (None, p.device.index)):
+                # the model's first layer would refuse the images deep inside its forward
+                raise ValueError(f"device: {device} is not the device of the model's parameters ({p.device}); "
+                                 f"move the model (model.to({str(device)!r})) or leave device out")
             device = device if device is not None else p.device
             if dtype is not None and p.is_floating_point() and dtype != p.dtype and not torch.is_autocast_enabled(
                     torch.device(device).type):
@@ -132,7 +139,8 @@ def sample(
         return_intermediates: also return the list of x after every step.
         prediction_type: what the model predicts: "epsilon", "sample" (x0) or "v_prediction".
         variance_type: DDPM's sigma_t: "fixed_small" (beta tilde), "fixed_large" (beta), "learned",
-            "learned_range" (model returns 2C channels).
+            "learned_range" (model returns 2C channels). DDPM's only: another value with another sampler is
+            refused.
         clip_denoised: clip the predicted x0 to [-1, 1] (as the original DDPM code; for DPM-Solver++ this is
             its thresholding of the data prediction with a static threshold of 1).
         use_clipped_model_output: DDIM with ``clip_denoised``: the direction to x_t uses the epsilon
@@ -140,7 +148,8 @@ def sample(
             (x0, eps) stay a consistent pair and the step stays on DDIM's path (Song et al. eq. 12;
             diffusers' ``use_clipped_model_output=True``). False keeps the model's own epsilon, as
             diffusers' DDIMScheduler does by default: that mismatch accumulates over steps, and images
-            get worse as DDIM takes more steps. No effect on DDPM, whose posterior mean uses x0 alone.
+            get worse as DDIM takes more steps. DDIM's only: False with another sampler is refused (DDPM's
+            posterior mean and DPM-Solver++ use x0 alone).
         timesteps: explicit timesteps to visit instead of ``steps``.
         cuda_graph: capture one step (model + fused step) in a CUDA graph and replay it (CUDA only).
         backend: the fused ops' backend.
@@ -162,6 +171,11 @@ def sample(
         raise TypeError(f"callback: expected a callable callback(i, t, x) or None, got {type(callback).__name__}")
     if channels_last is not None and not isinstance(channels_last, bool):  # "no" would be true
         raise TypeError(f"channels_last: expected True, False or None, got {channels_last!r}")
+    for name, flag in (("progress", progress), ("return_intermediates", return_intermediates),
+                       ("clip_denoised", clip_denoised), ("use_clipped_model_output", use_clipped_model_output),
+                       ("cuda_graph", cuda_graph), ("fast_math", fast_math)):
+        if not isinstance(flag, bool):  # "False" (a string) would be true
+            raise TypeError(f"{name}: expected True or False, got {flag!r}")
     device, dtype = _infer_device_dtype(model, device, dtype)
     plan = plan_sampling(shape, steps=steps, sampler=sampler, eta=eta, schedule=schedule, timesteps=timesteps,
                          prediction_type=prediction_type, variance_type=variance_type,
