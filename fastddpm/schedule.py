@@ -220,16 +220,20 @@ class NoiseSchedule:
         return self._by_device[device]
 
     def table(self, name: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        """Table ``name`` on ``device`` (default: the schedule's) in ``dtype``.
+        """Table ``name`` on ``device`` (default: the schedule's) in ``dtype``, a copy of its own: editing it
+        changes no table (``tables(device)`` gives the cached float32 tables themselves).
 
         float64 gives the unrounded values the float32 tables were made from.
         """
         if name not in TABLES:
             raise ValueError(f"name: expected one of {', '.join(TABLES)}, got {name!r}")
-        device = torch.device(device) if device is not None else self.device
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating torch.dtype such as torch.float32, got {dtype!r}")
+        device = check_device(device) if device is not None else self.device
         if dtype == torch.float64:
-            return torch.from_numpy(self._f64[name]).to(device)
-        return self._tables_on(device)[name].to(dtype)
+            return torch.from_numpy(self._f64[name].copy()).to(device)
+        t = self._tables_on(device)[name]
+        return t.clone() if dtype == t.dtype else t.to(dtype)
 
     def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """All float32 tables on ``device`` (cached: no copy after the first call)."""

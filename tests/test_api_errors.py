@@ -492,3 +492,19 @@ def test_diffusers_config_with_another_number_of_widths_than_blocks():
     for widths in ([16, 32, 64], [16]):  # three became a 3-level network; one failed on attention_resolutions
         with pytest.raises(UnsupportedDiffusersConfig, match="block_out_channels.*one width per block"):
             config_from_diffusers({**base, "block_out_channels": widths})
+
+
+def test_schedule_table_is_a_copy_and_names_its_arguments():
+    """table() returned the schedule's own storage: editing it changed later sampling (float32) and the float64
+    reference (a view of its numpy array)."""
+    s = fastddpm.NoiseSchedule(1000)
+    ref = fastddpm.NoiseSchedule(1000)
+    s.table("alphas_cumprod").mul_(0.5)
+    s.table("betas", dtype=torch.float64).zero_()
+    for name in ("alphas_cumprod", "betas"):
+        for dt in (torch.float32, torch.float64):
+            assert torch.equal(s.table(name, dtype=dt), ref.table(name, dtype=dt))
+    with pytest.raises(TypeError, match="dtype: expected a floating torch.dtype"):
+        s.table("betas", dtype=torch.int64)  # gave zeros
+    with pytest.raises(ValueError, match="device: expected a device such as"):
+        s.table("betas", device="junk")
