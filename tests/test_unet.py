@@ -226,6 +226,11 @@ def test_config_json_round_trip():
     assert UNet(back).state_dict().keys() == UNet(cfg).state_dict().keys()
     with pytest.raises(ValueError, match="unknown keys"):
         UNetConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    for bad in ("[]", "null"):  # a generic "argument after ** must be a mapping" / "'NoneType' is not iterable"
+        with pytest.raises(TypeError, match="UNetConfig: expected a dict of settings, got"):
+            UNetConfig.from_json(bad)
+    with pytest.raises(ValueError, match="UNetConfig: not JSON"):
+        UNetConfig.from_json("{")
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -188,6 +188,8 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"UNetConfig: expected a dict of settings, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -199,7 +201,11 @@ class UNetConfig:
 
     @classmethod
     def from_json(cls, s: str) -> UNetConfig:
-        return cls.from_dict(json.loads(s))
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"UNetConfig: not JSON ({exc})") from exc
+        return cls.from_dict(d)
 
 
 # ----------------------------------------------------------------------------------------------
