@@ -211,8 +211,10 @@ def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", ste
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     lm = load_training_checkpoint(ckpt, weights)
     T = lm.schedule.num_train_timesteps
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"steps: expected the model's default number of sampling steps, 1 to its {T} "
+    most = T - 1 if sampler == "dpm++2m" else T  # (DPM-Solver++'s spacing repeats a timestep beyond T - 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+        limit = f"its {T}" if most == T else f"{most} (DPM-Solver++: fewer than its {T})"
+        raise ValueError(f"steps: expected the model's default number of sampling steps, 1 to {limit} "
                          f"training timesteps, got {steps!r}")
     _check_not_an_input(out, lm.source)
     s = lm.schedule  # (what the checkpoint's state.json names, or the default it was read with)

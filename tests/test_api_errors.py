@@ -508,3 +508,17 @@ def test_schedule_table_is_a_copy_and_names_its_arguments():
         s.table("betas", dtype=torch.int64)  # gave zeros
     with pytest.raises(ValueError, match="device: expected a device such as"):
         s.table("betas", device="junk")
+
+
+def test_sample_device_check_follows_where_the_weights_are():
+    """The device check of sample(): "cpu" for a CPU model is its device; a numpy bool is a bool; a model whose
+    hooks move the work (accelerate's offload keeps the weights elsewhere) is not refused."""
+    model = fastddpm.UNet.tiny()
+    kw = dict(steps=1, seed=0, progress=np.bool_(False))
+    a = fastddpm.sample(model, (1, 3, 8, 8), device="cpu", **kw)
+    assert torch.equal(a, fastddpm.sample(model, (1, 3, 8, 8), device=torch.device("cpu"), **kw))
+    hooked = fastddpm.UNet.tiny()
+    hooked.conv_in._hf_hook = object()  # (what accelerate's offload attaches)
+    with pytest.raises(Exception) as e:  # the meta images then fail in the model, as they did before the check
+        fastddpm.sample(hooked, (1, 3, 8, 8), device="meta", **kw)
+    assert "is not the device of the model's parameters" not in str(e.value)

@@ -356,3 +356,12 @@ def test_torchrun_variables_that_are_not_integers(tmp_path, capsys, monkeypatch)
     assert main(["sample", "--model", "digits", "--n", "1", "--steps", "1", "--no-progress",
                  "--out", str(tmp_path / "s.png")]) == 2
     _one_line_error(capsys, "WORLD_SIZE: expected a non-negative integer in the environment variable, got 'abc'")
+
+
+def test_python_export_of_dpmpp_steps_that_sampling_would_refuse(run_dir, tmp_path):
+    """DPM-Solver++'s spacing repeats a timestep beyond T - 1 steps: such a default was exported and then
+    failed at sampling."""
+    with pytest.raises(ValueError, match=r"steps: .* 1 to 999 \(DPM-Solver\+\+: fewer than its 1000\)"):
+        pretrained.export(str(run_dir), str(tmp_path / "m.safetensors"), sampler="dpm++2m", steps=1000)
+    assert pretrained.export(str(run_dir), str(tmp_path / "m.safetensors"), sampler="dpm++2m", steps=999)
+    assert pretrained.load(model=str(tmp_path / "m.safetensors")).steps == 999

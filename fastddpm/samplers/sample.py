@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -72,11 +73,16 @@ def _infer_device_dtype(model, device, dtype):
     if isinstance(model, torch.nn.Module):
         p = next(iter(model.parameters()), None)
         if p is not None:
-            if device is not None and (device.type != p.device.type or
-                                       device.index not in (None, p.device.index)):
-                # the model's first layer would refuse the images deep inside its forward
-                raise ValueError(f"device: {device} is not the device of the model's parameters ({p.device}); "
-                                 f"move the model (model.to({str(device)!r})) or leave device out")
+            devices = {q.device for q in model.parameters()}
+            # (a model whose hooks move the work, e.g. accelerate's offload, keeps its weights elsewhere)
+            hooked = any(hasattr(m, "_hf_hook") for m in model.modules())
+            if device is not None and len(devices) == 1 and not hooked:
+                if device.type == p.device.type and device.index is None:
+                    device = p.device  # "cuda" for a model on cuda:1 is cuda:1, where its weights are
+                elif device != p.device and not (device.type == "cpu" and p.device.type == "cpu"):
+                    # the model's first layer would refuse the images deep inside its forward
+                    raise ValueError(f"device: {device} is not the device of the model's parameters ({p.device}); "
+                                     f"move the model (model.to({str(device)!r})) or leave device out")
             device = device if device is not None else p.device
             if dtype is not None and p.is_floating_point() and dtype != p.dtype and not torch.is_autocast_enabled(
                     torch.device(device).type):
@@ -120,7 +126,8 @@ def sample(
         model: ``model(x, t) -> output``: a fastddpm UNet, any callable, or a diffusers UNet2DModel
             (its ``.sample`` is used). ``t`` is an int64 (B,) tensor of original timesteps.
         shape: (B, C, H, W) (any trailing dims).
-        steps: number of denoising steps; default the schedule's T for DDPM, 50 for DDIM, 20 for DPM-Solver++.
+        steps: number of denoising steps; default the schedule's T for DDPM, 50 for DDIM (at most T), 20 for
+            DPM-Solver++ (at most T - 1: its spacing repeats a timestep beyond).
             Fewer than T respaces the schedule (Nichol & Dhariwal 2021), evenly with both ends kept; DPM-Solver++
             takes diffusers' DPMSolverMultistepScheduler timesteps (round(linspace(0, T - 1, steps + 1)) but 0),
             its last step going to sigma = 0.
@@ -174,7 +181,7 @@ def sample(
     for name, flag in (("progress", progress), ("return_intermediates", return_intermediates),
                        ("clip_denoised", clip_denoised), ("use_clipped_model_output", use_clipped_model_output),
                        ("cuda_graph", cuda_graph), ("fast_math", fast_math)):
-        if not isinstance(flag, bool):  # "False" (a string) would be true
+        if not isinstance(flag, (bool, np.bool_)):  # "False" (a string) would be true
             raise TypeError(f"{name}: expected True or False, got {flag!r}")
     device, dtype = _infer_device_dtype(model, device, dtype)
     plan = plan_sampling(shape, steps=steps, sampler=sampler, eta=eta, schedule=schedule, timesteps=timesteps,
