@@ -43,6 +43,13 @@ def dir_mode() -> int:
     return 0o777 & ~umask()
 
 
+def _sync_file(path: str) -> None:
+    """Give ``path`` the mode a plain open() would and flush it to disk."""
+    with open(path, "rb+") as f:
+        os.fchmod(f.fileno(), file_mode())
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path in the same folder; on success fsync it and rename it onto ``path``.
@@ -61,10 +68,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            # Again after the writer: some (safetensors' save_file) replace the file with a 0600 one.
-            os.fchmod(f.fileno(), file_mode())
-            os.fsync(f.fileno())
+        _sync_file(tmp)  # (the mode again after the writer: safetensors' save_file replaces the file with a 0600 one)
         os.replace(tmp, path)
         with contextlib.suppress(OSError):
             dfd = os.open(folder, os.O_RDONLY)
@@ -99,13 +103,6 @@ def lock_folder(folder: str | os.PathLike, *, wait: bool) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _sync_file(path: str) -> None:
-    """Give ``path`` the mode a plain open() would and flush it to disk."""
-    with open(path, "rb+") as f:
-        os.fchmod(f.fileno(), file_mode())
-        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager

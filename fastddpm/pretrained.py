@@ -103,11 +103,12 @@ def load_exported(weights: str) -> LoadedModel:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"{meta_path}: steps: expected the model's default number of sampling steps (a positive "
                          f"integer) or null, got {steps!r}")
+    from .ops import PREDICTION_TYPES
     from .samplers.plan import SAMPLERS
 
     pred, sampler = meta.get("prediction_type", "epsilon"), meta.get("sampler", "ddpm")
-    if pred not in ("epsilon", "sample", "v_prediction"):
-        raise ValueError(f"{meta_path}: prediction_type: expected 'epsilon', 'sample' or 'v_prediction', got {pred!r}")
+    if not isinstance(pred, str) or pred not in PREDICTION_TYPES:
+        raise ValueError(f"{meta_path}: prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {pred!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"{meta_path}: sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     return LoadedModel(model.eval(), _schedule(meta.get("schedule"), meta_path), pred, sampler, steps, weights, meta)
