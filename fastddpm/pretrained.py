@@ -46,26 +46,6 @@ class LoadedModel:
         return (c.in_channels, c.sample_size, c.sample_size)
 
 
-def _schedule(d: dict | None, source: str = "") -> NoiseSchedule:
-    """The NoiseSchedule a model's description names (defaults: DDPM's linear 1e-4..0.02 over 1000 steps);
-    a value of the wrong type is named with ``source`` (the file) and its key."""
-    d = d or {}
-    where = f"{source}: " if source else ""
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}schedule: expected a table of schedule settings, got {d!r}")
-    kinds = {"num_train_timesteps": ((int,), "an integer"), "beta_schedule": ((str,), "a schedule name"),
-             "beta_start": ((int, float), "a number"), "beta_end": ((int, float), "a number")}
-    unknown = sorted(set(d) - set(kinds))
-    if unknown:  # a misspelt key ("beta_strat") would load with the default in its place
-        raise ValueError(f"{where}schedule.{unknown[0]}: not a schedule setting (expected {', '.join(kinds)})")
-    for key, (types, what) in kinds.items():
-        v = d.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
-            raise ValueError(f"{where}schedule.{key}: expected {what}, got {v!r}")
-    return NoiseSchedule(int(d.get("num_train_timesteps", 1000)), d.get("beta_schedule", "linear"),
-                         float(d.get("beta_start", 1e-4)), float(d.get("beta_end", 0.02)))
-
-
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -111,7 +91,8 @@ def load_exported(weights: str) -> LoadedModel:
         raise ValueError(f"{meta_path}: prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, got {pred!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"{meta_path}: sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    return LoadedModel(model.eval(), _schedule(meta.get("schedule"), meta_path), pred, sampler, steps, weights, meta)
+    schedule = NoiseSchedule.from_settings(meta.get("schedule"), meta_path)
+    return LoadedModel(model.eval(), schedule, pred, sampler, steps, weights, meta)
 
 
 def load_builtin(name: str) -> LoadedModel:
@@ -137,7 +118,7 @@ def load_training_checkpoint(path: str, weights: str = "ema") -> LoadedModel:
     model = UNet(UNetConfig.from_dict(meta["unet_config"]))
     ck.load_weights(model, folder, f"{weights}.safetensors")
     cfg = meta.get("config", {})
-    schedule = _schedule(meta.get("schedule"), os.path.join(folder, "state.json"))
+    schedule = NoiseSchedule.from_settings(meta.get("schedule"), os.path.join(folder, "state.json"))
     # the steps training's own previews took: --sample-steps, at most the training timesteps
     steps = min(cfg.get("sample_steps", 50), schedule.num_train_timesteps)
     return LoadedModel(model.eval(), schedule, meta.get("prediction_type", "epsilon"), "ddim", steps, folder, meta)
@@ -218,10 +199,8 @@ def export(ckpt: str, out: str, weights: str = "ema", sampler: str = "ddim", ste
         raise ValueError(f"steps: expected the model's default number of sampling steps, 1 to {limit} "
                          f"training timesteps, got {steps!r}")
     _check_not_an_input(out, lm.source)
-    s = lm.schedule  # (what the checkpoint's state.json names, or the default it was read with)
-    schedule = {"num_train_timesteps": s.num_train_timesteps, "beta_schedule": s.beta_schedule,
-                "beta_start": s.beta_start, "beta_end": s.beta_end}
-    meta = {"format": MODEL_FORMAT, "unet_config": lm.model.config.to_dict(), "schedule": schedule,
+    # (the schedule is what the checkpoint's state.json names, or the default it was read with)
+    meta = {"format": MODEL_FORMAT, "unet_config": lm.model.config.to_dict(), "schedule": lm.schedule.settings(),
             "prediction_type": lm.prediction_type, "sampler": sampler, "steps": steps,
             "trained_steps": lm.info["step"], "weights": weights, "train_config": lm.info.get("config")}
     meta.update(extra or {})

@@ -127,6 +127,15 @@ def make_betas(
 
 MAX_TIMESTEPS = 1_000_000  # num_train_timesteps' bound: the tables take 8 bytes x 14 per step
 
+# The settings that describe a NoiseSchedule made without trained_betas (what a checkpoint or an exported
+# model stores): name -> (the types a stored value may have, what that is in words, the default).
+SETTINGS: dict[str, tuple[tuple[type, ...], str, object]] = {
+    "num_train_timesteps": ((int,), "an integer", 1000),
+    "beta_schedule": ((str,), "a schedule name", "linear"),
+    "beta_start": ((int, float), "a number", 1e-4),
+    "beta_end": ((int, float), "a number", 0.02),
+}
+
 
 class NoiseSchedule:
     """The forward-process noise schedule of a DDPM (Ho et al. 2020, sec. 2).
@@ -159,6 +168,7 @@ class NoiseSchedule:
                              f"got {num_train_timesteps}")
         self.num_train_timesteps = int(num_train_timesteps)
         self.beta_schedule = beta_schedule
+        self.trained = trained_betas is not None
         self.beta_start = check_number(beta_start, "beta_start", "a number in (0, 1)")
         self.beta_end = check_number(beta_end, "beta_end", "a number in (0, 1)")
         device = check_device(device) if device is not None else None
@@ -248,6 +258,32 @@ class NoiseSchedule:
         for name, value in self._tables_on(new.device).items():
             setattr(new, name, value)
         return new
+
+    def settings(self) -> dict:
+        """The schedule's settings (the keys of ``SETTINGS``): ``NoiseSchedule(**s.settings())`` makes the same
+        tables. A schedule made from ``trained_betas`` has none that describe it (ValueError)."""
+        if self.trained:
+            raise ValueError("settings: this schedule was made from trained_betas, which "
+                             f"{', '.join(SETTINGS)} do not describe; store its betas instead")
+        return {k: getattr(self, k) for k in SETTINGS}
+
+    @classmethod
+    def from_settings(cls, d: dict | None, source: str = "") -> NoiseSchedule:
+        """The NoiseSchedule of stored settings (the keys of ``SETTINGS``; a missing key takes its default, DDPM's
+        linear 1e-4..0.02 over 1000 steps). An unknown key or a value of the wrong type is named with ``source``
+        (where the settings were read) and the key."""
+        d = {} if d is None else d
+        where = f"{source}: " if source else ""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}schedule: expected a table of schedule settings, got {d!r}")
+        unknown = sorted(set(d) - set(SETTINGS))
+        if unknown:  # a misspelt key ("beta_strat") would load with the default in its place
+            raise ValueError(f"{where}schedule.{unknown[0]}: not a schedule setting (expected {', '.join(SETTINGS)})")
+        for key, (types, what, _) in SETTINGS.items():
+            v = d.get(key)
+            if key in d and (isinstance(v, bool) or not isinstance(v, types)):
+                raise ValueError(f"{where}schedule.{key}: expected {what}, got {v!r}")
+        return cls(**{k: d.get(k, default) for k, (_, _, default) in SETTINGS.items()})
 
     def __len__(self) -> int:
         return self.num_train_timesteps

@@ -640,6 +640,23 @@ def test_plot_options(tmp_path, capsys):
         assert message in _script_exit(plot_main, argv, capsys)
 
 
+def test_plot_reads_each_csv_once(tmp_path, monkeypatch, capsys):
+    """The file check, the --run check and the plots read each CSV anew (three reads of a file that grows with
+    every run); the rows read for the checks are the rows plotted."""
+    from fastddpm.bench import plot as P
+    from fastddpm.bench import timing
+
+    (tmp_path / "bench_timings.csv").write_text("run_id,kind,role\nr1,op,ours\nr2,op,ours\n")
+    reads, real = [], timing._read_csv
+    monkeypatch.setattr(timing, "_read_csv", lambda p, flag="": reads.append(os.path.basename(p)) or real(p, flag))
+    drawn = []
+    monkeypatch.setattr(P, "plot", lambda t, c, out, run: drawn.append((t, c, out, run)) or [])
+    assert P.main(["--timings", str(tmp_path / "bench_timings.csv"), "--run", "r1"]) == 0
+    assert reads == ["bench_timings.csv", "bench_counts.csv"]
+    (timings, counts, out, run), = drawn
+    assert [r["run_id"] for r in timings] == ["r1", "r2"] and counts == [] and run == "r1"
+
+
 def test_cpu_variants_refuses_a_folder_without_its_build(tmp_path, capsys, monkeypatch):
     """A folder holding no build let the worker import the installed fastddpm: the table compared one build
     with itself, exit 0."""

@@ -114,3 +114,38 @@ def test_schedules_whose_float32_table_underflows_are_refused():
     with pytest.raises(ValueError, match=r"num_train_timesteps: expected an integer in \[1, 1000000\]"):
         NoiseSchedule(2**31)  # refused before any table is made (it took 24 GiB)
     assert time.perf_counter() - t0 < 1
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+def test_settings_make_the_same_schedule(name):
+    s = NoiseSchedule(500, name, 2e-4, 0.03)
+    d = s.settings()
+    assert d == {"num_train_timesteps": 500, "beta_schedule": name, "beta_start": 2e-4, "beta_end": 0.03}
+    again = NoiseSchedule.from_settings(d)
+    f64 = torch.float64
+    assert torch.equal(again.table("alphas_cumprod", dtype=f64), s.table("alphas_cumprod", dtype=f64))
+
+
+def test_missing_settings_are_the_papers():
+    s = NoiseSchedule.from_settings({"beta_end": 0.02})  # Ho et al.: linear 1e-4..0.02 over 1000 steps
+    expected = np.linspace(1e-4, 0.02, 1000)  # independent of make_betas
+    assert np.allclose(s.table("betas", dtype=torch.float64).numpy(), expected, rtol=1e-12, atol=0)
+    assert NoiseSchedule.from_settings(None).settings() == s.settings()
+
+
+@pytest.mark.parametrize("d, match", [
+    ({"beta_strat": 1e-4}, r"f\.json: schedule\.beta_strat: not a schedule setting"),
+    ({"num_train_timesteps": "1000"}, r"schedule\.num_train_timesteps: expected an integer, got '1000'"),
+    ({"num_train_timesteps": True}, r"schedule\.num_train_timesteps: expected an integer"),
+    ({"beta_start": None}, r"schedule\.beta_start: expected a number, got None"),
+    ({"beta_schedule": 3}, r"schedule\.beta_schedule: expected a schedule name"),
+    ([1000], r"schedule: expected a table of schedule settings"),
+])
+def test_from_settings_names_the_bad_setting(d, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule.from_settings(d, "f.json")
+
+
+def test_a_trained_betas_schedule_has_no_settings():
+    with pytest.raises(ValueError, match="settings: this schedule was made from trained_betas"):
+        NoiseSchedule(3, trained_betas=[0.1, 0.2, 0.3]).to("cpu").settings()

@@ -12,7 +12,6 @@ One run is plotted (default: the latest in the file, by its run_id):
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 
@@ -21,11 +20,12 @@ COLORS = {"ours": "#1f77b4", "peer": "#ff7f0e", "other": "#999999", "bound": "#c
 KEY = "blue: fastddpm, orange: peers, grey: own U-Net"
 
 
-def read_rows(path: str | None) -> list[dict]:
-    if not path or not os.path.exists(path):
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+def read_rows(path: str | None, flag: str = "") -> list[dict]:
+    """The rows of the CSV at ``path`` (none where there is no file); a file that is no CSV is a ValueError
+    naming it and ``flag``."""
+    from .timing import _read_csv
+
+    return _read_csv(path, flag)[1] if path else []
 
 
 def _f(r: dict, key: str) -> float:
@@ -57,16 +57,18 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def plot(timings_csv: str | None, counts_csv: str | None, out_dir: str, run: str | None = None) -> list[str]:
-    """Draw the plots of one run; returns the paths written (a plot with no data is not drawn)."""
+def plot(timings: str | list[dict] | None, counts: str | list[dict] | None, out_dir: str, run: str | None = None
+         ) -> list[str]:
+    """Draw the plots of one run from the two CSVs (their paths, or their rows as read_rows gives them);
+    returns the paths written (a plot with no data is not drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    timings = _of_run(read_rows(timings_csv), run)
-    counts = _of_run(read_rows(counts_csv), run)
+    timings = _of_run(read_rows(timings) if isinstance(timings, (str, type(None))) else timings, run)
+    counts = _of_run(read_rows(counts) if isinstance(counts, (str, type(None))) else counts, run)
     written = []
     title_run = f" ({timings[0].get('suite', '')} suite, {timings[0].get('run_id', '')})" if timings else ""
 
@@ -129,7 +131,6 @@ def main(argv=None) -> int:
     import argparse
 
     from .._io import check_output_dir
-    from .timing import check_appendable
 
     ap = argparse.ArgumentParser(description="PNG plots from the benchmark CSVs")
     default = os.path.join("benchmarks", "results")
@@ -156,18 +157,17 @@ def main(argv=None) -> int:
     if len(missing) == 2:
         ap.error(f"--timings, --counts: neither {a.timings!r} nor {a.counts!r} exists "
                  "(write them with `fastddpm bench --csv`)")
-    try:
-        for flag, path in (("--timings", a.timings), ("--counts", a.counts)):
-            check_appendable(path, flag)  # (reads it: a file that is no CSV is named here)
+    try:  # each file read once: a file that is no CSV is named here
+        rows = [read_rows(p, flag) for flag, p in (("--timings", a.timings), ("--counts", a.counts))]
         check_output_dir(a.out, "--out")
     except ValueError as exc:
         ap.error(str(exc))
     if a.run is not None:
-        runs = {r.get("run_id") for p in (a.timings, a.counts) for r in read_rows(p)}
+        runs = {r.get("run_id") for rs in rows for r in rs}
         if a.run not in runs:
             ap.error(f"--run: no run {a.run!r} in {a.timings!r} or {a.counts!r}; the latest is "
                      f"{max((r for r in runs if r), default='none')!r}")
-    for path in plot(a.timings, a.counts, a.out, a.run):
+    for path in plot(*rows, a.out, a.run):
         print(f"wrote {path}")
     return 0
 

@@ -65,12 +65,10 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if noise not in NOISES:
         raise ValueError(f"noise: expected one of {', '.join(NOISES)}, got {noise!r}")
-    if prediction_type not in ("epsilon", "sample", "v_prediction"):
-        raise ValueError(
-            f"prediction_type: expected 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}"
-        )
-    if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"):
-        raise ValueError(f"variance_type: unknown {variance_type!r}")
+    if prediction_type not in ops.PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: expected one of {', '.join(ops.PREDICTION_TYPES)}, got {prediction_type!r}")
+    if variance_type not in ops.VARIANCE_TYPES:
+        raise ValueError(f"variance_type: expected one of {', '.join(ops.VARIANCE_TYPES)}, got {variance_type!r}")
     if sampler != "ddpm" and variance_type in ("learned", "learned_range"):
         raise ValueError("variance_type: the learned variance types apply to sampler='ddpm' only")
     if sampler != "ddpm" and variance_type not in ("fixed_small", "fixed_small_log"):  # read by DDPM alone

@@ -30,7 +30,7 @@ from .._errors import is_out_of_memory, one_line
 from .._fields import env_int
 from .._io import atomic_path, check_output_dir, has_ext, lock_folder
 from ..models.unet import UNet, UNetConfig
-from ..schedule import NoiseSchedule
+from ..schedule import SETTINGS, NoiseSchedule
 from . import checkpoint as ckpt_mod
 from .config import PREDICTION_TYPE, TrainConfig
 from .data import ImageFolder, _mix, batch_indices, open_dataset, step_generator, stream_batches
@@ -109,8 +109,7 @@ def unet_config(cfg: TrainConfig, channels: int, image_size: int) -> UNetConfig:
 def make_schedule(d: dict) -> NoiseSchedule:
     """The run's NoiseSchedule; NoiseSchedule's errors name its arguments, which are these flags here."""
     try:
-        return NoiseSchedule(int(d["num_train_timesteps"]), d["beta_schedule"], float(d["beta_start"]),
-                             float(d["beta_end"]))
+        return NoiseSchedule(**d)
     except ValueError as exc:
         head, sep, rest = str(exc).partition(": ")
         names = head.split("/")
@@ -120,8 +119,7 @@ def make_schedule(d: dict) -> NoiseSchedule:
 
 
 def schedule_dict(cfg: TrainConfig) -> dict:
-    return {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule,
-            "beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
+    return {k: getattr(cfg, k) for k in SETTINGS}
 
 
 # ----------------------------------------------------------------------------------------------
