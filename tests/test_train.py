@@ -521,16 +521,20 @@ def test_image_folder_bomb_and_fifo(tmp_path, capsys, monkeypatch):
 def test_damaged_state_fields_are_checkpoint_errors(tmp_path):
     """Fields of state.json read without a check: a log_window of one number was an IndexError traceback, an
     ema_updates of "x" or a version of "x" a message naming nothing, an empty files table skipped every
-    checksum, and an ema_updates of -5 weighted the EMA by 1.8."""
+    checksum, an ema_updates of -5 weighted the EMA by 1.8, and optimizer scalars that are no table an
+    AttributeError traceback on resume."""
     import shutil
 
     assert _run(tmp_path / "run", "--steps", "2") == 0
     _, good = _latest(tmp_path / "run")
-    cases = {"log_window": ([1.0], "log_window is not [loss sum, count]"),
+    cases = {"log_window": ([1.0], "log_window is not [loss sum, count, seconds]"),
              "ema_updates": ("x", "ema_updates is not an integer in [0, step]"),
              "version": ("x", "version is not an integer"),
              "files": ({}, "files table has no checksum of model.safetensors, ema.safetensors, optimizer"),
-             "ema_updates ": (-5, "ema_updates is not an integer in [0, step] (-5)")}
+             "ema_updates ": (-5, "ema_updates is not an integer in [0, step] (-5)"),
+             "log_window ": ([1.0, 2, -3.0], "log_window is not [loss sum, count, seconds]"),
+             "elapsed_s": ("x", "elapsed_s is not a number of seconds ('x')"),
+             "optimizer": ({"param_groups": [], "scalars": "x"}, "optimizer table's scalars are not a table")}
     for i, (key, (value, want)) in enumerate(cases.items()):
         bad = tmp_path / f"bad{i}"
         shutil.copytree(good, bad)
@@ -574,6 +578,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_the_last_one
     # "Storage size calculation overflowed"
     (["--image-size", str(2**62)], f"--batch-size/--image-size: a batch of 8 images of {2**62}x{2**62} is over"),
     (["--resume", ""], "--resume: expected a checkpoint folder, a run folder or 'latest', got ''"),  # a new run
+    (["--lr", "1e308"], "--lr: expected a positive number up to 3.4e38"),  # torch's overflow traceback in AdamW
+    (["--data", ""], "--data: no such file or folder ''"),  # named the field ("data:"), not the flag
     (["--unet", "null"], "--unet: expected a JSON object of UNetConfig fields, got null"),  # ignored
     (["--unet", '{"out_channels": 3}'], "--model/--unet: the network outputs 3 channels; training predicts the "
                                         "1-channel target"),  # trained on a broadcast loss
@@ -653,6 +659,11 @@ def test_toml_config_and_command_line_precedence(tmp_path):
     step, path = _latest(tmp_path / "o")
     meta = ck.read_state(path)
     assert step == 2 and meta["config"]["batch_size"] == 4 and meta["unet_config"]["base_channels"] == 8
+    # --unet goes over the [unet] table field by field (it replaced the table: the default widths came back)
+    assert main(["train", "--config", str(toml), "--unet", '{"dropout": 0.25}', "--steps", "1",
+                 "--out", str(tmp_path / "u")]) == 0
+    net = ck.read_state(_latest(tmp_path / "u")[1])["unet_config"]
+    assert net["base_channels"] == 8 and net["dropout"] == 0.25
     toml.write_text("stepz = 3\n")
     assert main(["train", "--config", str(toml)]) == 2
 
@@ -813,3 +824,102 @@ def test_unet_overrides_that_do_not_build_are_named(tmp_path, capsys):
                       ('{"norm_num_groups": 5}', "--unet norm_num_groups with --model tiny: norm_num_groups")):
         assert _run(tmp_path / "o", "--steps", "1", "--unet", unet) == 2
         assert why in capsys.readouterr().err
+
+
+def test_resume_refuses_other_data_in_place_of_the_digits(tmp_path, capsys):
+    """'digits' is no path: any array of the same size was taken as "the data moved", and the run went on
+    training on other images (config.json then named them)."""
+    assert _run(tmp_path / "a", "--steps", "1") == 0
+    n = len(load_dataset("digits"))
+    np.save(tmp_path / "other.npy", np.random.default_rng(0).integers(0, 256, (n, 8, 8), dtype=np.uint8))
+    assert _run(tmp_path / "a", "--steps", "2", "--resume", "latest", "--data", str(tmp_path / "other.npy")) == 2
+    err = capsys.readouterr().err
+    assert "--data: the run being resumed used 'digits'" in err, err
+    assert _latest(tmp_path / "a")[0] == 1
+
+
+def test_resuming_an_earlier_checkpoint_keeps_the_ones_it_writes(tmp_path, capsys):
+    """--keep counted the checkpoints of later steps (from before the resume) as the newest and deleted the one
+    just written: `latest` named a missing folder and the retrained steps were lost."""
+    import shutil
+
+    assert _run(tmp_path / "a", "--steps", "4", "--save-every", "2") == 0
+    root = tmp_path / "a" / "checkpoints"
+    shutil.copytree(root / "step-00000004", tmp_path / "four")
+    rc = main(["train", "--resume", str(root / "step-00000002"), "--steps", "3", "--save-every", "1", "--keep", "1",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    step, path = _latest(tmp_path / "a")
+    assert step == 3 and os.path.basename(path) == "step-00000003"
+    assert not (root / "step-00000002").exists() and (root / "step-00000004").exists()  # the later one left alone
+    assert main(["train", "--resume", "latest", "--out", str(tmp_path / "a"), "--steps", "4", "--no-progress"]) == 0
+    _assert_same_checkpoint(str(tmp_path / "four"), str(root / "step-00000004"))  # steps 3, 4 again: the same
+
+
+def test_a_metrics_row_cut_short_is_dropped_on_resume(tmp_path, capsys):
+    """A kill during a row's append leaves part of it ("1"); the resumed run trained to the end, then failed
+    plotting the loss (exit 2, "could not convert string to float: ''") and kept the broken row."""
+    assert _run(tmp_path / "a", "--steps", "2", "--log-every", "1") == 0
+    with open(tmp_path / "a" / "metrics.csv", "a") as f:
+        f.write("1")
+    assert _run(tmp_path / "a", "--steps", "3", "--log-every", "1", "--resume", "latest") == 0, capsys.readouterr().err
+    with open(tmp_path / "a" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and all(float(r["loss"]) > 0 for r in rows)
+
+
+def test_a_full_disk_at_the_start_names_the_run_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from fastddpm.train import loop
+
+    assert _run(tmp_path / "a", "--steps", "1") == 0
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loop, "_truncate_csv", full)
+    assert _run(tmp_path / "a", "--steps", "2", "--resume", "latest") == 2
+    err = capsys.readouterr().err
+    assert (f"--out {tmp_path / 'a'}: cannot write config.json or metrics.csv ([Errno 28] No space left on device); "
+            "the checkpoints are untouched") in err and "Traceback" not in err, err
+
+
+def test_elapsed_seconds_go_on_across_a_resume(tmp_path, monkeypatch):
+    """elapsed_s restarted at 0 in a resumed run, and it_per_s of the row spanning the resume divided the steps
+    of both processes by the seconds of the second. The clock is perf_counter in milliseconds (for the
+    printed precision), restarted far below the first run's by the resumed process (it is per process)."""
+    from fastddpm.train import loop
+
+    class Clock:
+        def __init__(self, offset):
+            self.offset = offset
+
+        def perf_counter(self):
+            return time.perf_counter() * 1e3 + self.offset
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    common = ["--steps", "8", "--save-every", "3", "--log-every", "4"]
+    real = ck.save_checkpoint
+
+    def crash_after_step_6(root, step, **kw):
+        path = real(root, step, **kw)
+        if step == 6:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(ck, "save_checkpoint", crash_after_step_6)
+    monkeypatch.setattr(loop, "time", Clock(1e9))
+    assert _run(tmp_path / "b", *common) == 130
+    monkeypatch.setattr(ck, "save_checkpoint", real)
+    monkeypatch.setattr(loop, "time", Clock(-time.perf_counter() * 1e3))
+    assert _run(tmp_path / "b", *common, "--resume", "latest") == 0
+    with open(tmp_path / "b" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["4", "8"]
+    e4, e8 = float(rows[0]["elapsed_s"]), float(rows[1]["elapsed_s"])
+    assert 0 < e4 < e8, rows
+    # the row of steps 5-8 spans the two processes: its rate is its 4 steps over the time trained since row 4
+    assert abs(float(rows[1]["it_per_s"]) * (e8 - e4) / 4 - 1) < 0.01, rows

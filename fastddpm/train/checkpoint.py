@@ -187,7 +187,7 @@ def save_checkpoint(root: str, step: int, *, model, ema, optimizer, state: dict,
     os.replace(tmp, final)
     _fsync_dir(root)
     _write_latest(root, step_dir_name(step))
-    _prune(root, keep)
+    _prune(root, keep, int(step))
     return final
 
 
@@ -207,8 +207,11 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def _prune(root: str, keep: int) -> None:
-    cks = list_checkpoints(root)
+def _prune(root: str, keep: int, step: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``step``, the one just written. Those of later steps are left
+    alone: they come from a run that was resumed from an earlier checkpoint, are not older than this one,
+    and a resume that reaches their step replaces them (counting them deleted the checkpoint just written)."""
+    cks = [c for c in list_checkpoints(root) if c[0] <= step]
     for _, path in cks[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -282,11 +285,16 @@ def read_state(ckpt: str) -> dict:
     ema_n = meta.get("ema_updates", meta["step"])
     if isinstance(ema_n, bool) or not isinstance(ema_n, int) or not 0 <= ema_n <= meta["step"]:
         raise damaged(f"ema_updates is not an integer in [0, step] ({ema_n!r})")
-    window = meta.get("log_window", [0.0, 0])
-    if not (isinstance(window, list) and len(window) == 2 and all(
+    window = meta.get("log_window", [0.0, 0])  # (earlier checkpoints lack the seconds)
+    if not (isinstance(window, list) and len(window) in (2, 3) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)
-            and isinstance(window[1], int) and window[1] >= 0):
-        raise damaged(f"log_window is not [loss sum, count] ({window!r})")
+            and isinstance(window[1], int) and window[1] >= 0 and min(window[2:] or [0]) >= 0):
+        raise damaged(f"log_window is not [loss sum, count, seconds] ({window!r})")
+    elapsed = meta.get("elapsed_s", 0.0)
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed < float("inf"):
+        raise damaged(f"elapsed_s is not a number of seconds ({elapsed!r})")
+    if not isinstance(meta["optimizer"].get("scalars", {}), dict):
+        raise damaged(f"optimizer table's scalars are not a table ({meta['optimizer']['scalars']!r})")
     for fn, digest in meta["files"].items():
         fp = os.path.join(ckpt, fn)
         if not os.path.isfile(fp):
@@ -320,6 +328,6 @@ def load_optimizer(ckpt: str, meta: dict, optimizer: torch.optim.Optimizer) -> N
     tensors = load_tensors(ckpt, OPTIMIZER_FILE)
     try:
         optimizer.load_state_dict(_optimizer_state_dict(tensors, meta["optimizer"]))
-    except (KeyError, IndexError, TypeError, ValueError) as exc:  # load_state_dict's own are ValueErrors
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # (load_state_dict: ValueErrors)
         raise CheckpointError(f"checkpoint {ckpt}: the optimizer state does not fit this run's optimizer, or "
                               f"state.json's optimizer table is damaged ({one_line(exc, 200)})") from exc

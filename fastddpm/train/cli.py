@@ -14,7 +14,8 @@ from .config import FIELDS, TrainConfig
 _HELP = {
     "data": "an image folder (PNG/JPEG), an .npy/.npz array, or 'digits' (scikit-learn, train split)",
     "model": "a preset (digits, tiny, ddpm_cifar10) or a UNetConfig .json file",
-    "unet": "UNetConfig overrides of the preset as JSON, e.g. '{\"base_channels\": 16}'",
+    "unet": "UNetConfig overrides of the preset as JSON, e.g. '{\"base_channels\": 16}' (over --config's [unet] "
+            "table field by field)",
     "image_size": "side of the square training images (default: 16 for digits, else the data's)",
     "objective": "what the network predicts: eps, x0 or v",
     "steps": "total optimiser steps (on resume: the new total)",
@@ -80,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
         summary = train(cfg, resume=args.resume, given=given, log=lambda s: print(s, file=sys.stderr))
     except checkpoint.CheckpointError as exc:
         raise UsageError(str(exc)) from exc
+    except ValueError as exc:  # the data's errors name TrainConfig.data, which is --data here
+        if str(exc).startswith("data: "):
+            raise UsageError("--data: " + str(exc)[len("data: "):]) from exc
+        raise
     except TrainingError as exc:
         print(f"fastddpm train: error: {exc}", file=sys.stderr)
         return 1

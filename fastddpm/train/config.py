@@ -90,8 +90,8 @@ class TrainConfig:
                              f"core of this machine's {os.cpu_count()}), got {self.workers}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if not (self.lr > 0):
-            raise ValueError(f"--lr: expected a positive number, got {self.lr}")
+        if not 0 < self.lr <= 3.4e38:  # (AdamW scales float32 tensors by it: larger is torch's overflow traceback)
+            raise ValueError(f"--lr: expected a positive number up to 3.4e38 (float32's largest), got {self.lr}")
         if not (0 <= self.ema_decay < 1):
             raise ValueError(f"--ema-decay: expected a number in [0, 1), got {self.ema_decay}")
         if self.grad_clip < 0:
@@ -171,7 +171,10 @@ def build_config(toml_path: str | None, cli: dict) -> TrainConfig:
     merged = {}
     if toml_path is not None:
         merged.update(read_toml(toml_path))
-    merged.update({k: v for k, v in cli.items() if v is not None})
+    given = {k: v for k, v in cli.items() if v is not None}
+    if isinstance(merged.get("unet"), dict) and isinstance(given.get("unet"), dict):  # field by field: --unet
+        given["unet"] = {**merged["unet"], **given["unet"]}  # '{"dropout": 0}' leaves the table's widths alone
+    merged.update(given)
     cfg = TrainConfig(**merged)
     cfg.validate()
     return cfg

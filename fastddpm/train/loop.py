@@ -269,7 +269,7 @@ def plot_loss(csv_path: str, png_path: str) -> None:
 
     steps, losses = [], []
     with open(csv_path) as f:
-        for row in csv.DictReader(f):
+        for row in filter(_whole_row, csv.DictReader(f)):
             steps.append(int(row["step"]))
             losses.append(float(row["loss"]))
     if not steps:
@@ -297,12 +297,22 @@ def plot_loss(csv_path: str, png_path: str) -> None:
 CSV_FIELDS = ["step", "loss", "lr", "grad_norm", "it_per_s", "elapsed_s"]
 
 
+def _whole_row(r: dict) -> bool:
+    """Whether a metrics row is whole: a step and a number in every column (a kill during an append cuts the
+    last row short)."""
+    try:
+        return str(r.get("step")).isdigit() and all(math.isfinite(float(r[k])) or k == "it_per_s"
+                                                     for k in CSV_FIELDS[1:])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def _truncate_csv(path: str, step: int) -> None:
-    """Drop rows after ``step`` (a resumed run rewrites them)."""
+    """Drop rows after ``step`` (a resumed run rewrites them), and a row cut short."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        rows = [r for r in csv.DictReader(f) if _whole_row(r) and int(r["step"]) <= step]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
@@ -341,8 +351,8 @@ def _what_the_run_used(name: str, new, old, meta: dict) -> bool:
         return old is None and new == net.get("sample_size")
     if name == "data":  # the same file or folder, however it is spelled; or the data moved (the run's folder
         # copied to another machine or mount): the new path is taken, its image count checked against the run's
-        if not (isinstance(new, str) and isinstance(old, str) and os.path.exists(new)):
-            return False
+        if not (isinstance(new, str) and isinstance(old, str) and os.path.exists(new)) or "digits" in (new, old):
+            return False  # ("digits" is the built-in set, no path: a file of the same size is other data)
         return not os.path.exists(old) or os.path.samefile(new, old)
     if name == "unet" and isinstance(new, dict):
         return all(k in net and plain(net[k]) == plain(v) for k, v in new.items())
@@ -528,9 +538,13 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                 if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
                     os.remove(os.path.join(folder, name))
         log = _run_log(log, os.path.join(cfg.out, "train.log"))
-        with atomic_path(os.path.join(cfg.out, "config.json")) as tmp, open(tmp, "w") as f:
-            f.write(cfg.to_json())
-        _truncate_csv(csv_path, step)
+        try:
+            with atomic_path(os.path.join(cfg.out, "config.json")) as tmp, open(tmp, "w") as f:
+                f.write(cfg.to_json())
+            _truncate_csv(csv_path, step)
+        except OSError as exc:  # (a full disk: "[Errno 28] No space left on device" named no file)
+            raise OSError(f"--out {cfg.out}: cannot write config.json or metrics.csv ({one_line(exc, 200)})"
+                          + ("; the checkpoints are untouched" if meta is not None else "")) from exc
         if meta is None:
             log(f"training a {ucfg.sample_size}x{ucfg.sample_size}x{ucfg.in_channels} UNet "
                 f"({model.num_parameters():,} parameters) on {N} images from {cfg.data!r}, objective "
@@ -544,8 +558,10 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                 "prediction_type": PREDICTION_TYPE[cfg.objective], "ema_updates": ema_n, "data_size": N,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "world_size": dist.world,
-                # the steps logged since the last metrics row: a resumed run's next row averages them too
-                "log_window": [acc_loss, acc_n]}
+                # the steps logged since the last metrics row and the seconds they took: a resumed run's next row
+                # averages them too; the seconds trained so far (elapsed_s goes on from them)
+                "log_window": [acc_loss, acc_n, time.perf_counter() - t_log],
+                "elapsed_s": time.perf_counter() - t0}
 
     # A fixed random input on which a checkpoint's model and EMA must give finite outputs to be saved.
     gp = torch.Generator().manual_seed(_mix(cfg.seed, 4))
@@ -616,10 +632,11 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
                dynamic_ncols=True, file=sys.stderr)
     stopped_by, last_loss = None, float("nan")
     last_saved = ck if meta is not None else None  # the checkpoint resumed from counts as kept
-    acc_loss, acc_n = (float(meta["log_window"][0]), int(meta["log_window"][1])) \
-        if meta is not None and "log_window" in meta else (0.0, 0)
-    t_log = time.perf_counter()
-    t0 = time.perf_counter()
+    window = list(meta.get("log_window", [])) if meta is not None else []
+    acc_loss, acc_n = (float(window[0]), int(window[1])) if len(window) >= 2 else (0.0, 0)
+    # (the clocks go on from the resumed run's: elapsed_s counts the seconds trained, it_per_s the window's)
+    t_log = time.perf_counter() - (float(window[2]) if len(window) >= 3 else 0.0)
+    t0 = time.perf_counter() - (float(meta.get("elapsed_s", 0.0)) if meta is not None else 0.0)
     f_csv = open(csv_path, "a", newline="") if dist.main else None
     batches = stream_batches(data, cfg.seed, step, cfg.steps, B, lo, local_B, cfg.workers,
                              pin_memory=device.type == "cuda") if streaming else None
