@@ -518,7 +518,7 @@ def test_image_folder_bomb_and_fifo(tmp_path, capsys, monkeypatch):
     assert "cannot read image" in err and "decompression bomb" in err
 
 
-def test_damaged_state_fields_are_checkpoint_errors(tmp_path):
+def test_damaged_state_fields_are_checkpoint_errors(tmp_path, capsys):
     """Fields of state.json read without a check: a log_window of one number was an IndexError traceback, an
     ema_updates of "x" or a version of "x" a message naming nothing, an empty files table skipped every
     checksum, an ema_updates of -5 weighted the EMA by 1.8, and optimizer scalars that are no table an
@@ -545,6 +545,17 @@ def test_damaged_state_fields_are_checkpoint_errors(tmp_path):
                            .replace("(", r"\(").replace(")", r"\)")):
             ck.read_state(str(bad))
     ck.read_state(good)  # the undamaged one reads
+    bad = tmp_path / "badnet"  # a network state.json cannot build was worded as the user's --unet mistake
+    shutil.copytree(tmp_path / "run", bad)
+    state_file = bad / "checkpoints" / "step-00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["unet_config"]["base_channels"] = 7
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(BASE + ["--out", str(bad), "--steps", "3", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {state_file.parent}: state.json's unet_config does not build a network (norm_num_groups" in err
+    assert err.count("\n") == 1, err
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_the_last_one(tmp_path, capsys, monkeypatch):

@@ -482,7 +482,14 @@ def _train(cfg, meta, ck, device, dist, log) -> dict:
     data = open_dataset(cfg.data, cfg.image_size)
     N, C, S = data.shape[0], data.shape[1], data.shape[-1]
     streaming = isinstance(data, ImageFolder)
-    ucfg = unet_config(cfg, C, S) if meta is None else UNetConfig.from_dict(meta["unet_config"])
+    if meta is None:
+        ucfg = unet_config(cfg, C, S)
+    else:
+        try:
+            ucfg = UNetConfig.from_dict(meta["unet_config"])
+        except (TypeError, ValueError) as exc:  # (read as the user's --unet mistake before)
+            raise ckpt_mod.CheckpointError(f"checkpoint {ck}: state.json's unet_config does not build a network "
+                                           f"({one_line(exc, 200)}; the file is damaged)") from exc
     if meta is not None and isinstance(meta.get("data_size"), int) and meta["data_size"] != N:
         # batches are a function of (seed, step, N): other data would resume as another run, silently
         raise ValueError(f"--data: {cfg.data} held {meta['data_size']} images when the run saved {ck}, now {N}; "
