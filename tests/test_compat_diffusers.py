@@ -18,12 +18,14 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 import fastddpm  # noqa: E402
 from fastddpm import UNet, UNetConfig  # noqa: E402
 from fastddpm.compat.diffusers import (  # noqa: E402
+    FastddpmAttnProcessor,
     UnsupportedDiffusersConfig,
     config_from_diffusers,
     config_to_diffusers,
     from_diffusers,
     is_patched,
     patch,
+    patched_blocks,
     state_dict_from_diffusers,
     state_dict_to_diffusers,
     to_diffusers,
@@ -333,12 +335,27 @@ def test_conversion_arguments_of_another_kind_are_named():
                        (lambda: config_from_diffusers(UNet.tiny().config), "got UNetConfig"),
                        (lambda: unpatch(None), "model: expected a torch.nn.Module"),
                        (lambda: is_patched(None), "model: expected a torch.nn.Module"),
-                       (lambda: fastddpm.compat.diffusers.patched_blocks(None), "model: expected a torch.nn.Module")]:
+                       (lambda: fastddpm.compat.diffusers.patched_blocks(None), "model: expected a torch.nn.Module"),
+                       # a UNet2DConditionModel got through to load_state_dict's list of missing keys
+                       (lambda: from_diffusers(diffusers.UNet2DConditionModel(
+                           sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                           cross_attention_dim=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type="UNetMidBlock2D")),
+                        "model: expected a diffusers UNet2DModel, got UNet2DConditionModel"),
+                       # diffusers' FutureWarning, then KeyError 'items'; "'NoneType' object is not iterable"
+                       (lambda: state_dict_from_diffusers(d), "sd: expected a state dict (names to tensors), got "
+                                                              "UNet2DModel (pass model.state_dict())"),
+                       (lambda: state_dict_to_diffusers(None), "sd: expected a state dict (names to tensors)")]:
         with pytest.raises(TypeError, match=text.replace("(", r"\(").replace(")", r"\)")):
             call()
     for size in ("8", 8.0, True, 0):
         with pytest.raises(UnsupportedDiffusersConfig, match="sample_size"):
             config_from_diffusers({**SMALL["two_levels_attn_low"], "sample_size": size})
+    # float(None), "integer modulo by zero", and an error naming fastddpm's field (head_dim), not diffusers' option
+    for option, value in (("dropout", None), ("norm_eps", "1e-5"), ("freq_shift", None),
+                          ("mid_block_scale_factor", True), ("attention_head_dim", 0), ("attention_head_dim", 8.0)):
+        with pytest.raises(UnsupportedDiffusersConfig, match=f"^{option}={value!r} is not supported"):
+            config_from_diffusers({**SMALL["two_levels_attn_low"], option: value})
 
 
 def test_unsupported_model_raises_from_a_real_model():
@@ -448,6 +465,59 @@ def test_patched_model_save_load_and_pickle(tmp_path):
     assert is_patched(back)
     with torch.no_grad():
         assert torch.equal(back(x, t).sample, out)
+
+
+def test_a_patched_model_saved_whole_loads_in_a_fresh_process(tmp_path):
+    """The patched classes existed only once patch() had run in the process: torch.load of a patched model
+    elsewhere was "Can't get attribute 'FastddpmResnetBlock2D'"."""
+    import subprocess
+    import sys
+
+    from _utils import repo_env
+
+    cfg = SMALL["three_levels_attn_high_multihead"]
+    d = patch(_diffusers_model(cfg))
+    x, t = _inputs(cfg, 1)
+    with torch.no_grad():
+        out = d(x, t).sample
+    torch.save({"model": d, "x": x, "t": t, "out": out}, tmp_path / "whole.pt")
+    code = ("import sys, torch; import fastddpm.compat.diffusers as fd\n"
+            "o = torch.load(sys.argv[1], weights_only=False)\n"
+            "with torch.no_grad(): y = o['model'](o['x'], o['t']).sample\n"
+            "print(fd.is_patched(o['model']), torch.equal(y, o['out']), fd.patched_blocks(o['model']))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "whole.pt")], capture_output=True, text=True,
+                       env=repo_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[:2] == ["True", "True"], r.stdout
+    assert r.stdout.split(" ", 2)[2].strip() == str(patched_blocks(d))
+    with pytest.raises(AttributeError, match="has no attribute 'FastddpmNoSuchBlock'"):
+        getattr(fastddpm.compat.diffusers, "FastddpmNoSuchBlock")  # noqa: B009
+
+
+def test_an_attention_processor_made_directly_falls_back_to_diffusers_default():
+    """FastddpmAttnProcessor() (for diffusers' set_processor/set_attn_processor) had no processor to fall back
+    to: a masked call was "'NoneType' object is not callable", and after unpatch the model could not run."""
+    m = _small_unet().eval()
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
+    with torch.no_grad():
+        ref = m(x, t).sample
+    blocks = [mod for mod in m.modules() if isinstance(mod, diffusers.models.attention_processor.Attention)]
+    for b in blocks:
+        b.set_processor(FastddpmAttnProcessor())
+    attn = blocks[0]
+    h = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():  # a mask is a call the processor hands on: diffusers' default processor's result
+        mask = torch.zeros(1, 16, 16)
+        got = attn.processor(attn, h, attention_mask=mask)
+        want = diffusers.models.attention_processor.AttnProcessor2_0()(attn, h, attention_mask=mask)
+        assert torch.equal(got, want)
+        assert _rel(m(x, t).sample, ref) < RTOL
+    unpatch(m)
+    assert not is_patched(m)
+    with torch.no_grad():
+        assert _rel(m(x, t).sample, ref) < RTOL
+    with pytest.raises(TypeError, match="original: expected an attention processor"):
+        FastddpmAttnProcessor("sdpa")
 
 
 def test_patched_model_in_ddpm_pipeline():

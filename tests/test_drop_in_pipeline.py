@@ -352,3 +352,49 @@ def test_pipeline_conveniences_take_diffusers_arguments():
         assert p._execution_device == torch.device("cpu")
         assert p.to("cpu", silence_dtype_warnings=True) is p
         assert p.to(dtype=torch.float64, silence_dtype_warnings=True).dtype == torch.float64
+
+
+def test_an_interrupted_save_pretrained_is_no_pipeline(tmp_path, monkeypatch):
+    """A save cut off after the weights: a fresh folder loaded as a pipeline with a default scheduler, and
+    over an earlier save it loaded this save's weights with the earlier UNet config (and the earlier
+    model_index.json: diffusers loaded that mixture too)."""
+    from fastddpm.samplers import _common
+
+    a = fastddpm.DDPMPipeline(fastddpm.compat.diffusers.from_diffusers(tiny_unet(0)), fastddpm.DDPMScheduler())
+    b = fastddpm.DDPMPipeline(fastddpm.compat.diffusers.from_diffusers(tiny_unet(1)),
+                              fastddpm.DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    a.save_pretrained(tmp_path / "over")
+
+    def cut(path, text, *args, **kw):  # the kill lands after the weights, at the UNet's config.json
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_common, "write_text_atomic", cut)
+    for folder in ("fresh", "over"):
+        with pytest.raises(KeyboardInterrupt):
+            b.save_pretrained(tmp_path / folder)
+        assert not (tmp_path / folder / "model_index.json").exists()
+        with pytest.raises(dfolder.FolderError, match="a unet/ folder but no model_index.json: an interrupted "
+                                                      "save_pretrained"):
+            fastddpm.DDPMPipeline.from_pretrained(tmp_path / folder)
+        with pytest.raises(OSError):  # diffusers refuses it as well
+            diffusers.DDPMPipeline.from_pretrained(tmp_path / folder)
+    monkeypatch.undo()
+    b.save_pretrained(tmp_path / "over")  # the save run again: b whole
+    back = fastddpm.DDPMPipeline.from_pretrained(tmp_path / "over")
+    close(images(back), images(b))
+
+
+def test_from_pretrained_takes_a_loaded_unet_and_checks_generators(tmp_path):
+    """unet=<a model> (diffusers' way to swap a component) was a 6,749-character error holding the model's
+    repr; generator=0 (a seed) was "'int' object has no attribute 'device'"."""
+    write_folder(tmp_path / "f", beta_schedule="squaredcos_cap_v2")
+    other = fastddpm.compat.diffusers.from_diffusers(tiny_unet(3))
+    pipe = fastddpm.DDPMPipeline.from_pretrained(tmp_path / "f", unet=other)
+    assert pipe.unet is other and pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    theirs = diffusers.DDPMPipeline.from_pretrained(tmp_path / "f", unet=tiny_unet(3))
+    close(images(pipe), images(theirs))
+    with pytest.raises(ValueError, match="^unet: expected 'fastddpm', 'diffusers' or a loaded model, got int$"):
+        fastddpm.DDPMPipeline.from_pretrained(tmp_path / "f", unet=3)
+    for bad, name in ((0, "int"), ([torch.Generator(), 1], "int")):
+        with pytest.raises(TypeError, match=f"generator: expected a torch.Generator or a list of them, got {name}"):
+            pipe(batch_size=2, generator=bad, num_inference_steps=2)

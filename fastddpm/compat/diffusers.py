@@ -135,6 +135,12 @@ def config_from_diffusers(config) -> UNetConfig:
         unsupported("sample_size", size, "a positive int")
     res = [size >> i for i in range(L)]
     head_dim = get("attention_head_dim", 8)
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+        unsupported("attention_head_dim", head_dim, "a positive int or None")
+    for name, default in (("dropout", 0.0), ("norm_eps", 1e-5), ("freq_shift", 0), ("mid_block_scale_factor", 1)):
+        v = get(name, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            unsupported(name, v, "a number")
     attn_widths = [c for c, b in zip(chans, down) if _DOWN_TYPES[b]] + ([chans[-1]] if get("add_attention", True)
                                                                        else [])
     if head_dim is not None and any(isinstance(head_dim, int) and w % head_dim for w in attn_widths):
@@ -229,9 +235,16 @@ def _modern_key(k: str) -> str:
     return k
 
 
+def _check_state_dict(sd) -> None:
+    if not isinstance(sd, Mapping):  # (a model here was diffusers' FutureWarning, then KeyError 'items')
+        hint = " (pass model.state_dict())" if isinstance(sd, nn.Module) else ""
+        raise TypeError(f"sd: expected a state dict (names to tensors), got {type(sd).__name__}{hint}")
+
+
 def state_dict_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A UNet2DModel state_dict (DDPM family) under fastddpm.UNet's keys; legacy attention names (query, key,
     value, proj_attn) are read as diffusers reads them."""
+    _check_state_dict(sd)
     sd = {_modern_key(k): v for k, v in sd.items()}
     out = dict(sd)
     for p in _attention_prefixes(sd):
@@ -248,6 +261,7 @@ def state_dict_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A fastddpm.UNet state_dict under UNet2DModel's keys."""
+    _check_state_dict(sd)
     out = dict(sd)
     prefixes = sorted({k.rsplit(".qkv.weight", 1)[0] for k in sd if k.endswith(".qkv.weight")})
     for p in prefixes:
@@ -269,7 +283,9 @@ def state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def from_diffusers(model) -> UNet:
     """A :class:`fastddpm.UNet` with the configuration and weights of a diffusers ``UNet2DModel``
     (on the same device and dtype, in the same train/eval mode)."""
-    if not isinstance(model, nn.Module) or isinstance(model, UNet) or not hasattr(model, "config"):
+    from diffusers import UNet2DModel
+
+    if not isinstance(model, UNet2DModel):  # (a UNet2DConditionModel got through to load_state_dict's error)
         raise TypeError(f"model: expected a diffusers UNet2DModel, got {type(model).__name__}"
                         f"{' (already a fastddpm.UNet)' if isinstance(model, UNet) else ''}")
     cfg = config_from_diffusers(model.config)
@@ -347,6 +363,26 @@ def _patched_class(cls: type, forward, tag: str) -> type:
     return _PATCHED_CLASSES[cls]
 
 
+def __getattr__(name: str):
+    """The patched classes by name in a process where patch() has not made them yet: a patched model saved
+    with torch.save (or sent to a spawned worker) loads there too."""
+    rest = name[len("Fastddpm"):] if name.startswith("Fastddpm") else None
+    if rest == "SiLUGroupNorm":
+        return _patched_class(nn.GroupNorm, _fused_norm_silu_forward, "SiLU")
+    if rest == "FusedSiLU":
+        return _patched_class(nn.SiLU, _identity_forward, "Fused")
+    if rest:
+        from diffusers.models.resnet import ResnetBlock2D
+
+        stack = [ResnetBlock2D]  # the class patch() swapped, or one of its subclasses
+        while stack:
+            cls = stack.pop()
+            if cls.__name__ == rest and "_fastddpm_original_class" not in cls.__dict__:
+                return _patched_class(cls, _fused_resnet_forward, "")
+            stack += cls.__subclasses__()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _fused_norm_silu_forward(self, x: torch.Tensor) -> torch.Tensor:
     return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, "silu")
 
@@ -359,11 +395,17 @@ class FastddpmAttnProcessor:
     """An attention processor for diffusers' U-Net ``Attention`` blocks (self-attention with a
     GroupNorm and a residual) on fastddpm's fused GroupNorm and attention ops.
 
-    Falls back to the processor it replaced for any call it does not cover (cross-attention, masks,
-    spatial norm, 3-D inputs).
+    Falls back to the processor it replaced (``original``; default diffusers' ``AttnProcessor2_0``) for any
+    call it does not cover (cross-attention, masks, spatial norm, 3-D inputs); :func:`unpatch` restores it.
     """
 
     def __init__(self, original=None) -> None:
+        if original is None:  # made directly, for diffusers' set_attn_processor: diffusers' own default
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            original = AttnProcessor2_0()
+        elif not callable(original):
+            raise TypeError(f"original: expected an attention processor (a callable), got {type(original).__name__}")
         self.original = original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,

@@ -75,8 +75,9 @@ def read(path: str | os.PathLike) -> DiffusersFolder:
         if sched_class is None:
             raise FolderError(f"{index}: scheduler is {entry!r}; expected [library, class name]")
         unet_dir = os.path.join(root, "unet")
-    elif os.path.isfile(os.path.join(root, "unet", "config.json")):
-        unet_dir = os.path.join(root, "unet")
+    elif os.path.isdir(os.path.join(root, "unet")):  # diffusers refuses it too: which scheduler goes with it?
+        raise FolderError(f"{root}: a unet/ folder but no model_index.json: an interrupted save_pretrained, or not "
+                          f"a pipeline (load the UNet2DModel folder itself: {os.path.join(root, 'unet')})")
     else:
         unet_dir = root
         if any(os.path.exists(os.path.join(root, n)) for n in ("state.json", "checkpoints", "train.log")):

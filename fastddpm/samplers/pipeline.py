@@ -87,7 +87,8 @@ class DDPMPipeline:
         a bare UNet2DModel folder (then diffusers' DDPMScheduler defaults).
 
         ``unet="fastddpm"`` (default) loads the weights into a :class:`fastddpm.UNet`; ``unet="diffusers"``
-        loads diffusers' ``UNet2DModel`` and :func:`fastddpm.patch` es it (needs diffusers). The scheduler
+        loads diffusers' ``UNet2DModel`` and :func:`fastddpm.patch` es it (needs diffusers); a loaded model
+        (``unet=model``, as diffusers takes a component) is used in place of the folder's. The scheduler
         becomes fastddpm's class of the same name with the same config; a field fastddpm cannot honour is
         refused with an error naming it (fastddpm/compat/folder.py). ``backend`` picks the fused step's
         backend. Hub ids are not supported (local folders only).
@@ -100,6 +101,8 @@ class DDPMPipeline:
         f = _folder.read(pretrained_model_name_or_path)
         if unet == "fastddpm":
             model = _folder.load_unet(f)
+        elif isinstance(unet, torch.nn.Module):  # a component given, as diffusers takes one: the folder's scheduler
+            model = unet
         elif unet == "diffusers":
             import diffusers
 
@@ -107,7 +110,8 @@ class DDPMPipeline:
 
             model = patch(diffusers.UNet2DModel.from_pretrained(f.unet_dir).eval())
         else:
-            raise ValueError(f"unet: expected 'fastddpm' or 'diffusers', got {unet!r}")
+            raise ValueError(f"unet: expected 'fastddpm', 'diffusers' or a loaded model, got "
+                             f"{repr(unet) if isinstance(unet, str) else type(unet).__name__}")
         return cls(model, _folder.load_scheduler(f, backend=backend))
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True) -> None:
@@ -115,7 +119,9 @@ class DDPMPipeline:
         with UNet2DModel's keys; ``safe_serialization=False``: diffusion_pytorch_model.bin, torch.save's
         format, as diffusers writes it), scheduler/scheduler_config.json and model_index.json, which names
         diffusers' classes, so ``diffusers.DDPMPipeline.from_pretrained`` loads it without fastddpm.
-        Each file is written atomically; model_index.json last, so an interrupted save is no pipeline."""
+        Each file is written atomically. A previous save's model_index.json is removed first and the new one
+        written last, so an interrupted save is no pipeline (diffusers and fastddpm refuse the folder) rather
+        than one component of this save beside the other of the last."""
         from .._io import atomic_path
         from ..models.unet import UNet
         from ._common import write_text_atomic
@@ -125,6 +131,9 @@ class DDPMPipeline:
             raise ValueError(f"save_directory: {root} is a file, expected a folder")
         unet_dir = os.path.join(root, "unet")
         os.makedirs(unet_dir, exist_ok=True)
+        index_path = os.path.join(root, "model_index.json")
+        if os.path.isfile(index_path):  # (written again last)
+            os.remove(index_path)
         version = _diffusers_version()
         if isinstance(self.unet, UNet):
             from safetensors.torch import save_file
@@ -155,7 +164,7 @@ class DDPMPipeline:
         self.scheduler.save_pretrained(os.path.join(root, "scheduler"))
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": version,
                  "scheduler": ["diffusers", sched_name], "unet": ["diffusers", "UNet2DModel"]}
-        write_text_atomic(os.path.join(root, "model_index.json"), json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     # diffusers' pipeline conveniences
     def set_progress_bar_config(self, **kwargs) -> None:
@@ -204,6 +213,10 @@ class DDPMPipeline:
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         batch_size = int(batch_size)  # a numpy integer too, as diffusers takes it
+        gens = generator if isinstance(generator, (list, tuple)) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
+            bad = next(g for g in gens if not isinstance(g, torch.Generator))  # (a seed: AttributeError 'device')
+            raise TypeError(f"generator: expected a torch.Generator or a list of them, got {type(bad).__name__}")
         if output_type not in ("pil", "np", "pt", "latent", "numpy", None):
             raise ValueError(f"output_type: expected 'pil', 'np', 'pt', 'latent', 'numpy' or None, got {output_type!r}")
         cfg = self.unet.config
