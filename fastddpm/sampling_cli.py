@@ -83,15 +83,26 @@ def generate(lm, n: int, batch_size: int, sampler: str, steps: int | None, seed:
             b = min(batch_size, n - i * batch_size)
             x = denoise(model, sched, (b, C, H, W), torch.Generator().manual_seed(seed + i), nsteps, device,
                         eta=eta if sampler == "ddim" else None, progress=bar)
-            out[i] = x.cpu()
+            out[i] = _finite(x, lm, i)
         return out
     for i in range(rank, nb, world):
         b = min(batch_size, n - i * batch_size)
         x = sample(model, (b, C, H, W), steps=steps, sampler=sampler, eta=eta, schedule=lm.schedule,
                    generator=torch.Generator().manual_seed(seed + i), prediction_type=lm.prediction_type,
                    progress=progress, device=device)
-        out[i] = x.cpu()
+        out[i] = _finite(x, lm, i)
     return out
+
+
+def _finite(x, lm, i: int):
+    """``x`` on the CPU, or a ValueError where the model sampled NaN or inf (quantised, they were black images
+    that the evaluation scored)."""
+    import torch
+
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{lm.source or 'the model'}: the images of batch {i} hold NaN or inf: the model's output "
+                         "is not finite (diverged or damaged weights); nothing is written")
+    return x.cpu()
 
 
 def sampler_and_steps(lm, sampler: str | None, steps: int | None) -> tuple[str, int | None]:

@@ -135,6 +135,46 @@ def test_frechet_distance_against_closed_form():
     assert abs(frechet_distance(a, a)) < 1e-4
 
 
+def test_frechet_distance_against_scipy_float64():
+    """A ridge inside sqrtm alone biased the distance by -2 D 1e-6: identical sets gave -0.000128 and small
+    features were off by 20%. Against the plain float64 formula (scipy's sqrtm, no ridge), at every scale."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(200, 16)) * 1.3 + 0.2
+
+    def reference(x, y):
+        s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+        return ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+
+    for scale in (1.0, 1e-2, 1e-3):
+        assert frechet_distance(a * scale, b * scale) == pytest.approx(reference(a * scale, b * scale), rel=1e-5)
+        assert frechet_distance(a * scale, a * scale) == pytest.approx(0.0, abs=1e-12 * scale**2)
+        assert frechet_distance(a * scale, a * scale) >= 0
+    dead = np.concatenate([a, np.zeros((300, 4))], 1)  # dead units: a singular covariance
+    assert frechet_distance(dead, dead) == pytest.approx(0.0, abs=1e-9)
+    for x, y, text in [(a[:1], b, "a: expected a numpy array (N, D) of finite features, N >= 2, got shape (1, 16)"),
+                       (a, b[:, :8], "a, b: expected features of the same width D, got 16 and 8"),
+                       (a[:, 0], b, "a: expected a numpy array"), (a, np.full_like(b, np.nan), "with NaN or inf")]:
+        with pytest.raises(ValueError, match=text.replace("(", r"\(").replace(")", r"\)")):
+            frechet_distance(x, y)
+
+
+def test_evaluate_refuses_images_outside_its_range():
+    """uint8 digits scored an FD of 3e7, NaN images failed in scipy, a numpy array had no .dim."""
+    from fastddpm.eval.metrics import evaluate
+    from fastddpm.train.data import digits_split
+
+    x, _ = digits_split("test", 16)
+    x = x[:4]
+    for bad, err, text in [(((x + 1) * 127.5).to(torch.uint8), TypeError, "got a torch.uint8 tensor"),
+                           ((x + 1) * 127.5, ValueError, "expected finite values in [-1, 1], got values in [0, 255]"),
+                           (x.clone().fill_(float("nan")), ValueError, "expected finite values in [-1, 1]"),
+                           (x.numpy(), TypeError, "got ndarray")]:
+        with pytest.raises(err, match=text.replace("[", r"\[").replace("]", r"\]")):
+            evaluate(bad)
+
+
 def test_eval_baselines_and_npz(tmp_path, capsys):
     j1, j2 = tmp_path / "floor.json", tmp_path / "noise.json"
     assert main(["eval", "--real", "train", "--n", "100", "--json", str(j1)]) == 0

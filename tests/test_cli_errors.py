@@ -722,3 +722,69 @@ def test_more_mistakes_are_named_before_the_work(tmp_path, capsys):
           "is not an exported model", "is --ckpt")
     check(["sample", "--ckpt", tmp_path / "m0.safetensors", "--n", "2", "--out", tmp_path / "s.png"],
           "is a file; expected a training run, checkpoint or diffusers folder (an exported model is --model)")
+
+
+def test_eval_json_never_replaces_a_file_of_the_model(tmp_path, capsys):
+    """--json over a checkpoint's state.json (or a run's config.json, or the built-in model's description)
+    wrote the result there, exit 0, and the model no longer loaded."""
+    from fastddpm.pretrained import ASSETS
+
+    ck = tmp_path / "run" / "checkpoints" / "step-00000002"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text("{}")
+    (tmp_path / "run" / "config.json").write_text("{}")
+    builtin = os.path.join(ASSETS, "digits.json")
+    before = open(builtin, "rb").read()
+    for argv, text in [(["--ckpt", ck, "--json", tmp_path / "run" / "config.json"],
+                        f"--json: '{tmp_path / 'run' / 'config.json'}' is a file of the training run of --ckpt"),
+                       (["--ckpt", tmp_path / "run", "--json", ck / "state.json"],
+                        f"--json: '{ck / 'state.json'}' is a file of the --ckpt folder"),
+                       (["--json", builtin], "is a file of the built-in models: writing it would destroy the input"),
+                       (["--model", "digits", "--json", builtin], "is a file of the built-in models")]:
+        _usage_error(_in_process(capsys, "eval", *argv), text)
+    assert open(builtin, "rb").read() == before and (ck / "state.json").read_text() == "{}"
+    # a new file beside the run, or an earlier result, is no input: the check lets them through (the fake
+    # checkpoint then fails to load, naming itself)
+    (tmp_path / "run" / "old.json").write_text('{"fd": 1.0, "confidence": 0.5}')
+    for out in ("new.json", "old.json"):
+        r = _in_process(capsys, "eval", "--ckpt", ck, "--json", tmp_path / "run" / out)
+        assert r.returncode == 2 and "--json" not in r.stderr and "checkpoint" in r.stderr, r.stderr
+
+
+def test_eval_train_classifier_refuses_the_options_it_ignores(tmp_path, capsys, monkeypatch):
+    """--train-classifier returned before any other option was read: --seed 7 trained with seed 0, --json was
+    never written, --n 0 and a corrupt --npz passed (exit 0)."""
+    from fastddpm.eval import metrics
+
+    out = tmp_path / "c.safetensors"
+    for argv, text in [(["--n", "0"], "--n: not used with --train-classifier"),
+                       (["--json", tmp_path / "r.json", "--steps", "-4"],
+                        "--steps, --json: not used with --train-classifier")]:
+        _usage_error(_in_process(capsys, "eval", "--train-classifier", out, *argv), text)
+    seeds = []
+    monkeypatch.setattr(metrics, "train_classifier", lambda seed=0, log=print: seeds.append(seed) or (None, 0.9))
+    monkeypatch.setattr(metrics, "save_classifier", lambda model, path: None)
+    assert _in_process(capsys, "eval", "--train-classifier", out, "--seed", "7").returncode == 0
+    assert seeds == [7]
+
+
+def test_sampled_nan_images_are_refused_not_written_black(tmp_path, capsys):
+    """A model whose output is NaN: `sample --npz` wrote black images (NaN cast to uint8 is 0), exit 0, and
+    `eval` scored them (FD 2235), or failed in scipy ("Internal error in scipy.linalg.sqrtm: -102")."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fastddpm.pretrained import ASSETS
+
+    sd = load_file(os.path.join(ASSETS, "digits.safetensors"))
+    save_file({k: torch.full_like(v, float("nan")) if "out" in k else v for k, v in sd.items()},
+              tmp_path / "nan.safetensors", metadata={"format": "fastddpm-model"})
+    shutil.copy(os.path.join(ASSETS, "digits.json"), tmp_path / "nan.json")
+    for cmd, argv in (("sample", ["--npz", tmp_path / "s.npz", "--out", tmp_path / "s.png"]), ("eval", [])):
+        r = _in_process(capsys, cmd, "--model", tmp_path / "nan.safetensors", "--n", "2", "--steps", "2", *argv)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr  # (after the sampling's progress bar)
+        assert f"fastddpm {cmd}: error: {tmp_path / 'nan.safetensors'}: the images of batch 0 hold NaN or inf" \
+            in r.stderr, r.stderr
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "s.png").exists()

@@ -69,12 +69,21 @@ def run(args: argparse.Namespace) -> int:
         for in_flag, path in inputs.items():
             if out and path and os.path.realpath(out) == os.path.realpath(path):
                 raise UsageError(f"{out_flag}: {out!r} is the {in_flag} file: writing it would destroy the input")
+    if args.json and args.npz is None and args.real is None:
+        _check_json_is_no_model_file(args.json, args.model, args.ckpt)
     if args.model and has_ext(args.model, ".safetensors") and not os.path.isfile(args.model):
         raise UsageError(f"--model: no such file {args.model!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.train_classifier:
-        model, acc = metrics.train_classifier(log=lambda s: print(s, file=sys.stderr))
+    if args.train_classifier:  # it trains on the train split: an evaluation option would be ignored
+        unused = [f for f, v in (("--model", args.model), ("--ckpt", args.ckpt), ("--npz", args.npz),
+                                 ("--real", args.real), ("--n", args.n), ("--batch-size", args.batch_size),
+                                 ("--sampler", args.sampler), ("--steps", args.steps), ("--seeds", args.seeds),
+                                 ("--classifier", args.classifier), ("--json", args.json)) if v is not None]
+        if unused:
+            raise UsageError(f"{', '.join(unused)}: not used with --train-classifier (it trains the classifier on "
+                             "the train split and writes it; --seed and --threads apply)")
+        model, acc = metrics.train_classifier(seed=args.seed, log=lambda s: print(s, file=sys.stderr))
         metrics.save_classifier(model, args.train_classifier)
         print(f"wrote {args.train_classifier}: test accuracy {acc:.4f}")
         return 0
@@ -124,6 +133,34 @@ def run(args: argparse.Namespace) -> int:
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump(out, f, indent=1)
     return 0
+
+
+def _check_json_is_no_model_file(out: str, model: str | None, ckpt: str | None) -> None:
+    """--json must not replace a file of the model evaluated: a file of the --ckpt folder (or of the training
+    run above a checkpoint), or of the built-in models, other than an earlier result (a new file there is
+    fine). Writing one made the model unreadable (a checkpoint's state.json, the built-in digits.json)."""
+    from ..pretrained import ASSETS, BUILTIN
+
+    if ckpt is not None:
+        guarded, what = os.path.realpath(ckpt), f"a file of the --ckpt folder {ckpt}"
+        if os.path.basename(os.path.dirname(guarded)) == "checkpoints":
+            guarded, what = os.path.dirname(os.path.dirname(guarded)), f"a file of the training run of --ckpt {ckpt}"
+    elif (model or "digits") in BUILTIN:
+        guarded, what = os.path.realpath(ASSETS), "a file of the built-in models"
+    else:
+        return  # an exported model's own pair is checked with the other inputs
+    real = os.path.realpath(out)
+    if real.startswith(guarded + os.sep) and os.path.isfile(real) and not _earlier_result(real):
+        raise UsageError(f"--json: {out!r} is {what}: writing it would destroy the input")
+
+
+def _earlier_result(path: str) -> bool:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "fd" in d and "confidence" in d
 
 
 def _parse_seeds(text: str) -> list[int]:

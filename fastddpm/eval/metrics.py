@@ -152,22 +152,43 @@ def features_and_probs(model: DigitClassifier, x: torch.Tensor) -> tuple[np.ndar
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """FD between Gaussians fitted to feature sets a (N, D) and b (M, D), in float64."""
+    """FD between Gaussians fitted to feature sets a (N, D) and b (M, D), in float64.
+
+    Dead ReLU units make a covariance singular, so both covariances get the same small ridge (1e-6 of their
+    mean variance), in sqrtm and in the traces alike: the result is the exact distance between the ridged
+    Gaussians, 0 for identical sets and never negative (a ridge in sqrtm alone biased it by -2 D eps)."""
     from scipy import linalg
 
+    for name, f in (("a", a), ("b", b)):
+        if not isinstance(f, np.ndarray) or f.ndim != 2 or f.shape[0] < 2 or not np.isfinite(f).all():
+            got = (f"shape {f.shape}" + ("" if np.isfinite(f).all() else ", with NaN or inf")
+                   if isinstance(f, np.ndarray) else type(f).__name__)
+            raise ValueError(f"{name}: expected a numpy array (N, D) of finite features, N >= 2, got {got}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a, b: expected features of the same width D, got {a.shape[1]} and {b.shape[1]}")
+    a, b = a.astype(np.float64), b.astype(np.float64)
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # Dead ReLU units make a covariance singular; a 1e-6 ridge keeps sqrtm stable (changes FD by ~1e-5).
-    off = np.eye(s1.shape[0]) * 1e-6
-    covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    D = s1.shape[0]
+    scale = (np.trace(s1) + np.trace(s2)) / (2 * D)
+    off = np.eye(D) * (1e-6 * scale if scale > 0 else 1e-12)
+    s1, s2 = s1 + off, s2 + off
+    covmean = linalg.sqrtm(s1 @ s2)
     covmean = np.asarray(covmean[0] if isinstance(covmean, tuple) else covmean).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return max(fd, 0.0)  # (identical sets give about -1e-13: rounding, not a distance)
 
 
 def evaluate(images: torch.Tensor, classifier: DigitClassifier | None = None) -> dict:
     """Metrics of images (N, 1, 16, 16) in [-1, 1] against the held-out test split."""
+    if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point:
+        got = f"a {images.dtype} tensor" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"images: expected a float tensor (N, 1, 16, 16) in [-1, 1], got {got}")
     if images.dim() != 4 or images.shape[1:] != (1, 16, 16):
         raise ValueError(f"images: expected (N, 1, 16, 16) in [-1, 1], got {tuple(images.shape)}")
+    if images.numel() and not (bool(torch.isfinite(images).all()) and -1 <= images.min() and images.max() <= 1):
+        lo, hi = images.min().item(), images.max().item()  # (uint8-range images scored an FD of 3e7)
+        raise ValueError(f"images: expected finite values in [-1, 1], got values in [{lo:g}, {hi:g}]")
     if images.shape[0] < 2:
         raise ValueError(f"images: need at least 2 images for a covariance, got {images.shape[0]}")
     clf = classifier or load_classifier()
