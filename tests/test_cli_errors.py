@@ -363,7 +363,9 @@ def test_eval_refuses_sampling_options_it_would_ignore(tmp_path, capsys):
                        (["--npz", tmp_path / "c.npz", "--steps", "-3"],
                         "--steps: a sampling option, not used with --npz (its images are already drawn)"),
                        (["--real", "noise", "--seeds", "0,1", "--n", "4", "--batch-size", "2"],
-                        "--batch-size: a sampling option, not used with --real noise")]:
+                        "--batch-size: a sampling option, not used with --real noise"),
+                       # recorded as "seed": 5 in the result, as if it had drawn the file's images
+                       (["--npz", tmp_path / "c.npz", "--seed", "5"], "--seed: --npz images are already drawn")]:
         _usage_error(_in_process(capsys, "eval", *argv), text)
     # one class everywhere: an entropy of 0 bits, printed and written as 0, not -0
     r = _in_process(capsys, "eval", "--npz", tmp_path / "c.npz", "--json", tmp_path / "c.json")

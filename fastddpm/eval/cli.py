@@ -28,7 +28,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), help="default: the model's")
     p.add_argument("--steps", type=int, help="default: the model's")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument("--seed", type=int, default=None, help="default 0")
     seeds.add_argument("--seeds", metavar="S1,S2,...",
                        help="evaluate once per seed (at least two, distinct) and report the mean and spread of "
                             "each figure over them")
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from . import metrics
 
     check_threads(args.threads)
+    seed_given = args.seed is not None
+    args.seed = args.seed if seed_given else 0
     check_seed(args.seed)
     check_paths_given(args, "--model", "--ckpt", "--npz", "--classifier", "--json", "--train-classifier")
     from .._io import check_output_file, has_ext
@@ -90,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 2:
         raise UsageError(f"--n: expected at least 2, got {args.n}")
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    if args.npz and seed_given:  # (it was recorded in the result as if it had drawn the images)
+        raise UsageError("--seed: --npz images are already drawn; the seed is the one they were sampled with")
     if args.npz and args.seeds is not None:
         raise UsageError("--seeds: --npz images are already drawn, so every seed would give the same figures; "
                          "sample the file once per seed and evaluate each")
