@@ -175,8 +175,8 @@ def test_no_constant_tensors_created_per_forward():
 
 def test_time_projections_are_each_blocks_own_and_follow_weight_updates():
     # The U-Net computes every ResNet block's time_emb_proj in one product; each must equal the
-    # block's own Linear, and the cached concatenated weights must follow in-place updates,
-    # load_state_dict and replaced parameters.
+    # block's own Linear, and the concatenated weights kept by steady_weights() must follow in-place
+    # updates, load_state_dict and replaced parameters.
     from fastddpm.models.unet import ResnetBlock
 
     m = randomise(UNet.tiny()).eval()
@@ -197,7 +197,7 @@ def test_time_projections_are_each_blocks_own_and_follow_weight_updates():
             err = (p - lin(temb)).abs()
             assert (err <= bound).all(), f"error {err.max().item():.3g} > bound {bound.flatten()[err.argmax()]:.3g}"
 
-    with torch.no_grad():
+    with torch.no_grad(), m.steady_weights():  # the concatenation kept for a sampling loop
         check()
         blocks[0].time_emb_proj.weight.add_(1.0)  # in place (an optimizer step)
         check()
@@ -207,10 +207,66 @@ def test_time_projections_are_each_blocks_own_and_follow_weight_updates():
         check()
         blocks[-1].time_emb_proj.weight = torch.nn.Parameter(torch.randn_like(blocks[-1].time_emb_proj.weight))
         check()
+        assert m._temb_cache is not None
+    assert m._temb_cache is None  # dropped with the block
+    # Outside it nothing is kept: updates that bump no version (a fused optimizer, .data edits) are seen. A kept
+    # concatenation missed both: no_grad outputs after a training step used the old weights.
+    opt = torch.optim.Adam(m.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        check()
+    m._time_projections(temb)[0].square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        check()
+        for b in blocks:
+            b.time_emb_proj.weight.data.mul_(0.5)
+        check()
     # With autograd the same values, and gradients reach every block's projection.
     projs = m._time_projections(temb)
     sum(p.square().sum() for p in projs).backward()
     assert all(b.time_emb_proj.weight.grad is not None for b in blocks)
+
+
+def test_a_replaced_time_projection_is_the_one_used():
+    """The time projections were a list taken at construction: a time_emb_proj replaced afterwards (a LoRA
+    wrapper, a quantised layer) changed nothing, and got no gradient."""
+    from fastddpm.models.unet import ResnetBlock
+
+    m = randomise(UNet.tiny()).eval()
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
+    with torch.no_grad():
+        y0 = m(x, t)
+    r = next(b for b in m.modules() if isinstance(b, ResnetBlock))
+    old = r.time_emb_proj
+
+    class Wrapped(torch.nn.Module):  # no plain Linear: called as it is
+        def __init__(self):
+            super().__init__()
+            # (per channel: a shift equal across a group is what the GroupNorm after it takes out)
+            self.inner, self.extra = old, torch.nn.Parameter(torch.linspace(-3, 3, old.out_features))
+
+        def forward(self, e):
+            return self.inner(e) + self.extra
+
+    r.time_emb_proj = Wrapped()
+    with torch.no_grad():
+        y1 = m(x, t)
+        r.time_emb_proj.extra.zero_()
+        assert torch.allclose(m(x, t), y0, atol=1e-6)  # the wrapper adding nothing: the old output
+    assert (y1 - y0).abs().max() > 1e-3
+    m(x, t).square().mean().backward()
+    assert r.time_emb_proj.extra.grad is not None
+
+
+def test_sample_keeps_the_time_projections_for_its_loop():
+    """fastddpm.sample runs its steps in steady_weights(): the concatenation made once, dropped at the end."""
+    import fastddpm
+
+    m = randomise(UNet.tiny()).eval()
+    seen = []
+    fastddpm.sample(m, (1, 3, 8, 8), steps=3, sampler="ddim", progress=False,
+                    callback=lambda *a: seen.append(m._temb_cache is not None))
+    assert seen and all(seen) and m._temb_cache is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ blocks' entries (see :mod:`fastddpm.compat.diffusers`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -477,8 +478,9 @@ class UNet(nn.Module):
         resnets = [m for m in self.modules() if isinstance(m, ResnetBlock)]
         for i, r in enumerate(resnets):
             r.temb_index = i
-        self._temb_linears = [r.time_emb_proj for r in resnets]  # a plain list: no second registration
+        self._temb_blocks = resnets  # a plain list: no second registration of the blocks
         self._temb_sizes = [r.out_channels for r in resnets]
+        self._temb_steady = 0  # depth of steady_weights() blocks
         self._temb_cache: tuple | None = None
 
     # -- presets -------------------------------------------------------------------------------
@@ -605,18 +607,35 @@ class UNet(nn.Module):
         # 5. out
         return self.conv_out(self.conv_norm_out(h))
 
+    @contextlib.contextmanager
+    def steady_weights(self):
+        """A block in which the weights do not change, such as a sampling loop (fastddpm.sample and the
+        pipelines run their steps in one): the time projections' concatenated weights are made once in it
+        and reused, instead of at every forward. They are dropped when the block ends."""
+        self._temb_steady += 1
+        try:
+            yield self
+        finally:
+            self._temb_steady -= 1
+            if not self._temb_steady:
+                self._temb_cache = None
+
     def _time_projections(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every ResNet block's ``time_emb_proj(temb)``, as one matrix product split into views.
 
-        One (B, T) x (T, sum C) product instead of a small one per block (the DDPM CIFAR-10 network
-        has 22). Without autograd the concatenated, transposed weights are cached, and rebuilt when
-        any of the blocks' parameters changes (a new tensor, an in-place update, another device or
-        dtype); with autograd (training) they are concatenated on each call, which differentiates
-        into every block's parameters.
+        One (B, T) x (T, sum C) product instead of a small one per block (the DDPM CIFAR-10 network has 22),
+        on the blocks' weights concatenated at each call; inside :meth:`steady_weights` without autograd,
+        concatenated once and reused (rebuilt if a parameter is replaced, moved or updated in place through
+        autograd-visible ops). Outside it nothing is cached: an update without a version bump (``p.data``
+        edits, a fused optimizer) made a kept concatenation stale, and no_grad outputs wrong. Each block's
+        module is read at the call: a replaced one that is no plain Linear (a LoRA wrapper) is called as it is.
         """
-        lins = self._temb_linears
+        lins = [r.time_emb_proj for r in self._temb_blocks]
+        if not all(type(lin) is nn.Linear for lin in lins):
+            return tuple(lin(temb) for lin in lins)
         params = [p for lin in lins for p in (lin.weight, lin.bias)]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if (not self._temb_steady or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in params))):
             w = torch.cat([lin.weight for lin in lins])
             b = torch.cat([lin.bias for lin in lins])
             return F.linear(temb, w, b).split(self._temb_sizes, dim=1)

@@ -22,7 +22,7 @@ import torch
 
 from ._common import BaseOutput, randn_like_diffusers
 from .ddpm import DDPMScheduler
-from .plan import call_model
+from .plan import call_model, steady_weights
 
 __all__ = ["DDPMPipeline", "ImagePipelineOutput"]
 
@@ -56,9 +56,10 @@ def denoise(unet, scheduler, shape, generator=None, num_inference_steps: int = 1
     scheduler.set_timesteps(num_inference_steps)
     kw = {} if eta is None else {"eta": eta}
     ts = scheduler.timesteps
-    for t in (progress(ts) if progress is not None else ts):
-        model_output = call_model(unet, x, t)
-        x = scheduler.step(model_output, t, x, generator=generator, **kw).prev_sample
+    with steady_weights(unet):
+        for t in (progress(ts) if progress is not None else ts):
+            model_output = call_model(unet, x, t)
+            x = scheduler.step(model_output, t, x, generator=generator, **kw).prev_sample
     return x
 
 

@@ -6,6 +6,7 @@ step with the plan's settings, and x_T.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -124,6 +125,13 @@ def plan_sampling(shape, *, steps=None, sampler="ddpm", eta=0.0, schedule=None, 
                         prediction_type=prediction_type, variance_type=variance_type,
                         clip_denoised=bool(clip_denoised), noise=noise, device=device,
                         dtype=dtype or torch.float32, use_clipped_model_output=bool(use_clipped_model_output))
+
+
+def steady_weights(model):
+    """``model.steady_weights()`` (a fastddpm UNet: its per-step constants made once for a sampling loop), else
+    a block that does nothing."""
+    fn = getattr(model, "steady_weights", None)
+    return fn() if callable(fn) else contextlib.nullcontext()
 
 
 def call_model(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

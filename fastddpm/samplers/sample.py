@@ -19,7 +19,16 @@ import torch
 
 from .. import ops
 from ..schedule import NoiseSchedule
-from .plan import SamplingPlan, call_model, fused_step, initial_noise, plan_sampling, prepare, split_output
+from .plan import (
+    SamplingPlan,
+    call_model,
+    fused_step,
+    initial_noise,
+    plan_sampling,
+    prepare,
+    split_output,
+    steady_weights,
+)
 
 # The plan's names stay importable from here, where they lived before plan.py (fastddpm.samplers.sample.*).
 __all__ = ["sample", "SamplingPlan", "plan_sampling", "call_model", "initial_noise"]
@@ -217,6 +226,13 @@ def _fast_math(on: bool):
 
 def _sample(model, plan, generator, seed, progress, callback, return_intermediates, cuda_graph, backend,
             channels_last):
+    with steady_weights(model):  # (the weights do not change between the steps)
+        return _sample_steady(model, plan, generator, seed, progress, callback, return_intermediates, cuda_graph,
+                              backend, channels_last)
+
+
+def _sample_steady(model, plan, generator, seed, progress, callback, return_intermediates, cuda_graph, backend,
+                   channels_last):
     if cuda_graph:
         from .graph import sample_cuda_graph
 
