@@ -439,6 +439,29 @@ def test_block_bad_inputs():
     sd["q.weight"] = torch.randn(64, 32, 1, 1)
     with pytest.raises(ValueError, match="q.weight"):
         block.load_ddpm_state_dict(sd)
+    # vectors of another size: copy_ broadcast a (1,) or 0-d tensor over every channel, and q/k/v biases of 32,
+    # 32 and 128 (192 in all) loaded as one
+    for key, bad in (("norm.bias", torch.tensor([3.0])), ("proj_out.bias", torch.tensor(0.5))):
+        sd = {**block.ddpm_state_dict(), key: bad}
+        with pytest.raises(ValueError, match=rf"{key}: expected shape \(64,\), got \({'1,' if bad.dim() else ''}\)"):
+            block.load_ddpm_state_dict(sd)
+    sd = {**block.diffusers_state_dict(), "group_norm.weight": torch.tensor([2.0])}
+    with pytest.raises(ValueError, match=r"group_norm.weight: expected shape \(64,\), got \(1,\)"):
+        block.load_diffusers_state_dict(sd)
+    sd = {**block.diffusers_state_dict(), "to_q.bias": torch.zeros(32), "to_v.bias": torch.zeros(96)}
+    with pytest.raises(ValueError, match=r"to_q.bias: expected shape \(64,\), got \(32,\)"):
+        block.load_diffusers_state_dict(sd)
+    # an input of another kind or dtype named (torch's "mat1 and mat2 must have the same dtype" and
+    # "'list' object has no attribute 'dim'" named nothing)
+    with pytest.raises(TypeError, match="x: expected torch.float32, the dtype of the block's parameters, got "
+                                        "torch.float64"):
+        block(torch.randn(1, 64, 2, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        block([1])
+    from fastddpm.nn import GroupNormSiLU
+
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got NoneType"):
+        GroupNormSiLU(2, 4)(None)
 
 
 def test_backends_tested():

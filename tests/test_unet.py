@@ -127,6 +127,19 @@ def test_timestep_forms_agree():
         assert not torch.allclose(m(x, torch.tensor([17, 500])), ref)
     with pytest.raises(ValueError, match="t: expected"):
         m(x, torch.tensor([1, 2, 3]))
+    # accepted before: NaN/inf (all-NaN images), a bool tensor (True as 1), a complex one (its imaginary part
+    # dropped); 2**63 was torch's "value cannot be converted to type int64_t without overflow"
+    for t, err, text in [(float("nan"), ValueError, "t: expected a finite timestep, got nan"),
+                         (float("inf"), ValueError, "t: expected a finite timestep, got inf"),
+                         (2**63, ValueError, "t: expected a finite timestep, got 9223372036854775808"),
+                         (torch.tensor([float("nan"), 1.0]), ValueError, r"t: expected finite timesteps, got \[nan"),
+                         (torch.tensor([True, False]), TypeError, "t: expected an integer or float timestep tensor, "
+                                                                  "got torch.bool"),
+                         (torch.tensor([1 + 1j, 2]), TypeError, "got torch.complex64")]:
+        with pytest.raises(err, match=text):
+            m(x, t)
+    with pytest.raises(ValueError, match="x: height and width must be positive multiples of 2"):
+        m(torch.randn(1, 3, 0, 8), 3)  # (a convolution's "Kernel size can't be greater than actual input size")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,6 +319,9 @@ def test_config_json_round_trip():
     (dict(mid_attention="no"), "mid_attention: expected true or false, got 'no'"),
     (dict(dropout="a"), "dropout: expected a finite number, got 'a'"),
     (dict(base_channels=True), "base_channels: expected an integer, got True"),
+    # a first level 1 wide: no frequency in the time embedding, a network blind to t (built before)
+    (dict(base_channels=1, channel_mult=(1, 2), norm_num_groups=1, attention_resolutions=()),
+     "base_channels: the first level's width 1 leaves the sinusoidal time embedding no frequency"),
     # the embedding is the first level's width (8 here), not base_channels': half of it is 4
     (dict(base_channels=4, channel_mult=(2, 2), norm_num_groups=4, attention_resolutions=(), freq_shift=4),
      "freq_shift: 4 equals half of the first level's width 8"),
@@ -313,6 +329,18 @@ def test_config_json_round_trip():
 def test_bad_config_raises_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UNet(**kwargs)
+
+
+def test_numpy_integers_are_integers_in_the_config():
+    """channel_mult took numpy integers, sample_size refused them with "expected a positive int, got
+    np.int64(8)" (after check_fields had accepted them)."""
+    import numpy as np
+
+    cfg = UNetConfig(sample_size=np.int64(8), base_channels=np.int32(32), channel_mult=(np.int64(1), 2),
+                     attention_resolutions=(4,), norm_num_groups=np.int64(8), head_dim=np.int64(16))
+    assert cfg == UNetConfig(sample_size=8, base_channels=32, channel_mult=(1, 2), attention_resolutions=(4,),
+                             norm_num_groups=8, head_dim=16)
+    assert type(cfg.sample_size) is int and UNetConfig.from_json(cfg.to_json()) == cfg
 
 
 # ------------------------------------------------------------------------------------------------

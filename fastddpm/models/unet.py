@@ -83,6 +83,10 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)  # "12" is not a list of levels, "no" not true or false
+        for f in dataclasses.fields(self):  # numpy integers as ints (validate's checks, JSON)
+            v = getattr(self, f.name)
+            if isinstance(v, np.integer):
+                setattr(self, f.name, int(v))
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
         self.validate()
@@ -176,6 +180,9 @@ class UNetConfig:
             raise ValueError(f"mid_block_scale_factor: expected a positive float, "
                              f"got {self.mid_block_scale_factor}")
         half = self.block_out_channels[0] // 2  # the sinusoidal embedding is the first level's width
+        if half < 1:  # (no frequency at all: a network blind to the timestep)
+            raise ValueError(f"base_channels: the first level's width {self.block_out_channels[0]} leaves the "
+                             "sinusoidal time embedding no frequency; expected a width of at least 2")
         if half - self.freq_shift == 0:
             raise ValueError(f"freq_shift: {self.freq_shift} equals half of the first level's width "
                              f"{self.block_out_channels[0]} (division by zero)")
@@ -556,8 +563,8 @@ class UNet(nn.Module):
             raise ValueError(f"x: expected shape (B, {self.config.in_channels}, H, W), got {tuple(shape)}")
         H, W = shape[2], shape[3]
         div = 2 ** (self.config.num_levels - 1)
-        if H % div or W % div:
-            raise ValueError(f"x: height and width must be multiples of {div} (the down path halves them "
+        if H % div or W % div or not (H > 0 and W > 0):
+            raise ValueError(f"x: height and width must be positive multiples of {div} (the down path halves them "
                              f"{self.config.num_levels - 1} times), got {H}x{W}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
@@ -576,9 +583,16 @@ class UNet(nn.Module):
             if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)):
                 raise TypeError(f"t: expected a timestep tensor, an int or a float, got {type(t).__name__}")
             t = t.item() if isinstance(t, (np.integer, np.floating)) else t
+            if not (math.isfinite(t) and -2**63 <= t < 2**63):
+                raise ValueError(f"t: expected a finite timestep, got {t!r}")
             t = torch.full((B,), t, device=x.device,
                            dtype=torch.float32 if isinstance(t, float) else torch.long)
-        elif t.dim() == 0:
+        elif t.dtype == torch.bool or t.dtype.is_complex:  # (True embedded as 1; an imaginary part dropped)
+            raise TypeError(f"t: expected an integer or float timestep tensor, got {t.dtype}")
+        elif t.is_floating_point() and t.is_cpu and not torch.compiler.is_compiling() and \
+                not bool(torch.isfinite(t).all()):  # (checked where it costs no device sync)
+            raise ValueError(f"t: expected finite timesteps, got {t.tolist() if t.numel() <= 8 else 'NaN or inf'}")
+        if t.dim() == 0:
             t = t.reshape(1).expand(B)
         elif t.shape != (B,):
             if t.dim() == 1 and t.numel() == 1:

@@ -39,6 +39,14 @@ def _as_matrix(w: torch.Tensor, name: str, channels: int) -> torch.Tensor:
     return w
 
 
+def _as_vector(b: torch.Tensor, name: str, channels: int) -> torch.Tensor:
+    # A bias or norm parameter: (C,) exactly (copy_ would broadcast a (1,) or 0-d tensor over every channel).
+    if not isinstance(b, torch.Tensor) or tuple(b.shape) != (channels,):
+        got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+        raise ValueError(f"{name}: expected shape ({channels},), got {got}")
+    return b
+
+
 class AttentionBlock(nn.Module):
     """Self-attention over the H*W positions of a feature map, with GroupNorm and a residual.
 
@@ -94,6 +102,11 @@ class AttentionBlock(nn.Module):
         return attention(q, k, v, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != self.qkv.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x: expected {self.qkv.weight.dtype}, the dtype of the block's parameters, got "
+                            f"{x.dtype} (convert the input, or the block with .to(dtype))")
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x: expected shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
         B, C, H, W = x.shape
@@ -122,7 +135,9 @@ class AttentionBlock(nn.Module):
             raise KeyError(f"sd: missing diffusers Attention keys {missing}")
         w = torch.cat([_as_matrix(sd[f"to_{n}.weight"], f"to_{n}.weight", C) for n in "qkv"])
         zero = torch.zeros(C, dtype=w.dtype, device=w.device)
-        b = torch.cat([sd.get(f"to_{n}.bias", zero) for n in "qkv"])  # bias=False blocks have none
+        b = torch.cat([_as_vector(sd.get(f"to_{n}.bias", zero), f"to_{n}.bias", C) for n in "qkv"])  # (bias=False
+        for key in ("group_norm.weight", "group_norm.bias", "to_out.0.bias"):  # blocks have none)
+            _as_vector(sd[key], key, C)
         with torch.no_grad():
             self.norm.weight.copy_(sd["group_norm.weight"])
             self.norm.bias.copy_(sd["group_norm.bias"])
@@ -151,6 +166,8 @@ class AttentionBlock(nn.Module):
                    if f"{n}.{p}" not in sd]
         if missing:
             raise KeyError(f"sd: missing DDPM attention keys {missing}")
+        for key in ("norm.weight", "norm.bias", "q.bias", "k.bias", "v.bias", "proj_out.bias"):
+            _as_vector(sd[key], key, C)  # (copy_ broadcast a (1,) or 0-d tensor over every channel)
         with torch.no_grad():
             self.norm.weight.copy_(sd["norm.weight"])
             self.norm.bias.copy_(sd["norm.bias"])

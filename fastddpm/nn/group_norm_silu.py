@@ -83,6 +83,8 @@ class GroupNormSiLU(nn.Module):
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, C, *spatial). shift: optional (N, C), added to x per sample and channel before the
         normalisation (the ResNet block's time-embedding add, fused)."""
+        if not isinstance(x, torch.Tensor):  # (an AttributeError on .dim before)
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() >= 2 and x.shape[1] != self.num_channels:
             raise ValueError(f"x: expected {self.num_channels} channels (dim 1), got shape {tuple(x.shape)}")
         return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, self.activation,
