@@ -473,6 +473,23 @@ def test_double_backward_is_refused_not_zero():
     assert g.abs().max() > 0
 
 
+def test_torch_func_takes_the_torch_backend():
+    """torch.func.grad through the torch backend equals autograd's gradient against the float64 formula; the C++
+    backward is refused by PyTorch there, as the README says."""
+    from torch.func import grad
+
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    m = GroupNormSiLU(2, 8, backend="torch").double()
+    g = grad(lambda x: m(x).square().sum())(x)
+    xx = x.clone().requires_grad_()
+    F.silu(F.group_norm(xx, 2, eps=1e-5)).square().sum().backward()  # the float64 formula, plain autograd
+    assert torch.allclose(g, xx.grad, rtol=1e-10, atol=1e-12)
+    if HAS_C:
+        with pytest.raises(RuntimeError, match="functorch transforms"):
+            mc = GroupNormSiLU(2, 8, backend="cpu")
+            grad(lambda x: mc(x).sum())(x.float())
+
+
 @pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck(channels_last):
