@@ -191,6 +191,27 @@ def test_prepare_step_errors():
         step(x, x, 5, noise="gaussian")
     with pytest.raises(ValueError, match="last_t: required with prev_x0"):
         ops.prepare_step("dpmpp_step", SCHED, CPU, torch.float32)(x, x, 5, prev_x0=x)
+    # a NaN or non-positive clip range turned the clipping off (x0 of 261 returned), eta = inf gave NaN images on
+    # the CPU and eta -1 or NaN ran on the torch backend: the checks of ops.ddpm_step/ddim_step
+    for backend in ("cpu", "torch"):
+        for op in ("ddpm_step", "ddim_step", "dpmpp_step"):
+            st = ops.prepare_step(op, SCHED, CPU, torch.float32, backend)
+            for r in (float("nan"), -1.0, 0.0):
+                with pytest.raises(ValueError, match="clip_sample_range: expected a positive number"):
+                    st(x, x * 100, 999, clip_sample=True, clip_sample_range=r)
+        st = ops.prepare_step("ddim_step", SCHED, CPU, torch.float32, backend)
+        for eta in (float("inf"), -1.0, float("nan")):
+            with pytest.raises(ValueError, match="eta: expected a finite non-negative number"):
+                st(x, x, 5, eta=eta, noise="none")
+
+
+def test_a_prev_t_below_int64_is_the_end():
+    """Any negative prev_t is the end of the chain; -2**70 was torch.full's OverflowError naming nothing."""
+    x, m, z = (torch.randn(2, 3, 4, 4) for _ in range(3))
+    assert torch.equal(ops.ddpm_step(x, m, 5, SCHED, prev_t=-2**70, noise=z),
+                       ops.ddpm_step(x, m, 5, SCHED, prev_t=-1, noise=z))
+    assert torch.equal(ops.ddim_step(x, m, 5, SCHED, prev_t=-2**63 - 1, noise="none"),
+                       ops.ddim_step(x, m, 5, SCHED, prev_t=-20, noise="none"))
 
 
 def test_float64_prepared_step_reads_the_float64_table():

@@ -138,7 +138,8 @@ def timesteps(t, batch: int, device: torch.device, T: int, name: str = "t", allo
     if isinstance(t, int):
         if not (lo is None or lo <= t) or not t < T:
             raise ValueError(f"{name}: expected a timestep in {rng}, got {t}")
-        return int_timesteps(t, batch, device)
+        # any negative prev_t is the end: -2**70 as -1 (int64 could not hold it: an OverflowError naming nothing)
+        return int_timesteps(max(t, -1) if allow_negative else t, batch, device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected an int or an integer tensor, got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -258,8 +259,8 @@ def step_timesteps(t, prev_t, batch: int, device: torch.device, T: int) -> tuple
     if type(t) is int and 0 <= t < T:  # a sampler's loop: valid ints, one cached pair (errors: below)
         if prev_t is None:
             return _int_step_timesteps(t, t - 1, batch, device)
-        if type(prev_t) is int and prev_t < t:
-            return _int_step_timesteps(t, prev_t, batch, device)
+        if type(prev_t) is int and prev_t < t:  # (any negative prev_t is the end: -2**70 as -1)
+            return _int_step_timesteps(t, max(prev_t, -1), batch, device)
     tt = timesteps(t, batch, device, T)  # an int t is valid past this point
     if prev_t is None:
         return tt, tt - 1

@@ -150,7 +150,10 @@ class PreparedStep:
         tensors, the prediction type's code, the clip range (0.0: no clipping)."""
         tt, pt = _timesteps(t, prev_t, sample.shape[0], sample.device)
         pcode = _code(PREDICTION_TYPES, prediction_type, "prediction_type")
-        return tt, pt, pcode, float(clip_sample_range) if clip_sample else 0.0
+        clip = float(clip_sample_range) if clip_sample else 0.0
+        if clip_sample and not 0 < clip < float("inf"):  # (NaN or <= 0 turned the clipping off, silently)
+            raise ValueError(f"clip_sample_range: expected a positive number, got {clip_sample_range}")
+        return tt, pt, pcode, clip
 
     def __repr__(self) -> str:
         return (f"PreparedStep(op={self.op!r}, backend={self.backend!r}, device={str(self.device)!r}, "
@@ -224,6 +227,8 @@ class _DDIMStep(PreparedStep):
         tt, pt, pcode, clip = self._per_call(sample, t, prev_t, prediction_type, clip_sample, clip_sample_range)
         ret = bool(return_pred_original)
         eta = float(eta)
+        if not 0 <= eta < float("inf"):  # (inf gave NaN images on the CPU, -1 and NaN ran on the torch backend)
+            raise ValueError(f"eta: expected a finite non-negative number, got {eta}")
         mode, z, seed, off, off_t = _noise_mode(noise, seed, offset)
         if mode is None:  # diffusers draws only when eta > 0
             z, mode = (generator_noise(sample, generator), NOISE_TENSOR) if eta > 0 else (None, NOISE_NONE)

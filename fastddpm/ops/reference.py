@@ -140,8 +140,9 @@ def ddpm_step(
 
     Codes as in fastddpm/ops/_codes.py; clip_range <= 0 disables clipping. The Philox counter offset is
     ``offset`` plus, where given, the 0-d int64 ``offset_tensor`` (read on the device, no host sync).
-    ``diffusers_beta`` is accepted for the kernels' signature: this evaluates diffusers' formulas always (in
-    float64 the two forms of beta_t agree).
+    ``diffusers_beta``: beta_t as diffusers evaluates it, 1 - abar_t / abar_prev; else the exact form
+    (abar_prev - abar_t) / abar_prev, as the kernels (the two agree in float64; in float32, the torch backend,
+    the first cancels to ~5e-4 relative where beta_t ~ 1e-4).
     """
     traced_timestep_checks(alphas_cumprod.shape[0], t, prev_t)
     cd = _compute_dtype(sample)
@@ -153,7 +154,7 @@ def ddpm_step(
     beta_prod_t = 1 - ab_t
     beta_prod_prev = 1 - ab_prev
     cur_alpha = ab_t / ab_prev
-    cur_beta = 1 - cur_alpha
+    cur_beta = 1 - cur_alpha if diffusers_beta else (ab_prev - ab_t) / ab_prev
     x, m = sample.to(cd), model_output.to(cd)
     # 2. predicted x0 (Ho et al. eq. 15)
     if prediction_type == 0:
@@ -305,7 +306,8 @@ def ddim_step(
         x0 = x0.clamp(-clip_range, clip_range)
     # clamped at 0 as the kernels clamp it: at t = 0 with set_alpha_to_one=False, abar_prev is abar_0 rounded to
     # float32, and against the float64 table 1 - abar_t / abar_prev rounds to a tiny negative number
-    variance = ((1 - ab_prev) / beta_prod_t * (1 - ab_t / ab_prev)).clamp(min=0)
+    beta_t = 1 - ab_t / ab_prev if diffusers_beta else (ab_prev - ab_t) / ab_prev  # (as ddpm_step's beta_t)
+    variance = ((1 - ab_prev) / beta_prod_t * beta_t).clamp(min=0)
     std = eta * variance**0.5
     if use_clipped_model_output:
         eps = (x - ab_t**0.5 * x0) / beta_prod_t**0.5
