@@ -648,19 +648,19 @@ class UNet(nn.Module):
         if not all(type(lin) is nn.Linear for lin in lins):
             return tuple(lin(temb) for lin in lins)
         params = [p for lin in lins for p in (lin.weight, lin.bias)]
-
-        def concatenated():  # (T, sum C) and (sum C,): the same layout kept or not, so the same rounding
-            return torch.cat([lin.weight for lin in lins]).t().contiguous(), torch.cat([lin.bias for lin in lins])
-
         if (not self._temb_steady or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and any(p.requires_grad for p in params))):
-            w_t, b = concatenated()
-        else:
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-            if self._temb_cache is None or self._temb_cache[0] != key:
-                with torch.no_grad():
-                    self._temb_cache = (key, *concatenated())
-            _, w_t, b = self._temb_cache
+            w = torch.cat([lin.weight for lin in lins])
+            b = torch.cat([lin.bias for lin in lins])
+            return F.linear(temb, w, b).split(self._temb_sizes, dim=1)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._temb_cache is None or self._temb_cache[0] != key:
+            with torch.no_grad():  # transposed once: addmm on it is the fastest product (a transposing copy at
+                # every call is not: 55 ms for the CIFAR-10 network's 10 MB on the CPU)
+                w_t = torch.cat([lin.weight for lin in lins]).t().contiguous()  # (T, sum C)
+                b = torch.cat([lin.bias for lin in lins])
+            self._temb_cache = (key, w_t, b)
+        _, w_t, b = self._temb_cache
         return torch.addmm(b, temb, w_t).split(self._temb_sizes, dim=1)
 
     def extra_repr(self) -> str:
